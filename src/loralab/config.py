@@ -1,0 +1,379 @@
+"""Typed experiment configuration: nested dataclasses, YAML round-trip, dotted overrides.
+
+An experiment is model + task + method + hyper-parameters + seed. Each section is a dataclass
+whose fields carry their documentation; `validate()` names the bad key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import LoralabError
+
+Method = Literal["lora", "full"]
+Head = Literal["classifier", "lm"]
+Precision = Literal["auto", "fp32", "bf16"]
+WandbMode = Literal["disabled", "offline", "online"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """Built-in name (see `loralab models`), a hub id or a local folder."""
+    head: Head = "classifier"
+    """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the model's author."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """Rank of the update ΔW = (alpha/r)·B·A."""
+    alpha: float = 16.0
+    """Scaling numerator; the update is scaled by alpha/r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    target: Union[str, list[str]] = "standard"
+    """Preset (`standard`, `extended`, `all-linear`) or an explicit list of module names."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train alongside the adapters."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    init_lora_weights: Union[bool, str] = True
+    """PEFT init: True = Kaiming-uniform A, zero B; or a PEFT variant name (`gaussian`, `pissa`, ...)."""
+    extra: dict = field(default_factory=dict)
+    """Other `peft.LoraConfig` options, passed through unchanged."""
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"
+    """Task name: sst2, mrpc, rte, squad_v2."""
+    data_dir: Union[str, None] = None
+    """Folder with the task's files in their original names/formats; None = the Hugging Face hub."""
+    train_file: Union[str, None] = None
+    """Explicit training file (SQuAD v2 JSON, GLUE TSV); overrides data_dir."""
+    eval_file: Union[str, None] = None
+    """Explicit evaluation file; overrides data_dir."""
+    max_length: Union[int, None] = None
+    """Maximum tokens per example (SQuAD v2: per window); None = task default (128; RTE 256; SQuAD 384)."""
+    doc_stride: int = 128
+    """SQuAD v2: tokens of overlap between the windows of a long context."""
+    max_train_examples: Union[int, None] = None
+    """Cap on training examples (first N after a seeded shuffle); None = all."""
+    max_eval_examples: Union[int, None] = None
+    """Cap on evaluation examples (first N); None = the full dev set."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (much less padding than random order)."""
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "lora"
+    """`lora` (frozen base + adapters) or `full` fine-tuning."""
+    lr: Union[float, None] = None
+    """Peak learning rate; None = 3e-4 for LoRA, 3e-5 for full fine-tuning."""
+    epochs: float = 1.0
+    """Passes over the training set."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps (overrides epochs when > 0)."""
+    batch_size: int = 16
+    """Examples per optimiser step and device (same for both methods)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    eval_batch_size: int = 64
+    """Examples per evaluation batch."""
+    warmup_ratio: float = 0.06
+    """Linear warm-up as a share of all steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    precision: Precision = "fp32"
+    """`fp32`, `bf16` (autocast) or `auto` (bf16 where the hardware supports it)."""
+    save_steps: int = 100
+    """Checkpoint every N optimiser steps (for --resume)."""
+    logging_steps: int = 10
+    """Log training loss every N steps."""
+    eval_steps: Union[int, None] = None
+    """Evaluate every N steps as well as at the end; None = only at the end."""
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbMode = "disabled"
+    """Weights & Biases: `online` (needs WANDB_API_KEY), `offline`, or `disabled`."""
+    project: str = "loralab"
+    """W&B project name."""
+    log_every: int = 50
+    """Steps between adapter statistics logs."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    """Folder under which each run gets its own subfolder."""
+    name: Union[str, None] = None
+    """Run folder name; None = task-method-model-seed-timestamp."""
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def lr(self) -> float:
+        """The effective learning rate (method default when unset)."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return 3e-4 if self.train.method == "lora" else 3e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML-safe) of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` to type `tp`; raise LoralabError naming `key` otherwise."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise LoralabError(
+                f"Bad value {value!r} for '{key}': allowed values are {', '.join(map(str, allowed))}."
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the more specific types first so "16" stays an int, not a str.
+        for arg in sorted((a for a in args if a is not type(None)), key=_specificity):
+            try:
+                return _coerce(value, arg, key)
+            except LoralabError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(a) for a in args)
+        raise LoralabError(f"Bad value {value!r} for '{key}': expected {names}.")
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            if "," not in value:  # "standard" stays a string where a str is also allowed
+                raise LoralabError(f"Bad value {value!r} for '{key}': expected a list.")
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise LoralabError(f"Bad value {value!r} for '{key}': expected a list.")
+        return [_coerce(v, item, key) for v in value]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise LoralabError(f"Bad value {value!r} for '{key}': expected a mapping.")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise LoralabError(f"Bad value {value!r} for '{key}': expected true or false.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise LoralabError(f"Bad value {value!r} for '{key}': expected an integer.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise LoralabError(f"Bad value {value!r} for '{key}': expected an integer.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LoralabError(f"Bad value {value!r} for '{key}': expected a number.")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise LoralabError(f"Bad value {value!r} for '{key}': expected a string.")
+    return value
+
+
+def _specificity(tp: Any) -> int:
+    order = {bool: 0, int: 1, float: 2}
+    if get_origin(tp) is Literal:
+        return -1
+    if get_origin(tp) is list:
+        return 4
+    return order.get(tp, 5)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is list:
+        return "a list"
+    if get_origin(tp) is Literal:
+        return "/".join(map(str, get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(data: dict | None, cls: type = ExperimentConfig, prefix: str = "") -> Any:
+    """Build a config dataclass from a nested dict; unknown keys and bad values are errors."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise LoralabError(f"Config section '{prefix or 'root'}' must be a mapping, got {data!r}.")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise LoralabError(
+                f"Unknown config key '{full}'. Known keys here: {', '.join(names)}."
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(value, tp, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and overrides
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping (safe loader: no code execution)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoralabError(f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LoralabError(f"Config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise LoralabError(f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}.")
+    return data
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["lora.r=16", "train.lr=3e-4"]` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise LoralabError(
+                f"Override '{item}' is not of the form section.key=value (e.g. lora.r=16)."
+            )
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise LoralabError(
+                f"Override key '{key}' must name a section and a key, e.g. lora.r or train.lr."
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """Recursive merge; `extra` wins."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **sections: dict,
+) -> ExperimentConfig:
+    """Defaults <- YAML file <- keyword sections (from CLI flags) <- dotted overrides; validated."""
+    data = load_yaml(config_file) if config_file else {}
+    for name, values in sections.items():
+        data = merge_dicts(data, {name: {k: v for k, v in values.items() if v is not None}})
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks the types alone cannot express."""
+    lo, tr, da = cfg.lora, cfg.train, cfg.data
+    if lo.r <= 0:
+        raise LoralabError(f"lora.r must be a positive integer (e.g. 4, 8, 16), got {lo.r}.")
+    if not lo.alpha > 0:
+        raise LoralabError(f"lora.alpha must be positive (default 16 = 2·r), got {lo.alpha}.")
+    if not 0 <= lo.dropout < 1:
+        raise LoralabError(f"lora.dropout must be in [0, 1) (default 0.05), got {lo.dropout}.")
+    if isinstance(lo.target, list) and not lo.target:
+        raise LoralabError("lora.target is an empty list: name a preset or at least one module.")
+    if tr.lr is not None and not (math.isfinite(tr.lr) and tr.lr > 0):
+        raise LoralabError(f"train.lr must be a positive number (e.g. 3e-4), got {tr.lr}.")
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "save_steps", "logging_steps"):
+        if getattr(tr, key) <= 0:
+            raise LoralabError(f"train.{key} must be a positive integer, got {getattr(tr, key)}.")
+    if tr.eval_steps is not None and tr.eval_steps <= 0:
+        raise LoralabError(f"train.eval_steps must be positive or null, got {tr.eval_steps}.")
+    if not tr.epochs > 0 and tr.max_steps <= 0:
+        raise LoralabError(f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}.")
+    if not 0 <= tr.warmup_ratio < 1:
+        raise LoralabError(f"train.warmup_ratio must be in [0, 1) (default 0.06), got {tr.warmup_ratio}.")
+    if da.max_length is not None and da.max_length < 16:
+        raise LoralabError(f"data.max_length must be at least 16 tokens, got {da.max_length}.")
+    if da.doc_stride < 0:
+        raise LoralabError(f"data.doc_stride must be zero or positive, got {da.doc_stride}.")
+    for key in ("max_train_examples", "max_eval_examples"):
+        v = getattr(da, key)
+        if v is not None and v <= 0:
+            raise LoralabError(f"data.{key} must be a positive integer or null, got {v}.")
+    if cfg.tracking.log_every <= 0:
+        raise LoralabError(f"tracking.log_every must be positive, got {cfg.tracking.log_every}.")

@@ -1,0 +1,144 @@
+"""Task metrics as pure functions (numpy and the standard library only).
+
+- `accuracy`, `f1_binary`: classification (F1 follows scikit-learn's `zero_division=0`).
+- `squad_v2_scores`: what the official SQuAD v2.0 evaluation script prints when it is run
+  without a no-answer probability file (no threshold search), as percentages 0-100.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .errors import LoralabError
+
+__all__ = [
+    "accuracy",
+    "f1_binary",
+    "normalize_answer",
+    "answer_tokens",
+    "exact_match",
+    "token_f1",
+    "squad_v2_scores",
+]
+
+
+def _pair(preds, labels) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(preds).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} predictions but {y.size} labels; they must pair up one to one.")
+    return p, y
+
+
+def accuracy(preds, labels) -> float:
+    """Fraction of predictions equal to their label (0.0 for no examples)."""
+    p, y = _pair(preds, labels)
+    if p.size == 0:
+        return 0.0
+    return float(np.mean(p == y))
+
+
+def f1_binary(preds, labels, positive=1) -> float:
+    """F1 of the `positive` class: 2·TP / (2·TP + FP + FN); 0.0 when that is 0/0."""
+    p, y = _pair(preds, labels)
+    pred_pos = p == positive
+    true_pos = y == positive
+    tp = int(np.sum(pred_pos & true_pos))
+    fp = int(np.sum(pred_pos & ~true_pos))
+    fn = int(np.sum(~pred_pos & true_pos))
+    denom = 2 * tp + fp + fn
+    return 0.0 if denom == 0 else 2.0 * tp / denom
+
+
+# -- SQuAD v2.0 -----------------------------------------------------------------------------
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop ASCII punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Whitespace tokens of the normalised answer."""
+    if not text:
+        return []
+    return normalize_answer(text).split()
+
+
+def exact_match(gold: str, pred: str) -> int:
+    """1 if the normalised strings are equal, else 0."""
+    return int(normalize_answer(gold) == normalize_answer(pred))
+
+
+def token_f1(gold: str, pred: str) -> float:
+    """Bag-of-tokens F1 between normalised answers; 1/0 by equality when either side is empty."""
+    gold_toks = answer_tokens(gold)
+    pred_toks = answer_tokens(pred)
+    if not gold_toks or not pred_toks:
+        return float(gold_toks == pred_toks)
+    common = collections.Counter(gold_toks) & collections.Counter(pred_toks)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_toks)
+    recall = same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _summary(exact: dict, f1: dict, ids: list) -> dict[str, float]:
+    total = len(ids)
+    return {
+        "exact": 100.0 * sum(exact[i] for i in ids) / total,
+        "f1": 100.0 * sum(f1[i] for i in ids) / total,
+        "total": total,
+    }
+
+
+def squad_v2_scores(
+    predictions: Mapping[str, str], references: Mapping[str, Iterable[str]]
+) -> dict[str, float]:
+    """The official SQuAD v2.0 metrics for `predictions` (id -> answer, "" = no answer).
+
+    `references` maps every question id to its gold answer texts; an unanswerable question has
+    `[]` or `[""]`. As in the official script, gold answers whose normalised text is empty are
+    dropped (leaving `[""]` when none remain), a question counts as answerable when it has any
+    non-empty gold text, per-question scores are the maximum over gold answers, and the result
+    holds `exact`, `f1`, `total` plus `HasAns_*` / `NoAns_*` for the kinds that occur. Extra
+    predictions are ignored; a question without a prediction is an error.
+    """
+    if not references:
+        raise LoralabError("Cannot compute SQuAD v2 scores: there are no reference questions.")
+    missing = [qid for qid in references if qid not in predictions]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        raise LoralabError(
+            f"{len(missing)} of {len(references)} questions have no prediction (e.g. {shown}). "
+            "Every question needs a prediction; use the empty string to predict 'no answer'."
+        )
+    exact: dict = {}
+    f1: dict = {}
+    has_ans: list = []
+    no_ans: list = []
+    for qid, golds in references.items():
+        golds = [golds] if isinstance(golds, str) else list(golds)
+        (has_ans if any(g for g in golds) else no_ans).append(qid)
+        kept = [g for g in golds if normalize_answer(g)] or [""]
+        pred = predictions[qid]
+        exact[qid] = max(exact_match(g, pred) for g in kept)
+        f1[qid] = max(token_f1(g, pred) for g in kept)
+    out = _summary(exact, f1, list(references))
+    for prefix, ids in (("HasAns", has_ans), ("NoAns", no_ans)):
+        if ids:
+            out.update({f"{prefix}_{k}": v for k, v in _summary(exact, f1, ids).items()})
+    return out

@@ -1,0 +1,90 @@
+"""What a task is: raw examples in canonical columns, features for a model, metrics.
+
+Canonical raw columns
+- classification: `text_a` (str), `text_b` (str, "" for single-sentence tasks), `label` (int)
+- qa (SQuAD v2): `id`, `question`, `context`, `answers` = {"text": [...], "answer_start": [...]}
+  (empty lists for unanswerable questions)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ..errors import LoralabError
+
+Split = Literal["train", "eval"]
+
+# Columns a model's forward accepts; everything else in a feature set is bookkeeping.
+MODEL_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "labels",
+    "start_positions",
+    "end_positions",
+)
+
+
+@dataclass
+class Task(ABC):
+    """A registered task. Quirks live here, never as `if task == ...` in the training loop."""
+
+    name: str
+    kind: ClassVar[Literal["classification", "qa"]]
+    hub_path: str = ""
+    hub_config: str | None = None
+    default_max_length: int = 128
+    primary_metric: str = "accuracy"
+
+    @property
+    def num_labels(self) -> int:
+        return 2
+
+    @abstractmethod
+    def load(
+        self,
+        split: Split,
+        data_dir: str | None = None,
+        file: str | None = None,
+    ):
+        """Raw examples of one split as a `datasets.Dataset` in the canonical columns.
+
+        `file` (explicit path) wins over `data_dir` (folder with the original file names);
+        with neither, the Hugging Face hub is used.
+        """
+
+    @abstractmethod
+    def featurize(self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool):
+        """Tokenised features as a `datasets.Dataset` (model columns plus bookkeeping columns)."""
+
+    @abstractmethod
+    def score(self, raw, features, predictions: Any) -> dict[str, float]:
+        """Task metrics from the model outputs on `features` (as returned by Trainer.predict)."""
+
+
+def find_file(task: str, data_dir: str | None, file: str | None, names: list[str], split: str) -> Path | None:
+    """Locate a local data file; None means 'use the hub'. Missing files are user errors."""
+    if file:
+        p = Path(file)
+        if not p.is_file():
+            raise LoralabError(f"The {split} file '{p}' for task '{task}' does not exist.")
+        return p
+    if not data_dir:
+        return None
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise LoralabError(
+            f"--data-dir '{d}' is not a folder. Point it at a folder holding the {task} files "
+            f"({' or '.join(names)})."
+        )
+    for folder in (d, d / task):
+        for n in names:
+            if (folder / n).is_file():
+                return folder / n
+    raise LoralabError(
+        f"No {split} file for task '{task}' in '{d}': expected {' or '.join(names)} "
+        f"(in that folder or in a '{task}' subfolder)."
+    )

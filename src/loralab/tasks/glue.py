@@ -1,0 +1,162 @@
+"""GLUE sentence(-pair) classification: SST-2, MRPC, RTE."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .. import metrics
+from ..errors import LoralabError
+from .base import Split, Task, find_file
+
+_FILE_NAMES = {"train": ["train.tsv"], "eval": ["dev.tsv"]}
+
+
+@dataclass
+class GlueTask(Task):
+    """A GLUE task: which TSV columns hold the texts and the label, and how labels are spelled."""
+
+    kind: ClassVar[str] = "classification"
+    text_columns: tuple[str, ...] = ("sentence",)
+    label_column: str = "label"
+    label_names: tuple[str, ...] = ("0", "1")
+    hub_columns: tuple[str, ...] = ("sentence",)
+    metric_names: tuple[str, ...] = ("accuracy",)
+    label_aliases: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, split: Split, data_dir: str | None = None, file: str | None = None):
+        from datasets import Dataset
+
+        path = find_file(self.name, data_dir, file, _FILE_NAMES[split], split)
+        if path is None:
+            return self._load_hub(split)
+        return Dataset.from_dict(self.read_tsv(path))
+
+    def _load_hub(self, split: Split):
+        from datasets import load_dataset
+
+        ds = load_dataset(self.hub_path, self.hub_config, split="train" if split == "train" else "validation")
+        a, b = (self.hub_columns + ("",))[:2]
+        return ds.map(
+            lambda ex: {
+                "text_a": ex[a],
+                "text_b": ex[b] if b else "",
+                "label": int(ex["label"]),
+            },
+            remove_columns=ds.column_names,
+        )
+
+    def read_tsv(self, path: Path) -> dict[str, list]:
+        """Parse a GLUE TSV (BOM-tolerant, quoting off: strings may hold quote characters)."""
+        cols: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise LoralabError(f"{path} is empty: expected a GLUE TSV with a header row.") from None
+            wanted = (*self.text_columns, self.label_column)
+            missing = [c for c in wanted if c not in header]
+            if missing:
+                raise LoralabError(
+                    f"{path}, line 1: header {header} lacks column(s) {missing}; a GLUE {self.name} "
+                    f"file has the columns {list(wanted)}."
+                )
+            idx = [header.index(c) for c in wanted]
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise LoralabError(
+                        f"{path}, line {lineno}: expected {len(header)} tab-separated fields "
+                        f"({', '.join(header)}), found {len(row)}. Is the file truncated or not tab-separated?"
+                    )
+                texts = [row[i] for i in idx[:-1]]
+                cols["text_a"].append(texts[0])
+                cols["text_b"].append(texts[1] if len(texts) > 1 else "")
+                cols["label"].append(self._label(row[idx[-1]], path, lineno))
+        if not cols["label"]:
+            raise LoralabError(f"{path} has a header but no examples.")
+        return cols
+
+    def _label(self, raw: str, path: Path, lineno: int) -> int:
+        raw = raw.strip()
+        if raw in self.label_aliases:
+            return self.label_aliases[raw]
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if not 0 <= value < self.num_labels:
+            allowed = list(self.label_aliases) or [str(i) for i in range(self.num_labels)]
+            raise LoralabError(
+                f"{path}, line {lineno}: label {raw!r} is out of range for {self.name}; "
+                f"allowed labels are {', '.join(allowed)}."
+            )
+        return value
+
+    # -- features and metrics --------------------------------------------------------------
+    def featurize(self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool):
+        pair = len(self.text_columns) > 1
+
+        def encode(batch):
+            args = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
+            enc = tokenizer(*args, truncation=True, max_length=max_length)
+            enc["labels"] = batch["label"]
+            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            return enc
+
+        return raw.map(encode, batched=True, remove_columns=raw.column_names, desc=f"Tokenising {self.name}")
+
+    def score(self, raw, features, predictions) -> dict[str, float]:
+        logits = predictions[0] if isinstance(predictions, tuple) else predictions
+        preds = np.asarray(logits).argmax(-1)
+        labels = np.asarray(features["labels"])
+        out = {"accuracy": metrics.accuracy(preds, labels)}
+        if "f1" in self.metric_names:
+            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
+        return out
+
+
+def glue_tasks() -> dict[str, GlueTask]:
+    return {
+        "sst2": GlueTask(
+            name="sst2",
+            hub_path="nyu-mll/glue",
+            hub_config="sst2",
+            default_max_length=128,
+            text_columns=("sentence",),
+            hub_columns=("sentence",),
+            label_names=("negative", "positive"),
+        ),
+        "mrpc": GlueTask(
+            name="mrpc",
+            hub_path="nyu-mll/glue",
+            hub_config="mrpc",
+            default_max_length=128,
+            text_columns=("#1 String", "#2 String"),
+            label_column="Quality",
+            hub_columns=("sentence1", "sentence2"),
+            label_names=("not_equivalent", "equivalent"),
+            metric_names=("accuracy", "f1"),
+        ),
+        "rte": GlueTask(
+            name="rte",
+            hub_path="nyu-mll/glue",
+            hub_config="rte",
+            default_max_length=256,
+            text_columns=("sentence1", "sentence2"),
+            hub_columns=("sentence1", "sentence2"),
+            label_names=("entailment", "not_entailment"),
+            label_aliases={"entailment": 0, "not_entailment": 1},
+        ),
+    }

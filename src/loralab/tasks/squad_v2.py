@@ -1,0 +1,485 @@
+"""SQuAD v2.0: extractive question answering where some questions have no answer.
+
+Raw examples use the canonical QA columns (`id`, `question`, `context`,
+`answers={"text": [...], "answer_start": [...]}`, empty lists when unanswerable).
+
+Features are windows over the context (question first, context second, overlapping by
+`doc_stride` tokens). Every feature has a `null_index`: the position whose start+end logits
+score "no answer". Encoders use position 0 ([CLS]); causal decoders use an end-of-sequence
+token appended to every window, because a causal model's first position has seen nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import metrics
+from ..errors import LoralabError
+from .base import Split, Task, find_file
+
+_FILE_NAMES = {
+    "train": ["train-v2.0.json", "train.json", "train-offline.json"],
+    "eval": ["dev-v2.0.json", "dev.json", "eval-offline.json"],
+}
+_RAW_COLUMNS = ("id", "question", "context", "answers")
+_SHAPE_HINT = (
+    'A SQuAD v2.0 file is one JSON object {"version": "v2.0", "data": [{"title": ..., '
+    '"paragraphs": [{"context": "...", "qas": [{"id": "...", "question": "...", '
+    '"is_impossible": false, "answers": [{"text": "...", "answer_start": 0}]}]}]}]}.'
+)
+_NO_CONTEXT = (-1, -1)  # offset of a token that is not part of the context
+
+
+def qa_features():
+    """`datasets.Features` of the canonical raw QA columns."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "question": Value("string"),
+            "context": Value("string"),
+            "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
+        }
+    )
+
+
+# -- reading SQuAD v2.0 JSON --------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+class _Reader:
+    """Walks a parsed SQuAD file; every complaint names the file and the place inside it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, problem: str) -> LoralabError:
+        return LoralabError(f"{self.path}: {where} {problem} {_SHAPE_HINT}")
+
+    def field(self, obj: Any, key: str, kinds: tuple[type, ...], what: str, where: str) -> Any:
+        if not isinstance(obj, dict):
+            raise self.fail(where, f"should be a JSON object but is {_json_type(obj)}.")
+        if key not in obj:
+            raise self.fail(where, f"has no '{key}'.")
+        value = obj[key]
+        bad_bool = isinstance(value, bool) and bool not in kinds
+        if not isinstance(value, kinds) or bad_bool:
+            raise self.fail(f"{where}.{key}", f"should be {what} but is {_json_type(value)}.")
+        return value
+
+    def read(self) -> dict[str, list]:
+        try:
+            text = self.path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise LoralabError(
+                f"{self.path} is not UTF-8 text (byte {exc.start} cannot be decoded). "
+                f"Expected a SQuAD v2.0 JSON file."
+            ) from None
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LoralabError(
+                f"{self.path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
+                f"{_SHAPE_HINT}"
+            ) from None
+        if not isinstance(doc, dict):
+            raise self.fail("the top level", f"should be a JSON object but is {_json_type(doc)}.")
+        cols: dict[str, list] = {c: [] for c in _RAW_COLUMNS}
+        seen: dict[str, str] = {}
+        articles = self.field(doc, "data", (list,), "a list of articles", "the top level")
+        for a, article in enumerate(articles):
+            where_a = f"data[{a}]"
+            paragraphs = self.field(article, "paragraphs", (list,), "a list", where_a)
+            for p, paragraph in enumerate(paragraphs):
+                where_p = f"{where_a}.paragraphs[{p}]"
+                context = self.field(paragraph, "context", (str,), "a string", where_p)
+                qas = self.field(paragraph, "qas", (list,), "a list of questions", where_p)
+                for q, qa in enumerate(qas):
+                    where_q = f"{where_p}.qas[{q}]"
+                    qid, question, answers = self.question(qa, context, where_q)
+                    if qid in seen:
+                        raise LoralabError(
+                            f"{self.path}: {where_q} reuses the id '{qid}' of {seen[qid]}. "
+                            f"Every question needs its own id (predictions are matched by id)."
+                        )
+                    seen[qid] = where_q
+                    cols["id"].append(qid)
+                    cols["question"].append(question)
+                    cols["context"].append(context)
+                    cols["answers"].append(answers)
+        if not cols["id"]:
+            raise LoralabError(f"{self.path} holds no questions. {_SHAPE_HINT}")
+        return cols
+
+    def question(self, qa: Any, context: str, where: str) -> tuple[str, str, dict]:
+        qid = self.field(qa, "id", (str, int), "a string", where)
+        question = self.field(qa, "question", (str,), "a string", where)
+        impossible = None
+        if "is_impossible" in qa:  # absent in SQuAD v1.1-style files: then answers decide
+            impossible = self.field(qa, "is_impossible", (bool,), "true or false", where)
+        if "answers" not in qa and impossible:
+            raw_answers = []
+        else:
+            raw_answers = self.field(qa, "answers", (list,), "a list", where)
+        if impossible and raw_answers:
+            raise self.fail(
+                where,
+                f"is marked is_impossible but lists {len(raw_answers)} answer(s); an unanswerable "
+                'question has "answers": [] (guesses belong in "plausible_answers").',
+            )
+        if impossible is False and not raw_answers:
+            raise self.fail(
+                where, "is answerable (is_impossible is false) but its answers list is empty."
+            )
+        texts: list[str] = []
+        starts: list[int] = []
+        for k, ans in enumerate(raw_answers):
+            where_k = f"{where}.answers[{k}]"
+            text = self.field(ans, "text", (str,), "a string", where_k)
+            start = self.field(ans, "answer_start", (int,), "a character index", where_k)
+            if start < 0 or context[start : start + len(text)] != text:
+                found = context[max(start, 0) : max(start, 0) + len(text)]
+                raise LoralabError(
+                    f"{self.path}: {where_k} says the answer {text!r} starts at character {start} "
+                    f"of its paragraph's context, but the context there reads {found!r}. "
+                    f"answer_start must count characters of the unmodified context from 0."
+                )
+            texts.append(text)
+            starts.append(start)
+        return str(qid), question, {"text": texts, "answer_start": starts}
+
+
+def read_squad_json(path: str | Path) -> dict[str, list]:
+    """Parse a SQuAD v2.0 JSON file into the canonical raw columns (checked, with locations)."""
+    return _Reader(Path(path)).read()
+
+
+# -- post-processing ---------------------------------------------------------------------------
+
+
+def postprocess_qa(
+    raw,
+    features,
+    start_logits,
+    end_logits,
+    n_best: int = 20,
+    max_answer_len: int = 30,
+) -> dict[str, str]:
+    """Answer text per raw example id ("" = no answer) from per-feature start/end logits.
+
+    `start_logits`/`end_logits` are [num_features, padded_len] in the order of `features`
+    (positions past a feature's `length` are ignored, e.g. the -100 fill of Trainer.predict).
+    For every example: the best span over all its features among the top `n_best` start and
+    end positions (both in the context, end >= start, at most `max_answer_len` tokens), scored
+    start+end logit, and its text is the context between the span's character offsets
+    (whitespace-stripped); "" when the smallest null score (start+end logit at `null_index`) over
+    the example's features beats it, or when no valid span exists.
+    """
+    starts = np.asarray(start_logits)
+    ends = np.asarray(end_logits)
+    if starts.ndim != 2 or starts.shape != ends.shape:
+        raise ValueError(
+            f"start and end logits must both be [num_features, length]; got {starts.shape} and "
+            f"{ends.shape}."
+        )
+    if starts.shape[0] != len(features):
+        raise ValueError(
+            f"{starts.shape[0]} rows of logits for {len(features)} features; predict on exactly "
+            f"the features being scored, in their order."
+        )
+    ids = list(raw["id"])
+    contexts = list(raw["context"])
+    position = {qid: i for i, qid in enumerate(ids)}
+    best: dict[str, tuple[float, int, int]] = {}  # id -> (score, start char, end char)
+    null: dict[str, float] = {}
+    width = starts.shape[1]
+    cols = features.select_columns(["example_id", "offset_mapping", "null_index"])
+    chunk = 1000
+    for lo in range(0, len(features), chunk):
+        batch = cols[lo : lo + chunk]
+        for j, (qid, offsets, null_index) in enumerate(
+            zip(batch["example_id"], batch["offset_mapping"], batch["null_index"], strict=True)
+        ):
+            if qid not in position:
+                raise ValueError(
+                    f"Feature {lo + j} belongs to example {qid!r}, which is not in raw."
+                )
+            n = min(len(offsets), width)
+            s = starts[lo + j, :n].astype(np.float64)
+            e = ends[lo + j, :n].astype(np.float64)
+            if null_index < n:
+                score = s[null_index] + e[null_index]
+                null[qid] = min(null.get(qid, np.inf), score)
+            offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:n]
+            in_ctx = offs[:, 0] >= 0
+            k = min(n_best, n)
+            top_s = np.argsort(s, kind="stable")[::-1][:k]
+            top_e = np.argsort(e, kind="stable")[::-1][:k]
+            span_len = top_e[None, :] - top_s[:, None] + 1
+            ok = (
+                in_ctx[top_s][:, None]
+                & in_ctx[top_e][None, :]
+                & (span_len >= 1)
+                & (span_len <= max_answer_len)
+            )
+            if not ok.any():
+                continue
+            scores = np.where(ok, s[top_s][:, None] + e[top_e][None, :], -np.inf)
+            a, b = np.unravel_index(int(np.argmax(scores)), scores.shape)
+            score = float(scores[a, b])
+            if qid not in best or score > best[qid][0]:
+                best[qid] = (score, int(offs[top_s[a], 0]), int(offs[top_e[b], 1]))
+    unseen = [qid for qid in ids if qid not in null and qid not in best]
+    if unseen:
+        raise ValueError(
+            f"{len(unseen)} raw examples (e.g. {unseen[0]!r}) have no features; featurize and "
+            f"predict on the same examples that are scored."
+        )
+    out: dict[str, str] = {}
+    for qid, context in zip(ids, contexts, strict=True):
+        span = best.get(qid)
+        if span is None or null.get(qid, -np.inf) > span[0]:
+            out[qid] = ""
+        else:
+            out[qid] = context[span[1] : span[2]].strip()
+    return out
+
+
+# -- the task ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SquadV2Task(Task):
+    """SQuAD v2.0 (rajpurkar/squad_v2): span extraction with unanswerable questions."""
+
+    kind: ClassVar[str] = "qa"
+    name: str = "squad_v2"
+    hub_path: str = "rajpurkar/squad_v2"
+    default_max_length: int = 384
+    primary_metric: str = "f1"
+    n_best: int = 20
+    max_answer_len: int = 30
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self, split: Split, data_dir: str | None = None, file: str | None = None):
+        from datasets import Dataset
+
+        path = find_file(self.name, data_dir, file, self._file_names(split, data_dir), split)
+        if path is None:
+            return self._load_hub(split)
+        return Dataset.from_dict(read_squad_json(path), features=qa_features())
+
+    def _file_names(self, split: Split, data_dir: str | None) -> list[str]:
+        """File names to look for; the offline pair stays together.
+
+        `train-offline.json` and `eval-offline.json` are an article-disjoint split of
+        `dev-v2.0.json`. A folder holding them next to dev-v2.0.json but without the official
+        training file must not evaluate on dev-v2.0.json: it contains the training questions.
+        """
+        names = list(_FILE_NAMES[split])
+        if split == "eval" and data_dir:
+            for folder in (Path(data_dir), Path(data_dir) / self.name):
+                official = any((folder / n).is_file() for n in _FILE_NAMES["train"][:2])
+                if (folder / "train-offline.json").is_file() and not official:
+                    return ["eval-offline.json", *[n for n in names if n != "eval-offline.json"]]
+                if official:
+                    break
+        return names
+
+    def _load_hub(self, split: Split):
+        from datasets import load_dataset
+
+        hub_split = "train" if split == "train" else "validation"
+        try:
+            ds = load_dataset(self.hub_path, self.hub_config, split=hub_split)
+        except Exception as exc:  # network, auth, missing cache: all need the same advice
+            raise LoralabError(
+                f"Could not load {self.hub_path} (split '{hub_split}') from the Hugging Face hub: "
+                f"{exc}. Without hub access, put the SQuAD v2.0 files (train-v2.0.json, "
+                f"dev-v2.0.json) in a folder and set data.data_dir to it, or name them with "
+                f"data.train_file / data.eval_file."
+            ) from exc
+        missing = [c for c in _RAW_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise LoralabError(
+                f"The hub dataset {self.hub_path} lacks the column(s) {missing}; a SQuAD v2 "
+                f"dataset has {list(_RAW_COLUMNS)}."
+            )
+        return ds.select_columns(list(_RAW_COLUMNS)).cast(qa_features())
+
+    # -- features ----------------------------------------------------------------------------
+    def featurize(
+        self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool
+    ):
+        from datasets import Features, List, Value
+
+        if not getattr(tokenizer, "is_fast", False):
+            raise LoralabError(
+                f"SQuAD v2 needs a fast (Rust `tokenizers`) tokenizer for character offsets; "
+                f"{type(tokenizer).__name__} is a slow one. Load the tokenizer with use_fast=True "
+                f"or pick a model that ships a tokenizer.json."
+            )
+        budget = max_length - 1 if causal else max_length  # causal: one slot for the null token
+        if not 0 <= doc_stride < budget:
+            raise LoralabError(
+                f"doc_stride {doc_stride} does not fit max_length {max_length}: the overlap between "
+                f"windows must be at least 0 and well below the window size (e.g. 128 for 384)."
+            )
+        null_token = None
+        if causal:
+            for attr in ("eos_token_id", "sep_token_id", "pad_token_id"):
+                null_token = getattr(tokenizer, attr, None)
+                if null_token is not None:
+                    break
+            else:
+                raise LoralabError(
+                    "SQuAD v2 with a causal model appends an end-of-sequence token to every window "
+                    "to score 'no answer', but this tokenizer has no eos, sep or pad token. Set "
+                    "tokenizer.eos_token before featurising."
+                )
+        n_special = tokenizer.num_special_tokens_to_add(pair=True)
+        eval_split = split != "train"
+        has_types = "token_type_ids" in tokenizer("a", "b")
+        ints = List(Value("int64"))
+        columns = {"input_ids": ints, "attention_mask": ints}
+        if has_types:
+            columns["token_type_ids"] = ints
+        for name in ("start_positions", "end_positions", "null_index", "length"):
+            columns[name] = Value("int64")
+        if eval_split:
+            columns["example_id"] = Value("string")
+            columns["offset_mapping"] = List(List(Value("int32")))
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            questions = [q.lstrip() for q in batch["question"]]
+            q_lens = tokenizer(questions, add_special_tokens=False)["input_ids"]
+            for qid, q_ids in zip(batch["id"], q_lens, strict=True):
+                room = budget - n_special - len(q_ids)
+                if room <= doc_stride:
+                    raise LoralabError(
+                        f"Question '{qid}' takes {len(q_ids)} tokens, which leaves {max(room, 0)} "
+                        f"context tokens per window (max_length {max_length}, {n_special} special "
+                        f"tokens{', 1 null token' if causal else ''}); that must exceed doc_stride "
+                        f"{doc_stride}. Raise max_length or lower doc_stride."
+                    )
+            enc = tokenizer(
+                questions,
+                batch["context"],
+                truncation="only_second",
+                max_length=budget,
+                stride=doc_stride,
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+                padding=False,
+            )
+            out: dict[str, list] = {name: [] for name in columns}
+            for i, ex in enumerate(enc["overflow_to_sample_mapping"]):
+                seq_ids = enc.sequence_ids(i)
+                n = len(seq_ids)
+                ids = list(enc["input_ids"][i])
+                mask = list(enc["attention_mask"][i])
+                # The context is one contiguous run of sequence-1 tokens (may be empty).
+                first = seq_ids.index(1) if 1 in seq_ids else n
+                last = n - 1 - seq_ids[::-1].index(1) if first < n else n - 1
+                offsets = enc["offset_mapping"][i]
+                null_index = n if causal else 0
+                if causal:
+                    ids.append(null_token)
+                    mask.append(1)
+                start, end = _answer_positions(
+                    batch["answers"][ex], offsets, first, last, null_index
+                )
+                out["input_ids"].append(ids)
+                out["attention_mask"].append(mask)
+                if has_types:
+                    types = list(enc["token_type_ids"][i])
+                    if causal:
+                        types.append(types[-1] if types else 0)
+                    out["token_type_ids"].append(types)
+                out["start_positions"].append(start)
+                out["end_positions"].append(end)
+                out["null_index"].append(null_index)
+                out["length"].append(len(ids))
+                if eval_split:
+                    out["example_id"].append(batch["id"][ex])
+                    tail = n - 1 - last + (1 if causal else 0)
+                    out["offset_mapping"].append(
+                        [_NO_CONTEXT] * first
+                        + list(offsets[first : last + 1])
+                        + [_NO_CONTEXT] * tail
+                    )
+            return out
+
+        return raw.map(
+            encode,
+            batched=True,
+            remove_columns=raw.column_names,
+            features=Features(columns),
+            desc=f"Tokenising {self.name} ({split})",
+        )
+
+    # -- metrics -----------------------------------------------------------------------------
+    def score(self, raw, features, predictions: Any) -> dict[str, float]:
+        predictions = getattr(predictions, "predictions", predictions)
+        if isinstance(predictions, np.ndarray) and predictions.ndim == 3 and len(predictions) == 2:
+            predictions = (predictions[0], predictions[1])
+        if not isinstance(predictions, (tuple, list)) or len(predictions) < 2:
+            raise ValueError(
+                "SQuAD v2 scoring expects the QA model's (start_logits, end_logits) as returned by "
+                f"Trainer.predict; got {type(predictions).__name__}."
+            )
+        answers = postprocess_qa(
+            raw,
+            features,
+            predictions[0],
+            predictions[1],
+            n_best=self.n_best,
+            max_answer_len=self.max_answer_len,
+        )
+        references = {
+            qid: list(ans["text"])
+            for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
+        }
+        return metrics.squad_v2_scores(answers, references)
+
+
+def _answer_positions(
+    answers: dict, offsets: list, first: int, last: int, null_index: int
+) -> tuple[int, int]:
+    """Token span of the first gold answer if the window's context tokens `first..last` hold
+    all of it, else (null_index, null_index)."""
+    if not answers["text"] or first > last:
+        return null_index, null_index
+    text = answers["text"][0]
+    start_char = answers["answer_start"][0] + (len(text) - len(text.lstrip()))
+    end_char = start_char + len(text.strip())
+    if end_char <= start_char or offsets[first][0] > start_char or offsets[last][1] < end_char:
+        return null_index, null_index
+    start = first
+    while offsets[start][1] <= start_char:  # first token ending after the answer starts
+        start += 1
+    end = last
+    while offsets[end][0] >= end_char:  # last token starting before the answer ends
+        end -= 1
+    if start > end:  # only with non-monotonic offsets; no usable label
+        return null_index, null_index
+    return start, end

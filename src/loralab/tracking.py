@@ -1,0 +1,133 @@
+"""The run directory (source of truth) and its files: config, metrics JSONL, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig, dump_yaml
+from .errors import LoralabError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file + rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).name or cfg.model.name)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.data.task}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
+
+
+def create_run_dir(cfg: ExperimentConfig) -> Path:
+    """A fresh folder for this run under run.output_dir; never reuses one that has results."""
+    root = Path(cfg.run.output_dir)
+    name = cfg.run.name or default_run_name(cfg)
+    path = root / name
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    path.mkdir(parents=True)
+    atomic_write(path / CONFIG_FILE, dump_yaml(cfg))
+    return path
+
+
+def open_run_dir(path: str | Path) -> Path:
+    """An existing run directory (for --resume, merge, analyze)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise LoralabError(
+            f"'{path}' is not a loralab run directory: it has no {CONFIG_FILE}. Pass the folder "
+            "that `loralab train` created (it holds config.yaml, metrics.jsonl, summary.json)."
+        )
+    return path
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics over time; one flushed line per record."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def log(self, record: dict) -> None:
+        line = json.dumps(_jsonable({"time": round(time.time(), 3), **record}))
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def git_commit() -> str | None:
+    """The loralab source tree's commit, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("loralab", "torch", "transformers", "peft", "datasets", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,307 @@
+"""One run: build model and data, train with the HF Trainer, evaluate, write the run directory.
+
+LoRA and full fine-tuning share every line here except the wrapping step in `build_model`.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import accounting, tracking
+from .callbacks import RunDirLogger
+from .config import ExperimentConfig, from_dict, load_yaml, validate
+from .data import Splits, load_splits, model_inputs
+from .errors import LoralabError, TrainingDiverged
+from .tasks import Task, get_task
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    summary: dict
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module
+    tokenizer: object
+    heads: list[str]
+    causal: bool
+
+
+def _auto_class(task: Task):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForQuestionAnswering
+
+
+def _peft_task_type(task: Task) -> str:
+    return "SEQ_CLS" if task.kind == "classification" else "QUESTION_ANS"
+
+
+def is_causal(config) -> bool:
+    """Decoder-only models read a sequence left to right (no [CLS] summary at position 0)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = True) -> BuiltModel:
+    """Load the base with the task head; wrap with LoRA (frozen base) or leave all trainable."""
+    from .lora import apply_lora
+    from .models import load_model
+
+    kwargs = {"num_labels": task.num_labels} if task.kind == "classification" else {}
+    model, heads = load_model(
+        cfg.model.name,
+        _auto_class(task),
+        trust_remote_code=cfg.model.trust_remote_code,
+        progress=progress,
+        **kwargs,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    causal = is_causal(model.config)
+    if cfg.train.method == "lora":
+        model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task))
+    return BuiltModel(model, tokenizer, heads, causal)
+
+
+def _precision(cfg: ExperimentConfig) -> bool:
+    """True when bf16 autocast is on."""
+    p = cfg.train.precision
+    if p == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return p == "bf16"
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss_kb / 1024
+
+
+class LoralabTrainer(Trainer):
+    """The stock Trainer plus token counting and a stop on a non-finite loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_real = 0
+        self.tokens_padded = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self.tokens_real += int(mask.sum())
+            self.tokens_padded += mask.numel()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1}: the run "
+                "stopped. Checkpoints saved so far are kept. Lower train.lr, or check the data."
+            )
+        return loss
+
+
+def _training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> TrainingArguments:
+    tr = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir / tracking.CHECKPOINT_DIR),
+        per_device_train_batch_size=tr.batch_size,
+        per_device_eval_batch_size=tr.eval_batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=tr.epochs,
+        max_steps=tr.max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=tr.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        optim="adamw_torch",
+        seed=tr.seed,
+        bf16=_precision(cfg),
+        eval_strategy="steps" if tr.eval_steps else "no",
+        eval_steps=tr.eval_steps,
+        save_strategy="steps",
+        save_steps=tr.save_steps,
+        save_total_limit=2,
+        logging_steps=tr.logging_steps,
+        report_to="none",
+        disable_tqdm=quiet,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+
+    return None if quiet else Console(stderr=True)
+
+
+def train(
+    cfg: ExperimentConfig,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    callbacks: list | None = None,
+) -> RunResult:
+    """Run one experiment and return its run directory, eval metrics and summary.
+
+    `callbacks` are extra `transformers.TrainerCallback`s (e.g. for live tracking or tests).
+    """
+    from transformers import AutoConfig
+
+    from .models import load_tokenizer, resolve
+
+    validate(cfg)
+    start = time.time()
+    task = get_task(cfg.data.task)
+    if cfg.model.head == "lm":
+        raise LoralabError("The causal-LM formulation (--head lm) is not available yet; use --head classifier.")
+    console = _console(quiet)
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=not quiet)
+    config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    # Data first: a bad data file should fail before the slower model load.
+    splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config))
+    set_seed(cfg.train.seed)
+    built = build_model(cfg, task, tokenizer, progress=not quiet)
+
+    run_dir = Path(resume) if resume else tracking.create_run_dir(cfg)
+    return _run(cfg, task, built, splits, run_dir, resume is not None, console, quiet, start, callbacks or [])
+
+
+def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: bool, console, quiet, start, extra):
+    model = built.model
+    params = accounting.parameter_counts(model, built.heads)
+    base = accounting.base_parameters(model)
+    checksum_before = accounting.checksum(base) if cfg.train.method == "lora" else None
+    frozen = accounting.frozen_base_report(model) if cfg.train.method == "lora" else None
+
+    log = tracking.MetricsLog(run_dir / tracking.METRICS_FILE)
+    trainer = LoralabTrainer(
+        model=model,
+        args=_training_args(cfg, run_dir, quiet),
+        train_dataset=model_inputs(splits.train),
+        data_collator=DataCollatorWithPadding(built.tokenizer),
+        processing_class=built.tokenizer,
+        eval_dataset=model_inputs(splits.eval) if cfg.train.eval_steps else None,
+        compute_metrics=(lambda p: task.score(splits.eval_raw, splits.eval, p.predictions)),
+        callbacks=[RunDirLogger(log, console), *extra],
+    )
+    checkpoint = None
+    if resuming:
+        ckpt_root = run_dir / tracking.CHECKPOINT_DIR
+        checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
+    summary = _base_summary(cfg, run_dir, params, splits)
+    summary["resumed_from"] = checkpoint
+
+    t0 = time.time()
+    try:
+        train_out = trainer.train(resume_from_checkpoint=checkpoint)
+    except TrainingDiverged as e:
+        summary.update(status="diverged", error=str(e), wall_time_s=time.time() - start)
+        tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+        raise
+    train_time = time.time() - t0
+
+    t1 = time.time()
+    pred = trainer.predict(model_inputs(splits.eval))
+    metrics = task.score(splits.eval_raw, splits.eval, pred.predictions)
+    eval_time = time.time() - t1
+    log.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    if console is not None:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        console.print(f"[bold green]final eval[/] ({len(splits.eval_raw)} examples): {shown}")
+
+    _save_weights(cfg, trainer, built, run_dir)
+    verification = {}
+    if cfg.train.method == "lora":
+        verification = {
+            **frozen,
+            "base_checksum_before": checksum_before,
+            "base_checksum_after": accounting.checksum(accounting.base_parameters(model)),
+        }
+        verification["base_unchanged"] = verification["base_checksum_before"] == verification["base_checksum_after"]
+    summary.update(
+        status="completed",
+        metrics=metrics,
+        train_loss=train_out.training_loss,
+        steps=trainer.state.global_step,
+        wall_time_s=time.time() - start,
+        train_time_s=train_time,
+        eval_time_s=eval_time,
+        tokens={"real": trainer.tokens_real, "padded": trainer.tokens_padded},
+        tokens_per_s={
+            "real": trainer.tokens_real / train_time if train_time else 0.0,
+            "padded": trainer.tokens_padded / train_time if train_time else 0.0,
+        },
+        peak_memory_mb=_peak_memory_mb(),
+        verification=verification,
+    )
+    tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+    return RunResult(run_dir, metrics, summary)
+
+
+def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits) -> dict:
+    return {
+        "status": "running",
+        "run_dir": str(run_dir),
+        "task": cfg.data.task,
+        "method": cfg.train.method,
+        "model": cfg.model.name,
+        "head": cfg.model.head,
+        "seed": cfg.train.seed,
+        "lr": cfg.lr,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target": cfg.lora.target}
+        if cfg.train.method == "lora"
+        else None,
+        "examples": {"train": len(splits.train_raw), "eval": len(splits.eval_raw)},
+        "features": {"train": len(splits.train), "eval": len(splits.eval)},
+        "max_length": splits.max_length,
+        "params": params,
+        "precision": "bf16" if _precision(cfg) else "fp32",
+        "versions": tracking.versions(),
+        "git_commit": tracking.git_commit(),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _save_weights(cfg: ExperimentConfig, trainer: Trainer, built: BuiltModel, run_dir: Path) -> None:
+    """Adapter (PEFT format) for LoRA, the whole model for full; written to a temp dir, then renamed."""
+    final = run_dir / (tracking.ADAPTER_DIR if cfg.train.method == "lora" else tracking.MODEL_DIR)
+    tmp = run_dir / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.train.method == "lora":
+        built.model.save_pretrained(str(tmp))
+    else:
+        trainer.save_model(str(tmp))
+    built.tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
+    """Continue a killed run from its last checkpoint, with the config it was started with."""
+    run_dir = tracking.open_run_dir(run_dir)
+    summary_path = run_dir / tracking.SUMMARY_FILE
+    if summary_path.is_file() and tracking.read_json(summary_path).get("status") == "completed":
+        raise LoralabError(f"Run '{run_dir}' already finished (summary.json says completed); nothing to resume.")
+    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    return train(cfg, resume=run_dir, quiet=quiet)
+

@@ -1,0 +1,81 @@
+"""Shared fixtures: an isolated cache, no network, small task files written by the tests."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Before transformers/datasets are imported anywhere: never reach for the hub in tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory):
+    """One loralab cache per test session (tiny models are materialised once)."""
+    if os.environ.get("LORALAB_TEST_REAL_CACHE"):
+        yield
+        return
+    path = tmp_path_factory.mktemp("loralab-cache")
+    old = os.environ.get("LORALAB_CACHE")
+    os.environ["LORALAB_CACHE"] = str(path)
+    yield
+    if old is None:
+        os.environ.pop("LORALAB_CACHE", None)
+    else:
+        os.environ["LORALAB_CACHE"] = old
+
+
+POS = ["good", "great", "fine", "lovely", "superb", "nice"]
+NEG = ["bad", "awful", "poor", "dull", "boring", "weak"]
+
+
+def _sentence(rng: random.Random, label: int) -> str:
+    word = rng.choice(POS if label else NEG)
+    filler = rng.choice(["the film was", "this movie is", "a story that felt", "acting is"])
+    return f"{filler} {word}"
+
+
+def write_sst2(folder: Path, n_train: int = 64, n_dev: int = 32, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            rows.append(f"{_sentence(rng, label)}\t{label}")
+        (folder / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def write_mrpc(folder: Path, n: int = 16) -> Path:
+    """MRPC as released: a UTF-8 byte-order mark before the header, quote characters in strings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        for i in range(n):
+            rows.append(f'{i % 2}\t{i}\t{i + 100}\tHe said "yes {i}\tHe said " yes {i}')
+        (folder / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_rte(folder: Path, n: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        rows = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            lab = "entailment" if i % 2 == 0 else "not_entailment"
+            rows.append(f"{i}\tA man walks {i}.\tSomeone walks.\t{lab}")
+        (folder / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def sst2_dir(tmp_path) -> Path:
+    return write_sst2(tmp_path / "sst2")

@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+
+from loralab.config import (
+    ExperimentConfig,
+    build_config,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+)
+from loralab.errors import LoralabError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_follow_the_spec():
+    cfg = ExperimentConfig()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target) == (8, 16.0, 0.05, "standard")
+    assert cfg.train.warmup_ratio == 0.06
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.lr == 3e-4
+    cfg.train.method = "full"
+    assert cfg.lr == 3e-5
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = build_config(overrides=["lora.r=16", "lora.target=[q_proj,k_proj]", "train.lr=1e-4", "data.task=mrpc"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    again = build_config(path)
+    assert to_dict(again) == to_dict(cfg)
+    assert again.lora.r == 16 and again.lora.target == ["q_proj", "k_proj"] and again.train.lr == 1e-4
+
+
+def test_overrides_parse_types_and_win_over_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 4\ntrain:\n  epochs: 2\n")
+    cfg = build_config(path, ["lora.r=32", "train.precision=bf16", "data.max_train_examples=100", "lora.use_dora=true"])
+    assert cfg.lora.r == 32 and cfg.train.epochs == 2.0
+    assert cfg.train.precision == "bf16" and cfg.data.max_train_examples == 100 and cfg.lora.use_dora is True
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_flags_sit_between_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  task: rte\n")
+    cfg = build_config(path, ["train.method=full"], data={"task": "mrpc"}, train={"method": "lora"})
+    assert cfg.data.task == "mrpc" and cfg.train.method == "full"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["lora.rank=8"], "lora.rank"),
+        (["nosuch.key=1"], "nosuch"),
+        (["lora.r=0"], "lora.r"),
+        (["lora.r=abc"], "lora.r"),
+        (["lora.alpha=-1"], "lora.alpha"),
+        (["lora.dropout=1.5"], "lora.dropout"),
+        (["train.method=half"], "lora, full"),
+        (["train.precision=fp8"], "train.precision"),
+        (["train.lr=0"], "train.lr"),
+        (["noequals"], "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(LoralabError) as e:
+        build_config(overrides=override)
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n")
+    with pytest.raises(LoralabError, match="train.learning_rate"):
+        build_config(path)
+
+
+def test_from_dict_rejects_non_mapping_section():
+    with pytest.raises(LoralabError, match="lora"):
+        from_dict({"lora": 3})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    from loralab.tasks import get_task
+
+    cfg = build_config(path)
+    assert to_dict(from_dict(load_yaml(path))) == to_dict(build_config(path))
+    get_task(cfg.data.task)  # names a registered task
+
+
+def test_configs_exist_for_every_task():
+    names = {p.stem for p in CONFIGS}
+    assert {"sst2", "mrpc", "rte", "squad_v2"} <= names

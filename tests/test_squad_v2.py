@@ -1,0 +1,524 @@
+"""SQuAD v2: official metric by hand, JSON loader, windowed features, span post-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loralab import metrics
+from loralab.errors import LoralabError
+from loralab.tasks.squad_v2 import SquadV2Task, postprocess_qa, read_squad_json
+
+TASK = SquadV2Task()
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def test_accuracy_and_binary_f1():
+    assert metrics.accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == 0.75
+    # tp=2, fp=1, fn=0 -> 2*2 / (2*2 + 1 + 0)
+    assert metrics.f1_binary([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(0.8)
+    # positive=0: tp=1, fp=0, fn=1 -> 2/3
+    assert metrics.f1_binary([1, 0, 1, 1], [1, 0, 0, 1], positive=0) == pytest.approx(2 / 3)
+    assert metrics.f1_binary([0, 0], [0, 0]) == 0.0  # nothing predicted, nothing true
+    with pytest.raises(ValueError):
+        metrics.accuracy([1, 0], [1])
+
+
+def test_normalize_answer():
+    assert metrics.normalize_answer("  The  Quick, brown-fox! an Apple ") == "quick brownfox apple"
+    assert metrics.normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert metrics.normalize_answer("The") == ""
+
+
+def test_squad_v2_scores_by_hand():
+    refs = {
+        "q1": ["The Cat!"],  # HasAns; "cat" matches after normalisation
+        "q2": ["big red fox"],  # HasAns; partial overlap
+        "q3": [""],  # NoAns, predicted no answer
+        "q4": [],  # NoAns, predicted an answer
+        "q5": ["Paris", "the city of Paris"],  # HasAns, predicted no answer
+        "q6": ["Paris", "city of Paris"],  # HasAns, best of two golds counts
+    }
+    preds = {
+        "q1": "cat",
+        "q2": "red fox jumps",
+        "q3": "",
+        "q4": "foo",
+        "q5": "",
+        "q6": "Paris city",
+    }
+    preds["extra"] = "ignored"
+    # q2: gold {big, red, fox}, pred {red, fox, jumps}: P = R = 2/3 -> F1 = 2/3.
+    # q6: vs "paris": P=1/2, R=1 -> 2/3; vs "city of paris" -> {city, paris}: P=1, R=2/3 -> 0.8.
+    f1 = {"q1": 1.0, "q2": 2 / 3, "q3": 1.0, "q4": 0.0, "q5": 0.0, "q6": 0.8}
+    em = {"q1": 1, "q2": 0, "q3": 1, "q4": 0, "q5": 0, "q6": 0}
+    out = metrics.squad_v2_scores(preds, refs)
+    has = ["q1", "q2", "q5", "q6"]
+    assert out["total"] == 6 and out["HasAns_total"] == 4 and out["NoAns_total"] == 2
+    assert out["exact"] == pytest.approx(100 * 2 / 6)
+    assert out["f1"] == pytest.approx(100 * sum(f1.values()) / 6)
+    assert out["HasAns_exact"] == pytest.approx(100 * sum(em[q] for q in has) / 4)  # 25
+    assert out["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3 + 0 + 0.8) / 4)
+    assert out["NoAns_exact"] == pytest.approx(50.0)
+    assert out["NoAns_f1"] == pytest.approx(50.0)
+    assert set(out) == {
+        "exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total",
+        "NoAns_exact", "NoAns_f1", "NoAns_total",
+    }  # fmt: skip
+
+
+def test_squad_v2_scores_edge_cases():
+    # Only answerable questions: no NoAns_* keys (as the official script).
+    out = metrics.squad_v2_scores({"a": "x"}, {"a": ["x"]})
+    assert out == {
+        "exact": 100.0, "f1": 100.0, "total": 1,
+        "HasAns_exact": 100.0, "HasAns_f1": 100.0, "HasAns_total": 1,
+    }  # fmt: skip
+    # A gold answer that normalises to nothing is dropped, leaving [""]; the question still
+    # counts as answerable because it has an answer.
+    out = metrics.squad_v2_scores({"a": ""}, {"a": ["The"]})
+    assert out["exact"] == 100.0 and out["HasAns_total"] == 1 and "NoAns_total" not in out
+    # Predicting only punctuation is predicting nothing.
+    assert metrics.squad_v2_scores({"a": "?!"}, {"a": []})["NoAns_exact"] == 100.0
+    with pytest.raises(LoralabError, match="no prediction"):
+        metrics.squad_v2_scores({}, {"a": ["x"]})
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+LONG_CONTEXT = (
+    "In the north of the valley there is an old mill . The mill was built in 1820 by a "
+    "farmer named Tom Hale . Water from the river turns the big wooden wheel every day . "
+    "Children visit the mill in summer to watch the wheel and to buy fresh bread . "
+    "The bread is baked with flour from the mill and sold at the red door ."
+)
+SHORT_CONTEXT = "Anna keeps three grey cats in a small flat ."
+
+
+def _squad_doc() -> dict:
+    def qa(qid, question, answer=None, context=LONG_CONTEXT):
+        if answer is None:
+            plausible = [{"text": "Tom Hale", "answer_start": context.find("Tom Hale")}]
+            return {
+                "id": qid,
+                "question": question,
+                "answers": [],
+                "plausible_answers": plausible,
+                "is_impossible": True,
+            }
+        start = context.index(answer)
+        return {
+            "id": qid,
+            "question": question,
+            "answers": [{"text": answer, "answer_start": start}] * 2,
+            "is_impossible": False,
+        }
+
+    return {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "Mill",
+                "paragraphs": [
+                    {
+                        "context": LONG_CONTEXT,
+                        "qas": [
+                            qa("m1", "Where is the old mill ?", "north of the valley"),
+                            qa("m2", "Who built the mill ?", "Tom Hale"),
+                            qa("m3", "  Where is the bread sold ?", "at the red door"),
+                            qa("m4", "Who sold the mill in 1900 ?"),
+                        ],
+                    }
+                ],
+            },
+            {
+                "title": "Cats",
+                "paragraphs": [
+                    {
+                        "context": SHORT_CONTEXT,
+                        "qas": [
+                            qa("c1", "How many cats does Anna keep ?", "three", SHORT_CONTEXT),
+                            qa("c2", "What is the name of the dog ?", None, SHORT_CONTEXT),
+                        ],
+                    }
+                ],
+            },
+        ],
+    }
+
+
+def _write(path: Path, doc) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc), encoding="utf-8")
+    return path
+
+
+GOLD = {"m1": "north of the valley", "m2": "Tom Hale", "m3": "at the red door", "c1": "three"}
+
+
+@pytest.fixture
+def raw(tmp_path):
+    return TASK.load("eval", file=str(_write(tmp_path / "dev.json", _squad_doc())))
+
+
+def test_loader_reads_answerable_and_impossible(raw):
+    assert raw.column_names == ["id", "question", "context", "answers"]
+    assert raw["id"] == ["m1", "m2", "m3", "m4", "c1", "c2"]
+    row = raw[1]
+    assert row["context"] == LONG_CONTEXT
+    assert row["answers"] == {
+        "text": ["Tom Hale"] * 2,
+        "answer_start": [LONG_CONTEXT.index("Tom Hale")] * 2,
+    }
+    assert raw[3]["answers"] == {"text": [], "answer_start": []}  # plausible_answers ignored
+    assert raw[5]["answers"] == {"text": [], "answer_start": []}
+    assert raw[4]["context"] == SHORT_CONTEXT
+
+
+def test_loader_finds_files_in_data_dir(tmp_path):
+    _write(tmp_path / "squad_v2" / "train-v2.0.json", _squad_doc())
+    doc = _squad_doc()
+    doc["data"] = doc["data"][1:]
+    _write(tmp_path / "squad_v2" / "dev-v2.0.json", doc)
+    assert len(TASK.load("train", data_dir=str(tmp_path))) == 6
+    assert len(TASK.load("eval", data_dir=str(tmp_path))) == 2
+    with pytest.raises(LoralabError, match="dev-v2.0.json"):
+        TASK.load("eval", data_dir=str(tmp_path / "squad_v2" / "nowhere"))
+
+
+def test_offline_split_never_evaluates_on_the_dev_superset(tmp_path):
+    # eval-offline.json + train-offline.json are a split of dev-v2.0.json: keep them paired.
+    full = _squad_doc()
+    train = dict(full, data=full["data"][:1])
+    evals = dict(full, data=full["data"][1:])
+    for name, doc in (
+        ("dev-v2.0.json", full),
+        ("train-offline.json", train),
+        ("eval-offline.json", evals),
+    ):
+        _write(tmp_path / name, doc)
+    assert TASK.load("train", data_dir=str(tmp_path))["id"] == ["m1", "m2", "m3", "m4"]
+    assert TASK.load("eval", data_dir=str(tmp_path))["id"] == ["c1", "c2"]
+    # With the official training file present, dev-v2.0.json is the evaluation set.
+    _write(tmp_path / "train-v2.0.json", train)
+    assert len(TASK.load("eval", data_dir=str(tmp_path))) == 6
+
+
+def _broken(edit) -> dict:
+    doc = _squad_doc()
+    edit(doc)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "where"),
+    [
+        ('{"data": [', "line 1"),
+        (_broken(lambda d: d["data"][1]["paragraphs"][0]["qas"][1].pop("question")),
+         r"data\[1\]\.paragraphs\[0\]\.qas\[1\] has no 'question'"),
+        (_broken(lambda d: d["data"][0]["paragraphs"][0].pop("context")),
+         r"data\[0\]\.paragraphs\[0\] has no 'context'"),
+        (_broken(lambda d: d["data"][0]["paragraphs"][0]["qas"][1]["answers"][0].update(answer_start=3)),
+         r"data\[0\]\.paragraphs\[0\]\.qas\[1\]\.answers\[0\] says the answer 'Tom Hale' starts at character 3"),
+        (_broken(lambda d: d["data"][0]["paragraphs"][0]["qas"][3].update(answers=[{"text": "a", "answer_start": 0}])),
+         r"qas\[3\] is marked is_impossible"),
+        (_broken(lambda d: d["data"][1]["paragraphs"][0]["qas"][0].update(id="m2")),
+         r"data\[1\]\.paragraphs\[0\]\.qas\[0\] reuses the id 'm2' of data\[0\]\.paragraphs\[0\]\.qas\[1\]"),
+        (_broken(lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(question=7)),
+         r"qas\[0\]\.question should be a string but is a number"),
+        ({"data": []}, "holds no questions"),
+        ([], "top level should be a JSON object"),
+    ],
+)  # fmt: skip
+def test_malformed_files_name_the_file_and_the_place(tmp_path, doc, where):
+    path = _write(tmp_path / "bad.json", doc)
+    with pytest.raises(LoralabError, match=where) as info:
+        TASK.load("train", file=str(path))
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(LoralabError, match="does not exist"):
+        TASK.load("eval", file=str(tmp_path / "nope.json"))
+
+
+def test_hub_rows_are_mapped_to_canonical_columns(monkeypatch):
+    import datasets
+
+    hub = datasets.Dataset.from_dict(
+        {
+            "id": ["h1"],
+            "title": ["T"],
+            "context": ["Some text"],
+            "question": ["What ?"],
+            "answers": [{"text": ["text"], "answer_start": [5]}],
+        }
+    )
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = TASK.load("eval")
+    assert calls == [("rajpurkar/squad_v2", None, "validation")]
+    assert ds.column_names == ["id", "question", "context", "answers"]
+    assert ds[0]["answers"] == {"text": ["text"], "answer_start": [5]}
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LoralabError, match="data_dir"):
+        TASK.load("train")
+
+
+# -- features and post-processing ------------------------------------------------------------
+
+
+def _word_tokenizer(raw):
+    """BERT-like fast tokenizer: whole words, [CLS] q [SEP] c [SEP], token_type_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+    words = sorted(
+        {w for text in list(raw["question"]) + list(raw["context"]) for w in text.split()}
+    )
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="</s>",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def _bpe_tokenizer(raw):
+    """GPT-2-like fast tokenizer: byte-level BPE trained on the fly, no template, eos only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(list(raw["question"]) + list(raw["context"]), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+TOKENIZERS = {"word": _word_tokenizer, "bpe": _bpe_tokenizer}
+WINDOW = {"word": (24, 6), "bpe": (32, 8)}  # (max_length, doc_stride): several windows
+
+
+def _context_tokens(offsets):
+    return [tuple(o) for o in offsets if o[0] >= 0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_windows_labels_and_null_index(raw, kind, causal):
+    tok = TOKENIZERS[kind](raw)
+    max_length, stride = WINDOW[kind]
+    train = TASK.featurize(raw, tok, max_length, stride, "train", causal)
+    evals = TASK.featurize(raw, tok, max_length, stride, "eval", causal)
+    assert len(train) == len(evals)  # the same windows, in the same order
+    assert set(train.column_names) >= {
+        "input_ids",
+        "attention_mask",
+        "start_positions",
+        "end_positions",
+        "null_index",
+        "length",
+    }
+    assert ("token_type_ids" in train.column_names) == (kind == "word")
+    assert {"example_id", "offset_mapping"} <= set(evals.column_names)
+    assert "offset_mapping" not in train.column_names
+    contexts = dict(zip(raw["id"], raw["context"], strict=True))
+    by_example: dict[str, list[int]] = {}
+    for i, row in enumerate(evals):
+        by_example.setdefault(row["example_id"], []).append(i)
+        trow = train[i]
+        n = row["length"]
+        assert n == len(row["input_ids"]) == len(row["offset_mapping"]) <= max_length
+        assert trow["start_positions"] == row["start_positions"]
+        assert trow["end_positions"] == row["end_positions"]
+        if causal:
+            assert row["input_ids"][-1] == tok.eos_token_id
+            assert row["null_index"] == n - 1
+            assert row["offset_mapping"][-1] == [-1, -1] and row["attention_mask"][-1] == 1
+        else:
+            assert row["null_index"] == 0
+        null = row["null_index"]
+        qid = row["example_id"]
+        start, end = row["start_positions"], row["end_positions"]
+        covered = _context_tokens(row["offset_mapping"])
+        context = contexts[qid]
+        if qid in GOLD:
+            a = context.index(GOLD[qid])
+            b = a + len(GOLD[qid])
+            holds = covered[0][0] <= a and covered[-1][1] >= b
+        else:
+            holds = False
+        if not holds:
+            assert start == end == null
+            continue
+        offsets = row["offset_mapping"]
+        assert context[offsets[start][0] : offsets[end][1]] == GOLD[qid]
+        want = tok(GOLD[qid], add_special_tokens=False)["input_ids"]
+        if kind == "word":
+            assert row["input_ids"][start : end + 1] == want
+        assert tok.decode(row["input_ids"][start : end + 1]).strip() == GOLD[qid]
+    # The long context is split into overlapping windows; each answer is whole in some window.
+    assert len(by_example["m1"]) >= 3 and len(by_example["c1"]) == 1
+    for qid, rows in by_example.items():
+        windows = [
+            [
+                t
+                for t, o in zip(evals[i]["input_ids"], evals[i]["offset_mapping"], strict=True)
+                if o[0] >= 0
+            ]
+            for i in rows
+        ]
+        for prev, nxt in zip(windows, windows[1:], strict=False):
+            assert nxt[:stride] == prev[-stride:]  # `stride` tokens of overlap
+        first = _context_tokens(evals[rows[0]]["offset_mapping"])
+        last = _context_tokens(evals[rows[-1]]["offset_mapping"])
+        assert first[0][0] == 0 and last[-1][1] == len(contexts[qid])
+        if qid in GOLD:
+            assert any(evals[i]["start_positions"] != evals[i]["null_index"] for i in rows)
+
+
+def _oracle_logits(features, width_extra=3, seed=0):
+    """Trainer-like logits: -100 past each feature's length, the maximum at the gold span
+    (or at the null index), and a strong null in windows that do not hold the answer."""
+    rng = np.random.default_rng(seed)
+    width = max(features["length"]) + width_extra
+    start = np.full((len(features), width), -100.0, dtype=np.float32)
+    end = np.full_like(start, -100.0)
+    for i, row in enumerate(features):
+        n, null = row["length"], row["null_index"]
+        start[i, :n] = rng.uniform(-1, 1, n)
+        end[i, :n] = rng.uniform(-1, 1, n)
+        s, e = row["start_positions"], row["end_positions"]
+        if s == null:
+            start[i, null] = end[i, null] = 5.0
+        else:
+            start[i, s] = end[i, e] = 9.0
+            start[i, null] = end[i, null] = -2.0
+    return start, end
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_postprocess_and_score_round_trip(raw, kind, causal):
+    tok = TOKENIZERS[kind](raw)
+    feats = TASK.featurize(raw, tok, *WINDOW[kind], "eval", causal)
+    feats = feats.shuffle(seed=1)  # features need not follow raw's order
+    start, end = _oracle_logits(feats)
+    answers = postprocess_qa(raw, feats, start, end)
+    assert answers == {qid: GOLD.get(qid, "") for qid in raw["id"]}
+    scores = TASK.score(raw, feats, (start, end))
+    assert scores["exact"] == scores["f1"] == 100.0
+    assert (scores["total"], scores["HasAns_total"], scores["NoAns_total"]) == (6, 4, 2)
+    # A confident null everywhere turns every answer into "no answer".
+    for i, null in enumerate(feats["null_index"]):
+        start[i, null] = end[i, null] = 50.0
+    scores = TASK.score(raw, feats, (start, end))
+    assert scores["HasAns_exact"] == 0.0 and scores["NoAns_exact"] == 100.0
+
+
+def _hand_features(rows):
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {
+            "example_id": [r[0] for r in rows],
+            "offset_mapping": [r[1] for r in rows],
+            "null_index": [0] * len(rows),
+            "length": [len(r[1]) for r in rows],
+        }
+    )
+
+
+def test_postprocess_rules():
+    import datasets
+
+    raw = datasets.Dataset.from_dict(
+        {"id": ["x", "y"], "context": ["alpha beta gamma", "one two"], "question": ["?", "?"]}
+    )
+    q = [-1, -1]
+    x_offsets = [q, q, [0, 5], [6, 10], [11, 16], q]  # [CLS] question [SEP]-ish, 3 context tokens
+    feats = _hand_features([("x", x_offsets), ("x", x_offsets), ("y", [q, [0, 3], [4, 7], q])])
+    width = 8
+    start = np.full((3, width), -100.0)
+    end = np.full((3, width), -100.0)
+    start[:, :6] = end[:, :6] = 0.0
+    # Feature 0: best span "beta gamma" (score 3+3), null 10 (5+5).
+    start[0, 3], end[0, 4], start[0, 0], end[0, 0] = 3, 3, 5, 5
+    # Feature 1: null only 1; the example's null is the minimum over features -> span wins.
+    start[1, 0], end[1, 0] = 0.5, 0.5
+    # Question tokens (offset -1) and positions past the length never make a span.
+    start[1, 1] = end[1, 1] = 40.0
+    start[2, 5] = end[2, 6] = 80.0  # beyond y's length (4): ignored like Trainer's -100 fill
+    # Feature 2 (y): start "two" + end "one" (50) is invalid (end before start); the valid
+    # spans score -10 ("one", "two") and -70 ("one two"), so the null (0) wins.
+    start[2, :4] = [0, -40, 20, 0]
+    end[2, :4] = [0, 30, -30, 0]
+    out = postprocess_qa(raw, feats, start, end)
+    assert out == {"x": "beta gamma", "y": ""}
+    # max_answer_len counts tokens: a 2-token span is too long for max_answer_len=1.
+    start[0, 3], end[0, 4] = 3, 3
+    out = postprocess_qa(raw, feats, start, end, max_answer_len=1)
+    assert out["x"] in {"alpha", "beta", "gamma"}
+    with pytest.raises(ValueError, match="rows of logits"):
+        postprocess_qa(raw, feats, start[:2], end[:2])
+
+
+def test_featurize_rejects_bad_settings(raw):
+    tok = _word_tokenizer(raw)
+    with pytest.raises(LoralabError, match="doc_stride"):
+        TASK.featurize(raw, tok, 24, 24, "train", False)
+    # The question plus special tokens leave too little room for the stride.
+    with pytest.raises(LoralabError, match="Raise max_length or lower doc_stride"):
+        TASK.featurize(raw, tok, 16, 8, "train", False)
+
+
+def test_read_squad_json_matches_load(tmp_path):
+    path = _write(tmp_path / "d.json", _squad_doc())
+    cols = read_squad_json(path)
+    assert cols["id"] == ["m1", "m2", "m3", "m4", "c1", "c2"]
+    assert cols["question"][2] == "  Where is the bread sold ?"  # stripped only when featurising
+
+
+@pytest.mark.parametrize(("name", "causal"), [("tiny-bert", False), ("tiny-llama", True)])
+def test_builtin_byte_level_tokenizers(raw, name, causal):
+    models = pytest.importorskip("loralab.models")
+    if not hasattr(models, "load_tokenizer"):
+        pytest.skip("loralab.models.load_tokenizer is not available")
+    tok = models.load_tokenizer(name, progress=False)
+    feats = TASK.featurize(raw, tok, 64, 16, "eval", causal)
+    start, end = _oracle_logits(feats)
+    answers = postprocess_qa(raw, feats, start, end)
+    assert answers == {qid: GOLD.get(qid, "") for qid in raw["id"]}

@@ -1,0 +1,212 @@
+"""Training: what LoRA and full fine-tuning change, the run directory, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_sst2
+
+from loralab.config import build_config
+from loralab.models import load_tokenizer
+from loralab.tasks import get_task
+from loralab.train import build_model
+
+TINY_ARGS = ["train.batch_size=8", "train.logging_steps=2", "train.save_steps=4"]
+
+
+def _one_step(cfg, data_dir):
+    task = get_task("sst2")
+    tok = load_tokenizer(cfg.model.name)
+    torch.manual_seed(0)
+    built = build_model(cfg, task, tok, progress=False)
+    model = built.model
+    raw = task.load("train", data_dir=str(data_dir))
+    feats = task.featurize(raw.select(range(8)), tok, 64, 0, "train", causal=built.causal)
+    from transformers import DataCollatorWithPadding
+
+    batch = DataCollatorWithPadding(tok)([{k: feats[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(8)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):  # two steps: with B = 0 at init, A only moves from the second step on
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    return model, changed
+
+
+@pytest.mark.parametrize("model_name, head", [("tiny-llama", "score"), ("tiny-bert", "classifier")])
+def test_lora_step_changes_only_adapters_and_head(tmp_path, model_name, head):
+    cfg = build_config(overrides=[f"model.name={model_name}", "train.method=lora"])
+    model, changed = _one_step(cfg, write_sst2(tmp_path / "d"))
+    assert changed, "a training step changed nothing"
+    for n in changed:
+        assert ".lora_" in n or ".modules_to_save." in n, f"base weight {n} changed under LoRA"
+    assert any(".lora_A." in n for n in changed) and any(".lora_B." in n for n in changed)
+    assert any(f"{head}.modules_to_save" in n for n in changed)
+
+
+def test_full_step_changes_base_weights(tmp_path):
+    cfg = build_config(overrides=["model.name=tiny-llama", "train.method=full"])
+    model, changed = _one_step(cfg, write_sst2(tmp_path / "d"))
+    assert any("self_attn.q_proj.weight" in n for n in changed)
+    assert any("mlp.down_proj.weight" in n for n in changed)
+    assert "score.weight" in changed
+
+
+def _cli(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
+    out = tmp_path / "runs"
+    r = _cli(
+        "train", "--task", "sst2", "--model", "tiny-llama", "--method", method,
+        "--data-dir", str(sst2_dir), "--output-dir", str(out), "--quiet",
+        "train.max_steps=6", *TINY_ARGS,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (run,) = list(out.iterdir())
+    for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (run / f).is_file(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    assert summary["examples"] == {"train": 64, "eval": 32}
+    assert summary["tokens"]["real"] > 0 and summary["tokens"]["padded"] >= summary["tokens"]["real"]
+    for key in ("wall_time_s", "peak_memory_mb", "versions", "params", "git_commit"):
+        assert key in summary
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("eval/accuracy" in x for x in lines)
+    if method == "lora":
+        assert (run / "adapter" / "adapter_config.json").is_file()
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        assert summary["verification"]["base_unchanged"] is True
+        assert summary["params"]["trainable_share_pct"] < 100
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        from loralab.models import resolve
+
+        base = AutoModelForSequenceClassification.from_pretrained(resolve("tiny-llama"), num_labels=2)
+        PeftModel.from_pretrained(base, run / "adapter")  # loadable with plain PEFT
+    else:
+        assert (run / "model" / "model.safetensors").is_file()
+        assert summary["params"]["trainable_share_pct"] == 100.0
+    assert not list(run.glob(".*tmp*")), "temporary files left behind"
+
+
+BAD_INPUTS = [
+    (["--task", "qnli"], "Unknown task 'qnli'"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["lora.r=0"], "lora.r"),
+    (["lora.dropout=1.5"], "lora.dropout"),
+    (["lora.target=[c_attn]"], "c_attn"),
+    (["lora.rank=4"], "Unknown config key 'lora.rank'"),
+    (["--method", "lora", "train.precision=fp4"], "train.precision"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", BAD_INPUTS)
+def test_bad_inputs_exit_2_with_a_message(tmp_path, sst2_dir, extra, needle):
+    args = ["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(sst2_dir),
+            "--output-dir", str(tmp_path / "runs"), "--quiet", "train.max_steps=1"]  # fmt: skip
+    r = _cli(*args, *extra)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_file_and_malformed_row_exit_2(tmp_path, sst2_dir):
+    base = ["train", "--task", "sst2", "--model", "tiny-llama", "--output-dir", str(tmp_path / "runs"), "--quiet"]
+    (tmp_path / "empty").mkdir()
+    r = _cli(*base, "--data-dir", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "train.tsv" in r.stderr
+    lines = (sst2_dir / "train.tsv").read_text().splitlines()
+    lines[5] = "no tab here"
+    (sst2_dir / "train.tsv").write_text("\n".join(lines) + "\n")
+    r = _cli(*base, "--data-dir", str(sst2_dir))
+    assert r.returncode == 2 and "line 6" in r.stderr, r.stderr
+    r = _cli("train", "--resume", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "not a loralab run directory" in r.stderr
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from loralab.config import build_config
+    from loralab.train import train
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step >= int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean kill
+
+    cfg = build_config(overrides=sys.argv[1:])
+    train(cfg, quiet=True, callbacks=[KillAfterSave()])
+    """
+)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, sst2_dir):
+    common = [
+        "model.name=tiny-llama", "data.task=sst2", f"data.data_dir={sst2_dir}",
+        "train.max_steps=16", "train.save_steps=4", "train.batch_size=8", "train.logging_steps=2",
+        "lora.dropout=0.1",
+    ]  # fmt: skip
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    killed = subprocess.run(
+        [sys.executable, str(script), *common, f"run.output_dir={tmp_path / 'a'}", "run.name=r"],
+        env={**os.environ, "KILL_AT": "8"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_a = tmp_path / "a" / "r"
+    assert (run_a / "checkpoints" / "checkpoint-8").is_dir()
+    assert not (run_a / "summary.json").exists() or json.loads((run_a / "summary.json").read_text())["status"] != "completed"
+
+    r = _cli("train", "--resume", str(run_a), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    full = subprocess.run(
+        [sys.executable, "-m", "loralab.cli", "train", "--quiet", *common,
+         f"run.output_dir={tmp_path / 'b'}", "run.name=r"],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    run_b = tmp_path / "b" / "r"
+    sa = json.loads((run_a / "summary.json").read_text())
+    sb = json.loads((run_b / "summary.json").read_text())
+    assert sa["resumed_from"].endswith("checkpoint-8")
+    assert sa["steps"] == sb["steps"] == 16
+    assert sa["metrics"]["accuracy"] == sb["metrics"]["accuracy"]
+
+    from safetensors.torch import load_file
+
+    wa = load_file(run_a / "adapter" / "adapter_model.safetensors")
+    wb = load_file(run_b / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
