@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import zipfile
@@ -258,9 +259,19 @@ def test_interrupted_build_is_not_cached(cache, monkeypatch):
     assert not {r["name"]: r for r in models.list_models()}["tiny-llama"]["cached"]
 
 
+def test_hub_id_offline_is_a_clear_error(cache):
+    # conftest sets HF_HUB_OFFLINE=1, so this fails at once instead of reaching for the hub.
+    with pytest.raises(LoralabError, match="built-in model"):
+        models.load_tokenizer("loralab-test/does-not-exist", progress=False)
+    with pytest.raises(LoralabError, match="built-in model"):
+        models.load_model("loralab-test/does-not-exist", tf.AutoModel, progress=False)
+
+
 @pytest.mark.slow
-def test_real_builtin_models():
+def test_real_builtin_models(monkeypatch):
     """Fetch + convert the real built-ins into the real cache (also warms it for later runs)."""
+    if not os.environ.get("LORALAB_TEST_REAL_CACHE"):  # conftest points tests at a temp cache
+        monkeypatch.delenv("LORALAB_CACHE", raising=False)
     path = models.resolve("smollm2-135m")
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config

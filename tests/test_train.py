@@ -210,3 +210,30 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, sst2_dir):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_predictions_come_back_in_dataset_order(tmp_path, sst2_dir):
+    """Evaluation must not be reordered (transformers 5 length-groups eval when training does)."""
+    from transformers import DataCollatorWithPadding
+
+    from loralab.data import load_splits, model_inputs
+    from loralab.train import LoralabTrainer, _training_args
+
+    cfg = build_config(overrides=["model.name=tiny-llama", f"data.data_dir={sst2_dir}", "train.eval_batch_size=4"])
+    task = get_task("sst2")
+    tok = load_tokenizer("tiny-llama")
+    built = build_model(cfg, task, tok, progress=False)
+    splits = load_splits(task, cfg.data, tok, seed=0, causal=True)
+    trainer = LoralabTrainer(
+        model=built.model,
+        args=_training_args(cfg, tmp_path, quiet=True),
+        data_collator=DataCollatorWithPadding(tok),
+        processing_class=tok,
+    )
+    logits = trainer.predict(model_inputs(splits.eval)).predictions
+    built.model.eval()
+    with torch.no_grad():
+        for i in range(len(splits.eval)):
+            ids = torch.tensor([splits.eval[i]["input_ids"]])
+            one = built.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            torch.testing.assert_close(torch.as_tensor(logits[i]), one, rtol=1e-4, atol=1e-5)

@@ -1,23 +1,108 @@
-"""Trainer callbacks: metrics to the run directory, a concise line per evaluation."""
+"""Trainer callbacks: metrics to the tracker, adapter statistics, efficiency, verification."""
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
+import torch
 from transformers import TrainerCallback
 
-from .tracking import MetricsLog
+from . import accounting, analysis
+from .tracking import Tracker
+
+# Per-layer keys kept small: the full table is `loralab analyze`'s job.
+_PER_MODULE_ADAPTER = ("A_norm", "B_norm", "delta_fro_norm")
+_PER_MODULE_RANK = ("effective_rank", "rank_utilisation")
 
 
-class RunDirLogger(TrainerCallback):
-    """Every Trainer log record (train loss, lr, eval metrics) goes to metrics.jsonl."""
+def adapter_records(model) -> dict[str, float]:
+    """`lora_adapters/*` and `lora_rank/*` for a PEFT model: per module, by kind, overall."""
+    out: dict[str, float] = {}
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for f in analysis.lora_factors(model):
+        stats = analysis.module_stats(f)
+        by_kind[analysis.module_kind(f.name)].append(stats)
+        for k in _PER_MODULE_ADAPTER:
+            out[f"lora_adapters/{f.name}/{k}"] = stats[k]
+        for k in _PER_MODULE_RANK:
+            out[f"lora_rank/{f.name}/{k}"] = stats[k]
+    everything = [s for group in by_kind.values() for s in group]
+    if not everything:
+        return out
+    for group, rows in [("all", everything), *sorted(by_kind.items())]:
+        for k in ("A_norm", "B_norm", "delta_fro_norm", "delta_spectral_norm", "delta_mean", "delta_std"):
+            out[f"lora_adapters/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
+        for k in ("effective_rank", "rank_utilisation", "stable_rank"):
+            out[f"lora_rank/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
+    return out
 
-    def __init__(self, log: MetricsLog, console=None):
-        self.log = log
+
+class TrackingCallback(TrainerCallback):
+    """Every Trainer log record, plus live adapter statistics and frozen-base checks.
+
+    `base_checksum` is taken before training; under LoRA the base must stay bit-identical.
+    """
+
+    def __init__(self, tracker: Tracker, log_every: int, efficiency: dict, base_checksum: str | None,
+                 console=None):  # fmt: skip
+        self.tracker = tracker
+        self.log_every = log_every
+        self.efficiency = efficiency
+        self.base_checksum = base_checksum
         self.console = console
+        self.trainer = None  # set by train.py: token counters live on the trainer
+        self._last = (time.time(), 0, 0, 0)
+
+    # -- periodic records ------------------------------------------------------------------
+    def _verification(self, model) -> dict:
+        if self.base_checksum is None:
+            return {}
+        frozen = accounting.frozen_base_report(model)["base_frozen"]
+        same = accounting.checksum(accounting.base_parameters(model)) == self.base_checksum
+        return {"verification/base_frozen": frozen, "verification/base_unchanged": same}
+
+    def _adapter(self, model) -> dict:
+        return adapter_records(model) if self.base_checksum is not None else {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._last = (time.time(), state.global_step, *self._tokens())
+        record = {f"efficiency/{k}": v for k, v in self.efficiency.items()}
+        self.tracker.log({**record, **self._verification(model), **self._adapter(model)}, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.log_every == 0:
+            self.tracker.log({**self._verification(model), **self._adapter(model)}, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.log_every != 0:
+            self.tracker.log({**self._verification(model), **self._adapter(model)}, state.global_step)
+
+    # -- the Trainer's own logs (loss, lr, eval) + efficiency ------------------------------
+    def _tokens(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.tokens_real, t.tokens_padded) if t is not None else (0, 0)
+
+    def _efficiency_since_last(self, step: int) -> dict:
+        now, real, padded = time.time(), *self._tokens()
+        t0, step0, real0, padded0 = self._last
+        self._last = (now, step, real, padded)
+        dt = now - t0
+        if step <= step0 or dt <= 0:
+            return {}
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
+        return {
+            "training_efficiency/step_time_s": dt / (step - step0),
+            "training_efficiency/tokens_per_s_real": (real - real0) / dt,
+            "training_efficiency/tokens_per_s_padded": (padded - padded0) / dt,
+            "training_efficiency/padding_share": 1 - (real - real0) / max(padded - padded0, 1),
+            "training_efficiency/peak_memory_mb": peak,
+        }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record = {"epoch": round(state.epoch or 0.0, 4)}
         for k, v in logs.items():
             if k.startswith("eval_"):
                 record[f"eval/{k[5:]}"] = v
@@ -25,9 +110,17 @@ class RunDirLogger(TrainerCallback):
                 record[f"train/{k}"] = v
             else:
                 record[k] = v
-        self.log.log(record)
+        if "loss" in logs:
+            record.update(self._efficiency_since_last(state.global_step))
+        self.tracker.log(record, state.global_step)
         if self.console is not None and any(k.startswith("eval_") for k in logs):
             shown = ", ".join(
                 f"{k[5:]}={v:.4f}" for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)
             )
             self.console.print(f"[bold]eval[/] step {state.global_step}: {shown}")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,6 +13,9 @@ from pathlib import Path
 from .config import DataConfig
 from .tasks import MODEL_COLUMNS, Task
 
+# Bump when featurisation changes, so caches built by older code are not reused.
+FEATURES_VERSION = 1
+
 
 @dataclass
 class Splits:
@@ -49,7 +52,7 @@ def cached_features(task: Task, raw, tokenizer, cfg: DataConfig, split: str, cau
 
     key = hashlib.sha256(
         json.dumps(
-            [task.name, split, causal, max_length, cfg.doc_stride, _tokenizer_fingerprint(tokenizer), _data_fingerprint(raw)]
+            [FEATURES_VERSION, task.name, split, causal, max_length, cfg.doc_stride, _tokenizer_fingerprint(tokenizer), _data_fingerprint(raw)]
         ).encode()
     ).hexdigest()[:20]
     path = cache_dir() / "features" / f"{task.name}-{split}-{key}"

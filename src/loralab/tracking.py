@@ -131,3 +131,69 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class Tracker:
+    """Metrics go to the run directory's JSONL always, and to Weights & Biases when asked.
+
+    W&B is a mirror: the run directory stays the source of truth. No secret is ever logged:
+    the API key stays in the environment / netrc where W&B itself reads it.
+    """
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resuming: bool = False):
+        self.run_dir = Path(run_dir)
+        self.file = MetricsLog(self.run_dir / METRICS_FILE)
+        self.wandb_run = None
+        mode = cfg.tracking.wandb
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise LoralabError(
+                f"tracking.wandb={mode} needs the wandb package: pip install 'loralab[tracking]', "
+                "or set tracking.wandb=disabled."
+            ) from None
+        if mode == "online" and not _wandb_key_available():
+            raise LoralabError(
+                "tracking.wandb=online needs a Weights & Biases API key: set WANDB_API_KEY or run "
+                "`wandb login`. Use tracking.wandb=offline to log locally and `wandb sync` later."
+            )
+        from .config import to_dict
+
+        self.wandb_run = wandb.init(
+            project=cfg.tracking.project,
+            name=self.run_dir.name,
+            id=re.sub(r"[^A-Za-z0-9_-]", "-", self.run_dir.name)[-64:],
+            dir=str(self.run_dir),
+            mode=mode,
+            config=to_dict(cfg),
+            resume="allow" if resuming else None,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, record: dict, step: int | None = None) -> None:
+        """One record (flat keys like `train/loss`, `lora_rank/q/mean`) at an optimiser step."""
+        self.file.log({"step": step, **record} if step is not None else record)
+        if self.wandb_run is not None:
+            data = {k: (float(v) if isinstance(v, bool) else v) for k, v in record.items()
+                    if isinstance(v, (int, float, bool))}
+            self.wandb_run.log(data, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float, str, bool)):
+                    self.wandb_run.summary[k] = v
+
+    def finish(self, failed: bool = False) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None

@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import accounting, tracking
-from .callbacks import RunDirLogger
+from .callbacks import TrackingCallback
 from .config import ExperimentConfig, from_dict, load_yaml, validate
 from .data import Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
@@ -100,6 +100,12 @@ class LoralabTrainer(Trainer):
         self.tokens_real = 0
         self.tokens_padded = 0
 
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers 5 shuffles evaluation with a length-grouped sampler when training groups
+        # by length, which breaks the row order that task.score() relies on. Our evaluation set
+        # is already sorted by length, so sequential order is both correct and efficient.
+        return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
         if mask is not None:
@@ -142,6 +148,7 @@ def _training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Trainin
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=True,
     )
 
@@ -175,6 +182,8 @@ def train(
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=not quiet)
+    # Labels (QA span positions, the null index) are absolute positions: pad on the right.
+    tokenizer.padding_side = "right"
     config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
     # Data first: a bad data file should fail before the slower model load.
     splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config))
@@ -190,9 +199,9 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
     params = accounting.parameter_counts(model, built.heads)
     base = accounting.base_parameters(model)
     checksum_before = accounting.checksum(base) if cfg.train.method == "lora" else None
-    frozen = accounting.frozen_base_report(model) if cfg.train.method == "lora" else None
 
-    log = tracking.MetricsLog(run_dir / tracking.METRICS_FILE)
+    tracker = tracking.Tracker(run_dir, cfg, resuming=resuming)
+    tracking_cb = TrackingCallback(tracker, cfg.tracking.log_every, params, checksum_before, console)
     trainer = LoralabTrainer(
         model=model,
         args=_training_args(cfg, run_dir, quiet),
@@ -201,8 +210,9 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
         processing_class=built.tokenizer,
         eval_dataset=model_inputs(splits.eval) if cfg.train.eval_steps else None,
         compute_metrics=(lambda p: task.score(splits.eval_raw, splits.eval, p.predictions)),
-        callbacks=[RunDirLogger(log, console), *extra],
+        callbacks=[tracking_cb, *extra],
     )
+    tracking_cb.trainer = trainer
     checkpoint = None
     if resuming:
         ckpt_root = run_dir / tracking.CHECKPOINT_DIR
@@ -213,9 +223,12 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
     t0 = time.time()
     try:
         train_out = trainer.train(resume_from_checkpoint=checkpoint)
-    except TrainingDiverged as e:
-        summary.update(status="diverged", error=str(e), wall_time_s=time.time() - start)
+    except BaseException as e:
+        # Keep what was saved; say in the summary why the run stopped.
+        status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
+        summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
         tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+        tracker.finish(failed=True)
         raise
     train_time = time.time() - t0
 
@@ -223,7 +236,7 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
     pred = trainer.predict(model_inputs(splits.eval))
     metrics = task.score(splits.eval_raw, splits.eval, pred.predictions)
     eval_time = time.time() - t1
-    log.log({"step": trainer.state.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    tracker.log({f"eval/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
     if console is not None:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         console.print(f"[bold green]final eval[/] ({len(splits.eval_raw)} examples): {shown}")
@@ -231,12 +244,13 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
     _save_weights(cfg, trainer, built, run_dir)
     verification = {}
     if cfg.train.method == "lora":
+        checksum_after = accounting.checksum(accounting.base_parameters(model))
         verification = {
-            **frozen,
+            **accounting.frozen_base_report(model),
             "base_checksum_before": checksum_before,
-            "base_checksum_after": accounting.checksum(accounting.base_parameters(model)),
+            "base_checksum_after": checksum_after,
+            "base_unchanged": checksum_before == checksum_after,
         }
-        verification["base_unchanged"] = verification["base_checksum_before"] == verification["base_checksum_after"]
     summary.update(
         status="completed",
         metrics=metrics,
@@ -254,6 +268,10 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
         verification=verification,
     )
     tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+    tracker.summary({f"eval/{k}": v for k, v in metrics.items()} | {
+        f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)
+    })
+    tracker.finish()
     return RunResult(run_dir, metrics, summary)
 
 

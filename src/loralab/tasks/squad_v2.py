@@ -194,6 +194,8 @@ def postprocess_qa(
     (whitespace-stripped); "" when the smallest null score (start+end logit at `null_index`) over
     the example's features beats it, or when no valid span exists.
     """
+    import pyarrow.compute as pc
+
     starts = np.asarray(start_logits)
     ends = np.asarray(end_logits)
     if starts.ndim != 2 or starts.shape != ends.shape:
@@ -213,23 +215,28 @@ def postprocess_qa(
     null: dict[str, float] = {}
     width = starts.shape[1]
     cols = features.select_columns(["example_id", "offset_mapping", "null_index"])
+    cols = cols.with_format("arrow")  # nested offsets as flat numpy, not Python lists
     chunk = 1000
     for lo in range(0, len(features), chunk):
-        batch = cols[lo : lo + chunk]
-        for j, (qid, offsets, null_index) in enumerate(
-            zip(batch["example_id"], batch["offset_mapping"], batch["null_index"], strict=True)
-        ):
+        table = cols[lo : lo + chunk]
+        batch_ids = table.column("example_id").to_pylist()
+        batch_null = table.column("null_index").to_pylist()
+        om = table.column("offset_mapping")
+        flat = pc.list_flatten(pc.list_flatten(om)).to_numpy(zero_copy_only=False)
+        flat = flat.astype(np.int64).reshape(-1, 2)
+        bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(om).to_numpy())])
+        for j, (qid, null_index) in enumerate(zip(batch_ids, batch_null, strict=True)):
             if qid not in position:
                 raise ValueError(
                     f"Feature {lo + j} belongs to example {qid!r}, which is not in raw."
                 )
-            n = min(len(offsets), width)
+            n = min(int(bounds[j + 1] - bounds[j]), width)
             s = starts[lo + j, :n].astype(np.float64)
             e = ends[lo + j, :n].astype(np.float64)
             if null_index < n:
                 score = s[null_index] + e[null_index]
                 null[qid] = min(null.get(qid, np.inf), score)
-            offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:n]
+            offs = flat[bounds[j] : bounds[j] + n]
             in_ctx = offs[:, 0] >= 0
             k = min(n_best, n)
             top_s = np.argsort(s, kind="stable")[::-1][:k]

@@ -1,0 +1,200 @@
+"""The validation suite: named checks that the adapter does what LoRA claims.
+
+Each check returns (passed, detail). The steps that could go wrong in a real pipeline (wrapping,
+training, saving, merging) are module-level functions, so a test can break one on purpose and
+see the matching check fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import accounting, analysis
+from .config import ExperimentConfig
+from .errors import LoralabError
+
+# Sentences with labels: enough to overfit a few steps, no dataset needed.
+PROBE = [
+    ("a wonderful, moving film", 1),
+    ("dull and far too long", 0),
+    ("the best acting this year", 1),
+    ("a tedious mess", 0),
+    ("charming from start to end", 1),
+    ("i want those two hours back", 0),
+    ("clever and funny", 1),
+    ("flat, lifeless and boring", 0),
+]
+SHARE_TARGET_PCT = 0.3
+# The ≤0.3% target is about real models; in a model this small the embeddings are tiny and any
+# adapter is a large share, so the target is reported but not applied.
+SHARE_TARGET_MIN_PARAMS = 10_000_000
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+# -- the steps a test may break on purpose ------------------------------------------------------
+def wrap(cfg: ExperimentConfig, model, heads: list[str]):
+    from .lora import apply_lora
+
+    return apply_lora(cfg.lora, model, heads, task_type="SEQ_CLS")
+
+
+def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def save_adapter(model, path: Path) -> None:
+    model.save_pretrained(str(path))
+
+
+def merge(model):
+    return model.merge_and_unload()
+
+
+# -----------------------------------------------------------------------------------------------
+def _logits(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    diff = (a - b).abs().max().item()
+    return diff, diff / max(b.abs().max().item(), 1e-12)
+
+
+def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4) -> list[Check]:
+    """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    from .lora import adapted_modules, resolve_targets
+    from .models import load_model, load_tokenizer
+
+    if cfg.model.head != "classifier":
+        raise LoralabError("loralab validate checks the classifier formulation; drop --head lm.")
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    tok.padding_side = "right"
+    batch = dict(tok([t for t, _ in PROBE], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([y for _, y in PROBE])
+    load = lambda: load_model(cfg.model.name, AutoModelForSequenceClassification, num_labels=2)  # noqa: E731
+    base, heads = load()
+    keys = resolve_targets(cfg.lora, base, exclude=heads)
+    expected = adapted_modules(base, keys, exclude=heads)
+    expected_lora = sum(
+        cfg.lora.r * (m.in_features + m.out_features) for n, m in base.named_modules() if n in set(expected)
+    )
+    base_logits = _logits(base, batch)
+    checks: list[Check] = []
+    add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
+
+    model = wrap(cfg, base, heads)
+    factors = analysis.lora_factors(model)
+    add("peft_wrapping_applied", isinstance(model, PeftModel) and factors,
+        f"{type(model).__name__} with {len(factors)} LoRA layers")  # fmt: skip
+    add("adapted_module_count", len(factors) == len(expected),
+        f"{len(factors)} adapted, expected {len(expected)} ({', '.join(keys)})")  # fmt: skip
+    counts = accounting.parameter_counts(model, heads)
+    share = counts["lora_share_pct"]
+    if counts["total"] >= SHARE_TARGET_MIN_PARAMS:
+        add("trainable_share_within_target", share <= SHARE_TARGET_PCT,
+            f"LoRA {share:.3f}% of {counts['total']:,} params (target ≤{SHARE_TARGET_PCT}%); "
+            f"with head {counts['trainable_share_pct']:.3f}%")  # fmt: skip
+    else:
+        add("trainable_share_within_target", counts["lora"] == expected_lora,
+            f"LoRA {share:.2f}% of a {counts['total']:,}-param test model: the ≤{SHARE_TARGET_PCT}% "
+            f"target applies from {SHARE_TARGET_MIN_PARAMS:,} params; adapter size checked exactly instead")  # fmt: skip
+    add("parameter_accounting_adds_up",
+        counts["lora"] == expected_lora
+        and counts["trainable"] == counts["lora"] + _trainable_head(model)
+        and counts["total"] == sum(p.numel() for n, p in model.named_parameters() if ".original_module." not in n),
+        f"lora={counts['lora']:,} (expected r·(in+out) summed = {expected_lora:,}), head={counts['head']:,}, "
+        f"trainable={counts['trainable']:,}, total={counts['total']:,}")  # fmt: skip
+    frozen = accounting.frozen_base_report(model)
+    add("base_frozen_requires_grad", frozen["base_frozen"],
+        "no base parameter requires grad" if frozen["base_frozen"]
+        else f"trainable base parameters: {frozen['trainable_base_params']}")  # fmt: skip
+
+    before = accounting.checksum(accounting.base_parameters(model))
+    model.train()
+    out = model(**batch)
+    out.loss.backward()
+    grads_ok = torch.isfinite(out.loss) and all(
+        f is not None for f in [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
+    )
+    model.zero_grad()
+    add("forward_backward_runs", grads_ok, f"loss {float(out.loss):.4f}, gradients reach every lora_B")
+    losses = train_steps(model, batch, steps, lr)
+    add("training_lowers_loss", losses[-1] < losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps")
+    after = accounting.checksum(accounting.base_parameters(model))
+    add("base_unchanged_checksum", before == after, f"sha256 {before[:12]}… before, {after[:12]}… after")
+
+    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model)]
+    finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
+    in_range = all(0 < s["effective_rank"] <= cfg.lora.r + 1e-4 for s in stats)
+    add("analysis_utilities_run", stats and finite and in_range,
+        f"{len(stats)} modules, mean rank utilisation {sum(s['rank_utilisation'] for s in stats) / max(len(stats), 1):.3f}")  # fmt: skip
+
+    adapted = _logits(model, batch)
+    change = _max_diff(adapted, base_logits)[0]
+    add("adapter_is_informative", change > 1e-3,
+        f"trained adapter moves logits by up to {change:.4f} (an identity adapter proves nothing)")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "adapter")
+        fresh, _ = load()
+        reloaded = PeftModel.from_pretrained(fresh, Path(tmp) / "adapter")
+        d, _ = _max_diff(_logits(reloaded, batch), adapted)
+        add("save_load_same_outputs", d <= 1e-6, f"max |Δlogit| {d:.2e} after save -> load (tolerance 1e-6)")
+
+        merged = merge(copy.deepcopy(model))
+        merged_logits = _logits(merged, batch)
+        d, rel = _max_diff(merged_logits, adapted)
+        add("merge_equivalence", d <= tolerance,
+            f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, tolerance {tolerance:g}")  # fmt: skip
+
+        merged.save_pretrained(str(Path(tmp) / "merged"))
+        exported = AutoModelForSequenceClassification.from_pretrained(str(Path(tmp) / "merged"))
+        d, _ = _max_diff(_logits(exported, batch), merged_logits)
+        plain = not any("lora" in n for n, _ in exported.named_parameters())
+        add("merged_export_loads", plain and d <= 1e-6,
+            f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
+    return checks
+
+
+def _trainable_head(model) -> int:
+    return sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n
+    )
+
+
+def as_json(checks: list[Check], cfg: ExperimentConfig) -> dict:
+    return {
+        "model": cfg.model.name,
+        "passed": all(c.passed for c in checks),
+        "n_checks": len(checks),
+        "n_failed": sum(not c.passed for c in checks),
+        "checks": [asdict(c) for c in checks],
+    }
