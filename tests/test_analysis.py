@@ -11,6 +11,7 @@ import torch
 from conftest import write_sst2
 
 from loralab import analysis as an
+from loralab.analyze import format_summary
 from loralab.cli import main
 
 
@@ -181,6 +182,17 @@ def test_cka_identity_and_invariances():
     assert an.linear_cka(X, torch.randn(40, 16, generator=g, dtype=torch.float64)) < 0.6
 
 
+def test_median_cosine_ignores_a_few_high_norm_examples_that_dominate_cka():
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(2, 50, 16, generator=g, dtype=torch.float64)  # [layers, n, d]
+    Y = X.clone()
+    Y[1, 0] *= -40.0  # one example flips and blows up in layer 1
+    cos = an.median_cosine_per_layer(X, Y)
+    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(1.0)
+    cka = an.cka_per_layer(X, Y)
+    assert cka[0] == pytest.approx(1.0) and cka[1] < 0.5
+
+
 def test_cka_is_symmetric_and_accepts_different_widths():
     g = torch.Generator().manual_seed(7)
     X, Y = torch.randn(30, 8, generator=g), torch.randn(30, 20, generator=g)
@@ -254,6 +266,7 @@ def test_analyze_compare_writes_json_plots_and_hidden_states(runs, capsys):
     assert data["compare"]["heatmap_layer"] == 1 and len(data["compare"]["heatmap_modules"]) == 2
     cka = data["representations"]["cka"]
     assert set(cka) == {"base_vs_adapted", "base_vs_compare", "adapted_vs_compare"}
+    assert set(data["representations"]["cosine_median"]) == set(cka)
     assert len(cka["base_vs_adapted"]["mean"]) == 3  # embeddings + 2 layers
     assert cka["base_vs_adapted"]["mean"][0] == pytest.approx(1.0)  # LoRA leaves embeddings alone
     for f in data["files"]:
@@ -261,6 +274,7 @@ def test_analyze_compare_writes_json_plots_and_hidden_states(runs, capsys):
         if f.endswith(".png"):
             _valid_png(folder / f)
     assert "similarity_layer1.png" in data["files"]
+    assert "CKA" in format_summary(data)  # the summary also works from the JSON on disk
     hidden = load_file(folder / "hidden_states.safetensors")
     assert hidden["base.mean"].shape == (3, 16, 64) and hidden["compare.token"].shape == (3, 16, 64)
     assert not torch.equal(hidden["base.mean"][-1], hidden["adapted.mean"][-1])
@@ -280,7 +294,7 @@ def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
     no_adapter = tmp_path / "no-adapter"
     no_adapter.mkdir()
     shutil.copy(runs["r4"] / "config.yaml", no_adapter / "config.yaml")
-    fails(no_adapter, needle="has no LoRA adapter")
+    fails(no_adapter, needle="has no saved adapter")
     fails(tmp_path, needle="not a loralab run directory")
     fails(runs["r4"], "--probe", 1000, needle="--probe 1000 is out of range")
     fails(runs["r8"], "--compare", runs["r4"], "--layer", 7, needle="--layer 7 has no adapted")

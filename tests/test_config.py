@@ -18,7 +18,12 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_defaults_follow_the_spec():
     cfg = ExperimentConfig()
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target) == (8, 16.0, 0.05, "standard")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target) == (
+        8,
+        16.0,
+        0.05,
+        "standard",
+    )
     assert cfg.train.warmup_ratio == 0.06
     assert cfg.model.name == "smollm2-135m"
     assert cfg.lr == 3e-4
@@ -27,20 +32,31 @@ def test_defaults_follow_the_spec():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = build_config(overrides=["lora.r=16", "lora.target=[q_proj,k_proj]", "train.lr=1e-4", "data.task=mrpc"])
+    cfg = build_config(
+        overrides=["lora.r=16", "lora.target=[q_proj,k_proj]", "train.lr=1e-4", "data.task=mrpc"]
+    )
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))
     again = build_config(path)
     assert to_dict(again) == to_dict(cfg)
-    assert again.lora.r == 16 and again.lora.target == ["q_proj", "k_proj"] and again.train.lr == 1e-4
+    assert (
+        again.lora.r == 16 and again.lora.target == ["q_proj", "k_proj"] and again.train.lr == 1e-4
+    )
 
 
 def test_overrides_parse_types_and_win_over_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 4\ntrain:\n  epochs: 2\n")
-    cfg = build_config(path, ["lora.r=32", "train.precision=bf16", "data.max_train_examples=100", "lora.use_dora=true"])
+    cfg = build_config(
+        path,
+        ["lora.r=32", "train.precision=bf16", "data.max_train_examples=100", "lora.use_dora=true"],
+    )
     assert cfg.lora.r == 32 and cfg.train.epochs == 2.0
-    assert cfg.train.precision == "bf16" and cfg.data.max_train_examples == 100 and cfg.lora.use_dora is True
+    assert (
+        cfg.train.precision == "bf16"
+        and cfg.data.max_train_examples == 100
+        and cfg.lora.use_dora is True
+    )
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
 
 

@@ -78,3 +78,14 @@ def test_classification_metrics_on_hand_built_predictions():
     # positive class: tp=1, fp=1, fn=1 -> precision 0.5, recall 0.5, F1 0.5
     assert out["f1"] == pytest.approx(0.5)
     assert "f1" not in TASKS["sst2"].score(None, features, logits)
+
+
+def test_hub_unreachable_is_a_user_error_pointing_at_data_dir(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LoralabError, match="--data-dir"):
+        TASKS["rte"].load("train")

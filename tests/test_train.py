@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +30,9 @@ def _one_step(cfg, data_dir):
     feats = task.featurize(raw.select(range(8)), tok, 64, 0, "train", causal=built.causal)
     from transformers import DataCollatorWithPadding
 
-    batch = DataCollatorWithPadding(tok)([{k: feats[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(8)])
+    batch = DataCollatorWithPadding(tok)(
+        [{k: feats[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(8)]
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -89,7 +90,9 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     assert summary["status"] == "completed" and summary["steps"] == 6
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert summary["examples"] == {"train": 64, "eval": 32}
-    assert summary["tokens"]["real"] > 0 and summary["tokens"]["padded"] >= summary["tokens"]["real"]
+    assert (
+        summary["tokens"]["real"] > 0 and summary["tokens"]["padded"] >= summary["tokens"]["real"]
+    )
     for key in ("wall_time_s", "peak_memory_mb", "versions", "params", "git_commit"):
         assert key in summary
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +107,9 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
 
         from loralab.models import resolve
 
-        base = AutoModelForSequenceClassification.from_pretrained(resolve("tiny-llama"), num_labels=2)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve("tiny-llama"), num_labels=2
+        )
         PeftModel.from_pretrained(base, run / "adapter")  # loadable with plain PEFT
     else:
         assert (run / "model" / "model.safetensors").is_file()
@@ -134,7 +139,16 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, sst2_dir, extra, needle):
 
 
 def test_missing_data_file_and_malformed_row_exit_2(tmp_path, sst2_dir):
-    base = ["train", "--task", "sst2", "--model", "tiny-llama", "--output-dir", str(tmp_path / "runs"), "--quiet"]
+    base = [
+        "train",
+        "--task",
+        "sst2",
+        "--model",
+        "tiny-llama",
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--quiet",
+    ]
     (tmp_path / "empty").mkdir()
     r = _cli(*base, "--data-dir", str(tmp_path / "empty"))
     assert r.returncode == 2 and "train.tsv" in r.stderr
@@ -183,14 +197,25 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, sst2_dir):
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_a = tmp_path / "a" / "r"
     assert (run_a / "checkpoints" / "checkpoint-8").is_dir()
-    assert not (run_a / "summary.json").exists() or json.loads((run_a / "summary.json").read_text())["status"] != "completed"
+    assert (
+        not (run_a / "summary.json").exists()
+        or json.loads((run_a / "summary.json").read_text())["status"] != "completed"
+    )
 
     r = _cli("train", "--resume", str(run_a), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
 
     full = subprocess.run(
-        [sys.executable, "-m", "loralab.cli", "train", "--quiet", *common,
-         f"run.output_dir={tmp_path / 'b'}", "run.name=r"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "loralab.cli",
+            "train",
+            "--quiet",
+            *common,
+            f"run.output_dir={tmp_path / 'b'}",
+            "run.name=r",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -219,7 +244,9 @@ def test_predictions_come_back_in_dataset_order(tmp_path, sst2_dir):
     from loralab.data import load_splits, model_inputs
     from loralab.train import LoralabTrainer, _training_args
 
-    cfg = build_config(overrides=["model.name=tiny-llama", f"data.data_dir={sst2_dir}", "train.eval_batch_size=4"])
+    cfg = build_config(
+        overrides=["model.name=tiny-llama", f"data.data_dir={sst2_dir}", "train.eval_batch_size=4"]
+    )
     task = get_task("sst2")
     tok = load_tokenizer("tiny-llama")
     built = build_model(cfg, task, tok, progress=False)
@@ -237,3 +264,36 @@ def test_predictions_come_back_in_dataset_order(tmp_path, sst2_dir):
             ids = torch.tensor([splits.eval[i]["input_ids"]])
             one = built.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
             torch.testing.assert_close(torch.as_tensor(logits[i]), one, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_the_run_and_keeps_checkpoints(tmp_path, sst2_dir):
+    from transformers import TrainerCallback
+
+    from loralab.errors import TrainingDiverged
+    from loralab.train import train
+
+    class PoisonAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if ".lora_A." in n:
+                        p.fill_(float("nan"))
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path}",
+            "run.name=r",
+            "train.max_steps=12",
+            "train.save_steps=4",
+            "train.batch_size=8",
+        ]  # fmt: skip
+    )
+    with pytest.raises(TrainingDiverged, match="step 5"):
+        train(cfg, quiet=True, callbacks=[PoisonAfterSave()])
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "nan" in summary["error"].lower()
+    assert (run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()

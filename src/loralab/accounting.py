@@ -19,7 +19,9 @@ def _is_saved_module(name: str) -> bool:
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The pretrained weights LoRA must leave untouched (not adapters, not trainable head copies)."""
-    return {n: p for n, p in model.named_parameters() if not _is_lora(n) and not _is_saved_module(n)}
+    return {
+        n: p for n, p in model.named_parameters() if not _is_lora(n) and not _is_saved_module(n)
+    }
 
 
 def parameter_counts(model: nn.Module, head_modules: list[str] | None = None) -> dict:
@@ -48,7 +50,9 @@ def parameter_counts(model: nn.Module, head_modules: list[str] | None = None) ->
         "lora": lora,
         "head": head,
         "trainable_share_pct": 100.0 * trainable / total if total else 0.0,
-        "trainable_share_without_head_pct": 100.0 * (trainable - head_trainable) / total if total else 0.0,
+        "trainable_share_without_head_pct": 100.0 * (trainable - head_trainable) / total
+        if total
+        else 0.0,
         "lora_share_pct": 100.0 * lora / total if total else 0.0,
     }
 

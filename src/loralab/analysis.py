@@ -292,3 +292,13 @@ def pooled_hidden_states(model: nn.Module, batches, causal: bool) -> dict[str, t
 def cka_per_layer(H1: torch.Tensor, H2: torch.Tensor) -> list[float]:
     """Linear CKA layer by layer between two [L, n, d] stacks of pooled hidden states."""
     return [linear_cka(a, b) for a, b in zip(H1, H2, strict=True)]
+
+
+def median_cosine_per_layer(H1: torch.Tensor, H2: torch.Tensor) -> list[float]:
+    """Median over examples of cos(H1[l, i], H2[l, i]) per layer, for [L, n, d] stacks.
+
+    Per-example drift, robust to the few high-norm examples (massive activations) that can
+    dominate linear CKA.
+    """
+    cos = torch.nn.functional.cosine_similarity(H1.double(), H2.double(), dim=-1)  # [L, n]
+    return cos.median(dim=1).values.tolist()

@@ -16,8 +16,9 @@ import torch
 
 from . import analysis as an
 from . import tracking
-from .config import ExperimentConfig, from_dict, load_yaml
+from .config import ExperimentConfig
 from .errors import LoralabError
+from .runs import load_adapter_model, open_lora_run
 
 ANALYSIS_DIR = "analysis"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,18 +37,11 @@ def _open_adapter_run(path: str | Path) -> tuple[Path, ExperimentConfig, set[str
     """Run dir, its config and the names of its adapted modules (from the weight file's keys)."""
     from safetensors import safe_open
 
-    run_dir = tracking.open_run_dir(path)
-    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    run_dir, cfg = open_lora_run(path, purpose="analyze")
     weights = run_dir / tracking.ADAPTER_DIR / ADAPTER_WEIGHTS
-    if cfg.train.method != "lora" or not weights.is_file():
-        why = (
-            "it is a full fine-tuning run"
-            if cfg.train.method != "lora"
-            else f"it has no {tracking.ADAPTER_DIR}/{ADAPTER_WEIGHTS}"
-        )
+    if not weights.is_file():
         raise LoralabError(
-            f"'{run_dir}' has no LoRA adapter to analyze ({why}). `loralab analyze` needs a "
-            "finished LoRA run (summary.json status 'completed')."
+            f"'{run_dir}' has no {tracking.ADAPTER_DIR}/{ADAPTER_WEIGHTS} to analyze."
         )
     with safe_open(str(weights), "pt") as fh:
         keys = list(fh.keys())
@@ -73,23 +67,7 @@ def _check_comparable(cfg1, mods1, dir2, cfg2, mods2) -> None:
 
 
 def _load_peft(cfg: ExperimentConfig, task, run_dir: Path):
-    from peft import PeftModel
-    from transformers.utils import logging as hf_logging
-
-    from .models import load_model
-    from .train import _auto_class
-
-    kwargs = {"num_labels": task.num_labels} if task.kind == "classification" else {}
-    # The head is "missing" from the base checkpoint but comes with the adapter: hide the
-    # load report that says otherwise.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, _ = load_model(cfg.model.name, _auto_class(task), progress=False, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    model = PeftModel.from_pretrained(model, str(run_dir / tracking.ADAPTER_DIR))
-    return model.eval()
+    return load_adapter_model(cfg, task, run_dir)
 
 
 def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
@@ -237,7 +215,7 @@ def analyze(
     hidden = {f"base.{k}": v for k, v in h_base.items()} | {
         f"adapted.{k}": v for k, v in h_adapted.items()
     }
-    cka = {"base_vs_adapted": {k: an.cka_per_layer(h_base[k], h_adapted[k]) for k in h_base}}
+    pairs = {"base_vs_adapted": (h_base, h_adapted)}
 
     data = {
         "schema_version": SCHEMA_VERSION,
@@ -258,8 +236,7 @@ def analyze(
         sim, sim_by_kind = _compare_report(factors, f2)
         h_other = an.pooled_hidden_states(other, batches, causal)
         hidden |= {f"compare.{k}": v for k, v in h_other.items()}
-        cka["base_vs_compare"] = {k: an.cka_per_layer(h_base[k], h_other[k]) for k in h_base}
-        cka["adapted_vs_compare"] = {k: an.cka_per_layer(h_adapted[k], h_other[k]) for k in h_base}
+        pairs |= {"base_vs_compare": (h_base, h_other), "adapted_vs_compare": (h_adapted, h_other)}
         heat_layer, heat_names = _heatmap_modules(list(sim), layer)
         data["compare"] = {
             "run_dir": str(other_dir),
@@ -281,7 +258,10 @@ def analyze(
             "mean": "mean over real tokens",
             "token": "last real token" if causal else "first token",
         },
-        "cka": cka,
+        "cka": {p: {k: an.cka_per_layer(x[k], y[k]) for k in x} for p, (x, y) in pairs.items()},
+        "cosine_median": {
+            p: {k: an.median_cosine_per_layer(x[k], y[k]) for k in x} for p, (x, y) in pairs.items()
+        },
         "hidden_states_file": HIDDEN_FILE,
     }
 
@@ -302,7 +282,7 @@ def _write(run_dir: Path, data: dict, hidden: dict, other_modules: dict | None) 
     files = [
         plot_spectra(tmp / "spectra.png", modules),
         plot_layers(tmp / "rank_utilisation.png", modules, other_modules),
-        plot_cka(tmp / "cka.png", data["representations"]["cka"]),
+        plot_cka(tmp / "cka.png", data["representations"]),
     ]
     if comp is not None:
         png = tmp / f"similarity_layer{comp['heatmap_layer']}.png"
@@ -357,9 +337,16 @@ def format_summary(data: dict) -> str:
                 f"{k['phi_top1_random']:.4f}), φ(k,k) at the smaller rank {k['phi_min_rank']:.3f}; "
                 f"of ΔW's output directions: φ(1,1) {k['phi_out_top1']:.3f} (random {k['phi_out_top1_random']:.4f})"
             )
-    cka = data["representations"]["cka"]["base_vs_adapted"]
-    shown = ", ".join(f"{i}:{c:.3f}" for i, c in enumerate(cka["mean"]))
-    lines.append(f"  CKA base vs adapted per layer (mean-pooled): {shown}")
+    reps = data["representations"]
+    for pool, how in reps["pooling"].items():
+        cka = [float(v) for v in reps["cka"]["base_vs_adapted"][pool]]  # JSON keeps NaN as "nan"
+        cos = [float(v) for v in reps["cosine_median"]["base_vs_adapted"][pool]]
+        # NaN where a layer is constant over the probe (e.g. the embedding of a shared last token)
+        low = min(range(len(cka)), key=lambda i: cka[i] if math.isfinite(cka[i]) else math.inf)
+        lines.append(
+            f"  base vs adapted, {how}: linear CKA min {cka[low]:.3f} (hidden state {low}), "
+            f"last {cka[-1]:.3f}; median cosine min {min(cos):.3f}, last {cos[-1]:.3f}"
+        )
     lines.append(f"  wrote {Path(data['run_dir']) / ANALYSIS_DIR}/ ({', '.join(data['files'])})")
     return "\n".join(lines)
 
@@ -435,22 +422,20 @@ def plot_layers(path: Path, modules: dict, other: dict | None = None) -> Path:
     return path
 
 
-def plot_cka(path: Path, cka: dict) -> Path:
-    """Linear CKA per layer for each pair of models and both poolings (auto-scaled y axis)."""
-    fig, axes = _figure(1, width=6.5)
-    ax = axes[0]
-    for pair, by_pool in cka.items():
-        for pool, values in by_pool.items():
-            style = "-" if pool == "mean" else ":"
-            ax.plot(
-                range(len(values)),
-                values,
-                style,
-                marker=".",
-                label=f"{pair.replace('_', ' ')} ({pool})",
-            )
-    _layer_axis(ax, "Linear CKA per layer (0 = embeddings)")
-    ax.set(xlabel="hidden state index", ylabel="CKA")
+def plot_cka(path: Path, reps: dict) -> Path:
+    """Linear CKA and median paired cosine per layer, per pair of models and pooling."""
+    fig, axes = _figure(2, width=6.0)
+    for ax, key, title in (
+        (axes[0], "cka", "linear CKA per layer"),
+        (axes[1], "cosine_median", "median paired cosine per layer"),
+    ):
+        for pair, by_pool in reps[key].items():
+            for pool, values in by_pool.items():
+                style = "-" if pool == "mean" else ":"
+                label = f"{pair.replace('_', ' ')} ({pool})"
+                ax.plot(range(len(values)), values, style, marker=".", label=label)
+        _layer_axis(ax, title)
+        ax.set(xlabel="hidden state index (0 = embeddings)")
     fig.savefig(path, dpi=110)
     return path
 

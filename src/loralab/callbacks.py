@@ -31,7 +31,14 @@ def adapter_records(model) -> dict[str, float]:
     if not everything:
         return out
     for group, rows in [("all", everything), *sorted(by_kind.items())]:
-        for k in ("A_norm", "B_norm", "delta_fro_norm", "delta_spectral_norm", "delta_mean", "delta_std"):
+        for k in (
+            "A_norm",
+            "B_norm",
+            "delta_fro_norm",
+            "delta_spectral_norm",
+            "delta_mean",
+            "delta_std",
+        ):
             out[f"lora_adapters/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
         for k in ("effective_rank", "rank_utilisation", "stable_rank"):
             out[f"lora_rank/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
@@ -68,15 +75,21 @@ class TrackingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._last = (time.time(), state.global_step, *self._tokens())
         record = {f"efficiency/{k}": v for k, v in self.efficiency.items()}
-        self.tracker.log({**record, **self._verification(model), **self._adapter(model)}, state.global_step)
+        self.tracker.log(
+            {**record, **self._verification(model), **self._adapter(model)}, state.global_step
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.log_every == 0:
-            self.tracker.log({**self._verification(model), **self._adapter(model)}, state.global_step)
+            self.tracker.log(
+                {**self._verification(model), **self._adapter(model)}, state.global_step
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.log_every != 0:
-            self.tracker.log({**self._verification(model), **self._adapter(model)}, state.global_step)
+            self.tracker.log(
+                {**self._verification(model), **self._adapter(model)}, state.global_step
+            )
 
     # -- the Trainer's own logs (loss, lr, eval) + efficiency ------------------------------
     def _tokens(self) -> tuple[int, int]:
@@ -90,7 +103,11 @@ class TrackingCallback(TrainerCallback):
         dt = now - t0
         if step <= step0 or dt <= 0:
             return {}
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available()
+            else _peak_rss_mb()
+        )
         return {
             "training_efficiency/step_time_s": dt / (step - step0),
             "training_efficiency/tokens_per_s_real": (real - real0) / dt,
@@ -115,7 +132,9 @@ class TrackingCallback(TrainerCallback):
         self.tracker.log(record, state.global_step)
         if self.console is not None and any(k.startswith("eval_") for k in logs):
             shown = ", ".join(
-                f"{k[5:]}={v:.4f}" for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)
+                f"{k[5:]}={v:.4f}"
+                for k, v in logs.items()
+                if k.startswith("eval_") and isinstance(v, float)
             )
             self.console.print(f"[bold]eval[/] step {state.global_step}: {shown}")
 

@@ -20,14 +20,18 @@ def _add_train(sub) -> None:
     p.add_argument("--model", help="built-in name (see `loralab models`), hub id or local folder")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
-    p.add_argument("--data-dir", help="folder with the task's original files (GLUE train.tsv/dev.tsv)")
+    p.add_argument(
+        "--data-dir", help="folder with the task's original files (GLUE train.tsv/dev.tsv)"
+    )
     p.add_argument("--train-file", help="explicit training file (e.g. SQuAD v2 JSON)")
     p.add_argument("--eval-file", help="explicit evaluation file")
     p.add_argument("--output-dir", help="folder under which the run directory is created")
     p.add_argument("--max-train-examples", type=int, help="cap on training examples")
     p.add_argument("--max-eval-examples", type=int, help="cap on evaluation examples")
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or live lines")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
 
@@ -47,18 +51,47 @@ def _add_merge(sub) -> None:
         "2 bad input.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished LoRA run directory")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="merge precision(s) to check")
-    p.add_argument("--tolerance", action="append", metavar="DTYPE=VALUE", help="bound on max |Δlogit|, e.g. bf16=0.5 (repeatable; defaults fp32=1e-4, bf16=0.25)")
-    p.add_argument("--max-eval-examples", type=int, default=256, help="dev examples checked (0 = all; default 256)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "both"],
+        default="both",
+        help="merge precision(s) to check",
+    )
+    p.add_argument(
+        "--tolerance",
+        action="append",
+        metavar="DTYPE=VALUE",
+        help="bound on max |Δlogit|, e.g. bf16=0.5 (repeatable; defaults fp32=1e-4, bf16=0.25)",
+    )
+    p.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=256,
+        help="dev examples checked (0 = all; default 256)",
+    )
     p.add_argument("--data-dir", help="task data folder, if not the one in the run's config")
-    p.add_argument("--eval-file", help="explicit evaluation file, if not the one in the run's config")
-    p.add_argument("--out", metavar="DIR", help="export folder (default RUN_DIR/merge/model); must be new or empty")
+    p.add_argument(
+        "--eval-file", help="explicit evaluation file, if not the one in the run's config"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="export folder (default RUN_DIR/merge/model); must be new or empty",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the export")
     p.add_argument("--no-benchmark", action="store_true", help="skip the inference benchmark")
-    p.add_argument("--bench-batch-size", type=int, default=8, help="benchmark batch size (default 8)")
-    p.add_argument("--bench-seq-len", type=int, default=128, help="benchmark tokens per sequence (default 128)")
-    p.add_argument("--bench-batches", type=int, default=20, help="timed batches per model (default 20)")
-    p.add_argument("--bench-warmup", type=int, default=3, help="untimed warm-up batches (default 3)")
+    p.add_argument(
+        "--bench-batch-size", type=int, default=8, help="benchmark batch size (default 8)"
+    )
+    p.add_argument(
+        "--bench-seq-len", type=int, default=128, help="benchmark tokens per sequence (default 128)"
+    )
+    p.add_argument(
+        "--bench-batches", type=int, default=20, help="timed batches per model (default 20)"
+    )
+    p.add_argument(
+        "--bench-warmup", type=int, default=3, help="untimed warm-up batches (default 3)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output; tables still print")
 
 
@@ -71,11 +104,26 @@ def _add_analyze(sub) -> None:
         "to RUN_DIR/analysis/ and print a short summary.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished LoRA run directory")
-    p.add_argument("--compare", metavar="RUN_DIR2", help="second LoRA run (other rank or seed) to compare with")
-    p.add_argument("--probe", type=int, default=256, metavar="N", help="first N dev examples for the representations (default 256)")
-    p.add_argument("--layer", type=int, metavar="L", help="layer for the similarity heat-maps (default: the middle one)")
+    p.add_argument(
+        "--compare", metavar="RUN_DIR2", help="second LoRA run (other rank or seed) to compare with"
+    )
+    p.add_argument(
+        "--probe",
+        type=int,
+        default=256,
+        metavar="N",
+        help="first N dev examples for the representations (default 256)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        metavar="L",
+        help="layer for the similarity heat-maps (default: the middle one)",
+    )
     p.add_argument("--data-dir", help="task data folder, if not the one in the run's config")
-    p.add_argument("--eval-file", help="explicit evaluation file, if not the one in the run's config")
+    p.add_argument(
+        "--eval-file", help="explicit evaluation file, if not the one in the run's config"
+    )
 
 
 def _add_validate(sub) -> None:
@@ -88,12 +136,18 @@ def _add_validate(sub) -> None:
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument("--steps", type=int, default=10, help="training steps on the probe batch")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="merge equivalence tolerance (fp32)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 lora.target=extended")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="merge equivalence tolerance (fp32)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 lora.target=extended"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loralab", description="Honest, reproducible LoRA studies.")
+    parser = argparse.ArgumentParser(
+        prog="loralab", description="Honest, reproducible LoRA studies."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)
@@ -108,7 +162,9 @@ def cmd_train(args) -> int:
     from .train import resume, train
 
     if args.resume:
-        given = [k for k in ("task", "model", "method", "config") if getattr(args, k)] + args.overrides
+        given = [
+            k for k in ("task", "model", "method", "config") if getattr(args, k)
+        ] + args.overrides
         if given:
             raise LoralabError(
                 f"--resume continues a run with the config it was started with; drop {given} "
@@ -208,14 +264,18 @@ def cmd_validate(args) -> int:
     checks = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
     report = as_json(checks, cfg)
     write_json(Path(args.out), report)
-    table = Table(title=f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})")
+    table = Table(
+        title=f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
+    )
     for col in ("check", "result", "detail"):
         table.add_column(col, overflow="fold")
     for c in checks:
         table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
     console = Console(width=max(Console().width, 120))
     console.print(table)
-    console.print(f"{len(checks) - report['n_failed']}/{len(checks)} checks passed; report: {args.out}")
+    console.print(
+        f"{len(checks) - report['n_failed']}/{len(checks)} checks passed; report: {args.out}"
+    )
     return 0 if report["passed"] else 1
 
 
@@ -230,9 +290,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Loading reports ("newly initialized: score") are recorded in the summary instead.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "quiet", False):
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except LoralabError as e:

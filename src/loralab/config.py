@@ -42,7 +42,7 @@ class LoraConfig:
     """Scaling numerator; the update is scaled by alpha/r."""
     dropout: float = 0.05
     """Dropout on the LoRA branch input, in [0, 1)."""
-    target: Union[str, list[str]] = "standard"
+    target: str | list[str] = "standard"
     """Preset (`standard`, `extended`, `all-linear`) or an explicit list of module names."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train alongside the adapters."""
@@ -50,7 +50,7 @@ class LoraConfig:
     """Rank-stabilised scaling alpha/sqrt(r)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
-    init_lora_weights: Union[bool, str] = True
+    init_lora_weights: bool | str = True
     """PEFT init: True = Kaiming-uniform A, zero B; or a PEFT variant name (`gaussian`, `pissa`, ...)."""
     extra: dict = field(default_factory=dict)
     """Other `peft.LoraConfig` options, passed through unchanged."""
@@ -60,29 +60,35 @@ class LoraConfig:
 class DataConfig:
     task: str = "sst2"
     """Task name: sst2, mrpc, rte, squad_v2."""
-    data_dir: Union[str, None] = None
+    data_dir: str | None = None
     """Folder with the task's files in their original names/formats; None = the Hugging Face hub."""
-    train_file: Union[str, None] = None
+    train_file: str | None = None
     """Explicit training file (SQuAD v2 JSON, GLUE TSV); overrides data_dir."""
-    eval_file: Union[str, None] = None
+    eval_file: str | None = None
     """Explicit evaluation file; overrides data_dir."""
-    max_length: Union[int, None] = None
+    max_length: int | None = None
     """Maximum tokens per example (SQuAD v2: per window); None = task default (128; RTE 256; SQuAD 384)."""
     doc_stride: int = 128
     """SQuAD v2: tokens of overlap between the windows of a long context."""
-    max_train_examples: Union[int, None] = None
+    max_train_examples: int | None = None
     """Cap on training examples (first N after a seeded shuffle); None = all."""
-    max_eval_examples: Union[int, None] = None
+    max_eval_examples: int | None = None
     """Cap on evaluation examples (first N); None = the full dev set."""
     group_by_length: bool = True
     """Batch examples of similar length together (much less padding than random order)."""
+    prompt: str | None = None
+    """`--head lm`: prompt template overriding the task's (fields like {text_a}, {question})."""
+    verbalizers: list[str] | None = None
+    """`--head lm`: answer word per label overriding the task's (e.g. [" bad", " good"])."""
+    chat_template: bool = True
+    """`--head lm`: wrap the prompt in the tokenizer's chat template when it has one."""
 
 
 @dataclass
 class TrainConfig:
     method: Method = "lora"
     """`lora` (frozen base + adapters) or `full` fine-tuning."""
-    lr: Union[float, None] = None
+    lr: float | None = None
     """Peak learning rate; None = 3e-4 for LoRA, 3e-5 for full fine-tuning."""
     epochs: float = 1.0
     """Passes over the training set."""
@@ -108,7 +114,7 @@ class TrainConfig:
     """Checkpoint every N optimiser steps (for --resume)."""
     logging_steps: int = 10
     """Log training loss every N steps."""
-    eval_steps: Union[int, None] = None
+    eval_steps: int | None = None
     """Evaluate every N steps as well as at the end; None = only at the end."""
 
 
@@ -126,7 +132,7 @@ class TrackingConfig:
 class RunConfig:
     output_dir: str = "runs"
     """Folder under which each run gets its own subfolder."""
-    name: Union[str, None] = None
+    name: str | None = None
     """Run folder name; None = task-method-model-seed-timestamp."""
 
 
@@ -261,9 +267,7 @@ def from_dict(data: dict | None, cls: type = ExperimentConfig, prefix: str = "")
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise LoralabError(
-                f"Unknown config key '{full}'. Known keys here: {', '.join(names)}."
-            )
+            raise LoralabError(f"Unknown config key '{full}'. Known keys here: {', '.join(names)}.")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(value, tp, prefix=f"{full}.")
@@ -280,13 +284,17 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping (safe loader: no code execution)."""
     path = Path(path)
     if not path.is_file():
-        raise LoralabError(f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml.")
+        raise LoralabError(
+            f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml."
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise LoralabError(f"Config file '{path}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise LoralabError(f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}.")
+        raise LoralabError(
+            f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}."
+        )
     return data
 
 
@@ -364,9 +372,13 @@ def validate(cfg: ExperimentConfig) -> None:
     if tr.eval_steps is not None and tr.eval_steps <= 0:
         raise LoralabError(f"train.eval_steps must be positive or null, got {tr.eval_steps}.")
     if not tr.epochs > 0 and tr.max_steps <= 0:
-        raise LoralabError(f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}.")
+        raise LoralabError(
+            f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}."
+        )
     if not 0 <= tr.warmup_ratio < 1:
-        raise LoralabError(f"train.warmup_ratio must be in [0, 1) (default 0.06), got {tr.warmup_ratio}.")
+        raise LoralabError(
+            f"train.warmup_ratio must be in [0, 1) (default 0.06), got {tr.warmup_ratio}."
+        )
     if da.max_length is not None and da.max_length < 16:
         raise LoralabError(f"data.max_length must be at least 16 tokens, got {da.max_length}.")
     if da.doc_stride < 0:

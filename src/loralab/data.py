@@ -14,7 +14,7 @@ from .config import DataConfig
 from .tasks import MODEL_COLUMNS, Task
 
 # Bump when featurisation changes, so caches built by older code are not reused.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 
 
 @dataclass
@@ -32,19 +32,33 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that changes token ids: vocab, special tokens, post-processing."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(
+        backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode()
+    )
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update(tokenizer.padding_side.encode())
     return h.hexdigest()[:16]
 
 
 def _data_fingerprint(raw) -> str:
-    return getattr(raw, "_fingerprint", None) or hashlib.sha256(
-        json.dumps(raw[:50], sort_keys=True, default=str).encode() + str(len(raw)).encode()
-    ).hexdigest()
+    return (
+        getattr(raw, "_fingerprint", None)
+        or hashlib.sha256(
+            json.dumps(raw[:50], sort_keys=True, default=str).encode() + str(len(raw)).encode()
+        ).hexdigest()
+    )
 
 
-def cached_features(task: Task, raw, tokenizer, cfg: DataConfig, split: str, causal: bool, max_length: int):
+def cached_features(
+    task: Task,
+    raw,
+    tokenizer,
+    cfg: DataConfig,
+    split: str,
+    causal: bool,
+    max_length: int,
+    prompting=None,
+):
     """Tokenise `raw` once; later runs with the same inputs load the saved features from disk."""
     from datasets import load_from_disk
 
@@ -52,13 +66,28 @@ def cached_features(task: Task, raw, tokenizer, cfg: DataConfig, split: str, cau
 
     key = hashlib.sha256(
         json.dumps(
-            [FEATURES_VERSION, task.name, split, causal, max_length, cfg.doc_stride, _tokenizer_fingerprint(tokenizer), _data_fingerprint(raw)]
+            [
+                FEATURES_VERSION,
+                task.name,
+                split,
+                causal,
+                max_length,
+                cfg.doc_stride,
+                _tokenizer_fingerprint(tokenizer),
+                _data_fingerprint(raw),
+                prompting.key() if prompting is not None else None,
+            ]
         ).encode()
     ).hexdigest()[:20]
     path = cache_dir() / "features" / f"{task.name}-{split}-{key}"
     if path.is_dir():
         return load_from_disk(str(path))
-    feats = task.featurize(raw, tokenizer, max_length, cfg.doc_stride, split, causal)
+    if prompting is not None:  # the causal-LM formulation
+        from .lm import featurize
+
+        feats = featurize(task, raw, tokenizer, max_length, split, prompting)
+    else:
+        feats = task.featurize(raw, tokenizer, max_length, cfg.doc_stride, split, causal)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
@@ -69,7 +98,9 @@ def cached_features(task: Task, raw, tokenizer, cfg: DataConfig, split: str, cau
     return load_from_disk(str(path)) if path.is_dir() else feats
 
 
-def load_splits(task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool) -> Splits:
+def load_splits(
+    task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool, prompting=None
+) -> Splits:
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
     max_length = cfg.max_length or task.default_max_length
     train_raw = task.load("train", cfg.data_dir, cfg.train_file)
@@ -78,8 +109,8 @@ def load_splits(task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool)
     eval_raw = task.load("eval", cfg.data_dir, cfg.eval_file)
     if cfg.max_eval_examples and cfg.max_eval_examples < len(eval_raw):
         eval_raw = eval_raw.select(range(cfg.max_eval_examples))
-    train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length)
-    evals = cached_features(task, eval_raw, tokenizer, cfg, "eval", causal, max_length)
+    train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length, prompting)
+    evals = cached_features(task, eval_raw, tokenizer, cfg, "eval", causal, max_length, prompting)
     # Length-sorted evaluation: batches of similar length carry little padding. Metrics don't
     # depend on order (QA post-processing joins features to examples by id).
     evals = evals.sort("length")

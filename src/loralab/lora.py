@@ -19,7 +19,14 @@ _LLAMA = {
 _BERT = {
     "standard": ["query", "value"],
     "extended": ["query", "key", "value", "attention.output.dense"],
-    "all-linear": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "all-linear": [
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ],
 }
 # GPT-2 fuses q, k, v into one Conv1D (c_attn): the closest to "query+value" is c_attn itself.
 _GPT2 = {
@@ -28,7 +35,9 @@ _GPT2 = {
     "all-linear": ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
 }
 FAMILIES: dict[str, dict[str, list[str]]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"), _LLAMA),
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"), _LLAMA
+    ),
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "deberta", "electra", "camembert"), _BERT),
     "gpt2": _GPT2,
 }
@@ -47,7 +56,9 @@ def _matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def resolve_targets(spec: LoraSpec, model: nn.Module, exclude: list[str] | None = None) -> list[str]:
+def resolve_targets(
+    spec: LoraSpec, model: nn.Module, exclude: list[str] | None = None
+) -> list[str]:
     """Preset or explicit list -> module-name suffixes; each must match at least one module."""
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
     linear = [n for n in linear_module_names(model) if not _in_excluded(n, exclude or [])]
@@ -81,7 +92,9 @@ def _in_excluded(name: str, exclude: list[str]) -> bool:
     return any(name == e or name.startswith(e + ".") or f".{e}." in f".{name}." for e in exclude)
 
 
-def adapted_modules(model: nn.Module, keys: list[str], exclude: list[str] | None = None) -> list[str]:
+def adapted_modules(
+    model: nn.Module, keys: list[str], exclude: list[str] | None = None
+) -> list[str]:
     """Full names of the layers `keys` select (before wrapping)."""
     return [
         n
@@ -90,7 +103,9 @@ def adapted_modules(model: nn.Module, keys: list[str], exclude: list[str] | None
     ]
 
 
-def to_peft_config(spec: LoraSpec, model: nn.Module, modules_to_save: list[str], task_type: str | None):
+def to_peft_config(
+    spec: LoraSpec, model: nn.Module, modules_to_save: list[str], task_type: str | None
+):
     """Build the `peft.LoraConfig` for `model` (heads in `modules_to_save` train fully)."""
     from peft import LoraConfig
 
@@ -116,7 +131,9 @@ def to_peft_config(spec: LoraSpec, model: nn.Module, modules_to_save: list[str],
         raise LoralabError(f"PEFT rejected the LoRA options {spec.extra or kwargs}: {e}") from None
 
 
-def apply_lora(spec: LoraSpec, model: nn.Module, modules_to_save: list[str], task_type: str | None = None):
+def apply_lora(
+    spec: LoraSpec, model: nn.Module, modules_to_save: list[str], task_type: str | None = None
+):
     """Wrap `model` with LoRA adapters; the base is frozen, adapters and heads train."""
     from peft import get_peft_model
 

@@ -140,6 +140,25 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail before any slow work when the requested W&B mode cannot work."""
+    mode = cfg.tracking.wandb
+    if mode == "disabled":
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise LoralabError(
+            f"tracking.wandb={mode} needs the wandb package: pip install 'loralab[tracking]', "
+            "or set tracking.wandb=disabled."
+        ) from None
+    if mode == "online" and not _wandb_key_available():
+        raise LoralabError(
+            "tracking.wandb=online needs a Weights & Biases API key: set WANDB_API_KEY or run "
+            "`wandb login`. Use tracking.wandb=offline to log locally and `wandb sync` later."
+        )
+
+
 class Tracker:
     """Metrics go to the run directory's JSONL always, and to Weights & Biases when asked.
 
@@ -154,18 +173,9 @@ class Tracker:
         mode = cfg.tracking.wandb
         if mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError:
-            raise LoralabError(
-                f"tracking.wandb={mode} needs the wandb package: pip install 'loralab[tracking]', "
-                "or set tracking.wandb=disabled."
-            ) from None
-        if mode == "online" and not _wandb_key_available():
-            raise LoralabError(
-                "tracking.wandb=online needs a Weights & Biases API key: set WANDB_API_KEY or run "
-                "`wandb login`. Use tracking.wandb=offline to log locally and `wandb sync` later."
-            )
+        preflight(cfg)
+        import wandb
+
         from .config import to_dict
 
         self.wandb_run = wandb.init(
@@ -183,8 +193,11 @@ class Tracker:
         """One record (flat keys like `train/loss`, `lora_rank/q/mean`) at an optimiser step."""
         self.file.log({"step": step, **record} if step is not None else record)
         if self.wandb_run is not None:
-            data = {k: (float(v) if isinstance(v, bool) else v) for k, v in record.items()
-                    if isinstance(v, (int, float, bool))}
+            data = {
+                k: (float(v) if isinstance(v, bool) else v)
+                for k, v in record.items()
+                if isinstance(v, (int, float, bool))
+            }
             self.wandb_run.log(data, step=step)
 
     def summary(self, values: dict) -> None:

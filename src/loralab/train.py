@@ -19,7 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import accounting, tracking
 from .callbacks import TrackingCallback
 from .config import ExperimentConfig, from_dict, load_yaml, validate
-from .data import Splits, load_splits, model_inputs
+from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
 from .tasks import Task, get_task
 
@@ -39,14 +39,26 @@ class BuiltModel:
     causal: bool
 
 
-def _auto_class(task: Task):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+def _auto_class(task: Task, head: str = "classifier"):
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
 
-    return AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForQuestionAnswering
+    if head == "lm":
+        return AutoModelForCausalLM
+    if task.kind == "classification":
+        return AutoModelForSequenceClassification
+    return AutoModelForQuestionAnswering
 
 
-def _peft_task_type(task: Task) -> str:
-    return "SEQ_CLS" if task.kind == "classification" else "QUESTION_ANS"
+def _peft_task_type(task: Task, head: str = "classifier") -> str:
+    if head == "lm":
+        return "CAUSAL_LM"
+    # PEFT's QUESTION_ANS wrapper drops token_type_ids (BERT segment ids) on the way to the
+    # model; the plain wrapper passes every input through, and modules_to_save works the same.
+    return "SEQ_CLS" if task.kind == "classification" else None
 
 
 def is_causal(config) -> bool:
@@ -61,10 +73,13 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
     from .lora import apply_lora
     from .models import load_model
 
-    kwargs = {"num_labels": task.num_labels} if task.kind == "classification" else {}
+    head = cfg.model.head
+    kwargs = (
+        {"num_labels": task.num_labels} if task.kind == "classification" and head != "lm" else {}
+    )
     model, heads = load_model(
         cfg.model.name,
-        _auto_class(task),
+        _auto_class(task, head),
         trust_remote_code=cfg.model.trust_remote_code,
         progress=progress,
         **kwargs,
@@ -73,7 +88,7 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
         model.config.pad_token_id = tokenizer.pad_token_id
     causal = is_causal(model.config)
     if cfg.train.method == "lora":
-        model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task))
+        model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task, head))
     return BuiltModel(model, tokenizer, heads, causal)
 
 
@@ -95,16 +110,27 @@ def _peak_memory_mb() -> float:
 class LoralabTrainer(Trainer):
     """The stock Trainer plus token counting and a stop on a non-finite loss."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lm_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_real = 0
         self.tokens_padded = 0
+        self.lm_loss = lm_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.lm_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .lm import target_loss
+
+        loss = target_loss(model, inputs)  # vocabulary logits on target tokens only
+        return (loss, None) if return_outputs else loss
 
     def _get_eval_sampler(self, eval_dataset):
         # transformers 5 shuffles evaluation with a length-grouped sampler when training groups
         # by length, which breaks the row order that task.score() relies on. Our evaluation set
         # is already sorted by length, so sequential order is both correct and efficient.
-        return torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+        return (
+            torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -174,51 +200,108 @@ def train(
     from .models import load_tokenizer, resolve
 
     validate(cfg)
+    tracking.preflight(cfg)
+    _absolute_data_paths(cfg)
     start = time.time()
     task = get_task(cfg.data.task)
-    if cfg.model.head == "lm":
-        raise LoralabError("The causal-LM formulation (--head lm) is not available yet; use --head classifier.")
     console = _console(quiet)
 
     set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=not quiet)
+    tokenizer = load_tokenizer(
+        cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=not quiet
+    )
     # Labels (QA span positions, the null index) are absolute positions: pad on the right.
     tokenizer.padding_side = "right"
-    config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
+    )
+    prompting = None
+    if cfg.model.head == "lm":
+        from .lm import prompting_for
+
+        if not is_causal(config):
+            raise LoralabError(
+                f"--head lm needs a causal (decoder) language model; {cfg.model.name} is a "
+                f"{config.model_type} encoder. Use --head classifier, or a Llama-family model."
+            )
+        prompting = prompting_for(task, cfg.data, tokenizer)
     # Data first: a bad data file should fail before the slower model load.
-    splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config))
+    splits = load_splits(
+        task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config), prompting=prompting
+    )
     set_seed(cfg.train.seed)
     built = build_model(cfg, task, tokenizer, progress=not quiet)
 
     run_dir = Path(resume) if resume else tracking.create_run_dir(cfg)
-    return _run(cfg, task, built, splits, run_dir, resume is not None, console, quiet, start, callbacks or [])
+    return _run(
+        cfg,
+        task,
+        built,
+        splits,
+        run_dir,
+        resume is not None,
+        console,
+        quiet,
+        start,
+        callbacks or [],
+        prompting,
+    )
 
 
-def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: bool, console, quiet, start, extra):
+def _run(
+    cfg,
+    task,
+    built: BuiltModel,
+    splits: Splits,
+    run_dir: Path,
+    resuming: bool,
+    console,
+    quiet,
+    start,
+    extra,
+    prompting=None,
+):
     model = built.model
+    lm_head = prompting is not None
     params = accounting.parameter_counts(model, built.heads)
     base = accounting.base_parameters(model)
     checksum_before = accounting.checksum(base) if cfg.train.method == "lora" else None
 
     tracker = tracking.Tracker(run_dir, cfg, resuming=resuming)
-    tracking_cb = TrackingCallback(tracker, cfg.tracking.log_every, params, checksum_before, console)
+    tracking_cb = TrackingCallback(
+        tracker, cfg.tracking.log_every, params, checksum_before, console
+    )
     trainer = LoralabTrainer(
         model=model,
         args=_training_args(cfg, run_dir, quiet),
         train_dataset=model_inputs(splits.train),
-        data_collator=DataCollatorWithPadding(built.tokenizer),
+        data_collator=_collator(built.tokenizer, lm_head),
         processing_class=built.tokenizer,
-        eval_dataset=model_inputs(splits.eval) if cfg.train.eval_steps else None,
+        # The LM formulation is scored by its own loop (verbalizers / generation), at the end.
+        eval_dataset=model_inputs(splits.eval) if cfg.train.eval_steps and not lm_head else None,
         compute_metrics=(lambda p: task.score(splits.eval_raw, splits.eval, p.predictions)),
         callbacks=[tracking_cb, *extra],
+        lm_loss=lm_head,
     )
     tracking_cb.trainer = trainer
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
     checkpoint = None
     if resuming:
         ckpt_root = run_dir / tracking.CHECKPOINT_DIR
         checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
     summary = _base_summary(cfg, run_dir, params, splits)
     summary["resumed_from"] = checkpoint
+    summary["new_modules"] = built.heads  # freshly initialised (trained in full) head modules
+    evaluate = _evaluator(cfg, task, built, splits, trainer, prompting, quiet)
+    if lm_head and task.kind == "classification" and not resuming:
+        # The untrained model's score: the reference line fine-tuning must beat.
+        summary["zero_shot"] = evaluate()
+        tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)
+        if console is not None:
+            console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
 
     t0 = time.time()
     try:
@@ -226,20 +309,22 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
     except BaseException as e:
         # Keep what was saved; say in the summary why the run stopped.
         status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-        summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
+        summary.update(
+            status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start
+        )
         tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
         tracker.finish(failed=True)
         raise
     train_time = time.time() - t0
 
     t1 = time.time()
-    pred = trainer.predict(model_inputs(splits.eval))
-    metrics = task.score(splits.eval_raw, splits.eval, pred.predictions)
+    metrics = evaluate()
     eval_time = time.time() - t1
     tracker.log({f"eval/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
     if console is not None:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        console.print(f"[bold green]final eval[/] ({len(splits.eval_raw)} examples): {shown}")
+        console.print(
+            f"[bold green]final eval[/] ({len(splits.eval_raw)} examples): {_fmt(metrics)}"
+        )
 
     _save_weights(cfg, trainer, built, run_dir)
     verification = {}
@@ -268,11 +353,49 @@ def _run(cfg, task, built: BuiltModel, splits: Splits, run_dir: Path, resuming: 
         verification=verification,
     )
     tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
-    tracker.summary({f"eval/{k}": v for k, v in metrics.items()} | {
-        f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)
-    })
+    tracker.summary(
+        {f"eval/{k}": v for k, v in metrics.items()}
+        | {f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)}
+    )
     tracker.finish()
     return RunResult(run_dir, metrics, summary)
+
+
+def _absolute_data_paths(cfg: ExperimentConfig) -> None:
+    """Store data paths absolute, so a run directory can be re-read from any working directory."""
+    for key in ("data_dir", "train_file", "eval_file"):
+        value = getattr(cfg.data, key)
+        if value:
+            setattr(cfg.data, key, str(Path(value).expanduser().resolve()))
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _collator(tokenizer, lm_head: bool):
+    if lm_head:  # pads `labels` with -100 as well
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def _evaluator(cfg, task, built: BuiltModel, splits: Splits, trainer, prompting, quiet: bool):
+    """A no-argument function returning the task metrics of the model as it is now."""
+    if prompting is not None:
+        from . import lm
+
+        return lambda: lm.evaluate(
+            task, built.model, built.tokenizer, splits.eval_raw, splits.eval, prompting,
+            cfg.train.eval_batch_size, progress=not quiet,
+        )  # fmt: skip
+
+    def classifier_eval():
+        pred = trainer.predict(model_inputs(splits.eval))
+        return task.score(splits.eval_raw, splits.eval, pred.predictions)
+
+    return classifier_eval
 
 
 def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits) -> dict:
@@ -291,6 +414,7 @@ def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Sp
         "examples": {"train": len(splits.train_raw), "eval": len(splits.eval_raw)},
         "features": {"train": len(splits.train), "eval": len(splits.eval)},
         "max_length": splits.max_length,
+        "features_version": FEATURES_VERSION,
         "params": params,
         "precision": "bf16" if _precision(cfg) else "fp32",
         "versions": tracking.versions(),
@@ -299,7 +423,9 @@ def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Sp
     }
 
 
-def _save_weights(cfg: ExperimentConfig, trainer: Trainer, built: BuiltModel, run_dir: Path) -> None:
+def _save_weights(
+    cfg: ExperimentConfig, trainer: Trainer, built: BuiltModel, run_dir: Path
+) -> None:
     """Adapter (PEFT format) for LoRA, the whole model for full; written to a temp dir, then renamed."""
     final = run_dir / (tracking.ADAPTER_DIR if cfg.train.method == "lora" else tracking.MODEL_DIR)
     tmp = run_dir / f".{final.name}.tmp"
@@ -319,7 +445,8 @@ def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
     run_dir = tracking.open_run_dir(run_dir)
     summary_path = run_dir / tracking.SUMMARY_FILE
     if summary_path.is_file() and tracking.read_json(summary_path).get("status") == "completed":
-        raise LoralabError(f"Run '{run_dir}' already finished (summary.json says completed); nothing to resume.")
+        raise LoralabError(
+            f"Run '{run_dir}' already finished (summary.json says completed); nothing to resume."
+        )
     cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
     return train(cfg, resume=run_dir, quiet=quiet)
-

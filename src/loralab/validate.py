@@ -84,7 +84,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(b.abs().max().item(), 1e-12)
 
 
-def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4) -> list[Check]:
+def run_checks(
+    cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4
+) -> list[Check]:
     """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, set_seed
@@ -104,7 +106,9 @@ def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, toleran
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     expected_lora = sum(
-        cfg.lora.r * (m.in_features + m.out_features) for n, m in base.named_modules() if n in set(expected)
+        cfg.lora.r * (m.in_features + m.out_features)
+        for n, m in base.named_modules()
+        if n in set(expected)
     )
     base_logits = _logits(base, batch)
     checks: list[Check] = []
@@ -145,11 +149,23 @@ def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, toleran
         f is not None for f in [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
     )
     model.zero_grad()
-    add("forward_backward_runs", grads_ok, f"loss {float(out.loss):.4f}, gradients reach every lora_B")
+    add(
+        "forward_backward_runs",
+        grads_ok,
+        f"loss {float(out.loss):.4f}, gradients reach every lora_B",
+    )
     losses = train_steps(model, batch, steps, lr)
-    add("training_lowers_loss", losses[-1] < losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps")
+    add(
+        "training_lowers_loss",
+        losses[-1] < losses[0],
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps",
+    )
     after = accounting.checksum(accounting.base_parameters(model))
-    add("base_unchanged_checksum", before == after, f"sha256 {before[:12]}… before, {after[:12]}… after")
+    add(
+        "base_unchanged_checksum",
+        before == after,
+        f"sha256 {before[:12]}… before, {after[:12]}… after",
+    )
 
     stats = [analysis.module_stats(f) for f in analysis.lora_factors(model)]
     finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
@@ -167,7 +183,11 @@ def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, toleran
         fresh, _ = load()
         reloaded = PeftModel.from_pretrained(fresh, Path(tmp) / "adapter")
         d, _ = _max_diff(_logits(reloaded, batch), adapted)
-        add("save_load_same_outputs", d <= 1e-6, f"max |Δlogit| {d:.2e} after save -> load (tolerance 1e-6)")
+        add(
+            "save_load_same_outputs",
+            d <= 1e-6,
+            f"max |Δlogit| {d:.2e} after save -> load (tolerance 1e-6)",
+        )
 
         merged = merge(copy.deepcopy(model))
         merged_logits = _logits(merged, batch)
@@ -186,7 +206,9 @@ def run_checks(cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, toleran
 
 def _trainable_head(model) -> int:
     return sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".modules_to_save." in n
     )
 
 

@@ -10,7 +10,12 @@ from .glue import glue_tasks
 def registry() -> dict[str, Task]:
     from .squad_v2 import SquadV2Task
 
-    return {**glue_tasks(), "squad_v2": SquadV2Task(name="squad_v2")}
+    squad = SquadV2Task(
+        name="squad_v2",
+        prompt='Context: {context}\nQuestion: {question}\nAnswer with words from the context, or "unanswerable":',
+        prompt_fields=("context", "question"),
+    )
+    return {**glue_tasks(), "squad_v2": squad}
 
 
 def get_task(name: str) -> Task:

@@ -38,6 +38,11 @@ class Task(ABC):
     hub_config: str | None = None
     default_max_length: int = 128
     primary_metric: str = "accuracy"
+    prompt: str = ""
+    """`--head lm`: the prompt template (str.format fields from the canonical columns)."""
+    prompt_fields: tuple[str, ...] = ()
+    verbalizers: tuple[str, ...] = ()
+    """`--head lm`: one answer word per label (GLUE)."""
 
     @property
     def num_labels(self) -> int:
@@ -57,7 +62,9 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def featurize(self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool):
+    def featurize(
+        self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool
+    ):
         """Tokenised features as a `datasets.Dataset` (model columns plus bookkeeping columns)."""
 
     @abstractmethod
@@ -65,7 +72,9 @@ class Task(ABC):
         """Task metrics from the model outputs on `features` (as returned by Trainer.predict)."""
 
 
-def find_file(task: str, data_dir: str | None, file: str | None, names: list[str], split: str) -> Path | None:
+def find_file(
+    task: str, data_dir: str | None, file: str | None, names: list[str], split: str
+) -> Path | None:
     """Locate a local data file; None means 'use the hub'. Missing files are user errors."""
     if file:
         p = Path(file)

@@ -44,7 +44,16 @@ class GlueTask(Task):
     def _load_hub(self, split: Split):
         from datasets import load_dataset
 
-        ds = load_dataset(self.hub_path, self.hub_config, split="train" if split == "train" else "validation")
+        try:
+            ds = load_dataset(
+                self.hub_path, self.hub_config, split="train" if split == "train" else "validation"
+            )
+        except Exception as e:  # offline, hub down, renamed: the fix is the same for the user
+            raise LoralabError(
+                f"Could not load {self.name} from the Hugging Face hub ({self.hub_path}/"
+                f"{self.hub_config}): {type(e).__name__}: {e}. Without hub access, pass --data-dir "
+                f"with the GLUE files (train.tsv, dev.tsv) of {self.name}."
+            ) from None
         a, b = (self.hub_columns + ("",))[:2]
         return ds.map(
             lambda ex: {
@@ -63,7 +72,9 @@ class GlueTask(Task):
             try:
                 header = next(reader)
             except StopIteration:
-                raise LoralabError(f"{path} is empty: expected a GLUE TSV with a header row.") from None
+                raise LoralabError(
+                    f"{path} is empty: expected a GLUE TSV with a header row."
+                ) from None
             wanted = (*self.text_columns, self.label_column)
             missing = [c for c in wanted if c not in header]
             if missing:
@@ -105,17 +116,24 @@ class GlueTask(Task):
         return value
 
     # -- features and metrics --------------------------------------------------------------
-    def featurize(self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool):
+    def featurize(
+        self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool
+    ):
         pair = len(self.text_columns) > 1
 
         def encode(batch):
-            args = (batch["text_a"], batch["text_b"]) if pair else (batch["text_a"],)
+            # GLUE sentences often end in a space; a decoder classifier reads the last token,
+            # which would then be a lone whitespace token.
+            a = [t.strip() for t in batch["text_a"]]
+            args = (a, [t.strip() for t in batch["text_b"]]) if pair else (a,)
             enc = tokenizer(*args, truncation=True, max_length=max_length)
             enc["labels"] = batch["label"]
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             return enc
 
-        return raw.map(encode, batched=True, remove_columns=raw.column_names, desc=f"Tokenising {self.name}")
+        return raw.map(
+            encode, batched=True, remove_columns=raw.column_names, desc=f"Tokenising {self.name}"
+        )
 
     def score(self, raw, features, predictions) -> dict[str, float]:
         logits = predictions[0] if isinstance(predictions, tuple) else predictions
@@ -137,6 +155,9 @@ def glue_tasks() -> dict[str, GlueTask]:
             text_columns=("sentence",),
             hub_columns=("sentence",),
             label_names=("negative", "positive"),
+            prompt="Review: {text_a}\nSentiment:",
+            prompt_fields=("text_a",),
+            verbalizers=(" negative", " positive"),
         ),
         "mrpc": GlueTask(
             name="mrpc",
@@ -148,6 +169,9 @@ def glue_tasks() -> dict[str, GlueTask]:
             hub_columns=("sentence1", "sentence2"),
             label_names=("not_equivalent", "equivalent"),
             metric_names=("accuracy", "f1"),
+            prompt="Sentence 1: {text_a}\nSentence 2: {text_b}\nDo both sentences say the same thing? Answer yes or no:",
+            prompt_fields=("text_a", "text_b"),
+            verbalizers=(" no", " yes"),
         ),
         "rte": GlueTask(
             name="rte",
@@ -158,5 +182,8 @@ def glue_tasks() -> dict[str, GlueTask]:
             hub_columns=("sentence1", "sentence2"),
             label_names=("entailment", "not_entailment"),
             label_aliases={"entailment": 0, "not_entailment": 1},
+            prompt="Premise: {text_a}\nHypothesis: {text_b}\nDoes the premise entail the hypothesis? Answer yes or no:",
+            prompt_fields=("text_a", "text_b"),
+            verbalizers=(" yes", " no"),
         ),
     }

@@ -1,0 +1,74 @@
+"""Reading finished runs back: a LoRA run's config, and its base model with the saved adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from . import tracking
+from .config import ExperimentConfig, from_dict, load_yaml
+from .errors import LoralabError
+from .tasks import Task
+
+
+def open_lora_run(run_dir: str | Path, purpose: str = "use") -> tuple[Path, ExperimentConfig]:
+    """A finished LoRA run directory and its config; a full-FT run or a missing adapter is a user error."""
+    run_dir = tracking.open_run_dir(run_dir)
+    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    if cfg.train.method != "lora":
+        raise LoralabError(
+            f"'{run_dir}' is a full fine-tuning run (train.method={cfg.train.method}): there is no "
+            f"adapter to {purpose}; its {tracking.MODEL_DIR}/ folder is already an ordinary "
+            "transformers model."
+        )
+    if not (run_dir / tracking.ADAPTER_DIR / "adapter_config.json").is_file():
+        summary = run_dir / tracking.SUMMARY_FILE
+        state = (
+            tracking.read_json(summary).get("status") if summary.is_file() else "no summary.json"
+        )
+        raise LoralabError(
+            f"'{run_dir}' has no saved adapter ({tracking.ADAPTER_DIR}/adapter_config.json; run "
+            f"status: {state}). The adapter is written when training finishes: finish the run "
+            f"with `loralab train --resume {run_dir}` first."
+        )
+    return run_dir, cfg
+
+
+def load_base(
+    cfg: ExperimentConfig, task: Task, tokenizer=None, progress: bool = False
+) -> nn.Module:
+    """The run's base model with the run's head formulation (classifier or causal LM), eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_model
+    from .train import _auto_class
+
+    head = cfg.model.head
+    kwargs = (
+        {"num_labels": task.num_labels} if task.kind == "classification" and head != "lm" else {}
+    )
+    # The head is "missing" from the base checkpoint but comes with the adapter: hide the load
+    # report that says otherwise.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, _ = load_model(
+            cfg.model.name, _auto_class(task, head), trust_remote_code=cfg.model.trust_remote_code,
+            progress=progress, **kwargs,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(level)
+    if model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_adapter_model(
+    cfg: ExperimentConfig, task: Task, run_dir: Path, tokenizer=None, progress: bool = False
+) -> nn.Module:
+    """Base + the run's saved adapter (and trained head), fp32, eval mode."""
+    from peft import PeftModel
+
+    base = load_base(cfg, task, tokenizer, progress)
+    return PeftModel.from_pretrained(base, str(Path(run_dir) / tracking.ADAPTER_DIR)).eval()

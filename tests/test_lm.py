@@ -1,0 +1,156 @@
+"""The causal-LM formulation on a tiny Llama: masking, verbalizer scoring, prompts, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loralab import lm
+from loralab.config import build_config
+from loralab.errors import LoralabError
+from loralab.models import load_model, load_tokenizer
+from loralab.tasks import get_task
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture
+def tok():
+    t = load_tokenizer("tiny-llama", progress=False)
+    t.padding_side = "right"
+    return t
+
+
+def _prompting(task, tok, *overrides):
+    cfg = build_config(overrides=[f"data.task={task.name}", *overrides])
+    return lm.prompting_for(task, cfg.data, tok)
+
+
+def test_only_target_tokens_carry_loss(tok, sst2_dir):
+    task = get_task("sst2")
+    p = _prompting(task, tok)
+    raw = task.load("train", data_dir=str(sst2_dir)).select(range(4))
+    feats = lm.featurize(task, raw, tok, 128, "train", p)
+    for row, ex in zip(feats, raw, strict=True):
+        prompt = tok(f"Review: {ex['text_a'].strip()}\nSentiment:")["input_ids"]
+        target = tok(p.verbalizers[ex["label"]], add_special_tokens=False)["input_ids"]
+        target += [tok.eos_token_id]
+        assert row["input_ids"] == prompt + target
+        assert row["labels"] == [-100] * len(prompt) + target
+
+
+def test_chat_and_plain_prompts(tok):
+    task = get_task("sst2")
+    plain = lm.prompt_ids(tok, "Review: ok\nSentiment:", chat=False)
+    assert plain == tok("Review: ok\nSentiment:")["input_ids"] and plain[0] == tok.bos_token_id
+    tok.chat_template = CHAT
+    p = _prompting(task, tok)
+    assert p.chat
+    chat = lm.prompt_ids(tok, "Review: ok\nSentiment:", chat=True)
+    expected = tok("<|user|>Review: ok\nSentiment:</s><|assistant|>", add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert chat == expected
+    # After a chat header the verbalizer has no leading space.
+    assert (
+        lm.target_ids(tok, " positive", chat=True)
+        == tok("positive", add_special_tokens=False)["input_ids"]
+    )
+    assert not _prompting(task, tok, "data.chat_template=false").chat
+
+
+def test_verbalizer_scoring_picks_highest_summed_log_prob(tok):
+    model, _ = load_model(
+        "tiny-llama", __import__("transformers").AutoModelForCausalLM, progress=False
+    )
+    model.eval()
+    task = get_task("sst2")
+    # Multi-token verbalizers of different lengths.
+    p = lm.Prompting("Review: {text_a}\nSentiment:", (" not good at all", " good"), chat=False)
+    prompts = [tok(f"Review: {s}\nSentiment:")["input_ids"] for s in ("fine", "a dull film", "xyz")]
+    feats = {"input_ids": prompts}
+    scores = lm.score_verbalizers(model, tok, feats, p, batch_size=4, progress=False)
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            for j, word in enumerate(p.verbalizers):
+                cand = tok(word, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt + cand])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                manual = sum(logp[len(prompt) - 1 + k, c].item() for k, c in enumerate(cand))
+                assert scores[i, j] == pytest.approx(manual, abs=1e-4)
+    assert task.num_labels == scores.shape[1]
+
+
+def test_generation_maps_unanswerable_to_empty(tok):
+    assert lm.normalise_generation(" unanswerable\nmore") == ""
+    assert lm.normalise_generation("Unanswerable.") == ""
+    assert lm.normalise_generation(" the Normans \n") == "the Normans"
+    model, _ = load_model(
+        "tiny-llama", __import__("transformers").AutoModelForCausalLM, progress=False
+    )
+    feats = {
+        "input_ids": [tok("Q: a?")["input_ids"], tok("Q: longer one?")["input_ids"]],
+        "example_id": ["a", "b"],
+    }
+    out = lm.generate_answers(model, tok, feats, batch_size=2, max_new_tokens=3, progress=False)
+    assert set(out) == {"a", "b"} and all(isinstance(v, str) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ('data.verbalizers=["", " good"]', "tokenises to nothing"),
+        ('data.verbalizers=[" good", " good"]', "share a verbalizer"),
+        ('data.verbalizers=[" good"]', "2 labels"),
+        ("data.prompt='Say {text_b}:'", "{text_a}"),
+    ],
+)
+def test_bad_prompting_is_a_user_error(tok, override, needle):
+    with pytest.raises(LoralabError, match=needle.replace("{", r"\{").replace("}", r"\}")):
+        _prompting(get_task("sst2"), tok, override)
+
+
+def test_lm_head_training_run(tmp_path, sst2_dir):
+    from loralab.train import train
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            "model.head=lm",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path}",
+            "run.name=r",
+            "train.max_steps=6",
+            "train.batch_size=8",
+            "train.lr=1e-2",
+        ]  # fmt: skip
+    )
+    result = train(cfg, quiet=True)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["head"] == "lm" and "accuracy" in summary["zero_shot"]
+    assert 0 <= summary["metrics"]["accuracy"] <= 1
+    assert summary["params"]["head"] == 0 and summary["verification"]["base_unchanged"]
+    assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (
+        json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())["task_type"]
+        == "CAUSAL_LM"
+    )
+
+
+def test_target_loss_uses_only_target_positions(tok):
+    model, _ = load_model(
+        "tiny-llama", __import__("transformers").AutoModelForCausalLM, progress=False
+    )
+    ids = torch.tensor([tok("Review: ok\nSentiment: good")["input_ids"]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -2:] = ids[0, -2:]
+    loss = lm.target_loss(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    )
+    ref = model(input_ids=ids, labels=labels).loss  # HF's full-vocabulary loss on the same targets
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,133 @@
+"""Tracking: the run directory's metrics JSONL and an offline W&B run read back from disk."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from loralab.config import build_config
+from loralab.errors import LoralabError
+from loralab.train import train
+
+NAMESPACES = (
+    "lora_adapters/",
+    "lora_rank/",
+    "efficiency/",
+    "verification/",
+    "training_efficiency/",
+)
+BLOCK = 32 * 1024
+HEADER = 7  # ":W&B" ident, uint16 magic, uint8 version
+
+
+def read_wandb_records(path: Path):
+    """Records of a `.wandb` file: LevelDB-style log of 32 KiB blocks of length-prefixed chunks."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # zero trailer: the next chunk starts at the next block
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record is assembled
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            yield rec
+            pending = b""
+        elif kind not in (2, 3):
+            raise ValueError(f"bad chunk type {kind} at {pos}")
+
+
+def history_keys(path: Path) -> set[str]:
+    keys = set()
+    for rec in read_wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            for item in rec.history.item:
+                keys.add(item.key or "/".join(item.nested_key))
+    return keys
+
+
+def test_offline_wandb_run_has_all_namespaces(tmp_path, sst2_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "train.max_steps=6",
+            "train.batch_size=8",
+            "train.logging_steps=2",
+            "tracking.log_every=3",
+            "tracking.wandb=offline",
+        ]  # fmt: skip
+    )
+    result = train(cfg, quiet=True)
+    (wandb_file,) = list(result.run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    keys = history_keys(wandb_file)
+    for ns in NAMESPACES:
+        assert any(k.startswith(ns) for k in keys), (ns, sorted(keys)[:20])
+    assert "train/loss" in keys and "eval/accuracy" in keys
+    jsonl = set()
+    for line in (result.run_dir / "metrics.jsonl").read_text().splitlines():
+        jsonl.update(json.loads(line))
+    for ns in NAMESPACES:
+        assert {k for k in keys if k.startswith(ns)} <= jsonl, ns
+    # Live per-module statistics: q and v of both layers.
+    assert "lora_rank/model.layers.0.self_attn.q_proj/effective_rank" in jsonl
+    assert "verification/base_unchanged" in jsonl
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        r["verification/base_unchanged"] is True
+        for r in records
+        if "verification/base_unchanged" in r
+    )
+
+
+def test_no_secret_is_written(tmp_path, sst2_dir, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "train.max_steps=2",
+            "train.batch_size=8",
+            "tracking.wandb=offline",
+        ]  # fmt: skip
+    )
+    result = train(cfg, quiet=True)
+    for f in result.run_dir.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_online_without_key_is_a_user_error(tmp_path, sst2_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path}",
+            "train.max_steps=1",
+            "tracking.wandb=online",
+        ]  # fmt: skip
+    )
+    with pytest.raises(LoralabError, match="WANDB_API_KEY"):
+        train(cfg, quiet=True)

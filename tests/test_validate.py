@@ -1,0 +1,127 @@
+"""The validation suite passes on a healthy setup and catches each broken invariant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loralab import cli, validate
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "v.json"
+    rc = cli.main(["validate", "--model", "tiny-llama", "--out", str(out), *extra])
+    return rc, {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+
+
+def test_all_checks_pass_on_tiny_llama(tmp_path):
+    rc, checks = _run(tmp_path)
+    assert rc == 0
+    assert len(checks) >= 10 and all(c["passed"] for c in checks.values())
+
+
+def test_tiny_bert_extended_preset(tmp_path):
+    out = tmp_path / "v.json"
+    rc = cli.main(["validate", "--model", "tiny-bert", "--out", str(out), "lora.target=extended"])
+    report = json.loads(out.read_text())
+    assert rc == 0, [c for c in report["checks"] if not c["passed"]]
+    (count,) = [c for c in report["checks"] if c["name"] == "adapted_module_count"]
+    assert count["detail"].startswith(
+        "8 adapted"
+    )  # 2 layers x (query, key, value, attention.output.dense)
+
+
+def test_base_weight_left_trainable_is_caught(tmp_path, monkeypatch):
+    real = validate.wrap
+
+    def leaky(cfg, model, heads):
+        peft_model = real(cfg, model, heads)
+        next(
+            p for n, p in peft_model.named_parameters() if "q_proj.base_layer.weight" in n
+        ).requires_grad_(True)
+        return peft_model
+
+    monkeypatch.setattr(validate, "wrap", leaky)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert not checks["base_frozen_requires_grad"]["passed"]
+    assert "q_proj.base_layer.weight" in checks["base_frozen_requires_grad"]["detail"]
+    assert not checks["base_unchanged_checksum"]["passed"]  # it trained, so it moved
+
+
+def test_base_weight_changed_during_training_is_caught(tmp_path, monkeypatch):
+    real = validate.train_steps
+
+    def tampering(model, batch, steps, lr):
+        losses = real(model, batch, steps, lr)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "v_proj.base_layer.weight" in n)[
+                0, 0
+            ] += 1e-3
+        return losses
+
+    monkeypatch.setattr(validate, "train_steps", tampering)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert not checks["base_unchanged_checksum"]["passed"]
+    assert checks["base_frozen_requires_grad"]["passed"]  # flags alone would not have shown it
+
+
+def test_adapter_that_reloads_differently_is_caught(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    real = validate.save_adapter
+
+    def corrupting(model, path):
+        real(model, path)
+        f = path / "adapter_model.safetensors"
+        weights = load_file(f)
+        key = next(k for k in weights if "lora_B" in k)
+        weights[key] = weights[key] * 1.5
+        save_file(weights, f)
+
+    monkeypatch.setattr(validate, "save_adapter", corrupting)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert not checks["save_load_same_outputs"]["passed"]
+    assert checks["merge_equivalence"]["passed"]
+
+
+def test_merge_with_wrong_scaling_is_caught(tmp_path, monkeypatch):
+    def doubled(model):
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {k: 2 * v for k, v in module.scaling.items()}
+        return model.merge_and_unload()
+
+    monkeypatch.setattr(validate, "merge", doubled)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert not checks["merge_equivalence"]["passed"]
+    assert checks["save_load_same_outputs"]["passed"]
+
+
+def test_bad_model_is_a_user_error(tmp_path, capsys):
+    rc = cli.main(["validate", "--model", "./no/such/folder", "--out", str(tmp_path / "v.json")])
+    assert rc == 2
+    assert "no/such/folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validate_smollm2(tmp_path):
+    import os
+
+    os.environ.pop("LORALAB_CACHE", None)  # the real, shared cache
+    out = tmp_path / "v.json"
+    rc = cli.main(["validate", "--model", "smollm2-135m", "--out", str(out)])
+    report = json.loads(out.read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert len(checks) >= 10
+    failed = [n for n, c in checks.items() if not c["passed"]]
+    # r=8 on q/v of SmolLM2-135M is 460,800 adapter weights = 0.342% of the model: the SPEC's
+    # ≤0.3% target is not met at r=8 (it is at r=4); every other check must pass.
+    assert failed in ([], ["trainable_share_within_target"]), failed
+    assert "460,800" in checks["parameter_accounting_adds_up"]["detail"]
+    assert rc == (0 if not failed else 1)
