@@ -152,7 +152,7 @@ def run_checks(
     add(
         "forward_backward_runs",
         grads_ok,
-        f"loss {float(out.loss):.4f}, gradients reach every lora_B",
+        f"loss {out.loss.item():.4f}, gradients reach every lora_B",
     )
     losses = train_steps(model, batch, steps, lr)
     add(
