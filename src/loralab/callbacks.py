@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import torch
 from transformers import TrainerCallback
 
-from . import accounting, analysis
+from . import accounting, analysis, tracking
 from .tracking import Tracker
 
 # Per-layer keys kept small: the full table is `loralab analyze`'s job.
@@ -103,11 +102,7 @@ class TrackingCallback(TrainerCallback):
         dt = now - t0
         if step <= step0 or dt <= 0:
             return {}
-        peak = (
-            torch.cuda.max_memory_allocated() / 2**20
-            if torch.cuda.is_available()
-            else _peak_rss_mb()
-        )
+        peak = tracking.peak_memory_mb()
         return {
             "training_efficiency/step_time_s": dt / (step - step0),
             "training_efficiency/tokens_per_s_real": (real - real0) / dt,
@@ -137,9 +132,3 @@ class TrackingCallback(TrainerCallback):
                 if k.startswith("eval_") and isinstance(v, float)
             )
             self.console.print(f"[bold]eval[/] step {state.global_step}: {shown}")
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -102,10 +102,16 @@ class MetricsLog:
             fh.write(line + "\n")
             fh.flush()
 
-    def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory allocated, or the process's peak RSS on CPU (MB)."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def git_commit() -> str | None:

@@ -5,7 +5,6 @@ LoRA and full fine-tuning share every line here except the wrapping step in `bui
 
 from __future__ import annotations
 
-import resource
 import shutil
 import sys
 import time
@@ -98,13 +97,6 @@ def _precision(cfg: ExperimentConfig) -> bool:
     if p == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return p == "bf16"
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return rss_kb / 1024
 
 
 class LoralabTrainer(Trainer):
@@ -349,7 +341,7 @@ def _run(
             "real": trainer.tokens_real / train_time if train_time else 0.0,
             "padded": trainer.tokens_padded / train_time if train_time else 0.0,
         },
-        peak_memory_mb=_peak_memory_mb(),
+        peak_memory_mb=tracking.peak_memory_mb(),
         verification=verification,
     )
     tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
