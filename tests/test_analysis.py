@@ -309,3 +309,27 @@ def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
 
     ext = _train(tmp_path, runs["data"], "ext", "lora.target=extended", "train.max_steps=1")
     fails(runs["r8"], "--compare", ext, needle="different modules")
+
+
+def test_analyze_lm_head_run_probes_with_its_prompts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from loralab.analyze import _probe_batches
+    from loralab.config import from_dict, load_yaml
+    from loralab.models import load_tokenizer
+    from loralab.tasks import get_task
+
+    data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=24)
+    run = _train(tmp_path, data, "lm", "model.head=lm")
+    assert main(["analyze", str(run), "--probe", "8"]) == 0
+    result = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert len(result["modules"]) == 4 and result["representations"]["cka"]
+    hidden = load_file(run / "analysis" / "hidden_states.safetensors")
+    assert hidden["base.mean"].shape[1] == 8
+    # The probe inputs are the prompts the LM was trained on, not bare sentences.
+    cfg = from_dict(load_yaml(run / "config.yaml"))
+    tok = load_tokenizer("tiny-llama")
+    task = get_task("sst2")
+    batch = _probe_batches(cfg, task, task.load("eval", str(data)).select(range(2)), tok, True)[0]
+    text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert "Review: " in text and text.rstrip().endswith("Sentiment:"), text

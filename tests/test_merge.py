@@ -362,3 +362,36 @@ def test_bad_options_exit_2(tmp_path, sst2_dir, extra, needle):
     assert "Traceback" not in r.stderr
     with pytest.raises(Exception, match="Unknown --dtype"):
         merge.run_merge(run, dtype="fp16")
+
+
+def test_merge_lm_head_run(tmp_path, sst2_dir):
+    """A `--head lm` run: merged vs adapter next-token logits, verbalizer metrics, causal-LM export."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.train import train
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama", "model.head=lm", f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path}", "train.max_steps=4", "train.lr=5e-2",
+            "train.batch_size=8", "train.save_steps=100",
+        ]
+    )  # fmt: skip
+    run = train(cfg, quiet=True).run_dir
+    result = merge.run_merge(run, dtype="fp32", **{**FAST, "export": True})
+    r = result.report
+    assert result.status == "passed", r
+    row = r["variants"]["fp32 merge"]
+    assert row["max_abs_diff"] < 1e-4 and row["changed_predictions"] == 0.0
+    assert set(r["reference"]["metrics"]) == {"accuracy"}
+    assert row["metrics"] == r["reference"]["metrics"]
+    # The LoRA update changes the next-token distribution (the check is informative).
+    assert r["lora_effect"]["max_abs_diff"] >= merge.INFORMATIVE_FACTOR * 1e-4
+    exported = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    loaded = merge.load_run(run, 8)
+    want = merge.forward_all(loaded.reference, loaded.batches[:1])[0]
+    got = merge.forward_all(exported, loaded.batches[:1])[0]
+    assert want.shape[-1] == exported.config.vocab_size
+    assert (got - want).abs().max() < 1e-4
+    assert "AutoModelForCausalLM" in (result.export_dir / "README.md").read_text()

@@ -125,3 +125,37 @@ def test_validate_smollm2(tmp_path):
     assert failed in ([], ["trainable_share_within_target"]), failed
     assert "460,800" in checks["parameter_accounting_adds_up"]["detail"]
     assert rc == (0 if not failed else 1)
+
+
+def test_all_checks_pass_on_tiny_llama_lm_head(tmp_path):
+    out = tmp_path / "v.json"
+    assert cli.main(["validate", "--model", "tiny-llama", "--out", str(out), "model.head=lm"]) == 0
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["n_checks"] >= 10
+    names = {c["name"] for c in report["checks"]}
+    assert {"merge_equivalence", "save_load_same_outputs", "merged_export_loads"} <= names
+
+
+def test_lm_probe_batch_labels_only_the_verbalizer(tmp_path):
+    from loralab.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")
+    batch = validate.probe_batch(tok, lm_head=True)
+    for ids, labels, mask, (_, y) in zip(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], validate.PROBE, strict=True
+    ):
+        target = tok(validate.PROBE_VERBALIZERS[y], add_special_tokens=False)["input_ids"]
+        n = int(mask.sum())
+        assert labels[labels != -100].tolist() == target
+        assert ids[n - len(target) : n].tolist() == target
+        assert (labels[n:] == -100).all()
+
+
+def test_lm_head_on_an_encoder_is_a_user_error(tmp_path, capsys):
+    assert (
+        cli.main(
+            ["validate", "--model", "tiny-bert", "--out", str(tmp_path / "v.json"), "model.head=lm"]
+        )
+        == 2
+    )
+    assert "causal" in capsys.readouterr().err

@@ -87,9 +87,16 @@ def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
 
 
 def _probe_batches(cfg: ExperimentConfig, task, raw, tokenizer, causal: bool, batch_size=32):
-    """Padded batches of the probe examples (right padding, original order)."""
+    """Padded batches of the probe examples (right padding, original order); `--head lm` runs
+    see their prompts, as in training."""
     max_length = cfg.data.max_length or task.default_max_length
-    feats = task.featurize(raw, tokenizer, max_length, cfg.data.doc_stride, "eval", causal)
+    if cfg.model.head == "lm":
+        from . import lm
+
+        prompting = lm.prompting_for(task, cfg.data, tokenizer)
+        feats = lm.featurize(task, raw, tokenizer, max_length, "eval", prompting)
+    else:
+        feats = task.featurize(raw, tokenizer, max_length, cfg.data.doc_stride, "eval", causal)
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in feats.column_names]
     rows = [{c: feats[i][c] for c in cols} for i in range(len(feats))]
     return [

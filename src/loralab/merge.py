@@ -82,7 +82,12 @@ def parse_tolerances(items: list[str] | None) -> dict[str, float]:
 
 
 def eval_features(
-    cfg: ExperimentConfig, task: Task, tokenizer, causal: bool, max_examples: int | None
+    cfg: ExperimentConfig,
+    task: Task,
+    tokenizer,
+    causal: bool,
+    max_examples: int | None,
+    prompting=None,
 ):
     """Raw dev examples (first N) and their features, sorted by length (as in training)."""
     from .data import cached_features
@@ -92,7 +97,7 @@ def eval_features(
     if caps and min(caps) < len(raw):
         raw = raw.select(range(min(caps)))
     max_length = cfg.data.max_length or task.default_max_length
-    feats = cached_features(task, raw, tokenizer, cfg.data, "eval", causal, max_length)
+    feats = cached_features(task, raw, tokenizer, cfg.data, "eval", causal, max_length, prompting)
     return raw, feats.sort("length")
 
 
@@ -141,13 +146,17 @@ def _device() -> torch.device:
 
 @torch.inference_mode()
 def forward_all(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
-    """Per batch: logits as fp32 on CPU, [batch, labels] (QA: [batch, 2, seq], start/end)."""
+    """Per batch: logits as fp32 on CPU, [batch, labels] (QA: [batch, 2, seq], start/end; causal
+    LM head: [batch, vocab], the next-token logits after each prompt)."""
     dev = next(model.parameters()).device
     outs = []
     for batch in batches:
         out = model(**{k: v.to(dev) for k, v in batch.items()})
         if hasattr(out, "start_logits"):
             logits = torch.stack([out.start_logits, out.end_logits], dim=1)
+        elif out.logits.dim() == 3:  # [batch, seq, vocab]: keep each row's last real position
+            last = batch["attention_mask"].sum(1).to(dev) - 1
+            logits = out.logits[torch.arange(len(last), device=dev), last]
         else:
             logits = out.logits
         outs.append(logits.float().cpu())
@@ -352,11 +361,12 @@ def model_card(
         f"{k} {v:.4f}" for k, v in (summary.get("metrics") or {}).items() if isinstance(v, float)
     )
     n_eval = (summary.get("examples") or {}).get("eval", "?")
-    auto = (
-        "AutoModelForSequenceClassification"
-        if task.kind == "classification"
-        else "AutoModelForQuestionAnswering"
-    )
+    if cfg.model.head == "lm":
+        auto = "AutoModelForCausalLM"
+    elif task.kind == "classification":
+        auto = "AutoModelForSequenceClassification"
+    else:
+        auto = "AutoModelForQuestionAnswering"
     lines = [
         "---",
         "library_name: transformers",
@@ -424,6 +434,19 @@ class Loaded:
     raw: object
     feats: object
     batches: list[dict]
+    prompting: object = None  # `--head lm` runs: the prompt and verbalizers they were trained with
+
+    def score(self, model: nn.Module, outs: list[torch.Tensor]) -> dict:
+        """Task metrics of `model`, whose dev-batch outputs are `outs`. The LM formulation scores
+        verbalizers (or generates answers) with the model itself, as training's evaluation did."""
+        if self.prompting is None:
+            return self.task.score(self.raw, self.feats, _predictions(outs, self.task))
+        from . import lm
+
+        return lm.evaluate(
+            self.task, model, self.tokenizer, self.raw, self.feats, self.prompting,
+            self.cfg.train.eval_batch_size, progress=False,
+        )  # fmt: skip
 
     def adapter_model(self) -> nn.Module:
         """A fresh fp32 copy of the adapter model on the device."""
@@ -442,9 +465,16 @@ def load_run(run_dir, max_eval_examples, data_dir=None, eval_file=None, quiet=Fa
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, progress=not quiet)
     tokenizer.padding_side = "right"  # as in training (QA positions are absolute)
     reference = load_adapter_model(cfg, task, run_dir, tokenizer, progress=not quiet).to(_device())
-    raw, feats = eval_features(cfg, task, tokenizer, is_causal(reference.config), max_eval_examples)
+    prompting = None
+    if cfg.model.head == "lm":
+        from .lm import prompting_for
+
+        prompting = prompting_for(task, cfg.data, tokenizer)
+    raw, feats = eval_features(
+        cfg, task, tokenizer, is_causal(reference.config), max_eval_examples, prompting
+    )
     batches = make_batches(feats, tokenizer, cfg.train.eval_batch_size)
-    return Loaded(run_dir, cfg, task, tokenizer, reference, raw, feats, batches)
+    return Loaded(run_dir, cfg, task, tokenizer, reference, raw, feats, batches, prompting)
 
 
 def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
@@ -457,13 +487,14 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
     # (PEFT 0.21's question-answering wrapper loses token_type_ids), which a merge then "fixes".
     # Such a wrapper misroutes every batch, so two batches are enough to see it.
     unwrapped = compare(ref_out[:2], forward_all(ref.get_base_model(), run.batches[:2]))
-    ref_metrics = task.score(run.raw, run.feats, _predictions(ref_out, task))
+    ref_metrics = run.score(ref, ref_out)
     rows = {}
     native = native_bf16()
     for name, (dt, build) in variants(dtype, native).items():
-        outs = forward_all(build(run.adapter_model()), run.batches)
+        model = build(run.adapter_model())
+        outs = forward_all(model, run.batches)
         row = {"dtype": dt, **compare(ref_out, outs), "tolerance": tol[dt]}
-        row["metrics"] = task.score(run.raw, run.feats, _predictions(outs, task))
+        row["metrics"] = run.score(model, outs)
         row["metric_delta"] = row["metrics"][task.primary_metric] - ref_metrics[task.primary_metric]
         row["status"] = _verdict(name, row, tol[dt], effect["max_abs_diff"])
         rows[name] = row
@@ -593,7 +624,11 @@ def run_merge(
     elif export:
         card = model_card(run.cfg, run.task, run.run_dir, report, main_dtype)
         export_dir = export_model(
-            merged, run.tokenizer, Path(out) if out else merge_dir / EXPORT_DIR, card, run.task
+            merged,
+            run.tokenizer,
+            Path(out) if out else merge_dir / EXPORT_DIR,
+            card,
+            None if run.prompting else run.task,  # an LM has no label mapping
         )
         report["export_dir"] = str(export_dir)
     _mirror_to_wandb(run.cfg, run.run_dir, report, bench_report, notes)

@@ -29,6 +29,7 @@ PROBE = [
     ("clever and funny", 1),
     ("flat, lifeless and boring", 0),
 ]
+PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word per label
 SHARE_TARGET_PCT = 0.3
 # The ≤0.3% target is about real models; in a model this small the embeddings are tiny and any
 # adapter is a large share, so the target is reported but not applied.
@@ -46,7 +47,8 @@ class Check:
 def wrap(cfg: ExperimentConfig, model, heads: list[str]):
     from .lora import apply_lora
 
-    return apply_lora(cfg.lora, model, heads, task_type="SEQ_CLS")
+    task_type = "CAUSAL_LM" if cfg.model.head == "lm" else "SEQ_CLS"
+    return apply_lora(cfg.lora, model, heads, task_type=task_type)
 
 
 def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
@@ -59,7 +61,7 @@ def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -73,6 +75,34 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------
+def _auto_class(lm_head: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification
+
+
+def probe_batch(tok, lm_head: bool) -> dict:
+    """The probe sentences as a classifier batch, or (LM head) prompt + verbalizer sequences whose
+    labels are -100 everywhere but on the verbalizer tokens."""
+    if not lm_head:
+        batch = dict(tok([t for t, _ in PROBE], padding=True, return_tensors="pt"))
+        batch["labels"] = torch.tensor([y for _, y in PROBE])
+        return batch
+    seqs, labels = [], []
+    for text, y in PROBE:
+        prompt = tok(f"Review: {text}\nSentiment:")["input_ids"]
+        target = tok(PROBE_VERBALIZERS[y], add_special_tokens=False)["input_ids"]
+        seqs.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
 def _logits(model, batch: dict) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -89,20 +119,23 @@ def run_checks(
 ) -> list[Check]:
     """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
 
     from .lora import adapted_modules, resolve_targets
     from .models import load_model, load_tokenizer
 
-    if cfg.model.head != "classifier":
-        raise LoralabError("loralab validate checks the classifier formulation; drop --head lm.")
+    lm_head = cfg.model.head == "lm"
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     tok.padding_side = "right"
-    batch = dict(tok([t for t, _ in PROBE], padding=True, return_tensors="pt"))
-    batch["labels"] = torch.tensor([y for _, y in PROBE])
-    load = lambda: load_model(cfg.model.name, AutoModelForSequenceClassification, num_labels=2)  # noqa: E731
+    auto = _auto_class(lm_head)
+    load = lambda: load_model(cfg.model.name, auto, **({} if lm_head else {"num_labels": 2}))  # noqa: E731
     base, heads = load()
+    if lm_head and not _is_causal(base):
+        raise LoralabError(
+            f"--head lm needs a causal (decoder) language model; {cfg.model.name} is not one."
+        )
+    batch = probe_batch(tok, lm_head)
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     expected_lora = sum(
@@ -196,12 +229,18 @@ def run_checks(
             f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, tolerance {tolerance:g}")  # fmt: skip
 
         merged.save_pretrained(str(Path(tmp) / "merged"))
-        exported = AutoModelForSequenceClassification.from_pretrained(str(Path(tmp) / "merged"))
+        exported = auto.from_pretrained(str(Path(tmp) / "merged"))
         d, _ = _max_diff(_logits(exported, batch), merged_logits)
         plain = not any("lora" in n for n, _ in exported.named_parameters())
         add("merged_export_loads", plain and d <= 1e-6,
             f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
     return checks
+
+
+def _is_causal(model) -> bool:
+    from .train import is_causal
+
+    return is_causal(model.config)
 
 
 def _trainable_head(model) -> int:
