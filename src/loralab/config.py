@@ -108,8 +108,10 @@ class TrainConfig:
     """Gradient clipping norm."""
     seed: int = 42
     """Seed for initialisation, shuffling and dropout."""
-    precision: Precision = "fp32"
-    """`fp32`, `bf16` (autocast) or `auto` (bf16 where the hardware supports it)."""
+    precision: Precision = "auto"
+    """`fp32`; `bf16` (autocast; LoRA also stores the frozen base in bf16, adapters and head
+    fp32); `auto` = bf16 where the hardware multiplies bf16 natively (recent GPUs, CPUs with
+    AVX512-BF16/AMX), else fp32."""
     save_steps: int = 100
     """Checkpoint every N optimiser steps (for --resume)."""
     logging_steps: int = 10

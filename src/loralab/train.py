@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import accounting, tracking
+from . import accounting, precision, tracking
 from .callbacks import TrackingCallback
 from .config import ExperimentConfig, from_dict, load_yaml, validate
 from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
@@ -88,15 +88,14 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
     causal = is_causal(model.config)
     if cfg.train.method == "lora":
         model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task, head))
+        if _precision(cfg):
+            precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
     return BuiltModel(model, tokenizer, heads, causal)
 
 
 def _precision(cfg: ExperimentConfig) -> bool:
-    """True when bf16 autocast is on."""
-    p = cfg.train.precision
-    if p == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return p == "bf16"
+    """True when bf16 autocast is on (`auto`: where this machine multiplies bf16 natively)."""
+    return precision.resolve(cfg.train.precision) == "bf16"
 
 
 class LoralabTrainer(Trainer):
@@ -115,6 +114,11 @@ class LoralabTrainer(Trainer):
 
         loss = target_loss(model, inputs)  # vocabulary logits on target tokens only
         return (loss, None) if return_outputs else loss
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # accelerate autocasts only model.forward; the LM loss calls the decoder and the output
+        # projection directly, so training and prediction steps get the context here as well.
+        return precision.autocast(self.args.bf16, self.args.device)
 
     def _get_eval_sampler(self, eval_dataset):
         # transformers 5 shuffles evaluation with a length-grouped sampler when training groups
@@ -155,6 +159,8 @@ def _training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Trainin
         optim="adamw_torch",
         seed=tr.seed,
         bf16=_precision(cfg),
+        # transformers refuses bf16 without a GPU unless told the run is on the CPU on purpose.
+        use_cpu=_precision(cfg) and not torch.cuda.is_available(),
         eval_strategy="steps" if tr.eval_steps else "no",
         eval_steps=tr.eval_steps,
         save_strategy="steps",
@@ -284,7 +290,7 @@ def _run(
     if resuming:
         ckpt_root = run_dir / tracking.CHECKPOINT_DIR
         checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
-    summary = _base_summary(cfg, run_dir, params, splits)
+    summary = _base_summary(cfg, run_dir, params, splits, model)
     summary["resumed_from"] = checkpoint
     summary["new_modules"] = built.heads  # freshly initialised (trained in full) head modules
     evaluate = _evaluator(cfg, task, built, splits, trainer, prompting, quiet)
@@ -378,10 +384,14 @@ def _evaluator(cfg, task, built: BuiltModel, splits: Splits, trainer, prompting,
     if prompting is not None:
         from . import lm
 
-        return lambda: lm.evaluate(
-            task, built.model, built.tokenizer, splits.eval_raw, splits.eval, prompting,
-            cfg.train.eval_batch_size, progress=not quiet,
-        )  # fmt: skip
+        def lm_eval():
+            with precision.autocast(_precision(cfg), next(built.model.parameters()).device):
+                return lm.evaluate(
+                    task, built.model, built.tokenizer, splits.eval_raw, splits.eval, prompting,
+                    cfg.train.eval_batch_size, progress=not quiet,
+                )  # fmt: skip
+
+        return lm_eval
 
     def classifier_eval():
         pred = trainer.predict(model_inputs(splits.eval))
@@ -390,7 +400,9 @@ def _evaluator(cfg, task, built: BuiltModel, splits: Splits, trainer, prompting,
     return classifier_eval
 
 
-def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits) -> dict:
+def _base_summary(
+    cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model
+) -> dict:
     return {
         "status": "running",
         "run_dir": str(run_dir),
@@ -409,6 +421,7 @@ def _base_summary(cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Sp
         "features_version": FEATURES_VERSION,
         "params": params,
         "precision": "bf16" if _precision(cfg) else "fp32",
+        "param_dtypes": precision.dtypes(model),
         "versions": tracking.versions(),
         "git_commit": tracking.git_commit(),
         "command": " ".join(sys.argv),
