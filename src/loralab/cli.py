@@ -144,6 +144,109 @@ def _add_validate(sub) -> None:
     )
 
 
+def _add_grid(p, methods: bool = True) -> None:
+    """Options that define a study's grid (shared by sweep, ablate and study)."""
+    p.add_argument(
+        "--tasks",
+        help="comma list, e.g. sst2,mrpc (default: the config's task; a worker: only these)",
+    )
+    if methods:
+        p.add_argument("--methods", help="comma list of lora, full (default: lora,full)")
+        p.add_argument("--full-lr", help="full fine-tuning learning rates (default 1e-5,3e-5)")
+    p.add_argument("--lora-lr", help="LoRA learning rates, comma list (default 1e-4,3e-4)")
+    p.add_argument("--seeds", help="comma list (default 42,1337,2024)")
+    p.add_argument("--model", help="built-in name, hub id or local folder")
+    p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
+    p.add_argument("--data-dir", help="task data folder (GLUE: a parent with sst2/, mrpc/, rte/)")
+    p.add_argument("--max-train-examples", type=int, help="cap on training examples")
+    p.add_argument("--max-eval-examples", type=int, help="cap on evaluation examples")
+    p.add_argument("--config", help="YAML experiment config every point starts from")
+    p.add_argument("--output-dir", default="results", help="results folder (default: results)")
+    _add_storage(p)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides for every point (train.max_steps=200), or for one task's points "
+        "(squad_v2:data.train_file=...)",
+    )
+
+
+def _add_storage(p) -> None:
+    p.add_argument("--study", help="study name (default: derived from the grid)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the results folder)")
+    p.add_argument("--heartbeat", type=int, default=20, help="seconds between heartbeats (20)")
+    p.add_argument(
+        "--grace", type=int, help="seconds without a heartbeat before a point is retried (3x)"
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=3, help="retries of a point whose worker died (3)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="Learning-rate × seed grid of LoRA and full fine-tuning, on Optuna.",
+        usage="loralab sweep [options] [key=value ...]\n"
+        "       loralab sweep worker --study NAME [--storage URL] [--tasks T,...] [--output-dir DIR]",
+        description="Create (or continue) a study, then run its undone points here. Every point is "
+        "a train run in RESULTS/runs/<point>; finished runs are never re-trained. `loralab sweep "
+        "worker` runs the points of an existing study (optionally only some tasks); start one per "
+        "machine against a shared PostgreSQL storage. Exit status 0 when every point is done.",
+    )
+    _add_grid(p)
+    p.add_argument(
+        "--create-only", action="store_true", help="create the study; leave the points to workers"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+
+
+def _add_ablate(sub) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="LoRA ablations (rank, alpha, module preset, or all) on Optuna.",
+        description="rank: r in 4, 8, 16 with alpha = 2r; alpha: 8, 16, 32 at r = 8; modules: "
+        "standard, extended, all-linear; all: the full product. Same machinery as `sweep`.",
+    )
+    p.add_argument("--type", required=True, choices=["rank", "alpha", "modules", "all"])
+    _add_grid(p, methods=False)
+    p.add_argument(
+        "--create-only", action="store_true", help="create the study; leave the points to workers"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="The whole protocol: sweep, ablations, report.",
+        description="Runs the LoRA-vs-full sweep and the chosen ablations (one Optuna study each, "
+        "named PREFIX-sweep, PREFIX-ablate-TYPE) in one results folder, then writes the report.",
+    )
+    p.add_argument(
+        "--ablations", default="rank", help="comma list of rank, alpha, modules, all, or none"
+    )
+    _add_grid(p)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="Tables, plots, Markdown/HTML/CSV from a results folder or a study.",
+        description="Per task and method: mean ± std over seeds at the best learning rate, "
+        "LoRA − full, trainable share, time, memory, pass/fail against the targets; ablations; plots.",
+    )
+    p.add_argument(
+        "results_dir", nargs="?", metavar="RESULTS_DIR", help="folder of run directories"
+    )
+    p.add_argument(
+        "--study", action="append", help="read these studies' stored results (repeatable)"
+    )
+    p.add_argument("--storage", help="Optuna storage URL (default: RESULTS_DIR/study.db)")
+    p.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab", description="Honest, reproducible LoRA studies."
@@ -154,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_analyze(sub)
     _add_validate(sub)
+    _add_sweep(sub)
+    _add_ablate(sub)
+    _add_study(sub)
+    _add_report(sub)
     return parser
 
 
@@ -279,12 +386,127 @@ def cmd_validate(args) -> int:
     return 0 if report["passed"] else 1
 
 
+def _plan(args, kind: str = "sweep", ablation: str | None = None):
+    from .sweep import make_plan
+
+    return make_plan(
+        kind=kind,
+        ablation=ablation,
+        tasks=args.tasks,
+        methods=getattr(args, "methods", None),
+        lora_lr=args.lora_lr,
+        full_lr=getattr(args, "full_lr", None),
+        seeds=args.seeds,
+        config=args.config,
+        overrides=args.overrides,
+        results_dir=args.output_dir,
+        model={"name": args.model, "head": args.head},
+        data={
+            "data_dir": args.data_dir,
+            "max_train_examples": args.max_train_examples,
+            "max_eval_examples": args.max_eval_examples,
+        },
+    )
+
+
+def _storage_opts(args) -> dict:
+    return {
+        "heartbeat": args.heartbeat,
+        "grace": args.grace,
+        "max_retry": args.max_retries,
+        "quiet": args.quiet,
+    }
+
+
+def _run_plan(args, plan) -> int:
+    from .sweep import default_study_name, run_sweep
+
+    if args.dry_run:
+        for p in plan.points():
+            print(p["key"])
+        print(f"{len(plan.points())} points; study '{args.study or default_study_name(plan)}'")
+        return 0
+    rep = run_sweep(
+        plan, args.study, args.storage, create_only=getattr(args, "create_only", False),
+        **_storage_opts(args),
+    )  # fmt: skip
+    if rep is None:
+        print(f"study '{args.study or default_study_name(plan)}' created; start workers with "
+              "`loralab sweep worker --study NAME --storage URL`")  # fmt: skip
+        return 0
+    print(rep.line())
+    return 1 if rep.unfinished else 0
+
+
+def cmd_sweep(args) -> int:
+    if args.overrides[:1] == ["worker"]:
+        from .worker import run_worker
+
+        grid = [f"--{k.replace('_', '-')}" for k in ("methods", "lora_lr", "full_lr", "seeds",
+                "model", "head", "data_dir", "max_train_examples", "max_eval_examples", "config")
+                if getattr(args, k) is not None] + args.overrides[1:]  # fmt: skip
+        if grid or not args.study or args.create_only or args.dry_run:
+            raise LoralabError(
+                "`loralab sweep worker` runs an existing study: give --study NAME (and --storage "
+                "URL, or --output-dir holding study.db), optionally --tasks T,... and --output-dir; "
+                f"the grid comes from the study{f' (drop {grid})' if grid else ''}."
+            )
+        from .sweep import parse_list
+
+        output = args.output_dir if args.output_dir != "results" or not args.storage else None
+        rep = run_worker(
+            args.study, args.storage, parse_list(args.tasks, str, "--tasks"), output,
+            **_storage_opts(args),
+        )  # fmt: skip
+        print(rep.line())
+        return 1 if rep.unfinished else 0
+    return _run_plan(args, _plan(args))
+
+
+def cmd_ablate(args) -> int:
+    return _run_plan(args, _plan(args, "ablation", args.type))
+
+
+def cmd_study(args) -> int:
+    from .sweep import ABLATIONS, parse_list, run_protocol
+
+    kinds = [k for k in parse_list(args.ablations, str, "--ablations") or [] if k != "none"]
+    bad = [k for k in kinds if k not in ABLATIONS]
+    if bad:
+        raise LoralabError(
+            f"--ablations: unknown type(s) {', '.join(bad)}; choose from "
+            f"{', '.join(ABLATIONS)} or none."
+        )
+    plans = [_plan(args)] + [_plan(args, "ablation", k) for k in kinds]
+    reps, report = run_protocol(plans, args.study or "study", args.storage, **_storage_opts(args))
+    for rep in reps:
+        print(rep.line())
+    print(f"report: {report.files[0]} (also .html, .csv)")
+    return 1 if any(rep.unfinished for rep in reps) else 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    rep = report(args.results_dir, args.study, args.storage, args.out)
+    for t in rep.tables[:1]:
+        print(f"{t.title}:")
+        for row in t.rows:
+            print("  " + " | ".join(x for x in row if x))
+    print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "models": cmd_models,
     "merge": cmd_merge,
     "analyze": cmd_analyze,
     "validate": cmd_validate,
+    "sweep": cmd_sweep,
+    "ablate": cmd_ablate,
+    "study": cmd_study,
+    "report": cmd_report,
 }
 
 

@@ -1,0 +1,335 @@
+"""Sweeps on Optuna: the grid, bad inputs, a killed sweep resumed, workers sharing a PostgreSQL study."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import write_mrpc, write_rte, write_sst2
+
+from loralab.cli import main
+from loralab.errors import LoralabError
+from loralab.sweep import ablation_variants, make_plan
+
+TINY = ["train.batch_size=8", "train.logging_steps=5", "train.eval_batch_size=32", "train.save_steps=5"]  # fmt: skip
+FAST = ["--heartbeat", "1", "--grace", "3", "--quiet"]  # a dead worker's point is retried after 3 s
+
+
+def _plan(tmp_path, **kw):
+    return make_plan(model={"name": "tiny-llama"}, results_dir=str(tmp_path / "res"), **kw)
+
+
+def test_default_grid_follows_the_spec(tmp_path):
+    plan = _plan(tmp_path, tasks="sst2,mrpc", seeds="1,2")
+    points = plan.points()
+    assert len(points) == 2 * 2 * (2 + 2)  # tasks × seeds × (LoRA lrs + full lrs)
+    assert sorted({p["lr"] for p in points if p["method"] == "lora"}) == [1e-4, 3e-4]
+    assert sorted({p["lr"] for p in points if p["method"] == "full"}) == [1e-5, 3e-5]
+    assert make_plan(model={"name": "tiny-llama"}).seeds == [42, 1337, 2024]
+    assert points[0]["key"] == "sst2-lora-tiny-llama-lr0.0001-s1-r8-a16-standard"
+    assert points[2]["key"] == "sst2-full-tiny-llama-lr1e-05-s1"
+    cfgs = [plan.config_for(p) for p in points]
+    assert {c.train.batch_size for c in cfgs} == {16}  # the same batch size for both methods
+    assert {c.train.warmup_ratio for c in cfgs} == {0.06}
+    c = cfgs[0]
+    assert (c.run.output_dir, c.run.name) == (str(tmp_path / "res" / "runs"), points[0]["key"])
+    assert (c.train.method, c.train.lr, c.train.seed, c.data.task) == ("lora", 1e-4, 1, "sst2")
+    assert len({p["key"] for p in points}) == len(points)
+
+
+def test_ablation_grids():
+    base = {"r": 8, "alpha": 16.0, "target": "standard"}
+    assert [(v["r"], v["alpha"]) for v in ablation_variants("rank", base)] == [(4, 8), (8, 16), (16, 32)]  # fmt: skip
+    assert [(v["r"], v["alpha"]) for v in ablation_variants("alpha", base)] == [(8, 8), (8, 16), (8, 32)]  # fmt: skip
+    assert [v["target"] for v in ablation_variants("modules", base)] == ["standard", "extended", "all-linear"]  # fmt: skip
+    product = ablation_variants("all", base)
+    assert len(product) == 27 and len({tuple(v.values()) for v in product}) == 27
+    with pytest.raises(LoralabError, match="Unknown ablation type 'depth'"):
+        ablation_variants("depth", base)
+
+
+def test_ablation_plan_and_per_task_overrides(tmp_path):
+    plan = _plan(tmp_path, kind="ablation", ablation="rank", tasks="sst2,mrpc", seeds="1",
+                 lora_lr="1e-3", overrides=["train.max_steps=5", "mrpc:data.max_train_examples=7"])  # fmt: skip
+    assert plan.methods == ["lora"] and plan.group == "ablation-rank"
+    cfgs = {(p["task"], p["r"]): plan.config_for(p) for p in plan.points()}
+    assert len(cfgs) == 6
+    assert cfgs[("mrpc", 16)].data.max_train_examples == 7
+    assert cfgs[("sst2", 16)].data.max_train_examples is None
+    assert cfgs[("sst2", 4)].lora.alpha == 8 and cfgs[("sst2", 4)].train.max_steps == 5
+    assert plan.fingerprint() != _plan(tmp_path, kind="ablation", ablation="rank", tasks="sst2,mrpc",
+                                       seeds="1,2", lora_lr="1e-3").fingerprint()  # fmt: skip
+    with pytest.raises(LoralabError, match="use --lora-lr/--full-lr instead"):
+        _plan(tmp_path, overrides=["train.lr=1e-3"])
+    with pytest.raises(LoralabError, match="rte, which is not in the grid"):
+        _plan(tmp_path, tasks="sst2", overrides=["rte:train.max_steps=5"])
+
+
+def _sweep_args(tmp_path, data, *extra):
+    return ["sweep", "--model", "tiny-llama", "--data-dir", str(data), "--output-dir",
+            str(tmp_path / "res"), "--lora-lr", "1e-3", "--full-lr", "1e-4", *extra]  # fmt: skip
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, capsys):
+    assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "")) == 2
+    assert "The grid is empty: no seeds" in capsys.readouterr().err
+    assert main(_sweep_args(tmp_path, sst2_dir, "--methods", "lora", "--lora-lr", ",")) == 2
+    assert "no lora learning rates" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--type", "depth"])
+    assert e.value.code == 2 and "invalid choice: 'depth'" in capsys.readouterr().err
+    bad_url = "postgresql://nobody@127.0.0.1:9/nothing"  # nothing listens on port 9
+    assert main(_sweep_args(tmp_path, sst2_dir, "--storage", bad_url)) == 2
+    err = capsys.readouterr().err
+    assert (
+        "Cannot open the study storage" in err and "127.0.0.1:9" in err and "Traceback" not in err
+    )
+
+    assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "1,2", "--create-only")) == 0
+    db = tmp_path / "res" / "study.db"
+    before = _sha(db)
+    assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "1,2,3", "--create-only")) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "different grid" in err and "seeds: [1, 2]" in err
+    assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "1,2", "--create-only", "train.max_steps=3")) == 2  # fmt: skip
+    assert "train.max_steps: -1 in the study, 3 now" in capsys.readouterr().err
+    assert _sha(db) == before  # not a byte of the existing study changed
+
+    assert main(["sweep", "worker", "--output-dir", str(tmp_path / "res")]) == 2
+    assert "give --study NAME" in capsys.readouterr().err
+    assert main(["sweep", "worker", "--study", "nope", "--output-dir", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "No study named 'nope'" in err and "Studies there: sweep-sst2" in err
+    assert main(["sweep", "worker", "--study", "sweep-sst2", "--output-dir", str(tmp_path / "res"), "--tasks", "rte"]) == 2  # fmt: skip
+    assert "not in study 'sweep-sst2'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes, real kills
+
+
+def _cli(args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loralab.cli", *args],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _status(run: Path) -> str | None:
+    s = run / "summary.json"
+    return json.loads(s.read_text()).get("status") if s.is_file() else None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state  # a zombie has stopped running
+
+
+def _held(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _steps_saved(run: Path) -> int:
+    """The last complete checkpoint's step (the Trainer writes trainer_state.json last)."""
+    done = (run / "checkpoints").glob("checkpoint-*/trainer_state.json")
+    return max((int(c.parent.name.split("-")[1]) for c in done), default=0)
+
+
+def _kill_mid_run(res: Path, workers: dict[int, subprocess.Popen], need_done: int = 0, timeout=300):
+    """SIGKILL the worker training a point that saved a checkpoint and is far from done."""
+    end = time.time() + timeout
+    while time.time() < end:
+        runs = list((res / "runs").glob("*")) if (res / "runs").is_dir() else []
+        done = [r for r in runs if _status(r) == "completed"]
+        for run in runs:
+            lock = res / "locks" / f"{run.name}.lock"
+            if (len(done) < need_done or _status(run) == "completed" or not lock.is_file()
+                    or not 0 < _steps_saved(run) <= 40):  # of 60 steps  # fmt: skip
+                continue
+            try:
+                info = json.loads(lock.read_text())
+            except ValueError:
+                continue
+            if info.get("pid") in workers and "child_pid" in info and _held(lock):
+                os.kill(info["pid"], signal.SIGKILL)
+                workers[info["pid"]].wait()
+                return run, info
+        assert all(p.poll() is None for p in workers.values()), "a worker finished before the kill"
+        time.sleep(0.05)
+    raise AssertionError("no point was caught mid-run")
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): _sha(p) for p in run.rglob("*") if p.is_file()}
+
+
+def _trials(storage_url: str, study: str):
+    from loralab.sweep import load_study, open_storage
+
+    study, _ = load_study(open_storage(storage_url), study)
+    return study.get_trials(deepcopy=False)
+
+
+def _check_exactly_once(res: Path, trials, keys: set[str]) -> None:
+    from optuna.trial import TrialState
+
+    assert {r.name for r in (res / "runs").iterdir()} == keys  # no run-2 folders: nothing redone
+    for key in keys:
+        run = res / "runs" / key
+        assert _status(run) == "completed", key
+        complete = [t for t in trials if t.user_attrs.get("point") == key and t.state == TrialState.COMPLETE]  # fmt: skip
+        assert len(complete) == 1, (key, complete)
+        attempts = json.loads((run / "sweep.json").read_text())["attempts"]
+        trained = [a for a in attempts if a["action"] in ("train", "resume") and a["outcome"] == "completed"]  # fmt: skip
+        assert len(trained) == 1, (key, attempts)
+        assert [a["action"] for a in attempts if a["action"] == "train"] in (["train"], []), (
+            attempts
+        )
+
+
+def test_killed_sweep_resumes_every_point_exactly_once(tmp_path, sst2_dir):
+    res = tmp_path / "res"
+    args = _sweep_args(tmp_path, sst2_dir, "--seeds", "1,2", "--study", "s", *FAST,
+                       "train.max_steps=60", *TINY)  # fmt: skip
+    first = _cli(args, tmp_path / "first.log")
+    killed_run, info = _kill_mid_run(res, {first.pid: first}, need_done=1)
+    assert first.returncode == -signal.SIGKILL
+    deadline = time.time() + 20
+    while not _gone(info["child_pid"]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _gone(info["child_pid"]), "the training child outlived its killed worker"
+    finished = {r.name: _snapshot(r) for r in (res / "runs").iterdir() if _status(r) == "completed"}
+    assert finished and killed_run.name not in finished
+
+    second = _cli(args, tmp_path / "second.log")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+
+    keys = {p["key"] for p in make_plan(
+        model={"name": "tiny-llama"}, data={"data_dir": str(sst2_dir)}, seeds="1,2", lora_lr="1e-3",
+        full_lr="1e-4", overrides=["train.max_steps=60", *TINY]).points()}  # fmt: skip
+    trials = _trials(f"sqlite:///{res / 'study.db'}", "s")
+    _check_exactly_once(res, trials, keys)
+    for name, files in finished.items():  # results finished before the kill are intact
+        after = _snapshot(res / "runs" / name)
+        assert {k: after[k] for k in files} == files, name
+    summary = json.loads((killed_run / "summary.json").read_text())
+    assert summary["resumed_from"] and "checkpoint-" in summary["resumed_from"]
+    assert summary["steps"] == 60
+    by_worker = {t.user_attrs["worker"]["pid"] for t in trials
+                 if t.user_attrs.get("point") == killed_run.name}  # fmt: skip
+    assert by_worker == {first.pid, second.pid}  # the dead worker's trial was retried
+
+    # The report on that study, from the run directories and from the storage, by hand.
+    assert main(["report", str(res)]) == 0
+    assert main(["report", str(res), "--study", "s", "--out", str(tmp_path / "rep")]) == 0
+    for out in (res / "report", tmp_path / "rep"):
+        assert {"report.md", "report.html", "report.csv", "runs.csv"} <= {p.name for p in out.iterdir()}  # fmt: skip
+        with open(out / "report.csv") as fh:
+            rows = {r["method"]: r for r in csv.DictReader(fh)}
+        accs = {}
+        for run in (res / "runs").iterdir():
+            s = json.loads((run / "summary.json").read_text())
+            accs.setdefault(s["method"], []).append(s["metrics"]["accuracy"])
+        for method in ("lora", "full"):
+            assert float(rows[method]["accuracy_mean"]) == pytest.approx(statistics.mean(accs[method]))  # fmt: skip
+            assert float(rows[method]["accuracy_std"]) == pytest.approx(statistics.stdev(accs[method]))  # fmt: skip
+        delta = 100 * (statistics.mean(accs["lora"]) - statistics.mean(accs["full"]))
+        assert float(rows["lora"]["lora_minus_full_points"]) == pytest.approx(delta)
+        assert rows["lora"]["drop_target_pass"] == str(delta >= -3)
+
+
+def test_study_runs_sweep_then_ablation_then_report(tmp_path, sst2_dir, capsys):
+    res = tmp_path / "res"
+    args = ["study", "--model", "tiny-llama", "--data-dir", str(sst2_dir), "--output-dir", str(res),
+            "--seeds", "1", "--lora-lr", "1e-3", "--full-lr", "1e-4", "--quiet", "train.max_steps=6", *TINY]  # fmt: skip
+    assert main([*args, "--ablations", "rank,depth"]) == 2
+    assert "unknown type(s) depth" in capsys.readouterr().err and not res.exists()
+    assert main([*args, "--ablations", "rank"]) == 0
+    out = capsys.readouterr().out
+    assert "study 'study-sweep': 2/2 points done" in out
+    assert "study 'study-ablate-rank': 3/3 points done (2 run by this worker, 1 reused)" in out
+    runs = sorted(r.name for r in (res / "runs").iterdir())
+    assert len(runs) == 4  # LoRA r=8 and full; the rank ablation reuses r=8, adds r=4 and r=16
+    shared = json.loads((res / "runs" / "sst2-lora-tiny-llama-lr0.001-s1-r8-a16-standard" / "sweep.json").read_text())  # fmt: skip
+    assert shared["groups"] == ["sweep", "ablation-rank"]
+    assert [a["action"] for a in shared["attempts"]] == ["train", "reuse"]
+    md = (res / "report" / "report.md").read_text()
+    assert "## Ablation: rank" in md and "## LoRA vs full fine-tuning" in md
+    assert (res / "report" / "figures" / "ablation_rank.png").is_file()
+
+
+PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
+
+
+@pytest.mark.skipif(not PG_URL, reason="LORALAB_TEST_PG_URL is not set: no PostgreSQL server "
+                    "(.ci/run starts one; by hand: `. .ci/postgres.sh && pg_start`)")  # fmt: skip
+def test_three_workers_share_a_postgres_study(tmp_path):
+    glue = tmp_path / "glue"
+    write_sst2(glue / "sst2")
+    write_mrpc(glue / "mrpc", n=32)
+    write_rte(glue / "rte", n=32)
+    res, study = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
+    common = ["--study", study, "--storage", PG_URL, "--output-dir", str(res), *FAST]
+    create = ["sweep", "--create-only", "--model", "tiny-llama", "--data-dir", str(glue),
+              "--tasks", "sst2,mrpc,rte", "--methods", "lora", "--lora-lr", "1e-3", "--seeds", "1,2",
+              *common, "train.max_steps=60", *TINY]  # fmt: skip
+    assert main(create) == 0
+    filters = {"w1": "mrpc,rte", "w2": "sst2,mrpc", "w3": "sst2,rte"}  # every task on two workers
+    procs = {}
+    for name, tasks in filters.items():
+        p = _cli(["sweep", "worker", *common, "--tasks", tasks], tmp_path / f"{name}.log")
+        procs[p.pid] = p
+    killed_run, info = _kill_mid_run(res, procs)
+    killed = info["pid"]
+    for pid, p in procs.items():
+        if pid != killed:
+            assert p.wait(timeout=600) == 0, [
+                f.read_text()[-2000:] for f in tmp_path.glob("w*.log")
+            ]
+
+    from optuna.trial import TrialState
+
+    trials = _trials(PG_URL, study)
+    keys = {t.user_attrs["point"] for t in trials}
+    assert len(keys) == 6
+    _check_exactly_once(res, trials, keys)
+    for t in trials:  # every attempt, finished or killed, was on a worker allowed that task
+        if "worker" in t.user_attrs:
+            assert t.user_attrs["task"] in t.user_attrs["worker"]["tasks"], t.user_attrs
+    retried = [t for t in trials if t.user_attrs.get("point") == killed_run.name]
+    dead = [t for t in retried if t.user_attrs["worker"]["pid"] == killed]
+    assert len(dead) == 1 and dead[0].state == TrialState.FAIL
+    (done,) = [t for t in retried if t.state == TrialState.COMPLETE]
+    assert done.user_attrs["worker"]["pid"] != killed
+    assert json.loads((killed_run / "summary.json").read_text())["resumed_from"]
+
+    out = tmp_path / "rep"
+    assert main(["report", "--study", study, "--storage", PG_URL, "--out", str(out)]) == 0
+    with open(out / "runs.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+    assert "data:image/png;base64," in (out / "report.html").read_text()
