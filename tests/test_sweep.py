@@ -282,6 +282,14 @@ def test_study_runs_sweep_then_ablation_then_report(tmp_path, sst2_dir, capsys):
     assert "## Ablation: rank" in md and "## LoRA vs full fine-tuning" in md
     assert (res / "report" / "figures" / "ablation_rank.png").is_file()
 
+    # Another study whose points land on these run directories with other settings: refused.
+    before = _snapshot(res / "runs")
+    other = ["sweep", "--study", "other", *args[1 : -len(TINY) - 1], "train.max_steps=7", *TINY]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (train.max_steps: 6 there, 7 in this study)" in err
+    assert _snapshot(res / "runs") == before
+
 
 PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
 

@@ -280,25 +280,25 @@ class Worker:
         from optuna.exceptions import ExperimentalWarning
         from optuna.storages import fail_stale_trials
 
-        warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat API
         ensure_enqueued(self.study, self.plan, self.tasks)
         old = None
         if threading.current_thread() is threading.main_thread():
             old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
-        try:
-            while True:
-                fail_stale_trials(self.study)
-                trial = self._claim()
-                if trial is not None:
-                    self._handle(trial)
-                    continue
-                states = point_states(self.study, self.plan, self.tasks)
-                if "active" not in states.values():
-                    break
-                time.sleep(self.poll)  # others are running the rest; wait for them or their death
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API
+            try:
+                while True:
+                    fail_stale_trials(self.study)
+                    trial = self._claim()
+                    if trial is not None:
+                        self._handle(trial)
+                        continue
+                    if "active" not in point_states(self.study, self.plan, self.tasks).values():
+                        break
+                    time.sleep(self.poll)  # others run the rest: wait for them, or their death
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
         self.report.states = point_states(self.study, self.plan, self.tasks)
         return self.report
 
@@ -346,7 +346,11 @@ class Worker:
                 self.storage.set_trial_user_attr(tid, "duplicate_of", dup)
                 self.storage.set_trial_state_values(tid, TrialState.PRUNED)
                 return
-            outcome, result, error = self._run_point(trial, self.points[key], lease)
+            try:
+                outcome, result, error = self._run_point(trial, self.points[key], lease)
+            except LoralabError:
+                self._finish(tid, "error", None)  # e.g. a foreign run directory: not retried
+                raise
             self.report.handled[key] = outcome
             self._finish(tid, outcome, result)
             if error:
