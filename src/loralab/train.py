@@ -191,7 +191,8 @@ def train(
 ) -> RunResult:
     """Run one experiment and return its run directory, eval metrics and summary.
 
-    `callbacks` are extra `transformers.TrainerCallback`s (e.g. for live tracking or tests).
+    `callbacks` are extra `transformers.TrainerCallback`s (e.g. for live tracking or tests); one
+    with a `trainer` attribute is given the Trainer (its token counters, for benchmarks).
     """
     from transformers import AutoConfig
 
@@ -282,6 +283,9 @@ def _run(
         lm_loss=lm_head,
     )
     tracking_cb.trainer = trainer
+    for cb in extra:  # callbacks that ask for it (a `trainer` attribute) get the trainer too
+        if hasattr(cb, "trainer"):
+            cb.trainer = trainer
     if quiet:
         from transformers.trainer_callback import PrinterCallback
 
