@@ -137,7 +137,10 @@ def _add_validate(sub) -> None:
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument("--steps", type=int, default=10, help="training steps on the probe batch")
     p.add_argument(
-        "--tolerance", type=float, default=1e-4, help="merge equivalence tolerance (fp32)"
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="merge equivalence tolerance (fp32), times max(1, max |logit|)",
     )
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 lora.target=extended"
