@@ -27,7 +27,9 @@ def one_run(data_dir: str, examples: int, out: Path, features: Path, model: str)
         "--data-dir", data_dir, "--max-train-examples", str(examples), "--max-eval-examples", "8",
         "--output-dir", str(out), "--quiet", "train.max_steps=1", "train.save_steps=1000",
     ]  # fmt: skip
-    before = set(features.rglob("*")) if features.exists() else set()
+    # One folder per tokenised (split, inputs) key: a new folder means this run tokenised.
+    # (Files inside old folders don't count: datasets writes its own cache files there.)
+    before = set(features.iterdir()) if features.exists() else set()
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -37,7 +39,7 @@ def one_run(data_dir: str, examples: int, out: Path, features: Path, model: str)
     (run,) = [p for p in out.iterdir() if p.is_dir() and p not in one_run.seen]
     one_run.seen.add(run)
     summary = json.loads((run / "summary.json").read_text())
-    wrote = len(set(features.rglob("*")) - before)
+    wrote = len(set(features.iterdir()) - before)
     return {
         "wall_s": wall,
         "startup_s": wall - summary["train_time_s"] - summary["eval_time_s"],
