@@ -32,9 +32,15 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that changes token ids: vocab, special tokens, post-processing."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(
-        backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode()
-    )
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # A call with truncation=/padding= leaves those settings on the backend; they are per
+        # call, not part of the tokenizer, and keeping them would change the key after any use.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(tokenizer.get_vocab()).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update(tokenizer.padding_side.encode())
     return h.hexdigest()[:16]
