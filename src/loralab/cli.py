@@ -147,6 +147,13 @@ def _add_validate(sub) -> None:
     )
 
 
+def _add_study_modes(p) -> None:
+    p.add_argument(
+        "--create-only", action="store_true", help="create the study; leave the points to workers"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+
+
 def _add_grid(p, methods: bool = True) -> None:
     """Options that define a study's grid (shared by sweep, ablate and study)."""
     p.add_argument(
@@ -199,10 +206,7 @@ def _add_sweep(sub) -> None:
         "machine against a shared PostgreSQL storage. Exit status 0 when every point is done.",
     )
     _add_grid(p)
-    p.add_argument(
-        "--create-only", action="store_true", help="create the study; leave the points to workers"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+    _add_study_modes(p)
 
 
 def _add_ablate(sub) -> None:
@@ -214,10 +218,7 @@ def _add_ablate(sub) -> None:
     )
     p.add_argument("--type", required=True, choices=["rank", "alpha", "modules", "all"])
     _add_grid(p, methods=False)
-    p.add_argument(
-        "--create-only", action="store_true", help="create the study; leave the points to workers"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+    _add_study_modes(p)
 
 
 def _add_study(sub) -> None:

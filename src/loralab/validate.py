@@ -75,12 +75,6 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------
-def _auto_class(lm_head: bool):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForCausalLM if lm_head else AutoModelForSequenceClassification
-
-
 def probe_batch(tok, lm_head: bool) -> dict:
     """The probe sentences as a classifier batch, or (LM head) prompt + verbalizer sequences whose
     labels are -100 everywhere but on the verbalizer tokens."""
@@ -123,15 +117,18 @@ def run_checks(
 
     from .lora import adapted_modules, resolve_targets
     from .models import load_model, load_tokenizer
+    from .tasks import get_task
+    from .train import _auto_class, is_causal
 
     lm_head = cfg.model.head == "lm"
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     tok.padding_side = "right"
-    auto = _auto_class(lm_head)
+    # The probe is SST-2-shaped: a two-label classifier, or the causal LM itself.
+    auto = _auto_class(get_task("sst2"), cfg.model.head)
     load = lambda: load_model(cfg.model.name, auto, **({} if lm_head else {"num_labels": 2}))  # noqa: E731
     base, heads = load()
-    if lm_head and not _is_causal(base):
+    if lm_head and not is_causal(base.config):
         raise LoralabError(
             f"--head lm needs a causal (decoder) language model; {cfg.model.name} is not one."
         )
@@ -239,12 +236,6 @@ def run_checks(
         add("merged_export_loads", plain and d <= 1e-6,
             f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
     return checks
-
-
-def _is_causal(model) -> bool:
-    from .train import is_causal
-
-    return is_causal(model.config)
 
 
 def _trainable_head(model) -> int:
