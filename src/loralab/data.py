@@ -26,6 +26,8 @@ class Splits:
     eval_raw: object
     eval: object
     max_length: int
+    fingerprint: dict | None = None
+    """SHA-256 of the whole (uncapped) train and eval data, so runs on other data never pool."""
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -53,6 +55,14 @@ def _data_fingerprint(raw) -> str:
             json.dumps(raw[:50], sort_keys=True, default=str).encode() + str(len(raw)).encode()
         ).hexdigest()
     )
+
+
+def content_fingerprint(raw) -> str:
+    """SHA-256 of a split's rows in order (independent of where the files lie)."""
+    h = hashlib.sha256()
+    for start in range(0, len(raw), 4096):
+        h.update(json.dumps(raw[start : start + 4096], sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def cached_features(
@@ -110,9 +120,16 @@ def load_splits(
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
     max_length = cfg.max_length or task.default_max_length
     train_raw = task.load("train", cfg.data_dir, cfg.train_file)
+    eval_all = task.load("eval", cfg.data_dir, cfg.eval_file)
+    fingerprint = {
+        "train_sha256": content_fingerprint(train_raw),
+        "eval_sha256": content_fingerprint(eval_all),
+        "train_rows": len(train_raw),
+        "eval_rows": len(eval_all),
+    }
     if cfg.max_train_examples and cfg.max_train_examples < len(train_raw):
         train_raw = train_raw.shuffle(seed=seed).select(range(cfg.max_train_examples))
-    eval_raw = task.load("eval", cfg.data_dir, cfg.eval_file)
+    eval_raw = eval_all
     if cfg.max_eval_examples and cfg.max_eval_examples < len(eval_raw):
         eval_raw = eval_raw.select(range(cfg.max_eval_examples))
     train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length, prompting)
@@ -120,7 +137,7 @@ def load_splits(
     # Length-sorted evaluation: batches of similar length carry little padding. Metrics don't
     # depend on order (QA post-processing joins features to examples by id).
     evals = evals.sort("length")
-    return Splits(train_raw, train, eval_raw, evals, max_length)
+    return Splits(train_raw, train, eval_raw, evals, max_length, fingerprint)
 
 
 def model_inputs(features):

@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import accounting, precision, tracking
 from .callbacks import TrackingCallback
-from .config import ExperimentConfig, from_dict, load_yaml, validate
+from .config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
 from .tasks import Task, get_task
@@ -416,13 +416,13 @@ def _base_summary(
         "head": cfg.model.head,
         "seed": cfg.train.seed,
         "lr": cfg.lr,
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target": cfg.lora.target}
-        if cfg.train.method == "lora"
-        else None,
+        "lora": to_dict(cfg.lora) if cfg.train.method == "lora" else None,
         "examples": {"train": len(splits.train_raw), "eval": len(splits.eval_raw)},
         "features": {"train": len(splits.train), "eval": len(splits.eval)},
         "max_length": splits.max_length,
         "features_version": FEATURES_VERSION,
+        "data_fingerprint": splits.fingerprint,
+        "identity": identity(cfg, splits),
         "params": params,
         "precision": "bf16" if _precision(cfg) else "fp32",
         "param_dtypes": precision.dtypes(model),
@@ -430,6 +430,36 @@ def _base_summary(
         "git_commit": tracking.git_commit(),
         "command": " ".join(sys.argv),
     }
+
+
+# Settings that do not change what a run computes (where it writes, how often it logs/saves).
+_NOT_IDENTITY = {
+    "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
+    "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
+    "model": ("trust_remote_code",),
+}
+
+
+def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
+    """Everything that defines a run's result except its seed: runs pool only when equal.
+
+    The config with data paths replaced by content fingerprints, `auto` values resolved, and
+    the run/tracking sections and bookkeeping intervals dropped. LoRA settings are absent for
+    full fine-tuning (they do not apply).
+    """
+    d = to_dict(cfg)
+    d.pop("run", None)
+    d.pop("tracking", None)
+    for section, keys in _NOT_IDENTITY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    if cfg.train.method != "lora":
+        d.pop("lora")
+    d["train"]["lr"] = cfg.lr
+    d["train"]["precision"] = "bf16" if _precision(cfg) else "fp32"
+    d["data"]["max_length"] = splits.max_length
+    d["data"]["fingerprint"] = splits.fingerprint
+    return d
 
 
 def _save_weights(
