@@ -46,6 +46,7 @@ class Plan:
     base: dict  # ExperimentConfig as a dict, without the `run` section
     per_task: dict = field(default_factory=dict)  # task -> partial config mapping
     results_dir: str = "results"
+    slugged: bool = False  # variants: any lora.* settings (diff from the base), slugged in keys
 
     @property
     def group(self) -> str:
@@ -60,8 +61,12 @@ class Plan:
                 for method in self.methods:
                     for lr in self.lrs.get(method, []):
                         for v in self.variants if method == "lora" else [{}]:
-                            p = {"task": task, "method": method, "lr": lr, "seed": seed,
-                                 "r": v.get("r"), "alpha": v.get("alpha"), "target": v.get("target")}  # fmt: skip
+                            if self.slugged:
+                                p = {"task": task, "method": method, "lr": lr, "seed": seed,
+                                     "lora": dict(v)}  # fmt: skip
+                            else:
+                                p = {"task": task, "method": method, "lr": lr, "seed": seed,
+                                     "r": v.get("r"), "alpha": v.get("alpha"), "target": v.get("target")}  # fmt: skip
                             p["key"] = point_key(p, self.base)
                             out.append(p)
         return out
@@ -98,7 +103,9 @@ class Plan:
             "run": {"output_dir": str(Path(results_dir or self.results_dir) / "runs"),
                     "name": point["key"]},
         }  # fmt: skip
-        if point["method"] == "lora":
+        if "lora" in point:
+            fixed["lora"] = point["lora"]
+        elif point["method"] == "lora":
             fixed["lora"] = {k: point[k] for k in ("r", "alpha", "target")}
         return from_dict(merge_dicts(data, fixed))
 
@@ -116,9 +123,35 @@ def point_key(point: dict, base: dict) -> str:
     model = _slug(Path(base["model"]["name"]).name or base["model"]["name"])
     head = "-lm" if base["model"].get("head") == "lm" else ""
     key = f"{point['task']}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
+    if "lora" in point:
+        return key + variant_slug(point["lora"])
     if point["method"] == "lora":
         key += f"-r{point['r']}-a{_slug(float(point['alpha']))}-{_slug(point['target'])}"
     return key
+
+
+def variant_slug(diff: dict) -> str:
+    """A readable, deterministic suffix for LoRA settings that differ from the base:
+    {} -> '', {r: 16, alpha: 32} -> '-r16-a32', {use_dora: True} -> '-dora'."""
+    from .config import LoraConfig
+
+    order = list(LoraConfig.__dataclass_fields__)
+    parts = []
+    for k in sorted(diff, key=lambda k: order.index(k) if k in order else len(order)):
+        v = diff[k]
+        if k in ("r", "alpha", "dropout"):
+            parts.append(f"{k[0]}{_slug(float(v)) if k != 'r' else v}")
+        elif k == "target":
+            parts.append(_slug(v))
+        elif k in ("use_dora", "use_rslora"):
+            parts.append(k[4:] if v else f"no{k[4:]}")
+        elif k == "init_lora_weights":
+            parts.append(f"init-{_slug(v).lower()}")
+        elif k == "extra":
+            parts.append("extra-" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8])  # fmt: skip
+        else:
+            parts.append(f"{k}-{_slug(v)}")
+    return "".join(f"-{p}" for p in parts)
 
 
 def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
