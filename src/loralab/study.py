@@ -341,7 +341,10 @@ class Phase:
 
     def plan(self, spec: StudySpec, best: dict[str, float] | None, results_dir: str | None = None) -> Plan:  # fmt: skip
         """The phase's sweep plan; `best` = the grid's best lr per method (dependent phases)."""
-        base = dict(spec.base)
+        # The spec's own keys, not every config default: a later loralab that adds a config key
+        # must still recognise the stored study. The model is spelt out: the keys name it.
+        model = from_dict(merge_dicts(spec.base, spec.tasks[self.task])).model
+        base = merge_dicts(spec.base, {"model": {"name": model.name, "head": model.head}})
         if self.kind == "grid":
             methods, lrs, seeds, variants = spec.methods, spec.lrs, spec.grid_seeds, [{}]
             kind, abl_name = "sweep", None

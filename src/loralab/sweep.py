@@ -9,8 +9,11 @@ Grid points are Optuna trials enqueued in WAITING state; `worker.py` claims and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 import time
 import warnings
@@ -170,6 +173,35 @@ def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
     raise LoralabError(f"Unknown ablation type '{kind}': choose one of {', '.join(ABLATIONS)}.")
 
 
+AXIS_KEYS = {"rank": ("lora.r", "lora.alpha"), "alpha": ("lora.r", "lora.alpha"),
+             "modules": ("lora.target",), "all": ("lora.r", "lora.alpha", "lora.target")}  # fmt: skip
+
+
+def check_honoured(kind: str, ablation: str | None, glob: list[str], per_task: list[str]) -> None:
+    """Overrides the grid would silently replace are errors, never ignored."""
+    for item in glob + per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()  # per-task items: TASK:key=value
+        if key.startswith("run."):
+            raise LoralabError(
+                f"{item} cannot be honoured: every point's run directory is RESULTS/runs/<point> "
+                "(the results folder is --output-dir; the folder name is the point's key). Drop it."
+            )
+        if kind == "ablation" and key in AXIS_KEYS.get(ablation or "", ()):
+            raise LoralabError(
+                f"{item} cannot be honoured: the {ablation} ablation sets "
+                f"{' and '.join(AXIS_KEYS[ablation])} per point. Drop it, or describe the values "
+                "you want as an ablation axis in a study spec (`loralab study SPEC.yaml`)."
+            )
+    for item in per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()
+        if key in ("lora.r", "lora.alpha", "lora.target"):
+            raise LoralabError(
+                f"{item} cannot be honoured: a sweep sets {key} per point from the common LoRA "
+                "settings, the same for every task. Give it for every task (without the task "
+                "prefix), or use a study spec with per-task settings."
+            )
+
+
 def parse_list(text: str | None, kind: type, name: str) -> list | None:
     """'1e-4,3e-4' -> [0.0001, 0.0003]; None stays None (use the default)."""
     if text is None:
@@ -220,6 +252,7 @@ def make_plan(
         key = item.split("=", 1)[0].strip()
         if key in grid_keys:
             raise LoralabError(f"{key} is set per point by the grid: use {grid_keys[key]} instead.")
+    check_honoured(kind, ablation, glob, [f"{t}:{x}" for t, v in per_task_items.items() for x in v])
     base_cfg = build_config(config, glob, **sections)
     task_list = parse_list(tasks, str, "--tasks")
     task_list = [base_cfg.data.task] if task_list is None else task_list
@@ -320,7 +353,7 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
     elif url.startswith("sqlite"):
         engine = {"connect_args": {"timeout": 60}}  # several local workers wait on the file lock
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _creation_lock(url):
             warnings.simplefilter("ignore")  # heartbeats are marked experimental
             return RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
@@ -333,6 +366,25 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
             "(postgresql://user:password@host:5432/db or sqlite:///path/study.db), that the "
             "server is running and reachable from this machine, and the credentials."
         ) from None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """SQLite: one process at a time creates the tables (workers started together raced to
+    "table studies already exists"); a file lock beside the database, dropped by the kernel."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(url[len("sqlite:///") :] + ".lock")
+    if not lock.parent.is_dir():
+        yield  # a bad path: RDBStorage says so
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _with_driver(url: str) -> str:
@@ -484,23 +536,3 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     if create_only:
         return None
     return Worker(st, name, None, plan.results_dir, heartbeat, quiet).run()
-
-
-def run_protocol(plans: list[Plan], prefix: str = "study", storage: str | None = None,
-                 heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-                 max_retry: int = DEFAULT_MAX_RETRY, report_dir: str | None = None,
-                 quiet: bool = False):  # fmt: skip
-    """`loralab study`: the sweep and the ablations, one study each, then the report."""
-    from .report import load_runs, write_report
-    from .worker import Worker
-
-    results = plans[0].results_dir
-    st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
-    names = []
-    for plan in plans:  # create (or check) every study first: a bad one fails before any training
-        kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
-        names.append(f"{prefix}-{kind}")
-        create_or_check(st, names[-1], plan)
-    reports = [Worker(st, name, None, results, heartbeat, quiet).run() for name in names]
-    out = report_dir or Path(results) / "report"
-    return reports, write_report(load_runs(results), out, f"run directories under {results}")
