@@ -322,7 +322,7 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
         attempts = json.loads((run / "sweep.json").read_text())["attempts"]
         trained = [a for a in attempts if a["action"] in ("train", "resume") and a["outcome"] == "completed"]  # fmt: skip
         assert len(trained) == 1, (key, attempts)  # one training finished per point, ever
-        assert [a["action"] for a in attempts].count("train") == 1, attempts
+        assert [a["action"] for a in attempts].count("train") <= 1, attempts  # killed: no note
     st = open_storage(storage)
     for name in ("grid", "seeds", "ablate-rank"):
         for task in ("sst2", "mrpc"):
