@@ -316,6 +316,15 @@ def test_overrides_a_command_cannot_honour_exit_2(tmp_path, capsys, argv, messag
     assert message in capsys.readouterr().err and not res.exists()
 
 
+def test_validate_refuses_overrides_it_would_ignore(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    for item in ("train.lr=1e-3", "data.task=mrpc", "run.output_dir=x"):
+        assert main(["validate", "--model", "tiny-llama", "--out", str(out), item]) == 2
+        err = capsys.readouterr().err
+        assert f"{item} cannot be honoured: `loralab validate` uses only model.*, lora.*, train.seed" in err  # fmt: skip
+    assert not out.exists()
+
+
 def test_overrides_an_ablation_honours(tmp_path):
     plan = make_plan(kind="ablation", ablation="modules", model={"name": "tiny-llama"},
                      overrides=["lora.r=16", "lora.alpha=32", "lora.dropout=0.1"])  # fmt: skip
@@ -360,13 +369,13 @@ def _gone(pid: int) -> bool:
 
 def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeout=300):
     """SIGKILL `proc` once a point of `task` it trains has a complete checkpoint at or before
-    step 25 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
+    step 20 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
     end = time.time() + timeout
     while time.time() < end:
         for run in (res / "runs").glob(f"{task}-*") if (res / "runs").is_dir() else []:
             lock = res / "locks" / f"{run.name}.lock"
             saved = [int(c.parent.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*/trainer_state.json")]  # fmt: skip
-            if _status(run) or not lock.is_file() or not saved or max(saved) > 25:
+            if _status(run) or not lock.is_file() or not saved or max(saved) > 20:
                 continue
             try:
                 info = json.loads(lock.read_text())

@@ -377,6 +377,7 @@ def cmd_validate(args) -> int:
     from .tracking import write_json
     from .validate import as_json, run_checks
 
+    _refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     checks = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
     report = as_json(checks, cfg)
@@ -394,6 +395,18 @@ def cmd_validate(args) -> int:
         f"{len(checks) - report['n_failed']}/{len(checks)} checks passed; report: {args.out}"
     )
     return 0 if report["passed"] else 1
+
+
+def _refuse_unused(overrides: list[str], used: tuple[str, ...], command: str) -> None:
+    """Overrides a command would ignore are errors (exit 2), never silently dropped."""
+    for item in overrides:
+        if not item.strip().startswith(used):
+            raise LoralabError(
+                f"{item} cannot be honoured: `loralab {command}` uses only "
+                f"{', '.join(u.rstrip('=') + ('*' if u.endswith('.') else '') for u in used)} "
+                "from the config (its probe data, steps and learning rate are its own options). "
+                "Drop it."
+            )
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):

@@ -283,6 +283,17 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     return spec
 
 
+def select_tasks(spec: StudySpec, tasks: list[str] | None) -> list[str]:
+    """The spec's tasks that `--tasks` selects (all without it); unknown names are errors."""
+    unknown = sorted(set(tasks or []) - set(spec.tasks))
+    if unknown:
+        raise LoralabError(
+            f"--tasks {','.join(unknown)}: not in the study spec (its tasks: "
+            f"{', '.join(spec.tasks)})."
+        )
+    return [t for t in spec.tasks if not tasks or t in tasks]
+
+
 def check_data(spec: StudySpec, tasks: list[str]) -> None:
     """Every local data path of the selected tasks exists (before anything is created)."""
     for t in tasks:
@@ -412,7 +423,7 @@ class StudyOutcome:
 def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
-    for ph in phases(spec, tasks):
+    for ph in phases(spec, select_tasks(spec, tasks)):
         first = {m: v[0] for m, v in spec.lrs.items()}
         pts = ph.plan(spec, first).points()
         when = " (lr: the grid's best per method, once the grid is complete)" if ph.needs_grid else ""  # fmt: skip
@@ -511,11 +522,7 @@ def run_study(
     is left; then write the report of every run under the results folder."""
     from optuna.exceptions import ExperimentalWarning
 
-    unknown = sorted(set(tasks or []) - set(spec.tasks))
-    if unknown:
-        raise LoralabError(f"--tasks {','.join(unknown)}: not in the study spec (its tasks: {', '.join(spec.tasks)}).")  # fmt: skip
-    selected = [t for t in spec.tasks if not tasks or t in tasks]
-    check_data(spec, selected)
+    check_data(spec, select_tasks(spec, tasks))
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
     runner = _Runner(spec, st, study or spec.name, tasks, results, heartbeat, quiet)
