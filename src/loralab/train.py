@@ -5,6 +5,7 @@ LoRA and full fine-tuning share every line here except the wrapping step in `bui
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -88,14 +89,23 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
     causal = is_causal(model.config)
     if cfg.train.method == "lora":
         model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task, head))
-        if _precision(cfg):
+        if _precision(cfg, model.config):
             precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
+            precision.bridge_dtypes(model, heads)  # callable outside the trainer's autocast too
     return BuiltModel(model, tokenizer, heads, causal)
 
 
-def _precision(cfg: ExperimentConfig) -> bool:
-    """True when bf16 autocast is on (`auto`: where this machine multiplies bf16 natively)."""
-    return precision.resolve(cfg.train.precision) == "bf16"
+def _precision(cfg: ExperimentConfig, model_config=None) -> bool:
+    """True when bf16 autocast is on (`auto`: measured on this machine, see precision.decide)."""
+    shape = precision.model_shape(model_config) if model_config is not None else None
+    return precision.resolve(cfg.train.precision, shape) == "bf16"
+
+
+def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
+    """A copy of `cfg` with `train.precision` resolved for this model and machine, and why."""
+    decision = precision.decide(cfg.train.precision, precision.model_shape(model_config))
+    train_cfg = dataclasses.replace(cfg.train, precision=decision["precision"])
+    return dataclasses.replace(cfg, train=train_cfg), decision
 
 
 class LoralabTrainer(Trainer):
@@ -214,6 +224,7 @@ def train(
     config = AutoConfig.from_pretrained(
         resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
     )
+    cfg, precision_decision = resolve_precision(cfg, config)
     prompting = None
     if cfg.model.head == "lm":
         from .lm import prompting_for
@@ -244,6 +255,7 @@ def train(
         start,
         callbacks or [],
         prompting,
+        precision_decision,
     )
 
 
@@ -259,6 +271,7 @@ def _run(
     start,
     extra,
     prompting=None,
+    precision_decision=None,
 ):
     model = built.model
     lm_head = prompting is not None
@@ -296,6 +309,7 @@ def _run(
         checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
     summary = _base_summary(cfg, run_dir, params, splits, model)
     summary["resumed_from"] = checkpoint
+    summary["precision_decision"] = precision_decision
     summary["new_modules"] = built.heads  # freshly initialised (trained in full) head modules
     evaluate = _evaluator(cfg, task, built, splits, trainer, prompting, quiet)
     if lm_head and task.kind == "classification" and not resuming:
