@@ -9,6 +9,8 @@ from loralab import attention
 from loralab.config import build_config
 from loralab.train import train
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):

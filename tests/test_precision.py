@@ -12,6 +12,8 @@ from loralab.runs import load_adapter_model
 from loralab.tasks import get_task
 from loralab.train import train
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 
 class _Keep(TrainerCallback):
     """Keeps the trained model and the dtypes seen during the first training step."""

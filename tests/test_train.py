@@ -17,6 +17,8 @@ from loralab.models import load_tokenizer
 from loralab.tasks import get_task
 from loralab.train import build_model
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 TINY_ARGS = ["train.batch_size=8", "train.logging_steps=2", "train.save_steps=4"]
 
 
