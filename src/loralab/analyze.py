@@ -187,6 +187,16 @@ def _compare_report(f1: list[an.LoraFactors], f2: list[an.LoraFactors]) -> tuple
     return modules, by_kind
 
 
+def _check_variant(run_dir: Path, cfg) -> None:
+    why = an.unsupported_variant(cfg.lora)
+    if why:
+        raise LoralabError(
+            f"Run '{run_dir}' uses a LoRA variant the adapter analysis does not cover yet: {why}. "
+            "Its statistics would be wrong, so none are written. Plain LoRA, rsLoRA and "
+            "Gaussian-initialised adapters are supported."
+        )
+
+
 def analyze(
     run_dir: str | Path,
     compare: str | Path | None = None,
@@ -201,9 +211,11 @@ def analyze(
     from .train import is_causal
 
     run_dir, cfg, mods = _open_adapter_run(run_dir)
+    _check_variant(run_dir, cfg)
     other_dir = other_cfg = None
     if compare is not None:
         other_dir, other_cfg, other_mods = _open_adapter_run(compare)
+        _check_variant(other_dir, other_cfg)
         _check_comparable(cfg, mods, other_dir, other_cfg, other_mods)
         _heatmap_modules(sorted(mods), layer)  # a bad --layer fails before the slow part
     task = get_task(cfg.data.task)

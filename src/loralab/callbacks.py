@@ -19,7 +19,11 @@ def adapter_records(model) -> dict[str, float]:
     """`lora_adapters/*` and `lora_rank/*` for a PEFT model: per module, by kind, overall."""
     out: dict[str, float] = {}
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for f in analysis.lora_factors(model):
+    try:
+        factors = analysis.lora_factors(model)
+    except analysis.UnsupportedVariant:
+        return out  # a variant the factor statistics would misdescribe: log none
+    for f in factors:
         stats = analysis.module_stats(f)
         by_kind[analysis.module_kind(f.name)].append(stats)
         for k in _PER_MODULE_ADAPTER:

@@ -246,7 +246,7 @@ def lora_update_norms(model: nn.Module) -> dict:
 
     from .analysis import lora_factors
 
-    factors = lora_factors(model)
+    factors = lora_factors(model, check_variant=False)  # counts layers, reads B only
     zero = [f.name for f in factors if not torch.any(f.B)]
     heads = [
         n.removeprefix("base_model.model.")

@@ -145,7 +145,7 @@ def run_checks(
     add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
 
     model = wrap(cfg, base, heads)
-    factors = analysis.lora_factors(model)
+    factors = analysis.lora_factors(model, check_variant=False)
     add("peft_wrapping_applied", isinstance(model, PeftModel) and factors,
         f"{type(model).__name__} with {len(factors)} LoRA layers")  # fmt: skip
     add("adapted_module_count", len(factors) == len(expected),
@@ -197,7 +197,7 @@ def run_checks(
         f"sha256 {before[:12]}… before, {after[:12]}… after",
     )
 
-    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model)]
+    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model, check_variant=False)]
     finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
     in_range = all(0 < s["effective_rank"] <= cfg.lora.r + 1e-4 for s in stats)
     add("analysis_utilities_run", stats and finite and in_range,
