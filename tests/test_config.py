@@ -112,3 +112,19 @@ def test_every_shipped_config_validates(path):
 def test_configs_exist_for_every_task():
     names = {p.stem for p in CONFIGS}
     assert {"sst2", "mrpc", "rte", "squad_v2"} <= names
+
+
+STUDIES = sorted((Path(__file__).parent.parent / "configs" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_shipped_study_spec_validates(path):
+    from loralab.study import load_spec, phases
+
+    spec = load_spec(path)  # validates every point's config; data need not exist here
+    assert spec.name == path.stem and phases(spec)
+
+
+def test_every_yaml_under_configs_is_checked():
+    every = set((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+    assert every == set(CONFIGS) | set(STUDIES) and len(STUDIES) >= 3

@@ -90,6 +90,51 @@ def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
     assert own == str(Path("../shared/data") / "glue" / "mrpc")
 
 
+@pytest.mark.parametrize(
+    "name,model", [("smollm2-cpu", "smollm2-135m"), ("minilm-cpu", "minilm-l6")]
+)
+def test_cpu_specs_follow_issue_14(name, model):
+    spec = load_spec(TINY.parent / f"{name}.yaml")
+    assert spec.output_dir == f"results/{name}" and spec.seeds == [42, 1337, 2024]
+    assert spec.lrs == {"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5]}
+    assert spec.lr_selection == "grid_on_first_seed" and not spec.ablations
+    data = Path("../shared/data")
+    want = {  # task: (data_dir or train/eval files, train cap, eval cap, epochs)
+        "sst2": (str(data / "glue/sst2"), None, 4000, None, 1.0),
+        "mrpc": (str(data / "glue/mrpc"), None, None, None, 3.0),
+        "rte": (str(data / "glue/rte"), None, None, None, 3.0),
+        "squad_v2": (None, str(data / "squad_v2/train-offline.json"), 2000, 1000, 1.0),
+    }
+    points = 0
+    for ph in phases(spec):
+        plan = ph.plan(spec, {"lora": 3e-4, "full": 1e-5})
+        for p in plan.points():
+            points += 1
+            c = plan.config_for(p)
+            d, f, n_train, n_eval, epochs = want[c.data.task]
+            assert (c.data.data_dir, c.data.train_file, c.data.max_train_examples) == (
+                d,
+                f,
+                n_train,
+            )
+            assert (c.data.max_eval_examples, c.train.epochs, c.train.max_steps) == (
+                n_eval,
+                epochs,
+                -1,
+            )
+            if f:
+                assert c.data.eval_file == str(data / "squad_v2/eval-offline.json")
+            assert (c.model.name, c.model.head) == (model, "classifier")
+            assert (c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target) == (
+                8,
+                16.0,
+                0.05,
+                "standard",
+            )
+            assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
+    assert points == 4 * (3 + 2 + 2 * 2)  # grid on seed 42, then 2 methods × 2 seeds per task
+
+
 def test_variant_slugs_and_axes(tmp_path):
     assert variant_slug({}) == ""
     assert variant_slug({"alpha": 32.0, "r": 16}) == "-r16-a32"
@@ -165,9 +210,18 @@ BAD_SPECS = [
     ({"seed": [1]}, "'seed' is not a study setting"),
     ({"name": "my study"}, "'name' must be a name of letters"),
     ({"tasks": {"sst3": {}}}, "'tasks.sst3' is not a task"),
-    ({"tasks": {"sst2": {"train": {"lr": 1e-3}}}}, "'tasks.sst2.train.lr' cannot be set in a study: learning rates are listed under `lr:`"),  # fmt: skip
-    ({"tasks": {"sst2": {"max_trian_examples": 5}}}, "'tasks.sst2.max_trian_examples' is not a task setting"),  # fmt: skip
-    ({"tasks": {"sst2": {"max_length": 8}}}, "point sst2-lora-tiny-llama-lr0.001-s1: data.max_length must be at least 16"),
+    (
+        {"tasks": {"sst2": {"train": {"lr": 1e-3}}}},
+        "'tasks.sst2.train.lr' cannot be set in a study: learning rates are listed under `lr:`",
+    ),
+    (
+        {"tasks": {"sst2": {"max_trian_examples": 5}}},
+        "'tasks.sst2.max_trian_examples' is not a task setting",
+    ),
+    (
+        {"tasks": {"sst2": {"max_length": 8}}},
+        "point sst2-lora-tiny-llama-lr0.001-s1: data.max_length must be at least 16",
+    ),
     ({"base": {"run": {"output_dir": "x"}}}, "'base.run' is not a config section here"),
     ({"base": {"lora": {"r": "x"}}}, "in 'base': Bad value 'x' for 'lora.r'"),
     ({"base": {"data": {"task": "rte"}}}, "'base.data.task' cannot be set in a study"),
@@ -177,13 +231,28 @@ BAD_SPECS = [
     ({"lr": {"lora": [1e-3, 1e-3], "full": [1e-4]}}, "'lr.lora' repeats a value"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
     ({"lr_selection": "best_of_all"}, "'lr_selection' must be grid_on_first_seed or full_grid"),
-    ({"ablations": [{"lora.r": [4], "lora.alpha": [8]}]}, "'ablations[0]' must name exactly one lora.* axis"),  # fmt: skip
+    (
+        {"ablations": [{"lora.r": [4], "lora.alpha": [8]}]},
+        "'ablations[0]' must name exactly one lora.* axis",
+    ),
     ({"ablations": [{"lora.rank": [4]}]}, "'ablations[0].lora.rank' is not a LoRA setting"),
-    ({"ablations": [{"lora.r": [0, 4]}]}, "in 'ablations[0].lora.r': lora.r must be a positive integer"),  # fmt: skip
-    ({"ablations": [{"lora.alpha": [8], "scale_alpha": True}]}, "'ablations[0].scale_alpha' must be true or false, and only goes with lora.r"),  # fmt: skip
-    ({"ablations": [{"lora.r": [4], "tasks": ["rte"]}]}, "'ablations[0].tasks' must be a non-empty list of the study's tasks"),  # fmt: skip
+    (
+        {"ablations": [{"lora.r": [0, 4]}]},
+        "in 'ablations[0].lora.r': lora.r must be a positive integer",
+    ),
+    (
+        {"ablations": [{"lora.alpha": [8], "scale_alpha": True}]},
+        "'ablations[0].scale_alpha' must be true or false, and only goes with lora.r",
+    ),
+    (
+        {"ablations": [{"lora.r": [4], "tasks": ["rte"]}]},
+        "'ablations[0].tasks' must be a non-empty list of the study's tasks",
+    ),
     ({"ablations": [{"lora.r": [4]}, {"lora.r": [16]}]}, "has two axes named alike"),
-    ({"methods": ["full"], "lr": {"full": [1e-4]}}, "'ablations[0].lr' is 'best' (the default), but the study has no LoRA grid"),  # fmt: skip
+    (
+        {"methods": ["full"], "lr": {"full": [1e-4]}},
+        "'ablations[0].lr' is 'best' (the default), but the study has no LoRA grid",
+    ),
 ]
 
 
@@ -217,12 +286,27 @@ def test_cli_errors_exit_2_and_create_nothing(tmp_path, data_root, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["ablate", "--type", "rank", "lora.r=32"], "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha per point"),  # fmt: skip
-        (["ablate", "--type", "alpha", "lora.alpha=4"], "lora.alpha=4 cannot be honoured: the alpha ablation"),  # fmt: skip
-        (["ablate", "--type", "modules", "lora.target=all-linear"], "lora.target=all-linear cannot be honoured: the modules ablation"),  # fmt: skip
+        (
+            ["ablate", "--type", "rank", "lora.r=32"],
+            "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha per point",
+        ),  # fmt: skip
+        (
+            ["ablate", "--type", "alpha", "lora.alpha=4"],
+            "lora.alpha=4 cannot be honoured: the alpha ablation",
+        ),  # fmt: skip
+        (
+            ["ablate", "--type", "modules", "lora.target=all-linear"],
+            "lora.target=all-linear cannot be honoured: the modules ablation",
+        ),  # fmt: skip
         (["ablate", "--type", "all", "sst2:lora.r=4"], "sst2:lora.r=4 cannot be honoured"),
-        (["sweep", "run.output_dir=elsewhere"], "run.output_dir=elsewhere cannot be honoured: every point's run directory"),  # fmt: skip
-        (["sweep", "sst2:lora.alpha=8"], "sst2:lora.alpha=8 cannot be honoured: a sweep sets lora.alpha per point from the common LoRA settings"),  # fmt: skip
+        (
+            ["sweep", "run.output_dir=elsewhere"],
+            "run.output_dir=elsewhere cannot be honoured: every point's run directory",
+        ),  # fmt: skip
+        (
+            ["sweep", "sst2:lora.alpha=8"],
+            "sst2:lora.alpha=8 cannot be honoured: a sweep sets lora.alpha per point from the common LoRA settings",
+        ),  # fmt: skip
     ],
 )
 def test_overrides_a_command_cannot_honour_exit_2(tmp_path, capsys, argv, message):
@@ -375,9 +459,10 @@ def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
     res, prefix = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), "--storage",
               PG_URL, "--study", prefix, *FAST]  # fmt: skip
-    # Overlapping tasks: both workers may create mrpc's dependent studies and claim its points.
+    # Split by task, and a third worker on both: it races the others to create the dependent
+    # studies and to claim their points.
     procs = {name: _cli(["study", *common, "--tasks", tasks], tmp_path / f"{name}.log")
-             for name, tasks in (("w1", "sst2,mrpc"), ("w2", "mrpc"))}  # fmt: skip
+             for name, tasks in (("w1", "sst2"), ("w2", "mrpc"), ("w3", "sst2,mrpc"))}  # fmt: skip
     for name, p in procs.items():
         assert p.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     keys = _expected_keys(res)

@@ -263,16 +263,16 @@ def test_killed_sweep_resumes_every_point_exactly_once(tmp_path, sst2_dir):
         assert rows["lora"]["drop_target_pass"] == str(delta >= -3)
 
 
-def test_study_runs_sweep_then_ablation_then_report(tmp_path, sst2_dir, capsys):
+def test_sweep_then_ablation_reuses_runs_then_report(tmp_path, sst2_dir, capsys):
     res = tmp_path / "res"
-    args = ["study", "--model", "tiny-llama", "--data-dir", str(sst2_dir), "--output-dir", str(res),
-            "--seeds", "1", "--lora-lr", "1e-3", "--full-lr", "1e-4", "--quiet", "train.max_steps=6", *TINY]  # fmt: skip
-    assert main([*args, "--ablations", "rank,depth"]) == 2
-    assert "unknown type(s) depth" in capsys.readouterr().err and not res.exists()
-    assert main([*args, "--ablations", "rank"]) == 0
+    common = ["--model", "tiny-llama", "--data-dir", str(sst2_dir), "--output-dir", str(res),
+              "--seeds", "1", "--lora-lr", "1e-3", "--quiet"]  # fmt: skip
+    assert main(["sweep", *common, "--full-lr", "1e-4", "train.max_steps=6", *TINY]) == 0
+    assert "study 'sweep-sst2': 2/2 points done" in capsys.readouterr().out
+    assert main(["ablate", "--type", "rank", *common, "train.max_steps=6", *TINY]) == 0
     out = capsys.readouterr().out
-    assert "study 'study-sweep': 2/2 points done" in out
-    assert "study 'study-ablate-rank': 3/3 points done (2 run by this worker, 1 reused)" in out
+    assert "study 'ablate-rank-sst2': 3/3 points done (2 run by this worker, 1 reused)" in out
+    assert main(["report", str(res)]) == 0
     runs = sorted(r.name for r in (res / "runs").iterdir())
     assert len(runs) == 4  # LoRA r=8 and full; the rank ablation reuses r=8, adds r=4 and r=16
     shared = json.loads((res / "runs" / "sst2-lora-tiny-llama-lr0.001-s1-r8-a16-standard" / "sweep.json").read_text())  # fmt: skip
@@ -284,7 +284,7 @@ def test_study_runs_sweep_then_ablation_then_report(tmp_path, sst2_dir, capsys):
 
     # Another study whose points land on these run directories with other settings: refused.
     before = _snapshot(res / "runs")
-    other = ["sweep", "--study", "other", *args[1 : -len(TINY) - 1], "train.max_steps=7", *TINY]
+    other = ["sweep", "--study", "other", *common, "--full-lr", "1e-4", "train.max_steps=7", *TINY]
     assert main(other) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings (train.max_steps: 6 there, 7 in this study)" in err

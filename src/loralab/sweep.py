@@ -353,12 +353,21 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
     elif url.startswith("sqlite"):
         engine = {"connect_args": {"timeout": 60}}  # several local workers wait on the file lock
     try:
-        with warnings.catch_warnings(), _creation_lock(url):
-            warnings.simplefilter("ignore")  # heartbeats are marked experimental
-            return RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
-                grace_period=int(grace or 3 * heartbeat), **{cb_name: retry_cls(max_retry=max_retry)},
-            )  # fmt: skip
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings(), _creation_lock(url):
+                    warnings.simplefilter("ignore")  # heartbeats are marked experimental
+                    return RDBStorage(
+                        url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
+                        grace_period=int(grace or 3 * heartbeat), **{cb_name: retry_cls(max_retry=max_retry)},
+                    )  # fmt: skip
+            except Exception as e:
+                # Workers starting together on a new database race to create its tables (on
+                # PostgreSQL across machines, where no file lock reaches): the loser retries.
+                text = str(e)
+                if attempt == 2 or not ("already exists" in text or "duplicate key" in text):
+                    raise
+                time.sleep(1.0 + attempt)
     except Exception as e:  # driver, network, permissions, bad URL: all the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoralabError(
