@@ -490,13 +490,22 @@ def cmd_study(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import CONSOLE_COLUMNS, report
 
     rep = report(args.results_dir, args.study, args.storage, args.out)
-    for t in rep.tables[:1]:
-        print(f"{t.title}:")
-        for row in t.rows:
-            print("  " + " | ".join(x for x in row if x))
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    main_table = rep.tables[0]
+    shown = [main_table.headers.index(h) for h in CONSOLE_COLUMNS]
+    table = Table(title=main_table.title, caption="All columns: report.md/.html/.csv")
+    for i in shown:
+        table.add_column(main_table.headers[i], overflow="fold")
+    for row in main_table.rows:
+        table.add_row(*[row[i] for i in shown])
+    Console(width=max(Console().width, 200)).print(table)
     print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
     return 0
 
