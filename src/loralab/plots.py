@@ -19,19 +19,21 @@ def _figure(n: int, width: float = 4.6, height: float = 3.4, cols: int = 3):
 
     ncols = min(n, cols)
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(width * ncols + 1.8, height * nrows), layout="constrained")
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
 
 
 def _legend_outside(fig, axes) -> None:
-    """One legend for the figure, right of the panels (constrained layout makes room)."""
+    """One legend for the figure, below the panels (constrained layout makes room), so it
+    covers no data and no title."""
     seen: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", fontsize=8,
+                   ncols=min(3, len(seen)), frameon=False)  # fmt: skip
 
 
 def _ms(cell) -> tuple[float, float]:

@@ -405,7 +405,7 @@ class Comparison:
         mean, lo, hi = self.interval
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:
-            return f"uninformative: both within {UNINFORMATIVE_POINTS:g} point of the majority baseline; {mean:+.2f}{ci}"  # fmt: skip
+            return f"uninformative (both ≤ {UNINFORMATIVE_POINTS:g} pt from majority): {mean:+.2f}{ci}"
         return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
 
 
@@ -650,7 +650,8 @@ STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
     "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px;text-align:left;"
     "vertical-align:top}th{background:#eee}.note{color:#555;max-width:1100px}"
-    "img{max-width:100%}.badge{display:inline-block;padding:1px 7px;border-radius:4px;"
+    "img{max-width:100%;max-height:760px}figure{margin:1em 0}"
+    "figcaption{color:#555;font-style:italic}.badge{display:inline-block;padding:1px 7px;border-radius:4px;"
     "font-weight:bold;color:#fff;margin-right:4px}.pass{background:#1a7f37}"
     ".fail{background:#cf222e}.uninf{background:#9a6700}.na{background:#6e7781}"
     ".warn{background:#fff8c5;border:1px solid #d4a72c;padding:.5em 1em}"
