@@ -392,9 +392,7 @@ def cmd_validate(args) -> int:
         table.add_column(col, overflow="fold")
     for c in result.checks:
         table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
-    targets = Table(
-        title="targets (reported; they fail the command only with --strict)"
-    )
+    targets = Table(title="targets (reported; they fail the command only with --strict)")
     for col in ("target", "result", "figure", "detail"):
         targets.add_column(col, overflow="fold")
     for t in result.targets:

@@ -405,7 +405,9 @@ class Comparison:
         mean, lo, hi = self.interval
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:
-            return f"uninformative (both ≤ {UNINFORMATIVE_POINTS:g} pt from majority): {mean:+.2f}{ci}"
+            return (
+                f"uninformative (both ≤ {UNINFORMATIVE_POINTS:g} pt from majority): {mean:+.2f}{ci}"
+            )
         return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
 
 
