@@ -26,7 +26,19 @@ from loralab.stats import t_interval, t_quantile
 
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target": "standard", "bias": "none",
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "extra": {}}  # fmt: skip
-FP = "ab" * 32  # a data fingerprint
+
+
+def fingerprint(train="ab", eval="ef"):
+    """What data.load_splits records: SHA-256 of the uncapped train and eval rows, row counts."""
+    return {
+        "train_sha256": train * 32,
+        "eval_sha256": eval * 32,
+        "train_rows": 100,
+        "eval_rows": 50,
+    }
+
+
+FP = fingerprint()
 
 
 def identity(task="sst2", method="lora", lr=3e-4, lora=None, head="classifier", fp=FP,
@@ -216,15 +228,15 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert len(runs) == len(RUNS)  # the unfinished run is not a result
 
     md = (tmp_path / "out" / "report.md").read_text()
-    row = "| sst2 | classifier | tiny-llama | lora | r=8 α=16 | abababab uncapped | 1 ep (10 steps) | 0.0003 | 3 | accuracy: 87.00 ± 2.00 |"  # fmt: skip
+    row = "| sst2 | classifier | tiny-llama | lora | r=8 α=16 | abababab/efefefef uncapped | 1 ep (10 steps) | 0.0003 | 3 | accuracy: 87.00 ± 2.00 |"  # fmt: skip
     assert row in md
     assert "1: -8.00, 2: -4.00, 3: -3.00" in md
     assert f"FAIL: -5.00 [{-5 - half:+.2f}, {-5 + half:+.2f}]" in md and "FAIL: 0.340%" in md
     assert "PASS: -1.00 [" in md and "PASS: 0.250%" in md
-    assert "| mrpc | classifier | tiny-llama | lora | r=8 α=16 | abababab uncapped | 1 ep (10 steps) | 0.0003 | 2 (+1 diverged) |" in md  # fmt: skip
+    assert "| mrpc | classifier | tiny-llama | lora | r=8 α=16 | abababab/efefefef uncapped | 1 ep (10 steps) | 0.0003 | 2 (+1 diverged) |" in md  # fmt: skip
     assert "ddof = 1" in md
     assert "## Ablation: rank" in md
-    assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | 92.00 ± 1.00 |" in md  # fmt: skip
+    assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab/efefefef uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | 92.00 ± 1.00 |" in md  # fmt: skip
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2  # LoRA vs full, rank ablation: embedded
     assert "src='figures" not in html and "87.00 ± 2.00" in html
@@ -246,7 +258,7 @@ def test_best_lr_and_comparison_objects(tmp_path):
 
 # Each changes one part of the identity; none may pool with the base run.
 DIFFERENT = {
-    "data": {"fp": "cd" * 32},
+    "data": {"fp": fingerprint(eval="cd")},
     "caps": {"caps": (2000, None)},
     "head": {"head": "lm"},
     "lora variant": {"lora": {"use_dora": True}},
@@ -268,7 +280,7 @@ def test_runs_differing_in_identity_never_pool(tmp_path):
     assert base.stat("accuracy")[0] == pytest.approx(0.85)
     slugs = {c.variant for c in cells}
     assert "r=8 α=16 dora" in slugs and "r=8 α=16" in slugs
-    assert {c.data for c in cells} >= {"abababab uncapped", "cdcdcdcd uncapped", "abababab train≤2000"}  # fmt: skip
+    assert {c.data for c in cells} >= {"abababab/efefefef uncapped", "abababab/cdcdcdcd uncapped", "abababab/efefefef train≤2000"}  # fmt: skip
     assert {c.head for c in cells} == {"classifier", "lm"}
 
 
@@ -316,22 +328,23 @@ def test_paired_differences_and_t_interval_equal_independent_values(tmp_path):
 
 def test_uninformative_rule(tmp_path):
     majority = {"accuracy": 0.5}
-    cases = {  # data fingerprint -> (LoRA, full) accuracy
-        "aa" * 32: (0.505, 0.509),  # both within 1 point of 50: uninformative
-        "bb" * 32: (0.505, 0.60),  # full learned something: an honest FAIL
-        "cc" * 32: (0.515, 0.508),  # LoRA 1.5 points above the baseline: informative, PASS
+    cases = {  # training data -> (LoRA, full) accuracy
+        "aa": (0.505, 0.509),  # both within 1 point of 50: uninformative
+        "bb": (0.505, 0.60),  # full learned something: an honest FAIL
+        "cc": (0.515, 0.508),  # LoRA 1.5 points above the baseline: informative, PASS
     }
-    for i, (fp, (lo, fu)) in enumerate(cases.items()):
+    for i, (data, (lo, fu)) in enumerate(cases.items()):
+        fp = fingerprint(train=data)
         write_run(tmp_path, f"l{i}", 1, {"accuracy": lo}, fp=fp, majority=majority)
         write_run(tmp_path, f"f{i}", 1, {"accuracy": fu}, fp=fp, majority=majority, method="full")
     _, comps = aggregate(load_runs(tmp_path))
-    verdicts = {c.lora.identity["data"]["fingerprint"]: c for c in comps}
-    assert verdicts["aa" * 32].uninformative
-    assert verdicts["aa" * 32].verdict.startswith("uninformative")
-    assert not verdicts["bb" * 32].uninformative
-    assert verdicts["bb" * 32].verdict == "FAIL: -9.50 (1 seed, no interval)"
-    assert not verdicts["cc" * 32].uninformative
-    assert verdicts["cc" * 32].verdict.startswith("PASS: +0.70")
+    verdicts = {c.lora.identity["data"]["fingerprint"]["train_sha256"][:2]: c for c in comps}
+    assert verdicts["aa"].uninformative
+    assert verdicts["aa"].verdict.startswith("uninformative")
+    assert not verdicts["bb"].uninformative
+    assert verdicts["bb"].verdict == "FAIL: -9.50 (1 seed, no interval)"
+    assert not verdicts["cc"].uninformative
+    assert verdicts["cc"].verdict.startswith("PASS: +0.70")
 
 
 def test_old_summaries_get_an_identity_from_their_config(tmp_path):

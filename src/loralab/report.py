@@ -319,7 +319,7 @@ class Cell:
         """Data fingerprint (short) and caps, e.g. '3fa2b1c0 train≤2000 eval≤500'."""
         d = self.identity.get("data") or {}
         fp = d.get("fingerprint")
-        text = fp[:8] if fp else "unknown (old run)" if self.identity else "—"
+        text = short_fingerprint(fp) if fp else "unknown (old run)" if self.identity else "—"
         caps = [f"{s}≤{d[k]}" for s, k in (("train", "max_train_examples"),
                                            ("eval", "max_eval_examples")) if d.get(k)]  # fmt: skip
         return " ".join([text, *caps]) if caps else f"{text} uncapped" if fp else text
@@ -331,6 +331,13 @@ class Cell:
             f"{t['epochs']:g} ep" if _num(t.get("epochs")) else "—")  # fmt: skip
         steps = {r.get("steps") for r in self.done if r.get("steps")}
         return plan + (f" ({'/'.join(map(str, sorted(steps)))} steps)" if steps and "steps" not in plan else "")  # fmt: skip
+
+
+def short_fingerprint(fp: dict | str) -> str:
+    """'1a2b3c4d/5e6f7a8b': the first hex digits of the train and eval rows' SHA-256."""
+    if isinstance(fp, dict):
+        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
+    return str(fp)[:8]
 
 
 def _seed_key(r: dict):
