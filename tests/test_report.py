@@ -456,3 +456,25 @@ def test_records_do_not_share_state(tmp_path):
     aggregate(records)
     deduplicate(records)
     assert records == before  # aggregation reads, never rewrites, the records
+
+
+def test_variant_ablation_is_categorical_and_lm_rows_show_zero_shot(tmp_path):
+    variants = {"standard": {}, "extended": {"target": "extended"}, "dora": {"use_dora": True}}
+    for i, (name, lora) in enumerate(variants.items()):
+        write_run(tmp_path, f"v-{name}", 1, {"accuracy": 0.8 + i / 100}, group="ablation-variant",
+                  lora=lora)  # fmt: skip
+    write_run(tmp_path, "full", 1, {"accuracy": 0.9}, method="full", lr=3e-5)
+    run = write_run(tmp_path, "lm", 1, {"accuracy": 0.7}, head="lm")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["zero_shot"] = {"accuracy": 0.55}
+    (run / "summary.json").write_text(json.dumps(summary))
+    cells, comps = aggregate(load_runs(tmp_path))
+    fig = plots.ablation([c for c in cells if c.group == "ablation-variant"], "variant",
+                         lambda c: full_reference(c, cells))  # fmt: skip
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["defaults", "dora", "extended"]
+    assert ax.get_xlabel() == "LoRA variant (target, use_dora)"
+    assert [ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--"] == [pytest.approx(90.0)]  # fmt: skip
+    rep = report(tmp_path, out=tmp_path / "out")
+    (lm_row,) = [r for r in rep.tables[0].rows if r[1] == "lm"]
+    assert lm_row[11] == "55.00" and lm_row[13] == "n/a: no comparable full run"
