@@ -12,6 +12,7 @@ both, the difference of the main metric; its mean and a 95% Student-t interval o
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+@functools.cache  # asked for by every statistic; the registry builds every task object
 def main_metric(task: str) -> str:
     from .tasks import get_task
 
@@ -66,6 +68,7 @@ def main_metric(task: str) -> str:
         return "accuracy"
 
 
+@functools.cache
 def points_per_unit(task: str) -> float:
     """GLUE metrics are fractions (x100 = points); SQuAD's are already in points."""
     from .tasks import get_task
