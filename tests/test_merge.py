@@ -19,6 +19,8 @@ from loralab.models import load_tokenizer
 from loralab.tasks import get_task
 from loralab.train import build_model
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 # B ~ N(0, std²): tiny BERT's logits react weakly to its layers (pooler tanh, small init), so it
 # needs a larger update than tiny Llama for the check to be informative.
 B_STD = {"tiny-llama": 0.1, "tiny-bert": 1.0}

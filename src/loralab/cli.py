@@ -233,14 +233,20 @@ def _add_ablate(sub) -> None:
 def _add_study(sub) -> None:
     p = sub.add_parser(
         "study",
-        help="The whole protocol: sweep, ablations, report.",
-        description="Runs the LoRA-vs-full sweep and the chosen ablations (one Optuna study each, "
-        "named PREFIX-sweep, PREFIX-ablate-TYPE) in one results folder, then writes the report.",
+        help="Run a study described in YAML (configs/studies/): grids, seeds, ablations, report.",
+        description="Create or continue the spec's Optuna studies (per task: the lr grid, the other "
+        "seeds at the best lr, the ablations) and run their points here until none of the selected "
+        "tasks is left, then write RESULTS/report. Finished points are never retrained. Start "
+        "several with different --tasks to split the work. Exit status 0 when every point is done.",
     )
+    p.add_argument("spec", metavar="SPEC.yaml", help="study spec, e.g. configs/studies/tiny.yaml")
+    p.add_argument("--output-dir", help="results folder (default: the spec's, results/<name>)")
+    p.add_argument("--tasks", help="comma list: work only on these tasks' points")
     p.add_argument(
-        "--ablations", default="rank", help="comma list of rank, alpha, modules, all, or none"
+        "--data-root", help="folder the tasks' relative data paths join onto (replaces the spec's)"
     )
-    _add_grid(p)
+    p.add_argument("--dry-run", action="store_true", help="print the points; create nothing")
+    _add_storage(p)
 
 
 def _add_report(sub) -> None:
@@ -493,21 +499,23 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .sweep import ABLATIONS, parse_list, run_protocol
+    from .study import dry_run, load_spec, run_study
+    from .sweep import parse_list
 
-    kinds = [k for k in parse_list(args.ablations, str, "--ablations") or [] if k != "none"]
-    bad = [k for k in kinds if k not in ABLATIONS]
-    if bad:
-        raise LoralabError(
-            f"--ablations: unknown type(s) {', '.join(bad)}; choose from "
-            f"{', '.join(ABLATIONS)} or none."
-        )
-    plans = [_plan(args)] + [_plan(args, "ablation", k) for k in kinds]
-    reps, report = run_protocol(plans, args.study or "study", args.storage, **_storage_opts(args))
-    for rep in reps:
-        print(rep.line())
-    print(f"report: {report.files[0]} (also .html, .csv)")
-    return 1 if any(rep.unfinished for rep in reps) else 0
+    spec = load_spec(args.spec, args.data_root)
+    tasks = parse_list(args.tasks, str, "--tasks")
+    if args.dry_run:
+        lines = dry_run(spec, tasks, args.study or spec.name)
+        print("\n".join(lines))
+        return 0
+    out = run_study(
+        spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
+        grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
+    )  # fmt: skip
+    print("\n".join(out.lines))
+    if out.report is not None:
+        print(f"report: {out.report.files[0]} (also .html, .csv)")
+    return 1 if out.unfinished else 0
 
 
 def cmd_report(args) -> int:

@@ -32,6 +32,9 @@ class ModelConfig:
     """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the model's author."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel for training: `auto` times both at the run's batch shape (CPU; cached)
+    and takes the faster; GPUs use `sdpa`. Same results either way, only speed differs."""
 
 
 @dataclass

@@ -9,8 +9,11 @@ Grid points are Optuna trials enqueued in WAITING state; `worker.py` claims and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 import time
 import warnings
@@ -46,6 +49,7 @@ class Plan:
     base: dict  # ExperimentConfig as a dict, without the `run` section
     per_task: dict = field(default_factory=dict)  # task -> partial config mapping
     results_dir: str = "results"
+    slugged: bool = False  # variants: any lora.* settings (diff from the base), slugged in keys
 
     @property
     def group(self) -> str:
@@ -60,8 +64,12 @@ class Plan:
                 for method in self.methods:
                     for lr in self.lrs.get(method, []):
                         for v in self.variants if method == "lora" else [{}]:
-                            p = {"task": task, "method": method, "lr": lr, "seed": seed,
-                                 "r": v.get("r"), "alpha": v.get("alpha"), "target": v.get("target")}  # fmt: skip
+                            if self.slugged:
+                                p = {"task": task, "method": method, "lr": lr, "seed": seed,
+                                     "lora": dict(v)}  # fmt: skip
+                            else:
+                                p = {"task": task, "method": method, "lr": lr, "seed": seed,
+                                     "r": v.get("r"), "alpha": v.get("alpha"), "target": v.get("target")}  # fmt: skip
                             p["key"] = point_key(p, self.base)
                             out.append(p)
         return out
@@ -98,7 +106,9 @@ class Plan:
             "run": {"output_dir": str(Path(results_dir or self.results_dir) / "runs"),
                     "name": point["key"]},
         }  # fmt: skip
-        if point["method"] == "lora":
+        if "lora" in point:
+            fixed["lora"] = point["lora"]
+        elif point["method"] == "lora":
             fixed["lora"] = {k: point[k] for k in ("r", "alpha", "target")}
         return from_dict(merge_dicts(data, fixed))
 
@@ -116,9 +126,35 @@ def point_key(point: dict, base: dict) -> str:
     model = _slug(Path(base["model"]["name"]).name or base["model"]["name"])
     head = "-lm" if base["model"].get("head") == "lm" else ""
     key = f"{point['task']}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
+    if "lora" in point:
+        return key + variant_slug(point["lora"])
     if point["method"] == "lora":
         key += f"-r{point['r']}-a{_slug(float(point['alpha']))}-{_slug(point['target'])}"
     return key
+
+
+def variant_slug(diff: dict) -> str:
+    """A readable, deterministic suffix for LoRA settings that differ from the base:
+    {} -> '', {r: 16, alpha: 32} -> '-r16-a32', {use_dora: True} -> '-dora'."""
+    from .config import LoraConfig
+
+    order = list(LoraConfig.__dataclass_fields__)
+    parts = []
+    for k in sorted(diff, key=lambda k: order.index(k) if k in order else len(order)):
+        v = diff[k]
+        if k in ("r", "alpha", "dropout"):
+            parts.append(f"{k[0]}{_slug(float(v)) if k != 'r' else v}")
+        elif k == "target":
+            parts.append(_slug(v))
+        elif k in ("use_dora", "use_rslora"):
+            parts.append(k[4:] if v else f"no{k[4:]}")
+        elif k == "init_lora_weights":
+            parts.append(f"init-{_slug(v).lower()}")
+        elif k == "extra":
+            parts.append("extra-" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8])  # fmt: skip
+        else:
+            parts.append(f"{k}-{_slug(v)}")
+    return "".join(f"-{p}" for p in parts)
 
 
 def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
@@ -135,6 +171,35 @@ def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
     if kind == "all":
         return [{"r": r, "alpha": a, "target": p} for r in RANKS for a in ALPHAS for p in PRESETS]
     raise LoralabError(f"Unknown ablation type '{kind}': choose one of {', '.join(ABLATIONS)}.")
+
+
+AXIS_KEYS = {"rank": ("lora.r", "lora.alpha"), "alpha": ("lora.r", "lora.alpha"),
+             "modules": ("lora.target",), "all": ("lora.r", "lora.alpha", "lora.target")}  # fmt: skip
+
+
+def check_honoured(kind: str, ablation: str | None, glob: list[str], per_task: list[str]) -> None:
+    """Overrides the grid would silently replace are errors, never ignored."""
+    for item in glob + per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()  # per-task items: TASK:key=value
+        if key.startswith("run."):
+            raise LoralabError(
+                f"{item} cannot be honoured: every point's run directory is RESULTS/runs/<point> "
+                "(the results folder is --output-dir; the folder name is the point's key). Drop it."
+            )
+        if kind == "ablation" and key in AXIS_KEYS.get(ablation or "", ()):
+            raise LoralabError(
+                f"{item} cannot be honoured: the {ablation} ablation sets "
+                f"{' and '.join(AXIS_KEYS[ablation])} per point. Drop it, or describe the values "
+                "you want as an ablation axis in a study spec (`loralab study SPEC.yaml`)."
+            )
+    for item in per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()
+        if key in ("lora.r", "lora.alpha", "lora.target"):
+            raise LoralabError(
+                f"{item} cannot be honoured: a sweep sets {key} per point from the common LoRA "
+                "settings, the same for every task. Give it for every task (without the task "
+                "prefix), or use a study spec with per-task settings."
+            )
 
 
 def parse_list(text: str | None, kind: type, name: str) -> list | None:
@@ -187,6 +252,7 @@ def make_plan(
         key = item.split("=", 1)[0].strip()
         if key in grid_keys:
             raise LoralabError(f"{key} is set per point by the grid: use {grid_keys[key]} instead.")
+    check_honoured(kind, ablation, glob, [f"{t}:{x}" for t, v in per_task_items.items() for x in v])
     base_cfg = build_config(config, glob, **sections)
     task_list = parse_list(tasks, str, "--tasks")
     task_list = [base_cfg.data.task] if task_list is None else task_list
@@ -287,7 +353,7 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
     elif url.startswith("sqlite"):
         engine = {"connect_args": {"timeout": 60}}  # several local workers wait on the file lock
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _creation_lock(url):
             warnings.simplefilter("ignore")  # heartbeats are marked experimental
             return RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
@@ -300,6 +366,25 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
             "(postgresql://user:password@host:5432/db or sqlite:///path/study.db), that the "
             "server is running and reachable from this machine, and the credentials."
         ) from None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """SQLite: one process at a time creates the tables (workers started together raced to
+    "table studies already exists"); a file lock beside the database, dropped by the kernel."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(url[len("sqlite:///") :] + ".lock")
+    if not lock.parent.is_dir():
+        yield  # a bad path: RDBStorage says so
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _with_driver(url: str) -> str:
@@ -451,23 +536,3 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     if create_only:
         return None
     return Worker(st, name, None, plan.results_dir, heartbeat, quiet).run()
-
-
-def run_protocol(plans: list[Plan], prefix: str = "study", storage: str | None = None,
-                 heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-                 max_retry: int = DEFAULT_MAX_RETRY, report_dir: str | None = None,
-                 quiet: bool = False):  # fmt: skip
-    """`loralab study`: the sweep and the ablations, one study each, then the report."""
-    from .report import load_runs, write_report
-    from .worker import Worker
-
-    results = plans[0].results_dir
-    st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
-    names = []
-    for plan in plans:  # create (or check) every study first: a bad one fails before any training
-        kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
-        names.append(f"{prefix}-{kind}")
-        create_or_check(st, names[-1], plan)
-    reports = [Worker(st, name, None, results, heartbeat, quiet).run() for name in names]
-    out = report_dir or Path(results) / "report"
-    return reports, write_report(load_runs(results), out, f"run directories under {results}")

@@ -5,6 +5,7 @@ LoRA and full fine-tuning share every line here except the wrapping step in `bui
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import time
@@ -67,8 +68,18 @@ def is_causal(config) -> bool:
     return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = True) -> BuiltModel:
-    """Load the base with the task head; wrap with LoRA (frozen base) or leave all trainable."""
+def build_model(
+    cfg: ExperimentConfig,
+    task: Task,
+    tokenizer,
+    progress: bool = True,
+    attention: str | None = None,
+) -> BuiltModel:
+    """Load the base with the task head; wrap with LoRA (frozen base) or leave all trainable.
+
+    `attention`: the attention kernel (`eager`/`sdpa`); None = `model.attention` when set
+    explicitly, else transformers' default.
+    """
     from .lora import apply_lora
     from .models import load_model
 
@@ -76,6 +87,9 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
     kwargs = (
         {"num_labels": task.num_labels} if task.kind == "classification" and head != "lm" else {}
     )
+    attention = attention or (None if cfg.model.attention == "auto" else cfg.model.attention)
+    if attention:
+        kwargs["attn_implementation"] = attention
     model, heads = load_model(
         cfg.model.name,
         _auto_class(task, head),
@@ -88,14 +102,36 @@ def build_model(cfg: ExperimentConfig, task: Task, tokenizer, progress: bool = T
     causal = is_causal(model.config)
     if cfg.train.method == "lora":
         model = apply_lora(cfg.lora, model, heads, task_type=_peft_task_type(task, head))
-        if _precision(cfg):
+        if _precision(cfg, model.config):
             precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
+            precision.bridge_dtypes(model, heads)  # callable outside the trainer's autocast too
     return BuiltModel(model, tokenizer, heads, causal)
 
 
-def _precision(cfg: ExperimentConfig) -> bool:
-    """True when bf16 autocast is on (`auto`: where this machine multiplies bf16 natively)."""
-    return precision.resolve(cfg.train.precision) == "bf16"
+def _precision(cfg: ExperimentConfig, model_config=None) -> bool:
+    """True when bf16 autocast is on (`auto`: measured on this machine, see precision.decide)."""
+    shape = precision.model_shape(model_config) if model_config is not None else None
+    return precision.resolve(cfg.train.precision, shape) == "bf16"
+
+
+def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dict:
+    """The attention kernel for this run: set in the config, or measured at the median length."""
+    from . import attention
+
+    if cfg.model.attention != "auto":
+        return {"implementation": cfg.model.attention, "reason": "set in the config"}
+    lengths = sorted(splits.train["length"]) if "length" in splits.train.column_names else [128]
+    median = lengths[len(lengths) // 2] if lengths else 128
+    shape = attention.attention_shape(model_config, cfg.train.batch_size, median)
+    dtype = torch.bfloat16 if _precision(cfg) else torch.float32
+    return attention.decide(shape, dtype)
+
+
+def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
+    """A copy of `cfg` with `train.precision` resolved for this model and machine, and why."""
+    decision = precision.decide(cfg.train.precision, precision.model_shape(model_config))
+    train_cfg = dataclasses.replace(cfg.train, precision=decision["precision"])
+    return dataclasses.replace(cfg, train=train_cfg), decision
 
 
 class LoralabTrainer(Trainer):
@@ -214,6 +250,7 @@ def train(
     config = AutoConfig.from_pretrained(
         resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
     )
+    cfg, precision_decision = resolve_precision(cfg, config)
     prompting = None
     if cfg.model.head == "lm":
         from .lm import prompting_for
@@ -228,8 +265,11 @@ def train(
     splits = load_splits(
         task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config), prompting=prompting
     )
+    attention = choose_attention(cfg, config, splits)
     set_seed(cfg.train.seed)
-    built = build_model(cfg, task, tokenizer, progress=not quiet)
+    built = build_model(
+        cfg, task, tokenizer, progress=not quiet, attention=attention["implementation"]
+    )
 
     run_dir = Path(resume) if resume else tracking.create_run_dir(cfg)
     return _run(
@@ -244,6 +284,7 @@ def train(
         start,
         callbacks or [],
         prompting,
+        {"precision": precision_decision, "attention": attention},
     )
 
 
@@ -259,6 +300,7 @@ def _run(
     start,
     extra,
     prompting=None,
+    kernels=None,
 ):
     model = built.model
     lm_head = prompting is not None
@@ -296,6 +338,8 @@ def _run(
         checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
     summary = _base_summary(cfg, run_dir, params, splits, model)
     summary["resumed_from"] = checkpoint
+    summary["precision_decision"] = (kernels or {}).get("precision")
+    summary["attention"] = (kernels or {}).get("attention")
     summary["new_modules"] = built.heads  # freshly initialised (trained in full) head modules
     evaluate = _evaluator(cfg, task, built, splits, trainer, prompting, quiet)
     if lm_head and task.kind == "classification" and not resuming:
@@ -437,7 +481,7 @@ def _base_summary(
 _NOT_IDENTITY = {
     "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
     "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
-    "model": ("trust_remote_code",),
+    "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
 }
 
 

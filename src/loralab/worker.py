@@ -302,6 +302,24 @@ class Worker:
         self.report.states = point_states(self.study, self.plan, self.tasks)
         return self.report
 
+    def step(self) -> bool:
+        """Claim and run one waiting point (of this worker's tasks); False when none waits.
+
+        For callers that interleave several studies (`loralab study`); the caller handles
+        SIGTERM and Optuna's experimental-API warnings as `run` does."""
+        from optuna.storages import fail_stale_trials
+
+        fail_stale_trials(self.study)
+        trial = self._claim()
+        if trial is None:
+            return False
+        self._handle(trial)
+        return True
+
+    def states(self) -> dict[str, str]:
+        """Point key -> done / active / failed / missing (this worker's tasks)."""
+        return point_states(self.study, self.plan, self.tasks)
+
     def _claim(self):
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState

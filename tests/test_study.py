@@ -1,0 +1,384 @@
+"""Studies described in YAML: the spec and its errors, phases and keys, lr selection, and the
+tiny spec run by real worker processes (split by task, one SIGKILLed and restarted)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import write_mrpc, write_sst2
+from optuna.trial import TrialState, create_trial
+
+from loralab.cli import main
+from loralab.errors import LoralabError
+from loralab.study import ablation_variants, best_lrs, load_spec, phases
+from loralab.sweep import load_study, make_plan, open_storage, variant_slug
+
+TINY = Path(__file__).parent.parent / "configs" / "studies" / "tiny.yaml"
+FAST = ["--heartbeat", "1", "--grace", "3", "--quiet"]  # a dead worker's point is retried after 3 s
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    write_sst2(root / "glue" / "sst2")
+    write_mrpc(root / "glue" / "mrpc", n=32)
+    return root
+
+
+def _spec_file(tmp_path, **changes) -> Path:
+    """tiny.yaml with top-level keys replaced (None removes one)."""
+    raw = yaml.safe_load(TINY.read_text())
+    for k, v in changes.items():
+        if v is None:
+            raw.pop(k, None)
+        else:
+            raw[k] = v
+    path = tmp_path / f"spec-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+
+
+def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
+    spec = load_spec(TINY, str(data_root))
+    assert spec.name == "tiny" and spec.output_dir == str(Path("results") / "tiny")
+    assert spec.seeds == [1, 2] and spec.grid_seeds == [1]
+    names = [ph.study_name("tiny") for ph in phases(spec)]
+    assert names == ["tiny-sst2-grid", "tiny-mrpc-grid", "tiny-sst2-seeds", "tiny-mrpc-seeds",
+                     "tiny-sst2-ablate-rank", "tiny-mrpc-ablate-rank"]  # fmt: skip
+    assert [ph.study_name("x") for ph in phases(spec, ["mrpc"])] == [
+        "x-mrpc-grid", "x-mrpc-seeds", "x-mrpc-ablate-rank"]  # fmt: skip
+
+    grid, _, seeds, _, abl, _ = phases(spec)
+    grid_plan = grid.plan(spec, None, str(tmp_path / "res"))
+    keys = [p["key"] for p in grid_plan.points()]
+    assert keys == ["sst2-lora-tiny-llama-lr0.001-s1", "sst2-lora-tiny-llama-lr0.003-s1",
+                    "sst2-full-tiny-llama-lr0.0001-s1", "sst2-full-tiny-llama-lr0.0003-s1"]  # fmt: skip
+    cfg = grid_plan.config_for(grid_plan.points()[1])
+    assert cfg.data.data_dir == str(data_root / "glue" / "sst2")
+    assert (cfg.data.max_train_examples, cfg.data.max_eval_examples, cfg.data.max_length) == (64, 32, 32)  # fmt: skip
+    assert (cfg.train.method, cfg.train.lr, cfg.train.seed, cfg.train.max_steps) == ("lora", 3e-3, 1, 40)  # fmt: skip
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.model.name) == (8, 16.0, "tiny-llama")
+    assert cfg.run.output_dir == str(tmp_path / "res" / "runs") and cfg.run.name == keys[1]
+
+    best = {"lora": 3e-3, "full": 1e-4}
+    assert [p["key"] for p in seeds.plan(spec, best).points()] == [
+        "sst2-lora-tiny-llama-lr0.003-s2", "sst2-full-tiny-llama-lr0.0001-s2"]  # fmt: skip
+    abl_plan = abl.plan(spec, best)
+    assert abl_plan.group == "ablation-rank" and abl_plan.methods == ["lora"]
+    # r = 4 keeps alpha/r = 2; r = 8 is the base: the grid's run at that lr and seed, reused.
+    assert [p["key"] for p in abl_plan.points()] == ["sst2-lora-tiny-llama-lr0.003-s1-r4-a8", keys[1]]  # fmt: skip
+    r4 = abl_plan.config_for(abl_plan.points()[0])
+    assert (r4.lora.r, r4.lora.alpha, r4.lora.target, r4.train.lr) == (4, 8.0, "standard", 3e-3)
+
+    # The spec's own data_root (relative paths stay relative to the current folder).
+    own = load_spec(TINY).tasks["mrpc"]["data"]["data_dir"]
+    assert own == str(Path("../shared/data") / "glue" / "mrpc")
+
+
+def test_variant_slugs_and_axes(tmp_path):
+    assert variant_slug({}) == ""
+    assert variant_slug({"alpha": 32.0, "r": 16}) == "-r16-a32"
+    assert variant_slug({"use_dora": True}) == "-dora"
+    assert variant_slug({"use_rslora": False}) == "-norslora"
+    assert variant_slug({"target": "all-linear"}) == "-all-linear"
+    assert variant_slug({"target": ["q_proj", "v_proj"]}) == "-q_proj+v_proj"
+    assert variant_slug({"init_lora_weights": "pissa"}) == "-init-pissa"
+    assert variant_slug({"dropout": 0.1}) == "-d0.1"
+
+    axes = [
+        {"lora.r": [4, 8, 16], "scale_alpha": True},
+        {"lora.alpha": [8, 16, 32]},
+        {"lora.target": ["standard", "extended", "all-linear"]},
+        {"lora.use_dora": [False, True], "seeds": [1, 2], "lr": 5e-4, "tasks": ["mrpc"]},
+        {"lora.init_lora_weights": [True, "pissa"]},
+        {"lora.r": [4, 16], "name": "rank-fixed-alpha"},
+    ]
+    spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
+    by = {a.name: a for a in spec.ablations}
+    assert list(by) == ["rank", "alpha", "modules", "use_dora", "init_lora_weights", "rank-fixed-alpha"]  # fmt: skip
+    variants = {n: ablation_variants(spec, "sst2", a) for n, a in by.items()}
+    assert variants["rank"] == [{"r": 4, "alpha": 8.0}, {}, {"r": 16, "alpha": 32.0}]
+    assert variants["alpha"] == [{"alpha": 8.0}, {}, {"alpha": 32.0}]
+    assert variants["modules"] == [{}, {"target": "extended"}, {"target": "all-linear"}]
+    assert variants["use_dora"] == [{}, {"use_dora": True}]
+    assert variants["init_lora_weights"] == [{}, {"init_lora_weights": "pissa"}]
+    assert variants["rank-fixed-alpha"] == [{"r": 4}, {"r": 16}]
+    dora = [ph for ph in phases(spec) if ph.ablation is by["use_dora"]]
+    assert [ph.task for ph in dora] == ["mrpc"] and not dora[0].needs_grid
+    keys = [p["key"] for p in dora[0].plan(spec, None).points()]
+    assert keys == ["mrpc-lora-tiny-llama-lr0.0005-s1", "mrpc-lora-tiny-llama-lr0.0005-s1-dora",
+                    "mrpc-lora-tiny-llama-lr0.0005-s2", "mrpc-lora-tiny-llama-lr0.0005-s2-dora"]  # fmt: skip
+    cfg = dora[0].plan(spec, None).config_for(dora[0].plan(spec, None).points()[1])
+    assert cfg.lora.use_dora is True and cfg.lora.r == 8 and cfg.train.seed == 1
+
+
+def test_full_grid_has_no_seed_phase(tmp_path):
+    spec = load_spec(_spec_file(tmp_path, lr_selection="full_grid", ablations=None), str(tmp_path))
+    assert spec.grid_seeds == [1, 2]
+    assert [ph.kind for ph in phases(spec)] == ["grid", "grid"]
+    assert len(phases(spec)[0].plan(spec, None).points()) == 2 * 2 * 2  # methods × lrs × seeds
+
+
+def _study_with(plan, values: dict[str, float | None]):
+    """An in-memory study holding one final trial per given point (None: diverged)."""
+    study = optuna.create_study(direction="maximize")
+    for key, v in values.items():
+        attrs = {"point": key, "outcome": "completed" if v is not None else "diverged"}
+        state = TrialState.COMPLETE if v is not None else TrialState.FAIL
+        study.add_trial(create_trial(state=state, values=None if v is None else [v], user_attrs=attrs))  # fmt: skip
+    return study
+
+
+def test_best_lr_per_method_from_the_grid(tmp_path):
+    spec = load_spec(_spec_file(tmp_path, lr_selection="full_grid"), str(tmp_path))
+    plan = phases(spec)[0].plan(spec, None)
+    k = {(p["method"], p["lr"], p["seed"]): p["key"] for p in plan.points()}
+    values = {k["lora", 1e-3, 1]: 0.9, k["lora", 1e-3, 2]: 0.5,  # mean 0.70
+              k["lora", 3e-3, 1]: 0.6, k["lora", 3e-3, 2]: 0.7,  # mean 0.65
+              k["full", 1e-4, 1]: None, k["full", 1e-4, 2]: 0.99,  # diverged: worst
+              k["full", 3e-4, 1]: 0.5, k["full", 3e-4, 2]: 0.5}  # fmt: skip
+    assert best_lrs(_study_with(plan, values), plan) == {"lora": 1e-3, "full": 3e-4}
+    values[k["lora", 3e-3, 2]] = 0.8  # mean 0.70: a tie goes to the first lr of the list
+    assert best_lrs(_study_with(plan, values), plan)["lora"] == 1e-3
+    values[k["lora", 3e-3, 2]] = 0.81
+    assert best_lrs(_study_with(plan, values), plan)["lora"] == 3e-3
+    del values[k["full", 3e-4, 2]]  # the grid is not complete: nothing is chosen yet
+    assert best_lrs(_study_with(plan, values), plan) is None
+
+
+BAD_SPECS = [
+    ({"seed": [1]}, "'seed' is not a study setting"),
+    ({"name": "my study"}, "'name' must be a name of letters"),
+    ({"tasks": {"sst3": {}}}, "'tasks.sst3' is not a task"),
+    ({"tasks": {"sst2": {"train": {"lr": 1e-3}}}}, "'tasks.sst2.train.lr' cannot be set in a study: learning rates are listed under `lr:`"),  # fmt: skip
+    ({"tasks": {"sst2": {"max_trian_examples": 5}}}, "'tasks.sst2.max_trian_examples' is not a task setting"),  # fmt: skip
+    ({"tasks": {"sst2": {"max_length": 8}}}, "point sst2-lora-tiny-llama-lr0.001-s1: data.max_length must be at least 16"),
+    ({"base": {"run": {"output_dir": "x"}}}, "'base.run' is not a config section here"),
+    ({"base": {"lora": {"r": "x"}}}, "in 'base': Bad value 'x' for 'lora.r'"),
+    ({"base": {"data": {"task": "rte"}}}, "'base.data.task' cannot be set in a study"),
+    ({"methods": ["lora", "prefix"]}, "'methods' must be a list of lora and/or full"),
+    ({"lr": {"lora": [1e-3]}}, "'lr' must give a learning-rate list for each method (lora, full)"),
+    ({"lr": {"lora": ["fast"], "full": [1e-4]}}, "'lr.lora' holds 'fast', which is not a float"),
+    ({"lr": {"lora": [1e-3, 1e-3], "full": [1e-4]}}, "'lr.lora' repeats a value"),
+    ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"lr_selection": "best_of_all"}, "'lr_selection' must be grid_on_first_seed or full_grid"),
+    ({"ablations": [{"lora.r": [4], "lora.alpha": [8]}]}, "'ablations[0]' must name exactly one lora.* axis"),  # fmt: skip
+    ({"ablations": [{"lora.rank": [4]}]}, "'ablations[0].lora.rank' is not a LoRA setting"),
+    ({"ablations": [{"lora.r": [0, 4]}]}, "in 'ablations[0].lora.r': lora.r must be a positive integer"),  # fmt: skip
+    ({"ablations": [{"lora.alpha": [8], "scale_alpha": True}]}, "'ablations[0].scale_alpha' must be true or false, and only goes with lora.r"),  # fmt: skip
+    ({"ablations": [{"lora.r": [4], "tasks": ["rte"]}]}, "'ablations[0].tasks' must be a non-empty list of the study's tasks"),  # fmt: skip
+    ({"ablations": [{"lora.r": [4]}, {"lora.r": [16]}]}, "has two axes named alike"),
+    ({"methods": ["full"], "lr": {"full": [1e-4]}}, "'ablations[0].lr' is 'best' (the default), but the study has no LoRA grid"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_SPECS, ids=[m[:40] for _, m in BAD_SPECS])
+def test_bad_specs_name_the_key(tmp_path, changes, message):
+    path = _spec_file(tmp_path, **changes)
+    with pytest.raises(LoralabError) as e:
+        load_spec(path, str(tmp_path))
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_cli_errors_exit_2_and_create_nothing(tmp_path, data_root, capsys):
+    res = tmp_path / "res"
+    bad = _spec_file(tmp_path, seeds=[1, "two"])
+    assert main(["study", str(bad), "--output-dir", str(res)]) == 2
+    assert "'seeds' holds 'two', which is not a int" in capsys.readouterr().err
+    assert main(["study", str(TINY), "--data-root", str(tmp_path / "nowhere"), "--output-dir", str(res)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "tasks.sst2.data_dir is '" in err and "does not exist" in err and "--data-root" in err
+    assert main(["study", str(TINY), "--data-root", str(data_root), "--output-dir", str(res), "--tasks", "rte"]) == 2  # fmt: skip
+    assert "--tasks rte: not in the study spec (its tasks: sst2, mrpc)" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "missing.yaml")]) == 2
+    assert not res.exists()
+
+    assert main(["study", str(TINY), "--data-root", str(data_root), "--dry-run", "--tasks", "mrpc"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tiny-mrpc-grid: 4 points" and "  mrpc-full-tiny-llama-lr0.0003-s1" in out
+    assert "  mrpc-lora-tiny-llama-lr<best>-s1-r4-a8" in out and not any("sst2" in x for x in out)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["ablate", "--type", "rank", "lora.r=32"], "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha per point"),  # fmt: skip
+        (["ablate", "--type", "alpha", "lora.alpha=4"], "lora.alpha=4 cannot be honoured: the alpha ablation"),  # fmt: skip
+        (["ablate", "--type", "modules", "lora.target=all-linear"], "lora.target=all-linear cannot be honoured: the modules ablation"),  # fmt: skip
+        (["ablate", "--type", "all", "sst2:lora.r=4"], "sst2:lora.r=4 cannot be honoured"),
+        (["sweep", "run.output_dir=elsewhere"], "run.output_dir=elsewhere cannot be honoured: every point's run directory"),  # fmt: skip
+        (["sweep", "sst2:lora.alpha=8"], "sst2:lora.alpha=8 cannot be honoured: a sweep sets lora.alpha per point from the common LoRA settings"),  # fmt: skip
+    ],
+)
+def test_overrides_a_command_cannot_honour_exit_2(tmp_path, capsys, argv, message):
+    res = tmp_path / "res"
+    args = [*argv[:-1], "--model", "tiny-llama", "--output-dir", str(res), "--dry-run", argv[-1]]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err and not res.exists()
+
+
+def test_overrides_an_ablation_honours(tmp_path):
+    plan = make_plan(kind="ablation", ablation="modules", model={"name": "tiny-llama"},
+                     overrides=["lora.r=16", "lora.alpha=32", "lora.dropout=0.1"])  # fmt: skip
+    cfgs = [plan.config_for(p) for p in plan.points()]
+    assert {(c.lora.r, c.lora.alpha, c.lora.dropout) for c in cfgs} == {(16, 32.0, 0.1)}
+    assert [c.lora.target for c in cfgs[:3]] == ["standard", "extended", "all-linear"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes, a real kill
+
+
+def _cli(args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loralab.cli", *args],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def _status(run: Path) -> str | None:
+    s = run / "summary.json"
+    return json.loads(s.read_text()).get("status") if s.is_file() else None
+
+
+def _held(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeout=300):
+    """SIGKILL `proc` once a point of `task` it trains has a complete checkpoint at or before
+    step 25 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for run in (res / "runs").glob(f"{task}-*") if (res / "runs").is_dir() else []:
+            lock = res / "locks" / f"{run.name}.lock"
+            saved = [int(c.parent.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*/trainer_state.json")]  # fmt: skip
+            if _status(run) or not lock.is_file() or not saved or max(saved) > 25:
+                continue
+            try:
+                info = json.loads(lock.read_text())
+            except ValueError:
+                continue
+            if info.get("pid") == proc.pid and "child_pid" in info and _held(lock):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return run, info
+        assert proc.poll() is None, "the worker finished before the kill"
+        time.sleep(0.05)
+    raise AssertionError("no point was caught mid-run")
+
+
+def _expected_keys(res: Path) -> set[str]:
+    """The tiny spec's points, worked out from the grid runs' summaries (not from loralab)."""
+    keys = set()
+    for task in ("sst2", "mrpc"):
+        best = {}
+        for method, lrs in (("lora", ["0.001", "0.003"]), ("full", ["0.0001", "0.0003"])):
+            acc = {}
+            for lr in lrs:
+                key = f"{task}-{method}-tiny-llama-lr{lr}-s1"
+                acc[lr] = json.loads((res / "runs" / key / "summary.json").read_text())["metrics"]["accuracy"]  # fmt: skip
+                keys.add(key)
+            best[method] = lrs[1] if acc[lrs[1]] > acc[lrs[0]] else lrs[0]  # ties: the first
+            keys.add(f"{task}-{method}-tiny-llama-lr{best[method]}-s2")
+        keys.add(f"{task}-lora-tiny-llama-lr{best['lora']}-s1-r4-a8")
+    return keys
+
+
+def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) -> None:
+    assert {r.name for r in (res / "runs").iterdir()} == keys
+    for key in keys:
+        run = res / "runs" / key
+        assert _status(run) == "completed", key
+        attempts = json.loads((run / "sweep.json").read_text())["attempts"]
+        trained = [a for a in attempts if a["action"] in ("train", "resume") and a["outcome"] == "completed"]  # fmt: skip
+        assert len(trained) == 1, (key, attempts)  # one training finished per point, ever
+        assert [a["action"] for a in attempts].count("train") <= 1, attempts  # killed: no note
+    st = open_storage(storage)
+    for name in ("grid", "seeds", "ablate-rank"):
+        for task in ("sst2", "mrpc"):
+            study, plan = load_study(st, f"{prefix}-{task}-{name}")
+            trials = study.get_trials(deepcopy=False)
+            for p in plan.points():
+                done = [t for t in trials if t.user_attrs.get("point") == p["key"] and t.state == TrialState.COMPLETE]  # fmt: skip
+                assert len(done) == 1, (name, p["key"], trials)
+
+
+def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):
+    res = tmp_path / "res"
+    common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
+    a = _cli(["study", *common, "--tasks", "sst2"], tmp_path / "a.log")
+    b = _cli(["study", *common, "--tasks", "mrpc"], tmp_path / "b.log")
+    killed_run, info = _kill_when_checkpointed(res, a, "sst2")
+    assert a.returncode == -signal.SIGKILL
+    deadline = time.time() + 20
+    while not _gone(info["child_pid"]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _gone(info["child_pid"]), "the training child outlived its killed worker"
+
+    again = _cli(["study", *common, "--tasks", "sst2"], tmp_path / "a2.log")
+    for p, log in ((again, "a2.log"), (b, "b.log")):
+        assert p.wait(timeout=900) == 0, (tmp_path / log).read_text()[-3000:]
+    keys = _expected_keys(res)
+    assert len(keys) == 14
+    _check_exactly_once(res, f"sqlite:///{res / 'study.db'}", "tiny", keys)
+    summary = json.loads((killed_run / "summary.json").read_text())
+    assert summary["resumed_from"] and "checkpoint-" in summary["resumed_from"]
+    assert summary["steps"] == 40
+    for log in ("a.log", "a2.log"):  # worker a never touched mrpc, nor b sst2
+        assert "mrpc-" not in (tmp_path / log).read_text()
+    assert "sst2-" not in (tmp_path / "b.log").read_text()
+    assert "report: " in (tmp_path / "a2.log").read_text()
+    assert (res / "report" / "report.md").is_file() and (res / "report" / "report.html").is_file()
+
+    # Finished: a third run trains nothing and changes no run directory.
+    before = {str(p): p.stat().st_mtime_ns for p in (res / "runs").rglob("summary.json")}
+    assert main(["study", *common]) == 0
+    assert {str(p): p.stat().st_mtime_ns for p in (res / "runs").rglob("summary.json")} == before
+
+
+PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
+
+
+@pytest.mark.skipif(not PG_URL, reason="LORALAB_TEST_PG_URL is not set: no PostgreSQL server "
+                    "(.ci/run starts one; by hand: `. .ci/postgres.sh && pg_start`)")  # fmt: skip
+def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
+    res, prefix = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
+    common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), "--storage",
+              PG_URL, "--study", prefix, *FAST]  # fmt: skip
+    # Overlapping tasks: both workers may create mrpc's dependent studies and claim its points.
+    procs = {name: _cli(["study", *common, "--tasks", tasks], tmp_path / f"{name}.log")
+             for name, tasks in (("w1", "sst2,mrpc"), ("w2", "mrpc"))}  # fmt: skip
+    for name, p in procs.items():
+        assert p.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    keys = _expected_keys(res)
+    _check_exactly_once(res, PG_URL, prefix, keys)
