@@ -130,9 +130,18 @@ def _add_validate(sub) -> None:
     p = sub.add_parser(
         "validate",
         help="Run the named checks that LoRA does what it claims on a model/config.",
-        description="Exit status 0 when every check passes, 1 when any fails, 2 on bad input.",
+        description="Invariants (PEFT wrapped, base frozen and unchanged, save/load, merge, "
+        "export, accounting, ...) set the exit status: 0 when all hold, 1 when any fails, 2 on "
+        "bad input. Targets (trainable share ≤ 0.3%; LoRA − full ≥ −3 points with --results) are "
+        "reported as met/missed and fail the command only with --strict.",
     )
     p.add_argument("--model", help="built-in name, hub id or local folder (default: the config's)")
+    p.add_argument("--strict", action="store_true", help="a missed target also exits 1")
+    p.add_argument(
+        "--results",
+        metavar="DIR",
+        help="folder of LoRA and full fine-tuning runs of this model: adds the LoRA − full target",
+    )
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument("--steps", type=int, default=10, help="training steps on the probe batch")
@@ -375,25 +384,37 @@ def cmd_validate(args) -> int:
 
     from .config import build_config
     from .tracking import write_json
-    from .validate import as_json, run_checks
+    from .validate import as_json, drop_targets, run_checks
 
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
-    checks = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
-    report = as_json(checks, cfg)
+    result = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
+    if args.results:
+        result.targets += drop_targets(args.results, cfg.model.name)
+    report = as_json(result, cfg, strict=args.strict)
     write_json(Path(args.out), report)
-    table = Table(
-        title=f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
-    )
+    title = f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
+    table = Table(title=f"{title}\ninvariants (they set the exit status)")
     for col in ("check", "result", "detail"):
         table.add_column(col, overflow="fold")
-    for c in checks:
+    for c in result.checks:
         table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
+    targets = Table(title="targets (reported; they fail the command only with --strict)")
+    for col in ("target", "result", "figure", "detail"):
+        targets.add_column(col, overflow="fold")
+    for t in result.targets:
+        mark = "[green]met[/]" if t.met else "[yellow]target missed[/]"
+        targets.add_row(t.name, mark, t.figure, t.detail)
     console = Console(width=max(Console().width, 120))
     console.print(table)
+    console.print(targets)
+    n_met = sum(t.met for t in result.targets)
     console.print(
-        f"{len(checks) - report['n_failed']}/{len(checks)} checks passed; report: {args.out}"
+        f"{len(result.checks) - report['n_failed']}/{len(result.checks)} invariants hold; "
+        f"{n_met}/{len(result.targets)} targets met"
+        + (" (--strict: a missed target fails)" if args.strict else "")
+        + f"; report: {args.out}"
     )
-    return 0 if report["passed"] else 1
+    return report["exit_status"]
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):
@@ -498,13 +519,22 @@ def cmd_study(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import CONSOLE_COLUMNS, report
 
     rep = report(args.results_dir, args.study, args.storage, args.out)
-    for t in rep.tables[:1]:
-        print(f"{t.title}:")
-        for row in t.rows:
-            print("  " + " | ".join(x for x in row if x))
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    main_table = rep.tables[0]
+    shown = [main_table.headers.index(h) for h in CONSOLE_COLUMNS]
+    table = Table(title=main_table.title, caption="All columns: report.md/.html/.csv")
+    for i in shown:
+        table.add_column(main_table.headers[i], overflow="fold")
+    for row in main_table.rows:
+        table.add_row(*[row[i] for i in shown])
+    Console(width=max(Console().width, 200)).print(table)
     print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
     return 0
 

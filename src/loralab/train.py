@@ -466,6 +466,7 @@ def _base_summary(
         "max_length": splits.max_length,
         "features_version": FEATURES_VERSION,
         "data_fingerprint": splits.fingerprint,
+        "majority_baseline": get_task(cfg.data.task).majority_baseline(splits.eval_raw),
         "identity": identity(cfg, splits),
         "params": params,
         "precision": "bf16" if _precision(cfg) else "fp32",

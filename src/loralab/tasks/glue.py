@@ -144,6 +144,16 @@ class GlueTask(Task):
             out["f1"] = metrics.f1_binary(preds, labels, positive=1)
         return out
 
+    def majority_baseline(self, raw) -> dict[str, float]:
+        labels = np.asarray(raw["label"], dtype=int)
+        if labels.size == 0:
+            return {}
+        preds = np.full_like(labels, np.bincount(labels).argmax())  # a tie goes to the lower label
+        out = {"accuracy": metrics.accuracy(preds, labels)}
+        if "f1" in self.metric_names:
+            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
+        return out
+
 
 def glue_tasks() -> dict[str, GlueTask]:
     return {

@@ -468,6 +468,17 @@ class SquadV2Task(Task):
         }
         return metrics.squad_v2_scores(answers, references)
 
+    def majority_baseline(self, raw) -> dict[str, float]:
+        """Always answering "no answer" (the commonest single answer in SQuAD v2's dev set)."""
+        references = {
+            qid: list(ans["text"])
+            for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
+        }
+        if not references:
+            return {}
+        scores = metrics.squad_v2_scores(dict.fromkeys(references, ""), references)
+        return {k: scores[k] for k in ("exact", "f1")}
+
 
 def _answer_positions(
     answers: dict, offsets: list, first: int, last: int, null_index: int
