@@ -435,9 +435,15 @@ def default_study_name(plan: Plan) -> str:
     return f"{kind}-{'-'.join(plan.tasks)}"
 
 
+def plan_trusts(plan: Plan) -> bool:
+    """Whether this command line's config/overrides set model.trust_remote_code."""
+    return bool((plan.base.get("model") or {}).get("trust_remote_code"))
+
+
 def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = None,
               heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False):  # fmt: skip
+              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False,
+              trust_remote_code: bool = False):  # fmt: skip
     """Create (or continue) the study of `plan` and run its points here until none is left.
 
     With `create_only`, only create it: workers (`loralab sweep worker`) run the points.
@@ -450,13 +456,14 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     create_or_check(st, name, plan)
     if create_only:
         return None
-    return Worker(st, name, None, plan.results_dir, heartbeat, quiet).run()
+    trust = trust_remote_code or plan_trusts(plan)  # this command line asked for it
+    return Worker(st, name, None, plan.results_dir, heartbeat, quiet, trust).run()
 
 
 def run_protocol(plans: list[Plan], prefix: str = "study", storage: str | None = None,
                  heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
                  max_retry: int = DEFAULT_MAX_RETRY, report_dir: str | None = None,
-                 quiet: bool = False):  # fmt: skip
+                 quiet: bool = False, trust_remote_code: bool = False):  # fmt: skip
     """`loralab study`: the sweep and the ablations, one study each, then the report."""
     from .report import load_runs, write_report
     from .worker import Worker
@@ -468,6 +475,7 @@ def run_protocol(plans: list[Plan], prefix: str = "study", storage: str | None =
         kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
         names.append(f"{prefix}-{kind}")
         create_or_check(st, names[-1], plan)
-    reports = [Worker(st, name, None, results, heartbeat, quiet).run() for name in names]
+    trust = trust_remote_code or any(plan_trusts(p) for p in plans)
+    reports = [Worker(st, name, None, results, heartbeat, quiet, trust).run() for name in names]
     out = report_dir or Path(results) / "report"
     return reports, write_report(load_runs(results), out, f"run directories under {results}")
