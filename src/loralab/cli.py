@@ -10,6 +10,13 @@ from pathlib import Path
 from .errors import LoralabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other user error: one paragraph, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"loralab: error: {self.prog}: {message}. See `{self.prog} --help`.\n")
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= low (a bad value is a usage error, exit 2)."""
 
@@ -316,9 +323,7 @@ def _add_report(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loralab", description="Honest, reproducible LoRA studies."
-    )
+    parser = _Parser(prog="loralab", description="Honest, reproducible LoRA studies.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)

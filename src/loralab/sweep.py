@@ -264,8 +264,10 @@ def storage_url(storage: str | None, results_dir: str | Path) -> str:
 
 
 def masked(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL without its password (or other credentials), for messages."""
+    from .redact import mask_secrets
+
+    return mask_secrets(url)
 
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
