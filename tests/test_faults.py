@@ -264,3 +264,84 @@ def test_bad_input_exits_2_with_one_paragraph(name, build, needle, shared, tmp_p
     assert "\n\n" not in message, f"more than one paragraph: {message}"
     assert needle in message, message
     assert _snapshot(case_dir) == before, "the command changed files although it failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote code: only from the command line, never from a run folder or a study
+
+
+@pytest.fixture
+def trust_spy(monkeypatch):
+    """Every trust_remote_code value loralab passes when it loads a model or tokenizer."""
+    from loralab import models
+
+    seen: list[bool] = []
+
+    def spy(original):
+        def wrapper(*args, **kwargs):
+            seen.append(bool(kwargs.get("trust_remote_code", args[1] if len(args) > 1 else False)))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(models, "load_model", spy(models.load_model))
+    monkeypatch.setattr(models, "load_tokenizer", spy(models.load_tokenizer))
+    return seen
+
+
+def _trusting_run(tmp_path: Path, shared, status: str | None = None) -> Path:
+    run = Case(tmp_path, *shared).run(status)
+    config = (run / "config.yaml").read_text()
+    assert "trust_remote_code: false" in config
+    (run / "config.yaml").write_text(
+        config.replace("trust_remote_code: false", "trust_remote_code: true")
+    )
+    return run
+
+
+COMMANDS = {
+    "merge": lambda run: [
+        "merge",
+        str(run),
+        "--dtype",
+        "fp32",
+        "--no-benchmark",
+        "--no-export",
+        "--max-eval-examples",
+        "8",
+        "--quiet",
+    ],  # fmt: skip
+    "analyze": lambda run: ["analyze", str(run), "--probe", "8"],
+    "resume": lambda run: ["train", "--resume", str(run), "--quiet"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_run_folder_cannot_switch_remote_code_on(command, shared, tmp_path, trust_spy, capsys):
+    run = _trusting_run(tmp_path / "a", shared, "failed" if command == "resume" else None)
+    assert main(COMMANDS[command](run)) == 0
+    assert trust_spy and not any(trust_spy), trust_spy
+    err = capsys.readouterr().err
+    assert "trust_remote_code: true" in err and "--trust-remote-code" in err  # the warning
+    # The flag on the command line is what turns it on (and the spy does see it).
+    trust_spy.clear()
+    run = _trusting_run(tmp_path / "b", shared, "failed" if command == "resume" else None)
+    assert main([*COMMANDS[command](run), "--trust-remote-code"]) == 0
+    assert trust_spy and all(trust_spy), trust_spy
+
+
+def test_study_cannot_switch_remote_code_on_for_a_worker(shared, tmp_path, capsys):
+    _, data = shared
+    results = tmp_path / "results"
+    grid = ["--tasks", "sst2", "--methods", "lora", "--seeds", "1", "--lora-lr", "1e-3",
+            "--model", "tiny-llama", "--data-dir", str(data.parent), "--output-dir", str(results),
+            "--study", "s", "--quiet"]  # fmt: skip
+    # Someone created the study with remote code on; this worker did not ask for it.
+    assert main(["sweep", *grid, "--create-only", "model.trust_remote_code=true",
+                 "train.max_steps=2", "train.batch_size=8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    worker = ["sweep", "worker", "--study", "s", "--output-dir", str(results)]
+    assert main(worker) == 0
+    assert "--trust-remote-code" in capsys.readouterr().err  # the warning
+    (run,) = (results / "runs").iterdir()
+    assert "trust_remote_code: false" in (run / "config.yaml").read_text()
