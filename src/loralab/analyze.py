@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ class AnalysisResult:
     summary: str
 
 
-def _open_adapter_run(path: str | Path) -> tuple[Path, ExperimentConfig, set[str]]:
+def _open_adapter_run(
+    path: str | Path, trust_remote_code: bool = False
+) -> tuple[Path, ExperimentConfig, set[str]]:
     """Run dir, its config and the names of its adapted modules (from the weight file's keys)."""
     from safetensors import safe_open
 
-    run_dir, cfg = open_lora_run(path, purpose="analyze")
+    run_dir, cfg = open_lora_run(path, "analyze", trust_remote_code)
     weights = run_dir / tracking.ADAPTER_DIR / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise LoralabError(
@@ -204,23 +207,30 @@ def analyze(
     layer: int | None = None,
     data_dir: str | None = None,
     eval_file: str | None = None,
+    trust_remote_code: bool = False,
 ) -> AnalysisResult:
-    """Analyze one LoRA run (optionally against a second); write and return `analysis/`."""
+    """Analyze one LoRA run (optionally against a second); write and return `analysis/`.
+
+    Remote code runs only with `trust_remote_code` (the command line), never because a run
+    folder's config says so."""
     from .models import load_tokenizer
     from .tasks import get_task
     from .train import is_causal
 
-    run_dir, cfg, mods = _open_adapter_run(run_dir)
+    run_dir, cfg, mods = _open_adapter_run(run_dir, trust_remote_code)
     _check_variant(run_dir, cfg)
+    tracking.check_writable(run_dir / ANALYSIS_DIR, "The analysis folder")
     other_dir = other_cfg = None
     if compare is not None:
-        other_dir, other_cfg, other_mods = _open_adapter_run(compare)
+        other_dir, other_cfg, other_mods = _open_adapter_run(compare, trust_remote_code)
         _check_variant(other_dir, other_cfg)
         _check_comparable(cfg, mods, other_dir, other_cfg, other_mods)
         _heatmap_modules(sorted(mods), layer)  # a bad --layer fails before the slow part
     task = get_task(cfg.data.task)
     examples = _probe_examples(cfg, task, probe, data_dir, eval_file)
-    tokenizer = load_tokenizer(cfg.model.name, progress=False)
+    tokenizer = load_tokenizer(
+        cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=False
+    )
     tokenizer.padding_side = "right"  # pooling reads the last real token at mask.sum() - 1
 
     model = _load_peft(cfg, task, run_dir)
@@ -294,9 +304,7 @@ def _write(run_dir: Path, data: dict, hidden: dict, other_modules: dict | None) 
     from safetensors.torch import save_file
 
     final = run_dir / ANALYSIS_DIR
-    tmp = run_dir / f".{ANALYSIS_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{ANALYSIS_DIR}.tmp-"))
     modules, comp = data["modules"], data["compare"]
     files = [
         plot_spectra(tmp / "spectra.png", modules),

@@ -10,6 +10,47 @@ from pathlib import Path
 from .errors import LoralabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other user error: one paragraph, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"loralab: error: {self.prog}: {message}. See `{self.prog} --help`.\n")
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low (a bad value is a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_trust(p) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped with a hub model to run (never taken from a run folder or study)",
+    )
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -26,12 +67,18 @@ def _add_train(sub) -> None:
     p.add_argument("--train-file", help="explicit training file (e.g. SQuAD v2 JSON)")
     p.add_argument("--eval-file", help="explicit evaluation file")
     p.add_argument("--output-dir", help="folder under which the run directory is created")
-    p.add_argument("--max-train-examples", type=int, help="cap on training examples")
-    p.add_argument("--max-eval-examples", type=int, help="cap on evaluation examples")
+    p.add_argument("--max-train-examples", type=_int_at_least(1), help="cap on training examples")
+    p.add_argument("--max-eval-examples", type=_int_at_least(1), help="cap on evaluation examples")
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint"
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="with --resume: train from step 0 in the same folder when no checkpoint is usable",
+    )
+    _add_trust(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or live lines")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
 
@@ -65,7 +112,7 @@ def _add_merge(sub) -> None:
     )
     p.add_argument(
         "--max-eval-examples",
-        type=int,
+        type=_int_at_least(0),
         default=256,
         help="dev examples checked (0 = all; default 256)",
     )
@@ -81,18 +128,31 @@ def _add_merge(sub) -> None:
     p.add_argument("--no-export", action="store_true", help="skip the export")
     p.add_argument("--no-benchmark", action="store_true", help="skip the inference benchmark")
     p.add_argument(
-        "--bench-batch-size", type=int, default=8, help="benchmark batch size (default 8)"
+        "--bench-batch-size",
+        type=_int_at_least(1),
+        default=8,
+        help="benchmark batch size (default 8)",
     )
     p.add_argument(
-        "--bench-seq-len", type=int, default=128, help="benchmark tokens per sequence (default 128)"
+        "--bench-seq-len",
+        type=_int_at_least(1),
+        default=128,
+        help="benchmark tokens per sequence (default 128)",
     )
     p.add_argument(
-        "--bench-batches", type=int, default=20, help="timed batches per model (default 20)"
+        "--bench-batches",
+        type=_int_at_least(1),
+        default=20,
+        help="timed batches per model (default 20)",
     )
     p.add_argument(
-        "--bench-warmup", type=int, default=3, help="untimed warm-up batches (default 3)"
+        "--bench-warmup",
+        type=_int_at_least(0),
+        default=3,
+        help="untimed warm-up batches (default 3)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output; tables still print")
+    _add_trust(p)
 
 
 def _add_analyze(sub) -> None:
@@ -109,14 +169,14 @@ def _add_analyze(sub) -> None:
     )
     p.add_argument(
         "--probe",
-        type=int,
+        type=_int_at_least(1),
         default=256,
         metavar="N",
         help="first N dev examples for the representations (default 256)",
     )
     p.add_argument(
         "--layer",
-        type=int,
+        type=_int_at_least(0),
         metavar="L",
         help="layer for the similarity heat-maps (default: the middle one)",
     )
@@ -124,6 +184,7 @@ def _add_analyze(sub) -> None:
     p.add_argument(
         "--eval-file", help="explicit evaluation file, if not the one in the run's config"
     )
+    _add_trust(p)
 
 
 def _add_validate(sub) -> None:
@@ -144,10 +205,12 @@ def _add_validate(sub) -> None:
     )
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
-    p.add_argument("--steps", type=int, default=10, help="training steps on the probe batch")
+    p.add_argument(
+        "--steps", type=_int_at_least(1), default=10, help="training steps on the probe batch"
+    )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_positive_float,
         default=1e-4,
         help="merge equivalence tolerance (fp32), times max(1, max |logit|)",
     )
@@ -177,8 +240,8 @@ def _add_grid(p, methods: bool = True) -> None:
     p.add_argument("--model", help="built-in name, hub id or local folder")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
     p.add_argument("--data-dir", help="task data folder (GLUE: a parent with sst2/, mrpc/, rte/)")
-    p.add_argument("--max-train-examples", type=int, help="cap on training examples")
-    p.add_argument("--max-eval-examples", type=int, help="cap on evaluation examples")
+    p.add_argument("--max-train-examples", type=_int_at_least(1), help="cap on training examples")
+    p.add_argument("--max-eval-examples", type=_int_at_least(1), help="cap on evaluation examples")
     p.add_argument("--config", help="YAML experiment config every point starts from")
     p.add_argument("--output-dir", default="results", help="results folder (default: results)")
     _add_storage(p)
@@ -193,14 +256,22 @@ def _add_grid(p, methods: bool = True) -> None:
 def _add_storage(p) -> None:
     p.add_argument("--study", help="study name (default: derived from the grid)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the results folder)")
-    p.add_argument("--heartbeat", type=int, default=20, help="seconds between heartbeats (20)")
     p.add_argument(
-        "--grace", type=int, help="seconds without a heartbeat before a point is retried (3x)"
+        "--heartbeat", type=_int_at_least(1), default=20, help="seconds between heartbeats (20)"
     )
     p.add_argument(
-        "--max-retries", type=int, default=3, help="retries of a point whose worker died (3)"
+        "--grace",
+        type=_int_at_least(1),
+        help="seconds without a heartbeat before a point is retried (3x)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=_int_at_least(0),
+        default=3,
+        help="retries of a point whose worker died (3)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
+    _add_trust(p)
 
 
 def _add_sweep(sub) -> None:
@@ -267,9 +338,7 @@ def _add_report(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="loralab", description="Honest, reproducible LoRA studies."
-    )
+    parser = _Parser(prog="loralab", description="Honest, reproducible LoRA studies.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)
@@ -296,12 +365,23 @@ def cmd_train(args) -> int:
                 f"--resume continues a run with the config it was started with; drop {given} "
                 "(or start a new run without --resume)."
             )
-        result = resume(args.resume, quiet=args.quiet)
+        result = resume(
+            args.resume,
+            quiet=args.quiet,
+            restart=args.restart,
+            trust_remote_code=args.trust_remote_code,
+        )
     else:
+        if args.restart:
+            raise LoralabError("--restart goes with --resume RUN_DIR (it restarts that run).")
         cfg = build_config(
             args.config,
             args.overrides,
-            model={"name": args.model, "head": args.head},
+            model={
+                "name": args.model,
+                "head": args.head,
+                "trust_remote_code": args.trust_remote_code or None,
+            },
             data={
                 "task": args.task,
                 "data_dir": args.data_dir,
@@ -358,6 +438,7 @@ def cmd_merge(args) -> int:
         data_dir=args.data_dir,
         eval_file=args.eval_file,
         quiet=args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )
     render(result, Console())
     return result.exit_code
@@ -373,6 +454,7 @@ def cmd_analyze(args) -> int:
         layer=args.layer,
         data_dir=args.data_dir,
         eval_file=args.eval_file,
+        trust_remote_code=args.trust_remote_code,
     )
     print(result.summary)
     return 0
@@ -387,6 +469,7 @@ def cmd_validate(args) -> int:
     from .validate import as_json, drop_targets, run_checks
 
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
+    _check_out_file(Path(args.out), "--out")
     result = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
     if args.results:
         result.targets += drop_targets(args.results, cfg.model.name)
@@ -417,6 +500,21 @@ def cmd_validate(args) -> int:
     return report["exit_status"]
 
 
+def _check_results_dir(path) -> None:
+    from .tracking import check_writable
+
+    check_writable(path, "--output-dir")
+
+
+def _check_out_file(path: Path, what: str) -> None:
+    """Fail before slow work when file `path` cannot be written."""
+    from .tracking import check_writable
+
+    if path.is_dir():
+        raise LoralabError(f"{what} '{path}' is a folder; give a file path, e.g. validate.json.")
+    check_writable(path.parent if str(path.parent) else Path("."), f"The folder of {what}")
+
+
 def _plan(args, kind: str = "sweep", ablation: str | None = None):
     from .sweep import make_plan
 
@@ -442,6 +540,7 @@ def _plan(args, kind: str = "sweep", ablation: str | None = None):
 
 def _storage_opts(args) -> dict:
     return {
+        "trust_remote_code": args.trust_remote_code,
         "heartbeat": args.heartbeat,
         "grace": args.grace,
         "max_retry": args.max_retries,
@@ -457,6 +556,7 @@ def _run_plan(args, plan) -> int:
             print(p["key"])
         print(f"{len(plan.points())} points; study '{args.study or default_study_name(plan)}'")
         return 0
+    _check_results_dir(plan.results_dir)
     rep = run_sweep(
         plan, args.study, args.storage, create_only=getattr(args, "create_only", False),
         **_storage_opts(args),
@@ -485,6 +585,8 @@ def cmd_sweep(args) -> int:
         from .sweep import parse_list
 
         output = args.output_dir if args.output_dir != "results" or not args.storage else None
+        if output:
+            _check_results_dir(output)
         rep = run_worker(
             args.study, args.storage, parse_list(args.tasks, str, "--tasks"), output,
             **_storage_opts(args),
@@ -508,6 +610,7 @@ def cmd_study(args) -> int:
         lines = dry_run(spec, tasks, args.study or spec.name)
         print("\n".join(lines))
         return 0
+    _check_results_dir(args.output_dir or spec.output_dir)
     out = run_study(
         spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
         grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
@@ -523,7 +626,10 @@ def cmd_report(args) -> int:
     from rich.table import Table
 
     from .report import CONSOLE_COLUMNS, report
+    from .tracking import check_writable
 
+    if args.out or args.results_dir:
+        check_writable(args.out or Path(args.results_dir) / "report", "--out")
     rep = report(args.results_dir, args.study, args.storage, args.out)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -569,6 +675,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loralab: interrupted; checkpoints and finished files are kept.", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is None:
+            raise  # not a file-boundary failure: a bug, keep the traceback
+        # A file or folder the command had to read or write (read-only disk, no permission, a
+        # file where a folder belongs, disk full): the user's to fix, not a bug.
+        print(f"loralab: error: {_os_error_text(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_text(e: OSError) -> str:
+    from .redact import mask_secrets
+
+    target = f"'{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else "")
+    return mask_secrets(
+        f"Cannot use {target}: {e.strerror or type(e).__name__}. Check that the path is a "
+        "folder you can write to (or a file you can read), on a disk with free space."
+    )
 
 
 if __name__ == "__main__":

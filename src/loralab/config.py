@@ -293,9 +293,15 @@ def load_yaml(path: str | Path) -> dict:
             f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml."
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise LoralabError(f"Config file '{path}' is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise LoralabError(
+            f"Config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML."
+        ) from None
+    except OSError as e:
+        raise LoralabError(f"Cannot read config file '{path}': {e.strerror or e}.") from None
     if not isinstance(data, dict):
         raise LoralabError(
             f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}."

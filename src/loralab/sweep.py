@@ -330,8 +330,10 @@ def storage_url(storage: str | None, results_dir: str | Path) -> str:
 
 
 def masked(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL without its password (or other credentials), for messages."""
+    from .redact import mask_secrets
+
+    return mask_secrets(url)
 
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
@@ -529,9 +531,15 @@ def default_study_name(plan: Plan) -> str:
     return f"{kind}-{'-'.join(plan.tasks)}"
 
 
+def plan_trusts(plan: Plan) -> bool:
+    """Whether this command line's config/overrides set model.trust_remote_code."""
+    return bool((plan.base.get("model") or {}).get("trust_remote_code"))
+
+
 def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = None,
               heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False):  # fmt: skip
+              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False,
+              trust_remote_code: bool = False):  # fmt: skip
     """Create (or continue) the study of `plan` and run its points here until none is left.
 
     With `create_only`, only create it: workers (`loralab sweep worker`) run the points.
@@ -544,4 +552,5 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     create_or_check(st, name, plan)
     if create_only:
         return None
-    return Worker(st, name, None, plan.results_dir, heartbeat, quiet).run()
+    trust = trust_remote_code or plan_trusts(plan)  # this command line asked for it
+    return Worker(st, name, None, plan.results_dir, heartbeat, quiet, trust).run()

@@ -6,18 +6,21 @@ LoRA and full fine-tuning share every line here except the wrapping step in `bui
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import accounting, precision, tracking
 from .callbacks import TrackingCallback
+from .checkpoints import LOSS_FILE, newest_good_checkpoint, read_loss_sum, trim_metrics
 from .config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
@@ -134,14 +137,63 @@ def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentCo
     return dataclasses.replace(cfg, train=train_cfg), decision
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches whose order depends on (seed, epoch) alone.
+
+    The stock sampler draws from the global RNG when an epoch starts; after a resume in a later
+    epoch that RNG is not where the uninterrupted run had it, so the batches (and the adapter)
+    would differ. Its own generator, reseeded per epoch, makes any resume exact.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class LoralabTrainer(Trainer):
-    """The stock Trainer plus token counting and a stop on a non-finite loss."""
+    """The stock Trainer plus token counting, a stop on a non-finite loss, a (seed, epoch)-seeded
+    length-grouped sampler and a whole-run loss sum kept in every checkpoint."""
 
     def __init__(self, *args, lm_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_real = 0
         self.tokens_padded = 0
         self.lm_loss = lm_loss
+        # Sum of every training_step loss since step 0, also across resumes (float64, on the
+        # device: no sync per step). The Trainer's own train_loss covers only this process.
+        self.loss_sum_start = 0.0
+        self.loss_sum = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.seed)
+        return sampler
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the Trainer's files: a checkpoint complete enough to pass the check on
+        # resume (trainer_state.json is written last) always has its loss sum.
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
+        tracking.write_json(
+            folder / LOSS_FILE, {"global_step": self.state.global_step, "loss_sum": total}
+        )
+        super()._save_checkpoint(model, trial)
+
+    def whole_run_loss(self) -> float | None:
+        """Mean training loss over every step of the run (including those before a resume)."""
+        if self.loss_sum is None or not self.state.global_step:
+            return None
+        mean = float(self.loss_sum) / self.state.global_step
+        return mean if math.isfinite(mean) else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.lm_loss:
@@ -170,6 +222,11 @@ class LoralabTrainer(Trainer):
             self.tokens_real += int(mask.sum())
             self.tokens_padded += mask.numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_sum is None:
+            self.loss_sum = torch.tensor(
+                self.loss_sum_start, dtype=torch.float64, device=loss.device
+            )
+        self.loss_sum = self.loss_sum + loss.detach().to(torch.float64)
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(
                 f"The training loss became {loss.item()} at step {self.state.global_step + 1}: the run "
@@ -224,8 +281,12 @@ def train(
     resume: str | Path | None = None,
     quiet: bool = False,
     callbacks: list | None = None,
+    checkpoint: str | Path | None = None,
 ) -> RunResult:
     """Run one experiment and return its run directory, eval metrics and summary.
+
+    `resume` is the run folder to train in (see `resume()`), `checkpoint` the one to continue
+    from (None: from step 0).
 
     `callbacks` are extra `transformers.TrainerCallback`s (e.g. for live tracking or tests); one
     with a `trainer` attribute is given the Trainer (its token counters, for benchmarks).
@@ -236,6 +297,9 @@ def train(
 
     validate(cfg)
     tracking.preflight(cfg)
+    # Before any slow work: the run folder must be creatable and writable.
+    where = "The run folder" if resume else "--output-dir"
+    tracking.check_writable(resume or cfg.run.output_dir, where)
     _absolute_data_paths(cfg)
     start = time.time()
     task = get_task(cfg.data.task)
@@ -285,6 +349,7 @@ def train(
         callbacks or [],
         prompting,
         {"precision": precision_decision, "attention": attention},
+        checkpoint,
     )
 
 
@@ -301,6 +366,7 @@ def _run(
     extra,
     prompting=None,
     kernels=None,
+    checkpoint=None,
 ):
     model = built.model
     lm_head = prompting is not None
@@ -332,10 +398,12 @@ def _run(
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
-    checkpoint = None
-    if resuming:
-        ckpt_root = run_dir / tracking.CHECKPOINT_DIR
-        checkpoint = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
+    checkpoint = str(checkpoint) if checkpoint else None
+    if checkpoint:
+        start = read_loss_sum(Path(checkpoint))
+        # A checkpoint from an older loralab has no loss sum: train_loss then covers the
+        # steps after the resume only (the Trainer's own figure).
+        trainer.loss_sum_start = start if start is not None else float("nan")
     summary = _base_summary(cfg, run_dir, params, splits, model)
     summary["resumed_from"] = checkpoint
     summary["precision_decision"] = (kernels or {}).get("precision")
@@ -385,7 +453,7 @@ def _run(
     summary.update(
         status="completed",
         metrics=metrics,
-        train_loss=train_out.training_loss,
+        train_loss=trainer.whole_run_loss() or train_out.training_loss,
         steps=trainer.state.global_step,
         wall_time_s=time.time() - start,
         train_time_s=train_time,
@@ -473,7 +541,7 @@ def _base_summary(
         "param_dtypes": precision.dtypes(model),
         "versions": tracking.versions(),
         "git_commit": tracking.git_commit(),
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv),  # credentials are masked by write_json
     }
 
 
@@ -512,8 +580,7 @@ def _save_weights(
 ) -> None:
     """Adapter (PEFT format) for LoRA, the whole model for full; written to a temp dir, then renamed."""
     final = run_dir / (tracking.ADAPTER_DIR if cfg.train.method == "lora" else tracking.MODEL_DIR)
-    tmp = run_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.tmp-"))
     if cfg.train.method == "lora":
         built.model.save_pretrained(str(tmp))
     else:
@@ -524,13 +591,56 @@ def _save_weights(
     tmp.rename(final)
 
 
-def resume(run_dir: str | Path, quiet: bool = False) -> RunResult:
-    """Continue a killed run from its last checkpoint, with the config it was started with."""
+def resume(
+    run_dir: str | Path,
+    quiet: bool = False,
+    restart: bool = False,
+    trust_remote_code: bool = False,
+) -> RunResult:
+    """Continue a killed run from its newest intact checkpoint, with the config it was started
+    with (damaged checkpoints are skipped with a warning).
+
+    Without a usable checkpoint this is a user error, unless `restart`: then the run trains
+    again from step 0 in the same folder (its metrics.jsonl starts afresh). Remote code follows
+    `trust_remote_code` (the command line), never the folder's config.
+    """
+    from .checkpoints import warn
+    from .runs import command_line_trust
+
     run_dir = tracking.open_run_dir(run_dir)
+    _check_not_finished(run_dir)
+    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
+    checkpoint, skipped = newest_good_checkpoint(run_dir)
+    warn(skipped)
+    if checkpoint is None and not restart:
+        why = "all of its checkpoints are damaged" if skipped else "it has no checkpoint"
+        raise LoralabError(
+            f"Cannot resume '{run_dir}': {why} ({tracking.CHECKPOINT_DIR}/checkpoint-N is written "
+            f"every train.save_steps={cfg.train.save_steps} steps). Nothing was changed. Add "
+            "--restart to train it again from step 0 in the same folder, or start a new run."
+        )
+    if checkpoint is None:
+        warn([f"restarting '{run_dir}' from step 0 (--restart): its metrics.jsonl starts afresh"])
+        shutil.rmtree(run_dir / tracking.CHECKPOINT_DIR, ignore_errors=True)  # none was usable
+    trim_metrics(run_dir, None if checkpoint is None else int(checkpoint.name.split("-")[-1]))
+    return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint)
+
+
+def _check_not_finished(run_dir: Path) -> None:
+    """A completed run is not resumed; a damaged summary.json only gets a warning (it is
+    rewritten when the resumed run finishes)."""
+    from .checkpoints import warn
+
     summary_path = run_dir / tracking.SUMMARY_FILE
-    if summary_path.is_file() and tracking.read_json(summary_path).get("status") == "completed":
+    if not summary_path.is_file():
+        return
+    try:
+        status = tracking.read_json(summary_path).get("status")
+    except LoralabError as e:
+        warn([f"ignoring a damaged summary.json ({e})"])
+        return
+    if status == "completed":
         raise LoralabError(
             f"Run '{run_dir}' already finished (summary.json says completed); nothing to resume."
         )
-    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
-    return train(cfg, resume=run_dir, quiet=quiet)

@@ -66,6 +66,19 @@ class GlueTask(Task):
 
     def read_tsv(self, path: Path) -> dict[str, list]:
         """Parse a GLUE TSV (BOM-tolerant, quoting off: strings may hold quote characters)."""
+        try:
+            return self._read_tsv(path)
+        except UnicodeDecodeError as e:
+            raw = Path(path).read_bytes()
+            line = raw[: e.start].count(b"\n") + 1
+            raise LoralabError(
+                f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}). GLUE files are "
+                "UTF-8: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            ) from None
+        except OSError as e:
+            raise LoralabError(f"Cannot read {path}: {e.strerror or e}.") from None
+
+    def _read_tsv(self, path: Path) -> dict[str, list]:
         cols: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)

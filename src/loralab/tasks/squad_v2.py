@@ -155,6 +155,15 @@ class _Reader:
         for k, ans in enumerate(raw_answers):
             where_k = f"{where}.answers[{k}]"
             text = self.field(ans, "text", (str,), "a string", where_k)
+            if not text.strip():
+                # The official script would score it as answerable with gold "" (only an empty
+                # prediction matches); there is no span to train on. Almost always a data error.
+                raise self.fail(
+                    where_k,
+                    "is an answer with empty text, but the question is answerable. Give the "
+                    'answer\'s text, or mark the question unanswerable ("is_impossible": true, '
+                    '"answers": []).',
+                )
             start = self.field(ans, "answer_start", (int,), "a character index", where_k)
             if start < 0 or context[start : start + len(text)] != text:
                 found = context[max(start, 0) : max(start, 0) + len(text)]
