@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
+from .console import known_warnings_silenced, library_bars_off
 from .tasks import MODEL_COLUMNS, Task
 
 # Bump when featurisation changes, so caches built by older code are not reused.
@@ -107,7 +108,8 @@ def cached_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
-        feats.save_to_disk(str(tmp))
+        with library_bars_off():  # a cache write is not a phase the user waits for
+            feats.save_to_disk(str(tmp))
         os.replace(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is equal
@@ -136,7 +138,8 @@ def load_splits(
     evals = cached_features(task, eval_raw, tokenizer, cfg, "eval", causal, max_length, prompting)
     # Length-sorted evaluation: batches of similar length carry little padding. Metrics don't
     # depend on order (QA post-processing joins features to examples by id).
-    evals = evals.sort("length")
+    with known_warnings_silenced():
+        evals = evals.sort("length")
     return Splits(train_raw, train, eval_raw, evals, max_length, fingerprint)
 
 

@@ -358,7 +358,10 @@ def _build_tiny(model: BuiltinModel, out: Path, progress: bool) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = model_class(config)
-    net.save_pretrained(out)
+    from .console import library_bars_off
+
+    with library_bars_off():
+        net.save_pretrained(out)
     tok.save_pretrained(out)
 
 
@@ -448,10 +451,13 @@ def load_model(
         kwargs.setdefault("use_safetensors", True)  # never unpickle when safetensors exist
 
     def load(**extra):
+        from .console import library_bars_off
+
         try:
-            return auto_class.from_pretrained(
-                where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
-            )
+            with library_bars_off():  # "Loading weights" takes a blink; not a phase to show
+                return auto_class.from_pretrained(
+                    where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
+                )
         except OSError as exc:
             raise _load_error(name, where, exc) from exc
 

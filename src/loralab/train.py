@@ -290,6 +290,15 @@ def _run(
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    else:  # the bar itself carries loss, lr and tok/s instead of a printed dict per log step
+        from transformers.trainer_callback import ProgressCallback
+
+        from .console import LiveProgress
+
+        trainer.remove_callback(ProgressCallback)
+        live = LiveProgress()
+        live.trainer = trainer
+        trainer.add_callback(live)
     checkpoint = None
     if resuming:
         ckpt_root = run_dir / tracking.CHECKPOINT_DIR
@@ -469,10 +478,13 @@ def _save_weights(
     final = run_dir / (tracking.ADAPTER_DIR if cfg.train.method == "lora" else tracking.MODEL_DIR)
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.train.method == "lora":
-        built.model.save_pretrained(str(tmp))
-    else:
-        trainer.save_model(str(tmp))
+    from .console import library_bars_off
+
+    with library_bars_off():
+        if cfg.train.method == "lora":
+            built.model.save_pretrained(str(tmp))
+        else:
+            trainer.save_model(str(tmp))
     built.tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)
