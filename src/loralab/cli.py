@@ -47,8 +47,8 @@ def _add_merge(sub) -> None:
         help="Merge a LoRA run's adapter, check equivalence, benchmark, export.",
         description="Merge the adapter of RUN_DIR into its base, test merged vs adapter outputs on "
         "dev batches (fp32 and/or bf16), benchmark base/adapter/merged, export to RUN_DIR/merge/model. "
-        "Exit status: 0 passed, 1 failed, 4 uninformative (the adapter barely changes the outputs), "
-        "2 bad input.",
+        "Exit status: 0 passed or uninformative (the adapter barely changes the outputs; the "
+        "verdict is in merge.json and the table), 1 failed, 2 bad input.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished LoRA run directory")
     p.add_argument(
@@ -110,9 +110,9 @@ def _add_analyze(sub) -> None:
     p.add_argument(
         "--probe",
         type=int,
-        default=256,
         metavar="N",
-        help="first N dev examples for the representations (default 256)",
+        help="first N dev examples for the representations (default: min(256, dev size, the "
+        "run's max_eval_examples))",
     )
     p.add_argument(
         "--layer",
@@ -252,9 +252,12 @@ def _add_report(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="loralab", description="Honest, reproducible LoRA studies."
     )
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)
@@ -270,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .config import build_config
+    from .models import precheck
+
+    if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
+        precheck(args.model)
     from .train import resume, train
 
     if args.resume:

@@ -139,6 +139,7 @@ def resolve(name: str, progress: bool = True) -> Path | str:
         name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or ".." in name
     )
     if looks_like_path:
+        check_model_name(name)
         raise LoralabError(
             f"Model folder '{name}' does not exist; pass an existing folder written by "
             f"save_pretrained, a hub id such as 'org/name', or one of the built-in models: "
@@ -149,7 +150,58 @@ def resolve(name: str, progress: bool = True) -> Path | str:
             f"Unknown model '{name}': it is neither a built-in model ({_builtin_names()}), nor an "
             "existing folder, nor a Hugging Face hub id such as 'org/name'."
         )
+    check_hub_model(name)
     return name
+
+
+def _near_misses(name: str) -> list[str]:
+    """Built-in names and local model folders spelled like `name` (typos, not hub ids)."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    try:
+        folders = [
+            str(parent / d.name) if parent != Path(".") else d.name
+            for d in parent.iterdir()
+            if (d / "config.json").is_file()
+        ]
+    except OSError:
+        folders = []
+    return difflib.get_close_matches(name, [*BUILTIN_MODELS, *folders], n=2, cutoff=0.8)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a misspelt built-in name or folder, before any slow import or download.
+
+    Hub ids without an owner ('gpt2') are still allowed unless they are one typo away from a
+    built-in name or a local model folder.
+    """
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists():
+        return
+    close = _near_misses(name)
+    if close:
+        raise LoralabError(
+            f"Unknown model '{name}': did you mean {' or '.join(close)}? Built-in models: "
+            f"{_builtin_names()} (see `loralab models`); otherwise pass a folder written by "
+            "save_pretrained or a Hugging Face hub id such as 'org/name'."
+        )
+
+
+def check_hub_model(name: str) -> None:
+    """A hub id must be downloadable now or already cached: fail at once otherwise."""
+    from .hub import require_model
+
+    check_model_name(name)
+    require_model(name, _builtin_names())
+
+
+def precheck(name: str) -> None:
+    """The cheap part of `resolve` (no build, no download): typos and an unreachable hub."""
+    check_model_name(name)
+    if name not in BUILTIN_MODELS and not Path(name).expanduser().exists():
+        if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
+            check_hub_model(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,7 +231,9 @@ def train(
     set_seed(cfg.train.seed)
     built = build_model(cfg, task, tokenizer, progress=not quiet)
 
-    run_dir = Path(resume) if resume else tracking.create_run_dir(cfg)
+    run_dir = (
+        Path(resume) if resume else tracking.create_run_dir(resolved_config(cfg, splits.max_length))
+    )
     return _run(
         cfg,
         task,
@@ -469,6 +471,18 @@ def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
     return d
+
+
+def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:
+    """A copy of `cfg` with the values left to defaults (lr, max_length, precision) filled in,
+    as the run folder's config.yaml records them; loading it back gives the same run."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.train.lr = cfg.lr
+    out.data.max_length = max_length
+    out.train.precision = "bf16" if _precision(cfg) else "fp32"
+    return out
 
 
 def _save_weights(

@@ -44,6 +44,12 @@ class GlueTask(Task):
     def _load_hub(self, split: Split):
         from datasets import load_dataset
 
+        from ..hub import require_dataset
+
+        require_dataset(
+            f"{self.hub_path} ({self.hub_config})",
+            f"Pass --data-dir with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
+        )
         try:
             ds = load_dataset(
                 self.hub_path, self.hub_config, split="train" if split == "train" else "validation"
