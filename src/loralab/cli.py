@@ -16,7 +16,11 @@ def _add_train(sub) -> None:
         help="Fine-tune one model on one task with LoRA or full fine-tuning.",
         description="Train one run. Precedence: defaults < --config file < flags < dotted overrides.",
     )
-    p.add_argument("--task", help="sst2, mrpc, rte or squad_v2")
+    p.add_argument(
+        "--task",
+        help="sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH, "
+        "hub:ORG/NAME, or a task YAML file",
+    )
     p.add_argument("--model", help="built-in name (see `loralab models`), hub id or local folder")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def cached_features(
             ]
         ).encode()
     ).hexdigest()[:20]
-    path = cache_dir() / "features" / f"{task.name}-{split}-{key}"
+    path = cache_dir() / "features" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task.name)}-{split}-{key}"
     if path.is_dir():
         return load_from_disk(str(path))
     if prompting is not None:  # the causal-LM formulation

@@ -376,6 +376,9 @@ def _run(
 
 def _absolute_data_paths(cfg: ExperimentConfig) -> None:
     """Store data paths absolute, so a run directory can be re-read from any working directory."""
+    from .tasks import absolute_ref
+
+    cfg.data.task = absolute_ref(cfg.data.task)
     for key in ("data_dir", "train_file", "eval_file"):
         value = getattr(cfg.data, key)
         if value:

@@ -144,7 +144,10 @@ class GlueTask(Task):
     def score(self, raw, features, predictions) -> dict[str, float]:
         logits = predictions[0] if isinstance(predictions, tuple) else predictions
         preds = np.asarray(logits).argmax(-1)
-        labels = np.asarray(features["labels"])
+        return self.label_metrics(preds, np.asarray(features["labels"]))
+
+    def label_metrics(self, preds, labels) -> dict[str, float]:
+        """The task's metrics from predicted and true label indices (both heads use this)."""
         out = {"accuracy": metrics.accuracy(preds, labels)}
         if "f1" in self.metric_names:
             out["f1"] = metrics.f1_binary(preds, labels, positive=1)
