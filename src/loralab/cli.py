@@ -37,7 +37,27 @@ def _add_train(sub) -> None:
         "--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or live lines")
+    _add_push(p, "the adapter (LoRA) or the model (full)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
+
+
+def _add_push(p, what: str) -> None:
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help=f"upload {what} to this hub repository (user/name); token from HF_TOKEN",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+
+
+def _push(args, folder, what: str) -> None:
+    if not getattr(args, "push_to_hub", None):
+        return
+    from .hub import push_folder
+
+    url = push_folder(folder, args.push_to_hub, what, private=args.private)
+    if not getattr(args, "quiet", False):
+        print(f"pushed the {what} to {url}")
 
 
 def _add_models(sub) -> None:
@@ -83,6 +103,7 @@ def _add_merge(sub) -> None:
         help="export folder (default RUN_DIR/merge/model); must be new or empty",
     )
     p.add_argument("--no-export", action="store_true", help="skip the export")
+    _add_push(p, "the merged export")
     p.add_argument("--no-benchmark", action="store_true", help="skip the inference benchmark")
     p.add_argument(
         "--bench-batch-size", type=int, default=8, help="benchmark batch size (default 8)"
@@ -281,6 +302,10 @@ def cmd_train(args) -> int:
 
     if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
         precheck(args.model)
+    if args.push_to_hub:
+        from .hub import check_push
+
+        check_push(args.push_to_hub)
     from .train import resume, train
 
     if args.resume:
@@ -312,6 +337,10 @@ def cmd_train(args) -> int:
         result = train(cfg, quiet=args.quiet)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"{result.run_dir}: {shown}")
+    from .tracking import ADAPTER_DIR, MODEL_DIR
+
+    lora = (result.summary.get("method") or "lora") == "lora"
+    _push(args, result.run_dir / (ADAPTER_DIR if lora else MODEL_DIR), "adapter" if lora else "model")
     return 0
 
 
@@ -339,6 +368,12 @@ def cmd_merge(args) -> int:
 
     from .merge import parse_tolerances, render, run_merge
 
+    if args.push_to_hub:
+        from .hub import check_push
+
+        if args.no_export:
+            raise LoralabError("--push-to-hub uploads the merged export: drop --no-export.")
+        check_push(args.push_to_hub)
     result = run_merge(
         args.run_dir,
         dtype=args.dtype,
@@ -356,6 +391,8 @@ def cmd_merge(args) -> int:
         quiet=args.quiet,
     )
     render(result, Console())
+    if args.push_to_hub and result.exit_code == 0 and result.export_dir is not None:
+        _push(args, result.export_dir, "merged model")
     return result.exit_code
 
 

@@ -87,6 +87,19 @@ def require_dataset(dataset_id: str, local_hint: str) -> None:
     )
 
 
+def check_push(repo: str) -> None:
+    """A bad --push-to-hub target fails before any training, not after it."""
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise LoralabError(
+            f"--push-to-hub needs a repository id of the form 'user/name' or 'org/name', "
+            f"got '{repo}'."
+        )
+    if offline():
+        raise LoralabError(
+            f"--push-to-hub {repo}: offline mode is on (HF_HUB_OFFLINE); unset it to push."
+        )
+
+
 def push_folder(folder: str | Path, repo: str, what: str, private: bool = False) -> str:
     """Upload `folder` to hub repo `repo` (created if needed); returns the repo URL.
 
@@ -98,15 +111,7 @@ def push_folder(folder: str | Path, repo: str, what: str, private: bool = False)
     folder = Path(folder)
     if not folder.is_dir():
         raise LoralabError(f"Nothing to push: {what} folder '{folder}' does not exist.")
-    if "/" not in repo or repo.count("/") > 1:
-        raise LoralabError(
-            f"--push-to-hub needs a repository id of the form 'user/name' or 'org/name', "
-            f"got '{repo}'."
-        )
-    if offline():
-        raise LoralabError(
-            f"--push-to-hub {repo}: offline mode is on (HF_HUB_OFFLINE); unset it to push."
-        )
+    check_push(repo)
     token = os.environ.get("HF_TOKEN") or None
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:

