@@ -154,7 +154,6 @@ def resolve(name: str, progress: bool = True) -> Path | str:
             f"Unknown model '{name}': it is neither a built-in model ({_builtin_names()}), nor an "
             "existing folder, nor a Hugging Face hub id such as 'org/name'."
         )
-    check_hub_model(name)
     return name
 
 
@@ -464,6 +463,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, progress: bool = 
     from transformers import AutoTokenizer
 
     where = resolve(name, progress)
+    if isinstance(where, str):  # a hub id: downloadable now or cached, else fail at once
+        check_hub_model(where)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -526,6 +527,8 @@ def load_model(
     checkpoint (freshly initialised heads), to be trained via PEFT modules_to_save.
     """
     where = resolve(name, progress)
+    if isinstance(where, str):
+        check_hub_model(where)
     if isinstance(where, Path) and any(where.glob("*.safetensors")):
         kwargs.setdefault("use_safetensors", True)  # never unpickle when safetensors exist
 
