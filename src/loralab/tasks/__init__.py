@@ -36,9 +36,19 @@ def get_task(name: str) -> Task:
     )
 
 
-def task_label(name: str) -> str:
-    """A short, file-system-safe name for a task reference (run folders, caches, tables)."""
-    return short_name(name) if is_custom_ref(name) else name
+def task_label(name: str, unique: bool = False) -> str:
+    """A short, file-system-safe name for a task reference (run folders, caches, tables).
+
+    `unique`: custom references get a hash suffix, so two data sets named alike never share
+    a name (sweep points are keyed by it).
+    """
+    if not is_custom_ref(name):
+        return name
+    if not unique:
+        return short_name(name)
+    import hashlib
+
+    return f"{short_name(name)}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 __all__ = [
