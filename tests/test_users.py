@@ -170,6 +170,52 @@ def test_csv_task_trains_classifier_and_lm_head_and_reports(tmp_path, monkeypatc
     assert main(["report", str(out)]) == 0
     table = (out / "report" / "report.csv").read_text()
     assert "matthews" in table and "accuracy" in table
+    # merge and analyze read the task back from the run folder (from another working folder)
+    assert main(["analyze", str(out / "cls")]) == 0
+    analysis = json.loads((out / "cls" / "analysis" / "analysis.json").read_text())
+    assert analysis["representations"]["probe"] == 15
+    code = main(["merge", str(out / "lm"), "--dtype", "fp32", "--no-benchmark", "--no-export",
+                 "--quiet"])  # fmt: skip
+    assert code == 0
+    merged = json.loads((out / "lm" / "merge" / "merge.json").read_text())
+    assert merged["primary_metric"] == "matthews"
+
+
+def test_sweep_runs_a_custom_task(tmp_path, monkeypatch):
+    write_moods(tmp_path / "moods", n_train=24, n_dev=9)
+    monkeypatch.chdir(tmp_path)
+    _task_file(tmp_path)
+    code = main(["sweep", "--tasks", "moods.yaml", "--methods", "lora", "--lora-lr", "1e-3",
+                 "--seeds", "7", "--model", "tiny-llama", "--output-dir", "sw", "--quiet",
+                 "train.batch_size=8"])  # fmt: skip
+    assert code == 0
+    (run,) = list((tmp_path / "sw" / "runs").iterdir())
+    assert run.name.startswith("moods-") and "/" not in run.name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == str(tmp_path / "moods.yaml") and "matthews" in summary["metrics"]
+
+
+def test_hub_dataset_task_uses_class_label_names(monkeypatch):
+    import datasets
+
+    rows = {"sentence": ["dull film", "great film", "bad plot", "fine cast"], "label": [0, 1, 0, 1]}
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    asked = []
+
+    def fake_load_dataset(path, name=None, split=None, **kw):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    task = get_task("hub:someone/films?config=v2&eval_split=test&metric=f1")
+    assert task.label_names == ("neg", "pos") and task.text_columns == ("sentence",)
+    assert task.primary_metric == "f1" and task.name == "films"
+    dev = task.load("eval")
+    assert dev["label"] == [0, 1, 0, 1] and dev["text_a"][1] == "great film"
+    assert ("someone/films", "v2", "test") in asked
+    assert task.label_metrics(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 1]))["f1"] == 0.5
 
 
 # -- portable adapters, hub push -----------------------------------------------------------------
@@ -401,3 +447,22 @@ def test_console_is_quiet_and_informative(tmp_path, sst2_dir):
 
 def _acc(run: Path) -> float:
     return json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
+
+
+TASK_FILES = sorted((Path(__file__).parents[1] / "configs" / "tasks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_task_files_under_configs_are_valid(path):
+    from loralab.tasks.custom import parse_ref
+
+    spec, base = parse_ref(str(path))
+    data = base / (spec.path or spec.train)
+    if not data.exists():
+        pytest.skip(f"{data} is not on this machine")
+    task = get_task(str(path))
+    assert task.num_labels == len(spec.labels or task.label_names)
+    if "glue/sst2" in str(data):  # read as plain TSV, the dev set equals the GLUE loader's
+        glue = get_task("sst2").load("eval", str(data))
+        mine = task.load("eval")
+        assert mine["text_a"] == glue["text_a"] and mine["label"] == glue["label"]

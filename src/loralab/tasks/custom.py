@@ -202,7 +202,9 @@ def read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             if fmt == "jsonl":
                 return list(_jsonl_rows(fh, path))
-            reader = csv.DictReader(fh, delimiter="\t" if fmt == "tsv" else ",")
+            # TSV: no quoting (as GLUE's files: a text may start with a quote character).
+            tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else {}
+            reader = csv.DictReader(fh, **tsv)
             return [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as e:
         raise LoralabError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
