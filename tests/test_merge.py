@@ -104,7 +104,7 @@ def test_fresh_adapter_is_uninformative(tmp_path, sst2_dir, capsys):
     run = make_run(tmp_path / "runs", sst2_dir, b_std=0.0)
     code = main(["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--no-export", "--quiet"])
     out = capsys.readouterr().out
-    assert code == 4
+    assert code == 0  # exported fine; the verdict is in the output and merge.json
     assert "uninformative" in out and "B = 0" in out
     report = json.loads((run / "merge" / "merge.json").read_text())
     assert report["status"] == "uninformative"
@@ -146,7 +146,7 @@ def test_verdict_needs_one_informative_pass(tmp_path, sst2_dir):
     )
     assert both.status == "passed"
     only_bf16 = merge.run_merge(run, dtype="bf16", **FAST)
-    assert only_bf16.status == "uninformative" and only_bf16.exit_code == 4
+    assert only_bf16.status == "uninformative" and only_bf16.exit_code == 0
     assert any("less than 10× the tolerance" in n for n in only_bf16.notes)
 
 

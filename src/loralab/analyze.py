@@ -25,6 +25,7 @@ ANALYSIS_DIR = "analysis"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HIDDEN_FILE = "hidden_states.safetensors"
 SCHEMA_VERSION = 1
+DEFAULT_PROBE = 256
 
 
 @dataclass
@@ -81,6 +82,8 @@ def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
         raise LoralabError(
             f"{e} (The probe set is the run's dev split; point --data-dir/--eval-file at it.)"
         ) from e
+    if n is None:  # as much as the run evaluated on, at most 256
+        n = min(DEFAULT_PROBE, len(raw), cfg.data.max_eval_examples or len(raw))
     if n < 2 or n > len(raw):
         raise LoralabError(
             f"--probe {n} is out of range: the probe set takes the first N examples of the dev "
@@ -203,7 +206,7 @@ def _check_variant(run_dir: Path, cfg) -> None:
 def analyze(
     run_dir: str | Path,
     compare: str | Path | None = None,
-    probe: int = 256,
+    probe: int | None = None,
     layer: int | None = None,
     data_dir: str | None = None,
     eval_file: str | None = None,
@@ -211,8 +214,9 @@ def analyze(
 ) -> AnalysisResult:
     """Analyze one LoRA run (optionally against a second); write and return `analysis/`.
 
-    Remote code runs only with `trust_remote_code` (the command line), never because a run
-    folder's config says so."""
+    `probe` None = min(256, dev size, the run's data.max_eval_examples). Remote code runs only
+    with `trust_remote_code` (the command line), never because a run folder's config says so.
+    """
     from .models import load_tokenizer
     from .tasks import get_task
     from .train import is_causal
@@ -279,7 +283,7 @@ def analyze(
         }
     n_layers, n_probe = h_base["mean"].shape[:2]
     data["representations"] = {
-        "probe": probe,
+        "probe": len(examples),
         "features": n_probe,
         "split": "eval (first N examples of the dev set)",
         "hidden_states_per_model": n_layers,

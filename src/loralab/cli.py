@@ -57,7 +57,11 @@ def _add_train(sub) -> None:
         help="Fine-tune one model on one task with LoRA or full fine-tuning.",
         description="Train one run. Precedence: defaults < --config file < flags < dotted overrides.",
     )
-    p.add_argument("--task", help="sst2, mrpc, rte or squad_v2")
+    p.add_argument(
+        "--task",
+        help="sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH, "
+        "hub:ORG/NAME, or a task YAML file",
+    )
     p.add_argument("--model", help="built-in name (see `loralab models`), hub id or local folder")
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
@@ -80,7 +84,27 @@ def _add_train(sub) -> None:
     )
     _add_trust(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or live lines")
+    _add_push(p, "the adapter (LoRA) or the model (full)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
+
+
+def _add_push(p, what: str) -> None:
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help=f"upload {what} to this hub repository (user/name); token from HF_TOKEN",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+
+
+def _push(args, folder, what: str) -> None:
+    if not getattr(args, "push_to_hub", None):
+        return
+    from .hub import push_folder
+
+    url = push_folder(folder, args.push_to_hub, what, private=args.private)
+    if not getattr(args, "quiet", False):
+        print(f"pushed the {what} to {url}")
 
 
 def _add_models(sub) -> None:
@@ -94,8 +118,8 @@ def _add_merge(sub) -> None:
         help="Merge a LoRA run's adapter, check equivalence, benchmark, export.",
         description="Merge the adapter of RUN_DIR into its base, test merged vs adapter outputs on "
         "dev batches (fp32 and/or bf16), benchmark base/adapter/merged, export to RUN_DIR/merge/model. "
-        "Exit status: 0 passed, 1 failed, 4 uninformative (the adapter barely changes the outputs), "
-        "2 bad input.",
+        "Exit status: 0 passed or uninformative (the adapter barely changes the outputs; the "
+        "verdict is in merge.json and the table), 1 failed, 2 bad input.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished LoRA run directory")
     p.add_argument(
@@ -126,6 +150,7 @@ def _add_merge(sub) -> None:
         help="export folder (default RUN_DIR/merge/model); must be new or empty",
     )
     p.add_argument("--no-export", action="store_true", help="skip the export")
+    _add_push(p, "the merged export")
     p.add_argument("--no-benchmark", action="store_true", help="skip the inference benchmark")
     p.add_argument(
         "--bench-batch-size",
@@ -170,9 +195,9 @@ def _add_analyze(sub) -> None:
     p.add_argument(
         "--probe",
         type=_int_at_least(1),
-        default=256,
         metavar="N",
-        help="first N dev examples for the representations (default 256)",
+        help="first N dev examples for the representations (default: min(256, dev size, the "
+        "run's max_eval_examples))",
     )
     p.add_argument(
         "--layer",
@@ -338,7 +363,10 @@ def _add_report(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="loralab", description="Honest, reproducible LoRA studies.")
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_models(sub)
@@ -354,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from .config import build_config
+    from .models import precheck
+
+    if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
+        precheck(args.model)
+    if args.push_to_hub:
+        from .hub import check_push
+
+        check_push(args.push_to_hub)
     from .train import resume, train
 
     if args.resume:
@@ -396,6 +432,12 @@ def cmd_train(args) -> int:
         result = train(cfg, quiet=args.quiet)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"{result.run_dir}: {shown}")
+    from .tracking import ADAPTER_DIR, MODEL_DIR
+
+    lora = (result.summary.get("method") or "lora") == "lora"
+    _push(
+        args, result.run_dir / (ADAPTER_DIR if lora else MODEL_DIR), "adapter" if lora else "model"
+    )
     return 0
 
 
@@ -423,6 +465,12 @@ def cmd_merge(args) -> int:
 
     from .merge import parse_tolerances, render, run_merge
 
+    if args.push_to_hub:
+        from .hub import check_push
+
+        if args.no_export:
+            raise LoralabError("--push-to-hub uploads the merged export: drop --no-export.")
+        check_push(args.push_to_hub)
     result = run_merge(
         args.run_dir,
         dtype=args.dtype,
@@ -441,6 +489,8 @@ def cmd_merge(args) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     render(result, Console())
+    if args.push_to_hub and result.exit_code == 0 and result.export_dir is not None:
+        _push(args, result.export_dir, "merged model")
     return result.exit_code
 
 

@@ -62,7 +62,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     task: str = "sst2"
-    """Task name: sst2, mrpc, rte, squad_v2."""
+    """Task: sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH,
+    hub:ORG/NAME (options after `?`) or a task YAML file (README: "Bring your own data")."""
     data_dir: str | None = None
     """Folder with the task's files in their original names/formats; None = the Hugging Face hub."""
     train_file: str | None = None

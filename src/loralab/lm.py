@@ -252,11 +252,7 @@ def evaluate(
 
     if task.kind == "classification":
         preds = score_verbalizers(model, tokenizer, features, p, batch_size, progress).argmax(-1)
-        labels = np.asarray(features["label"])
-        out = {"accuracy": metrics.accuracy(preds, labels)}
-        if "f1" in task.metric_names:
-            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
-        return out
+        return task.label_metrics(preds, np.asarray(features["label"]))
     answers = generate_answers(model, tokenizer, features, batch_size, progress=progress)
     refs = {r["id"]: list(r["answers"]["text"]) for r in raw}
     return metrics.squad_v2_scores(answers, refs)

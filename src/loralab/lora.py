@@ -137,5 +137,8 @@ def apply_lora(
     """Wrap `model` with LoRA adapters; the base is frozen, adapters and heads train."""
     from peft import get_peft_model
 
+    from .console import known_warnings_silenced
+
     cfg = to_peft_config(spec, model, modules_to_save, task_type)
-    return get_peft_model(model, cfg)
+    with known_warnings_silenced():
+        return get_peft_model(model, cfg)

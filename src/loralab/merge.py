@@ -56,7 +56,9 @@ class MergeResult:
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "failed": 1, "uninformative": 4}[self.status]
+        # Only a failure is an error: an uninformative check (adapter too small to see) still
+        # merged and exported; the verdict stays in merge.json and the printed table.
+        return 1 if self.status == "failed" else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +330,10 @@ def export_model(
     # Unpredictable names in the target's parent (same file system: the renames stay atomic).
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
+        from .console import library_bars_off
+
+        with library_bars_off():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         if out.exists():
@@ -376,7 +381,7 @@ def model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{cfg.model.name}` |",
+        f"| base model | `{cfg.model.name}`: {_base_description(cfg.model.name)} |",
         f"| task | {task.name} ({task.kind}) |",
         f"| LoRA | r={lo.r}, alpha={lo.alpha:g} (scaling {scaling:g}{', rsLoRA' if lo.use_rslora else ''}"
         f"{', DoRA' if lo.use_dora else ''}), dropout {lo.dropout:g}, target `{lo.target}` -> "
@@ -413,6 +418,12 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _base_description(name: str) -> str:
+    from .models import canonical
+
+    return canonical(name)["description"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,5 +109,8 @@ def load_adapter_model(
     """Base + the run's saved adapter (and trained head), fp32, eval mode."""
     from peft import PeftModel
 
+    from .console import known_warnings_silenced
+
     base = load_base(cfg, task, tokenizer, progress)
-    return PeftModel.from_pretrained(base, str(Path(run_dir) / tracking.ADAPTER_DIR)).eval()
+    with known_warnings_silenced():
+        return PeftModel.from_pretrained(base, str(Path(run_dir) / tracking.ADAPTER_DIR)).eval()

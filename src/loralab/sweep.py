@@ -125,7 +125,10 @@ def point_key(point: dict, base: dict) -> str:
     """Deterministic run-directory name, e.g. sst2-lora-smollm2-135m-lr0.0003-s42-r8-a16-standard."""
     model = _slug(Path(base["model"]["name"]).name or base["model"]["name"])
     head = "-lm" if base["model"].get("head") == "lm" else ""
-    key = f"{point['task']}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
+    from .tasks import task_label
+
+    task = task_label(point["task"], unique=True)  # a custom task is a path: keep its name
+    key = f"{task}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
     if "lora" in point:
         return key + variant_slug(point["lora"])
     if point["method"] == "lora":
@@ -236,7 +239,7 @@ def make_plan(
     and a colon, for one task's points (squad_v2:data.train_file=...).
     """
     from .config import to_dict
-    from .tasks import get_task
+    from .tasks import absolute_ref, get_task
 
     glob, per_task_items = [], {}
     for item in overrides or []:
@@ -256,6 +259,7 @@ def make_plan(
     base_cfg = build_config(config, glob, **sections)
     task_list = parse_list(tasks, str, "--tasks")
     task_list = [base_cfg.data.task] if task_list is None else task_list
+    task_list = [absolute_ref(t) for t in task_list]  # workers may run in another folder
     for t in [*task_list, *per_task_items]:
         get_task(t)
     strays = sorted(set(per_task_items) - set(task_list))
@@ -527,8 +531,10 @@ def point_states(study, plan: Plan, tasks: list[str] | None = None) -> dict[str,
 
 
 def default_study_name(plan: Plan) -> str:
+    from .tasks import task_label
+
     kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
-    return f"{kind}-{'-'.join(plan.tasks)}"
+    return f"{kind}-{'-'.join(task_label(t, unique=True) for t in plan.tasks)}"
 
 
 def plan_trusts(plan: Plan) -> bool:

@@ -114,7 +114,9 @@ def check_writable(path: str | Path, what: str) -> Path:
 def default_run_name(cfg: ExperimentConfig) -> str:
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).name or cfg.model.name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.data.task}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
+    from .tasks import task_label
+
+    return f"{task_label(cfg.data.task)}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
 
 
 def create_run_dir(cfg: ExperimentConfig) -> Path:

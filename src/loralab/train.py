@@ -335,7 +335,9 @@ def train(
         cfg, task, tokenizer, progress=not quiet, attention=attention["implementation"]
     )
 
-    run_dir = Path(resume) if resume else tracking.create_run_dir(cfg)
+    run_dir = (
+        Path(resume) if resume else tracking.create_run_dir(resolved_config(cfg, splits.max_length))
+    )
     return _run(
         cfg,
         task,
@@ -398,6 +400,15 @@ def _run(
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    else:  # the bar itself carries loss, lr and tok/s instead of a printed dict per log step
+        from transformers.trainer_callback import ProgressCallback
+
+        from .console import LiveProgress
+
+        trainer.remove_callback(ProgressCallback)
+        live = LiveProgress()
+        live.trainer = trainer
+        trainer.add_callback(live)
     checkpoint = str(checkpoint) if checkpoint else None
     if checkpoint:
         start = read_loss_sum(Path(checkpoint))
@@ -467,6 +478,10 @@ def _run(
         verification=verification,
     )
     tracking.write_json(run_dir / tracking.SUMMARY_FILE, summary)
+    if cfg.train.method == "lora":  # canonical base id, model card
+        from .artefacts import finish_adapter
+
+        finish_adapter(run_dir, cfg, task, summary)
     tracker.summary(
         {f"eval/{k}": v for k, v in metrics.items()}
         | {f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)}
@@ -477,6 +492,9 @@ def _run(
 
 def _absolute_data_paths(cfg: ExperimentConfig) -> None:
     """Store data paths absolute, so a run directory can be re-read from any working directory."""
+    from .tasks import absolute_ref
+
+    cfg.data.task = absolute_ref(cfg.data.task)
     for key in ("data_dir", "train_file", "eval_file"):
         value = getattr(cfg.data, key)
         if value:
@@ -525,6 +543,7 @@ def _base_summary(
         "task": cfg.data.task,
         "method": cfg.train.method,
         "model": cfg.model.name,
+        "model_source": _model_source(cfg.model.name),
         "head": cfg.model.head,
         "seed": cfg.train.seed,
         "lr": cfg.lr,
@@ -543,6 +562,12 @@ def _base_summary(
         "git_commit": tracking.git_commit(),
         "command": " ".join(sys.argv),  # credentials are masked by write_json
     }
+
+
+def _model_source(name: str) -> dict:
+    from .models import canonical
+
+    return canonical(name)
 
 
 # Settings that do not change what a run computes (where it writes, how often it logs/saves).
@@ -575,16 +600,31 @@ def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
     return d
 
 
+def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:
+    """A copy of `cfg` with the values left to defaults (lr, max_length, precision) filled in,
+    as the run folder's config.yaml records them; loading it back gives the same run."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.train.lr = cfg.lr
+    out.data.max_length = max_length
+    out.train.precision = "bf16" if _precision(cfg) else "fp32"
+    return out
+
+
 def _save_weights(
     cfg: ExperimentConfig, trainer: Trainer, built: BuiltModel, run_dir: Path
 ) -> None:
     """Adapter (PEFT format) for LoRA, the whole model for full; written to a temp dir, then renamed."""
     final = run_dir / (tracking.ADAPTER_DIR if cfg.train.method == "lora" else tracking.MODEL_DIR)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.tmp-"))
-    if cfg.train.method == "lora":
-        built.model.save_pretrained(str(tmp))
-    else:
-        trainer.save_model(str(tmp))
+    from .console import library_bars_off
+
+    with library_bars_off():
+        if cfg.train.method == "lora":
+            built.model.save_pretrained(str(tmp))
+        else:
+            trainer.save_model(str(tmp))
     built.tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)

@@ -124,6 +124,16 @@ class _PointLock:
         os.close(self.fd)  # closing drops the flock
 
 
+def _resolve_defaults(flat: dict, cfg) -> None:
+    """Fill values left to defaults, as a run folder's config.yaml records them."""
+    from .tasks import get_task
+
+    if flat.get("train.lr") is None:
+        flat["train.lr"] = cfg.lr
+    if flat.get("data.max_length") is None:
+        flat["data.max_length"] = get_task(cfg.data.task).default_max_length
+
+
 def _same_config(run_dir: Path, cfg) -> str | None:
     """None when the run directory holds this config; else the first differing key."""
     from .config import from_dict, load_yaml, to_dict
@@ -140,6 +150,10 @@ def _same_config(run_dir: Path, cfg) -> str | None:
 
     have = norm(to_dict(from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))))
     want = norm(to_dict(cfg))
+    _resolve_defaults(have, cfg)
+    _resolve_defaults(want, cfg)
+    if want.get("train.precision") == "auto":  # decided per machine when the run started
+        want["train.precision"] = have.get("train.precision")
     for k in sorted(have.keys() | want.keys()):
         if have.get(k) != want.get(k):
             return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"

@@ -44,6 +44,12 @@ class GlueTask(Task):
     def _load_hub(self, split: Split):
         from datasets import load_dataset
 
+        from ..hub import require_dataset
+
+        require_dataset(
+            f"{self.hub_path} ({self.hub_config})",
+            f"Pass --data-dir with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
+        )
         try:
             ds = load_dataset(
                 self.hub_path, self.hub_config, split="train" if split == "train" else "validation"
@@ -151,7 +157,10 @@ class GlueTask(Task):
     def score(self, raw, features, predictions) -> dict[str, float]:
         logits = predictions[0] if isinstance(predictions, tuple) else predictions
         preds = np.asarray(logits).argmax(-1)
-        labels = np.asarray(features["labels"])
+        return self.label_metrics(preds, np.asarray(features["labels"]))
+
+    def label_metrics(self, preds, labels) -> dict[str, float]:
+        """The task's metrics from predicted and true label indices (both heads use this)."""
         out = {"accuracy": metrics.accuracy(preds, labels)}
         if "f1" in self.metric_names:
             out["f1"] = metrics.f1_binary(preds, labels, positive=1)

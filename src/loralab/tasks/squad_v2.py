@@ -325,6 +325,13 @@ class SquadV2Task(Task):
         from datasets import load_dataset
 
         hub_split = "train" if split == "train" else "validation"
+        from ..hub import require_dataset
+
+        require_dataset(
+            self.hub_path,
+            "Put the SQuAD v2.0 files (train-v2.0.json, dev-v2.0.json) in a folder and pass "
+            "--data-dir.",
+        )
         try:
             ds = load_dataset(self.hub_path, self.hub_config, split=hub_split)
         except Exception as exc:  # network, auth, missing cache: all need the same advice
