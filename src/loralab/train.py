@@ -293,6 +293,7 @@ def train(
     """
     from transformers import AutoConfig
 
+    from .lora import check_targets
     from .models import load_tokenizer, resolve
 
     validate(cfg)
@@ -325,6 +326,10 @@ def train(
                 f"{config.model_type} encoder. Use --head classifier, or a Llama-family model."
             )
         prompting = prompting_for(task, cfg.data, tokenizer)
+    if cfg.train.method == "lora":  # targets vs the model's layers, before weights and data
+        check_targets(
+            cfg.lora, config, _auto_class(task, cfg.model.head), cfg.model.trust_remote_code
+        )
     # Data first: a bad data file should fail before the slower model load.
     splits = load_splits(
         task, cfg.data, tokenizer, cfg.train.seed, causal=is_causal(config), prompting=prompting
