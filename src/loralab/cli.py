@@ -342,6 +342,12 @@ def _add_study(sub) -> None:
         "--data-root", help="folder the tasks' relative data paths join onto (replaces the spec's)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the points; create nothing")
+    p.add_argument(
+        "--workers",
+        default=None,
+        help="worker processes on this machine: auto (default: one 1-thread worker per CPU core, "
+        "one per GPU) or a number; they share the study's points",
+    )
     _add_storage(p)
 
 
@@ -661,14 +667,37 @@ def cmd_study(args) -> int:
         print("\n".join(lines))
         return 0
     _check_results_dir(args.output_dir or spec.output_dir)
+    from . import layout
+
+    workers, threads = layout.choose(args.workers)
+    siblings = []
+    if workers > 1:
+        siblings = layout.spawn_siblings(_argv_with(args._argv, "--workers", "1"), workers, threads)
     out = run_study(
         spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
         grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
     )  # fmt: skip
+    codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
         print(f"report: {out.report.files[0]} (also .html, .csv)")
-    return 1 if out.unfinished else 0
+    return 1 if out.unfinished or any(codes) else 0
+
+
+def _argv_with(argv: list[str], flag: str, value: str) -> list[str]:
+    """`argv` with `flag` set to `value` (replaced if present)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return [*out, flag, value]
 
 
 def cmd_report(args) -> int:
@@ -709,7 +738,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # `study --workers N` starts siblings with the same arguments
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "quiet", False):
