@@ -333,3 +333,39 @@ def test_analyze_lm_head_run_probes_with_its_prompts(tmp_path, capsys):
     batch = _probe_batches(cfg, task, task.load("eval", str(data)).select(range(2)), tok, True)[0]
     text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
     assert "Review: " in text and text.rstrip().endswith("Sentiment:"), text
+
+
+@pytest.mark.parametrize(
+    "overrides, word",
+    [(["lora.use_dora=true"], "DoRA"), (["lora.init_lora_weights=pissa"], "pissa")],
+)
+def test_variants_the_analysis_cannot_describe_are_refused(tmp_path, overrides, word):
+    """DoRA's magnitude and PiSSA's residual base make s·B·A the wrong update: refuse, exit 2."""
+    from conftest import write_sst2
+
+    from loralab import analysis
+    from loralab.cli import main
+    from loralab.config import build_config
+    from loralab.train import train
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama", f"data.data_dir={write_sst2(tmp_path / 'd')}",
+            f"run.output_dir={tmp_path / 'runs'}", "train.max_steps=2", "train.batch_size=8",
+            *overrides,
+        ]
+    )  # fmt: skip
+    result = train(cfg, quiet=True)
+    assert result.summary["status"] == "completed"
+    # The live statistics were skipped, not wrong: no lora_adapters/* record was written.
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert not any("lora_adapters/" in line for line in lines)
+    assert main(["analyze", str(result.run_dir)]) == 2
+    assert not (result.run_dir / "analysis").exists()
+    from loralab.runs import load_adapter_model
+    from loralab.tasks import get_task
+
+    model = load_adapter_model(cfg, get_task("sst2"), result.run_dir)
+    with pytest.raises(analysis.UnsupportedVariant, match=word):
+        analysis.lora_factors(model)
+    assert analysis.lora_factors(model, check_variant=False)  # structural use still works

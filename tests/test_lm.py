@@ -13,6 +13,8 @@ from loralab.errors import LoralabError
 from loralab.models import load_model, load_tokenizer
 from loralab.tasks import get_task
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 CHAT = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

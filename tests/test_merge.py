@@ -19,6 +19,8 @@ from loralab.models import load_tokenizer
 from loralab.tasks import get_task
 from loralab.train import build_model
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 # B ~ N(0, std²): tiny BERT's logits react weakly to its layers (pooler tanh, small init), so it
 # needs a larger update than tiny Llama for the check to be informative.
 B_STD = {"tiny-llama": 0.1, "tiny-bert": 1.0}
@@ -102,7 +104,7 @@ def test_fresh_adapter_is_uninformative(tmp_path, sst2_dir, capsys):
     run = make_run(tmp_path / "runs", sst2_dir, b_std=0.0)
     code = main(["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--no-export", "--quiet"])
     out = capsys.readouterr().out
-    assert code == 4
+    assert code == 0  # exported fine; the verdict is in the output and merge.json
     assert "uninformative" in out and "B = 0" in out
     report = json.loads((run / "merge" / "merge.json").read_text())
     assert report["status"] == "uninformative"
@@ -144,7 +146,7 @@ def test_verdict_needs_one_informative_pass(tmp_path, sst2_dir):
     )
     assert both.status == "passed"
     only_bf16 = merge.run_merge(run, dtype="bf16", **FAST)
-    assert only_bf16.status == "uninformative" and only_bf16.exit_code == 4
+    assert only_bf16.status == "uninformative" and only_bf16.exit_code == 0
     assert any("less than 10× the tolerance" in n for n in only_bf16.notes)
 
 

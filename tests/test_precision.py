@@ -12,6 +12,8 @@ from loralab.runs import load_adapter_model
 from loralab.tasks import get_task
 from loralab.train import train
 
+pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+
 
 class _Keep(TrainerCallback):
     """Keeps the trained model and the dtypes seen during the first training step."""
@@ -84,18 +86,109 @@ def test_lm_head_trains_under_bf16(tmp_path, sst2_dir):
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize(
-    "flags, expected", [({"avx2", "fma"}, "fp32"), ({"avx2", "avx512_bf16"}, "bf16")]
-)
-def test_auto_picks_bf16_only_with_native_bf16(monkeypatch, flags, expected):
+@pytest.fixture
+def cpu_only(monkeypatch, tmp_path):
+    """A CPU machine with no GPU, an empty probe cache and no forced precision."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "_memo", {})
     precision.native_bf16.cache_clear()
-    try:
-        assert precision.resolve("auto") == expected
-        assert precision.resolve("fp32") == "fp32" and precision.resolve("bf16") == "bf16"
-    finally:
-        precision.native_bf16.cache_clear()
+    yield monkeypatch
+    precision.native_bf16.cache_clear()
+
+
+def _timer(fp32_s, bf16_s, calls):
+    def timer(dtype, shape, budget_s):
+        calls.append((dtype, shape))
+        return bf16_s if dtype == torch.bfloat16 else fp32_s
+
+    return timer
+
+
+def test_auto_without_bf16_instructions_is_fp32_without_probing(cpu_only):
+    cpu_only.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    calls = []
+    d = precision.decide("auto", (256, 576, 1536), timer=_timer(1.0, 0.1, calls))
+    assert d["precision"] == "fp32" and d["reason"] == "cpu without bf16 instructions"
+    assert calls == []
+    assert precision.resolve("fp32") == "fp32" and precision.resolve("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [(1.0, 0.2, "bf16"), (0.2, 1.0, "fp32")])
+def test_auto_with_bf16_instructions_takes_the_faster_measured_dtype(
+    cpu_only, fp32_s, bf16_s, expected
+):
+    cpu_only.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    calls = []
+    d = precision.decide("auto", (256, 64, 128), timer=_timer(fp32_s, bf16_s, calls))
+    assert d["precision"] == expected and d["reason"] == "measured"
+    assert d["probe"]["fp32_s"] == fp32_s and d["probe"]["bf16_s"] == bf16_s
+    assert d["probe"]["shape"] == [256, 64, 128]
+    assert {c[0] for c in calls} == {torch.float32, torch.bfloat16}
+
+
+def test_real_probe_is_cached_per_machine_and_shape(cpu_only):
+    shape = (32, 64, 128)
+    first = precision.probe(shape, budget_s=0.02)
+    assert not first["cached"] and first["fp32_s"] > 0 and first["bf16_s"] > 0
+    assert first["choice"] == ("bf16" if first["bf16_s"] < first["fp32_s"] else "fp32")
+    again = precision.probe(shape, budget_s=0.02)
+    assert again["cached"] and again["fp32_s"] == first["fp32_s"]
+    assert not precision.probe((32, 64, 256), budget_s=0.02)["cached"]  # another shape
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_environment_forces_what_auto_picks(cpu_only, forced):
+    cpu_only.setenv(precision.ENV, forced)
+    d = precision.decide("auto")
+    assert d == {"precision": forced, "reason": f"forced by {precision.ENV}"}
+    other = "fp32" if forced == "bf16" else "bf16"
+    assert precision.resolve(other) == other  # an explicit config value wins
+
+
+def test_bad_forced_precision_is_a_user_error(cpu_only):
+    from loralab.errors import LoralabError
+
+    cpu_only.setenv(precision.ENV, "fp8")
+    with pytest.raises(LoralabError, match="LORALAB_PRECISION"):
+        precision.decide("auto")
+
+
+def test_summary_records_the_precision_decision(tmp_path, sst2_dir, cpu_only):
+    cpu_only.setenv(precision.ENV, "fp32")
+    result, _ = _train(tmp_path, sst2_dir)
+    s = result.summary
+    assert s["precision"] == "fp32"
+    assert s["precision_decision"] == {"precision": "fp32", "reason": "forced by LORALAB_PRECISION"}
+    assert s["identity"]["train"]["precision"] == "fp32"
+    from loralab.config import load_yaml
+
+    assert load_yaml(result.run_dir / "config.yaml")["train"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("model_name, extra", [("tiny-llama", []), ("tiny-bert", []),
+                                               ("tiny-llama", ["lora.bias=all"])])  # fmt: skip
+def test_a_bf16_lora_model_runs_outside_autocast(tmp_path, sst2_dir, model_name, extra):
+    """Built for bf16 training, the model must also work when called directly (eval, notebook)."""
+    from loralab.models import load_tokenizer
+    from loralab.train import build_model
+
+    cfg = build_config(overrides=[f"model.name={model_name}", "train.precision=bf16", *extra])
+    tok = load_tokenizer(model_name)
+    built = build_model(cfg, get_task("sst2"), tok, progress=False)
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    out = built.model(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 0, 1])
+    )
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    with precision.autocast(True, "cpu"):
+        inside = built.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+    assert (inside - out.logits).abs().max() <= 0.05 * inside.abs().max() + 0.05
 
 
 def test_cast_frozen_leaves_trainable_parameters_alone():

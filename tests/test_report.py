@@ -2,15 +2,84 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
+import os
 import statistics
 
 import pytest
 
+from loralab import plots
 from loralab.cli import main
-from loralab.report import aggregate, load_runs, mean_std, report
+from loralab.report import (
+    aggregate,
+    deduplicate,
+    full_reference,
+    load_runs,
+    lora_slug,
+    mean_std,
+    report,
+)
+from loralab.stats import t_interval, t_quantile
+
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target": "standard", "bias": "none",
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "extra": {}}  # fmt: skip
+
+
+def fingerprint(train="ab", eval="ef"):
+    """What data.load_splits records: SHA-256 of the uncapped train and eval rows, row counts."""
+    return {
+        "train_sha256": train * 32,
+        "eval_sha256": eval * 32,
+        "train_rows": 100,
+        "eval_rows": 50,
+    }
+
+
+FP = fingerprint()
+
+
+def identity(task="sst2", method="lora", lr=3e-4, lora=None, head="classifier", fp=FP,
+             caps=(None, None), epochs=1.0, precision="fp32", model="tiny-llama"):  # fmt: skip
+    """What train.identity writes: the config minus seed/paths/intervals, data fingerprinted."""
+    d = {
+        "model": {"name": model, "head": head},
+        "data": {"task": task, "max_length": 128, "fingerprint": fp,
+                 "max_train_examples": caps[0], "max_eval_examples": caps[1]},
+        "train": {"method": method, "lr": lr, "epochs": epochs, "max_steps": -1,
+                  "batch_size": 16, "precision": precision},
+    }  # fmt: skip
+    if method == "lora":
+        d["lora"] = {**LORA, **(lora or {})}
+    return d
+
+
+def write_run(root, name, seed, metrics, group=None, majority=None, curve=None, share=(0.5, 0.2),
+              status="completed", **ident):  # fmt: skip
+    """A run folder as `loralab train` leaves it: config.yaml, summary.json, metrics.jsonl."""
+    idn = identity(**ident)
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    summary = {
+        "status": status, "task": idn["data"]["task"], "method": idn["train"]["method"],
+        "model": idn["model"]["name"], "head": idn["model"]["head"], "seed": seed,
+        "lr": idn["train"]["lr"], "lora": idn.get("lora"), "metrics": metrics,
+        "majority_baseline": majority or {}, "identity": idn, "data_fingerprint": FP,
+        "wall_time_s": 10, "peak_memory_mb": 100, "steps": 10,
+        "params": {"total": 1000, "trainable": 5, "trainable_share_pct": share[0],
+                   "trainable_share_without_head_pct": share[1], "lora_share_pct": share[1]},
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    if group:
+        (run / "sweep.json").write_text(json.dumps({"groups": [group]}))
+    if curve:
+        lines = [{"time": 0, "step": s, f"eval/{next(iter(metrics))}": v} for s, v in curve]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
 
 # (group, task, method, lr, seed, accuracy or None for a diverged run, r, alpha, wall s, memory MB)
 RUNS = [
@@ -47,23 +116,19 @@ SHARES = {("sst2", "lora", 8): (0.50, 0.34), ("mrpc", "lora", 8): (0.40, 0.25),
 
 def write_runs(root, runs=RUNS):
     for i, (group, task, method, lr, seed, acc, r, alpha, wall, mem) in enumerate(runs):
-        run = root / "runs" / f"{i:02d}-{task}-{method}"
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text("{}\n")
-        with_head, without = SHARES.get((task, method, r), (100.0, 99.9))
         metrics = {} if acc is None else {"accuracy": acc}
         if task == "mrpc" and acc is not None:
             metrics["f1"] = acc - 0.1
-        summary = {
-            "status": "diverged" if acc is None else "completed", "task": task, "method": method,
-            "model": "tiny-llama", "head": "classifier", "seed": seed, "lr": lr,
-            "lora": {"r": r, "alpha": alpha, "target": "standard"} if method == "lora" else None,
-            "metrics": metrics, "wall_time_s": wall, "peak_memory_mb": mem, "steps": 10,
-            "params": {"total": 1000, "trainable": 5, "trainable_share_pct": with_head,
-                       "trainable_share_without_head_pct": without, "lora_share_pct": without},
-        }  # fmt: skip
+        lora = {"r": r, "alpha": float(alpha)} if method == "lora" else None
+        run = write_run(
+            root / "runs", f"{i:02d}-{task}-{method}", seed, metrics, group=group,
+            share=SHARES.get((task, method, r), (100.0, 99.9)),
+            status="diverged" if acc is None else "completed",
+            task=task, method=method, lr=lr, lora=lora,
+        )  # fmt: skip
+        summary = json.loads((run / "summary.json").read_text())
+        summary.update(wall_time_s=wall, peak_memory_mb=mem)
         (run / "summary.json").write_text(json.dumps(summary))
-        (run / "sweep.json").write_text(json.dumps({"groups": [group]}))
     # Not results: an unfinished run, and a checkpoint's files.
     (root / "runs" / "killed").mkdir()
     (root / "runs" / "killed" / "config.yaml").write_text("{}\n")
@@ -91,6 +156,27 @@ def test_mean_and_sample_std():
     assert mean == 0.5 and math.isnan(std)  # one seed: no spread to report
 
 
+def test_t_quantiles_equal_closed_forms():
+    # df = 1 is Cauchy: tan(π(p − ½)); df = 2: (2p − 1)·sqrt(2 / (4p(1 − p))).
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-9)
+    assert t_quantile(0.975, 2) == pytest.approx(
+        0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)), abs=1e-9
+    )
+    # df = 4: p = ½ + x(3 − x²)/4 · ... in closed form via u = t/sqrt(t² + 4): F = ½ + u(3 − u²)/4
+    t4 = t_quantile(0.975, 4)
+    u = t4 / math.sqrt(t4**2 + 4)
+    assert 0.5 + u * (3 - u**2) / 4 == pytest.approx(0.975, abs=1e-12)
+    # Printed tables (4 decimals) for larger df, where no closed form is handy.
+    for df, table in ((5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(table, abs=5e-5)
+
+
+def test_t_quantiles_equal_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7, 29, 120):
+        assert t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-9)
+
+
 def test_aggregates_match_hand_computed_values(tmp_path):
     write_runs(tmp_path)
     rep = report(tmp_path, out=tmp_path / "out")
@@ -110,19 +196,23 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert full["best_lr"] == "True"
     assert float(full["accuracy_mean"]) == pytest.approx(0.92)
     assert float(full["accuracy_std"]) == pytest.approx(0.01)
-    # LoRA − full = 100·(0.87 − 0.92) = −5 points: fails the 3-point target; 0.34% > 0.3%: fails.
+    # Paired by seed: (85−93, 87−91, 89−92) = (−8, −4, −3), mean −5, sd √7; t(0.975, 2) = 4.3027.
     assert float(lora["lora_minus_full_points"]) == pytest.approx(-5.0)
+    half = 4.302652729749464 * math.sqrt(7) / math.sqrt(3)
+    assert float(lora["ci95_low"]) == pytest.approx(-5.0 - half, abs=1e-9)
+    assert float(lora["ci95_high"]) == pytest.approx(-5.0 + half, abs=1e-9)
     assert lora["drop_target_pass"] == "False" and lora["share_target_pass"] == "False"
     assert float(lora["trainable_share_pct"]) == 0.5
     assert float(lora["trainable_share_without_head_pct"]) == 0.34
 
-    # mrpc: the diverged seed is counted apart; 100·(0.72 − 0.73) = −1 point: passes both.
+    # mrpc: the diverged seed is counted apart; seeds 1, 2 paired: (70−73, 74−73) = (−3, +1).
     m = _row(rows, "sweep", "mrpc", "lora", 3e-4, 8)
     assert (m["n"], m["n_diverged"], m["seeds"]) == ("2", "1", "1 2")
     assert float(m["accuracy_mean"]) == pytest.approx(0.72)
     assert float(m["accuracy_std"]) == pytest.approx(statistics.stdev([0.70, 0.74]))
     assert float(m["f1_mean"]) == pytest.approx(0.62)
     assert float(m["lora_minus_full_points"]) == pytest.approx(-1.0)
+    assert float(m["ci95_low"]) == pytest.approx(-1 - 12.706204736174696 * 2 * math.sqrt(2) / math.sqrt(2))  # fmt: skip
     assert m["drop_target_pass"] == "True" and m["share_target_pass"] == "True"
     mf = _row(rows, "sweep", "mrpc", "full", 3e-5)
     assert float(mf["accuracy_std"]) == 0.0
@@ -138,21 +228,20 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert len(runs) == len(RUNS)  # the unfinished run is not a result
 
     md = (tmp_path / "out" / "report.md").read_text()
-    assert (
-        "| sst2 | tiny-llama | lora | r=8, α=16, standard | 0.0003 | 3 | accuracy: 87.00 ± 2.00 | -5.00 |"
-        in md
-    )
-    assert "FAIL (-5.00 pts)" in md and "FAIL (0.340%)" in md
-    assert "PASS (-1.00 pts)" in md and "PASS (0.250%)" in md
-    assert "| mrpc | tiny-llama | lora | r=8, α=16, standard | 0.0003 | 2 (+1 diverged) |" in md
+    row = "| sst2 | classifier | tiny-llama | lora | r=8 α=16 | abababab/efefefef uncapped | 1 ep (10 steps) | 0.0003 | 3 | accuracy: 87.00 ± 2.00 |"  # fmt: skip
+    assert row in md
+    assert "1: -8.00, 2: -4.00, 3: -3.00" in md
+    assert f"FAIL: -5.00 [{-5 - half:+.2f}, {-5 + half:+.2f}]" in md and "FAIL: 0.340%" in md
+    assert "PASS: -1.00 [" in md and "PASS: 0.250%" in md
+    assert "| mrpc | classifier | tiny-llama | lora | r=8 α=16 | abababab/efefefef uncapped | 1 ep (10 steps) | 0.0003 | 2 (+1 diverged) |" in md  # fmt: skip
     assert "ddof = 1" in md
-    assert (
-        "## Ablation: rank" in md
-        and "| sst2 | tiny-llama | 4 | 8 | standard | 0.0003 | 2 | accuracy: 68.00 ± 2.83 |" in md
-    )
+    assert "## Ablation: rank" in md
+    assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab/efefefef uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | 92.00 ± 1.00 |" in md  # fmt: skip
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2  # LoRA vs full, rank ablation: embedded
     assert "src='figures" not in html and "87.00 ± 2.00" in html
+    assert "<span class='badge fail'>FAIL</span>" in html
+    assert "<span class='badge pass'>PASS</span>" in html
     for name in ("lora_vs_full.png", "ablation_rank.png"):
         assert (tmp_path / "out" / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [c.task for c in rep.comparisons] == ["mrpc", "sst2"]
@@ -161,10 +250,169 @@ def test_aggregates_match_hand_computed_values(tmp_path):
 def test_best_lr_and_comparison_objects(tmp_path):
     cells, comps = aggregate(load_runs(write_runs(tmp_path)))
     best = {(c.group, c.task, c.method, c.variant): c.lr for c in cells if c.best}
-    assert best[("sweep", "sst2", "lora", (8, 16.0, "standard"))] == 3e-4
-    assert best[("sweep", "sst2", "full", ())] == 3e-5
+    assert best[("sweep", "sst2", "lora", "r=8 α=16")] == 3e-4
+    assert best[("sweep", "sst2", "full", "—")] == 3e-5
     (sst2,) = [c for c in comps if c.task == "sst2"]
     assert sst2.delta_points == pytest.approx(-5.0) and sst2.drop_ok is False
+
+
+# Each changes one part of the identity; none may pool with the base run.
+DIFFERENT = {
+    "data": {"fp": fingerprint(eval="cd")},
+    "caps": {"caps": (2000, None)},
+    "head": {"head": "lm"},
+    "lora variant": {"lora": {"use_dora": True}},
+    "precision": {"precision": "bf16"},
+    "epochs": {"epochs": 3.0},
+}
+
+
+def test_runs_differing_in_identity_never_pool(tmp_path):
+    write_run(tmp_path, "base-s1", 1, {"accuracy": 0.80})
+    write_run(tmp_path, "base-s2", 2, {"accuracy": 0.90})  # same identity, other seed: pools
+    for i, change in enumerate(DIFFERENT.values()):
+        write_run(tmp_path, f"other-{i}", 1, {"accuracy": 0.50 + i / 100}, **change)
+    cells, _ = aggregate(load_runs(tmp_path))
+    assert len(cells) == 1 + len(DIFFERENT) and all(c.best for c in cells)
+    by_n = sorted(len(c.done) for c in cells)
+    assert by_n == [1] * len(DIFFERENT) + [2]
+    (base,) = [c for c in cells if len(c.done) == 2]
+    assert base.stat("accuracy")[0] == pytest.approx(0.85)
+    slugs = {c.variant for c in cells}
+    assert "r=8 α=16 dora" in slugs and "r=8 α=16" in slugs
+    assert {c.data for c in cells} >= {"abababab/efefefef uncapped", "abababab/cdcdcdcd uncapped", "abababab/efefefef train≤2000"}  # fmt: skip
+    assert {c.head for c in cells} == {"classifier", "lm"}
+
+
+def test_duplicate_identity_and_seed_counts_once_and_warns(tmp_path, capsys):
+    old = write_run(tmp_path, "first", 1, {"accuracy": 0.60})
+    new = write_run(tmp_path, "again", 1, {"accuracy": 0.70})
+    os.utime(old / "summary.json", (1_000_000, 1_000_000))
+    os.utime(new / "summary.json", (2_000_000, 2_000_000))
+    records, warnings = deduplicate(load_runs(tmp_path))
+    assert [r["run_dir"] for r in records] == [str(new)]
+    (w,) = warnings
+    assert str(old) in w and str(new) in w and "seed 1" in w
+    cells, _ = aggregate(records)
+    (cell,) = cells
+    assert cell.values("accuracy") == [0.70]  # the newer run, once: no "2 seeds, ± 0.00"
+    assert main(["report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and str(old) in err
+
+
+def test_paired_differences_and_t_interval_equal_independent_values(tmp_path):
+    lora = {1: 0.811, 2: 0.834, 3: 0.797, 4: 0.9}  # seed 4 has no full run: not paired
+    full = {1: 0.825, 2: 0.829, 3: 0.822, 5: 0.95}
+    for s, v in lora.items():
+        write_run(tmp_path, f"l{s}", s, {"accuracy": v})
+    for s, v in full.items():
+        write_run(tmp_path, f"f{s}", s, {"accuracy": v}, method="full", lr=3e-5)
+    _, (comp,) = aggregate(load_runs(tmp_path))
+    diffs = [100 * (lora[s] - full[s]) for s in (1, 2, 3)]
+    assert comp.diffs == pytest.approx(diffs, abs=1e-9)
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert sd == pytest.approx(statistics.stdev(diffs), abs=1e-12)
+    half = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)) * sd / math.sqrt(3)  # t(0.975, 2), closed form
+    got = comp.interval
+    assert got[0] == pytest.approx(mean, abs=1e-9)
+    assert got[1] == pytest.approx(mean - half, abs=1e-9)
+    assert got[2] == pytest.approx(mean + half, abs=1e-9)
+    assert t_interval(diffs) == pytest.approx(got, abs=1e-12)
+    assert comp.lora.stat("accuracy") == pytest.approx(
+        (statistics.mean(lora.values()), statistics.stdev(lora.values())), abs=1e-9
+    )
+    assert comp.verdict == f"PASS: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def test_uninformative_rule(tmp_path):
+    majority = {"accuracy": 0.5}
+    cases = {  # training data -> (LoRA, full) accuracy
+        "aa": (0.505, 0.509),  # both within 1 point of 50: uninformative
+        "bb": (0.505, 0.60),  # full learned something: an honest FAIL
+        "cc": (0.515, 0.508),  # LoRA 1.5 points above the baseline: informative, PASS
+    }
+    for i, (data, (lo, fu)) in enumerate(cases.items()):
+        fp = fingerprint(train=data)
+        write_run(tmp_path, f"l{i}", 1, {"accuracy": lo}, fp=fp, majority=majority)
+        write_run(tmp_path, f"f{i}", 1, {"accuracy": fu}, fp=fp, majority=majority, method="full")
+    _, comps = aggregate(load_runs(tmp_path))
+    verdicts = {c.lora.identity["data"]["fingerprint"]["train_sha256"][:2]: c for c in comps}
+    assert verdicts["aa"].uninformative
+    assert verdicts["aa"].verdict.startswith("uninformative")
+    assert not verdicts["bb"].uninformative
+    assert verdicts["bb"].verdict == "FAIL: -9.50 (1 seed, no interval)"
+    assert not verdicts["cc"].uninformative
+    assert verdicts["cc"].verdict.startswith("PASS: +0.70")
+
+
+def test_old_summaries_get_an_identity_from_their_config(tmp_path):
+    for i, cap in enumerate((100, 100, 200)):
+        run = write_run(tmp_path, f"old{i}", i, {"accuracy": 0.7})
+        summary = json.loads((run / "summary.json").read_text())
+        del summary["identity"], summary["data_fingerprint"]
+        (run / "summary.json").write_text(json.dumps(summary))
+        cfg = {"data": {"task": "sst2", "max_train_examples": cap, "train_file": f"/d/{cap}.tsv"}}
+        (run / "config.yaml").write_text(json.dumps(cfg))
+    cells, _ = aggregate(load_runs(tmp_path))
+    assert sorted(len(c.done) for c in cells) == [1, 2]  # cap 100 (two seeds) and cap 200
+    assert all(c.data.startswith("unknown") for c in cells)
+    assert {c.identity["data"]["paths"]["train_file"] for c in cells} == {
+        "/d/100.tsv",
+        "/d/200.tsv",
+    }
+    assert all(c.identity["train"]["lr"] == 3e-4 for c in cells)
+
+
+def test_lora_slug_shows_what_differs_from_the_defaults():
+    assert lora_slug(LORA) == "r=8 α=16"
+    changed = {**LORA, "r": 16, "alpha": 32, "target": "extended", "use_dora": True}
+    assert lora_slug(changed) == "r=16 α=32 extended dora"
+    assert lora_slug({**LORA, "target": ["q_proj", "o_proj"], "init_lora_weights": "gaussian",
+                      "use_rslora": True}) == "r=8 α=16 q_proj+o_proj rslora init=gaussian"  # fmt: skip
+
+
+def _three_identities(root):
+    """sst2 LoRA and full (learning curves), mrpc LoRA; plus a rank ablation on sst2."""
+    for s, (lv, fv) in enumerate(((0.80, 0.82), (0.84, 0.83)), start=1):
+        write_run(root, f"sst2-lora-{s}", s, {"accuracy": lv}, curve=[(5, lv - 0.1), (10, lv)],
+                  majority={"accuracy": 0.51})  # fmt: skip
+        write_run(root, f"sst2-full-{s}", s, {"accuracy": fv}, curve=[(5, fv - 0.2), (10, fv)],
+                  majority={"accuracy": 0.51}, method="full", lr=3e-5)  # fmt: skip
+    write_run(root, "mrpc-lora-1", 1, {"accuracy": 0.70, "f1": 0.8}, task="mrpc")
+    for r in (4, 16):
+        write_run(root, f"abl-r{r}", 1, {"accuracy": 0.7 + r / 100}, group="ablation-rank",
+                  lora={"r": r, "alpha": 2.0 * r})  # fmt: skip
+
+
+def test_cli_three_identities_three_rows_figures_with_reference_line(tmp_path, capsys):
+    _three_identities(tmp_path)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "task" in out and "majority baseline" in out  # the header row
+    body = [ln for ln in out.splitlines() if ln.startswith("│ sst2") or ln.startswith("│ mrpc")]
+    assert len(body) == 3, out
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "Learning curves: dev metric vs training step" in html and "Ablation: rank" in html
+    assert html.count("data:image/png;base64,") == 3
+    assert (tmp_path / "rep" / "figures" / "learning_curves.png").is_file()
+
+    # The figures themselves: curves per seed and method; the ablation's full-FT reference line.
+    cells, comps = aggregate(load_runs(tmp_path))
+    fig = plots.learning_curves(comps)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "dev accuracy (points)"
+    curves = [ln for ln in ax.lines if list(ln.get_xdata()) == [5, 10]]
+    assert len(curves) == 4 and fig.legends  # 2 seeds x 2 methods; the legend outside the axes
+    abl = [c for c in cells if c.group == "ablation-rank"]
+    ref = full_reference(abl[0], cells)
+    assert ref is not None and ref.method == "full"
+    fig = plots.ablation(abl, "rank", lambda c: full_reference(c, cells))
+    (ax,) = fig.axes
+    flat = [ln for ln in ax.lines if len(set(ln.get_ydata())) == 1 and ln.get_linestyle() == "--"]
+    assert [ln.get_ydata()[0] for ln in flat] == [pytest.approx(82.5)]  # mean of 82, 83
+    assert ax.get_ylabel() == "dev accuracy (points)" and ax.get_xlabel().startswith("rank r")
 
 
 def test_cli_report_and_empty_folder(tmp_path, capsys):
@@ -178,3 +426,55 @@ def test_cli_report_and_empty_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert main(["report", "--study", "x"]) == 2
     assert "--study needs --storage" in capsys.readouterr().err
+
+
+def test_majority_baselines_of_the_tasks():
+    from datasets import Dataset
+
+    from loralab.tasks import get_task
+
+    raw = Dataset.from_dict({"text_a": ["x"] * 5, "text_b": [""] * 5, "label": [1, 0, 1, 1, 0]})
+    assert get_task("sst2").majority_baseline(raw) == {"accuracy": 0.6}
+    # MRPC: always "equivalent" (1): precision 3/5, recall 1, F1 = 2·3 / (2·3 + 2) = 0.75.
+    assert get_task("mrpc").majority_baseline(raw) == pytest.approx({"accuracy": 0.6, "f1": 0.75})
+    zeros = Dataset.from_dict({"text_a": ["x"] * 3, "text_b": [""] * 3, "label": [0, 0, 1]})
+    assert get_task("mrpc").majority_baseline(zeros) == pytest.approx(
+        {"accuracy": 2 / 3, "f1": 0.0}
+    )
+    squad = Dataset.from_dict({
+        "id": ["a", "b", "c", "d"], "question": ["q"] * 4, "context": ["c"] * 4,
+        "answers": [{"text": [], "answer_start": []}, {"text": ["x"], "answer_start": [0]},
+                    {"text": [], "answer_start": []}, {"text": ["y"], "answer_start": [0]}],
+    })  # fmt: skip
+    assert get_task("squad_v2").majority_baseline(squad) == {"exact": 50.0, "f1": 50.0}
+
+
+def test_records_do_not_share_state(tmp_path):
+    write_run(tmp_path, "a", 1, {"accuracy": 0.5})
+    records = load_runs(tmp_path)
+    before = copy.deepcopy(records)
+    aggregate(records)
+    deduplicate(records)
+    assert records == before  # aggregation reads, never rewrites, the records
+
+
+def test_variant_ablation_is_categorical_and_lm_rows_show_zero_shot(tmp_path):
+    variants = {"standard": {}, "extended": {"target": "extended"}, "dora": {"use_dora": True}}
+    for i, (name, lora) in enumerate(variants.items()):
+        write_run(tmp_path, f"v-{name}", 1, {"accuracy": 0.8 + i / 100}, group="ablation-variant",
+                  lora=lora)  # fmt: skip
+    write_run(tmp_path, "full", 1, {"accuracy": 0.9}, method="full", lr=3e-5)
+    run = write_run(tmp_path, "lm", 1, {"accuracy": 0.7}, head="lm")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["zero_shot"] = {"accuracy": 0.55}
+    (run / "summary.json").write_text(json.dumps(summary))
+    cells, comps = aggregate(load_runs(tmp_path))
+    fig = plots.ablation([c for c in cells if c.group == "ablation-variant"], "variant",
+                         lambda c: full_reference(c, cells))  # fmt: skip
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["defaults", "dora", "extended"]
+    assert ax.get_xlabel() == "LoRA variant (target, use_dora)"
+    assert [ln.get_ydata()[0] for ln in ax.lines if ln.get_linestyle() == "--"] == [pytest.approx(90.0)]  # fmt: skip
+    rep = report(tmp_path, out=tmp_path / "out")
+    (lm_row,) = [r for r in rep.tables[0].rows if r[1] == "lm"]
+    assert lm_row[11] == "55.00" and lm_row[13] == "n/a: no comparable full run"

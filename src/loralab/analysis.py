@@ -27,10 +27,45 @@ class LoraFactors:
     W: torch.Tensor | None = None  # [out, in], the frozen base weight
 
 
+class UnsupportedVariant(ValueError):
+    """The adapter is a LoRA variant whose update is not s·B·A on the stored base weight."""
+
+
+# Initialisations that rewrite the base weight (PiSSA/OLoRA/CorDA keep a residual W − s·B₀A₀,
+# LoftQ a quantised one): s·B·A alone is then not the learned update.
+_RESIDUAL_INITS = ("pissa", "olora", "loftq", "corda", "eva")
+
+
+def unsupported_variant(peft_config) -> str | None:
+    """Why the factor analysis would be wrong for this `peft.LoraConfig`, or None if it is right."""
+    if getattr(peft_config, "use_dora", False):
+        return (
+            "DoRA (use_dora) rescales every output row by a learned magnitude, so the update is "
+            "not s·B·A"
+        )
+    init = getattr(peft_config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        return (
+            f"init_lora_weights={init!r} replaces the base weight by a residual, so s·B·A is "
+            "not the update to the original weight"
+        )
+    return None
+
+
 def lora_factors(
-    model: nn.Module, adapter: str = "default", with_base: bool = False
+    model: nn.Module, adapter: str = "default", with_base: bool = False, check_variant: bool = True
 ) -> list[LoraFactors]:
-    """Every LoRA-wrapped layer of a PEFT model, in module order."""
+    """Every LoRA-wrapped layer of a PEFT model, in module order.
+
+    Raises UnsupportedVariant for variants whose update is not s·B·A on the stored weight
+    (DoRA, PiSSA-style residual initialisations): their numbers would be silently wrong.
+    `check_variant=False` is for structural uses that only read the factors (counting layers,
+    finding B = 0).
+    """
+    peft_config = getattr(model, "peft_config", {}).get(adapter) if check_variant else None
+    why = unsupported_variant(peft_config) if peft_config is not None else None
+    if why:
+        raise UnsupportedVariant(f"The adapter analysis does not cover this adapter yet: {why}.")
     out = []
     for name, module in model.named_modules():
         lora_A = getattr(module, "lora_A", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ ANALYSIS_DIR = "analysis"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HIDDEN_FILE = "hidden_states.safetensors"
 SCHEMA_VERSION = 1
+DEFAULT_PROBE = 256
 
 
 @dataclass
@@ -33,11 +35,13 @@ class AnalysisResult:
     summary: str
 
 
-def _open_adapter_run(path: str | Path) -> tuple[Path, ExperimentConfig, set[str]]:
+def _open_adapter_run(
+    path: str | Path, trust_remote_code: bool = False
+) -> tuple[Path, ExperimentConfig, set[str]]:
     """Run dir, its config and the names of its adapted modules (from the weight file's keys)."""
     from safetensors import safe_open
 
-    run_dir, cfg = open_lora_run(path, purpose="analyze")
+    run_dir, cfg = open_lora_run(path, "analyze", trust_remote_code)
     weights = run_dir / tracking.ADAPTER_DIR / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise LoralabError(
@@ -78,6 +82,8 @@ def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
         raise LoralabError(
             f"{e} (The probe set is the run's dev split; point --data-dir/--eval-file at it.)"
         ) from e
+    if n is None:  # as much as the run evaluated on, at most 256
+        n = min(DEFAULT_PROBE, len(raw), cfg.data.max_eval_examples or len(raw))
     if n < 2 or n > len(raw):
         raise LoralabError(
             f"--probe {n} is out of range: the probe set takes the first N examples of the dev "
@@ -187,28 +193,48 @@ def _compare_report(f1: list[an.LoraFactors], f2: list[an.LoraFactors]) -> tuple
     return modules, by_kind
 
 
+def _check_variant(run_dir: Path, cfg) -> None:
+    why = an.unsupported_variant(cfg.lora)
+    if why:
+        raise LoralabError(
+            f"Run '{run_dir}' uses a LoRA variant the adapter analysis does not cover yet: {why}. "
+            "Its statistics would be wrong, so none are written. Plain LoRA, rsLoRA and "
+            "Gaussian-initialised adapters are supported."
+        )
+
+
 def analyze(
     run_dir: str | Path,
     compare: str | Path | None = None,
-    probe: int = 256,
+    probe: int | None = None,
     layer: int | None = None,
     data_dir: str | None = None,
     eval_file: str | None = None,
+    trust_remote_code: bool = False,
 ) -> AnalysisResult:
-    """Analyze one LoRA run (optionally against a second); write and return `analysis/`."""
+    """Analyze one LoRA run (optionally against a second); write and return `analysis/`.
+
+    `probe` None = min(256, dev size, the run's data.max_eval_examples). Remote code runs only
+    with `trust_remote_code` (the command line), never because a run folder's config says so.
+    """
     from .models import load_tokenizer
     from .tasks import get_task
     from .train import is_causal
 
-    run_dir, cfg, mods = _open_adapter_run(run_dir)
+    run_dir, cfg, mods = _open_adapter_run(run_dir, trust_remote_code)
+    _check_variant(run_dir, cfg)
+    tracking.check_writable(run_dir / ANALYSIS_DIR, "The analysis folder")
     other_dir = other_cfg = None
     if compare is not None:
-        other_dir, other_cfg, other_mods = _open_adapter_run(compare)
+        other_dir, other_cfg, other_mods = _open_adapter_run(compare, trust_remote_code)
+        _check_variant(other_dir, other_cfg)
         _check_comparable(cfg, mods, other_dir, other_cfg, other_mods)
         _heatmap_modules(sorted(mods), layer)  # a bad --layer fails before the slow part
     task = get_task(cfg.data.task)
     examples = _probe_examples(cfg, task, probe, data_dir, eval_file)
-    tokenizer = load_tokenizer(cfg.model.name, progress=False)
+    tokenizer = load_tokenizer(
+        cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=False
+    )
     tokenizer.padding_side = "right"  # pooling reads the last real token at mask.sum() - 1
 
     model = _load_peft(cfg, task, run_dir)
@@ -257,7 +283,7 @@ def analyze(
         }
     n_layers, n_probe = h_base["mean"].shape[:2]
     data["representations"] = {
-        "probe": probe,
+        "probe": len(examples),
         "features": n_probe,
         "split": "eval (first N examples of the dev set)",
         "hidden_states_per_model": n_layers,
@@ -282,9 +308,7 @@ def _write(run_dir: Path, data: dict, hidden: dict, other_modules: dict | None) 
     from safetensors.torch import save_file
 
     final = run_dir / ANALYSIS_DIR
-    tmp = run_dir / f".{ANALYSIS_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{ANALYSIS_DIR}.tmp-"))
     modules, comp = data["modules"], data["compare"]
     files = [
         plot_spectra(tmp / "spectra.png", modules),

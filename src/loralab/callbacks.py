@@ -19,7 +19,11 @@ def adapter_records(model) -> dict[str, float]:
     """`lora_adapters/*` and `lora_rank/*` for a PEFT model: per module, by kind, overall."""
     out: dict[str, float] = {}
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for f in analysis.lora_factors(model):
+    try:
+        factors = analysis.lora_factors(model)
+    except analysis.UnsupportedVariant:
+        return out  # a variant the factor statistics would misdescribe: log none
+    for f in factors:
         stats = analysis.module_stats(f)
         by_kind[analysis.module_kind(f.name)].append(stats)
         for k in _PER_MODULE_ADAPTER:
@@ -59,6 +63,7 @@ class TrackingCallback(TrainerCallback):
         self.console = console
         self.trainer = None  # set by train.py: token counters live on the trainer
         self._last = (time.time(), 0, 0, 0)
+        self._efficiency_logged = False
 
     # -- periodic records ------------------------------------------------------------------
     def _verification(self, model) -> dict:
@@ -89,6 +94,10 @@ class TrackingCallback(TrainerCallback):
             self.tracker.log(
                 {**self._verification(model), **self._adapter(model)}, state.global_step
             )
+        if not self._efficiency_logged:  # a run shorter than logging_steps: one record at the end
+            record = self._efficiency_since_last(state.global_step)
+            if record:
+                self.tracker.log(record, state.global_step)
 
     # -- the Trainer's own logs (loss, lr, eval) + efficiency ------------------------------
     def _tokens(self) -> tuple[int, int]:
@@ -123,7 +132,9 @@ class TrackingCallback(TrainerCallback):
             else:
                 record[k] = v
         if "loss" in logs:
-            record.update(self._efficiency_since_last(state.global_step))
+            efficiency = self._efficiency_since_last(state.global_step)
+            self._efficiency_logged |= bool(efficiency)
+            record.update(efficiency)
         self.tracker.log(record, state.global_step)
         if self.console is not None and any(k.startswith("eval_") for k in logs):
             shown = ", ".join(

@@ -32,6 +32,9 @@ class ModelConfig:
     """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the model's author."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel for training: `auto` times both at the run's batch shape (CPU; cached)
+    and takes the faster; GPUs use `sdpa`. Same results either way, only speed differs."""
 
 
 @dataclass
@@ -59,7 +62,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     task: str = "sst2"
-    """Task name: sst2, mrpc, rte, squad_v2."""
+    """Task: sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH,
+    hub:ORG/NAME (options after `?`) or a task YAML file (README: "Bring your own data")."""
     data_dir: str | None = None
     """Folder with the task's files in their original names/formats; None = the Hugging Face hub."""
     train_file: str | None = None
@@ -290,9 +294,15 @@ def load_yaml(path: str | Path) -> dict:
             f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml."
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise LoralabError(f"Config file '{path}' is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise LoralabError(
+            f"Config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML."
+        ) from None
+    except OSError as e:
+        raise LoralabError(f"Cannot read config file '{path}': {e.strerror or e}.") from None
     if not isinstance(data, dict):
         raise LoralabError(
             f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}."

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DataConfig
+from .console import known_warnings_silenced, library_bars_off
 from .tasks import MODEL_COLUMNS, Task
 
 # Bump when featurisation changes, so caches built by older code are not reused.
@@ -95,7 +97,7 @@ def cached_features(
             ]
         ).encode()
     ).hexdigest()[:20]
-    path = cache_dir() / "features" / f"{task.name}-{split}-{key}"
+    path = cache_dir() / "features" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task.name)}-{split}-{key}"
     if path.is_dir():
         return load_from_disk(str(path))
     if prompting is not None:  # the causal-LM formulation
@@ -107,7 +109,8 @@ def cached_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
-        feats.save_to_disk(str(tmp))
+        with library_bars_off():  # a cache write is not a phase the user waits for
+            feats.save_to_disk(str(tmp))
         os.replace(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is equal
@@ -136,7 +139,8 @@ def load_splits(
     evals = cached_features(task, eval_raw, tokenizer, cfg, "eval", causal, max_length, prompting)
     # Length-sorted evaluation: batches of similar length carry little padding. Metrics don't
     # depend on order (QA post-processing joins features to examples by id).
-    evals = evals.sort("length")
+    with known_warnings_silenced():
+        evals = evals.sort("length")
     return Splits(train_raw, train, eval_raw, evals, max_length, fingerprint)
 
 

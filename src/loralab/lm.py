@@ -133,23 +133,34 @@ def _answer(task, p: Prompting, row: dict) -> str:
 
 
 # -- loss and scoring ---------------------------------------------------------------------------
-def _parts(model):
-    """(decoder, output projection) of a (PEFT-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+def _base(model):
+    """The causal LM inside a (PEFT-wrapped) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def target_log_probs(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled tokens, computing vocabulary logits only there.
 
     input_ids/attention_mask/labels: [B, T]. Returns (logp [N], row index [N]) for the N target
-    tokens. The 49k-wide projection runs on N rows instead of B·T.
+    tokens. The decoder's hidden states are cut down to the N positions that predict a target
+    before the model's own output path runs on them (its head with tied weights, logit scaling,
+    `final_logit_softcapping`), so the vocabulary-wide projection runs on N rows, not B·T.
     """
-    decoder, head = _parts(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    base = _base(model)
     targets = labels[:, 1:]
     mask = targets != -100
-    logits = head(hidden[:, :-1][mask]).float()  # position t predicts token t+1
+
+    def keep_targets(_module, _args, out):
+        # position t predicts token t+1: the hidden states at the targets' previous positions
+        out.last_hidden_state = out.last_hidden_state[:, :-1][mask].unsqueeze(0)
+        return out
+
+    hook = base.get_decoder().register_forward_hook(keep_targets)
+    try:
+        logits = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        hook.remove()
+    logits = logits[0].float()
     logp = F.log_softmax(logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[mask]
     return logp, rows
@@ -252,11 +263,7 @@ def evaluate(
 
     if task.kind == "classification":
         preds = score_verbalizers(model, tokenizer, features, p, batch_size, progress).argmax(-1)
-        labels = np.asarray(features["label"])
-        out = {"accuracy": metrics.accuracy(preds, labels)}
-        if "f1" in task.metric_names:
-            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
-        return out
+        return task.label_metrics(preds, np.asarray(features["label"]))
     answers = generate_answers(model, tokenizer, features, batch_size, progress=progress)
     refs = {r["id"]: list(r["answers"]["text"]) for r in raw}
     return metrics.squad_v2_scores(answers, refs)

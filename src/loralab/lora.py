@@ -1,6 +1,15 @@
-"""LoRA spec -> `peft.LoraConfig`, with target-module presets resolved per architecture."""
+"""LoRA spec -> `peft.LoraConfig`, with target-module presets resolved from the model's own layers.
+
+Presets are read off the linear layers of the transformer blocks (their names, their place in
+an attention or MLP module, their shapes), so a family loralab has never seen works as long as
+its layers are named like any of the common ones. `FAMILIES` holds per-`model_type` overrides,
+and PEFT's own default target table is the fallback for `standard` when no layer is recognised.
+"""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -9,47 +18,149 @@ from .errors import LoralabError
 
 PRESETS = ("standard", "extended", "all-linear")
 
-# Module-name suffixes per architecture family. PEFT matches a list entry when a module's full
-# name equals it or ends with "." + it, so BERT's "attention.output.dense" never hits the pooler.
-_LLAMA = {
-    "standard": ["q_proj", "v_proj"],
-    "extended": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+# Per-`model_type` overrides: {model_type: {preset: [module-name suffixes]}}. Empty on purpose:
+# every family tested (Llama, Gemma 1-3, Qwen2, Mistral, Phi-3, GPT-NeoX, BERT, GPT-2) is read
+# correctly from its layers; add an entry only for a model whose layer names mislead.
+FAMILIES: dict[str, dict[str, list[str]]] = {}
+
+# Last name component -> role, inside an attention module. PEFT matches a target entry when a
+# module's full name equals it or ends with "." + it.
+_ATTENTION_NAMES = {
+    "q": {"q_proj", "query", "q", "q_lin", "wq", "query_proj"},
+    "k": {"k_proj", "key", "k", "k_lin", "wk", "key_proj"},
+    "v": {"v_proj", "value", "v", "v_lin", "wv", "value_proj"},
+    "qkv": {"qkv_proj", "c_attn", "query_key_value", "wqkv", "qkv", "in_proj", "qkv_lin"},
+    "o": {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out_lin", "o_lin"},
 }
-_BERT = {
-    "standard": ["query", "value"],
-    "extended": ["query", "key", "value", "attention.output.dense"],
-    "all-linear": [
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-    ],
-}
-# GPT-2 fuses q, k, v into one Conv1D (c_attn): the closest to "query+value" is c_attn itself.
-_GPT2 = {
-    "standard": ["c_attn"],
-    "extended": ["c_attn", "attn.c_proj"],
-    "all-linear": ["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-}
-FAMILIES: dict[str, dict[str, list[str]]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"), _LLAMA
-    ),
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "deberta", "electra", "camembert"), _BERT),
-    "gpt2": _GPT2,
-}
-# Conv1D layers store weights transposed; PEFT needs to be told.
-_FAN_IN_FAN_OUT = {"gpt2"}
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_INDEX = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One Linear / Conv1D layer: full name, its name inside the block, role, shape."""
+
+    name: str
+    local: str  # the name after the block index ("self_attn.q_proj"); "" outside the blocks
+    role: str  # q | k | v | qkv | o | mlp (any other in-block layer) | outside
+    in_features: int
+    out_features: int
+    conv1d: bool
+
+
+def _shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, is_conv1d); GPT-2's Conv1D stores its weight as [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1], True
+    return module.in_features, module.out_features, False
+
+
+def _role(local: str, fan_in: int, fan_out: int) -> str:
+    """What a layer does, from its name inside the block and (fused q/k/v) its shape."""
+    if not local:
+        return "outside"  # embeddings, pooler, heads: not part of any transformer block
+    *path, last = local.split(".")
+    if not any(_ATTENTION.search(p) for p in path):
+        return "mlp"
+    for role, names in _ATTENTION_NAMES.items():
+        if last.lower() in names:
+            # A fused q/k/v projection is wider than its input (3× for multi-head attention).
+            return role if role != "qkv" or fan_out > fan_in else "other"
+    return "other"
+
+
+def linear_layers(model: nn.Module) -> list[Layer]:
+    """Every Linear / Conv1D layer of `model`, in module order, with its role."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        parts = name.split(".")
+        # The first numeric component is the block index (model.layers.3, transformer.h.3, …).
+        index = next((i for i, p in enumerate(parts) if _INDEX.match(p)), None)
+        local = ".".join(parts[index + 1 :]) if index is not None else ""
+        fan_in, fan_out, conv1d = _shape(module)
+        layers.append(Layer(name, local, _role(local, fan_in, fan_out), fan_in, fan_out, conv1d))
+    return layers
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Full names of the Linear / Conv1D layers that LoRA can adapt."""
-    from transformers.pytorch_utils import Conv1D
+    return [layer.name for layer in linear_layers(model)]
 
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+def layer_names(layers: list[Layer]) -> list[str]:
+    """Distinct layer names with the block index written as N: every name, once per block kind."""
+    seen: dict[str, None] = {}
+    for layer in layers:
+        seen[re.sub(r"\.\d+\.", ".N.", layer.name, count=1)] = None
+    return list(seen)
+
+
+def preset_layers(layers: list[Layer], preset: str) -> list[Layer] | None:
+    """The layers a preset selects, or None when the model lacks the roles it needs.
+
+    standard = query + value (or the fused q/k/v projection); extended = + key + attention
+    output; all-linear = every linear layer inside the transformer blocks.
+    """
+    by_role = {r: [x for x in layers if x.role == r] for r in ("q", "k", "v", "qkv", "o")}
+    if preset == "all-linear":
+        chosen = [x for x in layers if x.role != "outside"]
+        return chosen or None
+    if by_role["q"] and by_role["v"]:
+        qv = by_role["q"] + by_role["v"]
+        qkv = by_role["q"] + by_role["k"] + by_role["v"] if by_role["k"] else None
+    elif by_role["qkv"]:
+        qv = qkv = by_role["qkv"]
+    else:
+        return None
+    if preset == "standard":
+        return qv
+    return qkv + by_role["o"] if qkv and by_role["o"] else None
+
+
+def _suffix_keys(chosen: list[Layer], universe: list[Layer]) -> list[str]:
+    """Shortest name suffixes that select exactly `chosen` among `universe` (PEFT's matching)."""
+    wanted = {x.name for x in chosen}
+    keys: list[str] = []
+    for layer in chosen:
+        parts = layer.name.split(".")
+        for n in range(1, len(parts) + 1):
+            key = ".".join(parts[-n:])
+            if all(u.name in wanted for u in universe if _matches(u.name, key)):
+                break
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _peft_default(model_type: str) -> list[str] | None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+
+    return table.get(model_type)
+
+
+def _preset_keys(target: str, model_type: str, layers: list[Layer]) -> list[str]:
+    override = FAMILIES.get(model_type, {}).get(target)
+    if override:
+        return list(override)
+    chosen = preset_layers(layers, target)
+    if chosen:
+        return _suffix_keys(chosen, layers)
+    fallback = _peft_default(model_type) if target == "standard" else None
+    if fallback and all(any(_matches(x.name, k) for x in layers) for k in fallback):
+        return list(fallback)
+    raise LoralabError(
+        f"Preset '{target}' needs query and value projections (or a fused q/k/v projection"
+        f"{', plus key and attention output' if target == 'extended' else ''}), and none of this "
+        f"{model_type} model's linear layers is recognised as one. Pass an explicit module list "
+        f"instead, e.g. lora.target=[q_proj,v_proj] with names from its linear layers: "
+        f"{', '.join(layer_names(layers))}."
+    )
 
 
 def _matches(name: str, key: str) -> bool:
@@ -61,16 +172,10 @@ def resolve_targets(
 ) -> list[str]:
     """Preset or explicit list -> module-name suffixes; each must match at least one module."""
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
-    linear = [n for n in linear_module_names(model) if not _in_excluded(n, exclude or [])]
+    layers = [x for x in linear_layers(model) if not _in_excluded(x.name, exclude or [])]
     target = spec.target
     if isinstance(target, str) and target in PRESETS:
-        family = FAMILIES.get(model_type)
-        if family is None:
-            raise LoralabError(
-                f"Preset '{target}' is not defined for model type '{model_type}'. Pass an explicit "
-                f"module list instead, e.g. lora.target=[{', '.join(sorted({n.split('.')[-1] for n in linear})[:6])}]."
-            )
-        keys = list(family[target])
+        keys = _preset_keys(target, model_type, layers)
     elif isinstance(target, str):
         raise LoralabError(
             f"Unknown LoRA target preset '{target}'. Use one of {', '.join(PRESETS)} or a list of "
@@ -78,14 +183,31 @@ def resolve_targets(
         )
     else:
         keys = list(target)
-    unmatched = [k for k in keys if not any(_matches(n, k) for n in linear)]
+    unmatched = [k for k in keys if not any(_matches(x.name, k) for x in layers)]
     if unmatched:
-        names = sorted({n.split(".")[-1] for n in linear})
         raise LoralabError(
             f"LoRA target module(s) {unmatched} match no linear layer of this {model_type} model. "
-            f"Its linear layers are named: {', '.join(names)}."
+            f"Its linear layers are named: {', '.join(layer_names(layers))}."
         )
     return keys
+
+
+def check_targets(
+    spec: LoraSpec, config, auto_class, trust_remote_code: bool = False
+) -> list[str] | None:
+    """Resolve the LoRA targets on a weightless skeleton of the model (meta device).
+
+    Runs before any weights or data are loaded, so a preset or module name that fits no layer
+    fails in a second. None when the skeleton cannot be built (the later check still runs).
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            skeleton = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return None  # e.g. a head this architecture lacks: reported where the model loads
+    return resolve_targets(spec, skeleton)
 
 
 def _in_excluded(name: str, exclude: list[str]) -> bool:
@@ -110,7 +232,8 @@ def to_peft_config(
     from peft import LoraConfig
 
     keys = resolve_targets(spec, model, exclude=modules_to_save)
-    model_type = getattr(model.config, "model_type", "")
+    layers = linear_layers(model)
+    conv1d = any(x.conv1d for x in layers if any(_matches(x.name, k) for k in keys))
     kwargs = dict(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -121,7 +244,7 @@ def to_peft_config(
         use_dora=spec.use_dora,
         init_lora_weights=spec.init_lora_weights,
         modules_to_save=list(modules_to_save) or None,
-        fan_in_fan_out=model_type in _FAN_IN_FAN_OUT,
+        fan_in_fan_out=conv1d,  # Conv1D (GPT-2) stores weights transposed; PEFT must be told
         task_type=task_type,
     )
     kwargs.update(spec.extra)
@@ -137,5 +260,8 @@ def apply_lora(
     """Wrap `model` with LoRA adapters; the base is frozen, adapters and heads train."""
     from peft import get_peft_model
 
+    from .console import known_warnings_silenced
+
     cfg = to_peft_config(spec, model, modules_to_save, task_type)
-    return get_peft_model(model, cfg)
+    with known_warnings_silenced():
+        return get_peft_model(model, cfg)

@@ -8,8 +8,8 @@ and a merge that dropped it entirely would "pass". Results go to RUN_DIR/merge/.
 
 from __future__ import annotations
 
-import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,7 +56,9 @@ class MergeResult:
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "failed": 1, "uninformative": 4}[self.status]
+        # Only a failure is an error: an uninformative check (adapter too small to see) still
+        # merged and exported; the verdict stays in merge.json and the printed table.
+        return 1 if self.status == "failed" else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def lora_update_norms(model: nn.Module) -> dict:
 
     from .analysis import lora_factors
 
-    factors = lora_factors(model)
+    factors = lora_factors(model, check_variant=False)  # counts layers, reads B only
     zero = [f.name for f in factors if not torch.any(f.B)]
     heads = [
         n.removeprefix("base_model.model.")
@@ -325,15 +327,18 @@ def export_model(
         model.config.label2id = {n: i for i, n in enumerate(labels)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Unpredictable names in the target's parent (same file system: the renames stay atomic).
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
+        from .console import library_bars_off
+
+        with library_bars_off():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            out.rename(old)  # replaces the empty folder just made
             tmp.rename(out)
             shutil.rmtree(old)
         else:
@@ -376,7 +381,7 @@ def model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{cfg.model.name}` |",
+        f"| base model | `{cfg.model.name}`: {_base_description(cfg.model.name)} |",
         f"| task | {task.name} ({task.kind}) |",
         f"| LoRA | r={lo.r}, alpha={lo.alpha:g} (scaling {scaling:g}{', rsLoRA' if lo.use_rslora else ''}"
         f"{', DoRA' if lo.use_dora else ''}), dropout {lo.dropout:g}, target `{lo.target}` -> "
@@ -415,6 +420,12 @@ def model_card(
     return "\n".join(lines)
 
 
+def _base_description(name: str) -> str:
+    from .models import canonical
+
+    return canonical(name)["description"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -450,11 +461,13 @@ class Loaded:
         return load_adapter_model(self.cfg, self.task, self.run_dir, self.tokenizer).to(_device())
 
 
-def load_run(run_dir, max_eval_examples, data_dir=None, eval_file=None, quiet=False) -> Loaded:
+def load_run(
+    run_dir, max_eval_examples, data_dir=None, eval_file=None, quiet=False, trust_remote_code=False
+) -> Loaded:
     from .models import load_tokenizer
     from .train import is_causal
 
-    run_dir, cfg = open_lora_run(run_dir, purpose="merge")
+    run_dir, cfg = open_lora_run(run_dir, "merge", trust_remote_code)
     if data_dir or eval_file:  # e.g. the run was trained elsewhere, or with a relative path
         cfg.data.data_dir = data_dir or cfg.data.data_dir
         cfg.data.eval_file = eval_file or cfg.data.eval_file
@@ -577,8 +590,12 @@ def run_merge(
     data_dir: str | None = None,
     eval_file: str | None = None,
     quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
-    """Merge, check equivalence per dtype, benchmark base/adapter/merged, export; write merge/."""
+    """Merge, check equivalence per dtype, benchmark base/adapter/merged, export; write merge/.
+
+    Remote code runs only with `trust_remote_code` (the command line), never because the run
+    folder's config says so."""
     if dtype not in (*DTYPES, "both"):
         raise LoralabError(f"Unknown --dtype '{dtype}'; use fp32, bf16 or both.")
     if bench and (min(bench_batch_size, bench_seq_len, bench_batches) < 1 or bench_warmup < 0):
@@ -586,11 +603,21 @@ def run_merge(
             "The benchmark needs --bench-batch-size, --bench-seq-len, --bench-batches ≥ 1 "
             "and --bench-warmup ≥ 0."
         )
-    if export and out and Path(out).exists() and any(Path(out).iterdir()):
-        raise LoralabError(f"--out '{out}' exists and is not empty; choose a new folder.")
+    if max_eval_examples is not None and max_eval_examples < 1:
+        raise LoralabError(
+            f"--max-eval-examples must be at least 1 (or 0 = all), got {max_eval_examples}."
+        )
+    if export and out:
+        tracking.check_writable(out, "--out")
+        if Path(out).exists() and any(Path(out).iterdir()):
+            raise LoralabError(f"--out '{out}' exists and is not empty; choose a new folder.")
+    tracking.check_writable(tracking.open_run_dir(run_dir) / MERGE_DIR, "The merge folder")
+    summary = Path(run_dir) / tracking.SUMMARY_FILE
+    if summary.is_file():
+        tracking.read_json(summary)  # the model card reads it: a damaged one fails now
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     torch.manual_seed(0)
-    run = load_run(run_dir, max_eval_examples, data_dir, eval_file, quiet)
+    run = load_run(run_dir, max_eval_examples, data_dir, eval_file, quiet, trust_remote_code)
     merge_dir = run.run_dir / MERGE_DIR
     report = check_equivalence(run, dtype, tol)
     tracking.write_json(merge_dir / MERGE_FILE, report)

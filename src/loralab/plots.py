@@ -1,18 +1,39 @@
-"""Report figures (matplotlib's object API with the Agg canvas: no pyplot state, no display)."""
+"""Report figures (matplotlib's object API with the Agg canvas: no pyplot state, no display).
+
+Every y axis names its metric; legends sit outside the axes, so they never cover data.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+COLORS = {"lora": "#1f77b4", "full": "#555555"}
+NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
 
-def _figure(n: int, width: float = 4.6, height: float = 3.4):
+
+def _figure(n: int, width: float = 4.6, height: float = 3.4, cols: int = 3):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * n, height), layout="constrained")
+    ncols = min(n, cols)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+
+
+def _legend_outside(fig, axes) -> None:
+    """One legend for the figure, below the panels (constrained layout makes room), so it
+    covers no data and no title."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", fontsize=8,
+                   ncols=min(3, len(seen)), frameon=False)  # fmt: skip
 
 
 def _ms(cell) -> tuple[float, float]:
@@ -23,73 +44,164 @@ def _ms(cell) -> tuple[float, float]:
     return k * mean, 0.0 if math.isnan(std) else k * std
 
 
+def _points(cell, value: float) -> float:
+    from .report import points_per_unit
+
+    return points_per_unit(cell.task) * value
+
+
 def lora_vs_full(comps, path: Path) -> Path:
-    """Grouped bars per task: full fine-tuning vs LoRA at their best learning rates."""
-    fig, (ax,) = _figure(1, width=max(4.6, 1.8 * len(comps) + 2))
+    """Grouped bars per comparison: full fine-tuning vs LoRA at their best learning rates."""
+    fig, (ax,) = _figure(1, width=max(4.6, 1.6 * len(comps) + 1.5))
     for i, c in enumerate(comps):
-        for j, (cell, color) in enumerate(((c.full, "#888888"), (c.lora, "#1f77b4"))):
+        for j, cell in enumerate((c.full, c.lora)):
             if cell is None:
                 continue
             mean, std = _ms(cell)
-            ax.bar(i + (j - 0.5) * 0.38, mean, 0.36, yerr=std, capsize=4, color=color,
-                   label=("full fine-tuning", "LoRA")[j] if i == 0 else None)  # fmt: skip
-    ax.set_xticks(range(len(comps)), [f"{c.task}\n{c.model}" for c in comps])
-    ax.set_ylabel("main metric (points), mean ± std over seeds")
+            ax.bar(i + (j - 0.5) * 0.38, mean, 0.36, yerr=std, capsize=4,
+                   color=COLORS[cell.method], label=NAMES[cell.method])  # fmt: skip
+        base = c.lora.reference("majority")
+        if not math.isnan(base):
+            ax.hlines(_points(c.lora, base), i - 0.45, i + 0.45, colors="#cf222e",
+                      linestyles=":", label="majority baseline")  # fmt: skip
+    labels = [f"{c.task} ({c.lora.metric})\n{c.model}\n{c.lora.variant}" for c in comps]
+    ax.set_xticks(range(len(comps)), labels, fontsize=7)
+    metrics = sorted({c.lora.metric for c in comps})
+    ax.set_ylabel(f"{' / '.join(metrics)} (points), mean ± std")
     ax.set_title("LoRA vs full fine-tuning (best lr each)")
-    ax.legend(loc="lower right")
+    _legend_outside(fig, [ax])
     fig.savefig(path, dpi=110)
     return path
 
 
-def ablation(cells, kind: str, path: Path) -> Path:
-    """Main metric vs rank / alpha / module preset; one panel per task, best lr per setting."""
-    tasks = sorted({(c.task, c.model) for c in cells})
-    fig, axes = _figure(len(tasks))
-    for ax, (task, model) in zip(axes, tasks, strict=True):
-        mine = [c for c in cells if (c.task, c.model) == (task, model)]
-        if kind == "modules":
-            order = ["standard", "extended", "all-linear"]
-            mine.sort(key=lambda c: order.index(c.variant[2]) if c.variant[2] in order else 3)
-            stats = [_ms(c) for c in mine]
-            ax.bar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
-                   capsize=4, color="#1f77b4")  # fmt: skip
-            ax.set_xticks(range(len(mine)), [c.variant[2] for c in mine])
-            ax.set_xlabel("LoRA target modules")
-        else:
-            # x: r (rank, all) or alpha; one line per setting of the other factors
-            x = 1 if kind == "alpha" else 0
+def _curve(run: dict, metric: str) -> tuple[list, list]:
+    """(steps, values) of `eval/<metric>` in a run's metrics.jsonl."""
+    from . import tracking
+
+    path = Path(run.get("run_dir") or "") / tracking.METRICS_FILE
+    if not run.get("run_dir") or not path.is_file():
+        return [], []
+    points = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if f"eval/{metric}" in rec and rec.get("step") is not None:
+            points[rec["step"]] = rec[f"eval/{metric}"]
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def learning_curves(comps):
+    """Figure: eval metric vs training step, LoRA vs full, a panel per comparison; None if no data."""
+    panels = []
+    for c in comps:
+        lines = []
+        for cell in (c.lora, c.full):
+            for run in cell.done if cell else []:
+                steps, values = _curve(run, cell.metric)
+                if steps:
+                    lines.append((cell, steps, [_points(cell, v) for v in values]))
+        if lines:
+            panels.append((c, lines))
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels))
+    for ax, (c, lines) in zip(axes, panels, strict=True):
+        for cell, steps, values in lines:
+            ax.plot(steps, values, marker="o", ms=3, lw=1.2, alpha=0.8, color=COLORS[cell.method],
+                    label=f"{NAMES[cell.method]} (lr {cell.lr:g}), one line per seed")  # fmt: skip
+        base = c.lora.reference("majority")
+        if not math.isnan(base):
+            ax.axhline(_points(c.lora, base), color="#cf222e", ls=":", label="majority baseline")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"dev {c.lora.metric} (points)")
+        ax.set_title(f"{c.task} · {c.head} · {c.model}\n{c.lora.variant}", fontsize=9)
+    _legend_outside(fig, axes)
+    return fig
+
+
+NUMERIC_AXES = ("r", "alpha", "dropout")
+
+
+def _axis(cells) -> tuple[str | None, list[str]]:
+    """The LoRA setting on the x axis (r, then alpha, then dropout) and the others that vary."""
+    varying = []
+    keys = sorted({k for c in cells for k in (c.lora or {})})
+    for k in keys:
+        if len({json.dumps((c.lora or {}).get(k), sort_keys=True) for c in cells}) > 1:
+            varying.append(k)
+    x = next((k for k in NUMERIC_AXES if k in varying), None)
+    return x, [k for k in varying if k != x]
+
+
+def ablation(cells, kind: str, reference):
+    """Main metric vs the ablated LoRA setting; one panel per (task, model, head), best lr per
+    setting; the comparable full fine-tuning level as a horizontal reference line."""
+    from .report import lora_slug
+
+    panels = sorted({(c.task, c.model, c.head) for c in cells})
+    fig, axes = _figure(len(panels))
+    for ax, key in zip(axes, panels, strict=True):
+        mine = [c for c in cells if (c.task, c.model, c.head) == key]
+        x, others = _axis(mine)
+        if x is not None:
+            # Settings that move with x (alpha = 2r) belong to the x label, not to extra lines.
+            tied = [k for k in others if all(len({json.dumps(c.lora.get(k)) for c in mine if c.lora[x] == v}) == 1
+                                             for v in {c.lora[x] for c in mine})]  # fmt: skip
             lines: dict[str, list] = {}
             for c in mine:
-                label = {"rank": c.variant[2], "alpha": f"r={c.variant[0]}, {c.variant[2]}",
-                         "all": f"α={c.variant[1]:g}, {c.variant[2]}"}.get(kind, "")  # fmt: skip
-                lines.setdefault(label, []).append(c)
+                label = " ".join(f"{k}={c.lora.get(k)}" for k in others if k not in tied)
+                lines.setdefault(label or "LoRA", []).append(c)
             for label, group in sorted(lines.items()):
-                group.sort(key=lambda c: c.variant[x])
+                group.sort(key=lambda c: c.lora[x])
                 stats = [_ms(c) for c in group]
-                ax.errorbar([c.variant[x] for c in group], [s[0] for s in stats],
+                ax.errorbar([c.lora[x] for c in group], [s[0] for s in stats],
                             yerr=[s[1] for s in stats], marker="o", capsize=4, label=label)  # fmt: skip
-            ax.set_xscale("log", base=2)
-            xs = sorted({c.variant[x] for c in mine})
+            xs = sorted({c.lora[x] for c in mine})
+            if x in ("r", "alpha") and min(xs) > 0:
+                ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [f"{v:g}" for v in xs])
             ax.minorticks_off()
-            ax.set_xlabel({"rank": "rank r (alpha = 2r)", "alpha": "alpha"}.get(kind, "rank r"))
-            if len(lines) > 1:
-                ax.legend(fontsize=7)
-        ax.set_ylabel("main metric (points)")
-        ax.set_title(f"{task} ({model})")
-    fig.suptitle(f"Ablation: {kind}")
-    fig.savefig(path, dpi=110)
-    return path
+            ax.set_xlabel({"r": "rank r", "alpha": "alpha"}.get(x, x) + (f" ({', '.join(tied)} moving with it)" if tied else ""))  # fmt: skip
+        else:  # categorical: presets, DoRA/rsLoRA, init, ...
+            stats = [_ms(c) for c in mine]
+            ax.errorbar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
+                        fmt="o", capsize=4, color=COLORS["lora"], label="LoRA")  # fmt: skip
+            names = [" ".join(p for p in lora_slug(c.lora).split() if not p.startswith(("r=", "α="))) or "defaults" for c in mine]  # fmt: skip
+            ax.set_xticks(range(len(mine)), names, fontsize=8, rotation=20)
+            ax.set_xlim(-0.6, len(mine) - 0.4)
+            ax.set_xlabel("LoRA variant (" + ", ".join(others) + ")" if others else "LoRA variant")
+        ref = reference(mine[0])
+        if ref is not None:
+            ax.axhline(_ms(ref)[0], color=COLORS["full"], ls="--",
+                       label=f"full fine-tuning (lr {ref.lr:g})")  # fmt: skip
+        ax.set_ylabel(f"dev {mine[0].metric} (points)")
+        ax.set_title(f"{key[0]} · {key[2]} · {key[1]}", fontsize=9)
+    fig.suptitle(f"Ablation: {kind} (best lr per setting)")
+    _legend_outside(fig, axes)
+    return fig
 
 
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     """(title, path) of every figure the data allow."""
+    from .report import full_reference, is_ablation
+
     out = []
     if comps:
         out.append(("LoRA vs full fine-tuning", lora_vs_full(comps, folder / "lora_vs_full.png")))
-    best = [c for c in cells if c.best and c.variant]
-    for group in sorted({c.group for c in best if c.group.startswith("ablation-")}):
+        curves = learning_curves(comps)
+        if curves is not None:
+            path = folder / "learning_curves.png"
+            curves.savefig(path, dpi=110)
+            out.append(("Learning curves: dev metric vs training step", path))
+    best = [c for c in cells if c.best and c.lora]
+    for group in sorted({c.group for c in best if is_ablation(c.group)}):
         kind = group.removeprefix("ablation-")
         mine = [c for c in best if c.group == group]
-        out.append((f"Ablation: {kind}", ablation(mine, kind, folder / f"ablation_{kind}.png")))
+        ref = lambda c: full_reference(c, cells)  # noqa: E731
+        path = folder / f"ablation_{kind}.png"
+        ablation(mine, kind, ref).savefig(path, dpi=110)
+        out.append((f"Ablation: {kind}", path))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch.nn as nn
@@ -12,10 +13,46 @@ from .errors import LoralabError
 from .tasks import Task
 
 
-def open_lora_run(run_dir: str | Path, purpose: str = "use") -> tuple[Path, ExperimentConfig]:
-    """A finished LoRA run directory and its config; a full-FT run or a missing adapter is a user error."""
+def command_line_trust(cfg: ExperimentConfig, trust_remote_code: bool, source: Path) -> None:
+    """Set model.trust_remote_code from the command line alone; warn when `source` says true.
+
+    A run folder or a study may come from someone else: its config must not switch remote
+    code on.
+    """
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        print(
+            f"loralab: warning: '{source}' sets model.trust_remote_code: true; remote code stays "
+            "off unless this command is given --trust-remote-code.",
+            file=sys.stderr,
+        )
+    cfg.model.trust_remote_code = trust_remote_code
+
+
+def check_safetensors(path: Path) -> None:
+    """A readable safetensors file (header and size intact), else a user error naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key).get_shape()
+    except FileNotFoundError:
+        raise LoralabError(f"'{path}' is missing.") from None
+    except Exception as e:  # SafetensorError, OSError: truncated, damaged, not a tensor file
+        raise LoralabError(
+            f"'{path}' is not a readable safetensors file ({str(e).strip() or type(e).__name__}): "
+            "it is truncated or damaged. Restore it or train the run again."
+        ) from None
+
+
+def open_lora_run(
+    run_dir: str | Path, purpose: str = "use", trust_remote_code: bool = False
+) -> tuple[Path, ExperimentConfig]:
+    """A finished LoRA run directory and its config; a full-FT run or a missing or damaged
+    adapter is a user error. Remote code follows `trust_remote_code`, never the folder."""
     run_dir = tracking.open_run_dir(run_dir)
     cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
     if cfg.train.method != "lora":
         raise LoralabError(
             f"'{run_dir}' is a full fine-tuning run (train.method={cfg.train.method}): there is no "
@@ -32,6 +69,8 @@ def open_lora_run(run_dir: str | Path, purpose: str = "use") -> tuple[Path, Expe
             f"status: {state}). The adapter is written when training finishes: finish the run "
             f"with `loralab train --resume {run_dir}` first."
         )
+    tracking.read_json(run_dir / tracking.ADAPTER_DIR / "adapter_config.json")
+    check_safetensors(run_dir / tracking.ADAPTER_DIR / "adapter_model.safetensors")
     return run_dir, cfg
 
 
@@ -70,5 +109,8 @@ def load_adapter_model(
     """Base + the run's saved adapter (and trained head), fp32, eval mode."""
     from peft import PeftModel
 
+    from .console import known_warnings_silenced
+
     base = load_base(cfg, task, tokenizer, progress)
-    return PeftModel.from_pretrained(base, str(Path(run_dir) / tracking.ADAPTER_DIR)).eval()
+    with known_warnings_silenced():
+        return PeftModel.from_pretrained(base, str(Path(run_dir) / tracking.ADAPTER_DIR)).eval()

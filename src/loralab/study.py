@@ -431,7 +431,7 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
         for p in pts:
             key = p["key"]
             if ph.needs_grid:
-                key = re.sub(r"-lr[^-]+(?=-s\d)", "-lr<best>", key)
+                key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
             lines.append(f"  {key}")
     return lines
 

@@ -125,7 +125,10 @@ def point_key(point: dict, base: dict) -> str:
     """Deterministic run-directory name, e.g. sst2-lora-smollm2-135m-lr0.0003-s42-r8-a16-standard."""
     model = _slug(Path(base["model"]["name"]).name or base["model"]["name"])
     head = "-lm" if base["model"].get("head") == "lm" else ""
-    key = f"{point['task']}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
+    from .tasks import task_label
+
+    task = task_label(point["task"], unique=True)  # a custom task is a path: keep its name
+    key = f"{task}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
     if "lora" in point:
         return key + variant_slug(point["lora"])
     if point["method"] == "lora":
@@ -236,7 +239,7 @@ def make_plan(
     and a colon, for one task's points (squad_v2:data.train_file=...).
     """
     from .config import to_dict
-    from .tasks import get_task
+    from .tasks import absolute_ref, get_task
 
     glob, per_task_items = [], {}
     for item in overrides or []:
@@ -256,6 +259,7 @@ def make_plan(
     base_cfg = build_config(config, glob, **sections)
     task_list = parse_list(tasks, str, "--tasks")
     task_list = [base_cfg.data.task] if task_list is None else task_list
+    task_list = [absolute_ref(t) for t in task_list]  # workers may run in another folder
     for t in [*task_list, *per_task_items]:
         get_task(t)
     strays = sorted(set(per_task_items) - set(task_list))
@@ -330,8 +334,10 @@ def storage_url(storage: str | None, results_dir: str | Path) -> str:
 
 
 def masked(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL without its password (or other credentials), for messages."""
+    from .redact import mask_secrets
+
+    return mask_secrets(url)
 
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
@@ -525,13 +531,21 @@ def point_states(study, plan: Plan, tasks: list[str] | None = None) -> dict[str,
 
 
 def default_study_name(plan: Plan) -> str:
+    from .tasks import task_label
+
     kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
-    return f"{kind}-{'-'.join(plan.tasks)}"
+    return f"{kind}-{'-'.join(task_label(t, unique=True) for t in plan.tasks)}"
+
+
+def plan_trusts(plan: Plan) -> bool:
+    """Whether this command line's config/overrides set model.trust_remote_code."""
+    return bool((plan.base.get("model") or {}).get("trust_remote_code"))
 
 
 def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = None,
               heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False):  # fmt: skip
+              max_retry: int = DEFAULT_MAX_RETRY, create_only: bool = False, quiet: bool = False,
+              trust_remote_code: bool = False):  # fmt: skip
     """Create (or continue) the study of `plan` and run its points here until none is left.
 
     With `create_only`, only create it: workers (`loralab sweep worker`) run the points.
@@ -544,4 +558,5 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     create_or_check(st, name, plan)
     if create_only:
         return None
-    return Worker(st, name, None, plan.results_dir, heartbeat, quiet).run()
+    trust = trust_remote_code or plan_trusts(plan)  # this command line asked for it
+    return Worker(st, name, None, plan.results_dir, heartbeat, quiet, trust).run()

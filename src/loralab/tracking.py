@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import ExperimentConfig, dump_yaml
 from .errors import LoralabError
+from .redact import mask_tree
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -52,17 +53,70 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    """Credentials (URL passwords, tokens) in any string are masked on the way to disk."""
+    text = json.dumps(mask_tree(_jsonable(data)), indent=2, sort_keys=False)
+    atomic_write(path, text + "\n")
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object from a file; a missing, unreadable, truncated or non-object file is a user
+    error naming the file (and the line)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoralabError(f"'{path}' does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise LoralabError(
+            f"'{path}' is not UTF-8 text (byte {e.start}): it is damaged or not a JSON file."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise LoralabError(
+            f"'{path}', line {e.lineno}: not valid JSON ({e.msg}); the file is truncated or "
+            "damaged. Restore it, or remove the folder that holds it and run the step again."
+        ) from None
+    except OSError as e:
+        raise LoralabError(f"Cannot read '{path}': {e.strerror}.") from None
+    if not isinstance(data, dict):
+        raise LoralabError(f"'{path}' should hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Fail now, before any slow work, when folder `path` cannot be created and written.
+
+    Walks up to the nearest existing ancestor: a file on the way, no write permission or a
+    read-only file system is a user error naming `what` (e.g. "--output-dir"). Creates nothing.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LoralabError(f"{what} '{path}' is a file, not a folder: choose a folder path.")
+    parent = path
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LoralabError(
+            f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder."
+        )
+    try:  # os.access ignores read-only mounts and ACLs; a real probe does not
+        probe = tempfile.mkdtemp(dir=parent, prefix=".loralab-probe-")
+        os.rmdir(probe)
+    except OSError as e:
+        raise LoralabError(
+            f"{what} '{path}' is not writable: cannot write in '{parent}' ({e.strerror}). "
+            "Choose a folder you can write to."
+        ) from None
+    return path
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).name or cfg.model.name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.data.task}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
+    from .tasks import task_label
+
+    return f"{task_label(cfg.data.task)}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
 
 
 def create_run_dir(cfg: ExperimentConfig) -> Path:
@@ -146,11 +200,21 @@ def _wandb_key_available() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+_WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before any slow work when the requested W&B mode cannot work."""
     mode = cfg.tracking.wandb
     if mode == "disabled":
         return
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env.strip().lower() not in _WANDB_ENV_MODES:
+        raise LoralabError(
+            f"The environment variable WANDB_MODE is set to {env!r}, which W&B does not accept "
+            f"(tracking.wandb={mode} asks for W&B). Unset it (`unset WANDB_MODE`) or set it to "
+            "online, offline or disabled."
+        )
     try:
         import wandb  # noqa: F401
     except ImportError:
@@ -190,7 +254,7 @@ class Tracker:
             id=re.sub(r"[^A-Za-z0-9_-]", "-", self.run_dir.name)[-64:],
             dir=str(self.run_dir),
             mode=mode,
-            config=to_dict(cfg),
+            config=mask_tree(to_dict(cfg)),
             resume="allow" if resuming else None,
             settings=wandb.Settings(silent=True, console="off"),
         )

@@ -8,6 +8,7 @@ see the matching check fail.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from . import accounting, analysis
 from .config import ExperimentConfig
 from .errors import LoralabError
+from .report import SHARE_TARGET_PCT
 
 # Sentences with labels: enough to overfit a few steps, no dataset needed.
 PROBE = [
@@ -30,17 +32,49 @@ PROBE = [
     ("flat, lifeless and boring", 0),
 ]
 PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word per label
-SHARE_TARGET_PCT = 0.3
-# The ≤0.3% target is about real models; in a model this small the embeddings are tiny and any
-# adapter is a large share, so the target is reported but not applied.
+# Targets are reported, never bent: the exit status follows them only with --strict. The 0.3%
+# comes from the source study's GPT-2 small (294,912 of 124,734,720 weights = 0.24% at r = 8 on
+# c_attn); other models land elsewhere (SmolLM2-135M at r = 8 on q/v: 0.341%, missed).
+SHARE_TARGET_SOURCE = "GPT-2 small: 294,912 of 124,734,720 = 0.24% at r = 8 on c_attn"
+# Below this size the embeddings are tiny and any adapter is a large share: said in the detail.
 SHARE_TARGET_MIN_PARAMS = 10_000_000
 
 
 @dataclass
 class Check:
+    """An invariant: LoRA does what it claims. Any failure fails the command."""
+
     name: str
     passed: bool
     detail: str
+
+
+@dataclass
+class Target:
+    """A goal of the study, reported as met/missed with its figure; fails only with --strict."""
+
+    name: str
+    met: bool
+    figure: str
+    detail: str
+
+
+@dataclass
+class Validation:
+    checks: list[Check]
+    targets: list[Target]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def targets_met(self) -> bool:
+        return all(t.met for t in self.targets)
+
+    def exit_status(self, strict: bool = False) -> int:
+        """1 when an invariant fails, or (with `strict`) when a target is missed; else 0."""
+        return 0 if self.passed and (self.targets_met or not strict) else 1
 
 
 # -- the steps a test may break on purpose ------------------------------------------------------
@@ -110,8 +144,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 def run_checks(
     cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4
-) -> list[Check]:
-    """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything."""
+) -> Validation:
+    """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything;
+    measure the trainable-share target on the way."""
     from peft import PeftModel
     from transformers import set_seed
 
@@ -145,21 +180,13 @@ def run_checks(
     add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
 
     model = wrap(cfg, base, heads)
-    factors = analysis.lora_factors(model)
+    factors = analysis.lora_factors(model, check_variant=False)
     add("peft_wrapping_applied", isinstance(model, PeftModel) and factors,
         f"{type(model).__name__} with {len(factors)} LoRA layers")  # fmt: skip
     add("adapted_module_count", len(factors) == len(expected),
         f"{len(factors)} adapted, expected {len(expected)} ({', '.join(keys)})")  # fmt: skip
     counts = accounting.parameter_counts(model, heads)
-    share = counts["lora_share_pct"]
-    if counts["total"] >= SHARE_TARGET_MIN_PARAMS:
-        add("trainable_share_within_target", share <= SHARE_TARGET_PCT,
-            f"LoRA {share:.3f}% of {counts['total']:,} params (target ≤{SHARE_TARGET_PCT}%); "
-            f"with head {counts['trainable_share_pct']:.3f}%")  # fmt: skip
-    else:
-        add("trainable_share_within_target", counts["lora"] == expected_lora,
-            f"LoRA {share:.2f}% of a {counts['total']:,}-param test model: the ≤{SHARE_TARGET_PCT}% "
-            f"target applies from {SHARE_TARGET_MIN_PARAMS:,} params; adapter size checked exactly instead")  # fmt: skip
+    targets = [share_target(counts)]
     add("parameter_accounting_adds_up",
         counts["lora"] == expected_lora
         and counts["trainable"] == counts["lora"] + _trainable_head(model)
@@ -197,7 +224,7 @@ def run_checks(
         f"sha256 {before[:12]}… before, {after[:12]}… after",
     )
 
-    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model)]
+    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model, check_variant=False)]
     finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
     in_range = all(0 < s["effective_rank"] <= cfg.lora.r + 1e-4 for s in stats)
     add("analysis_utilities_run", stats and finite and in_range,
@@ -235,7 +262,42 @@ def run_checks(
         plain = not any("lora" in n for n, _ in exported.named_parameters())
         add("merged_export_loads", plain and d <= 1e-6,
             f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
-    return checks
+    return Validation(checks, targets)
+
+
+def share_target(counts: dict) -> Target:
+    """LoRA weights as a share of the model, against the ≤0.3% target."""
+    share = counts["lora_share_pct"]
+    detail = (
+        f"{counts['lora']:,} LoRA weights of {counts['total']:,} "
+        f"(with the task head: {counts['trainable_share_pct']:.3f}% trainable); the target is "
+        f"≤ {SHARE_TARGET_PCT}%, from {SHARE_TARGET_SOURCE}"
+    )
+    if counts["total"] < SHARE_TARGET_MIN_PARAMS:
+        detail += "; a test model this small is mostly adapter, so the figure says little"
+    return Target("trainable_share", share <= SHARE_TARGET_PCT, f"{share:.3f}%", detail)
+
+
+def drop_targets(results_dir: str | Path, model: str) -> list[Target]:
+    """LoRA − full ≥ −3 points for each comparison of `model` in a results folder's runs."""
+    from .report import DROP_TARGET_POINTS, aggregate, deduplicate, load_runs
+
+    records, _ = deduplicate(load_runs(results_dir))
+    _, comps = aggregate(records)
+    out = []
+    for c in comps:
+        if c.model != model or c.drop_ok is None:
+            continue  # another model, or nothing to compare: no figure to report
+        mean, lo, hi = c.interval
+        ci = " (1 seed)" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"
+        met = bool(c.drop_ok) and not c.uninformative  # near-chance runs demonstrate nothing
+        out.append(Target(
+            f"lora_minus_full:{c.task}:{c.head}", met, f"{mean:+.2f} points{ci}",
+            f"{c.lora.variant} vs full fine-tuning, {len(c.diffs)} paired seeds, mean and 95% "
+            f"t interval; the target is ≥ −{DROP_TARGET_POINTS:g} points"
+            + (" (uninformative: both near the majority baseline)" if c.uninformative else ""),
+        ))  # fmt: skip
+    return out
 
 
 def _trainable_head(model) -> int:
@@ -246,11 +308,17 @@ def _trainable_head(model) -> int:
     )
 
 
-def as_json(checks: list[Check], cfg: ExperimentConfig) -> dict:
+def as_json(result: Validation, cfg: ExperimentConfig, strict: bool = False) -> dict:
+    """`passed` and `checks`: the invariants; `targets`: met/missed with their figures."""
+    checks = result.checks
     return {
         "model": cfg.model.name,
-        "passed": all(c.passed for c in checks),
+        "passed": result.passed,
         "n_checks": len(checks),
         "n_failed": sum(not c.passed for c in checks),
         "checks": [asdict(c) for c in checks],
+        "targets": [asdict(t) for t in result.targets],
+        "targets_met": result.targets_met,
+        "strict": strict,
+        "exit_status": result.exit_status(strict),
     }

@@ -124,6 +124,16 @@ class _PointLock:
         os.close(self.fd)  # closing drops the flock
 
 
+def _resolve_defaults(flat: dict, cfg) -> None:
+    """Fill values left to defaults, as a run folder's config.yaml records them."""
+    from .tasks import get_task
+
+    if flat.get("train.lr") is None:
+        flat["train.lr"] = cfg.lr
+    if flat.get("data.max_length") is None:
+        flat["data.max_length"] = get_task(cfg.data.task).default_max_length
+
+
 def _same_config(run_dir: Path, cfg) -> str | None:
     """None when the run directory holds this config; else the first differing key."""
     from .config import from_dict, load_yaml, to_dict
@@ -132,6 +142,7 @@ def _same_config(run_dir: Path, cfg) -> str | None:
     def norm(d: dict) -> dict:
         d = json.loads(json.dumps(d))
         d.pop("run", None)
+        d["model"].pop("trust_remote_code", None)  # taken from the command line, not the folder
         for k in ("data_dir", "train_file", "eval_file"):
             if d["data"].get(k):
                 d["data"][k] = str(Path(d["data"][k]).expanduser().resolve())
@@ -139,6 +150,10 @@ def _same_config(run_dir: Path, cfg) -> str | None:
 
     have = norm(to_dict(from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))))
     want = norm(to_dict(cfg))
+    _resolve_defaults(have, cfg)
+    _resolve_defaults(want, cfg)
+    if want.get("train.precision") == "auto":  # decided per machine when the run started
+        want["train.precision"] = have.get("train.precision")
     for k in sorted(have.keys() | want.keys()):
         if have.get(k) != want.get(k):
             return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"
@@ -213,7 +228,8 @@ def _child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> 
     code = 0
     try:
         if action == "resume":
-            resume(run_dir, quiet=True)
+            trust = bool(config["model"].get("trust_remote_code"))
+            resume(run_dir, quiet=True, trust_remote_code=trust)
         else:
             train(from_dict(config), quiet=True)
     except TrainingDiverged as e:
@@ -249,8 +265,11 @@ class Worker:
 
     def __init__(self, storage, study_name: str, tasks: list[str] | None = None,
                  results_dir: str | Path | None = None, heartbeat: int = DEFAULT_HEARTBEAT,
-                 quiet: bool = False):  # fmt: skip
+                 quiet: bool = False, trust_remote_code: bool = False):  # fmt: skip
         self.storage = storage
+        # Remote code runs only when this worker's command line asks for it, never because the
+        # (possibly shared) study's config says so.
+        self.trust_remote_code = trust_remote_code
         self.study, self.plan = load_study(storage, study_name)
         self.study_id = self.study._study_id
         unknown = sorted(set(tasks or []) - set(self.plan.tasks))
@@ -418,6 +437,12 @@ class Worker:
 
         key = point["key"]
         cfg = self.plan.config_for(point, self.results_dir)
+        if cfg.model.trust_remote_code and not self.trust_remote_code:
+            self.say(
+                f"{key}: warning: the study sets model.trust_remote_code: true; remote code stays "
+                "off unless this worker is started with --trust-remote-code."
+            )
+        cfg.model.trust_remote_code = self.trust_remote_code
         run_dir = self.results_dir / "runs" / key
         lock = _PointLock(self.results_dir / "locks" / f"{key}.lock")
         if not lock.acquire(lease):
@@ -505,8 +530,8 @@ def _fmt_metrics(result: dict | None) -> str:
 def run_worker(study_name: str, storage: str | None = None, tasks: list[str] | None = None,
                results_dir: str | Path | None = None, heartbeat: int = DEFAULT_HEARTBEAT,
                grace: int | None = None, max_retry: int = DEFAULT_MAX_RETRY,
-               quiet: bool = False) -> WorkerReport:  # fmt: skip
+               quiet: bool = False, trust_remote_code: bool = False) -> WorkerReport:  # fmt: skip
     """`loralab sweep worker`: run undone points of an existing study until none is left."""
     url = storage_url(storage, results_dir or "results")
     st = open_storage(url, heartbeat, grace, max_retry)
-    return Worker(st, study_name, tasks, results_dir, heartbeat, quiet).run()
+    return Worker(st, study_name, tasks, results_dir, heartbeat, quiet, trust_remote_code).run()

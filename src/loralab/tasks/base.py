@@ -71,6 +71,11 @@ class Task(ABC):
     def score(self, raw, features, predictions: Any) -> dict[str, float]:
         """Task metrics from the model outputs on `features` (as returned by Trainer.predict)."""
 
+    def majority_baseline(self, raw) -> dict[str, float]:
+        """The metrics of the trivial answer on `raw` (most frequent label, or "no answer"),
+        in the units of `score`: the floor a fine-tuned model has to beat. {} if undefined."""
+        return {}
+
 
 def find_file(
     task: str, data_dir: str | None, file: str | None, names: list[str], split: str

@@ -44,6 +44,12 @@ class GlueTask(Task):
     def _load_hub(self, split: Split):
         from datasets import load_dataset
 
+        from ..hub import require_dataset
+
+        require_dataset(
+            f"{self.hub_path} ({self.hub_config})",
+            f"Pass --data-dir with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
+        )
         try:
             ds = load_dataset(
                 self.hub_path, self.hub_config, split="train" if split == "train" else "validation"
@@ -66,6 +72,19 @@ class GlueTask(Task):
 
     def read_tsv(self, path: Path) -> dict[str, list]:
         """Parse a GLUE TSV (BOM-tolerant, quoting off: strings may hold quote characters)."""
+        try:
+            return self._read_tsv(path)
+        except UnicodeDecodeError as e:
+            raw = Path(path).read_bytes()
+            line = raw[: e.start].count(b"\n") + 1
+            raise LoralabError(
+                f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}). GLUE files are "
+                "UTF-8: re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            ) from None
+        except OSError as e:
+            raise LoralabError(f"Cannot read {path}: {e.strerror or e}.") from None
+
+    def _read_tsv(self, path: Path) -> dict[str, list]:
         cols: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -138,7 +157,20 @@ class GlueTask(Task):
     def score(self, raw, features, predictions) -> dict[str, float]:
         logits = predictions[0] if isinstance(predictions, tuple) else predictions
         preds = np.asarray(logits).argmax(-1)
-        labels = np.asarray(features["labels"])
+        return self.label_metrics(preds, np.asarray(features["labels"]))
+
+    def label_metrics(self, preds, labels) -> dict[str, float]:
+        """The task's metrics from predicted and true label indices (both heads use this)."""
+        out = {"accuracy": metrics.accuracy(preds, labels)}
+        if "f1" in self.metric_names:
+            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
+        return out
+
+    def majority_baseline(self, raw) -> dict[str, float]:
+        labels = np.asarray(raw["label"], dtype=int)
+        if labels.size == 0:
+            return {}
+        preds = np.full_like(labels, np.bincount(labels).argmax())  # a tie goes to the lower label
         out = {"accuracy": metrics.accuracy(preds, labels)}
         if "f1" in self.metric_names:
             out["f1"] = metrics.f1_binary(preds, labels, positive=1)

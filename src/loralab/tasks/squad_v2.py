@@ -155,6 +155,15 @@ class _Reader:
         for k, ans in enumerate(raw_answers):
             where_k = f"{where}.answers[{k}]"
             text = self.field(ans, "text", (str,), "a string", where_k)
+            if not text.strip():
+                # The official script would score it as answerable with gold "" (only an empty
+                # prediction matches); there is no span to train on. Almost always a data error.
+                raise self.fail(
+                    where_k,
+                    "is an answer with empty text, but the question is answerable. Give the "
+                    'answer\'s text, or mark the question unanswerable ("is_impossible": true, '
+                    '"answers": []).',
+                )
             start = self.field(ans, "answer_start", (int,), "a character index", where_k)
             if start < 0 or context[start : start + len(text)] != text:
                 found = context[max(start, 0) : max(start, 0) + len(text)]
@@ -316,6 +325,13 @@ class SquadV2Task(Task):
         from datasets import load_dataset
 
         hub_split = "train" if split == "train" else "validation"
+        from ..hub import require_dataset
+
+        require_dataset(
+            self.hub_path,
+            "Put the SQuAD v2.0 files (train-v2.0.json, dev-v2.0.json) in a folder and pass "
+            "--data-dir.",
+        )
         try:
             ds = load_dataset(self.hub_path, self.hub_config, split=hub_split)
         except Exception as exc:  # network, auth, missing cache: all need the same advice
@@ -467,6 +483,17 @@ class SquadV2Task(Task):
             for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
         }
         return metrics.squad_v2_scores(answers, references)
+
+    def majority_baseline(self, raw) -> dict[str, float]:
+        """Always answering "no answer" (the commonest single answer in SQuAD v2's dev set)."""
+        references = {
+            qid: list(ans["text"])
+            for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
+        }
+        if not references:
+            return {}
+        scores = metrics.squad_v2_scores(dict.fromkeys(references, ""), references)
+        return {k: scores[k] for k in ("exact", "f1")}
 
 
 def _answer_positions(

@@ -1,0 +1,106 @@
+"""A run's training checkpoints: which one a resume can trust, and loralab's own state in them."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+from . import tracking
+from .errors import LoralabError
+
+LOSS_FILE = "loralab_state.json"
+"""Per checkpoint: the sum of every training-step loss so far (train_loss covers the whole run)."""
+
+_WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
+# torch.save files: a zip archive each; a CRC check finds truncation and flipped bytes.
+_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def _step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest (highest step) first."""
+    root = Path(run_dir) / tracking.CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step(p) >= 0]
+    return sorted(found, key=_step, reverse=True)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (missing, truncated or damaged files), or None."""
+    from .runs import check_safetensors
+
+    try:
+        state = tracking.read_json(ckpt / "trainer_state.json")
+        if not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+        weights = [ckpt / w for w in _WEIGHTS if (ckpt / w).is_file()]
+        if not weights:
+            return f"it holds neither {' nor '.join(_WEIGHTS)}"
+        check_safetensors(weights[0])
+    except LoralabError as e:
+        return str(e)
+    for name in _TORCH_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            if name == "rng_state.pth":
+                continue  # optional for the Trainer
+            return f"{name} is missing"
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            return f"{name} is truncated or damaged ({e})"
+        if bad is not None:
+            return f"{name} is damaged (entry {bad} fails its checksum)"
+    return None
+
+
+def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes `checkpoint_problem`, and a warning per one skipped."""
+    skipped = []
+    for ckpt in checkpoints(run_dir):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(f"skipping damaged checkpoint '{ckpt}': {problem}")
+    return None, skipped
+
+
+def read_loss_sum(ckpt: Path) -> float | None:
+    """The whole-run loss sum saved with `ckpt`; None for checkpoints written without it."""
+    path = Path(ckpt) / LOSS_FILE
+    if not path.is_file():
+        return None
+    value = tracking.read_json(path).get("loss_sum")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def trim_metrics(run_dir: Path, step: int | None) -> None:
+    """Drop metrics.jsonl records after `step` (all of them for None), so the resumed run logs
+    those steps once, as an uninterrupted run would. A torn last line (killed mid-write) goes too."""
+    path = Path(run_dir) / tracking.METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        at = record.get("step") if isinstance(record, dict) else None
+        if step is not None and (not isinstance(at, int) or at <= step):
+            kept.append(line)
+    tracking.atomic_write(path, "".join(f"{line}\n" for line in kept))
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"loralab: warning: {line}", file=sys.stderr)

@@ -1,0 +1,66 @@
+"""Small statistics for the report: mean, sample std, Student-t intervals (no scipy needed).
+
+The t quantile is exact for integer degrees of freedom: Student's closed-form CDF (a finite
+series in cos θ, θ = atan(t/√ν)) inverted by bisection to float precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1); std is NaN for a single value."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def t_central_probability(t: float, df: int) -> float:
+    """P(|T| ≤ t) for Student's t with `df` (integer ≥ 1) degrees of freedom."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:  # sin θ · (1 + ½c² + (1·3)/(2·4)c⁴ + …), (df − 2)/2 terms after the first
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        return math.sin(theta) * total
+    # odd: (2/π)·(θ + sin θ cos θ · (1 + (2/3)c² + (2·4)/(3·5)c⁴ + …)), (df − 3)/2 terms after
+    total = 0.0
+    if df > 1:
+        term = total = 1.0
+        for k in range(1, (df - 1) // 2):
+            term *= (2 * k) / (2 * k + 1) * c2
+            total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The t with P(T ≤ t) = p (p in (0.5, 1)): e.g. 0.975 for a two-sided 95% interval."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df ≥ 1, got p={p}, df={df}")
+    target = 2 * p - 1
+    lo, hi = 0.0, 1.0
+    while t_central_probability(hi, df) < target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if t_central_probability(mid, df) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t confidence interval of the mean; NaN bounds for n < 2."""
+    mean, std = mean_std(values)
+    n = len(values)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return mean, mean - half, mean + half

@@ -1,0 +1,347 @@
+"""Bad input and faults across every command: exit 2, one paragraph naming the problem, no
+traceback, and the output folders left exactly as they were.
+
+Every case runs `loralab.cli.main(argv)` in-process against its own copy of the inputs; one tiny
+LoRA run, trained once per module, is shared (copied where a case damages it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import write_sst2
+
+from loralab.cli import main
+
+RUN_OPTS = ["--model", "tiny-llama", "--task", "sst2", "--quiet"]
+RUN_OVERRIDES = ["train.max_steps=4", "train.save_steps=2", "train.batch_size=8",
+                 "train.logging_steps=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A finished tiny LoRA run (with checkpoints) and its data, trained once for the module."""
+    root = tmp_path_factory.mktemp("shared")
+    data = write_sst2(root / "sst2")
+    args = ["train", *RUN_OPTS, "--data-dir", str(data), "--output-dir", str(root),
+            *RUN_OVERRIDES, "run.name=r"]  # fmt: skip
+    assert main(args) == 0
+    return root / "r", data
+
+
+@dataclass
+class Case:
+    """The folder a case works in, with helpers to make damaged inputs inside it."""
+
+    dir: Path
+    shared_run: Path
+    shared_data: Path
+
+    def run(self, status: str | None = None) -> Path:
+        """A private copy of the shared run; `status` rewrites its summary (e.g. killed)."""
+        run = self.dir / "run"
+        if not run.exists():
+            shutil.copytree(self.shared_run, run)
+        if status is not None:
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "status": status}))
+        return run
+
+    def data(self) -> Path:
+        return write_sst2(self.dir / "sst2")
+
+    def file(self, name: str, content: bytes | str = "x") -> Path:
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def out(self, name: str = "out") -> str:
+        return str(self.dir / name)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+
+
+def _non_utf8(folder: Path, name: str = "train.tsv") -> Path:
+    lines = (folder / name).read_bytes().splitlines()
+    lines[3] = b"caf\xe9 " + lines[3]  # latin-1 e-acute in a UTF-8 file, on line 4
+    (folder / name).write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
+def _train(c: Case, *extra, out: str | None = None) -> list[str]:
+    """A train command line; dotted overrides in `extra` go after the options."""
+    overrides = [e for e in extra if re.match(r"^\w+\.\w+=", e)]
+    options = [e for e in extra if e not in overrides]
+    return ["train", *RUN_OPTS, "--output-dir", out or c.out("runs"), *options, *RUN_OVERRIDES,
+            *overrides]  # fmt: skip
+
+
+def _squad_empty_answer(c: Case) -> list[str]:
+    ctx = "Paris is the capital of France."
+    doc = {"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "a", "question": "Capital?", "is_impossible": False,
+         "answers": [{"text": "", "answer_start": 0}]}]}]}]}  # fmt: skip
+    path = c.file("squad/train-v2.0.json", json.dumps(doc))
+    return ["train", "--model", "tiny-bert", "--task", "squad_v2", "--train-file", str(path),
+            "--eval-file", str(path), "--output-dir", c.out("runs"), "--quiet"]  # fmt: skip
+
+
+def _resume_no_checkpoints(c: Case) -> list[str]:
+    run = c.run(status="failed")
+    shutil.rmtree(run / "checkpoints")
+    return ["train", "--resume", str(run)]
+
+
+def _resume_all_damaged(c: Case) -> list[str]:
+    run = c.run(status="failed")
+    for ckpt in (run / "checkpoints").iterdir():
+        _truncate(ckpt / "optimizer.pt")
+    return ["train", "--resume", str(run)]
+
+
+def _damaged(c: Case, rel: str) -> Path:
+    run = c.run()
+    _truncate(run / rel)
+    return run
+
+
+def _resume_damaged_config(c: Case) -> list[str]:
+    run = c.run(status="failed")
+    (run / "config.yaml").write_text("model:\n  name: [tiny-llama\n")  # cut off mid-write
+    return ["train", "--resume", str(run)]
+
+
+def _header_only_dev(c: Case) -> Path:
+    data = c.data()
+    (data / "dev.tsv").write_text("sentence\tlabel\n")
+    return data
+
+
+def _without_adapter(c: Case) -> Path:
+    run = c.run(status="failed")
+    shutil.rmtree(run / "adapter")
+    return run
+
+
+def _sweep(c: Case, *extra, out: str | None = None) -> list[str]:
+    return ["sweep", "--tasks", "sst2", "--methods", "lora", "--seeds", "1", "--model",
+            "tiny-llama", "--data-dir", str(c.dir), "--output-dir", out or c.out("results"),
+            "--quiet", *extra]  # fmt: skip
+
+
+def _results_with_truncated_summary(c: Case) -> list[str]:
+    results = c.dir / "results" / "runs"
+    results.mkdir(parents=True)
+    run = shutil.copytree(c.shared_run, results / "r")
+    _truncate(run / "summary.json")
+    return ["report", str(c.dir / "results")]
+
+
+# (id, argv builder, needle expected in the error paragraph)
+CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
+    # train: data, options, output locations, environment
+    ("train-tsv-not-utf8", lambda c: _train(c, "--data-dir", str(_non_utf8(c.data()))), "line 4: not UTF-8"),
+    ("train-dev-tsv-not-utf8", lambda c: _train(c, "--data-dir", str(_non_utf8(c.data(), "dev.tsv"))), "not UTF-8"),
+    ("train-output-dir-is-file", lambda c: _train(c, "--data-dir", str(c.data()), out=str(c.file("f"))), "is a file"),
+    ("train-output-dir-under-file", lambda c: _train(c, "--data-dir", str(c.data()), out=str(c.file("f") / "runs")), "is a file"),
+    ("train-max-train-examples-0", lambda c: _train(c, "--max-train-examples", "0"), "--max-train-examples: must be at least 1"),
+    ("train-max-eval-examples-neg", lambda c: _train(c, "--max-eval-examples", "-3"), "--max-eval-examples: must be at least 1"),
+    ("train-max-train-examples-text", lambda c: _train(c, "--max-train-examples", "ten"), "expected an integer"),
+    ("train-negative-lr", lambda c: _train(c, "train.lr=-1"), "train.lr"),
+    ("train-batch-size-0", lambda c: _train(c, "train.batch_size=0"), "train.batch_size"),
+    ("train-epochs-0", lambda c: _train(c, "train.epochs=0", "train.max_steps=-1"), "train.epochs"),
+    ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
+    ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
+    ("train-config-not-utf8", lambda c: _train(c, "--config", str(c.file("c.yaml", b"model:\n  name: \xff\xfe"))), "not UTF-8"),
+    ("train-dev-tsv-header-only", lambda c: _train(c, "--data-dir", str(_header_only_dev(c))), "no examples"),
+    ("train-empty-data-dir", lambda c: _train(c, "--data-dir", str(c.file("e/readme.txt").parent)), "train.tsv"),
+    ("train-restart-without-resume", lambda c: _train(c, "--restart"), "--restart goes with --resume"),
+    ("train-wandb-mode-empty", lambda c: _train(c, "--data-dir", str(c.data()), "tracking.wandb=offline"), "WANDB_MODE"),
+    ("train-squad-empty-answer", _squad_empty_answer, "empty text"),
+    # train --resume
+    ("resume-no-checkpoints", _resume_no_checkpoints, "has no checkpoint"),
+    ("resume-all-checkpoints-damaged", _resume_all_damaged, "all of its checkpoints are damaged"),
+    ("resume-completed-run", lambda c: ["train", "--resume", str(c.run())], "already finished"),
+    ("resume-not-a-run", lambda c: ["train", "--resume", str(c.file("x/y.txt").parent)], "not a loralab run directory"),
+    ("resume-with-new-settings", lambda c: ["train", "--resume", str(c.run("failed")), "--task", "rte"], "drop"),
+    ("resume-config-damaged", _resume_damaged_config, "config.yaml"),
+    # merge
+    ("merge-max-eval-examples-neg", lambda c: ["merge", str(c.run()), "--max-eval-examples", "-5"], "must be at least 0"),
+    ("merge-bench-batches-0", lambda c: ["merge", str(c.run()), "--bench-batches", "0"], "--bench-batches: must be at least 1"),
+    ("merge-bad-tolerance", lambda c: ["merge", str(c.run()), "--tolerance", "bf16=-1"], "Bad --tolerance"),
+    ("merge-truncated-adapter", lambda c: ["merge", str(_damaged(c, "adapter/adapter_model.safetensors"))], "adapter_model.safetensors"),
+    ("merge-damaged-adapter-config", lambda c: ["merge", str(_damaged(c, "adapter/adapter_config.json"))], "adapter_config.json"),
+    ("merge-truncated-summary", lambda c: ["merge", str(_damaged(c, "summary.json"))], "summary.json"),
+    ("merge-out-is-file", lambda c: ["merge", str(c.run()), "--out", str(c.file("f"))], "is a file"),
+    ("merge-out-under-file", lambda c: ["merge", str(c.run()), "--out", str(c.file("f") / "m")], "is a file"),
+    ("merge-out-not-empty", lambda c: ["merge", str(c.run()), "--out", str(c.file("o/x").parent)], "not empty"),
+    ("merge-no-adapter", lambda c: ["merge", str(_without_adapter(c))], "no saved adapter"),
+    ("merge-not-a-run", lambda c: ["merge", c.out("nothing")], "not a loralab run directory"),
+    # analyze
+    ("analyze-probe-0", lambda c: ["analyze", str(c.run()), "--probe", "0"], "--probe: must be at least 1"),
+    ("analyze-layer-neg", lambda c: ["analyze", str(c.run()), "--layer", "-1"], "--layer: must be at least 0"),
+    ("analyze-truncated-adapter", lambda c: ["analyze", str(_damaged(c, "adapter/adapter_model.safetensors"))], "safetensors"),
+    ("analyze-dev-tsv-not-utf8", lambda c: ["analyze", str(c.run()), "--data-dir", str(_non_utf8(c.data(), "dev.tsv"))], "not UTF-8"),
+    ("analyze-compare-not-a-run", lambda c: ["analyze", str(c.run()), "--compare", c.out("nothing")], "not a loralab run directory"),
+    # validate
+    ("validate-steps-0", lambda c: ["validate", "--model", "tiny-llama", "--steps", "0", "--out", c.out("v.json")], "--steps: must be at least 1"),
+    ("validate-tolerance-0", lambda c: ["validate", "--model", "tiny-llama", "--tolerance", "0", "--out", c.out("v.json")], "--tolerance: must be a positive number"),
+    ("validate-out-is-folder", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.file("d/x").parent)], "is a folder"),
+    ("validate-out-under-file", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.file("f") / "v.json")], "is a file"),
+    ("validate-bad-override", lambda c: ["validate", "--model", "tiny-llama", "lora.r=0", "--out", c.out("v.json")], "lora.r"),
+    # sweep / study
+    ("sweep-output-dir-is-file", lambda c: _sweep(c, out=str(c.file("f"))), "is a file"),
+    ("sweep-heartbeat-0", lambda c: _sweep(c, "--heartbeat", "0"), "--heartbeat: must be at least 1"),
+    ("sweep-grace-0", lambda c: _sweep(c, "--grace", "0"), "--grace: must be at least 1"),
+    ("sweep-max-retries-neg", lambda c: _sweep(c, "--max-retries", "-1"), "--max-retries: must be at least 0"),
+    ("sweep-bad-seeds", lambda c: _sweep(c, "--seeds", "one"), "--seeds"),
+    ("sweep-bad-storage", lambda c: _sweep(c, "--storage", "nosuchdb://u:secret@h/x"), "Cannot open the study storage"),
+    ("sweep-worker-without-study", lambda c: ["sweep", "worker", "--output-dir", c.out("results")], "give --study NAME"),
+    ("study-unknown-ablation", lambda c: ["study", "--ablations", "depth", "--output-dir", c.out("results")], "unknown type"),
+    # report
+    ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
+    ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),
+    ("report-missing-results", lambda c: ["report", c.out("nothing")], "does not exist"),
+    ("report-nothing-given", lambda c: ["report"], "Give a results folder"),
+]  # fmt: skip
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file (content hash) and folder under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def test_the_corpus_is_large_and_spans_every_command():
+    assert len(CASES) >= 40
+    assert len({name for name, _, _ in CASES}) == len(CASES)
+    commands = {name.split("-")[0] for name, _, _ in CASES}
+    assert {
+        "train",
+        "resume",
+        "merge",
+        "analyze",
+        "validate",
+        "sweep",
+        "study",
+        "report",
+    } <= commands
+
+
+@pytest.mark.parametrize("name, build, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_paragraph(name, build, needle, shared, tmp_path, capsys,
+                                              monkeypatch):  # fmt: skip
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    monkeypatch.chdir(case_dir)  # nothing may land in the working directory either
+    if name == "train-wandb-mode-empty":
+        monkeypatch.setenv("WANDB_MODE", "")
+    argv = build(Case(case_dir, *shared))
+    before = _snapshot(case_dir)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-3000:])
+    assert "Traceback" not in err
+    assert err.count("loralab: error:") == 1, err
+    message = err[err.index("loralab: error:") :].strip()  # warnings may come before it
+    assert "\n\n" not in message, f"more than one paragraph: {message}"
+    assert needle in message, message
+    assert _snapshot(case_dir) == before, "the command changed files although it failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote code: only from the command line, never from a run folder or a study
+
+
+@pytest.fixture
+def trust_spy(monkeypatch):
+    """Every trust_remote_code value loralab passes when it loads a model or tokenizer."""
+    from loralab import models
+
+    seen: list[bool] = []
+
+    def spy(original):
+        def wrapper(*args, **kwargs):
+            seen.append(bool(kwargs.get("trust_remote_code", args[1] if len(args) > 1 else False)))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(models, "load_model", spy(models.load_model))
+    monkeypatch.setattr(models, "load_tokenizer", spy(models.load_tokenizer))
+    return seen
+
+
+def _trusting_run(tmp_path: Path, shared, status: str | None = None) -> Path:
+    run = Case(tmp_path, *shared).run(status)
+    config = (run / "config.yaml").read_text()
+    assert "trust_remote_code: false" in config
+    (run / "config.yaml").write_text(
+        config.replace("trust_remote_code: false", "trust_remote_code: true")
+    )
+    return run
+
+
+COMMANDS = {
+    "merge": lambda run: [
+        "merge",
+        str(run),
+        "--dtype",
+        "fp32",
+        "--no-benchmark",
+        "--no-export",
+        "--max-eval-examples",
+        "8",
+        "--quiet",
+    ],  # fmt: skip
+    "analyze": lambda run: ["analyze", str(run), "--probe", "8"],
+    "resume": lambda run: ["train", "--resume", str(run), "--quiet"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_run_folder_cannot_switch_remote_code_on(command, shared, tmp_path, trust_spy, capsys):
+    run = _trusting_run(tmp_path / "a", shared, "failed" if command == "resume" else None)
+    assert main(COMMANDS[command](run)) == 0
+    assert trust_spy and not any(trust_spy), trust_spy
+    err = capsys.readouterr().err
+    assert "trust_remote_code: true" in err and "--trust-remote-code" in err  # the warning
+    # The flag on the command line is what turns it on (and the spy does see it).
+    trust_spy.clear()
+    run = _trusting_run(tmp_path / "b", shared, "failed" if command == "resume" else None)
+    assert main([*COMMANDS[command](run), "--trust-remote-code"]) == 0
+    assert trust_spy and all(trust_spy), trust_spy
+
+
+def test_study_cannot_switch_remote_code_on_for_a_worker(shared, tmp_path, capsys):
+    _, data = shared
+    results = tmp_path / "results"
+    grid = ["--tasks", "sst2", "--methods", "lora", "--seeds", "1", "--lora-lr", "1e-3",
+            "--model", "tiny-llama", "--data-dir", str(data.parent), "--output-dir", str(results),
+            "--study", "s", "--quiet"]  # fmt: skip
+    # Someone created the study with remote code on; this worker did not ask for it.
+    assert main(["sweep", *grid, "--create-only", "model.trust_remote_code=true",
+                 "train.max_steps=2", "train.batch_size=8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    worker = ["sweep", "worker", "--study", "s", "--output-dir", str(results)]
+    assert main(worker) == 0
+    assert "--trust-remote-code" in capsys.readouterr().err  # the warning
+    (run,) = (results / "runs").iterdir()
+    assert "trust_remote_code: false" in (run / "config.yaml").read_text()

@@ -1,0 +1,139 @@
+"""Resume: exact in every epoch after a real SIGKILL, damaged checkpoints skipped, no silent retrain."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import write_sst2
+
+from loralab.cli import main
+
+# 64 examples / batch 8 = 8 steps per epoch; 2 epochs = 16 steps; checkpoints at 4, 8, 12, 16.
+COMMON = [
+    "model.name=tiny-llama", "data.task=sst2", "train.epochs=2", "train.save_steps=4",
+    "train.batch_size=8", "train.logging_steps=2", "lora.dropout=0.1", "run.name=r",
+]  # fmt: skip
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from loralab.config import build_config
+    from loralab.train import train
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step >= int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean kill
+
+    cfg = build_config(overrides=sys.argv[1:])
+    train(cfg, quiet=True, callbacks=[KillAfterSave()])
+    """
+)
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "loralab.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def _killed_run(tmp_path, data, kill_at: int):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    out = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, str(script), *COMMON, f"data.data_dir={data}", f"run.output_dir={out}"],
+        env={**os.environ, "KILL_AT": str(kill_at)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    return out / "r"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted 2-epoch run every resumed run must equal."""
+    tmp = tmp_path_factory.mktemp("full")
+    data = write_sst2(tmp / "sst2")
+    r = _cli("train", "--quiet", *COMMON, f"data.data_dir={data}", f"run.output_dir={tmp}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data, tmp / "r"
+
+
+def _losses(run) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    out: dict[int, float] = {}
+    for rec in lines:
+        if "train/loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def _assert_same_result(resumed, full):
+    from safetensors.torch import load_file
+
+    sa = json.loads((resumed / "summary.json").read_text())
+    sb = json.loads((full / "summary.json").read_text())
+    assert sa["status"] == sb["status"] == "completed"
+    assert sa["steps"] == sb["steps"] == 16
+    assert sa["metrics"] == sb["metrics"]
+    assert sa["train_loss"] == sb["train_loss"]  # the whole run, not the steps after the resume
+    wa = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    wb = load_file(full / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k}: max |Δ| {(wa[k] - wb[k]).abs().max()}"
+    assert _losses(resumed) == _losses(full)
+    return sa
+
+
+def test_sigkill_in_second_epoch_resumes_bit_identical(tmp_path, uninterrupted):
+    data, full = uninterrupted
+    run = _killed_run(tmp_path, data, kill_at=12)  # step 4 of the second epoch
+    assert (run / "checkpoints" / "checkpoint-12" / "trainer_state.json").is_file()
+    assert not (run / "checkpoints" / "checkpoint-16").exists()
+    r = _cli("train", "--resume", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = _assert_same_result(run, full)
+    assert summary["resumed_from"].endswith("checkpoint-12")
+    # train_loss is the mean of all 16 steps: the mean of the logged per-2-step losses
+    logged = _losses(full)
+    assert summary["train_loss"] == pytest.approx(sum(logged.values()) / len(logged), rel=1e-5)
+
+
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, uninterrupted):
+    data, full = uninterrupted
+    run = _killed_run(tmp_path, data, kill_at=12)
+    weights = run / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    r = _cli("train", "--resume", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping damaged checkpoint" in r.stderr and "checkpoint-12" in r.stderr
+    summary = _assert_same_result(run, full)
+    assert summary["resumed_from"].endswith("checkpoint-8")
+
+
+def test_resume_without_checkpoints_refuses_unless_restart(tmp_path, uninterrupted, capsys):
+    data, full = uninterrupted
+    run = _killed_run(tmp_path, data, kill_at=4)
+    shutil.rmtree(run / "checkpoints")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "--restart" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main(["train", "--resume", str(run), "--restart", "--quiet"]) == 0
+    # Trained again from step 0: one record per step, and the same result as never killed.
+    summary = _assert_same_result(run, full)
+    assert summary["resumed_from"] is None
