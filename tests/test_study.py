@@ -426,6 +426,40 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
                 assert len(done) == 1, (name, p["key"], trials)
 
 
+def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(tmp_path, data_root):
+    """A second enqueue of a point (two workers creating a study at once) trains it once; a
+    grid point held by another worker makes this one wait (not exit) until it is done or, as
+    here, its holder is found dead and the point comes back."""
+    from loralab.sweep import create_or_check, storage_url
+
+    res = tmp_path / "res"
+    spec_path = _spec_file(tmp_path, tasks={"sst2": {"data_dir": "glue/sst2", "max_steps": 4,
+                           "max_train_examples": 32, "max_eval_examples": 16, "max_length": 32}},
+                           methods=["lora"], lr={"lora": [1e-3, 3e-3]}, ablations=None)  # fmt: skip
+    spec = load_spec(spec_path, str(data_root))
+    st = open_storage(storage_url(None, res), heartbeat=1, grace=3)
+    plan = phases(spec)[0].plan(spec, None, str(res))
+    study = create_or_check(st, "tiny-sst2-grid", plan)
+    first, second = [p["key"] for p in plan.points()]
+    study.enqueue_trial({}, user_attrs={"point": first, "task": "sst2"})  # the duplicate
+    (held,) = [t for t in study.get_trials() if t.user_attrs["point"] == second]
+    st.record_heartbeat(held._trial_id)  # "another worker" claims the point, then dies
+    assert st.set_trial_state_values(held._trial_id, TrialState.RUNNING)
+
+    argv = ["study", str(spec_path), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
+    assert main(argv) == 0
+    trials = study.get_trials(deepcopy=False)
+    by_point = {k: sorted((t.state.name, t.user_attrs.get("outcome")) for t in trials
+                          if t.user_attrs["point"] == k) for k in (first, second)}  # fmt: skip
+    assert by_point[first] == [("COMPLETE", "completed"), ("PRUNED", "duplicate")]
+    assert by_point[second] == [("COMPLETE", "completed"), ("FAIL", None)]  # stale, retried here
+    runs = sorted(r.name for r in (res / "runs").iterdir())
+    assert len(runs) == 3 and first in runs and second in runs  # the grid and seed 2 at the best
+    for run in runs:
+        attempts = json.loads((res / "runs" / run / "sweep.json").read_text())["attempts"]
+        assert [(a["action"], a["outcome"]) for a in attempts] == [("train", "completed")], run
+
+
 def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):
     res = tmp_path / "res"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
