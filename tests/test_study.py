@@ -460,6 +460,24 @@ def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(t
         assert [(a["action"], a["outcome"]) for a in attempts] == [("train", "completed")], run
 
 
+def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3]},
+                      seeds=[1], ablations=None,
+                      base={"model": {"name": "tiny-llama", "trust_remote_code": True}})  # fmt: skip
+    for flag, want in (([], False), (["--trust-remote-code"], True)):
+        res = tmp_path / f"res{len(flag)}"
+        argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res)]
+        assert main([*argv, "--heartbeat", "1", *flag]) == 0
+        (run,) = (res / "runs").iterdir()
+        assert (
+            yaml.safe_load((run / "config.yaml").read_text())["model"]["trust_remote_code"] is want
+        )
+        warned = "remote code stays off unless this worker is started with --trust-remote-code"
+        assert (warned in capsys.readouterr().err) is not want
+
+
 def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):
     res = tmp_path / "res"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), *FAST]

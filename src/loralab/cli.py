@@ -686,10 +686,7 @@ def cmd_study(args) -> int:
     siblings = []
     if workers > 1:
         siblings = layout.spawn_siblings(_argv_with(args._argv, "--workers", "1"), workers, threads)
-    out = run_study(
-        spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
-        grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
-    )  # fmt: skip
+    out = run_study(spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args))
     codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
