@@ -179,6 +179,16 @@ def test_full_grid_has_no_seed_phase(tmp_path):
     assert len(phases(spec)[0].plan(spec, None).points()) == 2 * 2 * 2  # methods × lrs × seeds
 
 
+def test_base_data_paths_join_data_root_and_are_checked(tmp_path, data_root, capsys):
+    spec_path = _spec_file(tmp_path, base={"model": {"name": "tiny-llama"}, "data": {"data_dir": "glue/sst2"}},
+                           tasks={"sst2": {}}, ablations=None)  # fmt: skip
+    spec = load_spec(spec_path, str(data_root))
+    cfg = phases(spec)[0].plan(spec, None).config_for(phases(spec)[0].plan(spec, None).points()[0])
+    assert cfg.data.data_dir == str(data_root / "glue" / "sst2")
+    argv = ["study", str(spec_path), "--data-root", str(tmp_path / "none"), "--output-dir", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2 and "tasks.sst2.data_dir is '" in capsys.readouterr().err
+
+
 def _study_with(plan, values: dict[str, float | None]):
     """An in-memory study holding one final trial per given point (None: diverged)."""
     study = optuna.create_study(direction="maximize")

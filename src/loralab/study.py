@@ -186,11 +186,16 @@ def _task_config(path, name: str, entry, data_root: str | None) -> dict:
     _check_sections(path, f"tasks.{name}", sections)
     cfg = merge_dicts(sections, short)
     _check_sections(path, f"tasks.{name}", cfg)
-    data = cfg.get("data", {})
+    _join_paths(cfg, data_root)
+    return cfg
+
+
+def _join_paths(cfg: dict, data_root: str | None) -> None:
+    """The data paths of a config mapping (in place), joined onto data_root."""
+    data = cfg.get("data") or {}
     for k in PATH_KEYS:
         if data.get(k) is not None:
             data[k] = _join(data_root, str(data[k]))
-    return cfg
 
 
 def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) -> Ablation:
@@ -248,6 +253,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     if not isinstance(base, dict):
         raise _err(path, "base", f"must be a mapping of config sections, got {base!r}.")
     _check_sections(path, "base", base)
+    _join_paths(base, None if root is None else str(root))
     tasks = raw.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise _err(path, "tasks", "must map at least one task name to its settings (sst2: {data_dir: ...}).")  # fmt: skip
@@ -297,7 +303,7 @@ def select_tasks(spec: StudySpec, tasks: list[str] | None) -> list[str]:
 def check_data(spec: StudySpec, tasks: list[str]) -> None:
     """Every local data path of the selected tasks exists (before anything is created)."""
     for t in tasks:
-        data = spec.tasks[t].get("data", {})
+        data = merge_dicts(spec.base, spec.tasks[t]).get("data", {})
         for k in PATH_KEYS:
             if data.get(k) and not Path(data[k]).expanduser().exists():
                 raise LoralabError(
