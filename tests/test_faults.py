@@ -207,7 +207,9 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("sweep-bad-seeds", lambda c: _sweep(c, "--seeds", "one"), "--seeds"),
     ("sweep-bad-storage", lambda c: _sweep(c, "--storage", "nosuchdb://u:secret@h/x"), "Cannot open the study storage"),
     ("sweep-worker-without-study", lambda c: ["sweep", "worker", "--output-dir", c.out("results")], "give --study NAME"),
-    ("study-unknown-ablation", lambda c: ["study", "--ablations", "depth", "--output-dir", c.out("results")], "unknown type"),
+    ("study-unknown-ablation-axis", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nlr: {lora: [1.0e-3], full: [1.0e-4]}\nseeds: [1]\nablations: [{lora.depth: [1, 2]}]\n")), "--output-dir", c.out("results")], "'ablations[0].lora.depth' is not a LoRA setting"),
+    ("study-missing-data", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {data_dir: nowhere}}\nlr: {lora: [1.0e-3], full: [1.0e-4]}\nseeds: [1]\n")), "--output-dir", c.out("results")], "tasks.sst2.data_dir is 'nowhere', which does not exist"),
+    ("ablate-override-not-honoured", lambda c: ["ablate", "--type", "rank", "--model", "tiny-llama", "--output-dir", c.out("results"), "lora.r=32"], "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),

@@ -524,6 +524,7 @@ def cmd_validate(args) -> int:
     from .tracking import write_json
     from .validate import as_json, drop_targets, run_checks
 
+    _refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     _check_out_file(Path(args.out), "--out")
     result = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
@@ -569,6 +570,18 @@ def _check_out_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise LoralabError(f"{what} '{path}' is a folder; give a file path, e.g. validate.json.")
     check_writable(path.parent if str(path.parent) else Path("."), f"The folder of {what}")
+
+
+def _refuse_unused(overrides: list[str], used: tuple[str, ...], command: str) -> None:
+    """Overrides a command would ignore are errors (exit 2), never silently dropped."""
+    for item in overrides:
+        if not item.strip().startswith(used):
+            raise LoralabError(
+                f"{item} cannot be honoured: `loralab {command}` uses only "
+                f"{', '.join(u.rstrip('=') + ('*' if u.endswith('.') else '') for u in used)} "
+                "from the config (its probe data, steps and learning rate are its own options). "
+                "Drop it."
+            )
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):
@@ -673,10 +686,7 @@ def cmd_study(args) -> int:
     siblings = []
     if workers > 1:
         siblings = layout.spawn_siblings(_argv_with(args._argv, "--workers", "1"), workers, threads)
-    out = run_study(
-        spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
-        grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
-    )  # fmt: skip
+    out = run_study(spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args))
     codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:

@@ -283,6 +283,17 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     return spec
 
 
+def select_tasks(spec: StudySpec, tasks: list[str] | None) -> list[str]:
+    """The spec's tasks that `--tasks` selects (all without it); unknown names are errors."""
+    unknown = sorted(set(tasks or []) - set(spec.tasks))
+    if unknown:
+        raise LoralabError(
+            f"--tasks {','.join(unknown)}: not in the study spec (its tasks: "
+            f"{', '.join(spec.tasks)})."
+        )
+    return [t for t in spec.tasks if not tasks or t in tasks]
+
+
 def check_data(spec: StudySpec, tasks: list[str]) -> None:
     """Every local data path of the selected tasks exists (before anything is created)."""
     for t in tasks:
@@ -412,7 +423,7 @@ class StudyOutcome:
 def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
-    for ph in phases(spec, tasks):
+    for ph in phases(spec, select_tasks(spec, tasks)):
         first = {m: v[0] for m, v in spec.lrs.items()}
         pts = ph.plan(spec, first).points()
         when = " (lr: the grid's best per method, once the grid is complete)" if ph.needs_grid else ""  # fmt: skip
@@ -428,11 +439,12 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
 class _Runner:
     """Round-robin over the phases' studies: one point at a time, grids first."""
 
-    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet):
+    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
         self.spec, self.storage, self.prefix = spec, storage, prefix
         self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
         self.phases = phases(spec, tasks)
         self.workers: dict[str, object] = {}
+        self.trust_remote_code = trust  # from the command line only, never from the spec
         self.poll = max(1.0, min(5.0, float(heartbeat)))
 
     def say(self, text: str) -> None:
@@ -455,7 +467,8 @@ class _Runner:
             self.say(f"{ph.task}: best lr from the grid {best}; enqueuing {name}")
         plan = ph.plan(self.spec, best, self.results_dir)
         create_or_check(self.storage, name, plan)
-        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet)
+        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
+                   self.trust_remote_code)  # fmt: skip
         self.workers[name] = w
         return w
 
@@ -506,19 +519,18 @@ def run_study(
     grace: int | None = None,
     max_retry: int = DEFAULT_MAX_RETRY,
     quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> StudyOutcome:
     """Create or continue the spec's studies and work on their points (of `tasks`) until none
     is left; then write the report of every run under the results folder."""
     from optuna.exceptions import ExperimentalWarning
 
-    unknown = sorted(set(tasks or []) - set(spec.tasks))
-    if unknown:
-        raise LoralabError(f"--tasks {','.join(unknown)}: not in the study spec (its tasks: {', '.join(spec.tasks)}).")  # fmt: skip
-    selected = [t for t in spec.tasks if not tasks or t in tasks]
-    check_data(spec, selected)
+    check_data(spec, select_tasks(spec, tasks))
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
-    runner = _Runner(spec, st, study or spec.name, tasks, results, heartbeat, quiet)
+    runner = _Runner(
+        spec, st, study or spec.name, tasks, results, heartbeat, quiet, trust_remote_code
+    )
     old = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
