@@ -139,6 +139,12 @@ def _sweep(c: Case, *extra, out: str | None = None) -> list[str]:
             "--quiet", *extra]  # fmt: skip
 
 
+def _spec(c: Case, extra: str = "") -> Path:
+    """The repository's tiny study spec, plus `extra` YAML lines."""
+    spec = Path(__file__).parents[1] / "configs" / "studies" / "tiny.yaml"
+    return c.file("spec.yaml", spec.read_text() + extra)
+
+
 def _results_with_truncated_summary(c: Case) -> list[str]:
     results = c.dir / "results" / "runs"
     results.mkdir(parents=True)
@@ -207,7 +213,10 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("sweep-bad-seeds", lambda c: _sweep(c, "--seeds", "one"), "--seeds"),
     ("sweep-bad-storage", lambda c: _sweep(c, "--storage", "nosuchdb://u:secret@h/x"), "Cannot open the study storage"),
     ("sweep-worker-without-study", lambda c: ["sweep", "worker", "--output-dir", c.out("results")], "give --study NAME"),
-    ("study-unknown-ablation", lambda c: ["study", "--ablations", "depth", "--output-dir", c.out("results")], "unknown type"),
+    ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "nope.yaml"),
+    ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
+    ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
+    ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),

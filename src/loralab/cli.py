@@ -664,6 +664,7 @@ def cmd_study(args) -> int:
     out = run_study(
         spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
         grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     print("\n".join(out.lines))
     if out.report is not None:

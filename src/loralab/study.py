@@ -428,8 +428,9 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
 class _Runner:
     """Round-robin over the phases' studies: one point at a time, grids first."""
 
-    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet):
+    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
         self.spec, self.storage, self.prefix = spec, storage, prefix
+        self.trust = trust  # remote code: the command line's --trust-remote-code only
         self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
         self.phases = phases(spec, tasks)
         self.workers: dict[str, object] = {}
@@ -455,7 +456,8 @@ class _Runner:
             self.say(f"{ph.task}: best lr from the grid {best}; enqueuing {name}")
         plan = ph.plan(self.spec, best, self.results_dir)
         create_or_check(self.storage, name, plan)
-        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet)
+        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
+                   self.trust)  # fmt: skip
         self.workers[name] = w
         return w
 
@@ -506,6 +508,7 @@ def run_study(
     grace: int | None = None,
     max_retry: int = DEFAULT_MAX_RETRY,
     quiet: bool = False,
+    trust_remote_code: bool = False,
 ) -> StudyOutcome:
     """Create or continue the spec's studies and work on their points (of `tasks`) until none
     is left; then write the report of every run under the results folder."""
@@ -518,7 +521,9 @@ def run_study(
     check_data(spec, selected)
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
-    runner = _Runner(spec, st, study or spec.name, tasks, results, heartbeat, quiet)
+    runner = _Runner(
+        spec, st, study or spec.name, tasks, results, heartbeat, quiet, trust_remote_code
+    )
     old = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
