@@ -365,6 +365,9 @@ def test_short_run_logs_efficiency_and_resolved_config(short_run):
     assert saved["train"]["lr"] == 5e-3 and saved["data"]["max_length"] == 128
     assert saved["train"]["precision"] in ("bf16", "fp32")
     assert build_config(run / "config.yaml").data.max_length == 128  # loadable with --config
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_source"]["id"] == "tiny-llama"
+    assert summary["model_source"]["kind"] == "builtin"
 
 
 def test_analyze_with_default_flags_on_a_16_example_dev_set(short_run, capsys):
