@@ -469,3 +469,11 @@ def test_task_files_under_configs_are_valid(path):
         glue = get_task("sst2").load("eval", str(data))
         mine = task.load("eval")
         assert mine["text_a"] == glue["text_a"] and mine["label"] == glue["label"]
+
+
+def test_live_line_formats_loss_lr_and_throughput():
+    from loralab.callbacks import live_line
+
+    line = live_line({"loss": 0.693147, "learning_rate": 3e-4, "grad_norm": 1.0}, 1234.4)
+    assert line == "loss 0.6931 · lr 3.00e-04 · 1,234 tok/s"
+    assert live_line({"loss": 0.5}, None) == "loss 0.5000"
