@@ -399,6 +399,11 @@ def test_misspelt_model_fails_within_2s_with_a_suggestion(tmp_path):
 def test_misspelt_local_folder_and_uncached_hub_id_fail_at_once(tmp_path, monkeypatch, capsys):
     from loralab import hub
 
+    assert main(["models", "--fetch", "tiny-bret"]) == 2
+    assert "did you mean tiny-bert?" in capsys.readouterr().err
+    assert main(["models", "--fetch", "org/some-model"]) == 2
+    assert "--fetch takes a built-in model name" in capsys.readouterr().err
+
     (tmp_path / "my-model").mkdir()
     (tmp_path / "my-model" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
