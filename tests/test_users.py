@@ -161,6 +161,10 @@ def test_csv_task_trains_classifier_and_lm_head_and_reports(tmp_path, monkeypatc
             "eval": 15,
         }
     assert "zero_shot" in summaries["lm"]  # verbalizers from the label names
+    cards = {n: (out / n / "adapter" / "README.md").read_text() for n in ("cls", "lm")}
+    assert "AutoModelForSequenceClassification" in cards["cls"] and "num_labels=3" in cards["cls"]
+    assert "AutoModelForCausalLM" in cards["lm"] and "labels: sad, calm, happy" in cards["lm"]
+    assert "main metric | matthews" in cards["cls"]
     # CSV and JSONL hold the same rows: the same data fingerprint and the same result.
     assert summaries["cls"]["data_fingerprint"] == summaries["jsonl"]["data_fingerprint"]
     assert summaries["cls"]["metrics"] == pytest.approx(summaries["jsonl"]["metrics"])
