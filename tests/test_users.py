@@ -486,3 +486,14 @@ def test_live_line_formats_loss_lr_and_throughput():
     line = live_line({"loss": 0.693147, "learning_rate": 3e-4, "grad_norm": 1.0}, 1234.4)
     assert line == "loss 0.6931 · lr 3.00e-04 · 1,234 tok/s"
     assert live_line({"loss": 0.5}, None) == "loss 0.5000"
+
+
+def test_hub_probe_is_skipped_behind_a_proxy(monkeypatch):
+    from loralab import hub
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert hub.reachable(timeout=0.5) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub.reachable(timeout=0.5) is True
