@@ -451,9 +451,15 @@ def cmd_models(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .models import list_models, resolve
+    from .models import BUILTIN_MODELS, check_model_name, list_models, resolve
 
     if args.fetch:
+        if args.fetch not in BUILTIN_MODELS:
+            check_model_name(args.fetch)  # "did you mean ...?"
+            raise LoralabError(
+                f"--fetch takes a built-in model name ({', '.join(BUILTIN_MODELS)}), not "
+                f"'{args.fetch}'; hub models and folders are loaded when a command uses them."
+            )
         path = resolve(args.fetch, progress=True)
         print(f"{args.fetch}: cached at {path}")
         return 0

@@ -409,7 +409,7 @@ def _run(
     else:  # the bar itself carries loss, lr and tok/s instead of a printed dict per log step
         from transformers.trainer_callback import ProgressCallback
 
-        from .console import LiveProgress
+        from .callbacks import LiveProgress
 
         trainer.remove_callback(ProgressCallback)
         live = LiveProgress()
