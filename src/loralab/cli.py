@@ -61,7 +61,8 @@ def _add_merge(sub) -> None:
         "--tolerance",
         action="append",
         metavar="DTYPE=VALUE",
-        help="bound on max |Δlogit|, e.g. bf16=0.5 (repeatable; defaults fp32=1e-4, bf16=0.25)",
+        help="bound on max |Δlogit| per unit of max |logit|, e.g. bf16=0.1 (repeatable; defaults "
+        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 2x the unmerged bf16 adapter's error)",
     )
     p.add_argument(
         "--max-eval-examples",
@@ -126,6 +127,19 @@ def _add_analyze(sub) -> None:
     )
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="Dequantise a GGUF checkpoint into a transformers model folder.",
+        description="Any family transformers reads from GGUF; the folder's README.md and "
+        "loralab_gguf.json say it was dequantised and from which quantization. (--model FILE.gguf "
+        "does the same once, into the cache.)",
+    )
+    p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF checkpoint")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the fp32 model")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _add_validate(sub) -> None:
     p = sub.add_parser(
         "validate",
@@ -135,7 +149,10 @@ def _add_validate(sub) -> None:
     p.add_argument("--model", help="built-in name, hub id or local folder (default: the config's)")
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
-    p.add_argument("--steps", type=int, default=10, help="training steps on the probe batch")
+    p.add_argument("--steps", type=int, default=20, help="training steps of the probe (default 20)")
+    p.add_argument(
+        "--lr", type=float, help="the probe's learning rate (default: train.lr if set, else 1e-3)"
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -267,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_analyze(sub)
     _add_validate(sub)
+    _add_convert(sub)
     _add_sweep(sub)
     _add_ablate(sub)
     _add_study(sub)
@@ -369,6 +387,17 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import json
+
+    from .convert import MARKER, convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, progress=not args.quiet)
+    info = json.loads((out / MARKER).read_text())
+    print(f"{out}: dequantised to float32 from {info['quantization']}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -378,7 +407,7 @@ def cmd_validate(args) -> int:
     from .validate import as_json, run_checks
 
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
-    checks = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
+    checks = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
     report = as_json(checks, cfg)
     write_json(Path(args.out), report)
     table = Table(
@@ -515,6 +544,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "analyze": cmd_analyze,
     "validate": cmd_validate,
+    "convert": cmd_convert,
     "sweep": cmd_sweep,
     "ablate": cmd_ablate,
     "study": cmd_study,

@@ -30,6 +30,12 @@ PROBE = [
     ("flat, lifeless and boring", 0),
 ]
 PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word per label
+# The training probe: a fixed number of AdamW steps on the probe batch at PROBE_LR (or train.lr
+# when set); it passes when the mean loss of the last PROBE_WINDOW steps is below the mean of the
+# first PROBE_WINDOW (one noisy step must not decide it).
+PROBE_STEPS = 20
+PROBE_LR = 1e-3
+PROBE_WINDOW = 5
 SHARE_TARGET_PCT = 0.3
 # The ≤0.3% target is about real models; in a model this small the embeddings are tiny and any
 # adapter is a large share, so the target is reported but not applied.
@@ -41,6 +47,7 @@ class Check:
     name: str
     passed: bool
     detail: str
+    data: dict | None = None  # measurements behind the verdict (the probe's loss curve)
 
 
 # -- the steps a test may break on purpose ------------------------------------------------------
@@ -108,24 +115,44 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(b.abs().max().item(), 1e-12)
 
 
-def run_checks(
-    cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4
-) -> list[Check]:
-    """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything."""
-    from peft import PeftModel
-    from transformers import set_seed
+def smoothed_drop(losses: list[float], window: int = PROBE_WINDOW) -> tuple[float, float]:
+    """(mean of the first `window` losses, mean of the last `window`)."""
+    w = max(1, min(window, len(losses) // 2))
+    return sum(losses[:w]) / w, sum(losses[-w:]) / w
 
-    from .lora import adapted_modules, resolve_targets
-    from .models import load_model, load_tokenizer
+
+def run_checks(
+    cfg: ExperimentConfig,
+    steps: int = PROBE_STEPS,
+    lr: float | None = None,
+    tolerance: float | None = None,
+) -> list[Check]:
+    """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything.
+
+    lr: the probe's learning rate (default train.lr when set, else PROBE_LR); tolerance: the
+    fp32 merge tolerance per unit of max |logit| (default: merge's).
+    """
+    from peft import PeftModel
+    from transformers import AutoConfig, set_seed
+
+    from .lora import adapted_modules, check_targets, resolve_targets
+    from .merge import DEFAULT_TOLERANCES, equivalence_bound
+    from .models import load_model, load_tokenizer, resolve
     from .tasks import get_task
     from .train import _auto_class, is_causal
 
     lm_head = cfg.model.head == "lm"
-    set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    tok.padding_side = "right"
+    lr = lr or cfg.train.lr or PROBE_LR
+    tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
     # The probe is SST-2-shaped: a two-label classifier, or the causal LM itself.
     auto = _auto_class(get_task("sst2"), cfg.model.head)
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
+    if not lm_head or is_causal(config):  # targets vs layers before any weights load
+        check_targets(cfg.lora, config, auto, trust)
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)
+    tok.padding_side = "right"
     load = lambda: load_model(cfg.model.name, auto, **({} if lm_head else {"num_labels": 2}))  # noqa: E731
     base, heads = load()
     if lm_head and not is_causal(base.config):
@@ -185,11 +212,11 @@ def run_checks(
         f"loss {out.loss.item():.4f}, gradients reach every lora_B",
     )
     losses = train_steps(model, batch, steps, lr)
-    add(
-        "training_lowers_loss",
-        losses[-1] < losses[0],
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps",
-    )
+    first, last = smoothed_drop(losses)
+    checks.append(Check("training_lowers_loss", last < first,
+        f"mean loss of the first/last {min(PROBE_WINDOW, max(1, steps // 2))} steps {first:.4f} -> "
+        f"{last:.4f} ({steps} steps, lr {lr:g})",
+        {"steps": steps, "lr": lr, "window": PROBE_WINDOW, "losses": losses}))  # fmt: skip
     after = accounting.checksum(accounting.base_parameters(model))
     add(
         "base_unchanged_checksum",
@@ -222,9 +249,8 @@ def run_checks(
         merged = merge(copy.deepcopy(model))
         merged_logits = _logits(merged, batch)
         d, rel = _max_diff(merged_logits, adapted)
-        # fp32 rounding grows with the logits: a classifier's are a few units, a causal LM's
-        # 49k-wide vocabulary logits reach ±40. The bound scales with them (from 1 up).
-        bound = tolerance * max(1.0, adapted.abs().max().item())
+        # The rule `loralab merge` applies (merge.equivalence_bound): relative to the logits.
+        bound = equivalence_bound("fp32", tolerance, adapted.abs().max().item())
         add("merge_equivalence", d <= bound,
             f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, bound {bound:.2g} "
             f"= {tolerance:g} × max(1, max |logit|)")  # fmt: skip
@@ -253,4 +279,5 @@ def as_json(checks: list[Check], cfg: ExperimentConfig) -> dict:
         "n_checks": len(checks),
         "n_failed": sum(not c.passed for c in checks),
         "checks": [asdict(c) for c in checks],
+        "probe": next((c.data for c in checks if c.name == "training_lowers_loss"), None),
     }
