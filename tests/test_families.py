@@ -71,9 +71,9 @@ EXPECTED = {
 def classifier(family: str, seed: int = 0):
     """A random two-label classifier of `family` and its new head modules."""
     torch.manual_seed(seed)
-    model = tf.AutoModelForSequenceClassification.from_config(CONFIGS[family](), num_labels=2)
+    model = tf.AutoModelForSequenceClassification.from_config(CONFIGS[family]())
     prefix = model.base_model_prefix
-    heads = [n for n, m in model.named_children() if n != prefix and any(m.parameters())]
+    heads = [n for n, m in model.named_children() if n != prefix and list(m.parameters())]
     return model.eval(), heads
 
 
@@ -226,8 +226,9 @@ def test_lm_head_loss_matches_the_models_own_with_softcapping():
     torch.manual_seed(0)
     config = tf.Gemma2Config(
         **{**SIZE, "vocab_size": 64}, num_key_value_heads=2, head_dim=8, **IDS,
-        final_logit_softcapping=0.5, tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=1.0,  # logits up to ~35: capping matters
     )  # fmt: skip
+    assert config.final_logit_softcapping == 30.0  # Gemma 2's default
     model = tf.Gemma2ForCausalLM(config).eval()
     ids = torch.randint(3, 64, (3, 10))
     mask = torch.ones_like(ids)
@@ -245,3 +246,111 @@ def test_lm_head_loss_matches_the_models_own_with_softcapping():
         ).item()
     assert abs(ours - own) < 1e-5
     assert abs(raw - own) > 0.1
+
+
+# -- GGUF ---------------------------------------------------------------------------------------
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _rope_permute(x, heads: int):
+    """llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes it on load."""
+    return (
+        x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    )
+
+
+def write_llama_gguf(path):
+    """A tiny random Llama as a Q8_0 GGUF (byte-level gpt2 vocabulary); returns the model."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<pad>", "<s>", "</s>", "<unk>", *sorted(bytes_to_unicode().values()), "Ġt"]
+    config = tf.LlamaConfig(
+        **{**SIZE, "vocab_size": len(tokens), "hidden_size": 64, "intermediate_size": 128},
+        num_key_value_heads=2, tie_word_embeddings=False, **IDS,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_dimension_count(16)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 4 + [1] * (len(tokens) - 4))  # 3: control (special) tokens
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    for key, tensor in model.state_dict().items():
+        x = tensor.float().numpy()
+        module = key.removesuffix(".weight")
+        if module in top:
+            name = top[module]
+        else:
+            _, _, block, local = module.split(".", 3)
+            name = f"blk.{block}.{_GGUF_NAMES[local]}"
+            if local.endswith(("q_proj", "k_proj")):
+                x = _rope_permute(x, 4 if local.endswith("q_proj") else 2)
+        if x.ndim == 2:
+            w.add_tensor(f"{name}.weight", gguf.quants.quantize(x, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(f"{name}.weight", x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def test_convert_gguf_then_train_on_it(tmp_path, sst2_dir, capsys):
+    from loralab.convert import MARKER
+
+    source = write_llama_gguf(tmp_path / "tiny-q8.gguf")
+    out = tmp_path / "converted"
+    assert main(["convert", str(tmp_path / "tiny-q8.gguf"), str(out), "--quiet"]) == 0
+    assert "from Q8_0" in capsys.readouterr().out
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["dequantized"] and marker["quantization"] == "Q8_0"
+    assert marker["tensor_types"] == {"Q8_0": 16, "F32": 5}
+    assert "dequantised to float32 from **Q8_0**" in (out / "README.md").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    # The converted model is the source model up to Q8_0 rounding (a wrong q/k layout is not).
+    converted = tf.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        ref, got = source(ids).logits, converted(ids).logits
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert converted.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    # A second convert into the same (now full) folder is refused.
+    assert main(["convert", str(tmp_path / "tiny-q8.gguf"), str(out), "--quiet"]) == 2
+
+    # --model FILE.gguf: converted once into the cache, then trained on like any folder.
+    runs = tmp_path / "runs"
+    args = ["train", "--model", str(tmp_path / "tiny-q8.gguf"), "--task", "sst2",
+            "--data-dir", str(sst2_dir), "--output-dir", str(runs), "--quiet",
+            "train.max_steps=3", "train.batch_size=8"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(next(runs.glob("*/summary.json")).read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert summary["verification"]["base_unchanged"]

@@ -32,7 +32,7 @@ PROBE = [
 PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word per label
 # The training probe: a fixed number of AdamW steps on the probe batch at PROBE_LR (or train.lr
 # when set); it passes when the mean loss of the last PROBE_WINDOW steps is below the mean of the
-# first PROBE_WINDOW (one noisy step must not decide it).
+# first PROBE_WINDOW (one noisy step must not decide it). Dropout is off during the probe.
 PROBE_STEPS = 20
 PROBE_LR = 1e-3
 PROBE_WINDOW = 5
@@ -61,7 +61,7 @@ def wrap(cfg: ExperimentConfig, model, heads: list[str]):
 def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
+    model.eval()  # dropout off: the curve shows the optimisation, not dropout noise
     losses = []
     for _ in range(steps):
         loss = model(**batch).loss
@@ -69,7 +69,6 @@ def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-    model.eval()
     return losses
 
 
@@ -135,7 +134,7 @@ def run_checks(
     from peft import PeftModel
     from transformers import AutoConfig, set_seed
 
-    from .lora import adapted_modules, check_targets, resolve_targets
+    from .lora import adapted_modules, check_targets, linear_layers, resolve_targets
     from .merge import DEFAULT_TOLERANCES, equivalence_bound
     from .models import load_model, load_tokenizer, resolve
     from .tasks import get_task
@@ -162,10 +161,9 @@ def run_checks(
     batch = probe_batch(tok, lm_head)
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
+    shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike
     expected_lora = sum(
-        cfg.lora.r * (m.in_features + m.out_features)
-        for n, m in base.named_modules()
-        if n in set(expected)
+        cfg.lora.r * (shapes[n].in_features + shapes[n].out_features) for n in expected
     )
     base_logits = _logits(base, batch)
     checks: list[Check] = []
