@@ -140,5 +140,10 @@ def cached_conversion(gguf: Path, progress: bool = True) -> Path:
     if (folder / MARKER).is_file():
         return folder
     if folder.exists():
-        shutil.rmtree(folder)  # an interrupted earlier conversion
-    return convert_gguf(gguf, folder, progress)
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted earlier conversion
+    try:
+        return convert_gguf(gguf, folder, progress)
+    except (LoralabError, OSError):
+        if (folder / MARKER).is_file():  # another process converted it first
+            return folder
+        raise
