@@ -139,6 +139,12 @@ def _sweep(c: Case, *extra, out: str | None = None) -> list[str]:
             "--quiet", *extra]  # fmt: skip
 
 
+def _spec(c: Case, extra: str = "") -> Path:
+    """The repository's tiny study spec, plus `extra` YAML lines."""
+    spec = Path(__file__).parents[1] / "configs" / "studies" / "tiny.yaml"
+    return c.file("spec.yaml", spec.read_text() + extra)
+
+
 def _results_with_truncated_summary(c: Case) -> list[str]:
     results = c.dir / "results" / "runs"
     results.mkdir(parents=True)
@@ -210,6 +216,10 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-unknown-ablation-axis", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nlr: {lora: [1.0e-3], full: [1.0e-4]}\nseeds: [1]\nablations: [{lora.depth: [1, 2]}]\n")), "--output-dir", c.out("results")], "'ablations[0].lora.depth' is not a LoRA setting"),
     ("study-missing-data", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {data_dir: nowhere}}\nlr: {lora: [1.0e-3], full: [1.0e-4]}\nseeds: [1]\n")), "--output-dir", c.out("results")], "tasks.sst2.data_dir is 'nowhere', which does not exist"),
     ("ablate-override-not-honoured", lambda c: ["ablate", "--type", "rank", "--model", "tiny-llama", "--output-dir", c.out("results"), "lora.r=32"], "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha"),
+    ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "nope.yaml"),
+    ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
+    ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
+    ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),

@@ -24,6 +24,7 @@ from .checkpoints import LOSS_FILE, newest_good_checkpoint, read_loss_sum, trim_
 from .config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
+from .redact import mask_secrets
 from .tasks import Task, get_task
 
 
@@ -408,7 +409,7 @@ def _run(
     else:  # the bar itself carries loss, lr and tok/s instead of a printed dict per log step
         from transformers.trainer_callback import ProgressCallback
 
-        from .console import LiveProgress
+        from .callbacks import LiveProgress
 
         trainer.remove_callback(ProgressCallback)
         live = LiveProgress()
@@ -566,7 +567,8 @@ def _base_summary(
         "param_dtypes": precision.dtypes(model),
         "versions": tracking.versions(),
         "git_commit": tracking.git_commit(),
-        "command": " ".join(sys.argv),  # credentials are masked by write_json
+        # Credentials on the command line (--storage URL passwords, tokens) never get stored.
+        "command": mask_secrets(" ".join(sys.argv)),
     }
 
 
