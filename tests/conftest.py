@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["LORALAB_STUDY_WORKERS"] = "1"  # one study process unless a test asks for more
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

@@ -363,6 +363,7 @@ def test_old_summaries_get_an_identity_from_their_config(tmp_path):
         "/d/200.tsv",
     }
     assert all(c.identity["train"]["lr"] == 3e-4 for c in cells)
+    assert all(c.identity["train"]["precision"] == "unknown" for c in cells)  # not measured here
 
 
 def test_lora_slug_shows_what_differs_from_the_defaults():

@@ -316,6 +316,15 @@ def test_overrides_a_command_cannot_honour_exit_2(tmp_path, capsys, argv, messag
     assert message in capsys.readouterr().err and not res.exists()
 
 
+def test_validate_refuses_overrides_it_would_ignore(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    for item in ("train.lr=1e-3", "data.task=mrpc", "run.output_dir=x"):
+        assert main(["validate", "--model", "tiny-llama", "--out", str(out), item]) == 2
+        err = capsys.readouterr().err
+        assert f"{item} cannot be honoured: `loralab validate` uses only model.*, lora.*, train.seed" in err  # fmt: skip
+    assert not out.exists()
+
+
 def test_overrides_an_ablation_honours(tmp_path):
     plan = make_plan(kind="ablation", ablation="modules", model={"name": "tiny-llama"},
                      overrides=["lora.r=16", "lora.alpha=32", "lora.dropout=0.1"])  # fmt: skip
@@ -360,13 +369,13 @@ def _gone(pid: int) -> bool:
 
 def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeout=300):
     """SIGKILL `proc` once a point of `task` it trains has a complete checkpoint at or before
-    step 25 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
+    step 20 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
     end = time.time() + timeout
     while time.time() < end:
         for run in (res / "runs").glob(f"{task}-*") if (res / "runs").is_dir() else []:
             lock = res / "locks" / f"{run.name}.lock"
             saved = [int(c.parent.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*/trainer_state.json")]  # fmt: skip
-            if _status(run) or not lock.is_file() or not saved or max(saved) > 25:
+            if _status(run) or not lock.is_file() or not saved or max(saved) > 20:
                 continue
             try:
                 info = json.loads(lock.read_text())
@@ -415,6 +424,58 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
             for p in plan.points():
                 done = [t for t in trials if t.user_attrs.get("point") == p["key"] and t.state == TrialState.COMPLETE]  # fmt: skip
                 assert len(done) == 1, (name, p["key"], trials)
+
+
+def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(tmp_path, data_root):
+    """A second enqueue of a point (two workers creating a study at once) trains it once; a
+    grid point held by another worker makes this one wait (not exit) until it is done or, as
+    here, its holder is found dead and the point comes back."""
+    from loralab.sweep import create_or_check, storage_url
+
+    res = tmp_path / "res"
+    spec_path = _spec_file(tmp_path, tasks={"sst2": {"data_dir": "glue/sst2", "max_steps": 4,
+                           "max_train_examples": 32, "max_eval_examples": 16, "max_length": 32}},
+                           methods=["lora"], lr={"lora": [1e-3, 3e-3]}, ablations=None)  # fmt: skip
+    spec = load_spec(spec_path, str(data_root))
+    st = open_storage(storage_url(None, res), heartbeat=1, grace=3)
+    plan = phases(spec)[0].plan(spec, None, str(res))
+    study = create_or_check(st, "tiny-sst2-grid", plan)
+    first, second = [p["key"] for p in plan.points()]
+    study.enqueue_trial({}, user_attrs={"point": first, "task": "sst2"})  # the duplicate
+    (held,) = [t for t in study.get_trials() if t.user_attrs["point"] == second]
+    st.record_heartbeat(held._trial_id)  # "another worker" claims the point, then dies
+    assert st.set_trial_state_values(held._trial_id, TrialState.RUNNING)
+
+    argv = ["study", str(spec_path), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
+    assert main(argv) == 0
+    trials = study.get_trials(deepcopy=False)
+    by_point = {k: sorted((t.state.name, t.user_attrs.get("outcome")) for t in trials
+                          if t.user_attrs["point"] == k) for k in (first, second)}  # fmt: skip
+    assert by_point[first] == [("COMPLETE", "completed"), ("PRUNED", "duplicate")]
+    assert by_point[second] == [("COMPLETE", "completed"), ("FAIL", None)]  # stale, retried here
+    runs = sorted(r.name for r in (res / "runs").iterdir())
+    assert len(runs) == 3 and first in runs and second in runs  # the grid and seed 2 at the best
+    for run in runs:
+        attempts = json.loads((res / "runs" / run / "sweep.json").read_text())["attempts"]
+        assert [(a["action"], a["outcome"]) for a in attempts] == [("train", "completed")], run
+
+
+def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3]},
+                      seeds=[1], ablations=None,
+                      base={"model": {"name": "tiny-llama", "trust_remote_code": True}})  # fmt: skip
+    for flag, want in (([], False), (["--trust-remote-code"], True)):
+        res = tmp_path / f"res{len(flag)}"
+        argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res)]
+        assert main([*argv, "--heartbeat", "1", *flag]) == 0
+        (run,) = (res / "runs").iterdir()
+        assert (
+            yaml.safe_load((run / "config.yaml").read_text())["model"]["trust_remote_code"] is want
+        )
+        warned = "remote code stays off unless this worker is started with --trust-remote-code"
+        assert (warned in capsys.readouterr().err) is not want
 
 
 def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):

@@ -161,6 +161,10 @@ def test_csv_task_trains_classifier_and_lm_head_and_reports(tmp_path, monkeypatc
             "eval": 15,
         }
     assert "zero_shot" in summaries["lm"]  # verbalizers from the label names
+    cards = {n: (out / n / "adapter" / "README.md").read_text() for n in ("cls", "lm")}
+    assert "AutoModelForSequenceClassification" in cards["cls"] and "num_labels=3" in cards["cls"]
+    assert "AutoModelForCausalLM" in cards["lm"] and "labels: sad, calm, happy" in cards["lm"]
+    assert "main metric | matthews" in cards["cls"]
     # CSV and JSONL hold the same rows: the same data fingerprint and the same result.
     assert summaries["cls"]["data_fingerprint"] == summaries["jsonl"]["data_fingerprint"]
     assert summaries["cls"]["metrics"] == pytest.approx(summaries["jsonl"]["metrics"])
@@ -365,6 +369,9 @@ def test_short_run_logs_efficiency_and_resolved_config(short_run):
     assert saved["train"]["lr"] == 5e-3 and saved["data"]["max_length"] == 128
     assert saved["train"]["precision"] in ("bf16", "fp32")
     assert build_config(run / "config.yaml").data.max_length == 128  # loadable with --config
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model_source"]["id"] == "tiny-llama"
+    assert summary["model_source"]["kind"] == "builtin"
 
 
 def test_analyze_with_default_flags_on_a_16_example_dev_set(short_run, capsys):
@@ -395,6 +402,11 @@ def test_misspelt_model_fails_within_2s_with_a_suggestion(tmp_path):
 
 def test_misspelt_local_folder_and_uncached_hub_id_fail_at_once(tmp_path, monkeypatch, capsys):
     from loralab import hub
+
+    assert main(["models", "--fetch", "tiny-bret"]) == 2
+    assert "did you mean tiny-bert?" in capsys.readouterr().err
+    assert main(["models", "--fetch", "org/some-model"]) == 2
+    assert "--fetch takes a built-in model name" in capsys.readouterr().err
 
     (tmp_path / "my-model").mkdir()
     (tmp_path / "my-model" / "config.json").write_text("{}")
@@ -466,3 +478,22 @@ def test_task_files_under_configs_are_valid(path):
         glue = get_task("sst2").load("eval", str(data))
         mine = task.load("eval")
         assert mine["text_a"] == glue["text_a"] and mine["label"] == glue["label"]
+
+
+def test_live_line_formats_loss_lr_and_throughput():
+    from loralab.callbacks import live_line
+
+    line = live_line({"loss": 0.693147, "learning_rate": 3e-4, "grad_norm": 1.0}, 1234.4)
+    assert line == "loss 0.6931 · lr 3.00e-04 · 1,234 tok/s"
+    assert live_line({"loss": 0.5}, None) == "loss 0.5000"
+
+
+def test_hub_probe_is_skipped_behind_a_proxy(monkeypatch):
+    from loralab import hub
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert hub.reachable(timeout=0.5) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub.reachable(timeout=0.5) is True

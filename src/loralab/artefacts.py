@@ -13,6 +13,12 @@ from pathlib import Path
 from . import __version__, tracking
 from .config import ExperimentConfig
 
+# PEFT's task type in adapter_config.json -> the transformers class that loads the base.
+_AUTO_CLASS = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+}
+
 
 def fix_adapter_config(adapter_dir: Path, model_name: str) -> dict:
     """Canonical base id and duplicate-free modules_to_save in adapter_config.json; returns it."""
@@ -42,10 +48,7 @@ def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict)
     metrics = summary.get("metrics") or {}
     examples = summary.get("examples") or {}
     labels = list(getattr(task, "label_names", ()) or ())
-    auto = "AutoModelForCausalLM" if cfg.model.head == "lm" else (
-        "AutoModelForSequenceClassification" if task.kind == "classification"
-        else "AutoModelForQuestionAnswering"
-    )  # fmt: skip
+    auto = _AUTO_CLASS.get(adapter_config.get("task_type"), "AutoModelForQuestionAnswering")
     num_labels = f", num_labels={task.num_labels}" if auto.endswith("Classification") else ""
     load_base = f'resolve("{base["id"]}")' if base["kind"] == "builtin" else f'"{base["id"]}"'
     front = ["---", "library_name: peft", "tags: [loralab, lora]"]

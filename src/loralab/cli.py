@@ -132,7 +132,8 @@ def _add_merge(sub) -> None:
         "--tolerance",
         action="append",
         metavar="DTYPE=VALUE",
-        help="bound on max |Δlogit|, e.g. bf16=0.5 (repeatable; defaults fp32=1e-4, bf16=0.25)",
+        help="bound on max |Δlogit| per unit of max |logit|, e.g. bf16=0.1 (repeatable; defaults "
+        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 2x the unmerged bf16 adapter's error)",
     )
     p.add_argument(
         "--max-eval-examples",
@@ -212,6 +213,19 @@ def _add_analyze(sub) -> None:
     _add_trust(p)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="Dequantise a GGUF checkpoint into a transformers model folder.",
+        description="Any family transformers reads from GGUF; the folder's README.md and "
+        "loralab_gguf.json say it was dequantised and from which quantization. (--model FILE.gguf "
+        "does the same once, into the cache.)",
+    )
+    p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF checkpoint")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the fp32 model")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _add_validate(sub) -> None:
     p = sub.add_parser(
         "validate",
@@ -231,7 +245,15 @@ def _add_validate(sub) -> None:
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument(
-        "--steps", type=_int_at_least(1), default=10, help="training steps on the probe batch"
+        "--steps",
+        type=_int_at_least(1),
+        default=20,
+        help="training steps of the probe (default 20)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="the probe's learning rate (default: train.lr if set, else 1e-3)",
     )
     p.add_argument(
         "--tolerance",
@@ -342,6 +364,12 @@ def _add_study(sub) -> None:
         "--data-root", help="folder the tasks' relative data paths join onto (replaces the spec's)"
     )
     p.add_argument("--dry-run", action="store_true", help="print the points; create nothing")
+    p.add_argument(
+        "--workers",
+        default=None,
+        help="worker processes on this machine: auto (default: one 1-thread worker per CPU core, "
+        "one per GPU) or a number; they share the study's points",
+    )
     _add_storage(p)
 
 
@@ -373,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_analyze(sub)
     _add_validate(sub)
+    _add_convert(sub)
     _add_sweep(sub)
     _add_ablate(sub)
     _add_study(sub)
@@ -445,9 +474,15 @@ def cmd_models(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .models import list_models, resolve
+    from .models import BUILTIN_MODELS, check_model_name, list_models, resolve
 
     if args.fetch:
+        if args.fetch not in BUILTIN_MODELS:
+            check_model_name(args.fetch)  # "did you mean ...?"
+            raise LoralabError(
+                f"--fetch takes a built-in model name ({', '.join(BUILTIN_MODELS)}), not "
+                f"'{args.fetch}'; hub models and folders are loaded when a command uses them."
+            )
         path = resolve(args.fetch, progress=True)
         print(f"{args.fetch}: cached at {path}")
         return 0
@@ -510,6 +545,17 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import json
+
+    from .convert import MARKER, convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, progress=not args.quiet)
+    info = json.loads((out / MARKER).read_text())
+    print(f"{out}: dequantised to float32 from {info['quantization']}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -518,9 +564,10 @@ def cmd_validate(args) -> int:
     from .tracking import write_json
     from .validate import as_json, drop_targets, run_checks
 
+    _refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     _check_out_file(Path(args.out), "--out")
-    result = run_checks(cfg, steps=args.steps, tolerance=args.tolerance)
+    result = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
     if args.results:
         result.targets += drop_targets(args.results, cfg.model.name)
     report = as_json(result, cfg, strict=args.strict)
@@ -563,6 +610,18 @@ def _check_out_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise LoralabError(f"{what} '{path}' is a folder; give a file path, e.g. validate.json.")
     check_writable(path.parent if str(path.parent) else Path("."), f"The folder of {what}")
+
+
+def _refuse_unused(overrides: list[str], used: tuple[str, ...], command: str) -> None:
+    """Overrides a command would ignore are errors (exit 2), never silently dropped."""
+    for item in overrides:
+        if not item.strip().startswith(used):
+            raise LoralabError(
+                f"{item} cannot be honoured: `loralab {command}` uses only "
+                f"{', '.join(u.rstrip('=') + ('*' if u.endswith('.') else '') for u in used)} "
+                "from the config (its probe data, steps and learning rate are its own options). "
+                "Drop it."
+            )
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):
@@ -661,15 +720,34 @@ def cmd_study(args) -> int:
         print("\n".join(lines))
         return 0
     _check_results_dir(args.output_dir or spec.output_dir)
-    out = run_study(
-        spec, args.output_dir, args.storage, tasks, args.study, heartbeat=args.heartbeat,
-        grace=args.grace, max_retry=args.max_retries, quiet=args.quiet,
-        trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+    from . import layout
+
+    workers, threads = layout.choose(args.workers)
+    siblings = []
+    if workers > 1:
+        siblings = layout.spawn_siblings(_argv_with(args._argv, "--workers", "1"), workers, threads)
+    out = run_study(spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args))
+    codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
         print(f"report: {out.report.files[0]} (also .html, .csv)")
-    return 1 if out.unfinished else 0
+    return 1 if out.unfinished or any(codes) else 0
+
+
+def _argv_with(argv: list[str], flag: str, value: str) -> list[str]:
+    """`argv` with `flag` set to `value` (replaced if present)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return [*out, flag, value]
 
 
 def cmd_report(args) -> int:
@@ -702,6 +780,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "analyze": cmd_analyze,
     "validate": cmd_validate,
+    "convert": cmd_convert,
     "sweep": cmd_sweep,
     "ablate": cmd_ablate,
     "study": cmd_study,
@@ -710,7 +789,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv  # `study --workers N` starts siblings with the same arguments
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "quiet", False):

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from .errors import LoralabError
 
 _TRUE = {"1", "true", "yes", "on"}
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def offline() -> bool:
@@ -39,7 +40,12 @@ def _probe(host: str, port: int, timeout: float) -> bool:
 
 
 def reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds (cached)."""
+    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds (cached).
+
+    Behind a proxy a direct connection proves nothing: the libraries are left to try.
+    """
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return True
     url = urlparse(endpoint())
     port = url.port or (80 if url.scheme == "http" else 443)
     return _probe(url.hostname or "huggingface.co", port, timeout)

@@ -134,6 +134,10 @@ def resolve(name: str, progress: bool = True) -> Path | str:
                 f"built-in models: {_builtin_names()}."
             )
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":  # dequantised once into the cache
+        from .convert import cached_conversion
+
+        return cached_conversion(path, progress)
     if path.exists():
         raise LoralabError(
             f"Model '{name}' is a file, but a model must be a folder written by save_pretrained, "
@@ -341,22 +345,10 @@ def _build_from_wheel(model: BuiltinModel, out: Path, progress: bool) -> None:
 
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
     """Dequantise a GGUF checkpoint with transformers and save an ordinary fp32 folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .convert import convert_gguf
 
     _say(progress, f"converting {gguf.name} to a transformers folder (about 30 s, once)")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    # The weights are dequantised already; the GGUF entry would make later loads look for
-    # the .gguf file again, so the saved config must not carry it.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tok.model_max_length = model.config.max_position_embeddings  # GGUF leaves it "infinite"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    convert_gguf(gguf, out, progress=False)
 
 
 # Tiny random models -------------------------------------------------------------------------

@@ -283,6 +283,17 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     return spec
 
 
+def select_tasks(spec: StudySpec, tasks: list[str] | None) -> list[str]:
+    """The spec's tasks that `--tasks` selects (all without it); unknown names are errors."""
+    unknown = sorted(set(tasks or []) - set(spec.tasks))
+    if unknown:
+        raise LoralabError(
+            f"--tasks {','.join(unknown)}: not in the study spec (its tasks: "
+            f"{', '.join(spec.tasks)})."
+        )
+    return [t for t in spec.tasks if not tasks or t in tasks]
+
+
 def check_data(spec: StudySpec, tasks: list[str]) -> None:
     """Every local data path of the selected tasks exists (before anything is created)."""
     for t in tasks:
@@ -412,7 +423,7 @@ class StudyOutcome:
 def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
-    for ph in phases(spec, tasks):
+    for ph in phases(spec, select_tasks(spec, tasks)):
         first = {m: v[0] for m, v in spec.lrs.items()}
         pts = ph.plan(spec, first).points()
         when = " (lr: the grid's best per method, once the grid is complete)" if ph.needs_grid else ""  # fmt: skip
@@ -430,10 +441,10 @@ class _Runner:
 
     def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
         self.spec, self.storage, self.prefix = spec, storage, prefix
-        self.trust = trust  # remote code: the command line's --trust-remote-code only
         self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
         self.phases = phases(spec, tasks)
         self.workers: dict[str, object] = {}
+        self.trust_remote_code = trust  # from the command line only, never from the spec
         self.poll = max(1.0, min(5.0, float(heartbeat)))
 
     def say(self, text: str) -> None:
@@ -457,7 +468,7 @@ class _Runner:
         plan = ph.plan(self.spec, best, self.results_dir)
         create_or_check(self.storage, name, plan)
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
-                   self.trust)  # fmt: skip
+                   self.trust_remote_code)  # fmt: skip
         self.workers[name] = w
         return w
 
@@ -514,11 +525,7 @@ def run_study(
     is left; then write the report of every run under the results folder."""
     from optuna.exceptions import ExperimentalWarning
 
-    unknown = sorted(set(tasks or []) - set(spec.tasks))
-    if unknown:
-        raise LoralabError(f"--tasks {','.join(unknown)}: not in the study spec (its tasks: {', '.join(spec.tasks)}).")  # fmt: skip
-    selected = [t for t in spec.tasks if not tasks or t in tasks]
-    check_data(spec, selected)
+    check_data(spec, select_tasks(spec, tasks))
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
     runner = _Runner(

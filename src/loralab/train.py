@@ -18,7 +18,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import accounting, precision, tracking
+from . import accounting, layout, precision, tracking
 from .callbacks import TrackingCallback
 from .checkpoints import LOSS_FILE, newest_good_checkpoint, read_loss_sum, trim_metrics
 from .config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
@@ -409,7 +409,7 @@ def _run(
     else:  # the bar itself carries loss, lr and tok/s instead of a printed dict per log step
         from transformers.trainer_callback import ProgressCallback
 
-        from .console import LiveProgress
+        from .callbacks import LiveProgress
 
         trainer.remove_callback(ProgressCallback)
         live = LiveProgress()
@@ -563,6 +563,7 @@ def _base_summary(
         "identity": identity(cfg, splits),
         "params": params,
         "precision": "bf16" if _precision(cfg) else "fp32",
+        "layout": layout.record(),  # worker processes side by side, threads in this one
         "param_dtypes": precision.dtypes(model),
         "versions": tracking.versions(),
         "git_commit": tracking.git_commit(),

@@ -37,6 +37,12 @@ PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word p
 # c_attn); other models land elsewhere (SmolLM2-135M at r = 8 on q/v: 0.341%, missed).
 SHARE_TARGET_SOURCE = "GPT-2 small: 294,912 of 124,734,720 = 0.24% at r = 8 on c_attn"
 # Below this size the embeddings are tiny and any adapter is a large share: said in the detail.
+# The training probe: a fixed number of AdamW steps on the probe batch at PROBE_LR (or train.lr
+# when set); it passes when the mean loss of the last PROBE_WINDOW steps is below the mean of the
+# first PROBE_WINDOW (one noisy step must not decide it). Dropout is off during the probe.
+PROBE_STEPS = 20
+PROBE_LR = 1e-3
+PROBE_WINDOW = 5
 SHARE_TARGET_MIN_PARAMS = 10_000_000
 
 
@@ -47,6 +53,7 @@ class Check:
     name: str
     passed: bool
     detail: str
+    data: dict | None = None  # measurements behind the verdict (the probe's loss curve)
 
 
 @dataclass
@@ -88,7 +95,7 @@ def wrap(cfg: ExperimentConfig, model, heads: list[str]):
 def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
+    model.eval()  # dropout off: the curve shows the optimisation, not dropout noise
     losses = []
     for _ in range(steps):
         loss = model(**batch).loss
@@ -96,7 +103,6 @@ def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
-    model.eval()
     return losses
 
 
@@ -142,25 +148,45 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(b.abs().max().item(), 1e-12)
 
 
+def smoothed_drop(losses: list[float], window: int = PROBE_WINDOW) -> tuple[float, float]:
+    """(mean of the first `window` losses, mean of the last `window`)."""
+    w = max(1, min(window, len(losses) // 2))
+    return sum(losses[:w]) / w, sum(losses[-w:]) / w
+
+
 def run_checks(
-    cfg: ExperimentConfig, steps: int = 10, lr: float = 1e-2, tolerance: float = 1e-4
+    cfg: ExperimentConfig,
+    steps: int = PROBE_STEPS,
+    lr: float | None = None,
+    tolerance: float | None = None,
 ) -> Validation:
     """Build the model of `cfg`, wrap it, train a few steps on a probe batch, check everything;
-    measure the trainable-share target on the way."""
-    from peft import PeftModel
-    from transformers import set_seed
+    measure the trainable-share target on the way.
 
-    from .lora import adapted_modules, resolve_targets
-    from .models import load_model, load_tokenizer
+    lr: the probe's learning rate (default train.lr when set, else PROBE_LR); tolerance: the
+    fp32 merge tolerance per unit of max |logit| (default: merge's).
+    """
+    from peft import PeftModel
+    from transformers import AutoConfig, set_seed
+
+    from .lora import adapted_modules, check_targets, linear_layers, resolve_targets
+    from .merge import DEFAULT_TOLERANCES, equivalence_bound
+    from .models import load_model, load_tokenizer, resolve
     from .tasks import get_task
     from .train import _auto_class, is_causal
 
     lm_head = cfg.model.head == "lm"
-    set_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    tok.padding_side = "right"
+    lr = lr or cfg.train.lr or PROBE_LR
+    tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
     # The probe is SST-2-shaped: a two-label classifier, or the causal LM itself.
     auto = _auto_class(get_task("sst2"), cfg.model.head)
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
+    if not lm_head or is_causal(config):  # targets vs layers before any weights load
+        check_targets(cfg.lora, config, auto, trust)
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)
+    tok.padding_side = "right"
     load = lambda: load_model(cfg.model.name, auto, **({} if lm_head else {"num_labels": 2}))  # noqa: E731
     base, heads = load()
     if lm_head and not is_causal(base.config):
@@ -170,10 +196,9 @@ def run_checks(
     batch = probe_batch(tok, lm_head)
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
+    shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike
     expected_lora = sum(
-        cfg.lora.r * (m.in_features + m.out_features)
-        for n, m in base.named_modules()
-        if n in set(expected)
+        cfg.lora.r * (shapes[n].in_features + shapes[n].out_features) for n in expected
     )
     base_logits = _logits(base, batch)
     checks: list[Check] = []
@@ -212,11 +237,11 @@ def run_checks(
         f"loss {out.loss.item():.4f}, gradients reach every lora_B",
     )
     losses = train_steps(model, batch, steps, lr)
-    add(
-        "training_lowers_loss",
-        losses[-1] < losses[0],
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps",
-    )
+    first, last = smoothed_drop(losses)
+    checks.append(Check("training_lowers_loss", last < first,
+        f"mean loss of the first/last {min(PROBE_WINDOW, max(1, steps // 2))} steps {first:.4f} -> "
+        f"{last:.4f} ({steps} steps, lr {lr:g})",
+        {"steps": steps, "lr": lr, "window": PROBE_WINDOW, "losses": losses}))  # fmt: skip
     after = accounting.checksum(accounting.base_parameters(model))
     add(
         "base_unchanged_checksum",
@@ -249,9 +274,8 @@ def run_checks(
         merged = merge(copy.deepcopy(model))
         merged_logits = _logits(merged, batch)
         d, rel = _max_diff(merged_logits, adapted)
-        # fp32 rounding grows with the logits: a classifier's are a few units, a causal LM's
-        # 49k-wide vocabulary logits reach ±40. The bound scales with them (from 1 up).
-        bound = tolerance * max(1.0, adapted.abs().max().item())
+        # The rule `loralab merge` applies (merge.equivalence_bound): relative to the logits.
+        bound = equivalence_bound("fp32", tolerance, adapted.abs().max().item())
         add("merge_equivalence", d <= bound,
             f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, bound {bound:.2g} "
             f"= {tolerance:g} × max(1, max |logit|)")  # fmt: skip
@@ -321,4 +345,5 @@ def as_json(result: Validation, cfg: ExperimentConfig, strict: bool = False) -> 
         "targets_met": result.targets_met,
         "strict": strict,
         "exit_status": result.exit_status(strict),
+        "probe": next((c.data for c in checks if c.name == "training_lowers_loss"), None),
     }

@@ -1,0 +1,80 @@
+"""How a study uses one machine: how many worker processes, how many threads each.
+
+A study is many independent runs, so runs finished per hour is what counts. Measured on 2 cores
+(issue 16's model-shaped block, 8 s per process): two 1-thread processes give 1.9× the total
+throughput of one 2-thread process in bf16 (AMX) and the same in fp32, while two 2-thread
+processes oversubscribe the cores and run ~4.7× slower each. So on a CPU `auto` is one 1-thread
+worker per core (never slower in total, much faster in bf16); a GPU machine runs one worker per
+visible GPU. `benchmarks/study_throughput.py` measures the layouts on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from .errors import LoralabError
+
+ENV_WORKERS = "LORALAB_WORKERS"  # set in each worker: how many run side by side (summary)
+ENV_DEFAULT = "LORALAB_STUDY_WORKERS"  # the default of `--workers` (e.g. 1 in the tests)
+
+
+def choose(workers: str | int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, threads per worker) for `--workers` = auto | N."""
+    import torch
+
+    cores = cores or os.cpu_count() or 1
+    workers = workers if workers is not None else os.environ.get(ENV_DEFAULT, "auto")
+    if str(workers) == "auto":
+        if torch.cuda.is_available():
+            return torch.cuda.device_count(), max(1, cores // torch.cuda.device_count())
+        return cores, 1
+    try:
+        n = int(workers)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise LoralabError(
+            f"--workers must be 'auto' or a whole number ≥ 1, got {workers!r}: 'auto' runs one "
+            "1-thread worker per core on a CPU."
+        )
+    return n, max(1, cores // n)
+
+
+def record() -> dict:
+    """The layout this process runs in, for the run summary."""
+    import torch
+
+    return {
+        "workers": int(os.environ.get(ENV_WORKERS, "1") or 1),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+    }
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_siblings(argv: list[str], workers: int, threads: int) -> list[subprocess.Popen]:
+    """Start `workers - 1` more `loralab` processes with `argv`, each with `threads` threads.
+
+    This process becomes the first worker: it gets the same thread count. Siblings die with it.
+    """
+    env = {**os.environ, ENV_WORKERS: str(workers), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads), ENV_DEFAULT: "1"}  # fmt: skip
+    os.environ[ENV_WORKERS] = str(workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the point processes this worker starts
+    import torch
+
+    torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "loralab.cli", *argv]
+    kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    return [subprocess.Popen(cmd, env=env, **kw) for _ in range(workers - 1)]
