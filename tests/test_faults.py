@@ -220,6 +220,9 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "nope.yaml"),
     ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
     ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
+    ("study-workers-0", lambda c: ["study", str(_spec(c)), "--output-dir", c.out("results"), "--workers", "0"], "--workers"),
+    ("convert-missing-gguf", lambda c: ["convert", c.out("nothing.gguf"), c.out("model")], "does not exist"),
+    ("convert-not-gguf", lambda c: ["convert", str(c.file("x.gguf", "junk")), c.out("model")], "not a readable GGUF"),
     ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
