@@ -530,7 +530,7 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
             f"The LoRA update moves the logits by at most {effect['max_abs_diff']:.3g}, less than "
             f"{INFORMATIVE_FACTOR:g}× the tolerance: a merge that lost the adapter would pass too."
         )
-    if unwrapped["max_abs_diff"] > tol["fp32"]:
+    if unwrapped["max_abs_diff"] > equivalence_bound("fp32", tol["fp32"], scale):
         notes.append(
             f"The PEFT wrapper ({type(ref).__name__}) gives other outputs than the model it "
             f"wraps on the same inputs (max |Δ| {unwrapped['max_abs_diff']:.3g}): it does not pass "
