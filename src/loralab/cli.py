@@ -62,7 +62,7 @@ def _add_merge(sub) -> None:
         action="append",
         metavar="DTYPE=VALUE",
         help="bound on max |Δlogit| per unit of max |logit|, e.g. bf16=0.1 (repeatable; defaults "
-        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 2x the unmerged bf16 adapter's error)",
+        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 4x the unmerged bf16 adapter's error)",
     )
     p.add_argument(
         "--max-eval-examples",
