@@ -17,7 +17,9 @@ def _add_train(sub) -> None:
         description="Train one run. Precedence: defaults < --config file < flags < dotted overrides.",
     )
     p.add_argument("--task", help="sst2, mrpc, rte or squad_v2")
-    p.add_argument("--model", help="built-in name (see `loralab models`), hub id or local folder")
+    p.add_argument(
+        "--model", help="built-in name (see `loralab models`), hub id, local folder or .gguf file"
+    )
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
     p.add_argument(
@@ -146,7 +148,9 @@ def _add_validate(sub) -> None:
         help="Run the named checks that LoRA does what it claims on a model/config.",
         description="Exit status 0 when every check passes, 1 when any fails, 2 on bad input.",
     )
-    p.add_argument("--model", help="built-in name, hub id or local folder (default: the config's)")
+    p.add_argument(
+        "--model", help="built-in name, hub id, local folder or .gguf file (default: the config's)"
+    )
     p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument("--steps", type=int, default=20, help="training steps of the probe (default 20)")
