@@ -380,3 +380,13 @@ def test_probe_judges_the_smoothed_curve(monkeypatch, curve, passes):
     assert probe.passed is passes
     assert seen == {"steps": 10, "lr": 2e-4}  # train.lr, when set, is the probe's lr
     assert probe.data == {"steps": 10, "lr": 2e-4, "window": 5, "losses": curve}
+
+
+def test_convert_refuses_what_is_not_a_gguf(tmp_path, capsys):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file at all")
+    assert main(["convert", str(bogus), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "not a readable GGUF file" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
