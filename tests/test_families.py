@@ -354,3 +354,39 @@ def test_convert_gguf_then_train_on_it(tmp_path, sst2_dir, capsys):
     summary = json.loads(next(runs.glob("*/summary.json")).read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["verification"]["base_unchanged"]
+
+
+@pytest.mark.parametrize(
+    ("curve", "passes"),
+    [
+        ([1.5, 1.4, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6, 1.6], True),  # one spike at the end
+        ([1.0, 0.9, 1.0, 1.1, 1.0, 1.2, 1.1, 1.3, 1.2, 0.9], False),  # drifting up, low last step
+    ],
+)
+def test_probe_judges_the_smoothed_curve(monkeypatch, curve, passes):
+    from loralab import validate
+    from loralab.config import build_config
+
+    seen = {}
+
+    def fixed(model, batch, steps, lr):
+        seen.update(steps=steps, lr=lr)
+        return list(curve)
+
+    monkeypatch.setattr(validate, "train_steps", fixed)
+    cfg = build_config(None, ["train.lr=2e-4"], model={"name": "tiny-llama"})
+    checks = validate.run_checks(cfg, steps=len(curve))
+    probe = next(c for c in checks if c.name == "training_lowers_loss")
+    assert probe.passed is passes
+    assert seen == {"steps": 10, "lr": 2e-4}  # train.lr, when set, is the probe's lr
+    assert probe.data == {"steps": 10, "lr": 2e-4, "window": 5, "losses": curve}
+
+
+def test_convert_refuses_what_is_not_a_gguf(tmp_path, capsys):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file at all")
+    assert main(["convert", str(bogus), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "not a readable GGUF file" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -219,6 +220,9 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "nope.yaml"),
     ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
     ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
+    ("study-workers-0", lambda c: ["study", str(_spec(c)), "--output-dir", c.out("results"), "--workers", "0"], "--workers"),
+    ("convert-missing-gguf", lambda c: ["convert", c.out("nothing.gguf"), c.out("model")], "does not exist"),
+    ("convert-not-gguf", lambda c: ["convert", str(c.file("x.gguf", "junk")), c.out("model")], "not a readable GGUF"),
     ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
@@ -357,3 +361,61 @@ def test_study_cannot_switch_remote_code_on_for_a_worker(shared, tmp_path, capsy
     assert "--trust-remote-code" in capsys.readouterr().err  # the warning
     (run,) = (results / "runs").iterdir()
     assert "trust_remote_code: false" in (run / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller pieces: damaged summary on resume, OS errors, permissions, checkpoint checks
+
+
+def test_resume_warns_about_a_damaged_summary_and_finishes(shared, tmp_path, capsys):
+    run = Case(tmp_path, *shared).run()
+    (run / "summary.json").write_text('{"status": "compl')  # killed mid-write by another tool
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "ignoring a damaged summary.json" in capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"].endswith("checkpoint-4")
+
+
+def test_an_os_error_at_a_file_boundary_is_exit_2(monkeypatch, capsys):
+    from loralab import cli
+
+    def boom(args):
+        raise PermissionError(13, "Permission denied", "/srv/results/report")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", boom)
+    assert main(["report", "results"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralab: error: Cannot use '/srv/results/report': Permission denied")
+    # Without a file name it is a bug: the traceback stays.
+    monkeypatch.setitem(cli.COMMANDS, "report", lambda a: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        main(["report", "results"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_output_dir_without_write_permission_exits_2(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["validate", "--model", "tiny-llama", "--out", str(locked / "v.json")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_checkpoint_check_finds_each_kind_of_damage(shared, tmp_path):
+    from loralab.checkpoints import checkpoint_problem, newest_good_checkpoint
+
+    run = Case(tmp_path, *shared).run()
+    newest = run / "checkpoints" / "checkpoint-4"
+    assert checkpoint_problem(newest) is None
+    for name, needle in [("trainer_state.json", "not valid JSON"),
+                         ("adapter_model.safetensors", "safetensors"),
+                         ("optimizer.pt", "optimizer.pt"), ("scheduler.pt", "scheduler.pt")]:  # fmt: skip
+        backup = (newest / name).read_bytes()
+        _truncate(newest / name)
+        assert needle in (checkpoint_problem(newest) or ""), name
+        (newest / name).write_bytes(backup)
+    # A flipped byte inside the optimizer archive fails its CRC.
+    data = bytearray((newest / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "optimizer.pt").write_bytes(bytes(data))
+    good, skipped = newest_good_checkpoint(run)
+    assert good.name == "checkpoint-2" and len(skipped) == 1 and "checkpoint-4" in skipped[0]

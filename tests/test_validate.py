@@ -157,10 +157,8 @@ def test_bad_model_is_a_user_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_validate_smollm2(tmp_path):
-    import os
-
-    os.environ.pop("LORALAB_CACHE", None)  # the real, shared cache
+def test_validate_smollm2(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORALAB_CACHE", raising=False)  # the real, shared cache (this test only)
     out = tmp_path / "v.json"
     rc = cli.main(["validate", "--model", "smollm2-135m", "--out", str(out)])
     report = json.loads(out.read_text())

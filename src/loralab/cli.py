@@ -62,7 +62,9 @@ def _add_train(sub) -> None:
         help="sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH, "
         "hub:ORG/NAME, or a task YAML file",
     )
-    p.add_argument("--model", help="built-in name (see `loralab models`), hub id or local folder")
+    p.add_argument(
+        "--model", help="built-in name (see `loralab models`), hub id, local folder or .gguf file"
+    )
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
     p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
     p.add_argument(
@@ -133,7 +135,7 @@ def _add_merge(sub) -> None:
         action="append",
         metavar="DTYPE=VALUE",
         help="bound on max |Δlogit| per unit of max |logit|, e.g. bf16=0.1 (repeatable; defaults "
-        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 2x the unmerged bf16 adapter's error)",
+        "fp32=1e-4, bf16=0.05; a bf16 merge may also be 4x the unmerged bf16 adapter's error)",
     )
     p.add_argument(
         "--max-eval-examples",
@@ -235,7 +237,9 @@ def _add_validate(sub) -> None:
         "bad input. Targets (trainable share ≤ 0.3%; LoRA − full ≥ −3 points with --results) are "
         "reported as met/missed and fail the command only with --strict.",
     )
-    p.add_argument("--model", help="built-in name, hub id or local folder (default: the config's)")
+    p.add_argument(
+        "--model", help="built-in name, hub id, local folder or .gguf file (default: the config's)"
+    )
     p.add_argument("--strict", action="store_true", help="a missed target also exits 1")
     p.add_argument(
         "--results",

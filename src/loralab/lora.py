@@ -19,8 +19,8 @@ from .errors import LoralabError
 PRESETS = ("standard", "extended", "all-linear")
 
 # Per-`model_type` overrides: {model_type: {preset: [module-name suffixes]}}. Empty on purpose:
-# every family tested (Llama, Gemma 1-3, Qwen2, Mistral, Phi-3, GPT-NeoX, BERT, GPT-2) is read
-# correctly from its layers; add an entry only for a model whose layer names mislead.
+# every family tested (Llama, Gemma 2 and 3, Qwen2, Mistral, Phi-3, GPT-NeoX, BERT, GPT-2) is
+# read correctly from its layers; add an entry only for a model whose layer names mislead.
 FAMILIES: dict[str, dict[str, list[str]]] = {}
 
 # Last name component -> role, inside an attention module. PEFT matches a target entry when a
@@ -42,7 +42,7 @@ class Layer:
 
     name: str
     local: str  # the name after the block index ("self_attn.q_proj"); "" outside the blocks
-    role: str  # q | k | v | qkv | o | mlp (any other in-block layer) | outside
+    role: str  # q | k | v | qkv | o | other (in attention) | mlp (other in-block) | outside
     in_features: int
     out_features: int
     conv1d: bool

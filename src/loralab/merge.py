@@ -41,8 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # SmolLM2-135M SST-2 bf16 weights alone drift 0.03-0.04 on logits of a few units.
 DEFAULT_TOLERANCES = {"fp32": 1e-4, "bf16": 0.05}
 # A bf16 merge is also judged against the unmerged adapter in bf16: it may be off by up to this
-# many times the adapter's own bf16 error (its precision floor, which no merge can beat).
-BF16_ADAPTER_FACTOR = 2.0
+# many times the adapter's own bf16 error (its precision floor, which no merge can beat). A merge
+# in bf16 rounds W, A and B as the adapter does, then the product s·B·A and the sum W + s·B·A
+# again: 3.4× the adapter's error on tiny-llama (all-linear, B ~ N(0, 0.3), bf16 weights).
+BF16_ADAPTER_FACTOR = 4.0
 # The check is evidence only if removing the LoRA update moves the outputs by at least this
 # many tolerances: otherwise a merge that lost the adapter would pass as well.
 INFORMATIVE_FACTOR = 10.0
@@ -543,7 +545,7 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
             f"The LoRA update moves the logits by at most {effect['max_abs_diff']:.3g}, less than "
             f"{INFORMATIVE_FACTOR:g}× the tolerance: a merge that lost the adapter would pass too."
         )
-    if unwrapped["max_abs_diff"] > tol["fp32"]:
+    if unwrapped["max_abs_diff"] > equivalence_bound("fp32", tol["fp32"], scale):
         notes.append(
             f"The PEFT wrapper ({type(ref).__name__}) gives other outputs than the model it "
             f"wraps on the same inputs (max |Δ| {unwrapped['max_abs_diff']:.3g}): it does not pass "

@@ -141,7 +141,8 @@ def resolve(name: str, progress: bool = True) -> Path | str:
     if path.exists():
         raise LoralabError(
             f"Model '{name}' is a file, but a model must be a folder written by save_pretrained, "
-            f"a hub id such as 'org/name', or one of the built-in models: {_builtin_names()}."
+            f"a .gguf checkpoint, a hub id such as 'org/name', or one of the built-in models: "
+            f"{_builtin_names()}."
         )
     looks_like_path = (
         name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or ".." in name

@@ -148,10 +148,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return diff, diff / max(b.abs().max().item(), 1e-12)
 
 
-def smoothed_drop(losses: list[float], window: int = PROBE_WINDOW) -> tuple[float, float]:
+def smoothed_drop(losses: list[float], window: int) -> tuple[float, float]:
     """(mean of the first `window` losses, mean of the last `window`)."""
-    w = max(1, min(window, len(losses) // 2))
-    return sum(losses[:w]) / w, sum(losses[-w:]) / w
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
 
 
 def run_checks(
@@ -175,6 +174,8 @@ def run_checks(
     from .tasks import get_task
     from .train import _auto_class, is_causal
 
+    if steps < 2:
+        raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")
     lm_head = cfg.model.head == "lm"
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
@@ -237,11 +238,11 @@ def run_checks(
         f"loss {out.loss.item():.4f}, gradients reach every lora_B",
     )
     losses = train_steps(model, batch, steps, lr)
-    first, last = smoothed_drop(losses)
+    window = min(PROBE_WINDOW, steps // 2)  # --steps below 10: halves
+    first, last = smoothed_drop(losses, window)
     checks.append(Check("training_lowers_loss", last < first,
-        f"mean loss of the first/last {min(PROBE_WINDOW, max(1, steps // 2))} steps {first:.4f} -> "
-        f"{last:.4f} ({steps} steps, lr {lr:g})",
-        {"steps": steps, "lr": lr, "window": PROBE_WINDOW, "losses": losses}))  # fmt: skip
+        f"mean loss of the first/last {window} steps {first:.4f} -> {last:.4f} ({steps} steps, "
+        f"lr {lr:g})", {"steps": steps, "lr": lr, "window": window, "losses": losses}))  # fmt: skip
     after = accounting.checksum(accounting.base_parameters(model))
     add(
         "base_unchanged_checksum",

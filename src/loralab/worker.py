@@ -192,14 +192,16 @@ def _decide(run_dir: Path, cfg) -> str:
 
 
 def _usable_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints with a readable trainer_state.json (the Trainer writes it last); a kill
-    while one was being written leaves a partial folder, removed here so resume skips it."""
+    """Checkpoints that pass resume's check (trainer_state.json, weights and archives intact);
+    a kill while one was being written leaves a partial folder, removed here so the point is
+    resumed from an earlier one or, with none left, trained afresh."""
+    from .checkpoints import checkpoint_problem, checkpoints
+
     good = []
-    for ckpt in sorted((run_dir / tracking.CHECKPOINT_DIR).glob("checkpoint-*")):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
+    for ckpt in checkpoints(run_dir):
+        if checkpoint_problem(ckpt) is None:
             good.append(ckpt)
-        except (OSError, ValueError):
+        else:
             shutil.rmtree(ckpt, ignore_errors=True)
     return good
 
