@@ -479,3 +479,19 @@ def test_variant_ablation_is_categorical_and_lm_rows_show_zero_shot(tmp_path):
     rep = report(tmp_path, out=tmp_path / "out")
     (lm_row,) = [r for r in rep.tables[0].rows if r[1] == "lm"]
     assert lm_row[11] == "55.00" and lm_row[13] == "n/a: no comparable full run"
+
+
+def test_best_lr_is_chosen_on_the_seeds_every_lr_has(tmp_path):
+    """Grid on seed 1, other seeds at the winner: the choice compares seed 1 only.
+
+    On all seeds the winner (0.80 on seed 1, then 0.60, 0.60: mean 0.667) would lose to the
+    other lr's single seed (0.70); on the shared seed it wins, as the study chose.
+    """
+    write_run(tmp_path, "a-s1", 1, {"accuracy": 0.80}, lr=1e-4)
+    write_run(tmp_path, "a-s2", 2, {"accuracy": 0.60}, lr=1e-4)
+    write_run(tmp_path, "a-s3", 3, {"accuracy": 0.60}, lr=1e-4)
+    write_run(tmp_path, "b-s1", 1, {"accuracy": 0.70}, lr=3e-4)
+    cells, _ = aggregate(load_runs(tmp_path))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-4 and len(best.done) == 3
+    assert best.stat("accuracy")[0] == pytest.approx(2.0 / 3)  # reported over all its seeds

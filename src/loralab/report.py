@@ -423,6 +423,23 @@ class Comparison:
         return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
 
 
+def _selection_score(cells: list[Cell]):
+    """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
+
+    With a grid on the first seed and the other seeds at the winner, comparing means over all
+    seeds would set the winner's three seeds against the others' one: only the shared seed(s)
+    compare like with like, and that is also what the study chose on.
+    """
+    shared = set.intersection(*({r["seed"] for r in c.done} for c in cells))
+
+    def score(c: Cell) -> float:
+        vals = [r["metrics"][c.metric] for r in c.done
+                if r["seed"] in shared and c.metric in r["metrics"]]  # fmt: skip
+        return sum(vals) / len(vals) if vals else c.stat(c.metric)[0]
+
+    return score
+
+
 def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     """Cells (every lr, `best` marked) and LoRA-vs-full comparisons at the best lr."""
     cells: dict[tuple, Cell] = {}
@@ -436,7 +453,7 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     for fam in families.values():
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
         if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
-            max(scored, key=lambda c: c.stat(c.metric)[0]).best = True
+            max(scored, key=_selection_score(scored)).best = True
     best = [c for c in ordered if c.best]
     fulls = {c.counterpart: c for c in best if c.method == "full"}
     comps = [Comparison(c, fulls.get(c.counterpart)) for c in best
