@@ -341,3 +341,31 @@ def test_three_workers_share_a_postgres_study(tmp_path):
     with open(out / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 6
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_a_finished_run_is_reused_from_another_data_location_only_with_the_same_rows(tmp_path):
+    """A results folder used from a clone elsewhere names other data paths for the same files."""
+    import dataclasses
+    import shutil
+
+    from conftest import write_sst2
+
+    from loralab.config import build_config
+    from loralab.errors import LoralabError
+    from loralab.train import train
+    from loralab.worker import _decide
+
+    here = write_sst2(tmp_path / "a" / "sst2")
+    cfg = build_config(
+        overrides=["model.name=tiny-llama", f"data.data_dir={here}", "train.max_steps=2",
+                   "train.batch_size=8", f"run.output_dir={tmp_path / 'res'}", "run.name=p"]
+    )  # fmt: skip
+    run = train(cfg, quiet=True).run_dir
+    moved = tmp_path / "b" / "sst2"
+    shutil.copytree(here, moved)
+    same = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(moved)))
+    assert _decide(run, same) == "reuse"
+    other = write_sst2(tmp_path / "c" / "sst2", seed=5)  # other rows
+    changed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(other)))
+    with pytest.raises(LoralabError, match="data.data_dir"):
+        _decide(run, changed)

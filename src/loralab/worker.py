@@ -150,6 +150,10 @@ def _same_config(run_dir: Path, cfg) -> str | None:
 
     have = norm(to_dict(from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))))
     want = norm(to_dict(cfg))
+    paths = [f"data.{k}" for k in ("data_dir", "train_file", "eval_file")]
+    if any(have.get(k) != want.get(k) for k in paths) and _same_data(run_dir, cfg):
+        for k in paths:  # the folder moved (e.g. a fresh clone elsewhere): same rows, same run
+            have[k] = want.get(k)
     _resolve_defaults(have, cfg)
     _resolve_defaults(want, cfg)
     if want.get("train.precision") == "auto":  # decided per machine when the run started
@@ -158,6 +162,32 @@ def _same_config(run_dir: Path, cfg) -> str | None:
         if have.get(k) != want.get(k):
             return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"
     return None
+
+
+def _same_data(run_dir: Path, cfg) -> bool:
+    """Whether the run's recorded data fingerprint equals that of the data `cfg` points at.
+
+    Data paths are stored absolute, so a results folder used from another location (a clone
+    elsewhere) names other paths for the same files; the rows' content decides.
+    """
+    from .data import content_fingerprint
+    from .tasks import get_task
+
+    try:
+        recorded = tracking.read_json(run_dir / tracking.SUMMARY_FILE).get("data_fingerprint") or {}
+    except (LoralabError, OSError):
+        return False
+    if not recorded.get("train_sha256"):
+        return False
+    try:
+        task = get_task(cfg.data.task)
+        train = task.load("train", cfg.data.data_dir, cfg.data.train_file)
+        evals = task.load("eval", cfg.data.data_dir, cfg.data.eval_file)
+    except (LoralabError, OSError):
+        return False
+    return recorded.get("train_sha256") == content_fingerprint(train) and recorded.get(
+        "eval_sha256"
+    ) == content_fingerprint(evals)
 
 
 def _decide(run_dir: Path, cfg) -> str:
