@@ -375,7 +375,7 @@ def test_probe_judges_the_smoothed_curve(monkeypatch, curve, passes):
 
     monkeypatch.setattr(validate, "train_steps", fixed)
     cfg = build_config(None, ["train.lr=2e-4"], model={"name": "tiny-llama"})
-    checks = validate.run_checks(cfg, steps=len(curve))
+    checks = validate.run_checks(cfg, steps=len(curve)).checks
     probe = next(c for c in checks if c.name == "training_lowers_loss")
     assert probe.passed is passes
     assert seen == {"steps": 10, "lr": 2e-4}  # train.lr, when set, is the probe's lr
