@@ -10,15 +10,14 @@ under $LORALAB_CACHE like the precision probe. GPUs get `sdpa`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 
+from . import probecache
+
+CACHE_FILE = "attention-probe.json"
 PROBE_VERSION = 2  # 2: interleaved bursts (version 1 probes could be skewed by load)
 _memo: dict[tuple, dict] = {}
 
@@ -64,12 +63,6 @@ def _time(fn, shape, dtype, budget_s: float) -> float:
     return best
 
 
-def _path() -> Path:
-    from .models import cache_dir
-
-    return cache_dir() / "attention-probe.json"
-
-
 def decide(shape: tuple[int, int, int, int], dtype: torch.dtype, timer=_time, budget_s=0.4) -> dict:
     """{"implementation": "sdpa" | "eager", "reason", "probe"?} for training at `shape`."""
     if torch.cuda.is_available():
@@ -78,17 +71,13 @@ def decide(shape: tuple[int, int, int, int], dtype: torch.dtype, timer=_time, bu
     key = f"{'x'.join(map(str, shape))}|{dtype}|t{threads}|{torch.__version__}|v{PROBE_VERSION}"
     if timer is _time and key in _memo:
         return _memo[key]
-    path = _path()
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    stored = probecache.read(CACHE_FILE)
     if timer is _time and key in stored:
         return {**stored[key], "cached": True}
-    # Alternate short bursts, best of each: a load that comes and goes hits both kinds alike.
-    bursts = [(timer(_sdpa, shape, dtype, budget_s / 3), timer(_eager, shape, dtype, budget_s / 3))
-              for _ in range(3)]  # fmt: skip
-    sdpa_s, eager_s = min(b[0] for b in bursts), min(b[1] for b in bursts)
+    sdpa_s, eager_s = probecache.best_of_interleaved(
+        lambda: timer(_sdpa, shape, dtype, budget_s / 3),
+        lambda: timer(_eager, shape, dtype, budget_s / 3),
+    )
     out = {
         "implementation": "eager" if eager_s < sdpa_s else "sdpa",
         "reason": "measured",
@@ -96,9 +85,5 @@ def decide(shape: tuple[int, int, int, int], dtype: torch.dtype, timer=_time, bu
     }
     if timer is _time:
         _memo[key] = out
-        stored[key] = out
-        with contextlib.suppress(OSError):
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(stored, indent=1))
-            os.replace(tmp, path)
+        probecache.store(CACHE_FILE, key, out)
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import platform
 import time
@@ -26,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from . import probecache
 from .errors import LoralabError
 
 ENV = "LORALAB_PRECISION"
+CACHE_FILE = "precision-probe.json"
 PROBE_VERSION = 2  # 2: interleaved bursts (version 1 probes could be skewed by load)
 DEFAULT_SHAPE = (256, 576, 1536)  # tokens, hidden, intermediate: SmolLM2-135M at a batch of 16
 _memo: dict[tuple, dict] = {}
@@ -96,12 +97,6 @@ def _time(dtype: torch.dtype, shape: tuple[int, int, int], budget_s: float) -> f
     return min(rounds)  # the least disturbed round: other processes only ever add time
 
 
-def _probe_path() -> Path:
-    from .models import cache_dir
-
-    return cache_dir() / "precision-probe.json"
-
-
 def probe(shape: tuple[int, int, int] = DEFAULT_SHAPE, timer=_time, budget_s: float = 0.5) -> dict:
     """Time model-shaped products in fp32 and bf16 on this CPU; cached per machine and shape.
 
@@ -112,17 +107,13 @@ def probe(shape: tuple[int, int, int] = DEFAULT_SHAPE, timer=_time, budget_s: fl
     key = (
         f"{_cpu_name()}|{torch.__version__}|t{threads}|{'x'.join(map(str, shape))}|v{PROBE_VERSION}"
     )
-    path = _probe_path()
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    stored = probecache.read(CACHE_FILE)
     if timer is _time and key in stored:
         return {**stored[key], "cached": True}
-    # Alternate short bursts, best of each: a load that comes and goes hits both dtypes alike.
-    bursts = [(timer(torch.float32, shape, budget_s / 3), timer(torch.bfloat16, shape, budget_s / 3))
-              for _ in range(3)]  # fmt: skip
-    fp32_s, bf16_s = min(b[0] for b in bursts), min(b[1] for b in bursts)
+    fp32_s, bf16_s = probecache.best_of_interleaved(
+        lambda: timer(torch.float32, shape, budget_s / 3),
+        lambda: timer(torch.bfloat16, shape, budget_s / 3),
+    )
     result = {
         "fp32_s": fp32_s,
         "bf16_s": bf16_s,
@@ -131,11 +122,7 @@ def probe(shape: tuple[int, int, int] = DEFAULT_SHAPE, timer=_time, budget_s: fl
         "choice": "bf16" if bf16_s < fp32_s else "fp32",
     }
     if timer is _time:
-        stored[key] = result
-        with contextlib.suppress(OSError):  # a read-only cache only costs a re-probe
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(stored, indent=1))
-            os.replace(tmp, path)
+        probecache.store(CACHE_FILE, key, result)
     return {**result, "cached": False}
 
 
