@@ -1,0 +1,132 @@
+"""Golden runs: fixed-seed tiny runs whose figures a refactoring must not change.
+
+Each case trains through the CLI, then merges and analyses the run, and compares every
+deterministic figure (dev metrics, loss, parameter counts, the adapter's SHA-256, merge.json,
+analysis.json) with `tests/golden/golden.json`. The runs use one thread and fp32, so on the CPU
+kind that recorded the file the figures are bit-for-bit identical; another CPU kind (other
+fp32 kernels) is held to 1e-4 relative (1e-5 absolute) and the adapter hash is not compared.
+
+Re-record only for an intended change of behaviour: LORALAB_GOLDEN_WRITE=1 pytest tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_sst2
+from loralab.cli import main
+
+GOLDEN = Path(__file__).parent / "golden" / "golden.json"
+SKIP_KEYS = ("time", "_s", "per_s", "memory", "probe", "layout", "wall", "mb")
+
+SQUAD = {
+    "version": "v2.0",
+    "data": [{"title": "t", "paragraphs": [
+        {"context": "Anna keeps three grey cats in a small flat near the old mill by the river.",
+         "qas": [
+             {"id": "a", "question": "How many cats?", "is_impossible": False,
+              "answers": [{"text": "three", "answer_start": 11}]},
+             {"id": "b", "question": "Name of the dog?", "is_impossible": True, "answers": []},
+         ]},
+        {"context": "The bridge was built in 1890 from red stone and still carries trains.",
+         "qas": [
+             {"id": "c", "question": "When was the bridge built?", "is_impossible": False,
+              "answers": [{"text": "1890", "answer_start": 24}]},
+             {"id": "d", "question": "Who painted it?", "is_impossible": True, "answers": []},
+         ]},
+    ]}],
+}  # fmt: skip
+
+COMMON = ["train.batch_size=8", "train.lr=1e-2", "train.save_steps=100", "train.seed=7"]
+CASES = {
+    "llama-sst2-classifier": ["model.name=tiny-llama", "train.max_steps=4"],
+    "llama-sst2-lm": ["model.name=tiny-llama", "model.head=lm", "train.max_steps=4"],
+    "bert-squad-span": [
+        "model.name=tiny-bert", "data.task=squad_v2", "data.max_length=48",
+        "data.doc_stride=16", "train.max_steps=3",
+    ],
+}  # fmt: skip
+
+
+def cpu_kind() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "other"
+
+
+def numbers(tree, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a JSON tree by dotted path, leaving out timings and probes."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if not any(s in str(k).lower() for s in SKIP_KEYS):
+                out.update(numbers(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            out.update(numbers(v, f"{prefix}[{i}]"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix] = float(tree)
+    return out
+
+
+def run_case(tmp: Path, name: str) -> dict:
+    data = tmp / "data"
+    write_sst2(data / "sst2", n_train=32, n_dev=24, seed=3)
+    squad = data / "squad.json"
+    squad.write_text(json.dumps(SQUAD))
+    extra = [f"data.train_file={squad}", f"data.eval_file={squad}"] if "squad" in name else []
+    argv = [
+        "train", *CASES[name], *COMMON, *extra, f"data.data_dir={data / 'sst2'}",
+        f"run.output_dir={tmp / 'runs'}", f"run.name={name}", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    run = tmp / "runs" / name
+    merge_argv = ["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--no-export", "--quiet"]
+    assert main(merge_argv) == 0
+    assert main(["analyze", str(run), "--probe", "4"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    kept = {k: summary[k] for k in ("metrics", "train_loss", "steps", "params", "tokens")}
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    return {
+        "adapter_sha256": hashlib.sha256(adapter).hexdigest(),
+        "summary": numbers(kept),
+        "merge": numbers(json.loads((run / "merge" / "merge.json").read_text())),
+        "analysis": numbers(json.loads((run / "analysis" / "analysis.json").read_text())),
+    }
+
+
+@pytest.fixture
+def one_thread_fp32(monkeypatch):
+    monkeypatch.setenv("LORALAB_PRECISION", "fp32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(tmp_path, name, one_thread_fp32):
+    got = run_case(tmp_path, name)
+    if os.environ.get("LORALAB_GOLDEN_WRITE"):
+        golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        golden[name] = {"cpu_kind": cpu_kind(), **got}
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    want = json.loads(GOLDEN.read_text())[name]
+    same_kind = want["cpu_kind"] == cpu_kind()
+    rel, floor = (1e-6, 1e-9) if same_kind else (1e-4, 1e-5)
+    if same_kind:
+        assert got["adapter_sha256"] == want["adapter_sha256"]
+    for part in ("summary", "merge", "analysis"):
+        assert sorted(got[part]) == sorted(want[part]), f"{part}: the set of figures changed"
+        for key, value in want[part].items():
+            assert math.isclose(got[part][key], value, rel_tol=rel, abs_tol=floor), (
+                f"{name} {part} {key}: {got[part][key]!r} != golden {value!r}"
+            )
