@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_sst2
+
 from loralab.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "golden.json"
