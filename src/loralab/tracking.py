@@ -16,28 +16,16 @@ from .config import ExperimentConfig, dump_yaml
 from .errors import LoralabError
 from .redact import mask_tree
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Names and atomic writes live in rundir; re-exported here for the modules that read them so.
+from .rundir import (  # noqa: E402, F401
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    SUMMARY_FILE,
+    atomic_write,
+)
 
 
 def _jsonable(value: Any) -> Any:
