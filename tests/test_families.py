@@ -221,7 +221,7 @@ def test_preset_on_unrecognised_layers_lists_every_name():
 
 
 def test_lm_head_loss_matches_the_models_own_with_softcapping():
-    from loralab.lm import target_loss
+    from loralab.heads.prompting import target_loss
 
     torch.manual_seed(0)
     config = tf.Gemma2Config(

@@ -289,19 +289,24 @@ def test_bad_input_exits_2_with_one_paragraph(name, build, needle, shared, tmp_p
 @pytest.fixture
 def trust_spy(monkeypatch):
     """Every trust_remote_code value loralab passes when it loads a model or tokenizer."""
-    from loralab import models
+    from transformers import AutoTokenizer
+
+    from loralab.models import load as model_load
 
     seen: list[bool] = []
 
-    def spy(original):
+    def spy(original, position: int):
         def wrapper(*args, **kwargs):
-            seen.append(bool(kwargs.get("trust_remote_code", args[1] if len(args) > 1 else False)))
+            given = args[position] if len(args) > position else False
+            seen.append(bool(kwargs.get("trust_remote_code", given)))
             return original(*args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(models, "load_model", spy(models.load_model))
-    monkeypatch.setattr(models, "load_tokenizer", spy(models.load_tokenizer))
+    # Every model load goes through models.load.load_model; every tokenizer through transformers.
+    monkeypatch.setattr(model_load, "load_model", spy(model_load.load_model, 2))
+    tokenizer = staticmethod(spy(AutoTokenizer.from_pretrained, 99))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
     return seen
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from loralab import lm
+from loralab.heads import prompting as lm
 from loralab.config import build_config
 from loralab.errors import LoralabError
 from loralab.models import load_model, load_tokenizer

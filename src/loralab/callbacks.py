@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -49,6 +50,19 @@ def adapter_records(model) -> dict[str, float]:
     return out
 
 
+@dataclass
+class TokenCounts:
+    """Tokens trained on so far (real = not padding). The trainer counts; callbacks read."""
+
+    real: int = 0
+    padded: int = 0
+
+    def count(self, attention_mask) -> None:
+        if attention_mask is not None:
+            self.real += int(attention_mask.sum())
+            self.padded += attention_mask.numel()
+
+
 class TrackingCallback(TrainerCallback):
     """Every Trainer log record, plus live adapter statistics and frozen-base checks.
 
@@ -56,13 +70,13 @@ class TrackingCallback(TrainerCallback):
     """
 
     def __init__(self, tracker: Tracker, log_every: int, efficiency: dict, base_checksum: str | None,
-                 console=None):  # fmt: skip
+                 tokens: TokenCounts, console=None):  # fmt: skip
         self.tracker = tracker
+        self.tokens = tokens
         self.log_every = log_every
         self.efficiency = efficiency
         self.base_checksum = base_checksum
         self.console = console
-        self.trainer = None  # set by train.py: token counters live on the trainer
         self._last = (time.time(), 0, 0, 0)
         self._efficiency_logged = False
 
@@ -102,8 +116,7 @@ class TrackingCallback(TrainerCallback):
 
     # -- the Trainer's own logs (loss, lr, eval) + efficiency ------------------------------
     def _tokens(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.tokens_real, t.tokens_padded) if t is not None else (0, 0)
+        return self.tokens.real, self.tokens.padded
 
     def _efficiency_since_last(self, step: int) -> dict:
         now, real, padded = time.time(), *self._tokens()
@@ -162,14 +175,14 @@ class LiveProgress(ProgressCallback):
     """The Trainer's progress bar, with the latest loss, lr and tokens/s on the same line
     (the bar shows the ETA) instead of a printed dict per log step."""
 
-    def __init__(self):
+    def __init__(self, tokens: TokenCounts):
         super().__init__()
-        self.trainer = None  # set by train.py: the token counter lives on the trainer
+        self.tokens = tokens
         self._t0 = time.time()
         self._tokens0 = 0
 
     def _tokens(self) -> int:
-        return getattr(self.trainer, "tokens_real", 0) if self.trainer is not None else 0
+        return self.tokens.real
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm

@@ -423,7 +423,8 @@ def cmd_train(args) -> int:
         from .hub import check_push
 
         check_push(args.push_to_hub)
-    from .train import resume, train
+    from .resume import resume
+    from .train import train
 
     if args.resume:
         given = [

@@ -19,7 +19,6 @@ import yaml
 from .errors import LoralabError
 
 Method = Literal["lora", "full"]
-Head = Literal["classifier", "lm"]
 Precision = Literal["auto", "fp32", "bf16"]
 WandbMode = Literal["disabled", "offline", "online"]
 
@@ -28,8 +27,9 @@ WandbMode = Literal["disabled", "offline", "online"]
 class ModelConfig:
     name: str = "smollm2-135m"
     """Built-in name (see `loralab models`), a hub id or a local folder."""
-    head: Head = "classifier"
-    """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself."""
+    head: str = "classifier"
+    """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself
+    (prompted); or a head you registered with `loralab.heads.register_head`."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the model's author."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"

@@ -14,6 +14,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from .cache import cache_dir
 from .errors import LoralabError
 
 MARKER = "loralab_gguf.json"
@@ -133,7 +134,6 @@ def convert_gguf(gguf: str | Path, out: str | Path, progress: bool = True) -> Pa
 
 def cached_conversion(gguf: Path, progress: bool = True) -> Path:
     """`--model FILE.gguf`: converted once into the cache, keyed by name, size and mtime."""
-    from .models import cache_dir
 
     stat = gguf.stat()
     folder = cache_dir() / "models" / f"gguf-{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"

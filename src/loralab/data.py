@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from . import rundir
+from .cache import cache_dir
 from .config import DataConfig
 from .console import known_warnings_silenced, library_bars_off
 from .tasks import MODEL_COLUMNS, Task
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a forward reads
 
 # Bump when featurisation changes, so caches built by older code are not reused.
 FEATURES_VERSION = 2
@@ -75,12 +75,12 @@ def cached_features(
     split: str,
     causal: bool,
     max_length: int,
-    prompting=None,
+    head=None,
 ):
-    """Tokenise `raw` once; later runs with the same inputs load the saved features from disk."""
-    from datasets import load_from_disk
+    """Tokenise `raw` once; later runs with the same inputs load the saved features from disk.
 
-    from .models import cache_dir
+    `head` featurises (None: the task's own features, as the classifier head makes them)."""
+    from datasets import load_from_disk
 
     key = hashlib.sha256(
         json.dumps(
@@ -93,32 +93,50 @@ def cached_features(
                 cfg.doc_stride,
                 _tokenizer_fingerprint(tokenizer),
                 _data_fingerprint(raw),
-                prompting.key() if prompting is not None else None,
+                head.cache_key() if head is not None else None,
             ]
         ).encode()
     ).hexdigest()[:20]
     path = cache_dir() / "features" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task.name)}-{split}-{key}"
     if path.is_dir():
         return load_from_disk(str(path))
-    if prompting is not None:  # the causal-LM formulation
-        from .lm import featurize
-
-        feats = featurize(task, raw, tokenizer, max_length, split, prompting)
+    if head is not None:
+        feats = head.featurize(raw, tokenizer, max_length, split, causal)
     else:
         feats = task.featurize(raw, tokenizer, max_length, cfg.doc_stride, split, causal)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     try:
-        with library_bars_off():  # a cache write is not a phase the user waits for
-            feats.save_to_disk(str(tmp))
-        os.replace(tmp, path)
+        # Another process may win the race; its copy is equal, so ours is then dropped.
+        with rundir.atomic_dir(path, replace=False) as tmp, library_bars_off():
+            feats.save_to_disk(str(tmp))  # a cache write is not a phase the user waits for
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is equal
+        pass
     return load_from_disk(str(path)) if path.is_dir() else feats
 
 
+def eval_split(
+    task: Task, cfg: DataConfig, tokenizer, causal: bool, head=None, limit: int | None = None,
+    sort: bool = True, raw=None,
+):  # fmt: skip
+    """The dev examples (the first `limit`, if given) and their features through the feature
+    cache, sorted by length unless `sort` is False (then in example order).
+
+    `raw`: the whole dev split when the caller has loaded it already. Length-sorted batches
+    carry little padding; metrics don't depend on order (QA joins features to examples by id).
+    """
+    if raw is None:
+        raw = task.load("eval", cfg.data_dir, cfg.eval_file)
+    if limit and limit < len(raw):
+        raw = raw.select(range(limit))
+    max_length = cfg.max_length or task.default_max_length
+    feats = cached_features(task, raw, tokenizer, cfg, "eval", causal, max_length, head)
+    if sort:
+        with known_warnings_silenced():
+            feats = feats.sort("length")
+    return raw, feats
+
+
 def load_splits(
-    task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool, prompting=None
+    task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool, head=None
 ) -> Splits:
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
     max_length = cfg.max_length or task.default_max_length
@@ -132,16 +150,22 @@ def load_splits(
     }
     if cfg.max_train_examples and cfg.max_train_examples < len(train_raw):
         train_raw = train_raw.shuffle(seed=seed).select(range(cfg.max_train_examples))
-    eval_raw = eval_all
-    if cfg.max_eval_examples and cfg.max_eval_examples < len(eval_raw):
-        eval_raw = eval_raw.select(range(cfg.max_eval_examples))
-    train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length, prompting)
-    evals = cached_features(task, eval_raw, tokenizer, cfg, "eval", causal, max_length, prompting)
-    # Length-sorted evaluation: batches of similar length carry little padding. Metrics don't
-    # depend on order (QA post-processing joins features to examples by id).
-    with known_warnings_silenced():
-        evals = evals.sort("length")
+    train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length, head)
+    eval_raw, evals = eval_split(
+        task, cfg, tokenizer, causal, head, cfg.max_eval_examples, raw=eval_all
+    )
     return Splits(train_raw, train, eval_raw, evals, max_length, fingerprint)
+
+
+def pad_batches(features, tokenizer, batch_size: int) -> list[dict]:
+    """Padded model inputs (no labels) in feature order: [{input_ids: [b, t], ...}, ...]."""
+    cols = [c for c in MODEL_INPUTS if c in features.column_names]
+    rows = features.select_columns(cols)
+    return [
+        dict(tokenizer.pad([rows[j] for j in range(i, min(i + batch_size, len(rows)))],
+                           return_tensors="pt"))
+        for i in range(0, len(rows), batch_size)
+    ]  # fmt: skip
 
 
 def model_inputs(features):

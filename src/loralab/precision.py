@@ -159,6 +159,11 @@ def resolve(precision: str, shape: tuple[int, int, int] | None = None) -> str:
     return decide(precision, shape)["precision"]
 
 
+def uses_bf16(precision: str, shape: tuple[int, int, int] | None = None) -> bool:
+    """True when `precision` (`auto` resolved for this machine) means bf16 autocast."""
+    return resolve(precision, shape) == "bf16"
+
+
 def cast_frozen(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Store every parameter that does not train in `dtype`; returns how many were cast.
 

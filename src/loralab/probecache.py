@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .cache import cache_dir
+
 
 def best_of_interleaved(time_a: Callable[[], float], time_b: Callable[[], float], bursts=3):
     """(best a, best b) over alternating bursts: a load that comes and goes hits both alike."""
@@ -17,7 +19,6 @@ def best_of_interleaved(time_a: Callable[[], float], time_b: Callable[[], float]
 
 
 def _path(name: str) -> Path:
-    from .models import cache_dir
 
     return cache_dir() / name
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
 
 from . import tracking
 from .config import ExperimentConfig, from_dict, load_yaml
+from .console import known_warnings_silenced
 from .errors import LoralabError
+from .heads import head_for
+from .models import load_for_task
 from .tasks import Task
 
 
-def command_line_trust(cfg: ExperimentConfig, trust_remote_code: bool, source: Path) -> None:
-    """Set model.trust_remote_code from the command line alone; warn when `source` says true.
+def command_line_trust(
+    cfg: ExperimentConfig, trust_remote_code: bool, source: Path
+) -> ExperimentConfig:
+    """A copy of `cfg` whose model.trust_remote_code comes from the command line alone; warns
+    when `source` says true.
 
     A run folder or a study may come from someone else: its config must not switch remote
     code on.
@@ -25,7 +32,7 @@ def command_line_trust(cfg: ExperimentConfig, trust_remote_code: bool, source: P
             "off unless this command is given --trust-remote-code.",
             file=sys.stderr,
         )
-    cfg.model.trust_remote_code = trust_remote_code
+    return replace(cfg, model=replace(cfg.model, trust_remote_code=trust_remote_code))
 
 
 def check_safetensors(path: Path) -> None:
@@ -52,7 +59,7 @@ def open_lora_run(
     adapter is a user error. Remote code follows `trust_remote_code`, never the folder."""
     run_dir = tracking.open_run_dir(run_dir)
     cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
-    command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
+    cfg = command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
     if cfg.train.method != "lora":
         raise LoralabError(
             f"'{run_dir}' is a full fine-tuning run (train.method={cfg.train.method}): there is no "
@@ -78,28 +85,10 @@ def load_base(
     cfg: ExperimentConfig, task: Task, tokenizer=None, progress: bool = False
 ) -> nn.Module:
     """The run's base model with the run's head formulation (classifier or causal LM), eval mode."""
-    from transformers.utils import logging as hf_logging
-
-    from .models import load_model
-    from .train import _auto_class
-
-    head = cfg.model.head
-    kwargs = (
-        {"num_labels": task.num_labels} if task.kind == "classification" and head != "lm" else {}
-    )
     # The head is "missing" from the base checkpoint but comes with the adapter: hide the load
     # report that says otherwise.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, _ = load_model(
-            cfg.model.name, _auto_class(task, head), trust_remote_code=cfg.model.trust_remote_code,
-            progress=progress, **kwargs,
-        )  # fmt: skip
-    finally:
-        hf_logging.set_verbosity(level)
-    if model.config.pad_token_id is None and tokenizer is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    head = head_for(cfg, task)
+    model, _ = load_for_task(cfg.model, head, tokenizer, progress, quiet_load_report=True)
     return model.eval()
 
 
@@ -108,8 +97,6 @@ def load_adapter_model(
 ) -> nn.Module:
     """Base + the run's saved adapter (and trained head), fp32, eval mode."""
     from peft import PeftModel
-
-    from .console import known_warnings_silenced
 
     base = load_base(cfg, task, tokenizer, progress)
     with known_warnings_silenced():

@@ -17,8 +17,14 @@ import torch
 
 from . import accounting, analysis
 from .config import ExperimentConfig
+from .console import library_bars_off
+from .data import model_inputs
 from .errors import LoralabError
+from .heads import Head, head_for
+from .lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
+from .models import is_causal, load_for_task, load_tokenizer, resolve
 from .report import SHARE_TARGET_PCT
+from .tasks import get_task
 
 # Sentences with labels: enough to overfit a few steps, no dataset needed.
 PROBE = [
@@ -31,7 +37,7 @@ PROBE = [
     ("clever and funny", 1),
     ("flat, lifeless and boring", 0),
 ]
-PROBE_VERBALIZERS = (" negative", " positive")  # `--head lm`: the answer word per label
+PROBE_TASK = "sst2"  # the probe is SST-2-shaped: two labels, one sentence
 # Targets are reported, never bent: the exit status follows them only with --strict. The 0.3%
 # comes from the source study's GPT-2 small (294,912 of 124,734,720 weights = 0.24% at r = 8 on
 # c_attn); other models land elsewhere (SmolLM2-135M at r = 8 on q/v: 0.341%, missed).
@@ -86,9 +92,7 @@ class Validation:
 
 # -- the steps a test may break on purpose ------------------------------------------------------
 def wrap(cfg: ExperimentConfig, model, heads: list[str]):
-    from .lora import apply_lora
-
-    task_type = "CAUSAL_LM" if cfg.model.head == "lm" else "SEQ_CLS"
+    task_type = head_for(cfg, get_task(PROBE_TASK)).peft_task_type()
     return apply_lora(cfg.lora, model, heads, task_type=task_type)
 
 
@@ -115,26 +119,22 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------
-def probe_batch(tok, lm_head: bool) -> dict:
-    """The probe sentences as a classifier batch, or (LM head) prompt + verbalizer sequences whose
-    labels are -100 everywhere but on the verbalizer tokens."""
-    if not lm_head:
-        batch = dict(tok([t for t, _ in PROBE], padding=True, return_tensors="pt"))
-        batch["labels"] = torch.tensor([y for _, y in PROBE])
-        return batch
-    seqs, labels = [], []
-    for text, y in PROBE:
-        prompt = tok(f"Review: {text}\nSentiment:")["input_ids"]
-        target = tok(PROBE_VERBALIZERS[y], add_special_tokens=False)["input_ids"]
-        seqs.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return {
-        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
-    }
+def probe_batch(head: Head, tok, causal: bool) -> dict:
+    """The probe sentences as one training batch of `head` (prepared for `tok`), labels
+    included: class labels, or (prompted LM) -100 everywhere but on the verbalizer tokens."""
+    from datasets import Dataset
+
+    rows = Dataset.from_dict(
+        {
+            "text_a": [t for t, _ in PROBE],
+            "text_b": [""] * len(PROBE),
+            "label": [y for _, y in PROBE],
+        }
+    )
+    with library_bars_off():
+        feats = model_inputs(head.featurize(rows, tok, 128, "train", causal))
+    feats = feats.remove_columns([c for c in ("length",) if c in feats.column_names])
+    return dict(head.collator(tok)([feats[i] for i in range(len(feats))]))
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
@@ -168,33 +168,24 @@ def run_checks(
     from peft import PeftModel
     from transformers import AutoConfig, set_seed
 
-    from .lora import adapted_modules, check_targets, linear_layers, resolve_targets
     from .merge import DEFAULT_TOLERANCES, equivalence_bound
-    from .models import load_model, load_tokenizer, resolve
-    from .tasks import get_task
-    from .train import _auto_class, is_causal
 
     if steps < 2:
         raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")
-    lm_head = cfg.model.head == "lm"
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
-    # The probe is SST-2-shaped: a two-label classifier, or the causal LM itself.
-    auto = _auto_class(get_task("sst2"), cfg.model.head)
+    head = head_for(cfg, get_task(PROBE_TASK))
     trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
-    if not lm_head or is_causal(config):  # targets vs layers before any weights load
-        check_targets(cfg.lora, config, auto, trust)
+    head.check_model(config, cfg.model.name)
+    check_targets(cfg.lora, config, head.auto_class(), trust)  # before any weights load
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)
     tok.padding_side = "right"
-    load = lambda: load_model(cfg.model.name, auto, **({} if lm_head else {"num_labels": 2}))  # noqa: E731
+    head.prepare(tok)
+    load = lambda: load_for_task(cfg.model, head, tok)  # noqa: E731
     base, heads = load()
-    if lm_head and not is_causal(base.config):
-        raise LoralabError(
-            f"--head lm needs a causal (decoder) language model; {cfg.model.name} is not one."
-        )
-    batch = probe_batch(tok, lm_head)
+    batch = probe_batch(head, tok, is_causal(config))
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike
@@ -282,7 +273,7 @@ def run_checks(
             f"= {tolerance:g} × max(1, max |logit|)")  # fmt: skip
 
         merged.save_pretrained(str(Path(tmp) / "merged"))
-        exported = auto.from_pretrained(str(Path(tmp) / "merged"))
+        exported = head.auto_class().from_pretrained(str(Path(tmp) / "merged"))
         d, _ = _max_diff(_logits(exported, batch), merged_logits)
         plain = not any("lora" in n for n, _ in exported.named_parameters())
         add("merged_export_loads", plain and d <= 1e-6,

@@ -43,6 +43,10 @@ class Task(ABC):
     prompt_fields: tuple[str, ...] = ()
     verbalizers: tuple[str, ...] = ()
     """`--head lm`: one answer word per label (GLUE)."""
+    label_names: tuple[str, ...] = ()
+    """Classification: one name per label index (exports' id2label, error messages)."""
+    metric_names: tuple[str, ...] = ()
+    """The metrics `score` reports, main one first."""
 
     @property
     def num_labels(self) -> int:
@@ -70,6 +74,14 @@ class Task(ABC):
     @abstractmethod
     def score(self, raw, features, predictions: Any) -> dict[str, float]:
         """Task metrics from the model outputs on `features` (as returned by Trainer.predict)."""
+
+    def label_metrics(self, preds, labels) -> dict[str, float]:
+        """Classification: the task's metrics from predicted and true label indices (any head)."""
+        raise NotImplementedError(f"{self.name} is not a classification task")
+
+    def answer_metrics(self, answers: dict[str, str], raw) -> dict[str, float]:
+        """Question answering: the task's metrics from {example id: answer text} (any head)."""
+        raise NotImplementedError(f"{self.name} is not a question-answering task")
 
     def majority_baseline(self, raw) -> dict[str, float]:
         """The metrics of the trivial answer on `raw` (most frequent label, or "no answer"),

@@ -478,6 +478,9 @@ class SquadV2Task(Task):
             n_best=self.n_best,
             max_answer_len=self.max_answer_len,
         )
+        return self.answer_metrics(answers, raw)
+
+    def answer_metrics(self, answers: dict[str, str], raw) -> dict[str, float]:
         references = {
             qid: list(ans["text"])
             for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)

@@ -1,4 +1,5 @@
-"""The causal-LM formulation (`--head lm`): prompts, verbalizers, target-only loss, scoring, generation.
+"""The prompted causal-LM formulation's machinery: prompts, verbalizers, target-only loss,
+verbalizer scoring and generation (the head object itself is in `heads/lm.py`).
 
 GLUE labels are verbalizer words; the prediction is the label whose continuation the model finds
 most likely (summed log-probability), so every example gets a valid label. SQuAD v2 is answered
@@ -14,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
-from .errors import LoralabError
+from ..config import DataConfig
+from ..errors import LoralabError
 
 UNANSWERABLE = "unanswerable"
 # Tokens kept from the end of a prompt that must be shortened: the instruction and the
@@ -259,11 +260,8 @@ def evaluate(
     task, model, tokenizer, raw, features, p: Prompting, batch_size: int, progress: bool = True
 ) -> dict:
     """Task metrics of the LM formulation (same metric names as the classifier head)."""
-    from . import metrics
-
     if task.kind == "classification":
         preds = score_verbalizers(model, tokenizer, features, p, batch_size, progress).argmax(-1)
         return task.label_metrics(preds, np.asarray(features["label"]))
     answers = generate_answers(model, tokenizer, features, batch_size, progress=progress)
-    refs = {r["id"]: list(r["answers"]["text"]) for r in raw}
-    return metrics.squad_v2_scores(answers, refs)
+    return task.answer_metrics(answers, raw)

@@ -1,0 +1,38 @@
+"""Head registry: `model.head` name -> Head class. Add your own with `register_head`."""
+
+from __future__ import annotations
+
+from ..config import ExperimentConfig
+from ..errors import LoralabError
+from ..tasks import Task
+from .base import Head
+from .classifier import ClassifierHead
+from .lm import PromptedLMHead
+
+_HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(cls: type[Head]) -> type[Head]:
+    """Make `cls` available as `model.head=<cls.name>` (usable as a class decorator)."""
+    _HEADS[cls.name] = cls
+    return cls
+
+
+def head_names() -> list[str]:
+    return list(_HEADS)
+
+
+def head_for(cfg: ExperimentConfig, task: Task) -> Head:
+    """The head object of a run's config, bound to its task (not yet to a tokenizer)."""
+    name = cfg.model.head
+    if name not in _HEADS:
+        raise LoralabError(
+            f"model.head={name!r} is not a known head; known heads: {', '.join(_HEADS)}."
+        )
+    return _HEADS[name](task, cfg.data)
+
+
+register_head(ClassifierHead)
+register_head(PromptedLMHead)
+
+__all__ = ["ClassifierHead", "Head", "PromptedLMHead", "head_for", "head_names", "register_head"]

@@ -1,0 +1,93 @@
+"""What a run's summary.json records about it: provenance, data, parameters, and the identity
+by which runs are pooled."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import layout, precision, tracking
+from .config import ExperimentConfig, to_dict
+from .data import FEATURES_VERSION, Splits
+from .models import canonical
+from .redact import mask_secrets
+from .tasks import Task
+
+
+def base_summary(
+    cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model, task: Task
+) -> dict:
+    """The summary.json of a run as it starts (status `running`); `train` completes it."""
+    return {
+        "status": "running",
+        "run_dir": str(run_dir),
+        "task": cfg.data.task,
+        "method": cfg.train.method,
+        "model": cfg.model.name,
+        "model_source": _model_source(cfg.model.name),
+        "head": cfg.model.head,
+        "seed": cfg.train.seed,
+        "lr": cfg.lr,
+        "lora": to_dict(cfg.lora) if cfg.train.method == "lora" else None,
+        "examples": {"train": len(splits.train_raw), "eval": len(splits.eval_raw)},
+        "features": {"train": len(splits.train), "eval": len(splits.eval)},
+        "max_length": splits.max_length,
+        "features_version": FEATURES_VERSION,
+        "data_fingerprint": splits.fingerprint,
+        "majority_baseline": task.majority_baseline(splits.eval_raw),
+        "identity": identity(cfg, splits),
+        "params": params,
+        "precision": _precision_name(cfg),
+        "layout": layout.record(),  # worker processes side by side, threads in this one
+        "param_dtypes": precision.dtypes(model),
+        "versions": tracking.versions(),
+        "git_commit": tracking.git_commit(),
+        # Credentials on the command line (--storage URL passwords, tokens) never get stored.
+        "command": mask_secrets(" ".join(sys.argv)),
+    }
+
+
+def _model_source(name: str) -> dict:
+    return canonical(name)
+
+
+def _precision_name(cfg: ExperimentConfig) -> str:
+    return "bf16" if precision.uses_bf16(cfg.train.precision) else "fp32"
+
+
+# Settings that do not change what a run computes (where it writes, how often it logs/saves).
+_NOT_IDENTITY = {
+    "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
+    "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
+    "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
+}
+
+
+def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
+    """Everything that defines a run's result except its seed: runs pool only when equal.
+
+    The config with data paths replaced by content fingerprints, `auto` values resolved, and
+    the run/tracking sections and bookkeeping intervals dropped. LoRA settings are absent for
+    full fine-tuning (they do not apply).
+    """
+    d = to_dict(cfg)
+    d.pop("run", None)
+    d.pop("tracking", None)
+    for section, keys in _NOT_IDENTITY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    if cfg.train.method != "lora":
+        d.pop("lora")
+    d["train"]["lr"] = cfg.lr
+    d["train"]["precision"] = _precision_name(cfg)
+    d["data"]["max_length"] = splits.max_length
+    d["data"]["fingerprint"] = splits.fingerprint
+    return d
+
+
+def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:
+    """A copy of `cfg` with the values left to defaults (lr, max_length, precision) filled in,
+    as the run folder's config.yaml records them; loading it back gives the same run."""
+    train_cfg = replace(cfg.train, lr=cfg.lr, precision=_precision_name(cfg))
+    return replace(cfg, train=train_cfg, data=replace(cfg.data, max_length=max_length))

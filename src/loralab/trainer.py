@@ -1,0 +1,144 @@
+"""The Trainer loralab trains with: token counts, a stop on a non-finite loss, a resumable
+length-grouped sampler, a whole-run loss sum in every checkpoint, and a head's own loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from . import precision, rundir, tracking
+from .callbacks import TokenCounts
+from .config import ExperimentConfig
+from .errors import TrainingDiverged
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches whose order depends on (seed, epoch) alone.
+
+    The stock sampler draws from the global RNG when an epoch starts; after a resume in a later
+    epoch that RNG is not where the uninterrupted run had it, so the batches (and the adapter)
+    would differ. Its own generator, reseeded per epoch, makes any resume exact.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class LoralabTrainer(Trainer):
+    """The stock Trainer plus token counting, a stop on a non-finite loss, a (seed, epoch)-seeded
+    length-grouped sampler and a whole-run loss sum kept in every checkpoint."""
+
+    def __init__(self, *args, loss_fn=None, tokens: TokenCounts | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens = tokens if tokens is not None else TokenCounts()
+        self.loss_fn = loss_fn  # the head's loss; None: the model's own
+        # Sum of every training_step loss since step 0, also across resumes (float64, on the
+        # device: no sync per step). The Trainer's own train_loss covers only this process.
+        self.loss_sum_start = 0.0
+        self.loss_sum = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.seed)
+        return sampler
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the Trainer's files: a checkpoint complete enough to pass the check on
+        # resume (trainer_state.json is written last) always has its loss sum.
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
+        tracking.write_json(
+            folder / rundir.LOSS_FILE, {"global_step": self.state.global_step, "loss_sum": total}
+        )
+        super()._save_checkpoint(model, trial)
+
+    def whole_run_loss(self) -> float | None:
+        """Mean training loss over every step of the run (including those before a resume)."""
+        if self.loss_sum is None or not self.state.global_step:
+            return None
+        mean = float(self.loss_sum) / self.state.global_step
+        return mean if math.isfinite(mean) else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_fn is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.loss_fn(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # accelerate autocasts only model.forward; the LM loss calls the decoder and the output
+        # projection directly, so training and prediction steps get the context here as well.
+        return precision.autocast(self.args.bf16, self.args.device)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers 5 shuffles evaluation with a length-grouped sampler when training groups
+        # by length, which breaks the row order that task.score() relies on. Our evaluation set
+        # is already sorted by length, so sequential order is both correct and efficient.
+        return (
+            torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.tokens.count(inputs.get("attention_mask"))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_sum is None:
+            self.loss_sum = torch.tensor(
+                self.loss_sum_start, dtype=torch.float64, device=loss.device
+            )
+        self.loss_sum = self.loss_sum + loss.detach().to(torch.float64)
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1}: the run "
+                "stopped. Checkpoints saved so far are kept. Lower train.lr, or check the data."
+            )
+        return loss
+
+
+def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> TrainingArguments:
+    """The Trainer's arguments for a run of `cfg` writing checkpoints under `run_dir`."""
+    tr = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir / rundir.CHECKPOINT_DIR),
+        per_device_train_batch_size=tr.batch_size,
+        per_device_eval_batch_size=tr.eval_batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=tr.epochs,
+        max_steps=tr.max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=tr.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        optim="adamw_torch",
+        seed=tr.seed,
+        bf16=precision.uses_bf16(cfg.train.precision),
+        # transformers refuses bf16 without a GPU unless told the run is on the CPU on purpose.
+        use_cpu=precision.uses_bf16(cfg.train.precision) and not torch.cuda.is_available(),
+        eval_strategy="steps" if tr.eval_steps else "no",
+        eval_steps=tr.eval_steps,
+        save_strategy="steps",
+        save_steps=tr.save_steps,
+        save_total_limit=2,
+        logging_steps=tr.logging_steps,
+        report_to="none",
+        disable_tqdm=quiet,
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=True,
+    )
