@@ -76,8 +76,11 @@ class LoralabTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_fn is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.loss_fn(model, inputs)
-        return (loss, None) if return_outputs else loss
+        loss = self.loss_fn(model, dict(inputs))
+        if not return_outputs:
+            return loss
+        # A prediction step wants the outputs too: the model's, on the inputs without labels.
+        return loss, model(**{k: v for k, v in inputs.items() if k != "labels"})
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         # accelerate autocasts only model.forward; the LM loss calls the decoder and the output

@@ -11,6 +11,14 @@ from .base import MODEL_COLUMNS, Task
 from .custom import absolute_ref, is_custom_ref, load_custom, short_name
 from .glue import glue_tasks
 
+_REGISTERED: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Make `task` available by its name (`data.task=<task.name>`), beside the built-in ones."""
+    _REGISTERED[task.name] = task
+    return task
+
 
 def registry() -> dict[str, Task]:
     from .squad_v2 import SquadV2Task
@@ -20,7 +28,7 @@ def registry() -> dict[str, Task]:
         prompt='Context: {context}\nQuestion: {question}\nAnswer with words from the context, or "unanswerable":',
         prompt_fields=("context", "question"),
     )
-    return {**glue_tasks(), "squad_v2": squad}
+    return {**glue_tasks(), "squad_v2": squad, **_REGISTERED}
 
 
 def get_task(name: str) -> Task:
@@ -57,6 +65,7 @@ __all__ = [
     "absolute_ref",
     "get_task",
     "is_custom_ref",
+    "register_task",
     "registry",
     "task_label",
 ]
