@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import tracking
+from . import distributed, tracking
 from .checkpoints import newest_good_checkpoint, trim_metrics, warn
 from .config import from_dict, load_yaml
 from .errors import LoralabError
@@ -39,10 +39,15 @@ def resume(
             f"every train.save_steps={cfg.train.save_steps} steps). Nothing was changed. Add "
             "--restart to train it again from step 0 in the same folder, or start a new run."
         )
-    if checkpoint is None:
-        warn([f"restarting '{run_dir}' from step 0 (--restart): its metrics.jsonl starts afresh"])
-        shutil.rmtree(run_dir / tracking.CHECKPOINT_DIR, ignore_errors=True)  # none was usable
-    trim_metrics(run_dir, None if checkpoint is None else int(checkpoint.name.split("-")[-1]))
+    if distributed.is_main():  # one process tidies the folder; the others wait for it
+        if checkpoint is None:
+            warn(
+                [f"restarting '{run_dir}' from step 0 (--restart): its metrics.jsonl starts afresh"]
+            )
+            shutil.rmtree(run_dir / tracking.CHECKPOINT_DIR, ignore_errors=True)  # none usable
+        trim_metrics(run_dir, None if checkpoint is None else int(checkpoint.name.split("-")[-1]))
+    distributed.init()
+    distributed.barrier()
     return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint)
 
 

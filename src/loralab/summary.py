@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import layout, precision, tracking
+from . import distributed, layout, precision, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
 from .models import canonical
@@ -39,6 +39,8 @@ def base_summary(
         "identity": identity(cfg, splits),
         "params": params,
         "precision": _precision_name(cfg),
+        "processes": distributed.world_size(),  # under torchrun: data-parallel processes
+        "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * distributed.world_size(),
         "layout": layout.record(),  # worker processes side by side, threads in this one
         "param_dtypes": precision.dtypes(model),
         "versions": tracking.versions(),
@@ -83,6 +85,8 @@ def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
     d["train"]["precision"] = _precision_name(cfg)
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
+    if distributed.world_size() > 1:  # data parallel: each step sees processes × batch_size
+        d["train"]["processes"] = distributed.world_size()
     return d
 
 

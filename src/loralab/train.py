@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from . import accounting, attention, precision, rundir, tracking
+from . import accounting, attention, distributed, precision, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum
@@ -125,6 +125,8 @@ def train(
     from transformers import AutoConfig
 
     validate(cfg)
+    distributed.init()  # under torchrun / accelerate launch: one run, several processes
+    quiet = quiet or not distributed.is_main()  # one process speaks
     tracking.preflight(cfg)
     # Before any slow work: the run folder must be creatable and writable.
     where = "The run folder" if resume else "run.output_dir"
@@ -156,9 +158,13 @@ def train(
     built = build_model(
         cfg, task, tokenizer, progress=not quiet, attention=kernel["implementation"], head=head
     )
-    run_dir = (
-        Path(resume) if resume else tracking.create_run_dir(resolved_config(cfg, splits.max_length))
-    )
+    if resume:
+        run_dir = Path(resume)
+    else:  # rank 0 creates the folder; every process writes its checkpoints shards there
+        created = None
+        if distributed.is_main():
+            created = tracking.create_run_dir(resolved_config(cfg, splits.max_length))
+        run_dir = distributed.broadcast(created)
     run = _Run(cfg, task, head, built, splits, run_dir, resume is not None, console, quiet)
     kernels = {"precision": precision_decision, "attention": kernel}
     return run.execute(start, callbacks or [], kernels, checkpoint)
@@ -175,7 +181,10 @@ class _Run:
 
     def _trainer(self, params: dict, checksum: str | None, extra: list):
         cfg, splits, tokenizer = self.cfg, self.splits, self.built.tokenizer
-        self.tracker = tracking.Tracker(self.run_dir, cfg, resuming=self.resuming)
+        if distributed.is_main():
+            self.tracker = tracking.Tracker(self.run_dir, cfg, resuming=self.resuming)
+        else:
+            self.tracker = _SilentTracker()
         callbacks = [
             TrackingCallback(self.tracker, cfg.tracking.log_every, params, checksum, self.tokens,
                              self.console),
@@ -254,7 +263,8 @@ class _Run:
             summary.update(
                 status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start
             )
-            tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
+            if distributed.is_main():
+                tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)
             raise
         train_time = time.time() - t0
@@ -269,7 +279,13 @@ class _Run:
         if self.console is not None:
             n = len(self.splits.eval_raw)
             self.console.print(f"[bold green]final eval[/] ({n} examples): {_fmt(metrics)}")
-        self._save_weights(trainer)
+        # Every process trained on its share of the batches: the run's figures are the sums.
+        real, padded, loss = distributed.total(
+            [self.tokens.real, self.tokens.padded, trainer.whole_run_loss() or float("nan")]
+        )
+        loss = loss / distributed.world_size()
+        if distributed.is_main():
+            self._save_weights(trainer)
         verification = {}
         if cfg.train.method == "lora":
             checksum_after = accounting.checksum(accounting.base_parameters(model))
@@ -279,26 +295,27 @@ class _Run:
                 "base_checksum_after": checksum_after,
                 "base_unchanged": checksum_before == checksum_after,
             }
-        tokens = self.tokens
         summary.update(
             status="completed",
             metrics=metrics,
-            train_loss=trainer.whole_run_loss() or train_out.training_loss,
+            train_loss=loss if loss == loss else train_out.training_loss,
             steps=trainer.state.global_step,
             wall_time_s=time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
-            tokens={"real": tokens.real, "padded": tokens.padded},
+            tokens={"real": int(real), "padded": int(padded)},
             tokens_per_s={
-                "real": tokens.real / train_time if train_time else 0.0,
-                "padded": tokens.padded / train_time if train_time else 0.0,
+                "real": real / train_time if train_time else 0.0,
+                "padded": padded / train_time if train_time else 0.0,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
             verification=verification,
         )
-        tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
-        if cfg.train.method == "lora":  # canonical base id, model card
-            finish_adapter(self.run_dir, cfg, self.task, summary)
+        if distributed.is_main():
+            tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
+            if cfg.train.method == "lora":  # canonical base id, model card
+                finish_adapter(self.run_dir, cfg, self.task, summary)
+        distributed.barrier()  # the run folder is complete before any process returns
         self.tracker.summary(
             {f"eval/{k}": v for k, v in metrics.items()}
             | {f"verification/{k}": v for k, v in verification.items() if isinstance(v, bool)}
@@ -316,6 +333,19 @@ class _Run:
             else:
                 trainer.save_model(str(tmp))
             self.built.tokenizer.save_pretrained(str(tmp))
+
+
+class _SilentTracker:
+    """What a process other than rank 0 logs to: nothing (rank 0 owns metrics.jsonl and W&B)."""
+
+    def log(self, record: dict, step: int | None = None) -> None:
+        return None
+
+    def summary(self, values: dict) -> None:
+        return None
+
+    def finish(self, failed: bool = False) -> None:
+        return None
 
 
 def _fmt(metrics: dict) -> str:

@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import precision, rundir, tracking
+from . import distributed, precision, rundir, tracking
 from .callbacks import TokenCounts
 from .config import ExperimentConfig
 from .errors import TrainingDiverged
@@ -53,7 +53,12 @@ class LoralabTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
-            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.seed)
+            # Grouped by the global batch: under data parallelism each process then takes its
+            # slice of the very batches a single process with the same global batch would see.
+            world = self.args.world_size
+            return SeededLengthGroupedSampler(
+                sampler.batch_size * world, sampler.lengths, self.args.seed
+            )
         return sampler
 
     def _save_checkpoint(self, model, trial):
@@ -61,9 +66,13 @@ class LoralabTrainer(Trainer):
         # resume (trainer_state.json is written last) always has its loss sum.
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
-        tracking.write_json(
-            folder / rundir.LOSS_FILE, {"global_step": self.state.global_step, "loss_sum": total}
-        )
+        # Each process summed its own batches' losses: the run's figure is their mean.
+        total = distributed.total([total])[0] / distributed.world_size()
+        if distributed.is_main():
+            tracking.write_json(
+                folder / rundir.LOSS_FILE,
+                {"global_step": self.state.global_step, "loss_sum": total},
+            )
         super()._save_checkpoint(model, trial)
 
     def whole_run_loss(self) -> float | None:
@@ -130,7 +139,9 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         seed=tr.seed,
         bf16=precision.uses_bf16(cfg.train.precision),
         # transformers refuses bf16 without a GPU unless told the run is on the CPU on purpose.
-        use_cpu=precision.uses_bf16(cfg.train.precision) and not torch.cuda.is_available(),
+        # and accelerate sets up data parallelism on CPUs (gloo) only when told so as well.
+        use_cpu=not torch.cuda.is_available()
+        and (precision.uses_bf16(cfg.train.precision) or distributed.world_size() > 1),
         eval_strategy="steps" if tr.eval_steps else "no",
         eval_steps=tr.eval_steps,
         save_strategy="steps",
@@ -144,4 +155,9 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=True,
+        # Each process's loss is the mean over its own batch and DDP averages the gradients,
+        # which equals one process on the global batch. (transformers would otherwise scale the
+        # loss by the process count for models that take loss kwargs but average themselves.)
+        average_tokens_across_devices=False,
+        ddp_find_unused_parameters=False,  # a frozen base is not "unused": it needs no grad
     )
