@@ -1,5 +1,7 @@
 """Every file and folder name of a run directory and of a study folder, and how they are
 written: atomically (a temp name, then a rename) and readable by others under the user's umask.
+Also the JSON result files (credentials masked on the way out, damage reported on the way in),
+the "can this folder be written?" check made before slow work, and opening an existing run.
 
 A run directory (`loralab train`)::
 
