@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 
 from loralab.cli import main
-from loralab.config import LoraConfig
+from loralab.config import LoraSettings as LoraConfig
 from loralab.errors import LoralabError
 from loralab.lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
 from loralab.merge import DEFAULT_TOLERANCES, INFORMATIVE_FACTOR, equivalence_bound

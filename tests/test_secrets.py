@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import write_sst2
 
-from loralab import tracking
+from loralab import rundir
 from loralab.redact import mask_secrets, mask_tree
 
 SECRET = "s3cret-Pa55word"
@@ -43,9 +43,7 @@ def test_mask_uses_secret_environment_values(monkeypatch):
 
 
 def test_write_json_masks_every_string(tmp_path):
-    tracking.write_json(
-        tmp_path / "s.json", {"command": f"x --storage postgresql://u:{SECRET}@h/d"}
-    )
+    rundir.write_json(tmp_path / "s.json", {"command": f"x --storage postgresql://u:{SECRET}@h/d"})
     assert SECRET not in (tmp_path / "s.json").read_text()
 
 

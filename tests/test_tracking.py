@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 from loralab.config import build_config
 from loralab.errors import LoralabError
+from loralab.rundir import read_json, write_json
+from loralab.tracking import create_run_dir
 from loralab.train import train
 
 NAMESPACES = (
@@ -131,3 +135,22 @@ def test_online_without_key_is_a_user_error(tmp_path, sst2_dir, monkeypatch):
     )
     with pytest.raises(LoralabError, match="WANDB_API_KEY"):
         train(cfg, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
+)
+def test_run_files_are_readable_by_others_under_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Results are shared: not the 0600 of a temp file, but what a plain open/mkdir would give."""
+    old = os.umask(umask)
+    try:
+        cfg = build_config(overrides=[f"run.output_dir={tmp_path / 'runs'}", "run.name=r"])
+        run = create_run_dir(cfg)
+        write_json(run / "summary.json", {"status": "completed", "loss": float("nan")})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(run.stat().st_mode) == dir_mode
+    for name in ("config.yaml", "summary.json"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == file_mode, name
+    assert read_json(run / "summary.json") == {"status": "completed", "loss": "nan"}
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "summary.json"]  # no temp left

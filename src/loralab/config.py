@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
+from .coerce import coerce
 from .errors import LoralabError
 
 Method = Literal["lora", "full"]
@@ -38,7 +38,9 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSettings:
+    """The `lora` section. (Not `peft.LoraConfig`, which `lora.py` builds from it.)"""
+
     r: int = 8
     """Rank of the update ΔW = (alpha/r)·B·A."""
     alpha: float = 16.0
@@ -81,11 +83,11 @@ class DataConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (much less padding than random order)."""
     prompt: str | None = None
-    """`--head lm`: prompt template overriding the task's (fields like {text_a}, {question})."""
+    """`model.head: lm`: prompt template overriding the task's (fields like {text_a}, {question})."""
     verbalizers: list[str] | None = None
-    """`--head lm`: answer word per label overriding the task's (e.g. [" bad", " good"])."""
+    """`model.head: lm`: answer word per label overriding the task's (e.g. [" bad", " good"])."""
     chat_template: bool = True
-    """`--head lm`: wrap the prompt in the tokenizer's chat template when it has one."""
+    """`model.head: lm`: wrap the prompt in the tokenizer's chat template when it has one."""
 
 
 @dataclass
@@ -117,7 +119,7 @@ class TrainConfig:
     fp32); `auto` = bf16 where the hardware multiplies bf16 natively (recent GPUs, CPUs with
     AVX512-BF16/AMX), else fp32."""
     save_steps: int = 100
-    """Checkpoint every N optimiser steps (for --resume)."""
+    """Checkpoint every N optimiser steps (a killed run resumes from the last one)."""
     logging_steps: int = 10
     """Log training loss every N steps."""
     eval_steps: int | None = None
@@ -145,7 +147,7 @@ class RunConfig:
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -172,96 +174,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert `value` to type `tp`; raise LoralabError naming `key` otherwise."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise LoralabError(
-                f"Bad value {value!r} for '{key}': allowed values are {', '.join(map(str, allowed))}."
-            )
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        # Try the more specific types first so "16" stays an int, not a str.
-        for arg in sorted((a for a in args if a is not type(None)), key=_specificity):
-            try:
-                return _coerce(value, arg, key)
-            except LoralabError as e:
-                errors.append(str(e))
-        names = " or ".join(_type_name(a) for a in args)
-        raise LoralabError(f"Bad value {value!r} for '{key}': expected {names}.")
-    if origin is list:
-        (item,) = get_args(tp) or (Any,)
-        if isinstance(value, str):
-            if "," not in value:  # "standard" stays a string where a str is also allowed
-                raise LoralabError(f"Bad value {value!r} for '{key}': expected a list.")
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise LoralabError(f"Bad value {value!r} for '{key}': expected a list.")
-        return [_coerce(v, item, key) for v in value]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise LoralabError(f"Bad value {value!r} for '{key}': expected a mapping.")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise LoralabError(f"Bad value {value!r} for '{key}': expected true or false.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise LoralabError(f"Bad value {value!r} for '{key}': expected an integer.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise LoralabError(f"Bad value {value!r} for '{key}': expected an integer.")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise LoralabError(f"Bad value {value!r} for '{key}': expected a number.")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise LoralabError(f"Bad value {value!r} for '{key}': expected a string.")
-    return value
-
-
-def _specificity(tp: Any) -> int:
-    order = {bool: 0, int: 1, float: 2}
-    if get_origin(tp) is Literal:
-        return -1
-    if get_origin(tp) is list:
-        return 4
-    return order.get(tp, 5)
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if get_origin(tp) is list:
-        return "a list"
-    if get_origin(tp) is Literal:
-        return "/".join(map(str, get_args(tp)))
-    return getattr(tp, "__name__", str(tp))
-
-
 def from_dict(data: dict | None, cls: type = ExperimentConfig, prefix: str = "") -> Any:
     """Build a config dataclass from a nested dict; unknown keys and bad values are errors."""
     data = data or {}
@@ -278,7 +190,7 @@ def from_dict(data: dict | None, cls: type = ExperimentConfig, prefix: str = "")
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(value, tp, prefix=f"{full}.")
         else:
-            kwargs[key] = _coerce(value, tp, full)
+            kwargs[key] = coerce(value, tp, full)
     return cls(**kwargs)
 
 

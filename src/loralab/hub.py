@@ -93,17 +93,15 @@ def require_dataset(dataset_id: str, local_hint: str) -> None:
     )
 
 
-def check_push(repo: str) -> None:
-    """A bad --push-to-hub target fails before any training, not after it."""
+def check_push(repo: str, what: str = "The hub repository") -> None:
+    """A bad push target fails before any training, not after it; `what` names it in the error
+    (the CLI passes its flag, "--push-to-hub")."""
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise LoralabError(
-            f"--push-to-hub needs a repository id of the form 'user/name' or 'org/name', "
-            f"got '{repo}'."
+            f"{what} needs a repository id of the form 'user/name' or 'org/name', got '{repo}'."
         )
     if offline():
-        raise LoralabError(
-            f"--push-to-hub {repo}: offline mode is on (HF_HUB_OFFLINE); unset it to push."
-        )
+        raise LoralabError(f"{what} {repo}: offline mode is on (HF_HUB_OFFLINE); unset it to push.")
 
 
 def push_folder(folder: str | Path, repo: str, what: str, private: bool = False) -> str:

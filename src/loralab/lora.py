@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .config import LoraConfig as LoraSpec
+from .config import LoraSettings as LoraSpec
 from .errors import LoralabError
 
 PRESETS = ("standard", "extended", "all-linear")

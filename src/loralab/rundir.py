@@ -1,5 +1,7 @@
 """Every file and folder name of a run directory and of a study folder, and how they are
 written: atomically (a temp name, then a rename) and readable by others under the user's umask.
+Also the JSON result files (credentials masked on the way out, damage reported on the way in),
+the "can this folder be written?" check made before slow work, and opening an existing run.
 
 A run directory (`loralab train`)::
 
@@ -14,12 +16,18 @@ A study or sweep folder::
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from .errors import LoralabError
+from .redact import mask_tree
 
 # A run directory.
 CONFIG_FILE = "config.yaml"
@@ -108,3 +116,90 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON result files, writable folders, an existing run
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with NaN/inf as strings and tensors/arrays as Python numbers, for JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return jsonable(value.item())
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Credentials (URL passwords, tokens) in any string are masked on the way to disk."""
+    text = json.dumps(mask_tree(jsonable(data)), indent=2, sort_keys=False)
+    atomic_write(path, text + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; a missing, unreadable, truncated or non-object file is a user
+    error naming the file (and the line)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoralabError(f"'{path}' does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise LoralabError(
+            f"'{path}' is not UTF-8 text (byte {e.start}): it is damaged or not a JSON file."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise LoralabError(
+            f"'{path}', line {e.lineno}: not valid JSON ({e.msg}); the file is truncated or "
+            "damaged. Restore it, or remove the folder that holds it and run the step again."
+        ) from None
+    except OSError as e:
+        raise LoralabError(f"Cannot read '{path}': {e.strerror}.") from None
+    if not isinstance(data, dict):
+        raise LoralabError(f"'{path}' should hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """Fail now, before any slow work, when folder `path` cannot be created and written.
+
+    Walks up to the nearest existing ancestor: a file on the way, no write permission or a
+    read-only file system is a user error naming `what` (e.g. "run.output_dir"). Creates nothing.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LoralabError(f"{what} '{path}' is a file, not a folder: choose a folder path.")
+    parent = path
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LoralabError(
+            f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder."
+        )
+    try:  # os.access ignores read-only mounts and ACLs; a real probe does not
+        probe = tempfile.mkdtemp(dir=parent, prefix=".loralab-probe-")
+        os.rmdir(probe)
+    except OSError as e:
+        raise LoralabError(
+            f"{what} '{path}' is not writable: cannot write in '{parent}' ({e.strerror}). "
+            "Choose a folder you can write to."
+        ) from None
+    return path
+
+
+def open_run_dir(path: str | Path) -> Path:
+    """An existing run directory (to resume, merge or analyze)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise LoralabError(
+            f"'{path}' is not a loralab run directory: it has no {CONFIG_FILE}. Pass the folder "
+            "that `loralab train` created (it holds config.yaml, metrics.jsonl, summary.json)."
+        )
+    return path

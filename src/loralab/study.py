@@ -31,7 +31,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LoraConfig, from_dict, load_yaml, merge_dicts, to_dict, validate
+from .config import LoraSettings as LoraConfig
+from .config import from_dict, load_yaml, merge_dicts, to_dict, validate
 from .errors import LoralabError
 from .sweep import (
     DEFAULT_HEARTBEAT,

@@ -139,7 +139,7 @@ def point_key(point: dict, base: dict) -> str:
 def variant_slug(diff: dict) -> str:
     """A readable, deterministic suffix for LoRA settings that differ from the base:
     {} -> '', {r: 16, alpha: 32} -> '-r16-a32', {use_dora: True} -> '-dora'."""
-    from .config import LoraConfig
+    from .config import LoraSettings as LoraConfig
 
     order = list(LoraConfig.__dataclass_fields__)
     parts = []

@@ -1,23 +1,23 @@
-"""The run directory (source of truth) and its files: config, metrics JSONL, summary."""
+"""A run's tracking: its folder and config, metrics JSONL, environment facts, a W&B mirror."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from .config import ExperimentConfig, dump_yaml
+from .config import ExperimentConfig, dump_yaml, to_dict
 from .errors import LoralabError
 from .redact import mask_tree
 
-# Names and atomic writes live in rundir; re-exported here for the modules that read them so.
-from .rundir import (  # noqa: E402, F401
+# The run directory's file layer (names, atomic and JSON writes, writability, opening a run)
+# lives in rundir. Only CONFIG_FILE, METRICS_FILE, atomic_write and jsonable are used here; the
+# rest is re-exported for the modules that still read it as `tracking.X` (analyze, artefacts,
+# checkpoints, merge, plots, report, runs, train, worker; tests/test_merge.py).
+from .rundir import (  # noqa: F401
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -25,85 +25,18 @@ from .rundir import (  # noqa: E402, F401
     MODEL_DIR,
     SUMMARY_FILE,
     atomic_write,
+    check_writable,
+    jsonable,
+    open_run_dir,
+    read_json,
+    write_json,
 )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    return value
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Credentials (URL passwords, tokens) in any string are masked on the way to disk."""
-    text = json.dumps(mask_tree(_jsonable(data)), indent=2, sort_keys=False)
-    atomic_write(path, text + "\n")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a file; a missing, unreadable, truncated or non-object file is a user
-    error naming the file (and the line)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoralabError(f"'{path}' does not exist.") from None
-    except UnicodeDecodeError as e:
-        raise LoralabError(
-            f"'{path}' is not UTF-8 text (byte {e.start}): it is damaged or not a JSON file."
-        ) from None
-    except json.JSONDecodeError as e:
-        raise LoralabError(
-            f"'{path}', line {e.lineno}: not valid JSON ({e.msg}); the file is truncated or "
-            "damaged. Restore it, or remove the folder that holds it and run the step again."
-        ) from None
-    except OSError as e:
-        raise LoralabError(f"Cannot read '{path}': {e.strerror}.") from None
-    if not isinstance(data, dict):
-        raise LoralabError(f"'{path}' should hold a JSON object, not {type(data).__name__}.")
-    return data
-
-
-def check_writable(path: str | Path, what: str) -> Path:
-    """Fail now, before any slow work, when folder `path` cannot be created and written.
-
-    Walks up to the nearest existing ancestor: a file on the way, no write permission or a
-    read-only file system is a user error naming `what` (e.g. "--output-dir"). Creates nothing.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise LoralabError(f"{what} '{path}' is a file, not a folder: choose a folder path.")
-    parent = path
-    while not parent.exists():
-        if parent.is_symlink():  # a dangling link: mkdir would fail
-            break
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LoralabError(
-            f"{what} '{path}' cannot be created: '{parent}' is a file, not a folder."
-        )
-    try:  # os.access ignores read-only mounts and ACLs; a real probe does not
-        probe = tempfile.mkdtemp(dir=parent, prefix=".loralab-probe-")
-        os.rmdir(probe)
-    except OSError as e:
-        raise LoralabError(
-            f"{what} '{path}' is not writable: cannot write in '{parent}' ({e.strerror}). "
-            "Choose a folder you can write to."
-        ) from None
-    return path
+from .tasks import task_label
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.model.name).name or cfg.model.name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    from .tasks import task_label
-
     return f"{task_label(cfg.data.task)}-{cfg.train.method}-{model}-s{cfg.train.seed}-{stamp}"
 
 
@@ -121,17 +54,6 @@ def create_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def open_run_dir(path: str | Path) -> Path:
-    """An existing run directory (for --resume, merge, analyze)."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise LoralabError(
-            f"'{path}' is not a loralab run directory: it has no {CONFIG_FILE}. Pass the folder "
-            "that `loralab train` created (it holds config.yaml, metrics.jsonl, summary.json)."
-        )
-    return path
-
-
 class MetricsLog:
     """Append-only JSONL of metrics over time; one flushed line per record."""
 
@@ -139,7 +61,7 @@ class MetricsLog:
         self.path = Path(path)
 
     def log(self, record: dict) -> None:
-        line = json.dumps(_jsonable({"time": round(time.time(), 3), **record}))
+        line = json.dumps(jsonable({"time": round(time.time(), 3), **record}))
         with open(self.path, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
@@ -233,8 +155,6 @@ class Tracker:
             return
         preflight(cfg)
         import wandb
-
-        from .config import to_dict
 
         self.wandb_run = wandb.init(
             project=cfg.tracking.project,

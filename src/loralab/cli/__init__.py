@@ -1,0 +1,99 @@
+"""Command line: each subcommand parses its options and makes one library call.
+
+One module per command group (training, inspection, validation, studies); `options` holds the
+shared argument helpers, `flags` the table that turns config keys in errors into flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from ..errors import LoralabError
+from ..redact import mask_secrets
+from .flags import flags_of, with_flags
+from .inspection import add_analyze, add_merge, cmd_analyze, cmd_merge
+from .options import Parser
+from .studies import (
+    add_ablate,
+    add_report,
+    add_study,
+    add_sweep,
+    cmd_ablate,
+    cmd_report,
+    cmd_study,
+    cmd_sweep,
+)
+from .training import add_convert, add_models, add_train, cmd_convert, cmd_models, cmd_train
+from .validation import add_validate, cmd_validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="loralab", description="Honest, reproducible LoRA studies.")
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_models(sub)
+    add_merge(sub)
+    add_analyze(sub)
+    add_validate(sub)
+    add_convert(sub)
+    add_sweep(sub)
+    add_ablate(sub)
+    add_study(sub)
+    add_report(sub)
+    return parser
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "models": cmd_models,
+    "merge": cmd_merge,
+    "analyze": cmd_analyze,
+    "validate": cmd_validate,
+    "convert": cmd_convert,
+    "sweep": cmd_sweep,
+    "ablate": cmd_ablate,
+    "study": cmd_study,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args._argv = argv  # `study --workers N` starts siblings with the same arguments
+    # Loading reports ("newly initialized: score") are recorded in the summary instead.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if getattr(args, "quiet", False):
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return COMMANDS[args.command](args)
+    except LoralabError as e:
+        # The library names config keys; the user of this command reads its flags too.
+        print(f"loralab: error: {with_flags(str(e), flags_of(args))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("loralab: interrupted; checkpoints and finished files are kept.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.filename is None:
+            raise  # not a file-boundary failure: a bug, keep the traceback
+        # A file or folder the command had to read or write (read-only disk, no permission, a
+        # file where a folder belongs, disk full): the user's to fix, not a bug.
+        print(f"loralab: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_text(e: OSError) -> str:
+    """One paragraph for an OSError at a file boundary, credentials in its paths masked."""
+    target = f"'{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else "")
+    return mask_secrets(
+        f"Cannot use {target}: {e.strerror or type(e).__name__}. Check that the path is a "
+        "folder you can write to (or a file you can read), on a disk with free space."
+    )

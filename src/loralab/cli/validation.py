@@ -1,0 +1,90 @@
+"""`loralab validate`: the named checks that LoRA does what it claims."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import build_config
+from ..rundir import write_json
+from .options import check_out_file, int_at_least, positive_float, refuse_unused
+
+
+def add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="Run the named checks that LoRA does what it claims on a model/config.",
+        description="Invariants (PEFT wrapped, base frozen and unchanged, save/load, merge, "
+        "export, accounting, ...) set the exit status: 0 when all hold, 1 when any fails, 2 on "
+        "bad input. Targets (trainable share ≤ 0.3%; LoRA − full ≥ −3 points with --results) are "
+        "reported as met/missed and fail the command only with --strict.",
+    )
+    p.add_argument(
+        "--model", help="built-in name, hub id, local folder or .gguf file (default: the config's)"
+    )
+    p.add_argument("--strict", action="store_true", help="a missed target also exits 1")
+    p.add_argument(
+        "--results",
+        metavar="DIR",
+        help="folder of LoRA and full fine-tuning runs of this model: adds the LoRA − full target",
+    )
+    p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
+    p.add_argument("--out", default="validate.json", help="where to write the JSON report")
+    p.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        default=20,
+        help="training steps of the probe (default 20)",
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        help="the probe's learning rate (default: train.lr if set, else 1e-3)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=positive_float,
+        default=1e-4,
+        help="merge equivalence tolerance (fp32), times max(1, max |logit|)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 lora.target=extended"
+    )
+
+
+def cmd_validate(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..validate import as_json, drop_targets, run_checks
+
+    refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
+    cfg = build_config(args.config, args.overrides, model={"name": args.model})
+    check_out_file(Path(args.out), "--out")
+    result = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
+    if args.results:
+        result.targets += drop_targets(args.results, cfg.model.name)
+    report = as_json(result, cfg, strict=args.strict)
+    write_json(Path(args.out), report)
+    title = f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
+    table = Table(title=f"{title}\ninvariants (they set the exit status)")
+    for col in ("check", "result", "detail"):
+        table.add_column(col, overflow="fold")
+    for c in result.checks:
+        table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
+    targets = Table(title="targets (reported; they fail the command only with --strict)")
+    for col in ("target", "result", "figure", "detail"):
+        targets.add_column(col, overflow="fold")
+    for t in result.targets:
+        mark = "[green]met[/]" if t.met else "[yellow]target missed[/]"
+        targets.add_row(t.name, mark, t.figure, t.detail)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    console.print(targets)
+    n_met = sum(t.met for t in result.targets)
+    console.print(
+        f"{len(result.checks) - report['n_failed']}/{len(result.checks)} invariants hold; "
+        f"{n_met}/{len(result.targets)} targets met"
+        + (" (--strict: a missed target fails)" if args.strict else "")
+        + f"; report: {args.out}"
+    )
+    return report["exit_status"]
