@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from loralab.heads import prompting as lm
 from loralab.config import build_config
 from loralab.errors import LoralabError
+from loralab.heads import prompting as lm
 from loralab.models import load_model, load_tokenizer
 from loralab.tasks import get_task
 
