@@ -40,6 +40,8 @@ DEFAULT_PROBE = 256
 
 @dataclass
 class AnalysisResult:
+    """The written `analysis/` folder, its analysis.json data and the terminal summary."""
+
     out_dir: Path
     data: dict
     summary: str
