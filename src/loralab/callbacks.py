@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 from transformers import TrainerCallback
@@ -15,38 +14,40 @@ from .tracking import Tracker
 # Per-layer keys kept small: the full table is `loralab analyze`'s job.
 _PER_MODULE_ADAPTER = ("A_norm", "B_norm", "delta_fro_norm")
 _PER_MODULE_RANK = ("effective_rank", "rank_utilisation")
+# Means per module kind and over all modules.
+_MEAN_ADAPTER = ("A_norm", "B_norm", "delta_fro_norm", "delta_spectral_norm", "delta_mean",
+                 "delta_std")  # fmt: skip
+_MEAN_RANK = ("effective_rank", "rank_utilisation", "stable_rank")
 
 
 def adapter_records(model) -> dict[str, float]:
     """`lora_adapters/*` and `lora_rank/*` for a PEFT model: per module, by kind, overall."""
     out: dict[str, float] = {}
-    by_kind: dict[str, list[dict]] = defaultdict(list)
     try:
         factors = analysis.lora_factors(model)
     except analysis.UnsupportedVariant:
         return out  # a variant the factor statistics would misdescribe: log none
+    rows = []
     for f in factors:
         stats = analysis.module_stats(f)
-        by_kind[analysis.module_kind(f.name)].append(stats)
+        rows.append((f.name, stats))
         for k in _PER_MODULE_ADAPTER:
             out[f"lora_adapters/{f.name}/{k}"] = stats[k]
         for k in _PER_MODULE_RANK:
             out[f"lora_rank/{f.name}/{k}"] = stats[k]
-    everything = [s for group in by_kind.values() for s in group]
-    if not everything:
+    if not rows:
         return out
-    for group, rows in [("all", everything), *sorted(by_kind.items())]:
-        for k in (
-            "A_norm",
-            "B_norm",
-            "delta_fro_norm",
-            "delta_spectral_norm",
-            "delta_mean",
-            "delta_std",
-        ):
-            out[f"lora_adapters/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
-        for k in ("effective_rank", "rank_utilisation", "stable_rank"):
-            out[f"lora_rank/{group}/{k}_mean"] = sum(r[k] for r in rows) / len(rows)
+    # "all" sums kind by kind (as it always has: the same float rounding); a NaN statistic
+    # (a diverged run) must show in its mean, not be skipped.
+    keys = _MEAN_ADAPTER + _MEAN_RANK
+    by_kind = [row for group in analysis.group_by_kind(rows).values() for row in group]
+    groups = analysis.kind_means(by_kind, keys, kind=lambda _: "all", finite_only=False)
+    groups |= dict(sorted(analysis.kind_means(rows, keys, finite_only=False).items()))
+    for group, means in groups.items():
+        for k in _MEAN_ADAPTER:
+            out[f"lora_adapters/{group}/{k}_mean"] = means[k]
+        for k in _MEAN_RANK:
+            out[f"lora_rank/{group}/{k}_mean"] = means[k]
     return out
 
 

@@ -111,14 +111,13 @@ def add_analyze(sub) -> None:
 def cmd_merge(args) -> int:
     from rich.console import Console
 
-    from ..merge import parse_tolerances, render, run_merge
+    from ..merge import MergeOptions, parse_tolerances, render, run_merge
 
     if args.push_to_hub:
         if args.no_export:
             raise LoralabError("--push-to-hub uploads the merged export: drop --no-export.")
         check_push(args.push_to_hub, "--push-to-hub")
-    result = run_merge(
-        args.run_dir,
+    options = MergeOptions(
         dtype=args.dtype,
         tolerances=parse_tolerances(args.tolerance),
         max_eval_examples=args.max_eval_examples or None,
@@ -134,6 +133,7 @@ def cmd_merge(args) -> int:
         quiet=args.quiet,
         trust_remote_code=args.trust_remote_code,
     )
+    result = run_merge(args.run_dir, options)
     render(result, Console())
     if args.push_to_hub and result.exit_code == 0 and result.export_dir is not None:
         push(args, result.export_dir, "merged model")
@@ -141,7 +141,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from ..analyze import analyze
+    from ..analysis.analyze import analyze
 
     result = analyze(
         args.run_dir,

@@ -49,6 +49,10 @@ class Head(ABC):
         """Raise LoralabError when this head cannot work with the model (before weights load)."""
         return None
 
+    def export_labels(self) -> tuple[str, ...]:
+        """Label names an exported model's config maps its outputs to (none: no mapping)."""
+        return ()
+
     def prepare(self, tokenizer) -> None:
         """Bind what depends on the tokenizer (prompts, verbalizers); called once, before data."""
         return None

@@ -30,6 +30,9 @@ class ClassifierHead(Head):
     def model_kwargs(self) -> dict:
         return {"num_labels": self.task.num_labels} if self._classifies() else {}
 
+    def export_labels(self) -> tuple[str, ...]:
+        return tuple(self.task.label_names) if self._classifies() else ()
+
     def featurize(self, raw, tokenizer, max_length: int, split: str, causal: bool):
         return self.task.featurize(raw, tokenizer, max_length, self.data.doc_stride, split, causal)
 

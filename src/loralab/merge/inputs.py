@@ -1,0 +1,76 @@
+"""What a merge works on: a LoRA run's config, task, tokenizer, fp32 adapter model (the
+reference) and its length-sorted dev batches, and how their outputs are scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import ExperimentConfig
+from ..data import eval_split, pad_batches
+from ..heads import Head, head_for
+from ..models import is_causal, load_tokenizer
+from ..runs import load_adapter_model, open_lora_run
+from ..tasks import Task, get_task
+
+
+def device() -> torch.device:
+    """Where the merge's models run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Loaded:
+    """A run's config, task, tokenizer, fp32 adapter model and dev batches."""
+
+    run_dir: Path
+    cfg: ExperimentConfig
+    task: Task
+    tokenizer: object
+    reference: nn.Module
+    raw: object
+    feats: object
+    batches: list[dict]
+    head: Head  # the run's formulation, prepared for its tokenizer
+
+    def score(self, model: nn.Module, outs: list[torch.Tensor]) -> dict:
+        """Task metrics of `model`, whose dev-batch outputs (`Head.logits`) are `outs`."""
+        return self.head.score_logits(
+            model, self.tokenizer, self.raw, self.feats, outs, self.cfg.train.eval_batch_size
+        )
+
+    def adapter_model(self) -> nn.Module:
+        """A fresh fp32 copy of the adapter model on the device."""
+        return load_adapter_model(self.cfg, self.task, self.run_dir, self.tokenizer).to(device())
+
+
+def load_run(
+    run_dir, max_eval_examples, data_dir=None, eval_file=None, quiet=False, trust_remote_code=False
+) -> Loaded:
+    """Open a LoRA run for merging: its reference model on the device and its dev batches.
+
+    `data_dir`/`eval_file` replace the run's own (e.g. it was trained elsewhere, or with a
+    relative path) in a copy of its config.
+    """
+    run_dir, cfg = open_lora_run(run_dir, "merge", trust_remote_code)
+    if data_dir or eval_file:
+        data = replace(
+            cfg.data,
+            data_dir=data_dir or cfg.data.data_dir,
+            eval_file=eval_file or cfg.data.eval_file,
+        )
+        cfg = replace(cfg, data=data)
+    task = get_task(cfg.data.task)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, progress=not quiet)
+    tokenizer.padding_side = "right"  # as in training (QA positions are absolute)
+    reference = load_adapter_model(cfg, task, run_dir, tokenizer, progress=not quiet).to(device())
+    head = head_for(cfg, task)
+    head.prepare(tokenizer)
+    caps = [n for n in (max_eval_examples, cfg.data.max_eval_examples) if n]
+    causal = is_causal(reference.config)
+    raw, feats = eval_split(task, cfg.data, tokenizer, causal, head, min(caps) if caps else None)
+    batches = pad_batches(feats, tokenizer, cfg.train.eval_batch_size)
+    return Loaded(run_dir, cfg, task, tokenizer, reference, raw, feats, batches, head)

@@ -1,0 +1,181 @@
+"""`loralab analyze` on tiny trained runs: JSON, plots, hidden states, errors, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import write_sst2
+
+from loralab.analysis.sections import format_summary
+from loralab.cli import main
+
+
+def _train(tmp, data_dir, name, *overrides):
+    from loralab.config import build_config
+    from loralab.train import train
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={data_dir}",
+            "train.max_steps=4",
+            "train.batch_size=8",
+            "train.lr=1e-2",
+            "train.save_steps=100",
+            f"run.output_dir={tmp}",
+            f"run.name={name}",
+            *overrides,
+        ]  # fmt: skip
+    )
+    return train(cfg, quiet=True).run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analyze")
+    data = write_sst2(tmp / "sst2", n_train=32, n_dev=24)
+    return {
+        "data": data,
+        "r4": _train(tmp, data, "r4", "lora.r=4", "lora.alpha=8", "train.seed=1"),
+        "r8": _train(tmp, data, "r8", "lora.r=8", "lora.alpha=16", "train.seed=2"),
+    }
+
+
+def _valid_png(path):
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].var()) > 1e-3, f"{path.name} is blank"
+
+
+def test_analyze_compare_writes_json_plots_and_hidden_states(runs, capsys):
+    from safetensors.torch import load_file
+
+    assert main(["analyze", str(runs["r8"]), "--compare", str(runs["r4"]), "--probe", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "rank utilisation" in out and "φ(1,1)" in out and "CKA" in out
+    folder = runs["r8"] / "analysis"
+    data = json.loads((folder / "analysis.json").read_text())
+    assert data["lora"]["r"] == 8 and data["compare"]["lora"]["r"] == 4
+    names = list(data["modules"])
+    assert len(names) == 4 and {data["modules"][n]["kind"] for n in names} == {
+        "q",
+        "v",
+    }  # 2 layers × q, v
+    m = data["modules"][names[0]]
+    assert len(m["singular_values"]) == 8 and 0 < m["rank_utilisation"] <= 1
+    assert m["amplification"]["amplification"] > 0
+    sim = data["compare"]["similarity"][names[0]]
+    assert len(sim["phi"]) == 8 and len(sim["phi"][0]) == 4 and 0 <= sim["phi_top1"] <= 1
+    assert len(sim["phi_out"]) == 8 and 0 <= sim["phi_out_top1"] <= 1
+    assert data["compare"]["heatmap_layer"] == 1 and len(data["compare"]["heatmap_modules"]) == 2
+    cka = data["representations"]["cka"]
+    assert set(cka) == {"base_vs_adapted", "base_vs_compare", "adapted_vs_compare"}
+    assert set(data["representations"]["cosine_median"]) == set(cka)
+    assert len(cka["base_vs_adapted"]["mean"]) == 3  # embeddings + 2 layers
+    assert cka["base_vs_adapted"]["mean"][0] == pytest.approx(1.0)  # LoRA leaves embeddings alone
+    for f in data["files"]:
+        assert (folder / f).is_file(), f
+        if f.endswith(".png"):
+            _valid_png(folder / f)
+    assert "similarity_layer1.png" in data["files"]
+    assert "CKA" in format_summary(data)  # the summary also works from the JSON on disk
+    hidden = load_file(folder / "hidden_states.safetensors")
+    assert hidden["base.mean"].shape == (3, 16, 64) and hidden["compare.token"].shape == (3, 16, 64)
+    assert not torch.equal(hidden["base.mean"][-1], hidden["adapted.mean"][-1])
+
+    # Without --compare the folder is replaced: no stale heat-map survives.
+    assert main(["analyze", str(runs["r8"]), "--probe", "8"]) == 0
+    data = json.loads((folder / "analysis.json").read_text())
+    assert data["compare"] is None and not list(folder.glob("similarity*"))
+
+
+def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
+    def fails(*argv, needle):
+        assert main(["analyze", *map(str, argv)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err, err
+
+    no_adapter = tmp_path / "no-adapter"
+    no_adapter.mkdir()
+    shutil.copy(runs["r4"] / "config.yaml", no_adapter / "config.yaml")
+    fails(no_adapter, needle="has no saved adapter")
+    fails(tmp_path, needle="not a loralab run directory")
+    fails(runs["r4"], "--probe", 1000, needle="--probe 1000 is out of range")
+    fails(runs["r8"], "--compare", runs["r4"], "--layer", 7, needle="--layer 7 has no adapted")
+
+    other_model = tmp_path / "bert"
+    shutil.copytree(
+        runs["r4"], other_model, ignore=shutil.ignore_patterns("checkpoints", "analysis")
+    )
+    cfg = (other_model / "config.yaml").read_text()
+    (other_model / "config.yaml").write_text(cfg.replace("tiny-llama", "tiny-bert"))
+    fails(runs["r8"], "--compare", other_model, needle="different base models")
+
+    ext = _train(tmp_path, runs["data"], "ext", "lora.target=extended", "train.max_steps=1")
+    fails(runs["r8"], "--compare", ext, needle="different modules")
+
+
+def test_analyze_lm_head_run_probes_with_its_prompts(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from loralab.analysis.analyze import probe_batches
+    from loralab.config import from_dict, load_yaml
+    from loralab.models import load_tokenizer
+    from loralab.tasks import get_task
+
+    data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=24)
+    run = _train(tmp_path, data, "lm", "model.head=lm")
+    assert main(["analyze", str(run), "--probe", "8"]) == 0
+    result = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert len(result["modules"]) == 4 and result["representations"]["cka"]
+    hidden = load_file(run / "analysis" / "hidden_states.safetensors")
+    assert hidden["base.mean"].shape[1] == 8
+    # The probe inputs are the prompts the LM was trained on, not bare sentences.
+    cfg = from_dict(load_yaml(run / "config.yaml"))
+    tok = load_tokenizer("tiny-llama")
+    task = get_task("sst2")
+    batch = probe_batches(cfg, task, task.load("eval", str(data)).select(range(2)), tok, True)[0]
+    text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert "Review: " in text and text.rstrip().endswith("Sentiment:"), text
+
+
+@pytest.mark.parametrize(
+    "overrides, word",
+    [(["lora.use_dora=true"], "DoRA"), (["lora.init_lora_weights=pissa"], "pissa")],
+)
+def test_variants_the_analysis_cannot_describe_are_refused(tmp_path, overrides, word):
+    """DoRA's magnitude and PiSSA's residual base make s·B·A the wrong update: refuse, exit 2."""
+    from conftest import write_sst2
+
+    from loralab import analysis
+    from loralab.cli import main
+    from loralab.config import build_config
+    from loralab.train import train
+
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama", f"data.data_dir={write_sst2(tmp_path / 'd')}",
+            f"run.output_dir={tmp_path / 'runs'}", "train.max_steps=2", "train.batch_size=8",
+            *overrides,
+        ]
+    )  # fmt: skip
+    result = train(cfg, quiet=True)
+    assert result.summary["status"] == "completed"
+    # The live statistics were skipped, not wrong: no lora_adapters/* record was written.
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert not any("lora_adapters/" in line for line in lines)
+    assert main(["analyze", str(result.run_dir)]) == 2
+    assert not (result.run_dir / "analysis").exists()
+    from loralab.runs import load_adapter_model
+    from loralab.tasks import get_task
+
+    model = load_adapter_model(cfg, get_task("sst2"), result.run_dir)
+    with pytest.raises(analysis.UnsupportedVariant, match=word):
+        analysis.lora_factors(model)
+    assert analysis.lora_factors(model, check_variant=False)  # structural use still works
