@@ -58,3 +58,13 @@ def barrier() -> None:
     """Wait until every process gets here (e.g. rank 0 finished writing)."""
     if _active():
         torch.distributed.barrier()
+
+
+def main_first(fn):
+    """`fn()` in rank 0 first, then in the others (e.g. building a cached model once)."""
+    if is_main():
+        out = fn()
+        barrier()
+        return out
+    barrier()
+    return fn()

@@ -138,6 +138,8 @@ def train(
     console = _console(quiet)
 
     set_seed(cfg.train.seed)
+    # A built-in model is materialised once, by rank 0, before the other processes read it.
+    distributed.main_first(lambda: resolve(cfg.model.name, progress=not quiet))
     tokenizer = load_tokenizer(
         cfg.model.name, trust_remote_code=cfg.model.trust_remote_code, progress=not quiet
     )
