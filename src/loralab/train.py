@@ -18,13 +18,14 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import accounting, layout, precision, tracking
+from . import accounting, precision, tracking
 from .callbacks import TrackingCallback
 from .checkpoints import LOSS_FILE, newest_good_checkpoint, read_loss_sum, trim_metrics
 from .config import ExperimentConfig, from_dict, load_yaml, to_dict, validate
 from .data import FEATURES_VERSION, Splits, load_splits, model_inputs
 from .errors import LoralabError, TrainingDiverged
 from .redact import mask_secrets
+from .study import layout
 from .tasks import Task, get_task
 
 

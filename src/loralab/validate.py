@@ -18,7 +18,7 @@ import torch
 from . import accounting, analysis
 from .config import ExperimentConfig
 from .errors import LoralabError
-from .report import SHARE_TARGET_PCT
+from .study.aggregate import SHARE_TARGET_PCT
 
 # Sentences with labels: enough to overfit a few steps, no dataset needed.
 PROBE = [
@@ -305,7 +305,8 @@ def share_target(counts: dict) -> Target:
 
 def drop_targets(results_dir: str | Path, model: str) -> list[Target]:
     """LoRA − full ≥ −3 points for each comparison of `model` in a results folder's runs."""
-    from .report import DROP_TARGET_POINTS, aggregate, deduplicate, load_runs
+    from .study.aggregate import DROP_TARGET_POINTS, aggregate
+    from .study.records import deduplicate, load_runs
 
     records, _ = deduplicate(load_runs(results_dir))
     _, comps = aggregate(records)
