@@ -24,6 +24,7 @@ from ..config import (
     validate,
 )
 from ..errors import LoralabError
+from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
 from .variants import legacy_suffix, slug, variant_slug
 
@@ -102,7 +103,7 @@ class Plan:
         fixed = {
             "data": {"task": point["task"]},
             "train": {"method": point["method"], "lr": point["lr"], "seed": point["seed"]},
-            "run": {"output_dir": str(Path(results_dir or self.results_dir) / "runs"),
+            "run": {"output_dir": str(Path(results_dir or self.results_dir) / RUNS_DIR),
                     "name": point["key"]},
         }  # fmt: skip
         if point["lora"]:
