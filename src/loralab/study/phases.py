@@ -37,7 +37,7 @@ class Ablation:
 
 @dataclass
 class StudySpec:
-    """A validated study spec (see the module docstring and configs/studies/)."""
+    """A validated study spec (read by `spec.load_spec`; examples in configs/studies/)."""
 
     name: str
     path: str

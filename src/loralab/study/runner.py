@@ -29,7 +29,6 @@ from .worker import Worker
 
 
 @dataclass
-@dataclass
 class StudyOutcome:
     lines: list[str]
     unfinished: list[str]  # study names with points not done
