@@ -88,7 +88,7 @@ def test_sweep_point_with_a_password_in_storage_writes_it_nowhere(tmp_path):
     # Nor in the study itself (user attributes of the study and its trials).
     import optuna
 
-    from loralab.sweep import open_storage
+    from loralab.study.storage import open_storage
 
     loaded = optuna.load_study(study_name=study, storage=open_storage(storage))
     attrs = [loaded.user_attrs] + [t.user_attrs for t in loaded.trials]

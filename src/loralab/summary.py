@@ -7,11 +7,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import distributed, layout, precision, tracking
+from . import distributed, precision, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
 from .models import canonical
 from .redact import mask_secrets
+from .study import layout
 from .tasks import Task
 
 

@@ -23,7 +23,7 @@ from .errors import LoralabError
 from .heads import Head, head_for
 from .lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
 from .models import is_causal, load_for_task, load_tokenizer, resolve
-from .report import SHARE_TARGET_PCT
+from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
 
 # Sentences with labels: enough to overfit a few steps, no dataset needed.
@@ -296,7 +296,8 @@ def share_target(counts: dict) -> Target:
 
 def drop_targets(results_dir: str | Path, model: str) -> list[Target]:
     """LoRA − full ≥ −3 points for each comparison of `model` in a results folder's runs."""
-    from .report import DROP_TARGET_POINTS, aggregate, deduplicate, load_runs
+    from .study.aggregate import DROP_TARGET_POINTS, aggregate
+    from .study.records import deduplicate, load_runs
 
     records, _ = deduplicate(load_runs(results_dir))
     _, comps = aggregate(records)

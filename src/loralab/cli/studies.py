@@ -135,7 +135,7 @@ def add_report(sub) -> None:
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):
-    from ..sweep import make_plan
+    from ..study.grid import make_plan
 
     return make_plan(
         kind=kind,
@@ -168,7 +168,8 @@ def _storage_opts(args) -> dict:
 
 
 def _run_plan(args, plan) -> int:
-    from ..sweep import default_study_name, run_sweep
+    from ..study.grid import default_study_name
+    from ..study.sweep import run_sweep
 
     if args.dry_run:
         for p in plan.points():
@@ -190,7 +191,7 @@ def _run_plan(args, plan) -> int:
 
 def cmd_sweep(args) -> int:
     if args.overrides[:1] == ["worker"]:
-        from ..worker import run_worker
+        from ..study.worker import run_worker
 
         grid = [f"--{k.replace('_', '-')}" for k in ("methods", "lora_lr", "full_lr", "seeds",
                 "model", "head", "data_dir", "max_train_examples", "max_eval_examples", "config")
@@ -201,7 +202,7 @@ def cmd_sweep(args) -> int:
                 "URL, or --output-dir holding study.db), optionally --tasks T,... and --output-dir; "
                 f"the grid comes from the study{f' (drop {grid})' if grid else ''}."
             )
-        from ..sweep import parse_list
+        from ..study.grid import parse_list
 
         output = args.output_dir if args.output_dir != "results" or not args.storage else None
         if output:
@@ -220,8 +221,9 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from ..study import dry_run, load_spec, run_study
-    from ..sweep import parse_list
+    from ..study.grid import parse_list
+    from ..study.runner import run_study
+    from ..study.spec import dry_run, load_spec
 
     spec = load_spec(args.spec, args.data_root)
     tasks = parse_list(args.tasks, str, "--tasks")
@@ -230,7 +232,7 @@ def cmd_study(args) -> int:
         print("\n".join(lines))
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
-    from .. import layout
+    from ..study import layout
 
     workers, threads = layout.choose(args.workers)
     siblings = []
@@ -264,7 +266,8 @@ def cmd_report(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..report import CONSOLE_COLUMNS, report
+    from ..study.report import report
+    from ..study.tables import CONSOLE_COLUMNS
 
     if args.out or args.results_dir:
         check_writable(args.out or Path(args.results_dir) / "report", "--out")

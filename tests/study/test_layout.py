@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import write_sst2
 
-from loralab import layout
 from loralab.errors import LoralabError
+from loralab.study import layout
 
-SPEC = Path(__file__).parent.parent / "configs" / "studies" / "tiny.yaml"
+SPEC = Path(__file__).parents[2] / "configs" / "studies" / "tiny.yaml"
 
 
 def test_auto_is_one_single_thread_worker_per_core(monkeypatch):

@@ -20,7 +20,7 @@ from conftest import write_mrpc, write_rte, write_sst2
 
 from loralab.cli import main
 from loralab.errors import LoralabError
-from loralab.sweep import ablation_variants, make_plan
+from loralab.study.grid import ablation_variants, make_plan
 
 TINY = ["train.batch_size=8", "train.logging_steps=5", "train.eval_batch_size=32", "train.save_steps=5"]  # fmt: skip
 FAST = ["--heartbeat", "1", "--grace", "3", "--quiet"]  # a dead worker's point is retried after 3 s
@@ -63,7 +63,7 @@ def test_ablation_plan_and_per_task_overrides(tmp_path):
     plan = _plan(tmp_path, kind="ablation", ablation="rank", tasks="sst2,mrpc", seeds="1",
                  lora_lr="1e-3", overrides=["train.max_steps=5", "mrpc:data.max_train_examples=7"])  # fmt: skip
     assert plan.methods == ["lora"] and plan.group == "ablation-rank"
-    cfgs = {(p["task"], p["r"]): plan.config_for(p) for p in plan.points()}
+    cfgs = {(p["task"], p["lora"].get("r")): plan.config_for(p) for p in plan.points()}
     assert len(cfgs) == 6
     assert cfgs[("mrpc", 16)].data.max_train_examples == 7
     assert cfgs[("sst2", 16)].data.max_train_examples is None
@@ -189,7 +189,7 @@ def _snapshot(run: Path) -> dict[str, str]:
 
 
 def _trials(storage_url: str, study: str):
-    from loralab.sweep import load_study, open_storage
+    from loralab.study.storage import load_study, open_storage
 
     study, _ = load_study(open_storage(storage_url), study)
     return study.get_trials(deepcopy=False)
@@ -352,8 +352,8 @@ def test_a_finished_run_is_reused_from_another_data_location_only_with_the_same_
 
     from loralab.config import build_config
     from loralab.errors import LoralabError
+    from loralab.study.reuse import decide
     from loralab.train import train
-    from loralab.worker import _decide
 
     here = write_sst2(tmp_path / "a" / "sst2")
     cfg = build_config(
@@ -364,8 +364,8 @@ def test_a_finished_run_is_reused_from_another_data_location_only_with_the_same_
     moved = tmp_path / "b" / "sst2"
     shutil.copytree(here, moved)
     same = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(moved)))
-    assert _decide(run, same) == "reuse"
+    assert decide(run, same) == "reuse"
     other = write_sst2(tmp_path / "c" / "sst2", seed=5)  # other rows
     changed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(other)))
     with pytest.raises(LoralabError, match="data.data_dir"):
-        _decide(run, changed)
+        decide(run, changed)

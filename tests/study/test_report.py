@@ -11,18 +11,13 @@ import statistics
 
 import pytest
 
-from loralab import plots
 from loralab.cli import main
-from loralab.report import (
-    aggregate,
-    deduplicate,
-    full_reference,
-    load_runs,
-    lora_slug,
-    mean_std,
-    report,
-)
-from loralab.stats import t_interval, t_quantile
+from loralab.study import plots
+from loralab.study.aggregate import aggregate, full_reference
+from loralab.study.records import deduplicate, load_runs
+from loralab.study.report import report
+from loralab.study.stats import mean_std, t_interval, t_quantile
+from loralab.study.variants import lora_slug
 
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target": "standard", "bias": "none",
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "extra": {}}  # fmt: skip

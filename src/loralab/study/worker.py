@@ -9,12 +9,14 @@ directory is never trained again: a later claim reuses it.
 
 Each run trains in a child process forked from a server that has torch already imported (fast
 starts), so that peak memory is the run's own and a killed worker takes its run down with it.
+
+Layers: `leases` (heartbeats, the point's lock), `reuse` (reuse/resume/train a run directory),
+`child` (the training process); `sweep` creates studies and runs a worker.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
+import dataclasses
 import math
 import multiprocessing as mp
 import os
@@ -24,14 +26,19 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tracking
-from .errors import LoralabError
-from .sweep import (
+from .. import tracking
+from ..config import to_dict
+from ..errors import LoralabError
+from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from .child import child_main
+from .leases import Lease, PointLock
+from .records import main_metric_value, record_from_summary
+from .reuse import decide, read_note
+from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
     ensure_enqueued,
@@ -41,8 +48,6 @@ from .sweep import (
     point_states,
     storage_url,
 )
-
-SWEEP_FILE = "sweep.json"  # in each run directory: which studies and workers used it
 
 
 @dataclass
@@ -61,235 +66,13 @@ class WorkerReport:
         ran = sum(o in ("completed", "diverged") for o in self.handled.values())
         reused = sum(o == "reused" for o in self.handled.values())
         text = (f"study '{self.study}': {done}/{len(self.states)} points done ({ran} run by this "
-                f"worker, {reused} reused); run directories in {self.results_dir / 'runs'}")  # fmt: skip
+                f"worker, {reused} reused); run directories in {self.results_dir / RUNS_DIR}")  # fmt: skip
         if self.unfinished:
             text += f"; not finished: {', '.join(self.unfinished[:5])}" + (
                 " ..." if len(self.unfinished) > 5 else ""
             )
-            text += f" (logs in {self.results_dir / 'logs'}; re-run to retry)"
+            text += f" (logs in {self.results_dir / LOGS_DIR}; re-run to retry)"
         return text
-
-
-class _Lease:
-    """Heartbeats for a claimed trial; `lost` is set when someone else declared it dead."""
-
-    def __init__(self, storage, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        storage.record_heartbeat(trial_id)
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        from optuna.trial import TrialState
-
-        while not self._stop.wait(self.interval):
-            try:
-                if self.storage.get_trial(self.trial_id).state != TrialState.RUNNING:
-                    self.lost.set()
-                    return
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception:  # a database hiccup: the grace period covers a few missed beats
-                pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class _PointLock:
-    """One worker per point and results folder at a time; the kernel drops it if we die."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def acquire(self, lease: _Lease) -> bool:
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if lease.lost.is_set():
-                    return False
-                time.sleep(0.5)
-
-    def note(self, info: dict) -> None:
-        """Who holds the lock (for people, and for tests that kill a worker mid-run)."""
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
-
-    def release(self) -> None:
-        os.close(self.fd)  # closing drops the flock
-
-
-def _resolve_defaults(flat: dict, cfg) -> None:
-    """Fill values left to defaults, as a run folder's config.yaml records them."""
-    from .tasks import get_task
-
-    if flat.get("train.lr") is None:
-        flat["train.lr"] = cfg.lr
-    if flat.get("data.max_length") is None:
-        flat["data.max_length"] = get_task(cfg.data.task).default_max_length
-
-
-def _same_config(run_dir: Path, cfg) -> str | None:
-    """None when the run directory holds this config; else the first differing key."""
-    from .config import from_dict, load_yaml, to_dict
-    from .sweep import _flatten
-
-    def norm(d: dict) -> dict:
-        d = json.loads(json.dumps(d))
-        d.pop("run", None)
-        d["model"].pop("trust_remote_code", None)  # taken from the command line, not the folder
-        for k in ("data_dir", "train_file", "eval_file"):
-            if d["data"].get(k):
-                d["data"][k] = str(Path(d["data"][k]).expanduser().resolve())
-        return _flatten(d)
-
-    have = norm(to_dict(from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))))
-    want = norm(to_dict(cfg))
-    paths = [f"data.{k}" for k in ("data_dir", "train_file", "eval_file")]
-    if any(have.get(k) != want.get(k) for k in paths) and _same_data(run_dir, cfg):
-        for k in paths:  # the folder moved (e.g. a fresh clone elsewhere): same rows, same run
-            have[k] = want.get(k)
-    _resolve_defaults(have, cfg)
-    _resolve_defaults(want, cfg)
-    if want.get("train.precision") == "auto":  # decided per machine when the run started
-        want["train.precision"] = have.get("train.precision")
-    for k in sorted(have.keys() | want.keys()):
-        if have.get(k) != want.get(k):
-            return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"
-    return None
-
-
-def _same_data(run_dir: Path, cfg) -> bool:
-    """Whether the run's recorded data fingerprint equals that of the data `cfg` points at.
-
-    Data paths are stored absolute, so a results folder used from another location (a clone
-    elsewhere) names other paths for the same files; the rows' content decides.
-    """
-    from .data import content_fingerprint
-    from .tasks import get_task
-
-    try:
-        recorded = tracking.read_json(run_dir / tracking.SUMMARY_FILE).get("data_fingerprint") or {}
-    except (LoralabError, OSError):
-        return False
-    if not recorded.get("train_sha256"):
-        return False
-    try:
-        task = get_task(cfg.data.task)
-        train = task.load("train", cfg.data.data_dir, cfg.data.train_file)
-        evals = task.load("eval", cfg.data.data_dir, cfg.data.eval_file)
-    except (LoralabError, OSError):
-        return False
-    return recorded.get("train_sha256") == content_fingerprint(train) and recorded.get(
-        "eval_sha256"
-    ) == content_fingerprint(evals)
-
-
-def _decide(run_dir: Path, cfg) -> str:
-    """reuse (finished), resume (has a checkpoint) or train (fresh)."""
-    if not run_dir.exists():
-        return "train"
-    if not (run_dir / tracking.CONFIG_FILE).is_file():
-        if any(run_dir.iterdir()):
-            raise LoralabError(
-                f"'{run_dir}' exists and is not a loralab run directory; the sweep will not "
-                "touch it. Move it away or use another --output-dir."
-            )
-        return "train"
-    diff = _same_config(run_dir, cfg)
-    if diff:
-        raise LoralabError(
-            f"Run directory '{run_dir}' holds a run with other settings ({diff}). Its results "
-            "are kept: use another --output-dir for this study."
-        )
-    summary = run_dir / tracking.SUMMARY_FILE
-    status = tracking.read_json(summary).get("status") if summary.is_file() else None
-    if status in ("completed", "diverged"):
-        return "reuse"
-    attempts = _read_note(run_dir).get("attempts", [])
-    if (
-        attempts
-        and attempts[-1].get("action") == "resume"
-        and attempts[-1].get("outcome") == "crashed"
-    ):
-        return "train"  # the checkpoint itself is broken (e.g. killed while being written)
-    return "resume" if _usable_checkpoints(run_dir) else "train"
-
-
-def _usable_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints that pass resume's check (trainer_state.json, weights and archives intact);
-    a kill while one was being written leaves a partial folder, removed here so the point is
-    resumed from an earlier one or, with none left, trained afresh."""
-    from .checkpoints import checkpoint_problem, checkpoints
-
-    good = []
-    for ckpt in checkpoints(run_dir):
-        if checkpoint_problem(ckpt) is None:
-            good.append(ckpt)
-        else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return good
-
-
-def _read_note(run_dir: Path) -> dict:
-    path = run_dir / SWEEP_FILE
-    return tracking.read_json(path) if path.is_file() else {}
-
-
-def _child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> None:
-    """In the child: train (or resume) one point, output to its log; exit 0/2/3/1."""
-    _die_with_parent()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    from transformers.utils import logging as hf_logging
-
-    from .config import from_dict
-    from .errors import TrainingDiverged
-    from .train import resume, train
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    code = 0
-    try:
-        if action == "resume":
-            trust = bool(config["model"].get("trust_remote_code"))
-            resume(run_dir, quiet=True, trust_remote_code=trust)
-        else:
-            train(from_dict(config), quiet=True)
-    except TrainingDiverged as e:
-        print(f"loralab: diverged: {e}")
-        code = 3
-    except LoralabError as e:
-        print(f"loralab: error: {e}")
-        Path(err).write_text(str(e))
-        code = 2
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)
-
-
-def _die_with_parent() -> None:
-    """A child must not outlive its worker (else a retried point would train twice)."""
-    parent = mp.parent_process()  # its sentinel is a pipe the worker holds: EOF when it dies
-    if parent is None:
-        return
-
-    def watch() -> None:
-        parent.join()
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 class Worker:
@@ -320,7 +103,7 @@ class Worker:
         methods = mp.get_all_start_methods()
         self.ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self.ctx.set_forkserver_preload(["loralab.train"])
+            self.ctx.set_forkserver_preload(["loralab.study.child"])  # torch, loralab.train
         self.report = WorkerReport(study_name, self.results_dir)
 
     def say(self, text: str) -> None:
@@ -406,7 +189,7 @@ class Worker:
         from optuna.trial import TrialState
 
         tid, key = trial._trial_id, trial.user_attrs["point"]
-        lease = _Lease(self.storage, tid, self.heartbeat)
+        lease = Lease(self.storage, tid, self.heartbeat)
         try:
             self.storage.set_trial_user_attr(tid, "worker", self.identity)
             dup = self._duplicate_of(trial)
@@ -464,9 +247,7 @@ class Worker:
         except Exception:
             pass  # the heartbeat timeout will do the same
 
-    def _run_point(self, trial, point: dict, lease: _Lease):
-        from .report import main_metric_value, record_from_summary
-
+    def _run_point(self, trial, point: dict, lease: Lease):
         key = point["key"]
         cfg = self.plan.config_for(point, self.results_dir)
         if cfg.model.trust_remote_code and not self.trust_remote_code:
@@ -474,14 +255,14 @@ class Worker:
                 f"{key}: warning: the study sets model.trust_remote_code: true; remote code stays "
                 "off unless this worker is started with --trust-remote-code."
             )
-        cfg.model.trust_remote_code = self.trust_remote_code
-        run_dir = self.results_dir / "runs" / key
-        lock = _PointLock(self.results_dir / "locks" / f"{key}.lock")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, trust_remote_code=self.trust_remote_code))  # fmt: skip
+        run_dir = self.results_dir / RUNS_DIR / key
+        lock = PointLock(self.results_dir / LOCKS_DIR / f"{key}.lock")
         if not lock.acquire(lease):
             return "lost", None, None
         error = None
         try:
-            action = _decide(run_dir, cfg)
+            action = decide(run_dir, cfg)
             lock.note({**self.identity, "point": key, "trial": trial.number, "action": action})
             if action == "reuse":
                 outcome = "reused"
@@ -496,7 +277,7 @@ class Worker:
                     code, "crashed"
                 )
             result = None
-            summary = run_dir / tracking.SUMMARY_FILE
+            summary = run_dir / SUMMARY_FILE
             if summary.is_file() and outcome not in ("lost", "crashed", "error"):
                 result = record_from_summary(tracking.read_json(summary))
                 result.update(point=key, group=self.plan.group, study=self.study.study_name)
@@ -508,16 +289,14 @@ class Worker:
         finally:
             lock.release()
 
-    def _spawn(self, action, cfg, run_dir: Path, lease: _Lease, lock: _PointLock, number: int):
-        from .config import to_dict
-
-        logs = self.results_dir / "logs"
+    def _spawn(self, action, cfg, run_dir: Path, lease: Lease, lock: PointLock, number: int):
+        logs = self.results_dir / LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
         log, err = logs / f"{run_dir.name}.log", logs / f"{run_dir.name}.error"
         err.unlink(missing_ok=True)
         with open(log, "a") as fh:
             fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {action} (trial {number}) by {self.identity}\n")  # fmt: skip
-        proc = self.ctx.Process(target=_child_main, args=(action, to_dict(cfg), str(run_dir), str(log), str(err)))  # fmt: skip
+        proc = self.ctx.Process(target=child_main, args=(action, to_dict(cfg), str(run_dir), str(log), str(err)))  # fmt: skip
         proc.start()
         lock.note({**self.identity, "point": run_dir.name, "trial": number, "action": action, "child_pid": proc.pid})  # fmt: skip
         try:
@@ -541,7 +320,7 @@ class Worker:
 
     def _note(self, run_dir: Path, key: str, number: int, action: str, outcome: str) -> None:
         """Append this attempt to RUN_DIR/sweep.json (we hold the point's lock)."""
-        note = _read_note(run_dir) or {"point": key, "groups": [], "studies": [], "attempts": []}
+        note = read_note(run_dir) or {"point": key, "groups": [], "studies": [], "attempts": []}
         if self.plan.group not in note["groups"]:
             note["groups"].append(self.plan.group)
         if self.study.study_name not in note["studies"]:

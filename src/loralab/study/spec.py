@@ -1,48 +1,24 @@
-"""Studies described in YAML (`loralab study SPEC.yaml`): the spec, its phases, the runner.
+"""Studies described in YAML (`loralab study SPEC.yaml`): reading and validating a spec.
 
 A spec names tasks (data, caps, epochs, length), methods, a learning-rate grid per method,
 seeds, how the learning rate is chosen, and ablation axes over any `lora.*` key. It becomes
-Optuna studies of ordinary sweep plans (`sweep.Plan`), per task:
-
-- `<name>-<task>-grid`: every method × its lr grid × the grid seeds (the first seed with
-  `grid_on_first_seed`, every seed with `full_grid`);
-- `<name>-<task>-seeds` (grid_on_first_seed): the other seeds at each method's best lr, made
-  once the grid is complete;
-- `<name>-<task>-ablate-<axis>`: LoRA at each value of the axis, at the grid's best LoRA lr
-  (made once the grid is complete) or at an explicit lr.
+Optuna studies of ordinary sweep plans, one per phase (`phases.py`); `runner.py` runs them.
 
 Every point is a run directory RESULTS/runs/<key>; a point that equals one of another phase
 (the ablation's base value at the best lr and first seed is a grid point) reuses that run.
-Dependent studies are deterministic functions of the stored grid results, so any worker may
-create them and all of them create the same ones.
 """
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import re
-import signal
-import sys
-import threading
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import LoraSettings as LoraConfig
-from .config import from_dict, load_yaml, merge_dicts, to_dict, validate
-from .errors import LoralabError
-from .sweep import (
-    DEFAULT_HEARTBEAT,
-    DEFAULT_MAX_RETRY,
-    Plan,
-    create_or_check,
-    is_final,
-    open_storage,
-    storage_url,
-)
+from ..config import LoraSettings as LoraConfig
+from ..config import from_dict, load_yaml, merge_dicts, validate
+from ..errors import LoralabError
+from ..tasks import get_task
+from .phases import Ablation, StudySpec, phases
 
 SELECTIONS = ("grid_on_first_seed", "full_grid")
 METHODS = ("lora", "full")
@@ -70,39 +46,6 @@ FIXED = {
 }
 ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "tasks", "name")
 AXIS_NAMES = {"lora.r": "rank", "lora.alpha": "alpha", "lora.target": "modules"}
-
-
-@dataclass
-class Ablation:
-    """One axis: LoRA runs at each value of `key` (a lora.* key), all else as the base."""
-
-    key: str
-    values: list
-    name: str
-    scale_alpha: bool = False
-    seeds: list[int] | None = None  # None = the study's first seed
-    lr: float | None = None  # None = the grid's best LoRA lr per task
-    tasks: list[str] | None = None  # None = every task
-
-
-@dataclass
-class StudySpec:
-    """A validated study spec (see the module docstring and configs/studies/)."""
-
-    name: str
-    path: str
-    output_dir: str
-    base: dict
-    tasks: dict[str, dict]  # task -> partial config (paths already joined onto data_root)
-    methods: list[str]
-    lrs: dict[str, list[float]]
-    seeds: list[int]
-    lr_selection: str = "grid_on_first_seed"
-    ablations: list[Ablation] = field(default_factory=list)
-
-    @property
-    def grid_seeds(self) -> list[int]:
-        return self.seeds[:1] if self.lr_selection == "grid_on_first_seed" else list(self.seeds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +109,6 @@ def _join(root: str | None, value: str | None) -> str | None:
 
 
 def _task_config(path, name: str, entry, data_root: str | None) -> dict:
-    from .tasks import get_task
-
     try:
         get_task(name)
     except LoralabError as e:
@@ -315,118 +256,6 @@ def check_data(spec: StudySpec, tasks: list[str]) -> None:
                 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Phases: grid, other seeds, ablations
-
-
-def _lora_of(spec: StudySpec, task: str) -> dict:
-    """The task's effective LoRA section (base <- per-task)."""
-    data = merge_dicts(spec.base, spec.tasks[task])
-    return to_dict(from_dict({"lora": data.get("lora", {})}).lora)
-
-
-def ablation_variants(spec: StudySpec, task: str, abl: Ablation) -> list[dict]:
-    """Each axis value as the diff of LoRA settings from the task's base (deduplicated)."""
-    base = _lora_of(spec, task)
-    field_name = abl.key.split(".", 1)[1]
-    out = []
-    for v in abl.values:
-        lora = dict(base, **{field_name: v})
-        if abl.scale_alpha:
-            lora["alpha"] = float(base["alpha"]) * float(v) / base["r"]
-        full = to_dict(from_dict({"lora": lora}).lora)  # normalised types (16 -> 16.0)
-        diff = {k: full[k] for k in full if full[k] != base[k]}
-        if diff not in out:
-            out.append(diff)
-    return out
-
-
-@dataclass
-class Phase:
-    """One Optuna study of the spec: a task's grid, its other seeds, or one ablation."""
-
-    task: str
-    kind: str  # grid / seeds / ablation
-    ablation: Ablation | None = None
-
-    def study_name(self, prefix: str) -> str:
-        tail = f"ablate-{self.ablation.name}" if self.ablation else self.kind
-        return f"{prefix}-{self.task}-{tail}"
-
-    @property
-    def needs_grid(self) -> bool:
-        return self.kind == "seeds" or (self.ablation is not None and self.ablation.lr is None)
-
-    def plan(self, spec: StudySpec, best: dict[str, float] | None, results_dir: str | None = None) -> Plan:  # fmt: skip
-        """The phase's sweep plan; `best` = the grid's best lr per method (dependent phases)."""
-        # The spec's own keys, not every config default: a later loralab that adds a config key
-        # must still recognise the stored study. The model is spelt out: the keys name it.
-        model = from_dict(merge_dicts(spec.base, spec.tasks[self.task])).model
-        base = merge_dicts(spec.base, {"model": {"name": model.name, "head": model.head}})
-        if self.kind == "grid":
-            methods, lrs, seeds, variants = spec.methods, spec.lrs, spec.grid_seeds, [{}]
-            kind, abl_name = "sweep", None
-        elif self.kind == "seeds":
-            methods, seeds, variants = spec.methods, spec.seeds[1:], [{}]
-            lrs = {m: [best[m]] for m in methods}
-            kind, abl_name = "sweep", None
-        else:
-            a = self.ablation
-            methods, seeds = ["lora"], a.seeds or spec.seeds[:1]
-            lrs = {"lora": [a.lr if a.lr is not None else best["lora"]]}
-            variants = ablation_variants(spec, self.task, a)
-            kind, abl_name = "ablation", a.name
-        return Plan(
-            kind=kind, ablation=abl_name, tasks=[self.task], methods=list(methods), lrs=lrs,
-            seeds=list(seeds), variants=variants, base=base,
-            per_task={self.task: spec.tasks[self.task]},
-            results_dir=str(results_dir or spec.output_dir), slugged=True,
-        )  # fmt: skip
-
-
-def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
-    """Grids first (everything else waits on them), then other seeds, then ablations."""
-    sel = [t for t in spec.tasks if not tasks or t in tasks]
-    out = [Phase(t, "grid") for t in sel]
-    if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds) > 1:
-        out += [Phase(t, "seeds") for t in sel]
-    for a in spec.ablations:
-        out += [Phase(t, "ablation", a) for t in sel if not a.tasks or t in a.tasks]
-    return out
-
-
-def best_lrs(study, plan: Plan) -> dict[str, float] | None:
-    """Each method's lr with the best mean dev value over the grid seeds; None until every
-    grid point is final. A diverged point counts as the worst value; ties go to the first lr."""
-    values: dict[str, float | None] = {p["key"]: None for p in plan.points()}
-    for t in study.get_trials(deepcopy=False):
-        key = t.user_attrs.get("point")
-        if key in values and is_final(t):
-            v = t.values[0] if t.values else None
-            values[key] = v if v is not None and math.isfinite(v) else -math.inf
-    if any(v is None for v in values.values()):
-        return None
-    best = {}
-    for m in plan.methods:
-        scores = []
-        for lr in plan.lrs[m]:
-            vals = [values[p["key"]] for p in plan.points() if p["method"] == m and p["lr"] == lr]
-            scores.append((sum(vals) / len(vals), lr))
-        best[m] = max(scores, key=lambda s: s[0])[1]  # max keeps the first of equal scores
-    return best
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-
-
-@dataclass
-class StudyOutcome:
-    lines: list[str]
-    unfinished: list[str]  # study names with points not done
-    report: object | None = None
-
-
 def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
@@ -441,130 +270,3 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
                 key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
             lines.append(f"  {key}")
     return lines
-
-
-class _Runner:
-    """Round-robin over the phases' studies: one point at a time, grids first."""
-
-    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
-        self.spec, self.storage, self.prefix = spec, storage, prefix
-        self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
-        self.phases = phases(spec, tasks)
-        self.workers: dict[str, object] = {}
-        self.trust_remote_code = trust  # from the command line only, never from the spec
-        self.poll = max(1.0, min(5.0, float(heartbeat)))
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            print(f"[{self.prefix}] {text}", file=sys.stderr, flush=True)
-
-    def worker(self, ph: Phase):
-        """The phase's worker, creating its study when it can be made; None while it waits."""
-        from .worker import Worker
-
-        name = ph.study_name(self.prefix)
-        if name in self.workers:
-            return self.workers[name]
-        best = None
-        if ph.needs_grid:
-            grid = self.worker(Phase(ph.task, "grid"))
-            best = best_lrs(grid.study, grid.plan)
-            if best is None:
-                return None
-            self.say(f"{ph.task}: best lr from the grid {best}; enqueuing {name}")
-        plan = ph.plan(self.spec, best, self.results_dir)
-        create_or_check(self.storage, name, plan)
-        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
-                   self.trust_remote_code)  # fmt: skip
-        self.workers[name] = w
-        return w
-
-    def run(self) -> list[str]:
-        while True:
-            waiting = False
-            ran = False
-            for ph in self.phases:
-                w = self.worker(ph)
-                if w is None:
-                    grid = self.worker(Phase(ph.task, "grid"))
-                    waiting |= "active" in grid.states().values()
-                    continue
-                if w.step():
-                    ran = True
-                    break  # back to the first phase: grids before dependents
-                waiting |= "active" in w.states().values()
-            if ran:
-                continue
-            if not waiting:
-                break
-            time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
-        return self.summary()
-
-    def summary(self) -> list[str]:
-        lines, self.unfinished = [], []
-        for ph in self.phases:
-            name = ph.study_name(self.prefix)
-            w = self.workers.get(name)
-            if w is None:
-                lines.append(f"study '{name}': not started (its task's grid has unfinished points)")  # fmt: skip
-                self.unfinished.append(name)
-                continue
-            w.report.states = w.states()
-            lines.append(w.report.line())
-            if w.report.unfinished:
-                self.unfinished.append(name)
-        return lines
-
-
-def run_study(
-    spec: StudySpec,
-    output_dir: str | None = None,
-    storage: str | None = None,
-    tasks: list[str] | None = None,
-    study: str | None = None,
-    heartbeat: int = DEFAULT_HEARTBEAT,
-    grace: int | None = None,
-    max_retry: int = DEFAULT_MAX_RETRY,
-    quiet: bool = False,
-    trust_remote_code: bool = False,
-) -> StudyOutcome:
-    """Create or continue the spec's studies and work on their points (of `tasks`) until none
-    is left; then write the report of every run under the results folder."""
-    from optuna.exceptions import ExperimentalWarning
-
-    check_data(spec, select_tasks(spec, tasks))
-    results = str(output_dir or spec.output_dir)
-    st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
-    runner = _Runner(
-        spec, st, study or spec.name, tasks, results, heartbeat, quiet, trust_remote_code
-    )
-    old = None
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API
-            lines = runner.run()
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-    rep = write_study_report(results)
-    return StudyOutcome(lines, runner.unfinished, rep)
-
-
-def write_study_report(results: str | Path):
-    """The report of every finished run under `results` (RESULTS/report), one writer at a time."""
-    from .report import load_runs, write_report
-
-    root = Path(results)
-    lock = root / "locks" / "report.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # workers finishing together take turns
-        records = load_runs(root)
-        if not records:
-            return None
-        return write_report(records, root / "report", f"run directories under {root}")
-    finally:
-        os.close(fd)

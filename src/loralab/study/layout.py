@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 
-from .errors import LoralabError
+from ..errors import LoralabError
 
 ENV_WORKERS = "LORALAB_WORKERS"  # set in each worker: how many run side by side (summary)
 ENV_DEFAULT = "LORALAB_STUDY_WORKERS"  # the default of `--workers` (e.g. 1 in the tests)

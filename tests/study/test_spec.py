@@ -21,10 +21,13 @@ from optuna.trial import TrialState, create_trial
 
 from loralab.cli import main
 from loralab.errors import LoralabError
-from loralab.study import ablation_variants, best_lrs, load_spec, phases
-from loralab.sweep import load_study, make_plan, open_storage, variant_slug
+from loralab.study.grid import make_plan
+from loralab.study.phases import ablation_variants, best_lrs, phases
+from loralab.study.spec import load_spec
+from loralab.study.storage import load_study, open_storage
+from loralab.study.variants import variant_slug
 
-TINY = Path(__file__).parent.parent / "configs" / "studies" / "tiny.yaml"
+TINY = Path(__file__).parents[2] / "configs" / "studies" / "tiny.yaml"
 FAST = ["--heartbeat", "1", "--grace", "3", "--quiet"]  # a dead worker's point is retried after 3 s
 
 
@@ -440,7 +443,7 @@ def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(t
     """A second enqueue of a point (two workers creating a study at once) trains it once; a
     grid point held by another worker makes this one wait (not exit) until it is done or, as
     here, its holder is found dead and the point comes back."""
-    from loralab.sweep import create_or_check, storage_url
+    from loralab.study.storage import create_or_check, storage_url
 
     res = tmp_path / "res"
     spec_path = _spec_file(tmp_path, tasks={"sst2": {"data_dir": "glue/sst2", "max_steps": 4,

@@ -1,6 +1,7 @@
 """Report figures (matplotlib's object API with the Agg canvas: no pyplot state, no display).
 
-Every y axis names its metric; legends sit outside the axes, so they never cover data.
+Every y axis names its metric; legends sit outside the axes, so they never cover data. A LoRA
+variant is labelled by its readable slug (`variants.lora_slug`: `r=8 α=16 dora`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from ..rundir import METRICS_FILE
+from .aggregate import full_reference, is_ablation
+from .records import points_per_unit
+from .variants import LORA_DEFAULTS, variant_label
 
 COLORS = {"lora": "#1f77b4", "full": "#555555"}
 NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
@@ -37,21 +43,24 @@ def _legend_outside(fig, axes) -> None:
 
 
 def _ms(cell) -> tuple[float, float]:
-    from .report import points_per_unit
-
     mean, std = cell.stat(cell.metric)
     k = points_per_unit(cell.task)
     return k * mean, 0.0 if math.isnan(std) else k * std
 
 
 def _points(cell, value: float) -> float:
-    from .report import points_per_unit
-
     return points_per_unit(cell.task) * value
 
 
 def lora_vs_full(comps, path: Path) -> Path:
     """Grouped bars per comparison: full fine-tuning vs LoRA at their best learning rates."""
+    lora_vs_full_figure(comps).savefig(path, dpi=110)
+    return path
+
+
+def lora_vs_full_figure(comps):
+    """The figure of `lora_vs_full`: one group per comparison, labelled by task, model and the
+    variant's slug."""
     fig, (ax,) = _figure(1, width=max(4.6, 1.6 * len(comps) + 1.5))
     for i, c in enumerate(comps):
         for j, cell in enumerate((c.full, c.lora)):
@@ -70,15 +79,12 @@ def lora_vs_full(comps, path: Path) -> Path:
     ax.set_ylabel(f"{' / '.join(metrics)} (points), mean ± std")
     ax.set_title("LoRA vs full fine-tuning (best lr each)")
     _legend_outside(fig, [ax])
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
 
 
 def _curve(run: dict, metric: str) -> tuple[list, list]:
     """(steps, values) of `eval/<metric>` in a run's metrics.jsonl."""
-    from . import tracking
-
-    path = Path(run.get("run_dir") or "") / tracking.METRICS_FILE
+    path = Path(run.get("run_dir") or "") / METRICS_FILE
     if not run.get("run_dir") or not path.is_file():
         return [], []
     points = {}
@@ -138,9 +144,8 @@ def _axis(cells) -> tuple[str | None, list[str]]:
 
 def ablation(cells, kind: str, reference):
     """Main metric vs the ablated LoRA setting; one panel per (task, model, head), best lr per
-    setting; the comparable full fine-tuning level as a horizontal reference line."""
-    from .report import lora_slug
-
+    setting; the comparable full fine-tuning level as a horizontal reference line. Lines and
+    ticks are labelled by the variants' slugs (the settings that tell them apart)."""
     panels = sorted({(c.task, c.model, c.head) for c in cells})
     fig, axes = _figure(len(panels))
     for ax, key in zip(axes, panels, strict=True):
@@ -152,7 +157,7 @@ def ablation(cells, kind: str, reference):
                                              for v in {c.lora[x] for c in mine})]  # fmt: skip
             lines: dict[str, list] = {}
             for c in mine:
-                label = " ".join(f"{k}={c.lora.get(k)}" for k in others if k not in tied)
+                label = variant_label(c.lora, [k for k in others if k not in tied])
                 lines.setdefault(label or "LoRA", []).append(c)
             for label, group in sorted(lines.items()):
                 group.sort(key=lambda c: c.lora[x])
@@ -169,7 +174,8 @@ def ablation(cells, kind: str, reference):
             stats = [_ms(c) for c in mine]
             ax.errorbar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
                         fmt="o", capsize=4, color=COLORS["lora"], label="LoRA")  # fmt: skip
-            names = [" ".join(p for p in lora_slug(c.lora).split() if not p.startswith(("r=", "α="))) or "defaults" for c in mine]  # fmt: skip
+            keys = others or list(LORA_DEFAULTS)  # what tells them apart, else all but r and α
+            names = [variant_label(c.lora, keys) or "defaults" for c in mine]
             ax.set_xticks(range(len(mine)), names, fontsize=8, rotation=20)
             ax.set_xlim(-0.6, len(mine) - 0.4)
             ax.set_xlabel("LoRA variant (" + ", ".join(others) + ")" if others else "LoRA variant")
@@ -186,8 +192,6 @@ def ablation(cells, kind: str, reference):
 
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     """(title, path) of every figure the data allow."""
-    from .report import full_reference, is_ablation
-
     out = []
     if comps:
         out.append(("LoRA vs full fine-tuning", lora_vs_full(comps, folder / "lora_vs_full.png")))

@@ -1,0 +1,254 @@
+"""Cells and comparisons: records of one identity pooled over seeds, the learning rate chosen
+on dev, LoRA against full fine-tuning run for run.
+
+For each identity minus the learning rate, the learning rate with the best mean dev score of
+the task's main metric is chosen (the LoRA paper's protocol; the dev set is also the reported
+set, as GLUE test labels are not public). LoRA is compared with full fine-tuning run for run:
+per seed run by both, the difference of the main metric; its mean and a 95% Student-t interval
+over seeds. A LoRA variant is its whole `lora` section (part of the identity), named by
+`variants.lora_slug`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .records import identity_hash, main_metric, points_per_unit, record_identity, without
+from .stats import mean_std, t_interval
+from .variants import is_number, lora_slug
+
+DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
+SHARE_TARGET_PCT = 0.3  # ... with at most 0.3% of the weights trainable (adapters, no head)
+UNINFORMATIVE_POINTS = 1.0  # both methods this close to the majority baseline: nothing learned
+
+
+@dataclass
+class Cell:
+    """The runs of one (group, identity): same everything but the seed."""
+
+    group: str
+    identity_id: str
+    runs: list = field(default_factory=list)
+    best: bool = False
+
+    @property
+    def first(self) -> dict:
+        return self.runs[0]
+
+    task = property(lambda self: self.first["task"])
+    model = property(lambda self: self.first["model"])
+    method = property(lambda self: self.first["method"])
+    lora = property(lambda self: self.first.get("lora"))
+    head = property(lambda self: self.first.get("head") or "classifier")
+    lr = property(lambda self: float(self.first["lr"]))
+
+    @property
+    def identity(self) -> dict:
+        return self.first.get("identity") or {}
+
+    @property
+    def variant(self) -> str:
+        return lora_slug(self.lora)
+
+    @property
+    def done(self) -> list[dict]:
+        return sorted((r for r in self.runs if r["status"] == "completed"), key=_seed_key)
+
+    @property
+    def metric(self) -> str:
+        return main_metric(self.task)
+
+    def values(self, metric: str, source: str = "metrics") -> list[float]:
+        return [r[source][metric] for r in self.done if metric in (r.get(source) or {})]
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        return mean_std(self.values(metric))
+
+    def avg(self, key: str) -> float:
+        vals = [r[key] for r in self.done if is_number(r.get(key))]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def reference(self, source: str) -> float:
+        """The main metric of the majority baseline / zero-shot model, mean over runs."""
+        vals = [r[source][self.metric] for r in self.runs if self.metric in (r.get(source) or {})]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    @property
+    def metrics(self) -> list[str]:
+        names = {m for r in self.done for m in r["metrics"]}
+        return sorted(names, key=lambda m: (m != self.metric, m))
+
+    @property
+    def family(self) -> tuple:
+        """Cells that differ only in the learning rate: the best one is chosen on dev."""
+        if self.identity:
+            return (self.group, identity_hash(without(self.identity, "train.lr")))
+        return (self.group, record_identity({**self.first, "lr": None}))
+
+    @property
+    def counterpart(self) -> tuple:
+        """What LoRA and full fine-tuning must share to be compared: all but method, lr, LoRA."""
+        base = without(self.identity, "train.lr", "train.method", "lora")
+        if not self.identity:
+            base = {k: self.first.get(k) for k in ("task", "model", "head")}
+        return (self.group, identity_hash(base))
+
+    @property
+    def data(self) -> str:
+        """Data fingerprint (short) and caps, e.g. '3fa2b1c0 train≤2000 eval≤500'."""
+        d = self.identity.get("data") or {}
+        fp = d.get("fingerprint")
+        text = short_fingerprint(fp) if fp else "unknown (old run)" if self.identity else "—"
+        caps = [f"{s}≤{d[k]}" for s, k in (("train", "max_train_examples"),
+                                           ("eval", "max_eval_examples")) if d.get(k)]  # fmt: skip
+        return " ".join([text, *caps]) if caps else f"{text} uncapped" if fp else text
+
+    @property
+    def schedule(self) -> str:
+        t = self.identity.get("train") or {}
+        plan = f"{t['max_steps']} steps" if (t.get("max_steps") or -1) > 0 else (
+            f"{t['epochs']:g} ep" if is_number(t.get("epochs")) else "—")  # fmt: skip
+        steps = {r.get("steps") for r in self.done if r.get("steps")}
+        return plan + (f" ({'/'.join(map(str, sorted(steps)))} steps)" if steps and "steps" not in plan else "")  # fmt: skip
+
+
+def short_fingerprint(fp: dict | str) -> str:
+    """'1a2b3c4d/5e6f7a8b': the first hex digits of the train and eval rows' SHA-256."""
+    if isinstance(fp, dict):
+        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
+    return str(fp)[:8]
+
+
+def _seed_key(r: dict):
+    return (str(type(r.get("seed"))), r.get("seed"))
+
+
+@dataclass
+class Comparison:
+    """A LoRA cell against the full fine-tuning cell it is comparable with (best lr each)."""
+
+    lora: Cell
+    full: Cell | None
+
+    task = property(lambda self: self.lora.task)
+    model = property(lambda self: self.lora.model)
+    head = property(lambda self: self.lora.head)
+
+    @property
+    def pairs(self) -> list[tuple]:
+        """(seed, LoRA value, full value) of the main metric for each seed both methods ran."""
+        if self.full is None:
+            return []
+        m = self.lora.metric
+        full = {r["seed"]: r["metrics"][m] for r in self.full.done if m in r["metrics"]}
+        return [(r["seed"], r["metrics"][m], full[r["seed"]])
+                for r in self.lora.done if m in r["metrics"] and r["seed"] in full]  # fmt: skip
+
+    @property
+    def diffs(self) -> list[float]:
+        """LoRA − full per seed, in points."""
+        k = points_per_unit(self.task)
+        return [k * (a - b) for _, a, b in self.pairs]
+
+    @property
+    def interval(self) -> tuple[float, float, float]:
+        """(mean, low, high) of the paired differences: 95% Student-t over seeds."""
+        return t_interval(self.diffs) if self.diffs else (math.nan, math.nan, math.nan)
+
+    @property
+    def delta_points(self) -> float:
+        return self.interval[0]
+
+    @property
+    def uninformative(self) -> bool:
+        """Both methods within 1 point of always answering the majority class: no signal."""
+        if self.full is None:
+            return False
+        k = points_per_unit(self.task)
+        base = self.lora.reference("majority")
+        if math.isnan(base):
+            base = self.full.reference("majority")
+        means = [c.stat(c.metric)[0] for c in (self.lora, self.full)]
+        return not math.isnan(base) and all(abs(k * (m - base)) <= UNINFORMATIVE_POINTS for m in means)  # fmt: skip
+
+    @property
+    def drop_ok(self) -> bool | None:
+        d = self.delta_points
+        return None if math.isnan(d) else d >= -DROP_TARGET_POINTS
+
+    @property
+    def share_ok(self) -> bool | None:
+        s = self.lora.avg("trainable_share_without_head_pct")
+        return None if math.isnan(s) else s <= SHARE_TARGET_PCT
+
+    @property
+    def verdict(self) -> str:
+        """e.g. 'PASS: −1.20 [−2.90, +0.50]'; 'uninformative: …'; 'n/a: …'."""
+        if self.full is None:
+            return "n/a: no comparable full run"
+        if not self.diffs:
+            return "n/a: no seed run by both methods"
+        mean, lo, hi = self.interval
+        ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
+        if self.uninformative:
+            return (
+                f"uninformative (both ≤ {UNINFORMATIVE_POINTS:g} pt from majority): {mean:+.2f}{ci}"
+            )
+        return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
+
+
+def _selection_score(cells: list[Cell]):
+    """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
+
+    With a grid on the first seed and the other seeds at the winner, comparing means over all
+    seeds would set the winner's three seeds against the others' one: only the shared seed(s)
+    compare like with like, and that is also what the study chose on.
+    """
+    shared = set.intersection(*({r["seed"] for r in c.done} for c in cells))
+
+    def score(c: Cell) -> float:
+        vals = [r["metrics"][c.metric] for r in c.done
+                if r["seed"] in shared and c.metric in r["metrics"]]  # fmt: skip
+        return sum(vals) / len(vals) if vals else c.stat(c.metric)[0]
+
+    return score
+
+
+def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
+    """Cells (every lr, `best` marked) and LoRA-vs-full comparisons at the best lr."""
+    cells: dict[tuple, Cell] = {}
+    for r in records:
+        key = (r["group"], record_identity(r))
+        cells.setdefault(key, Cell(*key)).runs.append(r)
+    ordered = sorted(cells.values(), key=_order)
+    families: dict[tuple, list[Cell]] = {}
+    for c in ordered:
+        families.setdefault(c.family, []).append(c)
+    for fam in families.values():
+        scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
+        if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
+            max(scored, key=_selection_score(scored)).best = True
+    best = [c for c in ordered if c.best]
+    fulls = {c.counterpart: c for c in best if c.method == "full"}
+    comps = [Comparison(c, fulls.get(c.counterpart)) for c in best
+             if c.method == "lora" and not is_ablation(c.group)]  # fmt: skip
+    return ordered, comps
+
+
+def is_ablation(group: str) -> bool:
+    return group.startswith("ablation")
+
+
+def _order(c: Cell) -> tuple:
+    return (is_ablation(c.group), c.group, c.task, c.model, c.head, c.data, c.method != "lora",
+            c.lora.get("r", 0) if c.lora else 0, c.variant, c.lr)  # fmt: skip
+
+
+def full_reference(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The best full fine-tuning cell comparable with `cell` in any non-ablation group."""
+    key = cell.counterpart[1]
+    for c in cells:
+        if c.best and c.method == "full" and c.counterpart[1] == key:
+            return c
+    return None

@@ -1,0 +1,66 @@
+"""The child process that trains (or resumes) one point, its output to the point's log.
+
+Forked from a server that has torch and `loralab.train` already imported (fast starts), so that
+peak memory is the run's own and a killed worker takes its run down with it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from ..config import from_dict
+from ..errors import LoralabError, TrainingDiverged
+from ..resume import resume
+from ..train import train
+
+
+def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> None:
+    """In the child: train (or resume) one point, output to its log; exit 0/2/3/1."""
+    _die_with_parent()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    code = 0
+    try:
+        if action == "resume":
+            trust = bool(config["model"].get("trust_remote_code"))
+            resume(run_dir, quiet=True, trust_remote_code=trust)
+        else:
+            train(from_dict(config), quiet=True)
+    except TrainingDiverged as e:
+        print(f"loralab: diverged: {e}")
+        code = 3
+    except LoralabError as e:
+        print(f"loralab: error: {e}")
+        Path(err).write_text(str(e))
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _die_with_parent() -> None:
+    """A child must not outlive its worker (else a retried point would train twice)."""
+    parent = mp.parent_process()  # its sentinel is a pipe the worker holds: EOF when it dies
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -1,0 +1,288 @@
+"""Sweep and ablation plans: the grid of points and the training config of each.
+
+A study is a fixed grid of points (task × method × learning rate × seed × LoRA variant). Every
+point is one ordinary `train` run with a deterministic run directory, RESULTS/runs/<point key>.
+A LoRA variant is data: the `lora.*` settings a point sets (`point["lora"]`, {} for full
+fine-tuning). The plan is stored in the study (`storage.py`), so a worker on another machine
+needs only the study name and the storage URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import (
+    ExperimentConfig,
+    build_config,
+    from_dict,
+    merge_dicts,
+    parse_overrides,
+    to_dict,
+    validate,
+)
+from ..errors import LoralabError
+from ..rundir import RUNS_DIR
+from ..tasks import absolute_ref, get_task, task_label
+from .variants import legacy_suffix, slug, variant_slug
+
+DEFAULT_LR = {"lora": [1e-4, 3e-4], "full": [1e-5, 3e-5]}
+DEFAULT_SEEDS = [42, 1337, 2024]
+ABLATIONS = ("rank", "alpha", "modules", "all")
+RANKS = (4, 8, 16)  # alpha = 2·r in the rank ablation
+ALPHAS = (8.0, 16.0, 32.0)  # at r = 8
+PRESETS = ("standard", "extended", "all-linear")
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs to run any point of a study."""
+
+    kind: str  # "sweep" or "ablation"
+    ablation: str | None
+    tasks: list[str]
+    methods: list[str]
+    lrs: dict[str, list[float]]
+    seeds: list[int]
+    variants: list[dict]  # lora.* settings per variant; a sweep has one
+    base: dict  # ExperimentConfig as a dict, without the `run` section
+    per_task: dict = field(default_factory=dict)  # task -> partial config mapping
+    results_dir: str = "results"
+    # Variants as any lora.* settings (the diff from the base), named by `variant_slug` in the
+    # keys; else {r, alpha, target}, named by `legacy_suffix` (the keys of `loralab sweep`).
+    slugged: bool = False
+
+    @property
+    def group(self) -> str:
+        """The report section this study's runs belong to."""
+        return "sweep" if self.kind == "sweep" else f"ablation-{self.ablation}"
+
+    def points(self) -> list[dict]:
+        """The grid, seed-major, so that a stopped sweep already has whole seeds."""
+        out = []
+        for task in self.tasks:
+            for seed in self.seeds:
+                for method in self.methods:
+                    for lr in self.lrs.get(method, []):
+                        for v in self.variants if method == "lora" else [{}]:
+                            p = {"task": task, "method": method, "lr": lr, "seed": seed,
+                                 "lora": dict(v)}  # fmt: skip
+                            p["key"] = point_key(p, self.base, self.slugged)
+                            out.append(p)
+        return out
+
+    def fingerprint(self) -> str:
+        """Identifies the grid and the settings of every run (not the results folder)."""
+        data = {
+            "v": PLAN_VERSION,
+            "points": self.points(),
+            "base": self.base,
+            "per_task": self.per_task,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {"version": PLAN_VERSION, **asdict(self), "fingerprint": self.fingerprint()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        if data.get("version") != PLAN_VERSION:
+            raise LoralabError(
+                f"The study was made by another loralab version (plan version {data.get('version')}, "
+                f"this one reads {PLAN_VERSION}): run it with that version."
+            )
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def config_for(self, point: dict, results_dir: str | Path | None = None) -> ExperimentConfig:
+        """The full training config of one point, its run directory RESULTS/runs/<key>."""
+        data = merge_dicts(self.base, self.per_task.get(point["task"], {}))
+        fixed = {
+            "data": {"task": point["task"]},
+            "train": {"method": point["method"], "lr": point["lr"], "seed": point["seed"]},
+            "run": {"output_dir": str(Path(results_dir or self.results_dir) / RUNS_DIR),
+                    "name": point["key"]},
+        }  # fmt: skip
+        if point["lora"]:
+            fixed["lora"] = point["lora"]
+        return from_dict(merge_dicts(data, fixed))
+
+
+def point_key(point: dict, base: dict, slugged: bool = True) -> str:
+    """Deterministic run-directory name, e.g. sst2-lora-smollm2-135m-lr0.0003-s42-r8-a16-standard
+    (`slugged`: the variant named by `variant_slug`, else by `legacy_suffix`)."""
+    model = slug(Path(base["model"]["name"]).name or base["model"]["name"])
+    head = "-lm" if base["model"].get("head") == "lm" else ""
+    task = task_label(point["task"], unique=True)  # a custom task is a path: keep its name
+    key = f"{task}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
+    if slugged:
+        return key + variant_slug(point["lora"])
+    return key + (legacy_suffix(point["lora"]) if point["method"] == "lora" else "")
+
+
+def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
+    """LoRA settings of an ablation: rank (alpha = 2r), alpha (r = 8), module preset, or all."""
+    target = base_lora["target"]
+    if kind == "rank":
+        return [{"r": r, "alpha": 2.0 * r, "target": target} for r in RANKS]
+    if kind == "alpha":
+        return [{"r": 8, "alpha": a, "target": target} for a in ALPHAS]
+    if kind == "modules":
+        return [
+            {"r": base_lora["r"], "alpha": float(base_lora["alpha"]), "target": p} for p in PRESETS
+        ]
+    if kind == "all":
+        return [{"r": r, "alpha": a, "target": p} for r in RANKS for a in ALPHAS for p in PRESETS]
+    raise LoralabError(f"Unknown ablation type '{kind}': choose one of {', '.join(ABLATIONS)}.")
+
+
+AXIS_KEYS = {"rank": ("lora.r", "lora.alpha"), "alpha": ("lora.r", "lora.alpha"),
+             "modules": ("lora.target",), "all": ("lora.r", "lora.alpha", "lora.target")}  # fmt: skip
+
+
+def check_honoured(kind: str, ablation: str | None, glob: list[str], per_task: list[str]) -> None:
+    """Overrides the grid would silently replace are errors, never ignored."""
+    for item in glob + per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()  # per-task items: TASK:key=value
+        if key.startswith("run."):
+            raise LoralabError(
+                f"{item} cannot be honoured: every point's run directory is RESULTS/runs/<point> "
+                "(the results folder is --output-dir; the folder name is the point's key). Drop it."
+            )
+        if kind == "ablation" and key in AXIS_KEYS.get(ablation or "", ()):
+            raise LoralabError(
+                f"{item} cannot be honoured: the {ablation} ablation sets "
+                f"{' and '.join(AXIS_KEYS[ablation])} per point. Drop it, or describe the values "
+                "you want as an ablation axis in a study spec (`loralab study SPEC.yaml`)."
+            )
+    for item in per_task:
+        key = item.split("=", 1)[0].split(":")[-1].strip()
+        if key in ("lora.r", "lora.alpha", "lora.target"):
+            raise LoralabError(
+                f"{item} cannot be honoured: a sweep sets {key} per point from the common LoRA "
+                "settings, the same for every task. Give it for every task (without the task "
+                "prefix), or use a study spec with per-task settings."
+            )
+
+
+def parse_list(text: str | None, kind: type, name: str) -> list | None:
+    """'1e-4,3e-4' -> [0.0001, 0.0003]; None stays None (use the default)."""
+    if text is None:
+        return None
+    out = []
+    for item in (s.strip() for s in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise LoralabError(f"{name}: '{item}' is not a {kind.__name__}.") from None
+    return out
+
+
+def make_plan(
+    kind: str = "sweep",
+    ablation: str | None = None,
+    tasks: str | None = None,
+    methods: str | None = None,
+    lora_lr: str | None = None,
+    full_lr: str | None = None,
+    seeds: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    results_dir: str = "results",
+    **sections: dict,
+) -> Plan:
+    """A validated plan from command-line style options (comma lists as strings).
+
+    `overrides` are dotted keys for every point (train.max_steps=100) or, prefixed with a task
+    and a colon, for one task's points (squad_v2:data.train_file=...).
+    """
+    glob, per_task_items = [], {}
+    for item in overrides or []:
+        head = item.split("=", 1)[0]
+        if ":" in head:
+            task, rest = item.split(":", 1)
+            per_task_items.setdefault(task.strip(), []).append(rest)
+        else:
+            glob.append(item)
+    grid_keys = {"train.lr": "--lora-lr/--full-lr", "train.seed": "--seeds",
+                 "train.method": "--methods", "data.task": "--tasks"}  # fmt: skip
+    for item in [*glob, *(x for v in per_task_items.values() for x in v)]:
+        key = item.split("=", 1)[0].strip()
+        if key in grid_keys:
+            raise LoralabError(f"{key} is set per point by the grid: use {grid_keys[key]} instead.")
+    check_honoured(kind, ablation, glob, [f"{t}:{x}" for t, v in per_task_items.items() for x in v])
+    base_cfg = build_config(config, glob, **sections)
+    task_list = parse_list(tasks, str, "--tasks")
+    task_list = [base_cfg.data.task] if task_list is None else task_list
+    task_list = [absolute_ref(t) for t in task_list]  # workers may run in another folder
+    for t in [*task_list, *per_task_items]:
+        get_task(t)
+    strays = sorted(set(per_task_items) - set(task_list))
+    if strays:
+        raise LoralabError(f"Overrides for {', '.join(strays)}, which is not in the grid's tasks.")
+    if kind == "ablation":
+        method_list = ["lora"]
+        variants = ablation_variants(ablation, asdict(base_cfg.lora))
+    else:
+        method_list = parse_list(methods, str, "--methods")
+        method_list = ["lora", "full"] if method_list is None else method_list
+        bad = [m for m in method_list if m not in DEFAULT_LR]
+        if bad:
+            raise LoralabError(f"--methods: unknown method(s) {bad}; use lora and/or full.")
+        lo = base_cfg.lora
+        variants = [{"r": lo.r, "alpha": float(lo.alpha), "target": lo.target}]
+    lrs = {
+        "lora": parse_list(lora_lr, float, "--lora-lr"),
+        "full": parse_list(full_lr, float, "--full-lr"),
+    }
+    lrs = {m: DEFAULT_LR[m] if v is None else v for m, v in lrs.items() if m in method_list}
+    seed_list = parse_list(seeds, int, "--seeds")
+    base = to_dict(base_cfg)
+    base.pop("run")
+    plan = Plan(
+        kind=kind, ablation=ablation, tasks=task_list, methods=method_list, lrs=lrs,
+        seeds=DEFAULT_SEEDS if seed_list is None else seed_list, variants=variants, base=base,
+        per_task={t: parse_overrides(v) for t, v in per_task_items.items()},
+        results_dir=str(results_dir),
+    )  # fmt: skip
+    points = plan.points()
+    if not points:
+        empty = [n for n, v in (("tasks (--tasks)", plan.tasks), ("methods (--methods)", plan.methods),
+                 ("seeds (--seeds)", plan.seeds)) if not v]  # fmt: skip
+        empty += [f"{m} learning rates (--{m}-lr)" for m in plan.methods if not plan.lrs.get(m)]
+        raise LoralabError(
+            f"The grid is empty: no {' and no '.join(empty) or 'points'}. Give at least one value "
+            "of each (defaults: tasks from the config, methods lora,full, seeds 42,1337,2024)."
+        )
+    keys = [p["key"] for p in points]
+    if len(set(keys)) != len(keys):
+        raise LoralabError("The grid repeats a point (a learning rate or seed given twice).")
+    for p in points:  # fail now, not on some machine hours later
+        validate(plan.config_for(p))
+    return plan
+
+
+def default_study_name(plan: Plan) -> str:
+    kind = "sweep" if plan.kind == "sweep" else f"ablate-{plan.ablation}"
+    return f"{kind}-{'-'.join(task_label(t, unique=True) for t in plan.tasks)}"
+
+
+def plan_trusts(plan: Plan) -> bool:
+    """Whether this command line's config/overrides set model.trust_remote_code."""
+    return bool((plan.base.get("model") or {}).get("trust_remote_code"))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,152 @@
+"""A study spec's phases: per task, the grid, the other seeds at the best lr, and one Optuna
+study per ablation axis; each phase is an ordinary sweep plan (`grid.Plan`).
+
+- `<name>-<task>-grid`: every method × its lr grid × the grid seeds (the first seed with
+  `grid_on_first_seed`, every seed with `full_grid`);
+- `<name>-<task>-seeds` (grid_on_first_seed): the other seeds at each method's best lr, made
+  once the grid is complete;
+- `<name>-<task>-ablate-<axis>`: LoRA at each value of the axis (any `lora.*` key: a variant
+  is data), at the grid's best LoRA lr (made once the grid is complete) or at an explicit lr.
+
+Dependent studies are deterministic functions of the stored grid results, so any worker may
+create them and all of them create the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import from_dict, merge_dicts, to_dict
+from .grid import Plan
+from .storage import is_final
+
+
+@dataclass
+class Ablation:
+    """One axis: LoRA runs at each value of `key` (a lora.* key), all else as the base."""
+
+    key: str
+    values: list
+    name: str
+    scale_alpha: bool = False
+    seeds: list[int] | None = None  # None = the study's first seed
+    lr: float | None = None  # None = the grid's best LoRA lr per task
+    tasks: list[str] | None = None  # None = every task
+
+
+@dataclass
+class StudySpec:
+    """A validated study spec (read by `spec.load_spec`; examples in configs/studies/)."""
+
+    name: str
+    path: str
+    output_dir: str
+    base: dict
+    tasks: dict[str, dict]  # task -> partial config (paths already joined onto data_root)
+    methods: list[str]
+    lrs: dict[str, list[float]]
+    seeds: list[int]
+    lr_selection: str = "grid_on_first_seed"
+    ablations: list[Ablation] = field(default_factory=list)
+
+    @property
+    def grid_seeds(self) -> list[int]:
+        return self.seeds[:1] if self.lr_selection == "grid_on_first_seed" else list(self.seeds)
+
+
+def lora_of(spec: StudySpec, task: str) -> dict:
+    """The task's effective LoRA section (base <- per-task)."""
+    data = merge_dicts(spec.base, spec.tasks[task])
+    return to_dict(from_dict({"lora": data.get("lora", {})}).lora)
+
+
+def ablation_variants(spec: StudySpec, task: str, abl: Ablation) -> list[dict]:
+    """Each axis value as the diff of LoRA settings from the task's base (deduplicated)."""
+    base = lora_of(spec, task)
+    field_name = abl.key.split(".", 1)[1]
+    out = []
+    for v in abl.values:
+        lora = dict(base, **{field_name: v})
+        if abl.scale_alpha:
+            lora["alpha"] = float(base["alpha"]) * float(v) / base["r"]
+        full = to_dict(from_dict({"lora": lora}).lora)  # normalised types (16 -> 16.0)
+        diff = {k: full[k] for k in full if full[k] != base[k]}
+        if diff not in out:
+            out.append(diff)
+    return out
+
+
+@dataclass
+class Phase:
+    """One Optuna study of the spec: a task's grid, its other seeds, or one ablation."""
+
+    task: str
+    kind: str  # grid / seeds / ablation
+    ablation: Ablation | None = None
+
+    def study_name(self, prefix: str) -> str:
+        tail = f"ablate-{self.ablation.name}" if self.ablation else self.kind
+        return f"{prefix}-{self.task}-{tail}"
+
+    @property
+    def needs_grid(self) -> bool:
+        return self.kind == "seeds" or (self.ablation is not None and self.ablation.lr is None)
+
+    def plan(self, spec: StudySpec, best: dict[str, float] | None, results_dir: str | None = None) -> Plan:  # fmt: skip
+        """The phase's sweep plan; `best` = the grid's best lr per method (dependent phases)."""
+        # The spec's own keys, not every config default: a later loralab that adds a config key
+        # must still recognise the stored study. The model is spelt out: the keys name it.
+        model = from_dict(merge_dicts(spec.base, spec.tasks[self.task])).model
+        base = merge_dicts(spec.base, {"model": {"name": model.name, "head": model.head}})
+        if self.kind == "grid":
+            methods, lrs, seeds, variants = spec.methods, spec.lrs, spec.grid_seeds, [{}]
+            kind, abl_name = "sweep", None
+        elif self.kind == "seeds":
+            methods, seeds, variants = spec.methods, spec.seeds[1:], [{}]
+            lrs = {m: [best[m]] for m in methods}
+            kind, abl_name = "sweep", None
+        else:
+            a = self.ablation
+            methods, seeds = ["lora"], a.seeds or spec.seeds[:1]
+            lrs = {"lora": [a.lr if a.lr is not None else best["lora"]]}
+            variants = ablation_variants(spec, self.task, a)
+            kind, abl_name = "ablation", a.name
+        return Plan(
+            kind=kind, ablation=abl_name, tasks=[self.task], methods=list(methods), lrs=lrs,
+            seeds=list(seeds), variants=variants, base=base,
+            per_task={self.task: spec.tasks[self.task]},
+            results_dir=str(results_dir or spec.output_dir), slugged=True,
+        )  # fmt: skip
+
+
+def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
+    """Grids first (everything else waits on them), then other seeds, then ablations."""
+    sel = [t for t in spec.tasks if not tasks or t in tasks]
+    out = [Phase(t, "grid") for t in sel]
+    if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds) > 1:
+        out += [Phase(t, "seeds") for t in sel]
+    for a in spec.ablations:
+        out += [Phase(t, "ablation", a) for t in sel if not a.tasks or t in a.tasks]
+    return out
+
+
+def best_lrs(study, plan: Plan) -> dict[str, float] | None:
+    """Each method's lr with the best mean dev value over the grid seeds; None until every
+    grid point is final. A diverged point counts as the worst value; ties go to the first lr."""
+    values: dict[str, float | None] = {p["key"]: None for p in plan.points()}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("point")
+        if key in values and is_final(t):
+            v = t.values[0] if t.values else None
+            values[key] = v if v is not None and math.isfinite(v) else -math.inf
+    if any(v is None for v in values.values()):
+        return None
+    best = {}
+    for m in plan.methods:
+        scores = []
+        for lr in plan.lrs[m]:
+            vals = [values[p["key"]] for p in plan.points() if p["method"] == m and p["lr"] == lr]
+            scores.append((sum(vals) / len(vals), lr))
+        best[m] = max(scores, key=lambda s: s[0])[1]  # max keeps the first of equal scores
+    return best

@@ -1,0 +1,199 @@
+"""Report records: a finished run's summary.json (or an Optuna trial's stored result) as the
+dict the report works on, its identity, and deduplication.
+
+Runs pool only when their *identity* is equal: the whole run config except the seed, output
+paths and logging intervals (the whole `lora` section included), with the data replaced by a
+fingerprint of its rows (see `train.identity`). Two runs with the same identity and seed count
+once (the newest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from .. import tracking
+from ..config import ExperimentConfig, from_dict
+from ..errors import LoralabError
+from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
+from ..summary import identity
+from ..tasks import get_task
+from .storage import is_final, load_study, open_storage
+from .variants import is_number
+
+RUN_FIELDS = ("status", "task", "method", "model", "head", "seed", "lr", "wall_time_s",
+              "train_time_s", "peak_memory_mb", "steps", "run_dir")  # fmt: skip
+SHARE_FIELDS = ("trainable_share_pct", "trainable_share_without_head_pct", "lora_share_pct",
+                "total", "trainable")  # fmt: skip
+
+
+def record_from_summary(summary: dict) -> dict:
+    """The part of a run's summary.json the report needs (also stored in Optuna trials)."""
+    rec = {k: summary.get(k) for k in RUN_FIELDS}
+    params = summary.get("params") or {}
+    rec.update({k: params.get(k) for k in SHARE_FIELDS})
+    rec["lora"] = summary.get("lora") if summary.get("method") == "lora" else None
+    rec["metrics"] = _numbers(summary.get("metrics"))
+    rec["majority"] = _numbers(summary.get("majority_baseline"))
+    rec["zero_shot"] = _numbers(summary.get("zero_shot"))
+    rec["identity"] = summary.get("identity")
+    rec["data_known"] = bool((summary.get("identity") or {}).get("data", {}).get("fingerprint"))
+    return rec
+
+
+def _numbers(d) -> dict:
+    return {k: v for k, v in (d or {}).items() if is_number(v)}
+
+
+@functools.cache  # asked for by every statistic; the registry builds every task object
+def main_metric(task: str) -> str:
+    try:
+        return get_task(task).primary_metric
+    except LoralabError:
+        return "accuracy"
+
+
+@functools.cache
+def points_per_unit(task: str) -> float:
+    """GLUE metrics are fractions (x100 = points); SQuAD's are already in points."""
+    try:
+        return 1.0 if get_task(task).kind == "qa" else 100.0
+    except LoralabError:
+        return 100.0
+
+
+def main_metric_value(rec: dict) -> float | None:
+    return (rec.get("metrics") or {}).get(main_metric(rec["task"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity
+
+
+def identity_hash(identity: dict) -> str:
+    """A short stable name of an identity (equal dicts, equal names)."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def derived_identity(config: dict, summary: dict) -> dict:
+    """The identity of a run whose summary predates `identity`, from its config.yaml.
+
+    Built as `train.identity` builds it; the summary's own fields (what actually ran) win over
+    the config's. Without a data fingerprint the data paths stay in, so runs on other files
+    still never pool.
+    """
+    try:
+        cfg = from_dict(config)
+    except LoralabError:
+        cfg = ExperimentConfig()  # a config from an older version: the summary's fields decide
+    cfg.data.task = summary.get("task") or cfg.data.task
+    cfg.model.name = summary.get("model") or cfg.model.name
+    cfg.model.head = summary.get("head") or cfg.model.head
+    cfg.train.method = summary.get("method") or cfg.train.method
+    cfg.train.lr = summary.get("lr") if is_number(summary.get("lr")) else cfg.train.lr
+    lora_fields = {f.name for f in dataclasses.fields(cfg.lora)}
+    lora = {k: v for k, v in (summary.get("lora") or {}).items() if k in lora_fields}
+    cfg.lora = dataclasses.replace(cfg.lora, **lora)
+    ran = summary.get("precision")
+    # As it ran; never `auto` resolved here (that measures this machine, not the run's).
+    cfg.train.precision = ran if ran in ("bf16", "fp32") else "fp32"
+    paths = {k: getattr(cfg.data, k) for k in ("data_dir", "train_file", "eval_file")}
+    splits = SimpleNamespace(
+        max_length=summary.get("max_length") or cfg.data.max_length,
+        fingerprint=summary.get("data_fingerprint"),
+    )
+    d = identity(cfg, splits)
+    d["train"]["precision"] = ran or "unknown"
+    if not d["data"]["fingerprint"]:
+        d["data"]["paths"] = paths
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_runs(results_dir: str | Path) -> list[dict]:
+    """Every finished run directory under `results_dir`, once per study group that used it."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise LoralabError(f"Results folder '{root}' does not exist.")
+    out = []
+    for path in sorted(root.rglob(SUMMARY_FILE)):
+        run_dir = path.parent
+        if CHECKPOINT_DIR in path.parts or not (run_dir / CONFIG_FILE).is_file():
+            continue
+        summary = tracking.read_json(path)
+        if summary.get("status") not in ("completed", "diverged"):
+            continue  # running, killed or failed: no result yet
+        if not summary.get("identity"):
+            config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+            summary = {**summary, "identity": derived_identity(config, summary)}
+        rec = record_from_summary(summary)
+        rec["run_dir"] = str(run_dir)
+        rec["time"] = path.stat().st_mtime
+        note = run_dir / SWEEP_FILE
+        groups = tracking.read_json(note).get("groups") if note.is_file() else None
+        out += [{**rec, "group": g} for g in groups or ["sweep"]]
+    return out
+
+
+def load_study_runs(study_names: list[str], storage: str) -> list[dict]:
+    """The results stored in the studies' trials (works without the run directories)."""
+    st = open_storage(storage)
+    out = []
+    for name in study_names:
+        study, plan = load_study(st, name)
+        for t in study.get_trials(deepcopy=False):
+            if is_final(t) and t.user_attrs.get("result"):
+                done = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
+                out.append({"time": done, **t.user_attrs["result"], "group": plan.group})
+    return out
+
+
+def deduplicate(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """One record per (group, identity, seed): the newest. Warnings name both run folders."""
+    newest: dict[tuple, dict] = {}
+    warnings = []
+    for r in records:
+        key = (r["group"], record_identity(r), r.get("seed"))
+        old = newest.get(key)
+        if old is None:
+            newest[key] = r
+            continue
+        keep, drop = (r, old) if r.get("time", 0) >= old.get("time", 0) else (old, r)
+        newest[key] = keep
+        warnings.append(
+            f"{drop.get('run_dir') or 'a stored trial'} and {keep.get('run_dir') or 'a stored trial'} "
+            f"are the same run (identity {record_identity(r)}, seed {r.get('seed')}); counted once, the "
+            f"newer: {keep.get('run_dir') or 'a stored trial'}."
+        )
+    kept = {id(r) for r in newest.values()}
+    return [r for r in records if id(r) in kept], warnings
+
+
+def record_identity(rec: dict) -> str:
+    """A record's identity name; records without one (old stored trials) keep apart by content."""
+    ident = rec.get("identity")
+    if ident:
+        return identity_hash(ident)
+    return identity_hash({k: rec.get(k) for k in ("task", "model", "head", "method", "lr", "lora")})
+
+
+def without(identity: dict, *paths: str) -> dict:
+    """A copy of `identity` without the dotted `paths` (e.g. 'train.lr', 'lora')."""
+    d = json.loads(json.dumps(identity, default=str))
+    for p in paths:
+        *parents, last = p.split(".")
+        node = d
+        for k in parents:
+            node = node.get(k, {})
+        node.pop(last, None)
+    return d

@@ -1,0 +1,151 @@
+"""The study report's files: report.md, report.html (figures embedded), report.csv, runs.csv and
+figures/*.png, from run directories or from studies' stored trials (`loralab report`)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from ..errors import LoralabError
+from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
+from .aggregate import Comparison, aggregate
+from .plots import make_figures
+from .records import (
+    RUN_FIELDS,
+    SHARE_FIELDS,
+    deduplicate,
+    load_runs,
+    load_study_runs,
+    record_identity,
+)
+from .storage import storage_url
+from .tables import Table, csv_rows, tables
+from .variants import lora_slug
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: list[Path]
+    tables: list[Table]
+    comparisons: list[Comparison]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _md_table(t: Table) -> str:
+    esc = [[str(x).replace("|", "\\|") for x in row] for row in t.rows]
+    lines = [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |",
+             "|" + "---|" * len(t.headers)] + ["| " + " | ".join(r) + " |" for r in esc]  # fmt: skip
+    return "\n".join(lines + ([f"\n{t.note}"] if t.note else [])) + "\n"
+
+
+BADGES = {"PASS": "pass", "FAIL": "fail", "uninformative": "uninf", "n/a": "na"}
+
+
+def _html_cell(x) -> str:
+    text = str(x)
+    for word, cls in BADGES.items():
+        if text.startswith(word):  # a verdict: a coloured badge, then its figures
+            rest = text[len(word) :].lstrip(":")
+            return f"<td><span class='badge {cls}'>{escape(word)}</span>{escape(rest)}</td>"
+    return f"<td>{escape(text)}</td>"
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in t.headers)
+    body = "".join("<tr>" + "".join(_html_cell(x) for x in r) + "</tr>" for r in t.rows)
+    note = f"<p class='note'>{escape(t.note)}</p>" if t.note else ""
+    return f"<h2>{escape(t.title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
+    "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px;text-align:left;"
+    "vertical-align:top}th{background:#eee}.note{color:#555;max-width:1100px}"
+    "img{max-width:100%;max-height:760px}figure{margin:1em 0}"
+    "figcaption{color:#555;font-style:italic}.badge{display:inline-block;padding:1px 7px;border-radius:4px;"
+    "font-weight:bold;color:#fff;margin-right:4px}.pass{background:#1a7f37}"
+    ".fail{background:#cf222e}.uninf{background:#9a6700}.na{background:#6e7781}"
+    ".warn{background:#fff8c5;border:1px solid #d4a72c;padding:.5em 1em}"
+)
+
+
+def write_report(records: list[dict], out_dir: str | Path, source: str) -> Report:
+    """report.md, report.html (figures embedded), report.csv, runs.csv and figures/*.png."""
+    if not records:
+        raise LoralabError(
+            f"No finished runs in {source}: nothing to report. Run `loralab sweep` first, or "
+            "point at the folder that holds the run directories."
+        )
+    records, warnings = deduplicate(records)
+    cells, comps = aggregate(records)
+    tabs = tables(cells, comps)
+    out = Path(out_dir)
+    (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    figures = make_figures(cells, comps, out / FIGURES_DIR)
+    n_runs = len({r.get("run_dir") or id(r) for r in records})
+    intro = (
+        f"Source: {source}. {n_runs} finished runs; generated {time.strftime('%Y-%m-%d %H:%M')}.\n\n"
+        "Runs are pooled only when everything but the seed is equal (task, model, head, method, "
+        "the whole LoRA section, data fingerprint and caps, epochs/steps, max length, batch "
+        "size, learning rate, precision). Mean ± sample standard deviation (ddof = 1) over "
+        "seeds. For each identity the learning rate is the one with the best mean dev score of "
+        "the task's main metric (accuracy for GLUE, F1 for SQuAD v2); the dev set is also the "
+        "reported set, as in the LoRA paper (GLUE test labels are not public).\n"
+    )
+    warn_md = [f"> **Warning:** {w}\n" for w in warnings]
+    md = ["# loralab study report", "", intro, *warn_md] + [_md_table(t) for t in tabs]
+    md += ["## Figures", ""] + [f"![{title}]({FIGURES_DIR}/{p.name})\n" for title, p in figures]
+    html = [f"<h1>loralab study report</h1><p>{escape(intro)}</p>"]
+    html += [f"<p class='warn'>Warning: {escape(w)}</p>" for w in warnings]
+    html += [_html_table(t) for t in tabs] + ["<h2>Figures</h2>"]
+    html += [
+        f"<figure><img alt='{escape(title)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{escape(title)}</figcaption></figure>"
+        for title, p in figures
+    ]  # fmt: skip
+    files = [out / name for name in REPORT_FILES]  # md, html, csv, runs.csv
+    atomic_write(files[0], "\n".join(md))
+    atomic_write(files[1], f"<!doctype html><html><head><meta charset='utf-8'><title>loralab report</title><style>{STYLE}</style></head><body>{''.join(html)}</body></html>\n")  # fmt: skip
+    _write_csv(files[2], csv_rows(cells, comps))
+    _write_csv(files[3], [_flat_run(r) for r in records])
+    return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
+
+
+def _flat_run(r: dict) -> dict:
+    row = {"group": r["group"], "identity": record_identity(r), **{k: r.get(k) for k in RUN_FIELDS}}
+    row["lora"] = lora_slug(r.get("lora")) if r.get("lora") else ""
+    row.update({k: r.get(k) for k in SHARE_FIELDS})
+    row.update({f"metric_{k}": v for k, v in (r.get("metrics") or {}).items()})
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def report(results_dir: str | Path | None = None, studies: list[str] | None = None,
+           storage: str | None = None, out: str | Path | None = None) -> Report:  # fmt: skip
+    """`loralab report`: from a results folder's run directories, or from studies' storage."""
+    if studies:
+        if not storage and not (results_dir and (Path(results_dir) / STUDY_DB).is_file()):
+            raise LoralabError("--study needs --storage URL, or a results folder holding study.db.")
+        records = load_study_runs(studies, storage or storage_url(None, results_dir))
+        source = f"studies {', '.join(studies)}"
+    elif results_dir:
+        records = load_runs(results_dir)
+        source = f"run directories under {results_dir}"
+    else:
+        raise LoralabError("Give a results folder (loralab report results) or --study NAME.")
+    out_dir = out or (Path(results_dir) / REPORT_DIR if results_dir else Path(REPORT_DIR))
+    return write_report(records, out_dir, source)

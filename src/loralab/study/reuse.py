@@ -1,0 +1,125 @@
+"""What a worker does with a point's run directory: reuse it (finished), resume it (a usable
+checkpoint) or train afresh; and the run directory's note of who used it (sweep.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .. import tracking
+from ..checkpoints import checkpoint_problem, checkpoints
+from ..config import from_dict, load_yaml, to_dict
+from ..data import content_fingerprint
+from ..errors import LoralabError
+from ..rundir import CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
+from ..tasks import get_task
+from .grid import flatten
+
+
+def _resolve_defaults(flat: dict, cfg) -> None:
+    """Fill values left to defaults, as a run folder's config.yaml records them."""
+    if flat.get("train.lr") is None:
+        flat["train.lr"] = cfg.lr
+    if flat.get("data.max_length") is None:
+        flat["data.max_length"] = get_task(cfg.data.task).default_max_length
+
+
+def _same_config(run_dir: Path, cfg) -> str | None:
+    """None when the run directory holds this config; else the first differing key."""
+
+    def norm(d: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        d.pop("run", None)
+        d["model"].pop("trust_remote_code", None)  # taken from the command line, not the folder
+        for k in ("data_dir", "train_file", "eval_file"):
+            if d["data"].get(k):
+                d["data"][k] = str(Path(d["data"][k]).expanduser().resolve())
+        return flatten(d)
+
+    have = norm(to_dict(from_dict(load_yaml(run_dir / CONFIG_FILE))))
+    want = norm(to_dict(cfg))
+    paths = [f"data.{k}" for k in ("data_dir", "train_file", "eval_file")]
+    if any(have.get(k) != want.get(k) for k in paths) and _same_data(run_dir, cfg):
+        for k in paths:  # the folder moved (e.g. a fresh clone elsewhere): same rows, same run
+            have[k] = want.get(k)
+    _resolve_defaults(have, cfg)
+    _resolve_defaults(want, cfg)
+    if want.get("train.precision") == "auto":  # decided per machine when the run started
+        want["train.precision"] = have.get("train.precision")
+    for k in sorted(have.keys() | want.keys()):
+        if have.get(k) != want.get(k):
+            return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"
+    return None
+
+
+def _same_data(run_dir: Path, cfg) -> bool:
+    """Whether the run's recorded data fingerprint equals that of the data `cfg` points at.
+
+    Data paths are stored absolute, so a results folder used from another location (a clone
+    elsewhere) names other paths for the same files; the rows' content decides.
+    """
+    try:
+        recorded = tracking.read_json(run_dir / SUMMARY_FILE).get("data_fingerprint") or {}
+    except (LoralabError, OSError):
+        return False
+    if not recorded.get("train_sha256"):
+        return False
+    try:
+        task = get_task(cfg.data.task)
+        train = task.load("train", cfg.data.data_dir, cfg.data.train_file)
+        evals = task.load("eval", cfg.data.data_dir, cfg.data.eval_file)
+    except (LoralabError, OSError):
+        return False
+    return recorded.get("train_sha256") == content_fingerprint(train) and recorded.get(
+        "eval_sha256"
+    ) == content_fingerprint(evals)
+
+
+def decide(run_dir: Path, cfg) -> str:
+    """reuse (finished), resume (has a checkpoint) or train (fresh)."""
+    if not run_dir.exists():
+        return "train"
+    if not (run_dir / CONFIG_FILE).is_file():
+        if any(run_dir.iterdir()):
+            raise LoralabError(
+                f"'{run_dir}' exists and is not a loralab run directory; the sweep will not "
+                "touch it. Move it away or use another --output-dir."
+            )
+        return "train"
+    diff = _same_config(run_dir, cfg)
+    if diff:
+        raise LoralabError(
+            f"Run directory '{run_dir}' holds a run with other settings ({diff}). Its results "
+            "are kept: use another --output-dir for this study."
+        )
+    summary = run_dir / SUMMARY_FILE
+    status = tracking.read_json(summary).get("status") if summary.is_file() else None
+    if status in ("completed", "diverged"):
+        return "reuse"
+    attempts = read_note(run_dir).get("attempts", [])
+    if (
+        attempts
+        and attempts[-1].get("action") == "resume"
+        and attempts[-1].get("outcome") == "crashed"
+    ):
+        return "train"  # the checkpoint itself is broken (e.g. killed while being written)
+    return "resume" if _usable_checkpoints(run_dir) else "train"
+
+
+def _usable_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints that pass resume's check (trainer_state.json, weights and archives intact);
+    a kill while one was being written leaves a partial folder, removed here so the point is
+    resumed from an earlier one or, with none left, trained afresh."""
+    good = []
+    for ckpt in checkpoints(run_dir):
+        if checkpoint_problem(ckpt) is None:
+            good.append(ckpt)
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return good
+
+
+def read_note(run_dir: Path) -> dict:
+    path = run_dir / SWEEP_FILE
+    return tracking.read_json(path) if path.is_file() else {}

@@ -1,0 +1,158 @@
+"""Running a study spec (`loralab study`): round-robin over its phases' studies, one point at a
+time, grids first; then the report of every run under the results folder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
+from .phases import Phase, StudySpec, best_lrs, phases
+from .records import load_runs
+from .report import write_report
+from .spec import check_data, select_tasks
+from .storage import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_RETRY,
+    create_or_check,
+    open_storage,
+    storage_url,
+)
+from .worker import Worker
+
+
+@dataclass
+class StudyOutcome:
+    lines: list[str]
+    unfinished: list[str]  # study names with points not done
+    report: object | None = None
+
+
+class Runner:
+    """Round-robin over the phases' studies: one point at a time, grids first."""
+
+    def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
+        self.spec, self.storage, self.prefix = spec, storage, prefix
+        self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
+        self.phases = phases(spec, tasks)
+        self.workers: dict[str, object] = {}
+        self.trust_remote_code = trust  # from the command line only, never from the spec
+        self.poll = max(1.0, min(5.0, float(heartbeat)))
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{self.prefix}] {text}", file=sys.stderr, flush=True)
+
+    def worker(self, ph: Phase):
+        """The phase's worker, creating its study when it can be made; None while it waits."""
+        name = ph.study_name(self.prefix)
+        if name in self.workers:
+            return self.workers[name]
+        best = None
+        if ph.needs_grid:
+            grid = self.worker(Phase(ph.task, "grid"))
+            best = best_lrs(grid.study, grid.plan)
+            if best is None:
+                return None
+            self.say(f"{ph.task}: best lr from the grid {best}; enqueuing {name}")
+        plan = ph.plan(self.spec, best, self.results_dir)
+        create_or_check(self.storage, name, plan)
+        w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
+                   self.trust_remote_code)  # fmt: skip
+        self.workers[name] = w
+        return w
+
+    def run(self) -> list[str]:
+        while True:
+            waiting = False
+            ran = False
+            for ph in self.phases:
+                w = self.worker(ph)
+                if w is None:
+                    grid = self.worker(Phase(ph.task, "grid"))
+                    waiting |= "active" in grid.states().values()
+                    continue
+                if w.step():
+                    ran = True
+                    break  # back to the first phase: grids before dependents
+                waiting |= "active" in w.states().values()
+            if ran:
+                continue
+            if not waiting:
+                break
+            time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
+        return self.summary()
+
+    def summary(self) -> list[str]:
+        lines, self.unfinished = [], []
+        for ph in self.phases:
+            name = ph.study_name(self.prefix)
+            w = self.workers.get(name)
+            if w is None:
+                lines.append(f"study '{name}': not started (its task's grid has unfinished points)")  # fmt: skip
+                self.unfinished.append(name)
+                continue
+            w.report.states = w.states()
+            lines.append(w.report.line())
+            if w.report.unfinished:
+                self.unfinished.append(name)
+        return lines
+
+
+def run_study(
+    spec: StudySpec,
+    output_dir: str | None = None,
+    storage: str | None = None,
+    tasks: list[str] | None = None,
+    study: str | None = None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+    grace: int | None = None,
+    max_retry: int = DEFAULT_MAX_RETRY,
+    quiet: bool = False,
+    trust_remote_code: bool = False,
+) -> StudyOutcome:
+    """Create or continue the spec's studies and work on their points (of `tasks`) until none
+    is left; then write the report of every run under the results folder."""
+    from optuna.exceptions import ExperimentalWarning
+
+    check_data(spec, select_tasks(spec, tasks))
+    results = str(output_dir or spec.output_dir)
+    st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
+    runner = Runner(
+        spec, st, study or spec.name, tasks, results, heartbeat, quiet, trust_remote_code
+    )
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API
+            lines = runner.run()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    rep = write_study_report(results)
+    return StudyOutcome(lines, runner.unfinished, rep)
+
+
+def write_study_report(results: str | Path):
+    """The report of every finished run under `results` (RESULTS/report), one writer at a time."""
+    root = Path(results)
+    lock = root / LOCKS_DIR / REPORT_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # workers finishing together take turns
+        records = load_runs(root)
+        if not records:
+            return None
+        return write_report(records, root / REPORT_DIR, f"run directories under {root}")
+    finally:
+        os.close(fd)

@@ -1,0 +1,223 @@
+"""The Optuna storage of sweeps and studies: opening it, creating and checking a study, and the
+state of its points.
+
+The plan (`grid.Plan`) is stored in the study (user attribute `loralab`); grid points are Optuna
+trials enqueued in WAITING state, which `worker.py` claims and runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import inspect
+import os
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import LoralabError
+from ..redact import mask_secrets
+from ..rundir import STUDY_DB
+from .grid import Plan, flatten
+
+STUDY_ATTR = "loralab"
+DEFAULT_HEARTBEAT = 20  # seconds between a worker's heartbeats
+DEFAULT_MAX_RETRY = 3  # a point whose worker dies more often than this is left failed
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise LoralabError(
+            "Sweeps need Optuna: pip install 'loralab[sweep]' (optuna, psycopg2-binary)."
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def storage_url(storage: str | None, results_dir: str | Path) -> str:
+    """The given URL, or the embedded SQLite file RESULTS/study.db."""
+    if storage:
+        return storage
+    path = Path(results_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(path / STUDY_DB).resolve()}"
+
+
+def masked(url: str) -> str:
+    """The URL without its password (or other credentials), for messages."""
+    return mask_secrets(url)
+
+
+def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
+                 max_retry: int = DEFAULT_MAX_RETRY):  # fmt: skip
+    """An RDB storage with heartbeats; a stale trial (its worker died) is re-enqueued."""
+    optuna = _optuna()
+    from optuna.storages import RDBStorage
+
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry_cls = retry_cls or optuna.storages.RetryFailedTrialCallback  # optuna < 4.9
+    params = inspect.signature(RDBStorage).parameters
+    cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"  # fmt: skip
+    url = with_driver(url)
+    engine = {}
+    if url.startswith("postgresql"):
+        engine = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    elif url.startswith("sqlite"):
+        engine = {"connect_args": {"timeout": 60}}  # several local workers wait on the file lock
+    try:
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings(), _creation_lock(url):
+                    warnings.simplefilter("ignore")  # heartbeats are marked experimental
+                    return RDBStorage(
+                        url, engine_kwargs=engine, heartbeat_interval=int(heartbeat),
+                        grace_period=int(grace or 3 * heartbeat), **{cb_name: retry_cls(max_retry=max_retry)},
+                    )  # fmt: skip
+            except Exception as e:
+                # Workers starting together on a new database race to create its tables (on
+                # PostgreSQL across machines, where no file lock reaches): the loser retries.
+                text = str(e)
+                if attempt == 2 or not ("already exists" in text or "duplicate key" in text):
+                    raise
+                time.sleep(1.0 + attempt)
+    except Exception as e:  # driver, network, permissions, bad URL: all the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoralabError(
+            f"Cannot open the study storage '{masked(url)}': {first}. Check the URL "
+            "(postgresql://user:password@host:5432/db or sqlite:///path/study.db), that the "
+            "server is running and reachable from this machine, and the credentials."
+        ) from None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """SQLite: one process at a time creates the tables (workers started together raced to
+    "table studies already exists"); a file lock beside the database, dropped by the kernel."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(url[len("sqlite:///") :] + ".lock")
+    if not lock.parent.is_dir():
+        yield  # a bad path: RDBStorage says so
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def with_driver(url: str) -> str:
+    """postgresql:// with the installed driver (SQLAlchemy 2.1 assumes psycopg 3 for it)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        rest = url.split("://", 1)[1]
+        for module, scheme in (
+            ("psycopg2", "postgresql+psycopg2"),
+            ("psycopg", "postgresql+psycopg"),
+        ):
+            if importlib.util.find_spec(module):
+                return f"{scheme}://{rest}"
+    return url
+
+
+def describe_difference(old: Plan, new: Plan) -> str:
+    """What changed between two plans, in a few words."""
+    diffs = []
+    for name in ("tasks", "methods", "lrs", "seeds", "variants", "per_task"):
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            diffs.append(f"{name}: {a} in the study, {b} now")
+    flat_a, flat_b = flatten(old.base), flatten(new.base)
+    keys = sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+    diffs += [f"{k}: {flat_a.get(k)!r} in the study, {flat_b.get(k)!r} now" for k in keys[:6]]
+    return "; ".join(diffs) or "the stored plan differs"
+
+
+def load_study(storage, name: str):
+    """An existing loralab study and its plan."""
+    optuna = _optuna()
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()]
+        raise LoralabError(
+            f"No study named '{name}' in '{masked(storage.url)}'. Studies there: "
+            f"{', '.join(names) or 'none'}. Create it with `loralab sweep` or `loralab ablate`."
+        ) from None
+    for _ in range(20):  # the creator sets the plan just after creating the study
+        data = study.user_attrs.get(STUDY_ATTR)
+        if data is not None:
+            return study, Plan.from_json(data)
+        time.sleep(0.5)
+        study = optuna.load_study(study_name=name, storage=storage)
+    raise LoralabError(f"Study '{name}' was not made by loralab (it has no stored grid).")
+
+
+def create_or_check(storage, name: str, plan: Plan):
+    """Create the study with its grid enqueued; an existing one must hold the same grid."""
+    optuna = _optuna()
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study, stored = load_study(storage, name)
+        if stored.fingerprint() != plan.fingerprint():
+            raise LoralabError(
+                f"Study '{name}' already exists in '{masked(storage.url)}' with a different grid "
+                f"({describe_difference(stored, plan)}). It was left untouched. Re-run with the "
+                "same options to continue it, or pick a new --study name."
+            ) from None
+    else:
+        study.set_user_attr(STUDY_ATTR, plan.to_json())
+    ensure_enqueued(study, plan)
+    return study
+
+
+def ensure_enqueued(study, plan: Plan, tasks: list[str] | None = None) -> int:
+    """Enqueue every point (of `tasks`) that has no waiting, running or finished trial."""
+    from optuna.trial import TrialState
+
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    covered = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False)
+               if t.state in live or is_final(t)}  # fmt: skip
+    n = 0
+    for p in plan.points():
+        if p["key"] not in covered and (not tasks or p["task"] in tasks):
+            study.enqueue_trial({}, user_attrs={"point": p["key"], "task": p["task"]})
+            n += 1
+    return n
+
+
+def is_final(trial) -> bool:
+    """A point that is done: completed, or diverged (re-running it would diverge again)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.FAIL and trial.user_attrs.get("outcome") == "diverged"
+    )
+
+
+def point_states(study, plan: Plan, tasks: list[str] | None = None) -> dict[str, str]:
+    """Point key -> done / active / failed / missing, over the points of `tasks`."""
+    from optuna.trial import TrialState
+
+    state = {p["key"]: "missing" for p in plan.points() if not tasks or p["task"] in tasks}
+    rank = {"missing": 0, "failed": 1, "active": 2, "done": 3}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("point")
+        if key not in state:
+            continue
+        if is_final(t):
+            s = "done"
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            s = "active"
+        elif t.state == TrialState.FAIL:
+            s = "failed"
+        else:
+            continue  # a pruned duplicate says nothing about the point
+        if rank[s] > rank[state[key]]:
+            state[key] = s
+    return state

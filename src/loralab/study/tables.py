@@ -1,0 +1,169 @@
+"""The report's tables: the main LoRA-vs-full table, every metric per task, the learning-rate
+grid, one table per ablation, and the rows of report.csv."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .aggregate import (
+    DROP_TARGET_POINTS,
+    SHARE_TARGET_PCT,
+    UNINFORMATIVE_POINTS,
+    Cell,
+    Comparison,
+    full_reference,
+    is_ablation,
+)
+from .records import points_per_unit
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def _pm(cell: Cell, metric: str) -> str:
+    mean, std = cell.stat(metric)
+    if math.isnan(mean):
+        return "—"
+    k = points_per_unit(cell.task)
+    return f"{k * mean:.2f}" + (f" ± {k * std:.2f}" if not math.isnan(std) else " (1 seed)")
+
+
+def _f(x: float, fmt: str = ".1f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _points(cell: Cell, value: float) -> str:
+    return _f(points_per_unit(cell.task) * value, ".2f")
+
+
+def _share_verdict(ok: bool | None, share: float) -> str:
+    return "n/a" if ok is None else f"{'PASS' if ok else 'FAIL'}: {share:.3f}%"
+
+
+def _n(cell: Cell) -> str:
+    div = sum(r["status"] == "diverged" for r in cell.runs)
+    return f"{len(cell.done)}" + (f" (+{div} diverged)" if div else "")
+
+
+def _per_seed(comp: Comparison | None) -> str:
+    if comp is None or not comp.pairs:
+        return ""
+    return ", ".join(f"{s}: {d:+.2f}" for (s, _, _), d in zip(comp.pairs, comp.diffs, strict=True))
+
+
+MAIN_HEADERS = ["task", "head", "model", "method", "LoRA", "data", "schedule", "best lr", "seeds",
+                "main metric (mean ± std)", "majority baseline", "zero-shot",
+                "LoRA − full per seed (points)", f"LoRA − full ≥ −{DROP_TARGET_POINTS:g} (mean [95% CI])",
+                "trainable % (without head)", f"trainable ≤ {SHARE_TARGET_PCT:g}%",
+                "wall time (s)", "peak memory (MB)"]  # fmt: skip
+
+
+# The main table's columns that the console shows (the files have them all).
+CONSOLE_COLUMNS = ("task", "head", "model", "method", "LoRA", "data", "schedule", "best lr",
+                   "seeds", "main metric (mean ± std)", "majority baseline", "zero-shot",
+                   MAIN_HEADERS[13], MAIN_HEADERS[15])  # fmt: skip
+
+
+def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
+    """One row per identity (at its best learning rate) outside the ablations."""
+    by_lora = {id(c.lora): c for c in comps}
+    rows = []
+    for cell in (c for c in cells if c.best and not is_ablation(c.group)):
+        comp = by_lora.get(id(cell))
+        share = cell.avg("trainable_share_without_head_pct")
+        rows.append([
+            cell.task, cell.head, cell.model, cell.method, cell.variant, cell.data, cell.schedule,
+            f"{cell.lr:g}", _n(cell), f"{cell.metric}: {_pm(cell, cell.metric)}",
+            _points(cell, cell.reference("majority")), _points(cell, cell.reference("zero_shot")),
+            _per_seed(comp), comp.verdict if comp else "",
+            _f(share, ".3f"), _share_verdict(comp.share_ok, share) if comp else "",
+            _f(cell.avg("wall_time_s")), _f(cell.avg("peak_memory_mb"), ".0f"),
+        ])  # fmt: skip
+    return Table(
+        "LoRA vs full fine-tuning (one row per run identity, best learning rate each)",
+        MAIN_HEADERS,
+        rows,
+        "Metrics in points (GLUE: % of examples; SQuAD v2: official %), mean ± sample std over "
+        "seeds. data: fingerprint of the train/eval rows and the caps. Majority baseline: the "
+        "dev-set score of always giving the most frequent answer. LoRA − full: paired by seed; "
+        f"mean and 95% Student-t interval over seeds. Targets: LoRA loses at most "
+        f"{DROP_TARGET_POINTS:g} points to full fine-tuning (a row where both methods are within "
+        f"{UNINFORMATIVE_POINTS:g} point of the majority baseline is uninformative, not a pass), "
+        f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
+        "the freshly initialised task head).",
+    )
+
+
+def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
+    out = [main_table(cells, comps)]
+    best = [c for c in cells if c.best]
+    for task in sorted({c.task for c in best}):
+        group = [c for c in best if c.task == task]
+        metrics = sorted(
+            {m for c in group for m in c.metrics}, key=lambda m: (m != group[0].metric, m)
+        )
+        out.append(Table(
+            f"{task}: every metric at the best learning rate",
+            ["study", "head", "model", "method", "LoRA", "data", "lr", "seeds", *metrics],
+            [[c.group, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
+              *[_pm(c, m) for m in metrics]] for c in group],
+        ))  # fmt: skip
+    out.append(Table(
+        "Learning-rate grid (main metric)",
+        ["study", "task", "head", "model", "method", "LoRA", "data", "lr", "seeds", "main metric", "best"],
+        [[c.group, c.task, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
+          _pm(c, c.metric), "✓" if c.best else ""] for c in cells],
+    ))  # fmt: skip
+    for group in sorted({c.group for c in best if is_ablation(c.group)}):
+        rows = []
+        for c in (c for c in best if c.group == group and c.lora):
+            ref = full_reference(c, cells)
+            rows.append([c.task, c.head, c.model, c.variant, c.data, f"{c.lr:g}", _n(c),
+                         f"{c.metric}: {_pm(c, c.metric)}", _pm(ref, ref.metric) if ref else "—",
+                         _f(c.avg("trainable_share_without_head_pct"), ".3f"),
+                         _f(c.avg("wall_time_s")), _f(c.avg("peak_memory_mb"), ".0f")])  # fmt: skip
+        out.append(Table(
+            f"Ablation: {group.removeprefix('ablation-')} (best learning rate per setting)",
+            ["task", "head", "model", "LoRA", "data", "best lr", "seeds", "main metric",
+             "full fine-tuning", "trainable % (without head)", "wall time (s)", "peak memory (MB)"],
+            rows,
+        ))  # fmt: skip
+    return out
+
+
+def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
+    """One row per cell, raw units (GLUE metrics as fractions); LoRA rows carry the deltas."""
+    by_lora = {id(c.lora): c for c in comps}
+    metrics = sorted({m for c in cells for m in c.metrics})
+    rows = []
+    for c in cells:
+        comp = by_lora.get(id(c))
+        lora = c.lora or {}
+        target = lora.get("target", "")
+        row = {"group": c.group, "identity": c.identity_id, "task": c.task, "model": c.model,
+               "head": c.head, "method": c.method, "lora": c.variant if c.lora else "",
+               "r": lora.get("r", ""), "alpha": lora.get("alpha", ""),
+               "target": "+".join(target) if isinstance(target, list) else target,
+               "data": c.data, "schedule": c.schedule, "lr": c.lr, "best_lr": c.best,
+               "n": len(c.done), "n_diverged": sum(r["status"] == "diverged" for r in c.runs),
+               "seeds": " ".join(str(r["seed"]) for r in c.done), "main_metric": c.metric,
+               "majority_baseline": c.reference("majority"), "zero_shot": c.reference("zero_shot")}  # fmt: skip
+        for m in metrics:
+            mean, std = c.stat(m)
+            row[f"{m}_mean"], row[f"{m}_std"] = mean, std
+        for k in ("trainable_share_pct", "trainable_share_without_head_pct", "wall_time_s", "peak_memory_mb"):  # fmt: skip
+            row[k] = c.avg(k)
+        mean, lo, hi = comp.interval if comp else ("", "", "")
+        row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
+                   paired_seeds=" ".join(str(s) for s, _, _ in comp.pairs) if comp else "",
+                   uninformative=comp.uninformative if comp else "",
+                   drop_target_pass=comp.drop_ok if comp else "",
+                   share_target_pass=comp.share_ok if comp else "")  # fmt: skip
+        rows.append(row)
+    return rows
