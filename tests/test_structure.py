@@ -7,8 +7,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
 MAX_LINES = 400
 HEAD_BRANCH = re.compile(r'head == "lm"|prompting is None')
@@ -81,13 +79,11 @@ def test_cycle_finder_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="#12: restructure in progress")
 def test_no_import_cycles():
     cycle = find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.xfail(strict=True, reason="#12: restructure in progress")
 def test_no_file_over_the_line_limit():
     big = {
         str(p.relative_to(SRC)): n
@@ -97,7 +93,6 @@ def test_no_file_over_the_line_limit():
     assert not big, f"files over {MAX_LINES} lines: {big}"
 
 
-@pytest.mark.xfail(strict=True, reason="#12: restructure in progress")
 def test_head_formulations_are_decided_inside_the_heads():
     hits = [
         f"{p.relative_to(SRC)}:{i}"

@@ -466,7 +466,7 @@ TASK_FILES = sorted((Path(__file__).parents[1] / "configs" / "tasks").glob("*.ya
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
 def test_task_files_under_configs_are_valid(path):
-    from loralab.tasks.custom import parse_ref
+    from loralab.tasks.custom_spec import parse_ref
 
     spec, base = parse_ref(str(path))
     data = base / (spec.path or spec.train)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..errors import LoralabError
 from .base import MODEL_COLUMNS, Task
-from .custom import absolute_ref, is_custom_ref, load_custom, short_name
+from .custom import load_custom
+from .custom_spec import absolute_ref, is_custom_ref, short_name
 from .glue import glue_tasks
 
 _REGISTERED: dict[str, Task] = {}
