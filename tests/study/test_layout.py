@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,27 @@ def test_study_with_two_workers_shares_points_and_records_the_layout(tmp_path):
     # Every point ran once, in a 1-thread process that knew it had a sibling.
     assert len({s["run_dir"] for s in summaries}) == len(summaries)
     assert {(s["layout"]["workers"], s["layout"]["threads"]) for s in summaries} == {(2, 1)}
+
+
+def test_workers_are_pinned_round_robin_to_the_visible_gpus():
+    assert layout.gpu_for_workers(3, visible="2,5") == ["2", "5", "2"]
+    assert layout.gpu_for_workers(2, visible=None, count=4) == ["0", "1"]
+    assert layout.gpu_for_workers(2, visible=None, count=0) == [None, None]  # CPU machine
+
+
+def test_siblings_get_their_own_gpu(monkeypatch):
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, env, **kw):
+            started.append(env.get("CUDA_VISIBLE_DEVICES"))
+
+    monkeypatch.setattr(layout.subprocess, "Popen", FakePopen)
+    for name, value in (("CUDA_VISIBLE_DEVICES", "3,4"), ("OMP_NUM_THREADS", "1"),
+                        (layout.ENV_WORKERS, "1")):  # fmt: skip
+        monkeypatch.setenv(name, value)  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    layout.spawn_siblings(["study", "x.yaml"], workers=2, threads=torch.get_num_threads())
+    assert started == ["4"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # this process, the first worker

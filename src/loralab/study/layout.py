@@ -63,18 +63,33 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         pass
 
 
+def gpu_for_workers(workers: int, visible: str | None = None, count: int = 0) -> list[str | None]:
+    """The GPU each worker is pinned to (`CUDA_VISIBLE_DEVICES`), round-robin over the visible
+    ones (`visible`: that variable's value, else devices 0..count-1); None without GPUs."""
+    ids = [d for d in (visible or "").split(",") if d.strip()] or [str(i) for i in range(count)]
+    return [ids[i % len(ids)] if ids else None for i in range(workers)]
+
+
 def spawn_siblings(argv: list[str], workers: int, threads: int) -> list[subprocess.Popen]:
-    """Start `workers - 1` more `loralab` processes with `argv`, each with `threads` threads.
+    """Start `workers - 1` more `loralab` processes with `argv`, each with `threads` threads
+    and, on a GPU machine, its own GPU (so one machine runs several points side by side).
 
     This process becomes the first worker: it gets the same thread count. Siblings die with it.
     """
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = gpu_for_workers(workers, os.environ.get("CUDA_VISIBLE_DEVICES"), count)
     env = {**os.environ, ENV_WORKERS: str(workers), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), ENV_DEFAULT: "1"}  # fmt: skip
     os.environ[ENV_WORKERS] = str(workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the point processes this worker starts
-    import torch
-
+    if gpus[0] is not None:  # the point processes this worker starts use the first GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     torch.set_num_threads(threads)
     cmd = [sys.executable, "-m", "loralab.cli", *argv]
     kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-    return [subprocess.Popen(cmd, env=env, **kw) for _ in range(workers - 1)]
+    return [
+        subprocess.Popen(cmd, env={**env, **({"CUDA_VISIBLE_DEVICES": g} if g else {})}, **kw)
+        for g in gpus[1:]
+    ]
