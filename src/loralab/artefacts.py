@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__, tracking
 from .config import ExperimentConfig
+from .models import canonical
 
 # PEFT's task type in adapter_config.json -> the transformers class that loads the base.
 _AUTO_CLASS = {
@@ -22,8 +23,6 @@ _AUTO_CLASS = {
 
 def fix_adapter_config(adapter_dir: Path, model_name: str) -> dict:
     """Canonical base id and duplicate-free modules_to_save in adapter_config.json; returns it."""
-    from .models import canonical
-
     path = Path(adapter_dir) / "adapter_config.json"
     data = json.loads(path.read_text())
     base = canonical(model_name)
@@ -41,8 +40,6 @@ def _fmt(value) -> str:
 
 def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict) -> str:
     """README.md for a run's adapter folder: base model, task and data, metrics, LoRA settings."""
-    from .models import canonical
-
     base = canonical(cfg.model.name)
     lo = cfg.lora
     metrics = summary.get("metrics") or {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import tracking
 from .errors import LoralabError
+from .runs import check_safetensors
 
 LOSS_FILE = "loralab_state.json"
 """Per checkpoint: the sum of every training-step loss so far (train_loss covers the whole run)."""
@@ -35,8 +36,6 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (missing, truncated or damaged files), or None."""
-    from .runs import check_safetensors
-
     try:
         state = tracking.read_json(ckpt / "trainer_state.json")
         if not isinstance(state.get("global_step"), int):

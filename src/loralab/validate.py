@@ -22,6 +22,7 @@ from .data import model_inputs
 from .errors import LoralabError
 from .heads import Head, head_for
 from .lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
+from .merge import DEFAULT_TOLERANCES, equivalence_bound
 from .models import is_causal, load_for_task, load_tokenizer, resolve
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
@@ -167,8 +168,6 @@ def run_checks(
     """
     from peft import PeftModel
     from transformers import AutoConfig, set_seed
-
-    from .merge import DEFAULT_TOLERANCES, equivalence_bound
 
     if steps < 2:
         raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from .. import metrics
 from ..errors import LoralabError
+from ..hub import require_dataset
 from .base import Split, find_file
 from .custom_spec import (
     EVAL_STEMS,
@@ -143,8 +144,6 @@ class CustomTask(GlueTask):
 
 def _hub_split(spec: TaskSpec, split: Split):
     from datasets import load_dataset
-
-    from ..hub import require_dataset
 
     name = spec.train_split if split == "train" else spec.eval_split
     require_dataset(spec.hub, "Save the data as CSV/JSONL files and use csv:PATH or jsonl:PATH.")

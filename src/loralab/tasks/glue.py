@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import metrics
 from ..errors import LoralabError
+from ..hub import require_dataset
 from .base import Split, Task, find_file
 
 _FILE_NAMES = {"train": ["train.tsv"], "eval": ["dev.tsv"]}
@@ -43,8 +44,6 @@ class GlueTask(Task):
 
     def _load_hub(self, split: Split):
         from datasets import load_dataset
-
-        from ..hub import require_dataset
 
         require_dataset(
             f"{self.hub_path} ({self.hub_config})",

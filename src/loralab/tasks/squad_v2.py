@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import metrics
 from ..errors import LoralabError
+from ..hub import require_dataset
 from .base import Split, Task, find_file
 from .squad_json import RAW_COLUMNS, read_squad_json
 
@@ -183,7 +184,6 @@ class SquadV2Task(Task):
         from datasets import load_dataset
 
         hub_split = "train" if split == "train" else "validation"
-        from ..hub import require_dataset
 
         require_dataset(
             self.hub_path,
