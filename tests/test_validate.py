@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +54,8 @@ def test_share_target_figures():
 
 
 def test_lora_minus_full_target_from_a_results_folder(tmp_path):
-    from test_report import write_run  # tests/ is on sys.path (pytest's default import mode)
+    sys.path.insert(0, str(Path(__file__).parent / "study"))  # the study tests' run writer
+    from test_report import write_run
 
     for seed, (lo, fu) in enumerate(((0.80, 0.85), (0.81, 0.85)), start=1):
         write_run(tmp_path / "res", f"l{seed}", seed, {"accuracy": lo})
