@@ -103,7 +103,7 @@ def find_file(
     d = Path(data_dir)
     if not d.is_dir():
         raise LoralabError(
-            f"--data-dir '{d}' is not a folder. Point it at a folder holding the {task} files "
+            f"data.data_dir '{d}' is not a folder. Point it at a folder holding the {task} files "
             f"({' or '.join(names)})."
         )
     for folder in (d, d / task):

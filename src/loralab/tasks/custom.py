@@ -89,7 +89,7 @@ class CustomTask(GlueTask):
         if path is None:
             raise LoralabError(
                 f"Task '{self.reference}' has no evaluation file: put a dev.{self.spec.format} "
-                "next to the training file, set `eval` in the task, or pass --eval-file."
+                "next to the training file, set `eval` in the task, or set data.eval_file."
             )
         if not path.is_file():
             raise LoralabError(

@@ -47,7 +47,7 @@ class GlueTask(Task):
 
         require_dataset(
             f"{self.hub_path} ({self.hub_config})",
-            f"Pass --data-dir with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
+            f"Set data.data_dir to a folder with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
         )
         try:
             ds = load_dataset(
@@ -56,8 +56,8 @@ class GlueTask(Task):
         except Exception as e:  # offline, hub down, renamed: the fix is the same for the user
             raise LoralabError(
                 f"Could not load {self.name} from the Hugging Face hub ({self.hub_path}/"
-                f"{self.hub_config}): {type(e).__name__}: {e}. Without hub access, pass --data-dir "
-                f"with the GLUE files (train.tsv, dev.tsv) of {self.name}."
+                f"{self.hub_config}): {type(e).__name__}: {e}. Without hub access, set data.data_dir to a "
+                f"folder with the GLUE files (train.tsv, dev.tsv) of {self.name}."
             ) from None
         a, b = (self.hub_columns + ("",))[:2]
         return ds.map(

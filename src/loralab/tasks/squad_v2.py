@@ -187,8 +187,8 @@ class SquadV2Task(Task):
 
         require_dataset(
             self.hub_path,
-            "Put the SQuAD v2.0 files (train-v2.0.json, dev-v2.0.json) in a folder and pass "
-            "--data-dir.",
+            "Put the SQuAD v2.0 files (train-v2.0.json, dev-v2.0.json) in a folder and set "
+            "data.data_dir to it.",
         )
         try:
             ds = load_dataset(self.hub_path, self.hub_config, split=hub_split)

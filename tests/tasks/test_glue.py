@@ -87,5 +87,5 @@ def test_hub_unreachable_is_a_user_error_pointing_at_data_dir(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(LoralabError, match="--data-dir"):
+    with pytest.raises(LoralabError, match="data.data_dir"):
         TASKS["rte"].load("train")
