@@ -46,21 +46,25 @@ def test_only_the_flags_a_command_has_are_shown():
 
 def test_a_library_error_names_the_key_and_the_cli_prints_the_flag(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  head: prompt\n")
+    bad.write_text("train:\n  method: prompt\n")
     with pytest.raises(LoralabError) as err:
         build_config(bad)
-    assert "'model.head'" in str(err.value) and "--head" not in str(err.value)
+    assert "'train.method'" in str(err.value) and "--method" not in str(err.value)
     with pytest.raises(LoralabError, match=r"^data\.max_eval_examples must be a positive"):
         build_config(overrides=["data.max_eval_examples=0"])
 
     assert main(["train", "--config", str(bad), "--output-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("loralab: error: Bad value 'prompt' for 'model.head' (--head): allowed")
+    assert err.startswith("loralab: error: Bad value 'prompt' for 'train.method' (--method): allowed")
     argv = ["train", "--task", "sst2", "--output-dir", str(tmp_path / "runs")]
     assert main([*argv, "data.max_eval_examples=0"]) == 2
     err = capsys.readouterr().err
     assert "data.max_eval_examples (--max-eval-examples) must be a positive integer" in err
     assert not (tmp_path / "runs").exists()
+    # Heads are a registry (your own can be added), so an unknown one is refused by name.
+    assert main([*argv, "--model", "tiny-llama", "model.head=prompt"]) == 2
+    err = capsys.readouterr().err
+    assert "model.head='prompt' is not a known head; known heads: classifier, lm" in err
 
 
 def test_the_push_target_is_named_by_the_caller():

@@ -25,6 +25,10 @@ FLAGS = {
     "run.output_dir": "--output-dir",
 }
 
+# Keys whose flag means the same only in some commands: `study --output-dir` is the results
+# folder, not the run folder.
+ONLY_IN = {"run.output_dir": {"train"}}
+
 # A value written right after the key (`model.head=lm`): ends on a word character, so a
 # sentence's full stop or comma is not taken in.
 _VALUE = r"=[^\s,;:()'\"]*[\w/-]"
@@ -42,7 +46,12 @@ def flags_of(args: Namespace | None) -> dict[str, str]:
     """The FLAGS entries the parsed command has an option for (all of them without `args`)."""
     if args is None:
         return dict(FLAGS)
-    return {k: f for k, f in FLAGS.items() if hasattr(args, f[2:].replace("-", "_"))}
+    command = getattr(args, "command", None)
+    return {
+        k: f
+        for k, f in FLAGS.items()
+        if hasattr(args, f[2:].replace("-", "_")) and command in ONLY_IN.get(k, {command})
+    }
 
 
 def with_flags(text: str, flags: dict[str, str] | None = None) -> str:
