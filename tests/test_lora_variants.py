@@ -245,3 +245,49 @@ def test_loraplus_run_records_the_ratio_and_keys_its_identity(tmp_path):
     # Off (None): left out of the identity, so runs from before LoRA+ keep theirs.
     assert "loraplus_lr_ratio" not in plain.summary["identity"]["lora"]
     assert plain.summary["lora"]["loraplus_lr_ratio"] is None
+
+
+def test_variants_spec_is_one_ablation_with_readable_names(tmp_path):
+    from pathlib import Path
+
+    from loralab.study.phases import ablation_variants
+    from loralab.study.spec import load_spec
+    from loralab.study.variants import lora_slug, variant_slug
+
+    spec = load_spec(Path(__file__).parents[1] / "configs" / "studies" / "smollm2-variants.yaml")
+    (abl,) = spec.ablations
+    assert abl.key == "lora" and abl.name == "variants"
+    variants = ablation_variants(spec, "sst2", abl)
+    assert variants == [{}, {"use_dora": True}, {"use_rslora": True},
+                        {"init_lora_weights": "pissa"}, {"loraplus_lr_ratio": 16.0}]  # fmt: skip
+    assert [variant_slug(v) for v in variants] == [
+        "", "-dora", "-rslora", "-init-pissa", "-lora+16",
+    ]  # fmt: skip
+    base = {"r": 8, "alpha": 16.0}
+    assert [lora_slug({**base, **v}) for v in variants] == [
+        "r=8 α=16", "r=8 α=16 dora", "r=8 α=16 rslora", "r=8 α=16 init=pissa", "r=8 α=16 lora+16",
+    ]  # fmt: skip
+    # A summary from before LoRA+ (no such key) is the plain variant.
+    assert lora_slug({**base, "loraplus_lr_ratio": None}) == lora_slug(base)
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"lora": [{}, {"use_dora": "maybe"}]}, "use_dora"),
+        ({"lora": [{"loraplus_lr_ratio": -1}]}, "loraplus_lr_ratio must be a positive"),
+        ({"lora": [16]}, "must list variants as mappings"),
+    ],
+)
+def test_a_bad_variant_in_a_spec_is_a_user_error(tmp_path, entry, needle):
+    import yaml
+
+    from loralab.errors import LoralabError
+    from loralab.study.spec import load_spec
+
+    spec = {"name": "v", "base": {"model": {"name": "tiny-llama"}}, "tasks": {"sst2": {}},
+            "methods": ["lora"], "lr": {"lora": [1e-3]}, "seeds": [1], "ablations": [entry]}  # fmt: skip
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(LoralabError, match=needle):
+        load_spec(path)
