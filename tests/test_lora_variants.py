@@ -117,9 +117,9 @@ def test_dora_update_is_dense_and_its_statistics_come_from_the_dense_svd():
     torch.testing.assert_close(f.delta, m[:, None] * V / V.norm(dim=1, keepdim=True) - f.W.double())
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_residual_init_in_training_is_read_relative_to_the_pretrained_weight(init):
-    model = wrapped(f"lora.init_lora_weights={init}")
+@pytest.mark.parametrize("init, dora", [("pissa", False), ("olora", False), ("pissa", True)])
+def test_residual_init_in_training_is_read_relative_to_the_pretrained_weight(init, dora):
+    model = wrapped(f"lora.init_lora_weights={init}", f"lora.use_dora={dora}")
     factors = an.lora_factors(model, with_base=True)
     assert all(f.A.shape[0] == 8 for f in factors)  # [A; A0]: rank 2r
     for f in factors:  # W is the pretrained weight again, not PEFT's residual
@@ -167,14 +167,18 @@ def _logits(model, cfg, hidden: bool = False):
 
 # pissa_niter_2 is randomised: re-running the decomposition on load (what PEFT does with an
 # unconverted adapter) gives another residual, so only the converted adapter reloads exactly.
-@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
-def test_residual_init_adapter_reloads_onto_the_pretrained_base(tmp_path, init, monkeypatch):
+@pytest.mark.parametrize(
+    "init, dora", [("pissa_niter_2", False), ("olora", False), ("pissa", True)]
+)
+def test_residual_init_adapter_reloads_onto_the_pretrained_base(tmp_path, init, dora, monkeypatch):
     from loralab.cli import main
     from loralab.runs import load_adapter_model, load_base
     from loralab.tasks import get_task
 
     monkeypatch.setenv("LORALAB_PRECISION", "fp32")
-    cfg, result, trained = _train(tmp_path, f"lora.init_lora_weights={init}")
+    cfg, result, trained = _train(
+        tmp_path, f"lora.init_lora_weights={init}", f"lora.use_dora={dora}"
+    )
     run = result.run_dir
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] is True and saved["r"] == 16 and saved["lora_alpha"] == 32

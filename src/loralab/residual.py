@@ -75,6 +75,16 @@ def record(peft_model: nn.Module, init: str, before: dict[str, torch.Tensor]) ->
         for k, v in get_peft_model_state_dict(peft_model).items()
         if ".lora_A." in k or ".lora_B." in k
     }
+    with torch.no_grad():
+        error = _reconstruction_error(peft_model, before)
+    checksum = accounting.checksum(before)
+    snapshot = InitialAdapter(init, state, checksum, error)
+    setattr(peft_model, ATTRIBUTE, snapshot)
+    return snapshot
+
+
+def _reconstruction_error(peft_model: nn.Module, before: dict[str, torch.Tensor]) -> float:
+    """max |W − (W_res + s·B₀·A₀)| over the adapted layers (fp32)."""
     error = 0.0
     for name, module in peft_model.named_modules():
         short = name.removeprefix("base_model.model.")
@@ -86,10 +96,7 @@ def record(peft_model: nn.Module, init: str, before: dict[str, torch.Tensor]) ->
         delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
         rebuilt = W_res.float() + module.scaling["default"] * delta
         error = max(error, float((rebuilt - before[short].float()).abs().max()))
-    checksum = accounting.checksum(before)
-    snapshot = InitialAdapter(init, state, checksum, error)
-    setattr(peft_model, ATTRIBUTE, snapshot)
-    return snapshot
+    return error
 
 
 def initial_adapter(model: nn.Module) -> InitialAdapter | None:
