@@ -101,11 +101,12 @@ def lora_factors(
         A = lora_A[adapter].weight.detach().float()
         B = module.lora_B[adapter].weight.detach().float()
         scaling = float(module.scaling[adapter])
-        W = base_weight(module) if with_base or dora or initial else None
+        W = base_weight(module) if with_base or dora else None
         if initial is not None:  # training PiSSA/OLoRA: relative to the pretrained weight
-            A0 = initial.state[f"{name}.lora_A.weight"].float()
-            B0 = initial.state[f"{name}.lora_B.weight"].float()
-            W = W + scaling * (B0 @ A0)  # W_res + s·B₀·A₀ = the pretrained weight
+            A0 = initial.state[f"{name}.lora_A.weight"].to(A.device, torch.float32)
+            B0 = initial.state[f"{name}.lora_B.weight"].to(A.device, torch.float32)
+            if W is not None:  # W_res + s·B₀·A₀ = the pretrained weight
+                W = W + scaling * (B0 @ A0)
             A, B = torch.cat([A, A0]), torch.cat([B, -B0], dim=1)
         delta = (
             dora_update(W, A, B, scaling, module.lora_magnitude_vector[adapter].weight)
