@@ -295,3 +295,32 @@ def test_a_bad_variant_in_a_spec_is_a_user_error(tmp_path, entry, needle):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(LoralabError, match=needle):
         load_spec(path)
+
+
+def test_pissa_with_loraplus_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """A resumed run re-derives the residual and A0/B0 when it wraps the model again, and the
+    LoRA+ optimizer's groups load from the checkpoint: the same converted adapter, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from loralab.rundir import CHECKPOINT_DIR
+    from loralab.train import train
+
+    monkeypatch.setenv("LORALAB_PRECISION", "fp32")
+    extra = [
+        "lora.init_lora_weights=pissa_niter_2",
+        "lora.loraplus_lr_ratio=4",
+        "train.max_steps=4",
+    ]
+    cfg, full, _ = _train(tmp_path, *extra, "train.save_steps=2", "train.lr=1e-3")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full.run_dir, resumed)
+    shutil.rmtree(resumed / "adapter")
+    shutil.rmtree(resumed / CHECKPOINT_DIR / "checkpoint-4")
+    train(cfg, resume=resumed, checkpoint=resumed / CHECKPOINT_DIR / "checkpoint-2", quiet=True)
+    a = load_file(full.run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
