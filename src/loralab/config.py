@@ -56,7 +56,11 @@ class LoraSettings:
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
     init_lora_weights: bool | str = True
-    """PEFT init: True = Kaiming-uniform A, zero B; or a PEFT variant name (`gaussian`, `pissa`, ...)."""
+    """PEFT init: True = Kaiming-uniform A, zero B; or a PEFT variant name (`gaussian`, `pissa`,
+    `olora`, ...). PiSSA/OLoRA adapters are saved as plain LoRA of rank 2r on the original base."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al., 2024): B matrices learn at this multiple of the A matrices' learning
+    rate (the paper suggests 16); None = off, one learning rate for all."""
     extra: dict = field(default_factory=dict)
     """Other `peft.LoraConfig` options, passed through unchanged."""
 
@@ -286,6 +290,13 @@ def validate(cfg: ExperimentConfig) -> None:
         raise LoralabError(f"lora.alpha must be positive (default 16 = 2·r), got {lo.alpha}.")
     if not 0 <= lo.dropout < 1:
         raise LoralabError(f"lora.dropout must be in [0, 1) (default 0.05), got {lo.dropout}.")
+    if lo.loraplus_lr_ratio is not None and not (
+        math.isfinite(lo.loraplus_lr_ratio) and lo.loraplus_lr_ratio > 0
+    ):
+        raise LoralabError(
+            f"lora.loraplus_lr_ratio must be a positive number (LoRA+ suggests 16) or null, got "
+            f"{lo.loraplus_lr_ratio}."
+        )
     if isinstance(lo.target, list) and not lo.target:
         raise LoralabError("lora.target is an empty list: name a preset or at least one module.")
     if tr.lr is not None and not (math.isfinite(tr.lr) and tr.lr > 0):

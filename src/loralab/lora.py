@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from . import residual
 from .config import LoraSettings as LoraSpec
 from .errors import LoralabError
 
@@ -257,11 +258,22 @@ def to_peft_config(
 def apply_lora(
     spec: LoraSpec, model: nn.Module, modules_to_save: list[str], task_type: str | None = None
 ):
-    """Wrap `model` with LoRA adapters; the base is frozen, adapters and heads train."""
+    """Wrap `model` with LoRA adapters; the base is frozen, adapters and heads train.
+
+    PiSSA/OLoRA: PEFT rewrites the adapted base weights to a residual; A₀, B₀ are recorded on
+    the returned model so that `residual.save_adapter` saves the update relative to W.
+    """
     from peft import get_peft_model
 
     from .console import known_warnings_silenced
 
     cfg = to_peft_config(spec, model, modules_to_save, task_type)
+    before = None
+    if residual.converts(cfg.init_lora_weights):  # PEFT is about to rewrite these weights
+        before = residual.pretrained_weights(model, adapted_modules(model, cfg.target_modules,
+                                                                   exclude=modules_to_save))  # fmt: skip
     with known_warnings_silenced():
-        return get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
+    if before is not None:
+        residual.record(peft_model, cfg.init_lora_weights, before)
+    return peft_model

@@ -82,6 +82,8 @@ def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
             d[section].pop(k, None)
     if cfg.train.method != "lora":
         d.pop("lora")
+    elif cfg.lora.loraplus_lr_ratio is None:  # off: identities from before LoRA+ stay the same
+        d["lora"].pop("loraplus_lr_ratio")
     d["train"]["lr"] = cfg.lr
     d["train"]["precision"] = _precision_name(cfg)
     d["data"]["max_length"] = splits.max_length

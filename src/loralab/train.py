@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from . import accounting, attention, distributed, precision, rundir, tracking
+from . import accounting, attention, distributed, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum
@@ -206,6 +206,7 @@ class _Run:
             callbacks=callbacks,
             loss_fn=self.head.loss if type(self.head).loss is not Head.loss else None,
             tokens=self.tokens,
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.train.method == "lora" else None,
         )
         for cb in extra:  # callbacks that ask for them get the trainer and the token counts
             if hasattr(cb, "trainer"):
@@ -297,6 +298,8 @@ class _Run:
                 "base_checksum_after": checksum_after,
                 "base_unchanged": checksum_before == checksum_after,
             }
+            if (initial := residual.initial_adapter(model)) is not None:  # PiSSA/OLoRA
+                verification["base_residual"] = initial.report()
         summary.update(
             status="completed",
             metrics=metrics,
@@ -330,8 +333,8 @@ class _Run:
         lora = self.cfg.train.method == "lora"
         final = self.run_dir / (rundir.ADAPTER_DIR if lora else rundir.MODEL_DIR)
         with rundir.atomic_dir(final) as tmp, library_bars_off():
-            if lora:
-                self.built.model.save_pretrained(str(tmp))
+            if lora:  # PiSSA/OLoRA: converted to plain LoRA on the pretrained base
+                residual.save_adapter(self.built.model, tmp)
             else:
                 trainer.save_model(str(tmp))
             self.built.tokenizer.save_pretrained(str(tmp))

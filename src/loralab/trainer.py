@@ -41,14 +41,27 @@ class LoralabTrainer(Trainer):
     """The stock Trainer plus token counting, a stop on a non-finite loss, a (seed, epoch)-seeded
     length-grouped sampler and a whole-run loss sum kept in every checkpoint."""
 
-    def __init__(self, *args, loss_fn=None, tokens: TokenCounts | None = None, **kwargs):
+    def __init__(self, *args, loss_fn=None, tokens: TokenCounts | None = None,
+                 loraplus_lr_ratio: float | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio  # None: one learning rate for every parameter
         self.tokens = tokens if tokens is not None else TokenCounts()
         self.loss_fn = loss_fn  # the head's loss; None: the model's own
         # Sum of every training_step loss since step 0, also across resumes (float64, on the
         # device: no sync per step). The Trainer's own train_loss covers only this process.
         self.loss_sum_start = 0.0
         self.loss_sum = None
+
+    def create_optimizer(self, model=None):
+        """The stock optimizer; under LoRA+ its B matrices learn at `loraplus_lr_ratio`× the rate."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = loraplus_groups(opt_model, decay, self.args, self.loraplus_lr_ratio)
+        self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -118,6 +131,27 @@ class LoralabTrainer(Trainer):
                 "stopped. Checkpoints saved so far are kept. Lower train.lr, or check the data."
             )
         return loss
+
+
+def loraplus_groups(model, decay: set[str], args: TrainingArguments, ratio: float) -> list[dict]:
+    """Optimizer parameter groups for LoRA+: (weight decay or not) × (B matrices or the rest).
+
+    Only `lora_B` weights get `ratio`× the learning rate; A, DoRA magnitudes, biases and trained
+    heads keep the base rate (PEFT's `create_loraplus_optimizer` would also speed up every 1-D
+    parameter and drop the weight decay). The scheduler scales each group from its own rate.
+    """
+    lr, wd = args.learning_rate, args.weight_decay
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((".lora_B." in name, name in decay), []).append(p)
+    # The rest first: the Trainer logs the first group's rate as the run's learning rate.
+    order = [(False, True), (False, False), (True, True), (True, False)]
+    return [
+        {"params": groups[key], "weight_decay": wd if key[1] else 0.0,
+         "lr": lr * ratio if key[0] else lr}
+        for key in order if key in groups
+    ]  # fmt: skip
 
 
 def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> TrainingArguments:

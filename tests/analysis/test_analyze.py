@@ -145,37 +145,27 @@ def test_analyze_lm_head_run_probes_with_its_prompts(tmp_path, capsys):
     assert "Review: " in text and text.rstrip().endswith("Sentiment:"), text
 
 
-@pytest.mark.parametrize(
-    "overrides, word",
-    [(["lora.use_dora=true"], "DoRA"), (["lora.init_lora_weights=pissa"], "pissa")],
-)
-def test_variants_the_analysis_cannot_describe_are_refused(tmp_path, overrides, word):
-    """DoRA's magnitude and PiSSA's residual base make s·B·A the wrong update: refuse, exit 2."""
-    from conftest import write_sst2
-
-    from loralab import analysis
+def test_dora_and_pissa_runs_are_analysed_and_an_unconverted_pissa_adapter_is_refused(tmp_path):
+    """DoRA: dense ΔW statistics, live and in analyze. PiSSA: the converted adapter is analysed;
+    one saved unconverted (its config still says pissa) is refused, exit 2, nothing written."""
     from loralab.cli import main
-    from loralab.config import build_config
-    from loralab.train import train
 
-    cfg = build_config(
-        overrides=[
-            "model.name=tiny-llama", f"data.data_dir={write_sst2(tmp_path / 'd')}",
-            f"run.output_dir={tmp_path / 'runs'}", "train.max_steps=2", "train.batch_size=8",
-            *overrides,
-        ]
-    )  # fmt: skip
-    result = train(cfg, quiet=True)
-    assert result.summary["status"] == "completed"
-    # The live statistics were skipped, not wrong: no lora_adapters/* record was written.
-    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert not any("lora_adapters/" in line for line in lines)
-    assert main(["analyze", str(result.run_dir)]) == 2
-    assert not (result.run_dir / "analysis").exists()
-    from loralab.runs import load_adapter_model
-    from loralab.tasks import get_task
+    data = write_sst2(tmp_path / "d")
+    dora = _train(tmp_path / "runs", data, "dora", "lora.use_dora=true")
+    lines = (dora / "metrics.jsonl").read_text().splitlines()
+    assert any("lora_adapters/" in line for line in lines)  # live statistics, from the dense ΔW
+    assert main(["analyze", str(dora), "--probe", "4"]) == 0
+    data_dora = json.loads((dora / "analysis" / "analysis.json").read_text())
+    assert data_dora["lora"]["variant"] == "dora" and "dense" in data_dora["lora"]["update"]
+    assert all(m["update"] == "dense" for m in data_dora["modules"].values())
 
-    model = load_adapter_model(cfg, get_task("sst2"), result.run_dir)
-    with pytest.raises(analysis.UnsupportedVariant, match=word):
-        analysis.lora_factors(model)
-    assert analysis.lora_factors(model, check_variant=False)  # structural use still works
+    pissa = _train(tmp_path / "runs", data, "pissa", "lora.init_lora_weights=pissa")
+    assert main(["analyze", str(pissa), "--probe", "4"]) == 0
+    assert json.loads((pissa / "analysis" / "analysis.json").read_text())["lora"]["r"] == 16
+    shutil.rmtree(pissa / "analysis")
+    config = pissa / "adapter" / "adapter_config.json"
+    config.write_text(
+        config.read_text().replace('"init_lora_weights": true', '"init_lora_weights": "pissa"')
+    )
+    assert main(["analyze", str(pissa)]) == 2
+    assert not (pissa / "analysis").exists()

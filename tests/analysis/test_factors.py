@@ -35,27 +35,35 @@ def test_factors_of_every_adapted_layer_in_module_order():
 @pytest.mark.parametrize(
     "lora, word",
     [
-        (dict(use_dora=True), "DoRA"),
         (dict(init_lora_weights="pissa"), "pissa"),
         (dict(init_lora_weights="olora"), "olora"),
+        (dict(init_lora_weights="corda"), "corda"),
     ],
 )
-def test_unsupported_variants_are_refused(lora, word):
+def test_residual_inits_without_recorded_initial_factors_are_refused(lora, word):
     from peft import LoraConfig
 
     assert word in an.unsupported_variant(LoraConfig(**lora))
-    model = _peft_model(**lora)
+    assert word in an.unsupported_variant({"init_lora_weights": word})  # adapter_config.json
+    if word == "corda":
+        return  # needs data-driven preprocessing to build at all
+    model = _peft_model(**lora)  # made by PEFT alone: A0/B0 were not recorded
     with pytest.raises(an.UnsupportedVariant, match=word):
         an.lora_factors(model)
     assert an.lora_factors(model, check_variant=False)  # structural use still works
 
 
-@pytest.mark.parametrize("lora", [{}, dict(use_rslora=True), dict(init_lora_weights="gaussian")])
-def test_plain_lora_rslora_and_gaussian_init_are_supported(lora):
+@pytest.mark.parametrize(
+    "lora",
+    [{}, dict(use_rslora=True), dict(use_dora=True), dict(init_lora_weights="gaussian")],
+)
+def test_plain_lora_rslora_dora_and_gaussian_init_are_supported(lora):
     from peft import LoraConfig
 
     assert an.unsupported_variant(LoraConfig(**lora)) is None
     assert an.UnsupportedVariant.__mro__[1] is ValueError
+    factors = an.lora_factors(_peft_model(**lora))
+    assert [f.delta is not None for f in factors] == [bool(lora.get("use_dora"))] * 2
 
 
 def test_short_name_drops_the_peft_prefix():

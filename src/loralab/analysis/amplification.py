@@ -30,8 +30,23 @@ def amplification(
     mean over n_random draws). A large amplification with proj_delta ≪ proj_top means that ΔW
     boosts directions that W holds but does not emphasise.
     """
-    U, S, V = delta_svd(A, B, scaling)
-    r = A.shape[0]
+    return svd_amplification(W, *delta_svd(A, B, scaling), A.shape[0], n_random, seed)
+
+
+def svd_amplification(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    r: int,
+    n_random: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`amplification` from ΔW's SVD: U [out, k], S [k] (all of ΔW's singular values), V [in, k].
+
+    The projection uses the top-r directions (k ≥ r); ‖ΔW‖_F all of S (a dense DoRA update).
+    """
+    U, V = U[:, :r], V[:, :r]
     W = W.double()
     delta_fro = float(torch.sqrt((S**2).sum()))
     proj_delta = float(torch.linalg.matrix_norm(U.T @ W @ V))

@@ -113,12 +113,15 @@ def probe_batches(cfg: ExperimentConfig, task, raw, tokenizer, causal: bool, bat
 
 
 def _check_variant(run_dir: Path, cfg) -> None:
-    why = unsupported_variant(cfg.lora)
+    """The saved adapter's own config decides: loralab saves PiSSA/OLoRA converted (init True)."""
+    saved = tracking.read_json(run_dir / ADAPTER_DIR / "adapter_config.json")
+    why = unsupported_variant(saved)
     if why:
         raise LoralabError(
             f"Run '{run_dir}' uses a LoRA variant the adapter analysis does not cover yet: {why}. "
-            "Its statistics would be wrong, so none are written. Plain LoRA, rsLoRA and "
-            "Gaussian-initialised adapters are supported."
+            "Its statistics would be wrong, so none are written. Plain LoRA, rsLoRA, DoRA, "
+            "LoRA+, Gaussian-initialised adapters and PiSSA/OLoRA adapters saved by loralab "
+            "are supported."
         )
 
 

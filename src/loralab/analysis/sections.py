@@ -7,15 +7,18 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from .. import residual
 from ..config import ExperimentConfig
 from ..errors import LoralabError
 from ..rundir import ANALYSIS_DIR
-from .amplification import amplification
-from .factors import LoraFactors
+from .amplification import amplification, svd_amplification
+from .factors import UPDATES, LoraFactors
 from .modules import kind_means, module_kind, module_layer, module_role
 from .representations import cka_per_layer, median_cosine_per_layer
-from .similarity import adapter_similarity, output_similarity
-from .spectra import delta_singular_values, module_stats
+from .similarity import adapter_similarity, output_similarity, subspace_similarity
+from .spectra import module_stats, update_singular_values, update_svd
 
 # Means per module kind in `by_kind` (module statistics, then the amplification's).
 KIND_STATS = ("rank_utilisation", "effective_rank", "stable_rank", "numerical_rank",
@@ -29,16 +32,17 @@ def module_report(factors: list[LoraFactors]) -> tuple[dict, dict]:
     """Per-module statistics + amplification (factors need W), and their means per module kind."""
     modules = {}
     for f in factors:
-        sv = delta_singular_values(f.A, f.B, f.scaling)
+        sv = update_singular_values(f)
         modules[f.name] = {
             "kind": module_kind(f.name),
             "layer": module_layer(f.name),
             "role": module_role(f.name),
             "r": f.A.shape[0],
             "shape": [f.B.shape[0], f.A.shape[1]],
+            "update": "factors" if f.delta is None else "dense",
             "singular_values": sv.tolist(),
             **module_stats(f),
-            "amplification": amplification(f.W, f.A, f.B, f.scaling),
+            "amplification": _amplification(f),
         }
     rows = [
         (name, {**{k: m[k] for k in KIND_STATS},
@@ -51,6 +55,12 @@ def module_report(factors: list[LoraFactors]) -> tuple[dict, dict]:
         for kind, means in kind_means(rows, KIND_STATS + KIND_AMPLIFICATION).items()
     }
     return modules, by_kind
+
+
+def _amplification(f: LoraFactors) -> dict[str, float]:
+    if f.delta is None:  # the r×r route, as it always was
+        return amplification(f.W, f.A, f.B, f.scaling)
+    return svd_amplification(f.W, *update_svd(f), f.A.shape[0])
 
 
 def heatmap_modules(names: list[str], layer: int | None) -> tuple[int | None, list[str]]:
@@ -72,7 +82,7 @@ def compare_report(f1: list[LoraFactors], f2: list[LoraFactors]) -> tuple[dict, 
     for f in f1:
         g = other[f.name]
         phi = adapter_similarity(f.A, g.A)  # [r1, r2]
-        phi_out = output_similarity(f.A, f.B, g.A, g.B)  # [r1, r2]
+        phi_out = _output_similarity(f, g)  # [r1, r2]
         k = min(phi.shape)
         modules[f.name] = {
             "kind": module_kind(f.name),
@@ -90,17 +100,46 @@ def compare_report(f1: list[LoraFactors], f2: list[LoraFactors]) -> tuple[dict, 
     return modules, kind_means(rows, KIND_SIMILARITY)
 
 
+def _output_similarity(f: LoraFactors, g: LoraFactors) -> torch.Tensor:
+    """φ over ΔW's top-r left-singular vectors (the dense update's for DoRA): [r1, r2]."""
+    if f.delta is None and g.delta is None:
+        return output_similarity(f.A, f.B, g.A, g.B)
+    U1, U2 = update_svd(f)[0][:, : f.A.shape[0]], update_svd(g)[0][:, : g.A.shape[0]]
+    return subspace_similarity(U1, U2)
+
+
 def lora_info(cfg: ExperimentConfig, factors: list[LoraFactors]) -> dict:
     """The adapter's rank(s), alpha, scaling, target, seed and number of adapted modules."""
     ranks = sorted({f.A.shape[0] for f in factors})
-    return {
+    variant = factors[0].variant if factors else "lora"
+    info = {
         "r": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": cfg.lora.alpha,
         "scaling": factors[0].scaling if factors else None,
         "target": cfg.lora.target,
         "seed": cfg.train.seed,
         "modules": len(factors),
+        "variant": variant_name(cfg),
+        "update": UPDATES[variant],
     }
+    if residual.converts(cfg.lora.init_lora_weights):
+        info["update"] += (
+            f"; {cfg.lora.init_lora_weights} initialisation: the saved adapter is the update "
+            "relative to the pretrained weight, s·(B·A − B₀·A₀) = s·[B | −B₀]·[A; A₀], of "
+            f"rank 2r = {2 * cfg.lora.r} (A, B statistics are of these stacked factors)"
+        )
+    return info
+
+
+def variant_name(cfg: ExperimentConfig) -> str:
+    """The LoRA variant in words: 'lora', or e.g. 'dora+rslora+init=pissa+lora+16'."""
+    lo = cfg.lora
+    parts = [name for name, on in (("dora", lo.use_dora), ("rslora", lo.use_rslora)) if on]
+    if lo.init_lora_weights is not True:
+        parts.append(f"init={lo.init_lora_weights}")
+    if lo.loraplus_lr_ratio is not None:
+        parts.append(f"lora+{lo.loraplus_lr_ratio:g}")
+    return "+".join(parts) or "lora"
 
 
 def representations(probe: int, pairs: dict, causal: bool, hidden_file: str) -> dict:
@@ -133,6 +172,8 @@ def format_summary(data: dict) -> str:
     lines = [
         f"{data['run_dir']}: {lora['modules']} adapted modules, r={lora['r']}, alpha={lora['alpha']}"
     ]
+    if lora.get("variant", "lora") != "lora":
+        lines.append(f"  variant {lora['variant']}: {lora['update']}")
     for kind, k in data["by_kind"].items():
         lines.append(
             f"  {kind:>4}: rank utilisation {k['rank_utilisation']:.2f} (effective rank "

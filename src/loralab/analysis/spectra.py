@@ -1,7 +1,8 @@
 """The spectrum of ΔW = s·B·A and the statistics read from it (norms, effective/stable ranks).
 
 Singular values and vectors come from the r×r problem (QR of Bᵀ and of Aᵀ), never from a dense
-SVD of the out×in matrix.
+SVD of the out×in matrix, except for a variant whose update is not low-rank (DoRA): its dense
+ΔW (`LoraFactors.delta`) is decomposed as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def delta_singular_values(A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0
     return (abs(scaling) * torch.linalg.svdvals(rb @ ra.T)).float()
 
 
+def update_svd(f: LoraFactors):
+    """U [out, k], S [k] (descending), V [in, k] of the module's update, fp64: from the factors
+    (k = r), or from the dense ΔW of a DoRA module (k = min(out, in))."""
+    if f.delta is None:
+        return delta_svd(f.A, f.B, f.scaling)
+    U, S, Vh = torch.linalg.svd(f.delta.double(), full_matrices=False)
+    return U, S, Vh.T
+
+
+def update_singular_values(f: LoraFactors) -> torch.Tensor:
+    """Singular values of the module's update (descending): r of them, or min(out, in) (DoRA)."""
+    if f.delta is None:
+        return delta_singular_values(f.A, f.B, f.scaling)
+    return torch.linalg.svdvals(f.delta.double()).float()
+
+
 def effective_rank(sv: torch.Tensor) -> float:
     """exp of the Shannon entropy of the normalised singular values (Roy & Vetterli, 2007)."""
     total = sv.sum()
@@ -53,13 +70,20 @@ def numerical_rank(sv: torch.Tensor, rtol: float = 1e-4) -> int:
 
 
 def module_stats(f: LoraFactors) -> dict[str, float]:
-    """Cheap per-module statistics: norms/mean/std of A, B, ΔW; spectrum-based ranks."""
-    sv = delta_singular_values(f.A, f.B, f.scaling)
+    """Cheap per-module statistics: norms/mean/std of A, B, ΔW; spectrum-based ranks.
+
+    Rank utilisation is effective rank / r (the adapter's rank); a dense DoRA update may use
+    more directions than r (the magnitude rescales W's rows), so it can exceed 1.
+    """
+    sv = update_singular_values(f)
     r = f.A.shape[0]
     fro_delta = float(torch.sqrt((sv.double() ** 2).sum()))
     n_delta = f.A.shape[1] * f.B.shape[0]
     # mean(ΔW) = s·(1ᵀB)(A1)/n is cheap; std follows from ‖ΔW‖_F² = n(mean² + var).
-    mean_delta = float(f.scaling * (f.B.sum(0) @ f.A.sum(1)) / n_delta)
+    if f.delta is None:
+        mean_delta = float(f.scaling * (f.B.sum(0) @ f.A.sum(1)) / n_delta)
+    else:
+        mean_delta = float(f.delta.mean())
     var_delta = max(fro_delta**2 / n_delta - mean_delta**2, 0.0)
     eff = effective_rank(sv)
     return {

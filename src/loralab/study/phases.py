@@ -24,7 +24,8 @@ from .storage import is_final
 
 @dataclass
 class Ablation:
-    """One axis: LoRA runs at each value of `key` (a lora.* key), all else as the base."""
+    """One axis: LoRA runs at each value of `key` (a lora.* key; or `lora`, whose values are
+    variants: mappings of lora.* settings), all else as the base."""
 
     key: str
     values: list
@@ -64,10 +65,10 @@ def lora_of(spec: StudySpec, task: str) -> dict:
 def ablation_variants(spec: StudySpec, task: str, abl: Ablation) -> list[dict]:
     """Each axis value as the diff of LoRA settings from the task's base (deduplicated)."""
     base = lora_of(spec, task)
-    field_name = abl.key.split(".", 1)[1]
+    field_name = abl.key.split(".", 1)[1] if abl.key != "lora" else None
     out = []
-    for v in abl.values:
-        lora = dict(base, **{field_name: v})
+    for v in abl.values:  # a value, or (axis `lora`) a whole variant: a mapping of settings
+        lora = dict(base, **(v if field_name is None else {field_name: v}))
         if abl.scale_alpha:
             lora["alpha"] = float(base["alpha"]) * float(v) / base["r"]
         full = to_dict(from_dict({"lora": lora}).lora)  # normalised types (16 -> 16.0)

@@ -45,7 +45,7 @@ FIXED = {
     "train.seed": "seeds are listed under `seeds:` (or an ablation's `seeds:`)",
 }
 ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "tasks", "name")
-AXIS_NAMES = {"lora.r": "rank", "lora.alpha": "alpha", "lora.target": "modules"}
+AXIS_NAMES = {"lora.r": "rank", "lora.alpha": "alpha", "lora.target": "modules", "lora": "variants"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,18 +145,20 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) ->
     if not isinstance(entry, dict):
         raise _err(path, where, f"must be a mapping like {{lora.r: [4, 8, 16], scale_alpha: true}}, got {entry!r}.")  # fmt: skip
     axes = [k for k in entry if k not in ABLATION_OPTIONS]
-    if len(axes) != 1 or not axes[0].startswith("lora."):
-        raise _err(path, where, f"must name exactly one lora.* axis (e.g. lora.r: [4, 8, 16]) besides the options {', '.join(ABLATION_OPTIONS)}; it has {axes or 'none'}.")  # fmt: skip
+    if len(axes) != 1 or not (axes[0].startswith("lora.") or axes[0] == "lora"):
+        raise _err(path, where, f"must name exactly one lora.* axis (e.g. lora.r: [4, 8, 16]), or `lora:` with a list of variants (mappings of lora.* settings), besides the options {', '.join(ABLATION_OPTIONS)}; it has {axes or 'none'}.")  # fmt: skip
     key = axes[0]
-    field_name = key.split(".", 1)[1]
-    if field_name not in LoraConfig.__dataclass_fields__:
+    field_name = key.split(".", 1)[1] if key != "lora" else None
+    if field_name is not None and field_name not in LoraConfig.__dataclass_fields__:
         raise _err(path, f"{where}.{key}", f"is not a LoRA setting: use one of lora.{', lora.'.join(LoraConfig.__dataclass_fields__)}.")  # fmt: skip
     values = entry[key]
     if not isinstance(values, list) or not values:
         raise _err(path, f"{where}.{key}", f"must be a non-empty list of values, got {values!r}.")  # fmt: skip
+    if field_name is None and not all(isinstance(v, dict) for v in values):
+        raise _err(path, f"{where}.lora", f"must list variants as mappings of LoRA settings (e.g. {{}} for the base, {{use_dora: true}}), got {values!r}.")  # fmt: skip
     for v in values:
         try:
-            validate(from_dict({"lora": {field_name: v}}))
+            validate(from_dict({"lora": v if field_name is None else {field_name: v}}))
         except LoralabError as e:
             raise LoralabError(f"Study spec '{path}', in '{where}.{key}': {e}") from None
     scale = entry.get("scale_alpha", False)

@@ -17,7 +17,8 @@ from ..config import LoraSettings as LoraConfig
 
 # LoRA settings shown in a variant's name only when they differ from these (r and α: always).
 LORA_DEFAULTS = {"dropout": 0.05, "target": "standard", "bias": "none", "use_rslora": False,
-                 "use_dora": False, "init_lora_weights": True, "extra": {}}  # fmt: skip
+                 "use_dora": False, "init_lora_weights": True, "loraplus_lr_ratio": None,
+                 "extra": {}}  # fmt: skip
 
 
 def is_number(v) -> bool:
@@ -35,7 +36,8 @@ def slug(value) -> str:
 
 def variant_slug(diff: dict) -> str:
     """A readable, deterministic suffix for LoRA settings that differ from the base:
-    {} -> '', {r: 16, alpha: 32} -> '-r16-a32', {use_dora: True} -> '-dora'."""
+    {} -> '', {r: 16, alpha: 32} -> '-r16-a32', {use_dora: True} -> '-dora',
+    {loraplus_lr_ratio: 16} -> '-lora+16'."""
     order = list(LoraConfig.__dataclass_fields__)
     parts = []
     for k in sorted(diff, key=lambda k: order.index(k) if k in order else len(order)):
@@ -48,6 +50,8 @@ def variant_slug(diff: dict) -> str:
             parts.append(k[4:] if v else f"no{k[4:]}")
         elif k == "init_lora_weights":
             parts.append(f"init-{slug(v).lower()}")
+        elif k == "loraplus_lr_ratio":
+            parts.append(f"lora+{slug(float(v))}" if v is not None else "nolora+")
         elif k == "extra":
             parts.append("extra-" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:8])  # fmt: skip
         else:
@@ -75,6 +79,8 @@ def slug_parts(lora: dict) -> dict[str, str]:
             parts[key] = name if value else f"no-{name}"
         elif key == "init_lora_weights":
             parts[key] = f"init={value}"
+        elif key == "loraplus_lr_ratio":
+            parts[key] = f"lora+{float(value):g}"
         elif key == "extra":
             parts[key] = " ".join(f"{k}={v}" for k, v in sorted(value.items()))
         else:
