@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
 import torch.nn as nn
+
+from .quantization import hash_tensor, logical_numel
 
 
 def _is_lora(name: str) -> bool:
@@ -29,14 +30,15 @@ def parameter_counts(model: nn.Module, head_modules: list[str] | None = None) ->
 
     `head_modules` are the freshly initialised task heads (e.g. ["score"]); under LoRA they are
     PEFT modules_to_save, under full fine-tuning ordinary modules. The LoRA paper's share counts
-    adapter weights only, so the share is given both with and without the head.
+    adapter weights only, so the share is given both with and without the head. A quantized
+    weight counts the parameters it stands for (a packed 4-bit byte holds two).
     """
     heads = set(head_modules or [])
     total = trainable = lora = head = head_trainable = 0
     for name, p in model.named_parameters():
         if ".original_module." in name:
             continue  # frozen twin of a trained head; the head is counted once, via its copy
-        n = p.numel()
+        n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
         if _is_lora(name):
@@ -58,13 +60,11 @@ def parameter_counts(model: nn.Module, head_modules: list[str] | None = None) ->
 
 
 def checksum(params: dict[str, nn.Parameter]) -> str:
-    """SHA-256 over the exact bytes of every tensor (bit-identical check, order-independent of dicts)."""
+    """SHA-256 over the exact bytes of every tensor (bit-identical check, order-independent of
+    dicts); a quantized weight contributes the bytes it is stored as (int8 data and scales)."""
     h = hashlib.sha256()
     for name in sorted(params):
-        t = params[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, name, params[name])
     return h.hexdigest()
 
 

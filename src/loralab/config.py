@@ -35,6 +35,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """Attention kernel for training: `auto` times both at the run's batch shape (CPU; cached)
     and takes the faster; GPUs use `sdpa`. Same results either way, only speed differs."""
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """Store the frozen base quantized (LoRA only): `int8` weight-only (torchao; CPU and GPU) or
+    `nf4` 4-bit (bitsandbytes; CUDA GPUs). Adapters and the task head stay full precision."""
 
 
 @dataclass

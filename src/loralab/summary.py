@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import distributed, precision, tracking
+from . import distributed, precision, quantization, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
 from .models import canonical
@@ -44,6 +44,7 @@ def base_summary(
         "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * distributed.world_size(),
         "layout": layout.record(),  # worker processes side by side, threads in this one
         "param_dtypes": precision.dtypes(model),
+        "quantization": quantization.describe(model, cfg.model.quantization),
         "versions": tracking.versions(),
         "git_commit": tracking.git_commit(),
         # Credentials on the command line (--storage URL passwords, tokens) never get stored.
@@ -84,6 +85,8 @@ def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
         d.pop("lora")
     elif cfg.lora.loraplus_lr_ratio is None:  # off: identities from before LoRA+ stay the same
         d["lora"].pop("loraplus_lr_ratio")
+    if cfg.model.quantization == "none":  # identities from before the option stay the same
+        d["model"].pop("quantization", None)
     d["train"]["lr"] = cfg.lr
     d["train"]["precision"] = _precision_name(cfg)
     d["data"]["max_length"] = splits.max_length

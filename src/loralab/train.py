@@ -25,6 +25,7 @@ from .errors import TrainingDiverged
 from .heads import Head, head_for
 from .lora import apply_lora, check_targets
 from .models import is_causal, load_for_task, load_tokenizer, resolve
+from .quantization import check as check_quantization
 from .summary import base_summary, resolved_config
 from .tasks import Task, absolute_ref, get_task
 from .trainer import LoralabTrainer, training_args
@@ -60,6 +61,9 @@ def build_model(
     """
     head = head or head_for(cfg, task)
     attention = attention or (None if cfg.model.attention == "auto" else cfg.model.attention)
+    # A quantized base is quantized while it loads, before PEFT wraps it: PEFT then puts its
+    # torchao/bitsandbytes LoRA layers (full-precision factors) on the quantized weights.
+    check_quantization(cfg.model.quantization, cfg.train.method)
     model, heads = load_for_task(cfg.model, head, tokenizer, progress, attention)
     causal = is_causal(model.config)
     if cfg.train.method == "lora":

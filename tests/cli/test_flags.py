@@ -55,7 +55,9 @@ def test_a_library_error_names_the_key_and_the_cli_prints_the_flag(tmp_path, cap
 
     assert main(["train", "--config", str(bad), "--output-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("loralab: error: Bad value 'prompt' for 'train.method' (--method): allowed")
+    assert err.startswith(
+        "loralab: error: Bad value 'prompt' for 'train.method' (--method): allowed"
+    )
     argv = ["train", "--task", "sst2", "--output-dir", str(tmp_path / "runs")]
     assert main([*argv, "data.max_eval_examples=0"]) == 2
     err = capsys.readouterr().err

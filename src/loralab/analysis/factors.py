@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import residual
+from ..quantization import dequantized
 
 
 @dataclass
@@ -135,8 +136,8 @@ def dora_update(
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The frozen base weight of a LoRA layer as [out, in], fp32."""
-    W = module.get_base_layer().weight.detach().float()
+    """The frozen base weight of a LoRA layer as [out, in], fp32 (a quantized one dequantized)."""
+    W = dequantized(module.get_base_layer().weight.detach()).float()
     # GPT-2's Conv1D stores [in, out]; PEFT marks such layers with fan_in_fan_out.
     return W.T if getattr(module, "fan_in_fan_out", False) else W
 

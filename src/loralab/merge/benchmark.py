@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..runs import load_base
 from .equivalence import DTYPES
 from .inputs import Loaded, device
 
@@ -69,7 +68,7 @@ def run_benchmark(
 ) -> dict:
     """Base, adapter (unmerged) and merged model on the same full batches, in `dtype`."""
     dt, dev = DTYPES[dtype], device()
-    base = load_base(run.cfg, run.task, run.tokenizer).to(dev, dt)
+    base = run.base().to(dev, dt)
     models = {"base": base, "adapter": run.reference.to(dtype=dt), "merged": merged}
     token_types = "token_type_ids" in run.feats.column_names
     batches = make_bench_batches(run.feats, warmup + n, batch_size, seq_len, token_types)

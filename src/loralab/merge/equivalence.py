@@ -17,6 +17,7 @@ from .. import precision, tracking
 from ..analysis import lora_factors
 from ..data import FEATURES_VERSION
 from ..heads import Head
+from ..runs import load_adapter_model
 from .bounds import INFORMATIVE_FACTOR, equivalence_bound, overall_status, verdict
 from .inputs import Loaded, device
 
@@ -111,6 +112,24 @@ def lora_update_norms(model: nn.Module) -> dict:
     return {"layers": len(factors), "zero_B_layers": len(zero), "heads": heads}
 
 
+def quantized_base(run: Loaded, ref_out: list[torch.Tensor]) -> dict | None:
+    """For a run on a quantized base: what the reference is, and how far the adapter on the
+    quantized base (as trained: int8/NF4 kernels) is from it. None for an fp32/bf16 base."""
+    method = run.cfg.model.quantization
+    if method == "none":
+        return None
+    as_trained = load_adapter_model(run.cfg, run.task, run.run_dir, run.tokenizer).to(device())
+    diff = compare(ref_out, forward_all(as_trained, run.batches, run.head))
+    note = (
+        f"The base was stored quantized ({method}): the reference and every merge use the "
+        f"dequantized base (the stored {method} weights expanded to fp32), so the equivalence "
+        "is stated against the dequantized base. The adapter on the quantized base, as "
+        f"trained, differs from the reference by max |Δ| {diff['max_abs_diff']:.3g}."
+    )
+    return {"method": method, "reference": "fp32 adapter on the dequantized base",
+            "quantized_vs_dequantized": diff, "note": note}  # fmt: skip
+
+
 def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
     """Each merged variant vs the fp32 adapter model on the dev batches, with verdicts."""
     task, ref = run.task, run.reference
@@ -150,6 +169,9 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
             f"The LoRA update moves the logits by at most {effect['max_abs_diff']:.3g}, less than "
             f"{INFORMATIVE_FACTOR:g}× the tolerance: a merge that lost the adapter would pass too."
         )
+    quantized = quantized_base(run, ref_out)
+    if quantized:
+        notes.append(quantized["note"])
     if unwrapped["max_abs_diff"] > equivalence_bound("fp32", tol["fp32"], scale):
         notes.append(
             f"The PEFT wrapper ({type(ref).__name__}) gives other outputs than the model it "
@@ -174,6 +196,8 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
         "lora_effect": {**effect, **update, "informative_factor": INFORMATIVE_FACTOR},
         "logit_scale": scale,
         "wrapper_vs_unwrapped": unwrapped,
+        "base_quantization": run.cfg.model.quantization,
+        **({"quantized_base": quantized} if quantized else {}),
         "variants": rows,
         "notes": notes,
         "versions": tracking.versions(),

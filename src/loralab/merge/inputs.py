@@ -1,5 +1,8 @@
 """What a merge works on: a LoRA run's config, task, tokenizer, fp32 adapter model (the
-reference) and its length-sorted dev batches, and how their outputs are scored."""
+reference) and its length-sorted dev batches, and how their outputs are scored.
+
+A run on a quantized base (`model.quantization`) is merged into the dequantized base: the
+stored int8/NF4 weights expanded to fp32, so "merged" and "reference" share one fp32 base."""
 
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import torch
 import torch.nn as nn
 
 from ..config import ExperimentConfig
+from ..console import known_warnings_silenced
 from ..data import eval_split, pad_batches
 from ..heads import Head, head_for
 from ..models import is_causal, load_tokenizer
-from ..runs import load_adapter_model, open_lora_run
+from ..quantization import dequantize_
+from ..rundir import ADAPTER_DIR
+from ..runs import load_adapter_model, load_base, open_lora_run
 from ..tasks import Task, get_task
 
 
@@ -43,8 +49,33 @@ class Loaded:
         )
 
     def adapter_model(self) -> nn.Module:
-        """A fresh fp32 copy of the adapter model on the device."""
-        return load_adapter_model(self.cfg, self.task, self.run_dir, self.tokenizer).to(device())
+        """A fresh fp32 copy of the adapter model on the device (on the dequantized base)."""
+        return merge_adapter_model(self.cfg, self.task, self.run_dir, self.tokenizer).to(device())
+
+    def base(self) -> nn.Module:
+        """A fresh copy of the run's base (dequantized) without the adapter, eval mode."""
+        return merge_base(self.cfg, self.task, self.tokenizer)
+
+
+def merge_base(cfg: ExperimentConfig, task: Task, tokenizer=None, progress=False) -> nn.Module:
+    """The run's base as the merge uses it: a quantized base dequantized to fp32, eval mode."""
+    base = load_base(cfg, task, tokenizer, progress)
+    dequantize_(base)
+    return base
+
+
+def merge_adapter_model(
+    cfg: ExperimentConfig, task: Task, run_dir: Path, tokenizer=None, progress: bool = False
+) -> nn.Module:
+    """Base + the run's adapter, fp32, eval mode; a quantized base is dequantized first (PEFT's
+    quantized LoRA layers cannot merge into fp32, and the merge is defined on the fp32 base)."""
+    if cfg.model.quantization == "none":
+        return load_adapter_model(cfg, task, run_dir, tokenizer, progress)
+    from peft import PeftModel
+
+    base = merge_base(cfg, task, tokenizer, progress)
+    with known_warnings_silenced():
+        return PeftModel.from_pretrained(base, str(Path(run_dir) / ADAPTER_DIR)).eval()
 
 
 def load_run(
@@ -66,7 +97,7 @@ def load_run(
     task = get_task(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, progress=not quiet)
     tokenizer.padding_side = "right"  # as in training (QA positions are absolute)
-    reference = load_adapter_model(cfg, task, run_dir, tokenizer, progress=not quiet).to(device())
+    reference = merge_adapter_model(cfg, task, run_dir, tokenizer, not quiet).to(device())
     head = head_for(cfg, task)
     head.prepare(tokenizer)
     caps = [n for n in (max_eval_examples, cfg.data.max_eval_examples) if n]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..console import library_bars_off
 from ..errors import LoralabError
+from ..quantization import check as check_quantization
+from ..quantization import load_kwargs as quantized_load_kwargs
+from ..quantization import quantize_base
 from .build import resolve
 from .registry import builtin_names, check_hub_model
 
@@ -158,10 +161,13 @@ def load_for_task(
     `attention`: the attention kernel (`eager`/`sdpa`), None = transformers' default.
     `quiet_load_report`: hide transformers' missing-keys report (a saved adapter brings the
     head, so the report would be wrong).
+    With `model_cfg.quantization` int8/nf4 the base's Linear layers come back quantized (the
+    heads and output embeddings do not; see `loralab.quantization`).
     """
     from transformers.utils import logging as hf_logging
 
-    kwargs = dict(head.model_kwargs())
+    check_quantization(model_cfg.quantization)
+    kwargs = dict(head.model_kwargs()) | quantized_load_kwargs(model_cfg.quantization)
     if attention:
         kwargs["attn_implementation"] = attention
     level = hf_logging.get_verbosity()
@@ -176,4 +182,6 @@ def load_for_task(
         hf_logging.set_verbosity(level)
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.quantization != "none":
+        quantize_base(model, model_cfg.quantization, new_modules)
     return model, new_modules
