@@ -431,7 +431,7 @@ def test_unreachable_hub_dataset_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
-    with pytest.raises(LoralabError, match="cannot be reached.*--data-dir"):
+    with pytest.raises(LoralabError, match="cannot be reached.*data.data_dir"):
         get_task("sst2").load("train")
 
 

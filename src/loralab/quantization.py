@@ -16,11 +16,13 @@ import importlib.util
 import logging
 import sys
 import warnings
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from .errors import LoralabError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI fails fast without it
+    import torch
+    import torch.nn as nn
 
 METHODS = ("none", "int8", "nf4")
 
@@ -52,6 +54,8 @@ def check(method: str, train_method: str = "lora", cuda: bool | None = None) -> 
     A quantized base only makes sense frozen (LoRA); NF4 needs a CUDA GPU and bitsandbytes,
     int8 needs torchao.
     """
+    import torch
+
     if method == "none":
         return
     if method not in METHODS:
@@ -84,6 +88,8 @@ def load_kwargs(method: str) -> dict:
 
     transformers keeps the output embeddings and the last module (the task head) unquantized.
     """
+    import torch
+
     if method != "nf4":
         return {}
     from transformers import BitsAndBytesConfig
@@ -111,6 +117,8 @@ def quantize_base(model: nn.Module, method: str, heads: list[str]) -> int:
 
     Returns how many Linear layers hold quantized weights afterwards.
     """
+    import torch.nn as nn
+
     if method == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -152,6 +160,8 @@ def dequantized(w: torch.Tensor) -> torch.Tensor:
 def dequantize_(model: nn.Module) -> int:
     """Replace every quantized Linear by an fp32 nn.Linear holding its dequantized weight, in
     place (the same values the quantized layer multiplies with). Returns how many."""
+    import torch.nn as nn
+
     quantized = [
         (name, m) for name, m in model.named_modules() if is_quantized(getattr(m, "weight", None))
     ]
@@ -168,6 +178,8 @@ def dequantize_(model: nn.Module) -> int:
 
 def logical_numel(p: torch.Tensor) -> int:
     """Parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
+    import torch
+
     state = getattr(p, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return int(torch.Size(state.shape).numel())
@@ -188,6 +200,8 @@ def stored_tensors(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 def hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     """Feed `t`'s stored bytes (quantized: its data and scales) into `h` under `name`."""
+    import torch
+
     for suffix, part in stored_tensors(t):
         part = part.detach().cpu().contiguous()
         h.update((name + suffix).encode())
