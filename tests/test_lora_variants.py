@@ -182,6 +182,8 @@ def test_residual_init_adapter_reloads_onto_the_pretrained_base(tmp_path, init, 
     run = result.run_dir
     saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] is True and saved["r"] == 16 and saved["lora_alpha"] == 32
+    card = (run / "adapter" / "README.md").read_text()  # the card states the rank as saved
+    assert f"r=16, alpha=32 (trained at r=8, alpha=16 with init {init}" in card
     reloaded = load_adapter_model(cfg, get_task("sst2"), run)
     torch.testing.assert_close(_logits(reloaded, cfg), _logits(trained, cfg), atol=1e-5, rtol=0)
 

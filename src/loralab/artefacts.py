@@ -38,6 +38,19 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _rank(lo, adapter_config: dict) -> str:
+    """r and alpha as saved; a PiSSA/OLoRA run is saved as the equivalent plain adapter of rank
+    2r on the pretrained weights, which the card says next to the rank it trained at."""
+    r, alpha = adapter_config.get("r", lo.r), adapter_config.get("lora_alpha", lo.alpha)
+    text = f"r={r}, alpha={alpha:g}"
+    if r != lo.r:
+        text += (
+            f" (trained at r={lo.r}, alpha={lo.alpha:g} with init {lo.init_lora_weights}; saved "
+            "as the equivalent plain adapter on the pretrained weights)"
+        )
+    return text
+
+
 def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict) -> str:
     """README.md for a run's adapter folder: base model, task and data, metrics, LoRA settings."""
     base = canonical(cfg.model.name)
@@ -69,7 +82,7 @@ def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict)
         f"examples; sha256 train {str((summary.get('data_fingerprint') or {}).get('train_sha256', '?'))[:12]}… |",
         f"| metrics (dev) | {', '.join(f'{k} {_fmt(v)}' for k, v in metrics.items()) or 'n/a'} |",
         f"| main metric | {task.primary_metric} |",
-        f"| LoRA | r={lo.r}, alpha={lo.alpha:g}, dropout {lo.dropout:g}, target `{lo.target}` -> "
+        f"| LoRA | {_rank(lo, adapter_config)}, dropout {lo.dropout:g}, target `{lo.target}` -> "
         f"{', '.join(sorted(adapter_config.get('target_modules') or []))}"
         f"{', rsLoRA' if lo.use_rslora else ''}{', DoRA' if lo.use_dora else ''} |",
         f"| trained in full | {', '.join(adapter_config.get('modules_to_save') or []) or 'none'} |",
