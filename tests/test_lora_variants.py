@@ -14,20 +14,12 @@ import pytest
 import torch
 import transformers as tf
 from conftest import write_sst2
+from test_lora import tiny_llama  # the same random tiny Llama (seed 0)
 
 from loralab import analysis as an
 from loralab.analysis.sections import module_report
 from loralab.config import build_config
 from loralab.lora import apply_lora
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    return tf.LlamaForCausalLM(config).eval()
 
 
 def wrapped(*overrides):
