@@ -21,6 +21,39 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # `-n N`: share the cores, don'
     os.environ.setdefault("MKL_NUM_THREADS", _threads)
 
 
+PRECISION_ENV = "LORALAB_PRECISION"
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked `precision` run once with `auto` forced to bf16 and once to fp32, so one
+    pytest command covers both kinds of CPU (AMX, where auto picks bf16; AVX2, fp32). A
+    precision set from outside (LORALAB_PRECISION=...) runs everything in that one instead."""
+    marks = {m.name for m in metafunc.definition.iter_markers()}
+    if "precision" in marks and "slow" not in marks and not os.environ.get(PRECISION_ENV):
+        metafunc.parametrize("_forced_precision", ["bf16", "fp32"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _forced_precision(request, monkeypatch):
+    value = getattr(request, "param", None)
+    if value:
+        monkeypatch.setenv(PRECISION_ENV, value)  # subprocesses the test starts inherit it
+    return value
+
+
+def pytest_configure(config):
+    # `-n auto` hands out tests one at a time (xdist's default sends each worker a quarter of
+    # its share in one block, which would give one worker every `long` test).
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(items):
+    """The `long` tests first: handed out one at a time, they spread over the workers instead
+    of leaving one of them running alone at the end (longest-first list scheduling)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache(tmp_path_factory):
     """One loralab cache per test session (tiny models are materialised once)."""

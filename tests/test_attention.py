@@ -9,7 +9,7 @@ from loralab import attention
 from loralab.config import build_config
 from loralab.train import train
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 @pytest.fixture

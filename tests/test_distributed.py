@@ -93,6 +93,7 @@ def _max_adapter_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+@pytest.mark.long
 def test_two_processes_make_one_run_equal_to_one_process_on_the_global_batch(runs):
     assert [p.name for p in runs["ddp"].iterdir()] == ["r"]  # one folder, written by rank 0
     ddp, single = _summary(runs["ddp"] / "r"), _summary(runs["single"] / "r")
@@ -108,6 +109,7 @@ def test_two_processes_make_one_run_equal_to_one_process_on_the_global_batch(run
     assert steps == sorted(set(steps))  # one process logged: no duplicated steps
 
 
+@pytest.mark.long
 def test_a_killed_two_process_run_resumes_to_the_same_result(runs):
     tmp, data = runs["tmp"], runs["data"]
     script = tmp / "killer.py"

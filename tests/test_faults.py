@@ -351,6 +351,7 @@ def test_run_folder_cannot_switch_remote_code_on(command, shared, tmp_path, trus
     assert trust_spy and all(trust_spy), trust_spy
 
 
+@pytest.mark.long
 def test_study_cannot_switch_remote_code_on_for_a_worker(shared, tmp_path, capsys):
     _, data = shared
     results = tmp_path / "results"

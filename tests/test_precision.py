@@ -12,7 +12,7 @@ from loralab.runs import load_adapter_model
 from loralab.tasks import get_task
 from loralab.train import train
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 class _Keep(TrainerCallback):

@@ -98,6 +98,7 @@ def _assert_same_result(resumed, full):
     return sa
 
 
+@pytest.mark.long
 def test_sigkill_in_second_epoch_resumes_bit_identical(tmp_path, uninterrupted):
     data, full = uninterrupted
     run = _killed_run(tmp_path, data, kill_at=12)  # step 4 of the second epoch
@@ -112,6 +113,7 @@ def test_sigkill_in_second_epoch_resumes_bit_identical(tmp_path, uninterrupted):
     assert summary["train_loss"] == pytest.approx(sum(logged.values()) / len(logged), rel=1e-5)
 
 
+@pytest.mark.long
 def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, uninterrupted):
     data, full = uninterrupted
     run = _killed_run(tmp_path, data, kill_at=12)

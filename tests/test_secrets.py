@@ -62,6 +62,7 @@ def _storage(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'results' / 'study.db'}?password={SECRET}"  # ignored
 
 
+@pytest.mark.long
 def test_sweep_point_with_a_password_in_storage_writes_it_nowhere(tmp_path):
     write_sst2(tmp_path / "data" / "sst2")
     storage = _storage(tmp_path)

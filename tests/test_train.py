@@ -17,7 +17,7 @@ from loralab.models import load_tokenizer
 from loralab.tasks import get_task
 from loralab.train import build_model
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 TINY_ARGS = ["train.batch_size=8", "train.logging_steps=2", "train.save_steps=4"]
 
@@ -119,50 +119,6 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     assert not list(run.glob(".*tmp*")), "temporary files left behind"
 
 
-BAD_INPUTS = [
-    (["--task", "qnli"], "Unknown task 'qnli'"),
-    (["--model", "no-such-model"], "no-such-model"),
-    (["lora.r=0"], "lora.r"),
-    (["lora.dropout=1.5"], "lora.dropout"),
-    (["lora.target=[c_attn]"], "c_attn"),
-    (["lora.rank=4"], "Unknown config key 'lora.rank'"),
-    (["--method", "lora", "train.precision=fp4"], "train.precision"),
-]
-
-
-@pytest.mark.parametrize("extra, needle", BAD_INPUTS)
-def test_bad_inputs_exit_2_with_a_message(tmp_path, sst2_dir, extra, needle):
-    args = ["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(sst2_dir),
-            "--output-dir", str(tmp_path / "runs"), "--quiet", "train.max_steps=1"]  # fmt: skip
-    r = _cli(*args, *extra)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_missing_data_file_and_malformed_row_exit_2(tmp_path, sst2_dir):
-    base = [
-        "train",
-        "--task",
-        "sst2",
-        "--model",
-        "tiny-llama",
-        "--output-dir",
-        str(tmp_path / "runs"),
-        "--quiet",
-    ]
-    (tmp_path / "empty").mkdir()
-    r = _cli(*base, "--data-dir", str(tmp_path / "empty"))
-    assert r.returncode == 2 and "train.tsv" in r.stderr
-    lines = (sst2_dir / "train.tsv").read_text().splitlines()
-    lines[5] = "no tab here"
-    (sst2_dir / "train.tsv").write_text("\n".join(lines) + "\n")
-    r = _cli(*base, "--data-dir", str(sst2_dir))
-    assert r.returncode == 2 and "line 6" in r.stderr, r.stderr
-    r = _cli("train", "--resume", str(tmp_path / "empty"))
-    assert r.returncode == 2 and "not a loralab run directory" in r.stderr
-
-
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
@@ -181,6 +137,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.long
 def test_killed_run_resumes_to_the_same_result(tmp_path, sst2_dir):
     common = [
         "model.name=tiny-llama", "data.task=sst2", f"data.data_dir={sst2_dir}",

@@ -438,6 +438,7 @@ def test_unreachable_hub_dataset_fails_at_once(tmp_path, monkeypatch):
 # -- the console ---------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_console_is_quiet_and_informative(tmp_path, sst2_dir):
     """Acceptance 3: --quiet prints only the result line; otherwise no warnings or raw dicts."""
     args = ["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", sst2_dir,

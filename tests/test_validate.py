@@ -159,6 +159,7 @@ def test_bad_model_is_a_user_error(tmp_path, capsys):
     assert "no/such/folder" in capsys.readouterr().err
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_validate_smollm2(tmp_path, monkeypatch):
     monkeypatch.delenv("LORALAB_CACHE", raising=False)  # the real, shared cache (this test only)

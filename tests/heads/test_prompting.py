@@ -13,7 +13,7 @@ from loralab.heads import prompting as lm
 from loralab.models import load_model, load_tokenizer
 from loralab.tasks import get_task
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 CHAT = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -10,7 +10,7 @@ from merge_runs import make_run
 from loralab.cli import main
 from loralab.merge.benchmark import make_bench_batches
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 def test_cli_merge_writes_benchmark_and_export(tmp_path, sst2_dir, capsys):

@@ -15,7 +15,7 @@ from loralab.merge import equivalence
 from loralab.merge.equivalence import forward_all
 from loralab.merge.inputs import load_run
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 @pytest.mark.parametrize("target", ["standard", "extended", "all-linear"])

@@ -19,7 +19,7 @@ from loralab.models import load_tokenizer
 from loralab.runs import load_adapter_model
 from loralab.tasks import get_task
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 EXPORT_CHECK = textwrap.dedent(
@@ -39,6 +39,7 @@ EXPORT_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert"])
 def test_export_reloads_without_peft(tmp_path, sst2_dir, model):
     run = make_run(tmp_path / "runs", sst2_dir, model, "extended")

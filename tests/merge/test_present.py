@@ -7,7 +7,7 @@ from merge_runs import FAST, make_run, merge_run
 
 from loralab import tracking
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 def test_results_mirror_to_wandb_when_tracking_is_on(tmp_path, sst2_dir, monkeypatch):

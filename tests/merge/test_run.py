@@ -16,7 +16,7 @@ from loralab.cli import main
 from loralab.config import build_config
 from loralab.merge import equivalence
 
-pytestmark = pytest.mark.precision  # .ci/run repeats these in bf16 and in fp32
+pytestmark = pytest.mark.precision  # run once in bf16 and once in fp32 (conftest.py)
 
 
 def _doubled_scaling_merge(model):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import write_sst2
 
 from loralab.errors import LoralabError
@@ -34,16 +35,23 @@ def test_bad_worker_counts_are_user_errors(bad):
         layout.choose(bad, cores=2)
 
 
+@pytest.mark.long
 def test_study_with_two_workers_shares_points_and_records_the_layout(tmp_path):
     data = tmp_path / "data"
     write_sst2(data / "glue" / "sst2")
     res = tmp_path / "res"
-    cmd = [sys.executable, "-m", "loralab.cli", "study", str(SPEC), "--data-root", str(data),
+    # tiny.yaml cut to two points (one lr per method, one seed, no ablation): one per worker.
+    spec = yaml.safe_load(SPEC.read_text())
+    spec.update(lr={"lora": [1.0e-3], "full": [1.0e-4]}, seeds=[1], ablations=[])
+    spec["base"]["train"]["max_steps"] = 20
+    spec_file = tmp_path / "two-points.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "loralab.cli", "study", str(spec_file), "--data-root", str(data),
            "--output-dir", str(res), "--tasks", "sst2", "--workers", "2", "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in res.glob("runs/*/summary.json")]
-    assert summaries and all(s["status"] == "completed" for s in summaries)
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
     # Every point ran once, in a 1-thread process that knew it had a sibling.
     assert len({s["run_dir"] for s in summaries}) == len(summaries)
     assert {(s["layout"]["workers"], s["layout"]["threads"]) for s in summaries} == {(2, 1)}

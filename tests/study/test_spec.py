@@ -439,6 +439,7 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
                 assert len(done) == 1, (name, p["key"], trials)
 
 
+@pytest.mark.long
 def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(tmp_path, data_root):
     """A second enqueue of a point (two workers creating a study at once) trains it once; a
     grid point held by another worker makes this one wait (not exit) until it is done or, as
@@ -491,6 +492,7 @@ def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
         assert (warned in capsys.readouterr().err) is not want
 
 
+@pytest.mark.long
 def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):
     res = tmp_path / "res"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
@@ -529,6 +531,7 @@ PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
 
 @pytest.mark.skipif(not PG_URL, reason="LORALAB_TEST_PG_URL is not set: no PostgreSQL server "
                     "(.ci/run starts one; by hand: `. .ci/postgres.sh && pg_start`)")  # fmt: skip
+@pytest.mark.long
 def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
     res, prefix = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), "--storage",

@@ -212,6 +212,7 @@ def _check_exactly_once(res: Path, trials, keys: set[str]) -> None:
         )
 
 
+@pytest.mark.long
 def test_killed_sweep_resumes_every_point_exactly_once(tmp_path, sst2_dir):
     res = tmp_path / "res"
     args = _sweep_args(tmp_path, sst2_dir, "--seeds", "1,2", "--study", "s", *FAST,

@@ -34,7 +34,6 @@ from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
-from .child import child_main
 from .leases import Lease, PointLock
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, read_note
@@ -103,7 +102,12 @@ class Worker:
         methods = mp.get_all_start_methods()
         self.ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
-            self.ctx.set_forkserver_preload(["loralab.study.child"])  # torch, loralab.train
+            # The server imports torch and loralab.train once (seconds); this worker never
+            # needs them, so it starts the server now and goes on with its own set-up meanwhile.
+            self.ctx.set_forkserver_preload(["loralab.study.child", "loralab.study.worker"])
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
         self.report = WorkerReport(study_name, self.results_dir)
 
     def say(self, text: str) -> None:
@@ -296,7 +300,7 @@ class Worker:
         err.unlink(missing_ok=True)
         with open(log, "a") as fh:
             fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {action} (trial {number}) by {self.identity}\n")  # fmt: skip
-        proc = self.ctx.Process(target=child_main, args=(action, to_dict(cfg), str(run_dir), str(log), str(err)))  # fmt: skip
+        proc = self.ctx.Process(target=_child, args=(action, to_dict(cfg), str(run_dir), str(log), str(err)))  # fmt: skip
         proc.start()
         lock.note({**self.identity, "point": run_dir.name, "trial": number, "action": action, "child_pid": proc.pid})  # fmt: skip
         try:
@@ -346,3 +350,11 @@ def run_worker(study_name: str, storage: str | None = None, tasks: list[str] | N
     url = storage_url(storage, results_dir or "results")
     st = open_storage(url, heartbeat, grace, max_retry)
     return Worker(st, study_name, tasks, results_dir, heartbeat, quiet, trust_remote_code).run()
+
+
+def _child(*args) -> None:
+    """The training child's entry point; `child` (torch, loralab.train) is imported there only,
+    already loaded by the fork server."""
+    from .child import child_main
+
+    child_main(*args)

@@ -1,0 +1,69 @@
+"""`loralab train` on a user's mistake: exit status 2, one paragraph naming the fix, no traceback.
+
+In-process through `loralab.cli.main` (a subprocess per case costs seconds of imports); one case
+also goes through a real process, to check the status the shell sees.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loralab.cli import main
+
+BAD_INPUTS = [
+    (["--task", "qnli"], "Unknown task 'qnli'"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["lora.r=0"], "lora.r"),
+    (["lora.dropout=1.5"], "lora.dropout"),
+    (["lora.target=[c_attn]"], "c_attn"),
+    (["lora.rank=4"], "Unknown config key 'lora.rank'"),
+    (["--method", "lora", "train.precision=fp4"], "train.precision"),
+]
+
+
+def _train_args(tmp_path, data_dir) -> list[str]:
+    return ["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(data_dir),
+            "--output-dir", str(tmp_path / "runs"), "--quiet"]  # fmt: skip
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, needle", BAD_INPUTS)
+def test_bad_inputs_exit_2_with_a_message(tmp_path, sst2_dir, capsys, extra, needle):
+    # Options first, overrides together at the end (argparse takes positionals in one block).
+    code, err = _run([*_train_args(tmp_path, sst2_dir), *extra, "train.max_steps=1"], capsys)
+    assert "unrecognized arguments" not in err
+    assert code == 2, err[-2000:]
+    assert needle in err and err.startswith("loralab: error: ")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_shell_sees_status_2_and_no_traceback(tmp_path, sst2_dir):
+    r = subprocess.run(
+        [sys.executable, "-m", "loralab.cli", *_train_args(tmp_path, sst2_dir), "lora.r=0"],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "lora.r" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_file_and_malformed_row_exit_2(tmp_path, sst2_dir, capsys):
+    base = ["train", "--task", "sst2", "--model", "tiny-llama", "--output-dir",
+            str(tmp_path / "runs"), "--quiet"]  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    code, err = _run([*base, "--data-dir", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "train.tsv" in err, err
+    lines = (sst2_dir / "train.tsv").read_text().splitlines()
+    lines[5] = "no tab here"
+    (sst2_dir / "train.tsv").write_text("\n".join(lines) + "\n")
+    code, err = _run([*base, "--data-dir", str(sst2_dir)], capsys)
+    assert code == 2 and "line 6" in err, err
+    code, err = _run(["train", "--resume", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "not a loralab run directory" in err, err
