@@ -490,3 +490,20 @@ def test_best_lr_is_chosen_on_the_seeds_every_lr_has(tmp_path):
     (best,) = [c for c in cells if c.best]
     assert best.lr == 1e-4 and len(best.done) == 3
     assert best.stat("accuracy")[0] == pytest.approx(2.0 / 3)  # reported over all its seeds
+
+
+def test_a_quantized_base_is_its_own_row_named_by_its_base_and_pairs_with_full(tmp_path):
+    for seed, acc in ((1, 0.80), (2, 0.84)):
+        write_run(tmp_path, f"lora-s{seed}", seed, {"accuracy": acc})
+        write_run(tmp_path, f"full-s{seed}", seed, {"accuracy": 0.85}, method="full", lr=3e-5)
+        run = write_run(tmp_path, f"qlora-s{seed}", seed, {"accuracy": acc - 0.02})
+        summary = json.loads((run / "summary.json").read_text())
+        summary["identity"]["model"]["quantization"] = "int8"
+        (run / "summary.json").write_text(json.dumps(summary))
+    cells, comps = aggregate(load_runs(tmp_path))
+    by_variant = {c.variant: c for c in cells if c.method == "lora"}
+    assert set(by_variant) == {"r=8 α=16", "r=8 α=16 int8 base"}
+    assert by_variant["r=8 α=16 int8 base"].stat("accuracy")[0] == pytest.approx(0.80)
+    # Both LoRA rows are compared with the one full fine-tuning row: -3 and -5 points.
+    deltas = sorted(c.delta_points for c in comps)
+    assert deltas == [pytest.approx(-5.0), pytest.approx(-3.0)]

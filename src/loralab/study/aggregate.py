@@ -48,8 +48,15 @@ class Cell:
         return self.first.get("identity") or {}
 
     @property
+    def quantization(self) -> str:
+        """How the frozen base was stored ('none', 'int8', 'nf4'); only LoRA runs quantize."""
+        return (self.identity.get("model") or {}).get("quantization") or "none"
+
+    @property
     def variant(self) -> str:
-        return lora_slug(self.lora)
+        """The LoRA section's readable name, plus the base's storage when it was quantized."""
+        name = lora_slug(self.lora)
+        return name if self.quantization == "none" else f"{name} {self.quantization} base"
 
     @property
     def done(self) -> list[dict]:
@@ -88,8 +95,9 @@ class Cell:
 
     @property
     def counterpart(self) -> tuple:
-        """What LoRA and full fine-tuning must share to be compared: all but method, lr, LoRA."""
-        base = without(self.identity, "train.lr", "train.method", "lora")
+        """What LoRA and full fine-tuning must share to be compared: all but method, lr, LoRA
+        and the base's storage (QLoRA is compared with full fine-tuning of the same model)."""
+        base = without(self.identity, "train.lr", "train.method", "lora", "model.quantization")
         if not self.identity:
             base = {k: self.first.get(k) for k in ("task", "model", "head")}
         return (self.group, identity_hash(base))
