@@ -67,3 +67,14 @@ def test_missing_data_file_and_malformed_row_exit_2(tmp_path, sst2_dir, capsys):
     assert code == 2 and "line 6" in err, err
     code, err = _run(["train", "--resume", str(tmp_path / "empty")], capsys)
     assert code == 2 and "not a loralab run directory" in err, err
+
+
+def test_overrides_on_both_sides_of_an_option_all_count(tmp_path, sst2_dir, capsys):
+    # The second block reaches the config: its mistake is the one reported.
+    args = [*_train_args(tmp_path, sst2_dir)[:-1], "train.max_steps=1", "--quiet", "lora.rank=4"]
+    code, err = _run(args, capsys)
+    assert code == 2 and "Unknown config key 'lora.rank'" in err, err
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit, as for any usage error
+        main([*_train_args(tmp_path, sst2_dir), "--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in err, err

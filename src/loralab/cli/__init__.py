@@ -63,7 +63,17 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes one block of positionals: `train.lr=1e-3 --quiet lora.r=4` leaves the
+        # second override over. Dotted overrides anywhere on the line are still overrides.
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in x and not x.startswith("-") for x in extra
+        ):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args._argv = argv  # `study --workers N` starts siblings with the same arguments
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
