@@ -10,6 +10,7 @@ from pathlib import Path
 from . import distributed, precision, quantization, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
+from .identity import identity
 from .models import canonical
 from .redact import mask_secrets
 from .study import layout
@@ -37,7 +38,7 @@ def base_summary(
         "features_version": FEATURES_VERSION,
         "data_fingerprint": splits.fingerprint,
         "majority_baseline": task.majority_baseline(splits.eval_raw),
-        "identity": identity(cfg, splits),
+        "identity": run_identity(cfg, splits),
         "params": params,
         "precision": _precision_name(cfg),
         "processes": distributed.world_size(),  # under torchrun: data-parallel processes
@@ -60,40 +61,9 @@ def _precision_name(cfg: ExperimentConfig) -> str:
     return "bf16" if precision.uses_bf16(cfg.train.precision) else "fp32"
 
 
-# Settings that do not change what a run computes (where it writes, how often it logs/saves).
-_NOT_IDENTITY = {
-    "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
-    "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
-    "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
-}
-
-
-def identity(cfg: ExperimentConfig, splits: Splits) -> dict:
-    """Everything that defines a run's result except its seed: runs pool only when equal.
-
-    The config with data paths replaced by content fingerprints, `auto` values resolved, and
-    the run/tracking sections and bookkeeping intervals dropped. LoRA settings are absent for
-    full fine-tuning (they do not apply).
-    """
-    d = to_dict(cfg)
-    d.pop("run", None)
-    d.pop("tracking", None)
-    for section, keys in _NOT_IDENTITY.items():
-        for k in keys:
-            d[section].pop(k, None)
-    if cfg.train.method != "lora":
-        d.pop("lora")
-    elif cfg.lora.loraplus_lr_ratio is None:  # off: identities from before LoRA+ stay the same
-        d["lora"].pop("loraplus_lr_ratio")
-    if cfg.model.quantization == "none":  # identities from before the option stay the same
-        d["model"].pop("quantization", None)
-    d["train"]["lr"] = cfg.lr
-    d["train"]["precision"] = _precision_name(cfg)
-    d["data"]["max_length"] = splits.max_length
-    d["data"]["fingerprint"] = splits.fingerprint
-    if distributed.world_size() > 1:  # data parallel: each step sees processes × batch_size
-        d["train"]["processes"] = distributed.world_size()
-    return d
+def run_identity(cfg: ExperimentConfig, splits: Splits) -> dict:
+    """This run's identity (`loralab.identity`), with `auto` precision resolved here."""
+    return identity(cfg, splits, _precision_name(cfg), distributed.world_size())
 
 
 def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:

@@ -21,8 +21,8 @@ import yaml
 from .. import tracking
 from ..config import ExperimentConfig, from_dict
 from ..errors import LoralabError
+from ..identity import identity
 from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
-from ..summary import identity
 from ..tasks import get_task
 from .storage import is_final, load_study, open_storage
 from .variants import is_number
@@ -109,8 +109,7 @@ def derived_identity(config: dict, summary: dict) -> dict:
         max_length=summary.get("max_length") or cfg.data.max_length,
         fingerprint=summary.get("data_fingerprint"),
     )
-    d = identity(cfg, splits)
-    d["train"]["precision"] = ran or "unknown"
+    d = identity(cfg, splits, ran or "unknown")
     if not d["data"]["fingerprint"]:
         d["data"]["paths"] = paths
     return d

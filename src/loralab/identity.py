@@ -1,0 +1,45 @@
+"""The identity of a run: everything that defines its result except its seed; runs pool only
+when their identities are equal. Torch-free, so that `loralab report` starts fast."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import ExperimentConfig, to_dict
+
+if TYPE_CHECKING:
+    from .data import Splits
+
+# Settings that do not change what a run computes (where it writes, how often it logs/saves).
+NOT_IDENTITY = {
+    "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
+    "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
+    "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
+}
+
+
+def identity(cfg: ExperimentConfig, splits: Splits, precision: str, processes: int = 1) -> dict:
+    """The config with data paths replaced by content fingerprints, `auto` values resolved
+    (`precision`: 'bf16' or 'fp32', as the run computes), and the run/tracking sections and
+    bookkeeping intervals dropped. LoRA settings are absent for full fine-tuning (they do not
+    apply); `processes` > 1 (data parallel: each step sees processes × batch_size) is recorded.
+    """
+    d = to_dict(cfg)
+    d.pop("run", None)
+    d.pop("tracking", None)
+    for section, keys in NOT_IDENTITY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    if cfg.train.method != "lora":
+        d.pop("lora")
+    elif cfg.lora.loraplus_lr_ratio is None:  # off: identities from before LoRA+ stay the same
+        d["lora"].pop("loraplus_lr_ratio")
+    if cfg.model.quantization == "none":  # identities from before the option stay the same
+        d["model"].pop("quantization", None)
+    d["train"]["lr"] = cfg.lr
+    d["train"]["precision"] = precision
+    d["data"]["max_length"] = splits.max_length
+    d["data"]["fingerprint"] = splits.fingerprint
+    if processes > 1:
+        d["train"]["processes"] = processes
+    return d
