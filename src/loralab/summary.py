@@ -21,6 +21,7 @@ def base_summary(
     cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model, task: Task
 ) -> dict:
     """The summary.json of a run as it starts (status `running`); `train` completes it."""
+    ran, processes = _precision_name(cfg), distributed.world_size()
     return {
         "status": "running",
         "run_dir": str(run_dir),
@@ -38,11 +39,11 @@ def base_summary(
         "features_version": FEATURES_VERSION,
         "data_fingerprint": splits.fingerprint,
         "majority_baseline": task.majority_baseline(splits.eval_raw),
-        "identity": run_identity(cfg, splits),
+        "identity": identity(cfg, splits, ran, processes),
         "params": params,
-        "precision": _precision_name(cfg),
-        "processes": distributed.world_size(),  # under torchrun: data-parallel processes
-        "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * distributed.world_size(),
+        "precision": ran,
+        "processes": processes,  # under torchrun: data-parallel processes
+        "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * processes,
         "layout": layout.record(),  # worker processes side by side, threads in this one
         "param_dtypes": precision.dtypes(model),
         "quantization": quantization.describe(model, cfg.model.quantization),
@@ -59,11 +60,6 @@ def _model_source(name: str) -> dict:
 
 def _precision_name(cfg: ExperimentConfig) -> str:
     return "bf16" if precision.uses_bf16(cfg.train.precision) else "fp32"
-
-
-def run_identity(cfg: ExperimentConfig, splits: Splits) -> dict:
-    """This run's identity (`loralab.identity`), with `auto` precision resolved here."""
-    return identity(cfg, splits, _precision_name(cfg), distributed.world_size())
 
 
 def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:

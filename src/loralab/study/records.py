@@ -101,9 +101,7 @@ def derived_identity(config: dict, summary: dict) -> dict:
     lora_fields = {f.name for f in dataclasses.fields(cfg.lora)}
     lora = {k: v for k, v in (summary.get("lora") or {}).items() if k in lora_fields}
     cfg.lora = dataclasses.replace(cfg.lora, **lora)
-    ran = summary.get("precision")
-    # As it ran; never `auto` resolved here (that measures this machine, not the run's).
-    cfg.train.precision = ran if ran in ("bf16", "fp32") else "fp32"
+    ran = summary.get("precision")  # as it ran; never `auto` resolved on this machine
     paths = {k: getattr(cfg.data, k) for k in ("data_dir", "train_file", "eval_file")}
     splits = SimpleNamespace(
         max_length=summary.get("max_length") or cfg.data.max_length,
