@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,27 @@ def pytest_configure(config):
     # its share in one block, which would give one worker every `long` test).
     if getattr(config.option, "maxschedchunk", 0) is None:
         config.option.maxschedchunk = 1
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, by whichever xdist worker asks first; the others
+    wait for it and reuse the folder. For expensive reference runs that several tests compare
+    against: a module-scoped fixture would be built again on every worker that gets one of
+    its tests (`--dist loadgroup` would group them, but it does not group on pytest 9.2:
+    pytest-xdist issue 1386)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this session's workers (and only by them)
+    folder = root / f"once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 def pytest_collection_modifyitems(items):

@@ -171,11 +171,11 @@ def test_validate_smollm2(tmp_path, monkeypatch):
     assert [n for n, c in checks.items() if not c["passed"]] == []
     assert "460,800" in checks["parameter_accounting_adds_up"]["detail"]
     # r=8 on q/v of SmolLM2-135M is 460,800 adapter weights = 0.341% of the model: the ≤0.3%
-    # target (from GPT-2 small) is missed and said so; only --strict turns that into exit 1.
+    # target (from GPT-2 small) is missed and said so; only --strict turns that into exit 1
+    # (tested on tiny-llama above: a second real-model validation would only repeat this one).
     (share,) = report["targets"]
     assert (share["met"], share["figure"]) == (False, "0.341%")
-    assert rc == 0
-    assert cli.main(["validate", "--model", "smollm2-135m", "--out", str(out), "--strict"]) == 1
+    assert rc == 0 and report["exit_status"] == 0 and not report["targets_met"]
 
 
 def test_all_checks_pass_on_tiny_llama_lm_head(tmp_path):
