@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,19 +48,26 @@ def _train(*args) -> int:
     return main(["train", *args])
 
 
-def _killed_run(tmp_path, data, kill_at: int):
-    script = tmp_path / "killer.py"
+def _killed_at_12(folder):
+    """A run SIGKILLed right after its step-12 checkpoint (step 4 of the second epoch)."""
+    data = write_sst2(folder / "sst2")
+    script = folder / "killer.py"
     script.write_text(KILLER)
-    out = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, str(script), *COMMON, f"data.data_dir={data}", f"run.output_dir={out}"],
-        env={**os.environ, "KILL_AT": str(kill_at)},
+        [sys.executable, str(script), *COMMON, f"data.data_dir={data}", f"run.output_dir={folder}"],
+        env={**os.environ, "KILL_AT": "12"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
-    return out / "r"
+
+
+@pytest.fixture
+def killed(tmp_path_factory, tmp_path):
+    """This test's own copy of the killed run (the kill itself happens once per session)."""
+    shared = built_once(tmp_path_factory, "resume-killed-at-12", _killed_at_12)
+    return Path(shutil.copytree(shared / "r", tmp_path / "killed" / "r"))
 
 
 def _uninterrupted(folder):
@@ -71,7 +79,7 @@ def _uninterrupted(folder):
 def uninterrupted(tmp_path_factory):
     """One uninterrupted 2-epoch run every resumed run must equal."""
     folder = built_once(tmp_path_factory, "resume-uninterrupted", _uninterrupted)
-    return folder / "sst2", folder / "r"
+    return folder / "r"
 
 
 def _losses(run) -> dict[int, float]:
@@ -103,9 +111,9 @@ def _assert_same_result(resumed, full):
 
 
 @pytest.mark.long
-def test_sigkill_in_second_epoch_resumes_bit_identical(tmp_path, uninterrupted):
-    data, full = uninterrupted
-    run = _killed_run(tmp_path, data, kill_at=12)  # step 4 of the second epoch
+def test_sigkill_in_second_epoch_resumes_bit_identical(killed, uninterrupted):
+    full = uninterrupted
+    run = killed
     assert (run / "checkpoints" / "checkpoint-12" / "trainer_state.json").is_file()
     assert not (run / "checkpoints" / "checkpoint-16").exists()
     assert _train("--resume", str(run), "--quiet") == 0
@@ -117,9 +125,9 @@ def test_sigkill_in_second_epoch_resumes_bit_identical(tmp_path, uninterrupted):
 
 
 @pytest.mark.long
-def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, uninterrupted, capfd):
-    data, full = uninterrupted
-    run = _killed_run(tmp_path, data, kill_at=12)
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(killed, uninterrupted, capfd):
+    full = uninterrupted
+    run = killed
     weights = run / "checkpoints" / "checkpoint-12" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
     capfd.readouterr()
@@ -130,9 +138,9 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, uni
     assert summary["resumed_from"].endswith("checkpoint-8")
 
 
-def test_resume_without_checkpoints_refuses_unless_restart(tmp_path, uninterrupted, capsys):
-    data, full = uninterrupted
-    run = _killed_run(tmp_path, data, kill_at=4)
+def test_resume_without_checkpoints_refuses_unless_restart(killed, uninterrupted, capsys):
+    full = uninterrupted
+    run = killed
     shutil.rmtree(run / "checkpoints")
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert main(["train", "--resume", str(run), "--quiet"]) == 2
