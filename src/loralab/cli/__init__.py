@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loralab: interrupted; checkpoints and finished files are kept.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`loralab study --dry-run | head`): stop quietly, as a pipeline
+        # member killed by SIGPIPE would, and keep the exit-time flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if e.filename is None:
             raise  # not a file-boundary failure: a bug, keep the traceback
