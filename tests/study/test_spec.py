@@ -439,6 +439,31 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
                 assert len(done) == 1, (name, p["key"], trials)
 
 
+def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path):
+    """After a restart, the point whose worker died (its run directory may hold a checkpoint)
+    is trained next, not after every point that was never started."""
+    from types import SimpleNamespace
+
+    from optuna.storages import fail_stale_trials
+
+    from loralab.study.worker import Worker
+
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=1)
+    study = optuna.create_study(storage=st, study_name="s")
+    for key in ("a", "b", "c"):
+        study.enqueue_trial({}, user_attrs={"point": key})
+    a = study.get_trials()[0]
+    st.record_heartbeat(a._trial_id)  # a worker claims "a", then dies
+    assert st.set_trial_state_values(a._trial_id, TrialState.RUNNING)
+    time.sleep(1.5)
+    fail_stale_trials(study)  # "a" failed and enqueued again, after "b" and "c"
+    waiting = st.get_all_trials(study._study_id, states=(TrialState.WAITING,))
+    assert [t.user_attrs["point"] for t in waiting] == ["b", "c", "a"]
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None)
+    claimed = [Worker._claim(worker).user_attrs["point"] for _ in range(3)]
+    assert claimed == ["a", "b", "c"] and Worker._claim(worker) is None
+
+
 @pytest.mark.long
 def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(tmp_path, data_root):
     """A second enqueue of a point (two workers creating a study at once) trains it once; a

@@ -191,6 +191,14 @@ def ensure_enqueued(study, plan: Plan, tasks: list[str] | None = None) -> int:
     return n
 
 
+def claim_order(trial) -> tuple[bool, int]:
+    """Sort key for waiting trials: retries first (an earlier attempt died, and its run
+    directory may hold a checkpoint to resume), then by trial number. Retries are enqueued at
+    the end; claimed in plain order they would wait behind every fresh point, so a study
+    restarted after a machine went away would leave its half-trained points for last."""
+    return ("failed_trial" not in trial.system_attrs, trial.number)
+
+
 def is_final(trial) -> bool:
     """A point that is done: completed, or diverged (re-running it would diverge again)."""
     from optuna.trial import TrialState

@@ -40,6 +40,7 @@ from .reuse import decide, read_note
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
+    claim_order,
     ensure_enqueued,
     is_final,
     load_study,
@@ -162,7 +163,8 @@ class Worker:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,)):  # fmt: skip
+        waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))  # fmt: skip
+        for t in sorted(waiting, key=claim_order):
             if "point" not in t.user_attrs or (
                 self.tasks and t.user_attrs.get("task") not in self.tasks
             ):
