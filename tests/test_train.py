@@ -92,6 +92,7 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     )
     for key in ("wall_time_s", "peak_memory_mb", "versions", "params", "git_commit"):
         assert key in summary
+    assert 0 < summary["train_cpu_time_s"] < summary["wall_time_s"] * os.cpu_count()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in x for x in lines) and any("eval/accuracy" in x for x in lines)
     if method == "lora":

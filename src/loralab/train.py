@@ -261,7 +261,7 @@ class _Run:
             if self.console is not None:
                 self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
 
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         try:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
         except BaseException as e:
@@ -274,7 +274,9 @@ class _Run:
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)
             raise
-        train_time = time.time() - t0
+        train_time, train_cpu = time.time() - t0, time.process_time() - c0
+        summary["train_cpu_time_s"] = train_cpu  # unlike the wall time, blind to pauses and to
+        # other processes' load: CPU seconds over all of this process's threads
         return self._finish(trainer, train_out, summary, checksum_before, start, train_time)
 
     def _finish(self, trainer, train_out, summary, checksum_before, start, train_time):
