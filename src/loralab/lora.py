@@ -58,8 +58,8 @@ def _shape(module: nn.Module) -> tuple[int, int, bool]:
     return module.in_features, module.out_features, False
 
 
-def _role(local: str, fan_in: int, fan_out: int) -> str:
-    """What a layer does, from its name inside the block and (fused q/k/v) its shape."""
+def _name_role(local: str) -> str:
+    """A layer's role from its name inside the block alone (a fused q/k/v name gives `qkv`)."""
     if not local:
         return "outside"  # embeddings, pooler, heads: not part of any transformer block
     *path, last = local.split(".")
@@ -67,9 +67,29 @@ def _role(local: str, fan_in: int, fan_out: int) -> str:
         return "mlp"
     for role, names in _ATTENTION_NAMES.items():
         if last.lower() in names:
-            # A fused q/k/v projection is wider than its input (3× for multi-head attention).
-            return role if role != "qkv" or fan_out > fan_in else "other"
+            return role
     return "other"
+
+
+def _role(local: str, fan_in: int, fan_out: int) -> str:
+    """What a layer does, from its name inside the block and (fused q/k/v) its shape."""
+    role = _name_role(local)
+    # A fused q/k/v projection is wider than its input (3× for multi-head attention).
+    return "other" if role == "qkv" and fan_out <= fan_in else role
+
+
+def block_local(name: str) -> str:
+    """The part of a module name after its block index ("model.layers.3.self_attn.q_proj" ->
+    "self_attn.q_proj"); "" outside the blocks. The block index is the first numeric part."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if _INDEX.match(p)), None)
+    return ".".join(parts[index + 1 :]) if index is not None else ""
+
+
+def role_of(name: str) -> str:
+    """A layer's role from its full module name alone: q | k | v | qkv | o | other | mlp |
+    outside (as `linear_layers` gives it, without the shape check on fused q/k/v)."""
+    return _name_role(block_local(name))
 
 
 def linear_layers(model: nn.Module) -> list[Layer]:
@@ -80,10 +100,7 @@ def linear_layers(model: nn.Module) -> list[Layer]:
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        parts = name.split(".")
-        # The first numeric component is the block index (model.layers.3, transformer.h.3, …).
-        index = next((i for i, p in enumerate(parts) if _INDEX.match(p)), None)
-        local = ".".join(parts[index + 1 :]) if index is not None else ""
+        local = block_local(name)  # model.layers.3.…, transformer.h.3.…
         fan_in, fan_out, conv1d = _shape(module)
         layers.append(Layer(name, local, _role(local, fan_in, fan_out), fan_in, fan_out, conv1d))
     return layers

@@ -9,8 +9,30 @@ import pytest
 from loralab import analysis as an
 
 
-def test_module_kind_and_layer():
-    assert an.module_kind("model.layers.3.self_attn.v_proj") == "v"
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("model.layers.3.self_attn.v_proj", "v"),  # Llama
+        ("model.layers.3.mlp.gate_proj", "mlp"),
+        ("model.layers.0.self_attn.qkv_proj", "qkv"),  # Phi-3
+        ("gpt_neox.layers.0.attention.query_key_value", "qkv"),  # GPT-NeoX
+        ("gpt_neox.layers.0.attention.dense", "o"),
+        ("transformer.h.0.attn.c_attn", "qkv"),  # GPT-2
+        ("transformer.h.0.attn.c_proj", "o"),
+        ("transformer.h.0.mlp.c_fc", "mlp"),
+        ("bert.encoder.layer.1.attention.self.query", "q"),  # BERT
+        ("bert.encoder.layer.1.attention.output.dense", "o"),
+        ("bert.encoder.layer.1.intermediate.dense", "mlp"),
+        ("bert.encoder.layer.1.output.dense", "mlp"),
+        ("distilbert.transformer.layer.0.attention.q_lin", "q"),  # DistilBERT
+        ("score", "other"),
+    ],
+)
+def test_module_kind_names_layers_as_the_lora_presets_do(name, kind):
+    assert an.module_kind(name) == kind
+
+
+def test_module_layer():
     assert an.module_layer("model.layers.3.self_attn.v_proj") == 3
     assert an.module_layer("bert.encoder.layer.11.attention.self.query") == 11
     assert an.module_layer("transformer.h.0.attn.c_attn") == 0

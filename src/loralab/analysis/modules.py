@@ -10,22 +10,14 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ..lora import role_of
+
 
 def module_kind(name: str) -> str:
-    """Coarse module type from its name: q / k / v / o / mlp / other."""
-    leaf = name.split(".")[-1]
-    table = {
-        "q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
-        "o_proj": "o", "c_attn": "qkv", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-        "c_fc": "mlp",
-    }  # fmt: skip
-    if leaf in table:
-        return table[leaf]
-    if name.endswith("attention.output.dense") or name.endswith("attn.c_proj"):
-        return "o"
-    if "intermediate" in name or "mlp" in name or name.endswith("output.dense"):
-        return "mlp"
-    return "other"
+    """Coarse module type from its name: q / k / v / qkv / o / mlp / other; the layer roles
+    LoRA's target presets use (`lora.role_of`), so both name a family's layers alike."""
+    role = role_of(name)
+    return "other" if role == "outside" else role
 
 
 def module_layer(name: str) -> int | None:
