@@ -128,3 +128,17 @@ def test_sweep_points_carry_the_lora_section_and_keep_their_names(tmp_path, sst2
     assert full_point["key"].endswith("-lr1e-05-s42")
     cfg = plan.config_for(lora_point)
     assert cfg.lora.use_dora is True and cfg.lora.r == 8  # the rest of the section from the base
+
+
+def test_a_file_task_is_named_by_its_file_in_the_figures(tmp_path):
+    """A custom task's reference is a path: the figures name it by its file, so a long path
+    cannot squeeze the axes to nothing."""
+    ref = "csv:" + "/a-rather-long-folder-name" * 6 + "/moods.csv?label=mood&metric=matthews"
+    for name, method, lr in (("lora", "lora", 3e-4), ("full", "full", 3e-5)):
+        data = summary(1, 0.8, method=method, lr=lr)
+        data["task"] = data["identity"]["data"]["task"] = ref
+        write(tmp_path, name, data)
+    cells, comps = aggregate(load_runs(tmp_path))
+    fig = plots.lora_vs_full_figure(comps)
+    (ax,) = fig.axes
+    assert [t.get_text().splitlines()[0] for t in ax.get_xticklabels()] == ["moods (accuracy)"]

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..rundir import METRICS_FILE
+from ..tasks import task_label  # a file reference by its file's name: a tick label, not a path
 from .aggregate import full_reference, is_ablation
 from .records import points_per_unit
 from .variants import LORA_DEFAULTS, variant_label
@@ -73,7 +74,7 @@ def lora_vs_full_figure(comps):
         if not math.isnan(base):
             ax.hlines(_points(c.lora, base), i - 0.45, i + 0.45, colors="#cf222e",
                       linestyles=":", label="majority baseline")  # fmt: skip
-    labels = [f"{c.task} ({c.lora.metric})\n{c.model}\n{c.lora.variant}" for c in comps]
+    labels = [f"{task_label(c.task)} ({c.lora.metric})\n{c.model}\n{c.lora.variant}" for c in comps]
     ax.set_xticks(range(len(comps)), labels, fontsize=7)
     metrics = sorted({c.lora.metric for c in comps})
     ax.set_ylabel(f"{' / '.join(metrics)} (points), mean ± std")
@@ -123,7 +124,7 @@ def learning_curves(comps):
             ax.axhline(_points(c.lora, base), color="#cf222e", ls=":", label="majority baseline")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"dev {c.lora.metric} (points)")
-        ax.set_title(f"{c.task} · {c.head} · {c.model}\n{c.lora.variant}", fontsize=9)
+        ax.set_title(f"{task_label(c.task)} · {c.head} · {c.model}\n{c.lora.variant}", fontsize=9)
     _legend_outside(fig, axes)
     return fig
 
@@ -184,7 +185,7 @@ def ablation(cells, kind: str, reference):
             ax.axhline(_ms(ref)[0], color=COLORS["full"], ls="--",
                        label=f"full fine-tuning (lr {ref.lr:g})")  # fmt: skip
         ax.set_ylabel(f"dev {mine[0].metric} (points)")
-        ax.set_title(f"{key[0]} · {key[2]} · {key[1]}", fontsize=9)
+        ax.set_title(f"{task_label(key[0])} · {key[2]} · {key[1]}", fontsize=9)
     fig.suptitle(f"Ablation: {kind} (best lr per setting)")
     _legend_outside(fig, axes)
     return fig
