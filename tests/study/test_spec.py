@@ -439,6 +439,7 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
                 assert len(done) == 1, (name, p["key"], trials)
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
 def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path):
     """After a restart, the point whose worker died (its run directory may hold a checkpoint)
     is trained next, not after every point that was never started."""
