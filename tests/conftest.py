@@ -29,9 +29,13 @@ def pytest_generate_tests(metafunc):
     """Tests marked `precision` run once with `auto` forced to bf16 and once to fp32, so one
     pytest command covers both kinds of CPU (AMX, where auto picks bf16; AVX2, fp32). A
     precision set from outside (LORALAB_PRECISION=...) runs everything in that one instead."""
-    marks = {m.name for m in metafunc.definition.iter_markers()}
-    if "precision" in marks and "slow" not in marks and not os.environ.get(PRECISION_ENV):
-        metafunc.parametrize("_forced_precision", ["bf16", "fp32"], indirect=True)
+    mark = metafunc.definition.get_closest_marker("precision")
+    slow = metafunc.definition.get_closest_marker("slow")
+    if mark and not slow and not os.environ.get(PRECISION_ENV):
+        # `@pytest.mark.precision("bf16")`: only that one (the other is covered elsewhere).
+        metafunc.parametrize(
+            "_forced_precision", list(mark.args) or ["bf16", "fp32"], indirect=True
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -134,6 +134,7 @@ KILLER = textwrap.dedent(
 
 
 @pytest.mark.long
+@pytest.mark.precision("bf16")  # fp32: tests/test_resume.py resumes bit-identically, and more
 def test_killed_run_resumes_to_the_same_result(tmp_path, sst2_dir):
     common = [
         "model.name=tiny-llama", "data.task=sst2", f"data.data_dir={sst2_dir}",
