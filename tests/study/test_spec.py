@@ -456,9 +456,13 @@ def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path):
     a = study.get_trials()[0]
     st.record_heartbeat(a._trial_id)  # a worker claims "a", then dies
     assert st.set_trial_state_values(a._trial_id, TrialState.RUNNING)
-    time.sleep(1.5)
-    fail_stale_trials(study)  # "a" failed and enqueued again, after "b" and "c"
-    waiting = st.get_all_trials(study._study_id, states=(TrialState.WAITING,))
+    deadline = time.time() + 30
+    while True:  # once its heartbeat is older than the grace period, "a" is failed and
+        fail_stale_trials(study)  # enqueued again, after "b" and "c"
+        waiting = st.get_all_trials(study._study_id, states=(TrialState.WAITING,))
+        if len(waiting) == 3 or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert [t.user_attrs["point"] for t in waiting] == ["b", "c", "a"]
     worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None)
     claimed = [Worker._claim(worker).user_attrs["point"] for _ in range(3)]
