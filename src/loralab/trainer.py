@@ -169,7 +169,9 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         warmup_steps=tr.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=tr.weight_decay,
         max_grad_norm=tr.max_grad_norm,
-        optim="adamw_torch",
+        # Fused AdamW (the stock Trainer default on torch >= 2.8): one pass over the parameters;
+        # a full fine-tuning step of SmolLM2 on 1 CPU thread 2.9 -> 2.1 s. Same maths as foreach.
+        optim="adamw_torch_fused",
         seed=tr.seed,
         bf16=precision.uses_bf16(cfg.train.precision),
         # transformers refuses bf16 without a GPU unless told the run is on the CPU on purpose.
