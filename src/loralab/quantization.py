@@ -206,7 +206,7 @@ def hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
         part = part.detach().cpu().contiguous()
         h.update((name + suffix).encode())
         h.update(str(part.dtype).encode())
-        h.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(part.reshape(-1).view(torch.uint8).numpy())  # its buffer: no copy of the bytes
 
 
 def describe(model: nn.Module, method: str) -> dict:
