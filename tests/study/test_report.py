@@ -13,7 +13,7 @@ import pytest
 
 from loralab.cli import main
 from loralab.study import plots
-from loralab.study.aggregate import aggregate, full_reference
+from loralab.study.aggregate import aggregate, full_reference, grid_edge_warnings
 from loralab.study.records import deduplicate, load_runs
 from loralab.study.report import report
 from loralab.study.stats import mean_std, t_interval, t_quantile
@@ -249,6 +249,28 @@ def test_best_lr_and_comparison_objects(tmp_path):
     assert best[("sweep", "sst2", "full", "—")] == 3e-5
     (sst2,) = [c for c in comps if c.task == "sst2"]
     assert sst2.delta_points == pytest.approx(-5.0) and sst2.drop_ok is False
+
+
+def test_a_best_lr_at_the_edge_of_its_grid_is_warned_about(tmp_path):
+    cells, _ = aggregate(load_runs(write_runs(tmp_path / "edges")))
+    warned = grid_edge_warnings(cells)
+    # sweep sst2: LoRA 3e-4 and full 3e-5 are the highest of their grids; rank 4 wins at its
+    # highest lr, rank 16 at its lowest; mrpc has one lr per method (no grid): no warning.
+    assert len(warned) == 4
+    assert sum(w.startswith("sst2 lora (tiny-llama, ") for w in warned) == 3
+    assert sum("is the highest of its grid (1e-05, 3e-05)" in w for w in warned) == 1
+    assert sum("0.0003, is the highest of its grid (0.0001, 0.0003)" in w for w in warned) == 2
+    assert sum("0.0001, is the lowest of its grid (0.0001, 0.0003)" in w for w in warned) == 1
+    assert not any("mrpc" in w for w in warned)
+    # A grid whose best is inside it: no warning.
+    for i, (lr, acc) in enumerate([(1e-4, 0.70), (3e-4, 0.80), (1e-3, 0.75)]):
+        write_run(tmp_path / "inner", f"r{i}", 1, {"accuracy": acc}, lr=lr)
+    cells, _ = aggregate(load_runs(tmp_path / "inner"))
+    assert [c.lr for c in cells if c.best] == [3e-4] and grid_edge_warnings(cells) == []
+    rep = report(tmp_path / "edges")
+    assert len(rep.warnings) == 4
+    md = (tmp_path / "edges" / "report" / "report.md").read_text()
+    assert md.count("is the highest of its grid") == 3
 
 
 # Each changes one part of the identity; none may pool with the base run.

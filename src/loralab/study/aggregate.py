@@ -244,6 +244,28 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     return ordered, comps
 
 
+def grid_edge_warnings(cells: list[Cell]) -> list[str]:
+    """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values):
+    the optimum may lie beyond it, so that method may be under-tuned against the other."""
+    families: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        families.setdefault(c.family, []).append(c)
+    out = []
+    for fam in families.values():
+        lrs = sorted({c.lr for c in fam})
+        best = next((c for c in fam if c.best), None)
+        if best is None or len(lrs) < 2 or lrs[0] < best.lr < lrs[-1]:
+            continue
+        side = "highest" if best.lr == lrs[-1] else "lowest"
+        grid = ", ".join(f"{lr:g}" for lr in lrs)
+        out.append(
+            f"{best.task} {best.method} ({best.model}, {best.group}): the best learning rate, "
+            f"{best.lr:g}, is the {side} of its grid ({grid}). A learning rate beyond it may score "
+            f"better, so this method may be under-tuned; extend the grid to be sure."
+        )
+    return out
+
+
 def is_ablation(group: str) -> bool:
     return group.startswith("ablation")
 

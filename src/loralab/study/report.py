@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
-from .aggregate import Comparison, aggregate
+from .aggregate import Comparison, aggregate, grid_edge_warnings
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -84,6 +84,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str) -> Repor
         )
     records, warnings = deduplicate(records)
     cells, comps = aggregate(records)
+    warnings += grid_edge_warnings(cells)
     tabs = tables(cells, comps)
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
