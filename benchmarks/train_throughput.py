@@ -74,13 +74,15 @@ class Meter(TrainerCallback):
     """Times the steps after warm-up and counts their tokens (from the trainer's counters)."""
 
     def __init__(self, warmup: int, counter=None):
-        self.warmup, self.trainer, self.counter = warmup, None, counter
+        # `loralab.train` hands a callback its trainer and (attribute None) its TokenCounts.
+        self.warmup, self.trainer, self.tokens, self.counter = warmup, None, None, counter
         self.t = self.real = self.padded = 0.0
         self.steps = 0
 
     def _tokens(self):
-        src = self.trainer if self.trainer is not None else self.counter
-        return src.tokens_real, src.tokens_padded
+        if self.tokens is not None:  # loralab's own counts
+            return self.tokens.real, self.tokens.padded
+        return self.counter.tokens_real, self.counter.tokens_padded  # the baseline's trainer
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step >= self.warmup:
