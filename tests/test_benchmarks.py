@@ -1,0 +1,42 @@
+"""The benchmarks keep working against the library (they broke silently once): each one's
+measuring code runs here on tiny-llama and data written by the test, and its figures add up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_sst2
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str, monkeypatch):
+    monkeypatch.setenv("LORALAB_BENCH_MODEL", "tiny-llama")  # read at import
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config,method", [("B", "full"), ("C", "lora")])
+def test_train_throughput_measures_a_baseline_and_a_loralab_configuration(
+    tmp_path, monkeypatch, config, method
+):
+    bench = load("train_throughput", monkeypatch)
+    data = write_sst2(tmp_path / "sst2", n_train=96)
+    got = bench.child({"config": config, "method": method, "device": "cpu", "examples": 96,
+                       "steps": 3, "warmup": 1, "data_dir": str(data)})  # fmt: skip
+    assert got["measured_steps"] == 3
+    assert got["step_time_s"] > 0 and got["tokens_per_s_real"] > 0
+    # Real tokens never exceed padded ones; the flops per token are 4N (LoRA) or 6N (full).
+    assert got["tokens_per_s_padded"] >= got["tokens_per_s_real"]
+    assert 0 <= got["padding_share"] < 1
+    n = got["flops_per_real_token"] / (4 if method == "lora" else 6)
+    assert n == int(n) and n > 0
+    assert got["model_gflops_per_s"] == pytest.approx(
+        got["flops_per_real_token"] * got["tokens_per_s_real"] / 1e9
+    )
