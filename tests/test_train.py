@@ -244,3 +244,52 @@ def test_nan_loss_stops_the_run_and_keeps_checkpoints(tmp_path, sst2_dir):
     assert summary["status"] == "diverged" and "nan" in summary["error"].lower()
     assert (run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tmp_path, sst2_dir, method):
+    """With train.gradient_checkpointing each layer runs again in the backward pass (its attention
+    is called twice per step), and the trained weights equal those of a run without it."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from loralab.train import train
+
+    class AttentionCalls(TrainerCallback):
+        trainer = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.calls = 0
+            layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn"))
+            layer.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+        def on_train_end(self, args, state, control, **kw):
+            self.in_training = self.calls  # the final evaluation comes after
+
+    weights, calls = {}, {}
+    for on in (False, True):
+        counter = AttentionCalls()
+        cfg = build_config(
+            overrides=[
+                "model.name=tiny-llama",
+                f"data.data_dir={sst2_dir}",
+                f"train.method={method}",
+                f"run.output_dir={tmp_path}",
+                f"run.name={method}-{on}",
+                "train.max_steps=3",
+                "train.batch_size=8",
+                "train.precision=fp32",
+                "train.eval_steps=1000",
+                f"train.gradient_checkpointing={on}",
+            ]  # fmt: skip
+        )
+        run = train(cfg, quiet=True, callbacks=[counter]).run_dir
+        calls[on] = counter.in_training
+        name = (
+            "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+        )
+        weights[on] = load_file(str(run / name))
+    assert calls[True] - calls[False] == 3  # one recompute per step (3 steps)
+    assert weights[True].keys() == weights[False].keys()
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=0, atol=0)

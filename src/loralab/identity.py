@@ -12,7 +12,15 @@ if TYPE_CHECKING:
 
 # Settings that do not change what a run computes (where it writes, how often it logs/saves).
 NOT_IDENTITY = {
-    "train": ("seed", "save_steps", "logging_steps", "eval_steps", "eval_batch_size"),
+    # (gradient checkpointing recomputes the same activations: it changes memory, not results)
+    "train": (
+        "seed",
+        "save_steps",
+        "logging_steps",
+        "eval_steps",
+        "eval_batch_size",
+        "gradient_checkpointing",
+    ),  # fmt: skip
     "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
     "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
 }

@@ -173,6 +173,7 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         # a full fine-tuning step of SmolLM2 on 1 CPU thread 2.9 -> 2.1 s. Same maths as foreach.
         optim="adamw_torch_fused",
         seed=tr.seed,
+        **_checkpointing_args(tr.gradient_checkpointing),
         bf16=precision.uses_bf16(cfg.train.precision),
         # transformers refuses bf16 without a GPU unless told the run is on the CPU on purpose.
         # and accelerate sets up data parallelism on CPUs (gloo) only when told so as well.
@@ -197,3 +198,16 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         average_tokens_across_devices=False,
         ddp_find_unused_parameters=False,  # a frozen base is not "unused": it needs no grad
     )
+
+
+def _checkpointing_args(on: bool) -> dict:
+    """The Trainer's activation-checkpointing arguments (named `gradient_checkpointing*` before
+    transformers 5.x renamed them). Non-reentrant: it needs no input that requires grad, and a
+    LoRA model's embeddings are frozen."""
+    fields = TrainingArguments.__dataclass_fields__
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in fields
+        else "gradient_checkpointing"
+    )
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
