@@ -293,3 +293,27 @@ def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tmp_path, 
     assert weights[True].keys() == weights[False].keys()
     for k in weights[False]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=0, atol=0)
+
+
+def test_flop_count_equals_the_stock_one_and_counts_weights_once(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from loralab.trainer import LoralabTrainer
+    from loralab.trainer import training_args as _training_args
+
+    cfg = build_config(overrides=["model.name=tiny-llama", "train.precision=fp32"])
+    tok = load_tokenizer("tiny-llama")
+    model = build_model(cfg, get_task("sst2"), tok, progress=False).model
+    trainer = LoralabTrainer(model=model, args=_training_args(cfg, tmp_path, quiet=True))
+    counts = []
+    base = type(model.get_base_model())  # PEFT hands num_parameters on to the base model
+    real = base.num_parameters
+    monkeypatch.setattr(
+        base, "num_parameters", lambda self, **kw: counts.append(1) or real(self, **kw)
+    )
+    for shape in [(16, 12), (8, 40), (1, 3)]:
+        inputs = {"input_ids": torch.ones(shape, dtype=torch.long)}
+        ours = trainer.floating_point_ops(inputs)
+        assert ours == Trainer.floating_point_ops(trainer, inputs) > 0
+    assert len(counts) == 1 + 3  # ours once; the stock method at every call
+    assert trainer.floating_point_ops({"labels": torch.ones(2)}) == 0  # no model input: none
