@@ -99,7 +99,9 @@ def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
 def test_cpu_specs_follow_issue_14(name, model):
     spec = load_spec(TINY.parent / f"{name}.yaml")
     assert spec.output_dir == f"results/{name}" and spec.seeds == [42, 1337, 2024]
-    assert spec.lrs == {"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5]}
+    # Issue 14's grid; the small encoder's full fine-tuning gets a third, higher lr.
+    full_lrs = [1e-5, 3e-5] + ([1e-4] if name == "minilm-cpu" else [])
+    assert spec.lrs == {"lora": [1e-4, 3e-4, 1e-3], "full": full_lrs}
     assert spec.lr_selection == "grid_on_first_seed" and not spec.ablations
     data = Path("../shared/data")
     want = {  # task: (data_dir or train/eval files, train cap, eval cap, epochs)
@@ -135,7 +137,8 @@ def test_cpu_specs_follow_issue_14(name, model):
                 "standard",
             )
             assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
-    assert points == 4 * (3 + 2 + 2 * 2)  # grid on seed 42, then 2 methods × 2 seeds per task
+    # per task: the grid on seed 42, then 2 methods × 2 seeds
+    assert points == 4 * (3 + len(full_lrs) + 2 * 2)
 
 
 def test_variant_slugs_and_axes(tmp_path):
