@@ -20,7 +20,7 @@ NOT_IDENTITY = {
         "eval_steps",
         "eval_batch_size",
         "gradient_checkpointing",
-    ),  # fmt: skip
+    ),
     "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
     "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing
 }
