@@ -261,7 +261,8 @@ def grid_edge_warnings(cells: list[Cell]) -> list[str]:
         out.append(
             f"{best.task} {best.method} ({best.model}, {best.group}): the best learning rate, "
             f"{best.lr:g}, is the {side} of its grid ({grid}). A learning rate beyond it may score "
-            f"better, so this method may be under-tuned; extend the grid to be sure."
+            f"better, so this method may be under-tuned: add one to the grid (in a study spec, "
+            f"under a new `name`: the finished points are reused, only the new ones train)."
         )
     return out
 
