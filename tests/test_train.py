@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -74,6 +75,7 @@ def _cli(*args) -> int:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     out = tmp_path / "runs"
+    launched = time.time()
     status = _cli(
         "train", "--task", "sst2", "--model", "tiny-llama", "--method", method,
         "--data-dir", str(sst2_dir), "--output-dir", str(out), "--quiet",
@@ -93,6 +95,9 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     for key in ("wall_time_s", "peak_memory_mb", "versions", "params", "git_commit"):
         assert key in summary
     assert 0 < summary["train_cpu_time_s"] < summary["wall_time_s"] * os.cpu_count()
+    # The first step began after the launch, and before the final evaluation.
+    first = summary["first_step_at"] - launched
+    assert 0 < first < time.time() - launched - summary["eval_time_s"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in x for x in lines) and any("eval/accuracy" in x for x in lines)
     if method == "lora":

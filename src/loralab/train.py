@@ -320,6 +320,7 @@ class _Run:
                 "padded": padded / train_time if train_time else 0.0,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
+            first_step_at=trainer.first_step_at,  # Unix time: the end of start-up
             verification=verification,
         )
         if distributed.is_main():

@@ -4,6 +4,7 @@ length-grouped sampler, a whole-run loss sum in every checkpoint, and a head's o
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ class LoralabTrainer(Trainer):
         self.loss_sum_start = 0.0
         self.loss_sum = None
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
+        self.first_step_at = None  # Unix time at which this process began its first step
 
     def floating_point_ops(self, inputs: dict) -> int:
         """The stock count (6 · input tokens · non-embedding weights) with the weights counted once,
@@ -131,6 +133,8 @@ class LoralabTrainer(Trainer):
         )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.first_step_at is None:  # start-up ends here (benchmarks/startup.py reads it)
+            self.first_step_at = time.time()
         self.tokens.count(inputs.get("attention_mask"))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.loss_sum is None:
