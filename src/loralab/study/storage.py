@@ -168,7 +168,8 @@ def create_or_check(storage, name: str, plan: Plan):
             raise LoralabError(
                 f"Study '{name}' already exists in '{masked(storage.url)}' with a different grid "
                 f"({describe_difference(stored, plan)}). It was left untouched. Re-run with the "
-                "same options to continue it, or pick a new --study name."
+                "same options to continue it, or pick a new --study name (a study spec: a new "
+                "`name`); finished points in the same results folder are reused, not retrained."
             ) from None
     else:
         study.set_user_attr(STUDY_ATTR, plan.to_json())
