@@ -559,6 +559,39 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     assert {str(p): p.stat().st_mtime_ns for p in (res / "runs").rglob("summary.json")} == before
 
 
+def test_a_grid_extended_under_a_new_name_trains_only_the_new_points(tmp_path, data_root, capsys):
+    """What the report's grid-edge warning advises: a stored study refuses a changed grid (exit
+    2, the spec's `name` named); under a new name the finished points are reused."""
+    base = {
+        "model": {"name": "tiny-llama"},
+        "train": {"max_steps": 6, "batch_size": 8, "eval_batch_size": 32, "save_steps": 100},
+    }
+    tasks = {"sst2": {"data_dir": "glue/sst2", "max_train_examples": 32, "max_eval_examples": 16,
+                      "max_length": 32}}  # fmt: skip
+    grid = {"lora": [1.0e-3, 3.0e-3]}
+    res = tmp_path / "res"
+
+    def study(name, lrs):
+        spec = _spec_file(tmp_path, name=name, base=base, tasks=tasks, methods=["lora"], lr=lrs,
+                          seeds=[1, 2], ablations=None)  # fmt: skip
+        args = [str(spec), "--data-root", str(data_root), "--output-dir", str(res), "--quiet"]
+        return main(["study", *args, "--workers", "1"])
+
+    assert study("first", grid) == 0
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (res / "runs").glob("*/summary.json")}
+    assert len(before) == 3  # two lrs on seed 1, the best one on seed 2
+    capsys.readouterr()
+    wider = {"lora": [1.0e-3, 3.0e-3, 3.0e-1]}
+    assert study("first", wider) == 2
+    assert "a new `name`" in capsys.readouterr().err
+    assert study("wider", wider) == 0
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (res / "runs").glob("*/summary.json")}
+    assert {k: after[k] for k in before} == before  # reused, not retrained
+    new = set(after) - set(before)
+    assert "sst2-lora-tiny-llama-lr0.3-s1" in new and new <= {
+        "sst2-lora-tiny-llama-lr0.3-s1", "sst2-lora-tiny-llama-lr0.3-s2"}  # fmt: skip
+
+
 PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
 
 
