@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -322,3 +323,14 @@ def test_flop_count_equals_the_stock_one_and_counts_weights_once(tmp_path, monke
         assert ours == Trainer.floating_point_ops(trainer, inputs) > 0
     assert len(counts) == 1 + 3  # ours once; the stock method at every call
     assert trainer.floating_point_ops({"labels": torch.ones(2)}) == 0  # no model input: none
+
+
+def test_the_evaluation_bar_is_named_from_its_first_draw(tmp_path, sst2_dir, capfd):
+    status = _cli(
+        "train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(sst2_dir),
+        "--output-dir", str(tmp_path / "runs"), "train.max_steps=2", *TINY_ARGS,
+    )  # fmt: skip
+    assert status == 0
+    draws = [d.strip() for d in re.split(r"[\r\n]", capfd.readouterr().err) if "it/s]" in d]
+    assert any(d.startswith("Evaluating:") for d in draws)
+    assert all(d.startswith(("Training:", "Evaluating:", "Tokenising")) for d in draws), draws

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from . import accounting, analysis, tracking
 from .tracking import Tracker
@@ -194,9 +195,18 @@ class LiveProgress(ProgressCallback):
         self._t0, self._tokens0 = time.time(), self._tokens()
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        from tqdm.auto import tqdm
+
+        # The bar is made with its name (the stock one is named only after its first draw,
+        # which leaves a nameless "0/N" line behind on a terminal).
+        if (
+            self.prediction_bar is None
+            and state.is_world_process_zero
+            and has_length(eval_dataloader)
+        ):
+            self.prediction_bar = tqdm(total=len(eval_dataloader), desc="Evaluating",
+                                       leave=self.training_bar is None, dynamic_ncols=True)  # fmt: skip
         super().on_prediction_step(args, state, control, eval_dataloader, **kwargs)
-        if self.prediction_bar is not None and not self.prediction_bar.desc:
-            self.prediction_bar.set_description("Evaluating")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is None or not logs or "loss" not in logs:
