@@ -6,6 +6,10 @@ Configurations (each for LoRA and full fine-tuning, SmolLM2-135M, SST-2, batch 1
   C  loralab defaults (`loralab train`: length-grouped batches, precision auto)
   D  loralab's fastest setting (C + no LoRA dropout; bf16 where the hardware has it)
 
+C and D batch by length, and the sampler serves each group of batches longest first: they measure
+at least one whole group (31 steps at the default 2,000-example pool), so that their tokens/s is
+not that of the longest batches only. A and B draw batches in random order.
+
 Each configuration runs in its own child process (so peak RSS is its own), one after another in
 this run, so the ratios between them hold on a shared, noisy machine. Per configuration: real
 (non-pad) and padded tokens/s and step time over the measured steps (after warm-up steps), peak
@@ -67,6 +71,12 @@ def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 2.0) -> float:
             torch.cuda.synchronize()
         best = max(best, 5 * 2 * m * k * n / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def group_batches(examples: int) -> int:
+    """Batches in one group of transformers' length-grouped sampler (its "megabatch": 50 batches,
+    fewer for a small pool), each group a random draw sorted longest first."""
+    return max(1, min(examples // (BATCH * 4), 50))
 
 
 # -- measuring inside a child ---------------------------------------------------------------------
@@ -266,8 +276,12 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods.split(","):
         for config in args.configs.split(","):
+            # Length-grouped batches (C, D) come longest first within each group of the sampler:
+            # a window shorter than a group would measure only long batches, whose tokens are
+            # cheaper per token. Those configurations measure one whole group at least.
+            steps = args.steps if config in "AB" else max(args.steps, group_batches(args.examples))
             spec = dict(config=config, method=method, device="cpu", data_dir=data_dir,
-                        steps=args.steps, warmup=args.warmup, examples=args.examples)  # fmt: skip
+                        steps=steps, warmup=args.warmup, examples=args.examples)  # fmt: skip
             rows.append(_run_child(spec))
             print(
                 f"{method} {config}: {rows[-1]['tokens_per_s_real']:.1f} real tok/s",
