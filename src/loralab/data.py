@@ -32,12 +32,14 @@ class Splits:
     """SHA-256 of the whole (uncapped) train and eval data, so runs on other data never pool."""
 
 
-# The backend's raw JSON state (by hash) -> its normalised form. Parsing and re-serialising a 50k
-# vocabulary takes ~0.4 s, and a run keys both of its splits on the same tokenizer.
-_normalised: dict[str, bytes] = {}
+# The backend's raw JSON state (by hash) -> a SHA-256 fed with its normalised form. Parsing and
+# re-serialising a 50k vocabulary takes ~0.4 s, and a run keys both of its splits on the same
+# tokenizer; the hash object is kept, not the megabytes of normalised text.
+_normalised: dict[str, hashlib._Hash] = {}
 
 
-def _normalised_state(raw: str) -> bytes:
+def _hash_of_state(raw: str) -> hashlib._Hash:
+    """A fresh SHA-256 that has been fed the normalised backend state `raw`."""
     key = hashlib.sha256(raw.encode()).hexdigest()
     if key not in _normalised:
         state = json.loads(raw)
@@ -45,18 +47,17 @@ def _normalised_state(raw: str) -> bytes:
         # call, not part of the tokenizer, and keeping them would change the key after any use.
         state.pop("truncation", None)
         state.pop("padding", None)
-        _normalised[key] = json.dumps(state, sort_keys=True).encode()
-    return _normalised[key]
+        _normalised[key] = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
+    return _normalised[key].copy()
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that changes token ids: vocab, special tokens, post-processing."""
-    h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(_normalised_state(backend.to_str()))
+        h = _hash_of_state(backend.to_str())
     else:
-        h.update(repr(tokenizer.get_vocab()).encode())
+        h = hashlib.sha256(repr(tokenizer.get_vocab()).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update(tokenizer.padding_side.encode())
     return h.hexdigest()[:16]

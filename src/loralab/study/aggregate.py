@@ -223,6 +223,14 @@ def _selection_score(cells: list[Cell]):
     return score
 
 
+def _families(cells: list[Cell]) -> list[list[Cell]]:
+    """The cells grouped by `Cell.family` (equal but for the learning rate), in their order."""
+    families: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        families.setdefault(c.family, []).append(c)
+    return list(families.values())
+
+
 def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     """Cells (every lr, `best` marked) and LoRA-vs-full comparisons at the best lr."""
     cells: dict[tuple, Cell] = {}
@@ -230,10 +238,7 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
         key = (r["group"], record_identity(r))
         cells.setdefault(key, Cell(*key)).runs.append(r)
     ordered = sorted(cells.values(), key=_order)
-    families: dict[tuple, list[Cell]] = {}
-    for c in ordered:
-        families.setdefault(c.family, []).append(c)
-    for fam in families.values():
+    for fam in _families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
         if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
             max(scored, key=_selection_score(scored)).best = True
@@ -247,11 +252,8 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
 def grid_edge_warnings(cells: list[Cell]) -> list[str]:
     """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values):
     the optimum may lie beyond it, so that method may be under-tuned against the other."""
-    families: dict[tuple, list[Cell]] = {}
-    for c in cells:
-        families.setdefault(c.family, []).append(c)
     out = []
-    for fam in families.values():
+    for fam in _families(cells):
         lrs = sorted({c.lr for c in fam})
         best = next((c for c in fam if c.best), None)
         if best is None or len(lrs) < 2 or lrs[0] < best.lr < lrs[-1]:
