@@ -107,7 +107,14 @@ def add_study(sub) -> None:
     p.add_argument(
         "--data-root", help="folder the tasks' relative data paths join onto (replaces the spec's)"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the points; create nothing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the points; create nothing")
+    mode.add_argument(
+        "--status",
+        action="store_true",
+        help="print each point's state (done, running, interrupted, ...), how far the unfinished "
+        "ones got and the training CPU time left; change nothing",
+    )
     p.add_argument(
         "--workers",
         default=None,
@@ -230,6 +237,12 @@ def cmd_study(args) -> int:
     if args.dry_run:
         lines = dry_run(spec, tasks, args.study or spec.name)
         print("\n".join(lines))
+        return 0
+    if args.status:
+        from ..study.status import render, study_status
+
+        st = study_status(spec, args.output_dir, args.storage, tasks, args.study or spec.name)
+        print("\n".join(render(st)))
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
     from ..study import layout

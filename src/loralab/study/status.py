@@ -1,0 +1,297 @@
+"""Where a study stands (`loralab study SPEC --status`): every point's state, how far a running
+or interrupted point got, and an estimate of the training compute left. Reads the storage and
+the run directories; creates and changes nothing.
+
+A point's state, from its Optuna trials (the most advanced one counts):
+  done / diverged   final (COMPLETE, or FAIL with outcome `diverged`)
+  running           RUNNING: a worker holds it (`stale` when its lock on this host is free: the
+                    worker died and the next worker's heartbeat check re-enqueues it)
+  interrupted       WAITING after a failed attempt: the next worker claims it first and resumes
+                    its last checkpoint
+  waiting           WAITING, never started
+  failed            FAIL with no live trial: its retries are used up, or it stopped on an error
+  not enqueued      no trial yet (the study is not created, or a dependent phase not made yet)
+
+The estimate: each unfinished point costs the mean training CPU time (`train_cpu_time_s`) of
+the finished points of its task and method, less the share its checkpoint or log already holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, METRICS_FILE, RUNS_DIR, STUDY_DB, SUMMARY_FILE
+from .phases import Phase, StudySpec, best_lrs, phases
+from .records import main_metric
+from .spec import select_tasks
+from .storage import is_final, open_storage
+
+FINAL = ("done", "diverged")
+
+
+@dataclass
+class PointStatus:
+    """One point of one phase."""
+
+    phase: str  # the phase's study name
+    key: str  # run directory name; `-lr<best>` while the grid has not chosen the lr
+    task: str
+    method: str
+    state: str  # see the module docstring
+    metric: str  # the task's main metric
+    value: float | None = None  # its dev value (done)
+    cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
+    progress: float | None = None  # share of training logged so far (0..1)
+    resumes_at: float | None = None  # share held by the last checkpoint (0..1)
+    logged_ago_s: float | None = None  # seconds since the run last logged
+    detail: str = ""  # outcome of a failed attempt, stale worker, ...
+
+
+@dataclass
+class PhaseStatus:
+    name: str
+    task: str
+    kind: str  # grid / seeds / ablation
+    created: bool
+    waits_for_grid: bool = False
+    best: dict | None = None  # the grid's best lr per method (grid phases: once complete)
+    points: list[PointStatus] = field(default_factory=list)
+
+
+@dataclass
+class StudyStatus:
+    results_dir: str
+    storage: str | None  # None: no storage yet (nothing has run)
+    phases: list[PhaseStatus]
+
+    @property
+    def points(self) -> list[PointStatus]:
+        return [p for ph in self.phases for p in ph.points]
+
+    def estimate(self) -> tuple[float, float, int]:
+        """(CPU s spent on finished points, CPU s left for the estimable unfinished ones, how
+        many unfinished points have no finished point of their task and method to go by)."""
+        spent, per = 0.0, {}
+        for p in self.points:
+            if p.state in FINAL and p.cpu_s is not None:
+                spent += p.cpu_s
+                per.setdefault((p.task, p.method), []).append(p.cpu_s)
+        left, unknown = 0.0, 0
+        for p in self.points:
+            if p.state in FINAL:
+                continue
+            ref = per.get((p.task, p.method))
+            if not ref:
+                unknown += 1
+                continue
+            held = p.progress if p.state == "running" else p.resumes_at
+            left += sum(ref) / len(ref) * (1.0 - min(1.0, held or 0.0))
+        return spent, left, unknown
+
+
+def study_status(spec: StudySpec, results_dir: str | None = None, storage: str | None = None,
+                 tasks: list[str] | None = None, prefix: str | None = None) -> StudyStatus:  # fmt: skip
+    """The state of every point of the spec's phases (of `tasks`) in `results_dir`."""
+    results = str(results_dir or spec.output_dir)
+    prefix = prefix or spec.name
+    url = storage
+    if url is None:  # the default SQLite file; never created by looking
+        db = Path(results) / STUDY_DB
+        url = f"sqlite:///{db.resolve()}" if db.is_file() else None
+    st = open_storage(url) if url else None
+    names = {s.study_name for s in st.get_all_studies()} if st else set()
+    studies: dict[str, tuple] = {}
+
+    def trials_of(name: str):
+        if name not in studies:
+            import optuna
+
+            study = optuna.load_study(study_name=name, storage=st)
+            studies[name] = (study, study.get_trials(deepcopy=False))
+        return studies[name]
+
+    out = []
+    first = {m: v[0] for m, v in spec.lrs.items()}
+    for ph in phases(spec, select_tasks(spec, tasks)):
+        name = ph.study_name(prefix)
+        best = None
+        grid_name = Phase(ph.task, "grid").study_name(prefix)
+        if grid_name in names:
+            grid_plan = Phase(ph.task, "grid").plan(spec, None, results)
+            best = best_lrs(trials_of(grid_name)[0], grid_plan)
+        waits = ph.needs_grid and best is None
+        plan = ph.plan(spec, best or first, results)
+        status = PhaseStatus(name, ph.task, ph.ablation and "ablation" or ph.kind, name in names,
+                             waits, best if ph.kind == "grid" or not waits else None)  # fmt: skip
+        trials = trials_of(name)[1] if name in names else []
+        for p in plan.points():
+            key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", p["key"]) if waits else p["key"]
+            ps = PointStatus(name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
+            if not waits:
+                _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
+                _read_run(ps, Path(results), p["key"], plan.config_for(p, results))
+            status.points.append(ps)
+        out.append(status)
+    return StudyStatus(results, url, out)
+
+
+def _fill(ps: PointStatus, trials: list) -> None:
+    """The point's state from its trials: the most advanced one."""
+    from optuna.trial import TrialState
+
+    rank = {"not enqueued": 0, "failed": 1, "waiting": 2, "interrupted": 3, "running": 4,
+            "diverged": 5, "done": 5}  # fmt: skip
+    for t in trials:
+        outcome = t.user_attrs.get("outcome")
+        if is_final(t):
+            s = "done" if t.state == TrialState.COMPLETE else "diverged"
+        elif t.state == TrialState.RUNNING:
+            s = "running"
+        elif t.state == TrialState.WAITING:
+            s = "interrupted" if "failed_trial" in t.system_attrs else "waiting"
+        elif t.state == TrialState.FAIL:
+            s = "failed"
+        else:
+            continue  # a pruned duplicate says nothing about the point
+        if rank[s] > rank[ps.state]:
+            ps.state = s
+            ps.value = t.values[0] if s == "done" and t.values else None
+            ps.detail = f"last attempt: {outcome}" if s == "failed" and outcome else ""
+
+
+def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
+    """Training CPU time (finished), logged progress and the last checkpoint (unfinished)."""
+    run = results / RUNS_DIR / key
+    if ps.state in FINAL:
+        try:
+            ps.cpu_s = json.loads((run / SUMMARY_FILE).read_text()).get("train_cpu_time_s")
+        except (OSError, ValueError):
+            pass  # a reused point from elsewhere, or a summary being written
+        return
+    if not run.is_dir():
+        return
+    max_steps, ckpt_step = cfg.train.max_steps, None
+    ckpts = sorted(
+        (c for c in (run / CHECKPOINT_DIR).glob("checkpoint-*") if c.name[11:].isdigit()),
+        key=lambda c: int(c.name[11:]),
+    )
+    for c in reversed(ckpts):  # the newest readable one (a checkpoint being saved has no state)
+        try:
+            state = json.loads((c / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        max_steps, ckpt_step = state.get("max_steps") or max_steps, state.get("global_step")
+        break
+    if ckpt_step is not None and max_steps and max_steps > 0:
+        ps.resumes_at = ckpt_step / max_steps
+    last = _last_logged(run / METRICS_FILE)
+    if last:
+        if max_steps and max_steps > 0 and "step" in last:
+            ps.progress = min(1.0, last["step"] / max_steps)
+        elif "epoch" in last and cfg.train.epochs > 0:
+            ps.progress = min(1.0, last["epoch"] / cfg.train.epochs)
+        if "time" in last:
+            ps.logged_ago_s = max(0.0, time.time() - last["time"])
+    if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
+        ps.detail = "stale: no worker on this host holds it; the next worker retries it"
+
+
+def _last_logged(path: Path) -> dict | None:
+    """The last training log line with a step (metrics.jsonl is appended line by line)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a cut first line or one being written
+        if isinstance(row, dict) and "epoch" in row:
+            return row
+    return None
+
+
+def _lock_free_here(lock: Path) -> bool:
+    """True when the point's lock note names this host and nobody holds the lock (its worker is
+    gone); False when held, or when it belongs to another host (a flock says nothing there)."""
+    try:
+        note = json.loads(lock.read_text() or "{}")
+        fd = os.open(lock, os.O_RDONLY)
+    except (OSError, ValueError):
+        return False
+    try:
+        if note.get("host") != socket.gethostname():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _hours(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
+
+
+def _ago(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def render(status: StudyStatus) -> list[str]:
+    """Text lines: per phase a header and its points, then the totals."""
+    lines = []
+    if status.storage is None:
+        lines.append(f"no study storage in {status.results_dir} yet: nothing has run")
+    for ph in status.phases:
+        done = sum(p.state in FINAL for p in ph.points)
+        head = f"{ph.name}: {done}/{len(ph.points)} done"
+        if ph.waits_for_grid:
+            head += " (waits for the grid's best lr)"
+        elif ph.best:
+            head += " · best lr " + ", ".join(f"{m} {lr:g}" for m, lr in ph.best.items())
+        lines.append(head)
+        width = max(len(p.key) for p in ph.points) if ph.points else 0
+        for p in ph.points:
+            lines.append(f"  {p.state:<12} {p.key:<{width}}  {_point_detail(p)}".rstrip())
+    spent, left, unknown = status.estimate()
+    pts = status.points
+    done = sum(p.state in FINAL for p in pts)
+    text = f"total: {done}/{len(pts)} points done; training CPU time {_hours(spent)} spent"
+    if done < len(pts):
+        known = len(pts) - done - unknown
+        text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
+        if unknown:
+            text += (f" (+{unknown} with no finished point of their task and method to "
+                     "estimate from)")  # fmt: skip
+    lines.append(text)
+    return lines
+
+
+def _point_detail(p: PointStatus) -> str:
+    bits = []
+    if p.value is not None:
+        bits.append(f"{p.metric} {p.value:.4f}")
+    if p.cpu_s is not None:
+        bits.append(f"training CPU {_hours(p.cpu_s)}")
+    if p.state not in FINAL:
+        if p.progress is not None:
+            bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
+        if p.resumes_at is not None:
+            bits.append(f"checkpoint at {p.resumes_at:.0%}")
+    if p.detail:
+        bits.append(p.detail)
+    return "; ".join(bits)

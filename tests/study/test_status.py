@@ -1,0 +1,155 @@
+"""`loralab study --status`: point states from hand-made trials and run directories, progress
+from logs and checkpoints, stale workers, the compute estimate; nothing is created or changed."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from test_spec import _spec_file
+
+from loralab.cli import main
+from loralab.study.phases import phases
+from loralab.study.spec import load_spec
+from loralab.study.status import render, study_status
+from loralab.study.storage import create_or_check, open_storage, storage_url
+
+
+@pytest.fixture
+def spec(tmp_path):
+    return load_spec(_spec_file(tmp_path, ablations=None), str(tmp_path))
+
+
+def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=None, max_steps=40):
+    run = res / "runs" / key
+    run.mkdir(parents=True)
+    if cpu_s is not None:
+        (run / "summary.json").write_text(json.dumps({"status": "completed", "train_cpu_time_s": cpu_s}))  # fmt: skip
+    if logged_step is not None:
+        rows = [{"time": time.time() - 600, "step": 0, "efficiency/total": 1},
+                {"time": time.time() - 30, "step": logged_step, "epoch": 0.1, "train/loss": 1.0}]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"time": 1, "st')  # fmt: skip
+    if checkpoint is not None:
+        ck = run / "checkpoints" / f"checkpoint-{checkpoint}"
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": checkpoint, "max_steps": max_steps}))  # fmt: skip
+        (run / "checkpoints" / "checkpoint-99").mkdir()  # being saved: no state yet, skipped
+
+
+def _grid(spec, res: Path):
+    """The sst2 grid study with: lora 1e-3 done, lora 3e-3 running (worker on this host gone),
+    full 1e-4 done, full 3e-4 interrupted (re-enqueued after a failed attempt)."""
+    st = open_storage(storage_url(None, res))
+    ph = phases(spec, ["sst2"])[0]
+    plan = ph.plan(spec, None, str(res))
+    study = create_or_check(st, ph.study_name(spec.name), plan)
+    trials = {t.user_attrs["point"]: t for t in study.get_trials()}
+    keys = {(p["method"], p["lr"]): p["key"] for p in plan.points()}
+
+    def finish(key, value):
+        tid = trials[key]._trial_id
+        st.set_trial_state_values(tid, TrialState.RUNNING)
+        st.set_trial_state_values(tid, TrialState.COMPLETE, [value])
+
+    finish(keys["lora", 1e-3], 0.8)
+    _run_dir(res, keys["lora", 1e-3], cpu_s=100.0)
+    finish(keys["full", 1e-4], 0.7)
+    _run_dir(res, keys["full", 1e-4], cpu_s=300.0)
+    st.set_trial_state_values(trials[keys["lora", 3e-3]]._trial_id, TrialState.RUNNING)
+    _run_dir(res, keys["lora", 3e-3], logged_step=20, checkpoint=10)
+    lock = res / "locks" / f"{keys['lora', 3e-3]}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+    old = trials[keys["full", 3e-4]]
+    st.set_trial_state_values(old._trial_id, TrialState.RUNNING)
+    st.set_trial_user_attr(old._trial_id, "outcome", "interrupted")
+    st.set_trial_state_values(old._trial_id, TrialState.FAIL)
+    study.enqueue_trial({}, user_attrs=dict(old.user_attrs))
+    retry = [t for t in study.get_trials() if t.state == TrialState.WAITING][0]
+    st.set_trial_system_attr(retry._trial_id, "failed_trial", old.number)
+    _run_dir(res, keys["full", 3e-4], checkpoint=30)
+    return keys, lock
+
+
+def test_without_storage_every_point_is_not_enqueued_and_nothing_is_created(tmp_path, spec):
+    res = tmp_path / "res"
+    status = study_status(spec, str(res))
+    assert not res.exists()
+    assert {p.state for p in status.points} == {"not enqueued"}
+    assert len(status.points) == 4 + 4 + 2 + 2  # two grids, two seed phases
+    assert [p.key.endswith("-lr<best>-s2") for p in status.points].count(True) == 4
+    lines = render(status)
+    assert lines[0].startswith("no study storage in") and lines[-1].startswith("total: 0/12 points")
+
+
+def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
+    res = tmp_path / "res"
+    keys, lock = _grid(spec, res)
+    mtime = (res / "study.db").stat().st_mtime_ns
+    status = study_status(spec, str(res), tasks=["sst2"])
+    by = {p.key: p for p in status.points}
+    assert by[keys["lora", 1e-3]].state == "done" and by[keys["lora", 1e-3]].value == 0.8
+    assert by[keys["lora", 1e-3]].cpu_s == 100.0 and by[keys["full", 1e-4]].cpu_s == 300.0
+    running = by[keys["lora", 3e-3]]
+    assert running.state == "running"
+    assert running.progress == pytest.approx(0.5) and running.resumes_at == pytest.approx(0.25)
+    assert 20 <= running.logged_ago_s < 120 and running.detail.startswith("stale")
+    interrupted = by[keys["full", 3e-4]]
+    assert interrupted.state == "interrupted" and interrupted.resumes_at == pytest.approx(0.75)
+    seeds = [p for p in status.points if p.phase.endswith("-seeds")]
+    assert [p.state for p in seeds] == ["not enqueued"] * 2 and status.phases[1].waits_for_grid
+    # left: lora running at 50% (100 x 0.5), full resumes at 75% (300 x 0.25), seeds 100 + 300
+    assert status.estimate() == (pytest.approx(400.0), pytest.approx(525.0), 0)
+    assert (res / "study.db").stat().st_mtime_ns == mtime  # looking changes nothing
+    text = "\n".join(render(status))
+    assert "50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
+    assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
+
+    # A worker holding the point's lock is alive: not stale.
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        held = study_status(spec, str(res), tasks=["sst2"])
+        assert {p.key: p for p in held.points}[keys["lora", 3e-3]].detail == ""
+    finally:
+        os.close(fd)
+
+
+def test_complete_grid_names_the_dependent_points(tmp_path, spec):
+    res = tmp_path / "res"
+    keys, _ = _grid(spec, res)
+    st = open_storage(storage_url(None, res))
+    import optuna
+
+    study = optuna.load_study(study_name=f"{spec.name}-sst2-grid", storage=st)
+    for t in study.get_trials():
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            if t.state == TrialState.WAITING:
+                st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+            st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [0.9])
+    status = study_status(spec, str(res), tasks=["sst2"])
+    grid, seeds = status.phases
+    assert grid.best == {"lora": 3e-3, "full": 3e-4} and not seeds.waits_for_grid
+    assert [p.key for p in seeds.points] == [
+        "sst2-lora-tiny-llama-lr0.003-s2",
+        "sst2-full-tiny-llama-lr0.0003-s2",
+    ]
+
+
+def test_cli_status_exit_0_and_excludes_dry_run(tmp_path, capsys):
+    path = _spec_file(tmp_path, ablations=None)
+    res = tmp_path / "res"
+    argv = ["study", str(path), "--data-root", str(tmp_path), "--output-dir", str(res)]
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-sst2-grid: 0/4 done" in out and "total: 0/12 points done" in out
+    assert not res.exists()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--status", "--dry-run"])
+    assert e.value.code == 2
