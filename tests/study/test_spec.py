@@ -24,6 +24,7 @@ from loralab.errors import LoralabError
 from loralab.study.grid import make_plan
 from loralab.study.phases import ablation_variants, best_lrs, phases
 from loralab.study.spec import load_spec
+from loralab.study.status import study_status
 from loralab.study.storage import load_study, open_storage
 from loralab.study.variants import variant_slug
 
@@ -537,6 +538,11 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     while not _gone(info["child_pid"]) and time.time() < deadline:
         time.sleep(0.1)
     assert _gone(info["child_pid"]), "the training child outlived its killed worker"
+    # `--status` meanwhile: the killed point is still RUNNING in the storage, its worker gone.
+    status = study_status(load_spec(TINY, str(data_root)), str(res), tasks=["sst2"])
+    killed = {p.key: p for p in status.points}[killed_run.name]
+    assert killed.state == "running" and killed.detail.startswith("stale"), killed
+    assert 0 < killed.resumes_at <= 0.5
 
     again = _cli(["study", *common, "--tasks", "sst2"], tmp_path / "a2.log")
     for p, log in ((again, "a2.log"), (b, "b.log")):
