@@ -142,6 +142,31 @@ def test_cpu_specs_follow_issue_14(name, model):
     assert points == 4 * (3 + len(full_lrs) + 2 * 2)
 
 
+def test_gpu_spec_is_the_cpu_study_on_whole_sets():
+    """smollm2-gpu.yaml: the same points and settings as smollm2-cpu.yaml but for the sizes
+    (no caps on any training or evaluation set) and the schedule's intervals."""
+    from loralab.config import to_dict
+
+    cpu, gpu = (load_spec(TINY.parent / f"smollm2-{k}.yaml") for k in ("cpu", "gpu"))
+    assert gpu.output_dir == "results/smollm2-gpu" and (gpu.lrs, gpu.seeds) == (cpu.lrs, cpu.seeds)
+    sizes = {"max_train_examples", "max_eval_examples", "epochs", "eval_steps", "save_steps", "output_dir"}  # fmt: skip
+    best = {"lora": 3e-4, "full": 1e-5}
+    pairs = 0
+    for ph_c, ph_g in zip(phases(cpu), phases(gpu), strict=True):
+        plan_c, plan_g = ph_c.plan(cpu, best), ph_g.plan(gpu, best)
+        for pc, pg in zip(plan_c.points(), plan_g.points(), strict=True):
+            assert pc["key"] == pg["key"]
+            c, g = to_dict(plan_c.config_for(pc)), to_dict(plan_g.config_for(pg))
+            assert (g["data"]["max_train_examples"], g["data"]["max_eval_examples"]) == (None, None)
+            assert g["train"]["epochs"] == (1.0 if pg["task"] in ("sst2", "squad_v2") else 3.0)
+            for section in c:
+                for k in c[section]:
+                    if k not in sizes:
+                        assert c[section][k] == g[section][k], (pc["key"], section, k)
+            pairs += 1
+    assert pairs == 36
+
+
 def test_variant_slugs_and_axes(tmp_path):
     assert variant_slug({}) == ""
     assert variant_slug({"alpha": 32.0, "r": 16}) == "-r16-a32"

@@ -273,10 +273,11 @@ def render(status: StudyStatus) -> list[str]:
     text = f"total: {done}/{len(pts)} points done; training CPU time {_hours(spent)} spent"
     if done < len(pts):
         known = len(pts) - done - unknown
-        text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
+        if known:
+            text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
         if unknown:
-            text += (f" (+{unknown} with no finished point of their task and method to "
-                     "estimate from)")  # fmt: skip
+            text += (f"{' (+' if known else '; '}{unknown} point{'s' * (unknown != 1)} with no "
+                     f"finished point of their task and method to estimate from{')' if known else ''}")  # fmt: skip
     lines.append(text)
     return lines
 
