@@ -83,9 +83,10 @@ def group_batches(examples: int) -> int:
 class Meter(TrainerCallback):
     """Times the steps after warm-up and counts their tokens (from the trainer's counters)."""
 
-    def __init__(self, warmup: int, counter=None):
+    def __init__(self, warmup: int, counter=None, sync: bool = False):
         # `loralab.train` hands a callback its trainer and (attribute None) its TokenCounts.
         self.warmup, self.trainer, self.tokens, self.counter = warmup, None, None, counter
+        self.sync = sync  # CUDA: wait for the step's kernels, else the clock sees launches only
         self.t = self.real = self.padded = 0.0
         self.steps = 0
 
@@ -96,10 +97,14 @@ class Meter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step >= self.warmup:
+            if self.sync:
+                torch.cuda.synchronize()
             self._t0, (self._r0, self._p0) = time.perf_counter(), self._tokens()
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step > self.warmup:
+            if self.sync:
+                torch.cuda.synchronize()
             r, p = self._tokens()
             self.t += time.perf_counter() - self._t0
             self.real += r - self._r0
@@ -198,7 +203,7 @@ def _loralab(spec: dict, data_dir: str, out: Path) -> tuple[Meter, object]:
         overrides += ["lora.dropout=0.0"]  # no dropout copy of every adapted layer's input
     if spec.get("device") == "cuda":
         overrides += ["train.precision=bf16"]
-    meter = Meter(spec["warmup"])
+    meter = Meter(spec["warmup"], sync=spec.get("device") == "cuda")
     result = train(build_config(overrides=overrides), quiet=True, callbacks=[meter])
     meter.precision = result.summary["precision"]
     return meter, meter.trainer.model
@@ -234,6 +239,8 @@ def child(spec: dict) -> dict:
 # -- the parent -----------------------------------------------------------------------------------
 def _run_child(spec: dict) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if spec["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU machine the CPU rows must stay on the CPU
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,
@@ -261,6 +268,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time the README's main command end to end (SST-2, 4,000 examples, 1 epoch)",
     )
+    ap.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="only the GPU rows (C and D on CUDA), e.g. on a lent GPU machine with little time",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -272,10 +284,11 @@ def main(argv=None) -> int:
     from loralab.precision import native_bf16
 
     data_dir = str(Path(args.data_dir).resolve())
+    cpu_configs = [] if args.gpu_only else args.configs.split(",")
     peaks = {"fp32": matmul_peak("cpu", torch.float32), "bf16": matmul_peak("cpu", torch.bfloat16)}
     rows = []
     for method in args.methods.split(","):
-        for config in args.configs.split(","):
+        for config in cpu_configs:
             # Length-grouped batches (C, D) come longest first within each group of the sampler:
             # a window shorter than a group would measure only long batches, whose tokens are
             # cheaper per token. Those configurations measure one whole group at least.
@@ -305,8 +318,9 @@ def main(argv=None) -> int:
         gpu_rows = []
         for method in args.methods.split(","):
             for config in ("C", "D"):
+                steps = max(args.steps * 4, group_batches(args.examples))  # a whole group, as above
                 spec = dict(config=config, method=method, device="cuda", data_dir=data_dir,
-                            steps=args.steps * 4, warmup=args.warmup, examples=args.examples)  # fmt: skip
+                            steps=steps, warmup=args.warmup, examples=args.examples)  # fmt: skip
                 r = _run_child(spec)
                 r["mfu"] = r["model_gflops_per_s"] / gpu_peak
                 gpu_rows.append(r)
