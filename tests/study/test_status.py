@@ -17,7 +17,7 @@ from test_spec import _spec_file
 from loralab.cli import main
 from loralab.study.phases import phases
 from loralab.study.spec import load_spec
-from loralab.study.status import render, study_status
+from loralab.study.status import render, study_status, sweep_status
 from loralab.study.storage import create_or_check, open_storage, storage_url
 
 
@@ -62,6 +62,7 @@ def _grid(spec, res: Path):
     finish(keys["full", 1e-4], 0.7)
     _run_dir(res, keys["full", 1e-4], cpu_s=300.0)
     st.set_trial_state_values(trials[keys["lora", 3e-3]]._trial_id, TrialState.RUNNING)
+    st.set_trial_user_attr(trials[keys["lora", 3e-3]]._trial_id, "worker", {"host": "h1", "pid": 7})
     _run_dir(res, keys["lora", 3e-3], logged_step=20, checkpoint=10)
     lock = res / "locks" / f"{keys['lora', 3e-3]}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert running.state == "running"
     assert running.progress == pytest.approx(0.5) and running.resumes_at == pytest.approx(0.25)
     assert 20 <= running.logged_ago_s < 120 and running.detail.startswith("stale")
+    assert running.worker == "h1:7"
     interrupted = by[keys["full", 3e-4]]
     assert interrupted.state == "interrupted" and interrupted.resumes_at == pytest.approx(0.75)
     seeds = [p for p in status.points if p.phase.endswith("-seeds")]
@@ -108,7 +110,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert status.estimate() == (pytest.approx(400.0), pytest.approx(525.0), 0)
     assert (res / "study.db").stat().st_mtime_ns == mtime  # looking changes nothing
     text = "\n".join(render(status))
-    assert "50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
+    assert "on h1:7; 50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
     assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
 
     # A worker holding the point's lock is alive: not stale.
@@ -153,3 +155,19 @@ def test_cli_status_exit_0_and_excludes_dry_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--status", "--dry-run"])
     assert e.value.code == 2
+
+
+def test_sweep_status_of_one_stored_study(tmp_path, spec, capsys):
+    res = tmp_path / "res"
+    keys, _ = _grid(spec, res)
+    name = f"{spec.name}-sst2-grid"
+    status = sweep_status(name, results_dir=str(res))
+    want = {p.key: p.state for p in study_status(spec, str(res), tasks=["sst2"]).phases[0].points}
+    assert {p.key: p.state for p in status.points} == want
+    assert main(["sweep", "status", "--study", name, "--output-dir", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{name}: 2/4 done") and "interrupted" in out
+    assert main(["sweep", "status", "--output-dir", str(res)]) == 2  # no --study
+    assert "give --study NAME" in capsys.readouterr().err
+    assert main(["sweep", "status", "--study", name, "--output-dir", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()

@@ -70,11 +70,13 @@ def add_sweep(sub) -> None:
         "sweep",
         help="Learning-rate × seed grid of LoRA and full fine-tuning, on Optuna.",
         usage="loralab sweep [options] [key=value ...]\n"
-        "       loralab sweep worker --study NAME [--storage URL] [--tasks T,...] [--output-dir DIR]",
+        "       loralab sweep worker --study NAME [--storage URL] [--tasks T,...] [--output-dir DIR]\n"
+        "       loralab sweep status --study NAME [--storage URL] [--tasks T,...] [--output-dir DIR]",
         description="Create (or continue) a study, then run its undone points here. Every point is "
         "a train run in RESULTS/runs/<point>; finished runs are never re-trained. `loralab sweep "
         "worker` runs the points of an existing study (optionally only some tasks); start one per "
-        "machine against a shared PostgreSQL storage. Exit status 0 when every point is done.",
+        "machine against a shared PostgreSQL storage; `loralab sweep status` shows each point's state. "
+        "Exit status 0 when every point is done.",
     )
     _add_grid(p)
     _add_study_modes(p)
@@ -197,6 +199,19 @@ def _run_plan(args, plan) -> int:
 
 
 def cmd_sweep(args) -> int:
+    if args.overrides[:1] == ["status"]:
+        if not args.study or args.overrides[1:]:
+            raise LoralabError(
+                "`loralab sweep status` shows an existing study: give --study NAME (and --storage "
+                "URL, or --output-dir holding study.db), optionally --tasks T,...; nothing else."
+            )
+        from ..study.grid import parse_list
+        from ..study.status import render, sweep_status
+
+        output = args.output_dir if args.output_dir != "results" or not args.storage else None
+        st = sweep_status(args.study, args.storage, output, parse_list(args.tasks, str, "--tasks"))
+        print("\n".join(render(st)))
+        return 0
     if args.overrides[:1] == ["worker"]:
         from ..study.worker import run_worker
 

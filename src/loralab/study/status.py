@@ -27,11 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import LoralabError
 from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, METRICS_FILE, RUNS_DIR, STUDY_DB, SUMMARY_FILE
 from .phases import Phase, StudySpec, best_lrs, phases
 from .records import main_metric
 from .spec import select_tasks
-from .storage import is_final, open_storage
+from .storage import is_final, load_study, open_storage
 
 FINAL = ("done", "diverged")
 
@@ -52,6 +53,7 @@ class PointStatus:
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
     logged_ago_s: float | None = None  # seconds since the run last logged
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
+    worker: str | None = None  # host:pid of the worker running it
 
 
 @dataclass
@@ -96,16 +98,35 @@ class StudyStatus:
         return spent, left, unknown
 
 
+def _storage(results: str, storage: str | None):
+    """(URL, storage) of the given URL or the default SQLite file; (None, None) when that file
+    does not exist (looking never creates it)."""
+    url = storage
+    if url is None:
+        db = Path(results) / STUDY_DB
+        url = f"sqlite:///{db.resolve()}" if db.is_file() else None
+    return url, (open_storage(url) if url else None)
+
+
+def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
+    """Fill `status.points` with the plan's points (keys with `lr<best>` while it waits)."""
+    for p in plan.points():
+        key = p["key"]
+        if status.waits_for_grid:
+            key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
+        ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
+        if not status.waits_for_grid:
+            _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
+            _read_run(ps, Path(results), p["key"], plan.config_for(p, results))
+        status.points.append(ps)
+
+
 def study_status(spec: StudySpec, results_dir: str | None = None, storage: str | None = None,
                  tasks: list[str] | None = None, prefix: str | None = None) -> StudyStatus:  # fmt: skip
     """The state of every point of the spec's phases (of `tasks`) in `results_dir`."""
     results = str(results_dir or spec.output_dir)
     prefix = prefix or spec.name
-    url = storage
-    if url is None:  # the default SQLite file; never created by looking
-        db = Path(results) / STUDY_DB
-        url = f"sqlite:///{db.resolve()}" if db.is_file() else None
-    st = open_storage(url) if url else None
+    url, st = _storage(results, storage)
     names = {s.study_name for s in st.get_all_studies()} if st else set()
     studies: dict[str, tuple] = {}
 
@@ -130,16 +151,31 @@ def study_status(spec: StudySpec, results_dir: str | None = None, storage: str |
         plan = ph.plan(spec, best or first, results)
         status = PhaseStatus(name, ph.task, ph.ablation and "ablation" or ph.kind, name in names,
                              waits, best if ph.kind == "grid" or not waits else None)  # fmt: skip
-        trials = trials_of(name)[1] if name in names else []
-        for p in plan.points():
-            key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", p["key"]) if waits else p["key"]
-            ps = PointStatus(name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
-            if not waits:
-                _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
-                _read_run(ps, Path(results), p["key"], plan.config_for(p, results))
-            status.points.append(ps)
+        _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         out.append(status)
     return StudyStatus(results, url, out)
+
+
+def sweep_status(study_name: str, storage: str | None = None, results_dir: str | None = None,
+                 tasks: list[str] | None = None) -> StudyStatus:  # fmt: skip
+    """The state of every point of one existing sweep or ablation study (`loralab sweep
+    status`); its run directories under `results_dir`, else the folder stored with the study."""
+    url, st = _storage(results_dir or "results", storage)
+    if st is None:
+        raise LoralabError(
+            f"No study storage: {Path(results_dir or 'results') / STUDY_DB} does not exist. Give "
+            "--storage URL, or --output-dir with the folder that holds study.db."
+        )
+    study, plan = load_study(st, study_name)
+    results = str(results_dir or plan.results_dir)
+    kind = "ablation" if plan.kind == "ablation" else "grid"
+    status = PhaseStatus(study_name, ",".join(plan.tasks), kind, True)
+    if kind == "grid":
+        status.best = best_lrs(study, plan)
+    _plan_points(status, plan, study.get_trials(deepcopy=False), results)
+    if tasks:
+        status.points = [p for p in status.points if p.task in tasks]
+    return StudyStatus(results, url, [status])
 
 
 def _fill(ps: PointStatus, trials: list) -> None:
@@ -164,6 +200,8 @@ def _fill(ps: PointStatus, trials: list) -> None:
             ps.state = s
             ps.value = t.values[0] if s == "done" and t.values else None
             ps.detail = f"last attempt: {outcome}" if s == "failed" and outcome else ""
+            who = t.user_attrs.get("worker") or {}
+            ps.worker = f"{who.get('host')}:{who.get('pid')}" if s == "running" and who else None
 
 
 def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
@@ -288,6 +326,8 @@ def _point_detail(p: PointStatus) -> str:
         bits.append(f"{p.metric} {p.value:.4f}")
     if p.cpu_s is not None:
         bits.append(f"training CPU {_hours(p.cpu_s)}")
+    if p.worker:
+        bits.append(f"on {p.worker}")
     if p.state not in FINAL:
         if p.progress is not None:
             bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
