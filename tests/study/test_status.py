@@ -142,6 +142,13 @@ def test_complete_grid_names_the_dependent_points(tmp_path, spec):
         "sst2-lora-tiny-llama-lr0.003-s2",
         "sst2-full-tiny-llama-lr0.0003-s2",
     ]
+    # A finished run folder of a point not claimed yet costs nothing more: it will be reused.
+    _run_dir(res, "sst2-full-tiny-llama-lr0.0003-s2", cpu_s=300.0)
+    status = study_status(spec, str(res), tasks=["sst2"])
+    reused = status.phases[1].points[1]
+    assert reused.state == "not enqueued" and reused.detail.startswith("its run folder is finished")
+    # left: the lora seed point (100 s, lora's finished mean) and nothing for the reused one
+    assert status.estimate()[1:] == (pytest.approx(100.0), 0)
 
 
 def test_cli_status_exit_0_and_excludes_dry_run(tmp_path, capsys):

@@ -215,6 +215,13 @@ def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
         return
     if not run.is_dir():
         return
+    try:  # a finished run folder not yet claimed (an ablation's base point, a copied run)
+        if json.loads((run / SUMMARY_FILE).read_text()).get("status") == "completed":
+            ps.progress = ps.resumes_at = 1.0
+            ps.detail = "its run folder is finished: reused, not retrained, when claimed"
+            return
+    except (OSError, ValueError):
+        pass
     max_steps, ckpt_step = cfg.train.max_steps, None
     ckpts = sorted(
         (c for c in (run / CHECKPOINT_DIR).glob("checkpoint-*") if c.name[11:].isdigit()),
