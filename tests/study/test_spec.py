@@ -138,8 +138,10 @@ def test_cpu_specs_follow_issue_14(name, model):
                 "standard",
             )
             assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
-    # per task: the grid on seed 42, then 2 methods × 2 seeds
-    assert points == 4 * (3 + len(full_lrs) + 2 * 2)
+    # per task: the grid on seed 42, then 2 methods × 2 seeds; SST-2's grid one lr wider (v2)
+    assert points == 4 * (3 + len(full_lrs) + 2 * 2) + 2
+    wider = {"smollm2-cpu": [1e-5, 3e-5, 1e-4], "minilm-cpu": [1e-5, 3e-5, 1e-4, 3e-4]}[name]
+    assert spec.lrs_for("sst2") == {"lora": [1e-4, 3e-4, 1e-3, 3e-3], "full": wider}
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -164,7 +166,19 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
                     if k not in sizes:
                         assert c[section][k] == g[section][k], (pc["key"], section, k)
             pairs += 1
-    assert pairs == 36
+    assert pairs == 38  # SST-2's grid is one lr wider for each method (v2)
+
+
+def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
+    tasks = yaml.safe_load(TINY.read_text())["tasks"]
+    tasks["sst2"]["lr"] = {"lora": [3.0e-3, 1.0e-2]}  # full keeps the spec's [1e-4, 3e-4]
+    spec = load_spec(_spec_file(tmp_path, tasks=tasks, ablations=None), str(data_root))
+    grids = {ph.task: ph.plan(spec, None) for ph in phases(spec) if ph.kind == "grid"}
+    assert grids["sst2"].lrs == {"lora": [3e-3, 1e-2], "full": [1e-4, 3e-4]}
+    assert grids["mrpc"].lrs == {"lora": [1e-3, 3e-3], "full": [1e-4, 3e-4]}
+    assert "sst2-lora-tiny-llama-lr0.01-s1" in {p["key"] for p in grids["sst2"].points()}
+    seeds = [ph for ph in phases(spec) if ph.kind == "seeds" and ph.task == "sst2"][0]
+    assert seeds.plan(spec, spec.first_lrs("sst2")).lrs == {"lora": [3e-3], "full": [1e-4]}
 
 
 def test_variant_slugs_and_axes(tmp_path):
@@ -272,6 +286,10 @@ BAD_SPECS = [
     ({"lr": {"lora": ["fast"], "full": [1e-4]}}, "'lr.lora' holds 'fast', which is not a float"),
     ({"lr": {"lora": [1e-3, 1e-3], "full": [1e-4]}}, "'lr.lora' repeats a value"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"tasks": {"sst2": {"lr": {"adam": [1e-3]}}}}, "'tasks.sst2.lr' must map some of the methods"),
+    ({"tasks": {"sst2": {"lr": [1e-3]}}}, "'tasks.sst2.lr' must map some of the methods"),
+    ({"tasks": {"sst2": {"lr": {"lora": []}}}}, "'tasks.sst2.lr.lora' must be a non-empty list"),
+    ({"tasks": {"sst2": {"lr": {"full": [-1.0]}}}}, "'tasks.sst2.lr.full' holds -1.0"),
     ({"lr_selection": "best_of_all"}, "'lr_selection' must be grid_on_first_seed or full_grid"),
     (
         {"ablations": [{"lora.r": [4], "lora.alpha": [8]}]},

@@ -147,8 +147,12 @@ def test_complete_grid_names_the_dependent_points(tmp_path, spec):
     status = study_status(spec, str(res), tasks=["sst2"])
     reused = status.phases[1].points[1]
     assert reused.state == "not enqueued" and reused.detail.startswith("its run folder is finished")
-    # left: the lora seed point (100 s, lora's finished mean) and nothing for the reused one
-    assert status.estimate()[1:] == (pytest.approx(100.0), 0)
+    assert reused.reusable and reused.cpu_s == 300.0
+    # spent: 100 + 300 (grid) + 300 (the reusable run); left: the lora seed point only
+    assert status.estimate() == (pytest.approx(700.0), pytest.approx(100.0), 0)
+    assert (
+        "total: 4/6 points done (+1 to be reused from finished run folders)" in render(status)[-1]
+    )
 
 
 def test_cli_status_exit_0_and_excludes_dry_run(tmp_path, capsys):

@@ -50,6 +50,15 @@ class StudySpec:
     seeds: list[int]
     lr_selection: str = "grid_on_first_seed"
     ablations: list[Ablation] = field(default_factory=list)
+    task_lrs: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # a task's `lr:`
+
+    def lrs_for(self, task: str) -> dict[str, list[float]]:
+        """The task's lr grid per method: its own `lr:` lists where it has them, else the spec's."""
+        return {m: self.task_lrs.get(task, {}).get(m, v) for m, v in self.lrs.items()}
+
+    def first_lrs(self, task: str) -> dict[str, float]:
+        """Each method's first lr for the task (a stand-in for the grid's best before it is known)."""
+        return {m: v[0] for m, v in self.lrs_for(task).items()}
 
     @property
     def grid_seeds(self) -> list[int]:
@@ -101,7 +110,12 @@ class Phase:
         model = from_dict(merge_dicts(spec.base, spec.tasks[self.task])).model
         base = merge_dicts(spec.base, {"model": {"name": model.name, "head": model.head}})
         if self.kind == "grid":
-            methods, lrs, seeds, variants = spec.methods, spec.lrs, spec.grid_seeds, [{}]
+            methods, lrs, seeds, variants = (
+                spec.methods,
+                spec.lrs_for(self.task),
+                spec.grid_seeds,
+                [{}],
+            )
             kind, abl_name = "sweep", None
         elif self.kind == "seeds":
             methods, seeds, variants = spec.methods, spec.seeds[1:], [{}]

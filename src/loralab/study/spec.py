@@ -41,7 +41,8 @@ PATH_KEYS = ("data_dir", "train_file", "eval_file")
 FIXED = {
     "data.task": "the task is the key under `tasks:`",
     "train.method": "methods are listed under `methods:`",
-    "train.lr": "learning rates are listed under `lr:` (per method) or an ablation's `lr:`",
+    "train.lr": "learning rates are listed under `lr:` (per method; a task's own `lr:` replaces "
+    "it for that task) or an ablation's `lr:`",
     "train.seed": "seeds are listed under `seeds:` (or an ablation's `seeds:`)",
 }
 ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "tasks", "name")
@@ -124,7 +125,7 @@ def _task_config(path, name: str, entry, data_root: str | None) -> dict:
         elif k in SECTIONS:
             sections[k] = v
         else:
-            raise _err(path, f"tasks.{name}.{k}", f"is not a task setting: use {', '.join(TASK_KEYS)} or a config section ({', '.join(SECTIONS)}).")  # fmt: skip
+            raise _err(path, f"tasks.{name}.{k}", f"is not a task setting: use {', '.join(TASK_KEYS)}, lr, or a config section ({', '.join(SECTIONS)}).")  # fmt: skip
     _check_sections(path, f"tasks.{name}", sections)
     cfg = merge_dicts(sections, short)
     _check_sections(path, f"tasks.{name}", cfg)
@@ -201,6 +202,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     tasks = raw.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise _err(path, "tasks", "must map at least one task name to its settings (sst2: {data_dir: ...}).")  # fmt: skip
+    task_lr = {t: e.pop("lr") for t, e in tasks.items() if isinstance(e, dict) and "lr" in e}
     per_task = {t: _task_config(path, t, e, None if root is None else str(root)) for t, e in tasks.items()}  # fmt: skip
     methods = raw.get("methods", list(METHODS))
     if not isinstance(methods, list) or not methods or set(methods) - set(METHODS) or len(set(methods)) != len(methods):  # fmt: skip
@@ -209,6 +211,11 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     if not isinstance(lr, dict) or set(lr) != set(methods):
         raise _err(path, "lr", f"must give a learning-rate list for each method ({', '.join(methods)}), e.g. lr: {{lora: [1e-4, 3e-4], full: [1e-5, 3e-5]}}; got {lr!r}.")  # fmt: skip
     lrs = {m: _numbers(path, f"lr.{m}", lr[m], float) for m in methods}
+    task_lrs = {}
+    for t, v in task_lr.items():  # a task's own grid, for some or all methods
+        if not isinstance(v, dict) or not v or set(v) - set(methods):
+            raise _err(path, f"tasks.{t}.lr", f"must map some of the methods ({', '.join(methods)}) to learning-rate lists, e.g. lr: {{lora: [3e-4, 1e-3, 3e-3]}}; got {v!r}.")  # fmt: skip
+        task_lrs[t] = {m: _numbers(path, f"tasks.{t}.lr.{m}", v[m], float) for m in v}
     seeds = _numbers(path, "seeds", raw.get("seeds"), int)
     selection = raw.get("lr_selection", SELECTIONS[0])
     if selection not in SELECTIONS:
@@ -221,10 +228,9 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     if len(set(names)) != len(names):
         raise _err(path, "ablations", f"has two axes named alike ({names}): give one a `name:`.")
     out = raw.get("output_dir") or str(Path("results") / name)
-    spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations)  # fmt: skip
-    first = {m: v[0] for m, v in lrs.items()}
+    spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations, task_lrs)  # fmt: skip
     for phase in phases(spec):  # every config valid now, not on some machine hours later
-        plan = phase.plan(spec, first)
+        plan = phase.plan(spec, spec.first_lrs(phase.task))
         for p in plan.points():
             try:
                 validate(plan.config_for(p))
@@ -262,8 +268,7 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
     for ph in phases(spec, select_tasks(spec, tasks)):
-        first = {m: v[0] for m, v in spec.lrs.items()}
-        pts = ph.plan(spec, first).points()
+        pts = ph.plan(spec, spec.first_lrs(ph.task)).points()
         when = " (lr: the grid's best per method, once the grid is complete)" if ph.needs_grid else ""  # fmt: skip
         lines.append(f"{ph.study_name(prefix)}: {len(pts)} points{when}")
         for p in pts:

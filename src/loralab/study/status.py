@@ -54,6 +54,12 @@ class PointStatus:
     logged_ago_s: float | None = None  # seconds since the run last logged
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
     worker: str | None = None  # host:pid of the worker running it
+    reusable: bool = False  # not final, but its run folder holds a finished run (reused)
+
+    @property
+    def finished(self) -> bool:
+        """Final, or reused as soon as it is claimed: costs no more training."""
+        return self.state in FINAL or self.reusable
 
 
 @dataclass
@@ -82,12 +88,12 @@ class StudyStatus:
         many unfinished points have no finished point of their task and method to go by)."""
         spent, per = 0.0, {}
         for p in self.points:
-            if p.state in FINAL and p.cpu_s is not None:
+            if p.finished and p.cpu_s is not None:
                 spent += p.cpu_s
                 per.setdefault((p.task, p.method), []).append(p.cpu_s)
         left, unknown = 0.0, 0
         for p in self.points:
-            if p.state in FINAL:
+            if p.finished:
                 continue
             ref = per.get((p.task, p.method))
             if not ref:
@@ -139,7 +145,6 @@ def study_status(spec: StudySpec, results_dir: str | None = None, storage: str |
         return studies[name]
 
     out = []
-    first = {m: v[0] for m, v in spec.lrs.items()}
     for ph in phases(spec, select_tasks(spec, tasks)):
         name = ph.study_name(prefix)
         best = None
@@ -148,7 +153,7 @@ def study_status(spec: StudySpec, results_dir: str | None = None, storage: str |
             grid_plan = Phase(ph.task, "grid").plan(spec, None, results)
             best = best_lrs(trials_of(grid_name)[0], grid_plan)
         waits = ph.needs_grid and best is None
-        plan = ph.plan(spec, best or first, results)
+        plan = ph.plan(spec, best or spec.first_lrs(ph.task), results)
         status = PhaseStatus(name, ph.task, ph.ablation and "ablation" or ph.kind, name in names,
                              waits, best if ph.kind == "grid" or not waits else None)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
@@ -207,21 +212,18 @@ def _fill(ps: PointStatus, trials: list) -> None:
 def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
     """Training CPU time (finished), logged progress and the last checkpoint (unfinished)."""
     run = results / RUNS_DIR / key
-    if ps.state in FINAL:
-        try:
-            ps.cpu_s = json.loads((run / SUMMARY_FILE).read_text()).get("train_cpu_time_s")
-        except (OSError, ValueError):
-            pass  # a reused point from elsewhere, or a summary being written
+    try:
+        summary = json.loads((run / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {}  # not finished, a reused point from elsewhere, or a summary being written
+    if ps.state in FINAL or summary.get("status") == "completed":
+        ps.cpu_s = summary.get("train_cpu_time_s")
+        if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
+            ps.reusable = True
+            ps.detail = "its run folder is finished: reused, not retrained, when claimed"
         return
     if not run.is_dir():
         return
-    try:  # a finished run folder not yet claimed (an ablation's base point, a copied run)
-        if json.loads((run / SUMMARY_FILE).read_text()).get("status") == "completed":
-            ps.progress = ps.resumes_at = 1.0
-            ps.detail = "its run folder is finished: reused, not retrained, when claimed"
-            return
-    except (OSError, ValueError):
-        pass
     max_steps, ckpt_step = cfg.train.max_steps, None
     ckpts = sorted(
         (c for c in (run / CHECKPOINT_DIR).glob("checkpoint-*") if c.name[11:].isdigit()),
@@ -315,9 +317,13 @@ def render(status: StudyStatus) -> list[str]:
     spent, left, unknown = status.estimate()
     pts = status.points
     done = sum(p.state in FINAL for p in pts)
-    text = f"total: {done}/{len(pts)} points done; training CPU time {_hours(spent)} spent"
-    if done < len(pts):
-        known = len(pts) - done - unknown
+    reused = sum(p.reusable for p in pts)
+    text = f"total: {done}/{len(pts)} points done"
+    if reused:
+        text += f" (+{reused} to be reused from finished run folders)"
+    text += f"; training CPU time {_hours(spent)} spent"
+    if done + reused < len(pts):
+        known = len(pts) - done - reused - unknown
         if known:
             text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
         if unknown:
@@ -335,7 +341,7 @@ def _point_detail(p: PointStatus) -> str:
         bits.append(f"training CPU {_hours(p.cpu_s)}")
     if p.worker:
         bits.append(f"on {p.worker}")
-    if p.state not in FINAL:
+    if not p.finished:
         if p.progress is not None:
             bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
         if p.resumes_at is not None:
