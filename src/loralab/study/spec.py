@@ -1,7 +1,8 @@
 """Studies described in YAML (`loralab study SPEC.yaml`): reading and validating a spec.
 
-A spec names tasks (data, caps, epochs, length), methods, a learning-rate grid per method,
-seeds, how the learning rate is chosen, and ablation axes over any `lora.*` key. It becomes
+A spec names tasks (data, caps, epochs, length; optionally their own lr grids), methods, a
+learning-rate grid per method, seeds, how the learning rate is chosen, and ablation axes over
+any `lora.*` key. It becomes
 Optuna studies of ordinary sweep plans, one per phase (`phases.py`); `runner.py` runs them.
 
 Every point is a run directory RESULTS/runs/<key>; a point that equals one of another phase
