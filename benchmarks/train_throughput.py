@@ -377,7 +377,7 @@ def real_run(data_dir: str) -> dict:
             raise SystemExit("the real run failed")
         (summary,) = [json.loads(f.read_text()) for f in Path(tmp).glob("*/summary.json")]
     return {
-        "command": "loralab train --task sst2 --method lora --model smollm2-135m --data-dir DIR "
+        "command": f"loralab train --task sst2 --method lora --model {MODEL} --data-dir DIR "
         "--max-train-examples 4000 --output-dir OUT train.lr=5e-4",
         "wall_s": wall,
         "train_time_s": summary["train_time_s"],
