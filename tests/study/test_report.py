@@ -123,6 +123,8 @@ def write_runs(root, runs=RUNS):
         )  # fmt: skip
         summary = json.loads((run / "summary.json").read_text())
         summary.update(wall_time_s=wall, peak_memory_mb=mem)
+        if i % 2 == 0:  # half the runs recorded their training CPU time (older runs did not)
+            summary["train_cpu_time_s"] = wall / 4
         (run / "summary.json").write_text(json.dumps(summary))
     # Not results: an unfinished run, and a checkpoint's files.
     (root / "runs" / "killed").mkdir()
@@ -186,6 +188,11 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert float(lora["accuracy_mean"]) == pytest.approx(0.87)
     assert float(lora["accuracy_std"]) == pytest.approx(0.02)
     assert float(lora["wall_time_s"]) == pytest.approx(20.0)
+    # Training CPU time: the mean over the runs that recorded it (one of the three here).
+    assert float(lora["train_cpu_time_s"]) == pytest.approx(5.0)
+    assert float(_row(rows, "sweep", "sst2", "full", 3e-5)["train_cpu_time_s"]) == pytest.approx(
+        15.0
+    )
     assert float(lora["peak_memory_mb"]) == pytest.approx(120.0)
     full = _row(rows, "sweep", "sst2", "full", 3e-5)
     assert full["best_lr"] == "True"

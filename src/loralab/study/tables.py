@@ -61,7 +61,7 @@ MAIN_HEADERS = ["task", "head", "model", "method", "LoRA", "data", "schedule", "
                 "main metric (mean ± std)", "majority baseline", "zero-shot",
                 "LoRA − full per seed (points)", f"LoRA − full ≥ −{DROP_TARGET_POINTS:g} (mean [95% CI])",
                 "trainable % (without head)", f"trainable ≤ {SHARE_TARGET_PCT:g}%",
-                "wall time (s)", "peak memory (MB)"]  # fmt: skip
+                "wall time (s)", "training CPU (s)", "peak memory (MB)"]  # fmt: skip
 
 
 # The main table's columns that the console shows (the files have them all).
@@ -83,7 +83,8 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
             _points(cell, cell.reference("majority")), _points(cell, cell.reference("zero_shot")),
             _per_seed(comp), comp.verdict if comp else "",
             _f(share, ".3f"), _share_verdict(comp.share_ok, share) if comp else "",
-            _f(cell.avg("wall_time_s")), _f(cell.avg("peak_memory_mb"), ".0f"),
+            _f(cell.avg("wall_time_s")), _f(cell.avg("train_cpu_time_s"), ".0f"),
+            _f(cell.avg("peak_memory_mb"), ".0f"),
         ])  # fmt: skip
     return Table(
         "LoRA vs full fine-tuning (one row per run identity, best learning rate each)",
@@ -96,7 +97,9 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         f"{DROP_TARGET_POINTS:g} points to full fine-tuning (a row where both methods are within "
         f"{UNINFORMATIVE_POINTS:g} point of the majority baseline is uninformative, not a pass), "
         f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
-        "the freshly initialised task head).",
+        "the freshly initialised task head). Wall time counts whatever the machine did meanwhile "
+        "(other work, pauses); training CPU time is the training's own, over all its threads "
+        "(— for runs from before it was recorded).",
     )
 
 
@@ -127,11 +130,13 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             rows.append([c.task, c.head, c.model, c.variant, c.data, f"{c.lr:g}", _n(c),
                          f"{c.metric}: {_pm(c, c.metric)}", _pm(ref, ref.metric) if ref else "—",
                          _f(c.avg("trainable_share_without_head_pct"), ".3f"),
-                         _f(c.avg("wall_time_s")), _f(c.avg("peak_memory_mb"), ".0f")])  # fmt: skip
+                         _f(c.avg("wall_time_s")), _f(c.avg("train_cpu_time_s"), ".0f"),
+                         _f(c.avg("peak_memory_mb"), ".0f")])  # fmt: skip
         out.append(Table(
             f"Ablation: {group.removeprefix('ablation-')} (best learning rate per setting)",
             ["task", "head", "model", "LoRA", "data", "best lr", "seeds", "main metric",
-             "full fine-tuning", "trainable % (without head)", "wall time (s)", "peak memory (MB)"],
+             "full fine-tuning", "trainable % (without head)", "wall time (s)", "training CPU (s)",
+             "peak memory (MB)"],
             rows,
         ))  # fmt: skip
     return out
@@ -157,7 +162,8 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
         for m in metrics:
             mean, std = c.stat(m)
             row[f"{m}_mean"], row[f"{m}_std"] = mean, std
-        for k in ("trainable_share_pct", "trainable_share_without_head_pct", "wall_time_s", "peak_memory_mb"):  # fmt: skip
+        for k in ("trainable_share_pct", "trainable_share_without_head_pct", "wall_time_s",
+                  "train_cpu_time_s", "peak_memory_mb"):  # fmt: skip
             row[k] = c.avg(k)
         mean, lo, hi = comp.interval if comp else ("", "", "")
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
