@@ -265,6 +265,11 @@ def check_data(spec: StudySpec, tasks: list[str]) -> None:
                 )
 
 
+def with_lr_placeholder(key: str) -> str:
+    """A point key with its lr shown as `<best>` (for points that wait on the grid's choice)."""
+    return re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
+
+
 def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
@@ -275,6 +280,6 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
         for p in pts:
             key = p["key"]
             if ph.needs_grid:
-                key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
+                key = with_lr_placeholder(key)
             lines.append(f"  {key}")
     return lines

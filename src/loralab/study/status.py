@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from ..errors import LoralabError
 from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, METRICS_FILE, RUNS_DIR, STUDY_DB, SUMMARY_FILE
 from .phases import Phase, StudySpec, best_lrs, phases
 from .records import main_metric
-from .spec import select_tasks
+from .spec import select_tasks, with_lr_placeholder
 from .storage import is_final, load_study, open_storage
 
 FINAL = ("done", "diverged")
@@ -119,7 +118,7 @@ def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
     for p in plan.points():
         key = p["key"]
         if status.waits_for_grid:
-            key = re.sub(r"-lr.+?(?=-s\d+(-|$))", "-lr<best>", key)
+            key = with_lr_placeholder(key)
         ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
         if not status.waits_for_grid:
             _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
@@ -154,8 +153,8 @@ def study_status(spec: StudySpec, results_dir: str | None = None, storage: str |
             best = best_lrs(trials_of(grid_name)[0], grid_plan)
         waits = ph.needs_grid and best is None
         plan = ph.plan(spec, best or spec.first_lrs(ph.task), results)
-        status = PhaseStatus(name, ph.task, ph.ablation and "ablation" or ph.kind, name in names,
-                             waits, best if ph.kind == "grid" or not waits else None)  # fmt: skip
+        status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
+                             best if ph.kind == "grid" or not waits else None)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         out.append(status)
     return StudyStatus(results, url, out)
