@@ -608,6 +608,40 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     assert {str(p): p.stat().st_mtime_ns for p in (res / "runs").rglob("summary.json")} == before
 
 
+def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
+    """`kill -TERM -- -PGID` (how a script stops a background study: such a job ignores
+    SIGINT) stops the worker and its training child within seconds: exit 130, the point handed
+    back for the next worker, no leaked-semaphore warning from the stopped child's bars."""
+    res = tmp_path / "res"
+    log = tmp_path / "study.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loralab.cli", "study", str(TINY), "--data-root", str(data_root),
+         "--output-dir", str(res), "--workers", "1"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    end, key = time.time() + 300, None
+    while key is None and time.time() < end:  # a point whose child is training
+        for lock in (res / "locks").glob("*-s1.lock") if (res / "locks").is_dir() else []:
+            try:
+                info = json.loads(lock.read_text())
+            except ValueError:
+                continue
+            metrics = res / "runs" / lock.stem / "metrics.jsonl"
+            if "child_pid" in info and _held(lock) and metrics.is_file() and '"epoch"' in metrics.read_text():  # fmt: skip
+                key = lock.stem
+                break
+        assert proc.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.05)
+    assert key, "no point was caught training"
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    text = log.read_text()
+    assert "interrupted" in text and "leaked semaphore" not in text, text[-2000:]
+    status = study_status(load_spec(TINY, str(data_root)), str(res))
+    assert {p.key: p.state for p in status.points}[key] == "interrupted"
+
+
 def test_a_grid_extended_under_a_new_name_trains_only_the_new_points(tmp_path, data_root, capsys):
     """What the report's grid-edge warning advises: a stored study refuses a changed grid (exit
     2, the spec's `name` named); under a new name the finished points are reused."""

@@ -31,6 +31,7 @@ def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> N
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    _thread_lock_for_tqdm()
     code = 0
     try:
         if action == "resume":
@@ -51,6 +52,15 @@ def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> N
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
+
+
+def _thread_lock_for_tqdm() -> None:
+    """tqdm guards its bars with a multiprocessing lock, a named semaphore that a child stopped
+    by a signal never unlinks (the worker then warns of a leaked semaphore at exit). A child
+    writes its bars alone: a thread lock does."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _die_with_parent() -> None:
