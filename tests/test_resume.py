@@ -116,9 +116,18 @@ def test_sigkill_in_second_epoch_resumes_bit_identical(killed, uninterrupted):
     run = killed
     assert (run / "checkpoints" / "checkpoint-12" / "trainer_state.json").is_file()
     assert not (run / "checkpoints" / "checkpoint-16").exists()
+    state = json.loads((run / "checkpoints" / "checkpoint-12" / "loralab_state.json").read_text())
+    assert state["train_time_s"] > 0 and state["train_cpu_time_s"] > 0
     assert _train("--resume", str(run), "--quiet") == 0
     summary = _assert_same_result(run, full)
     assert summary["resumed_from"].endswith("checkpoint-12")
+    # Training time covers the whole run: the killed attempt up to its checkpoint, then this one.
+    assert summary["train_time_s"] > state["train_time_s"]
+    assert summary["train_cpu_time_s"] > state["train_cpu_time_s"]
+    assert (
+        summary["tokens"]["real"]
+        < json.loads((full / "summary.json").read_text())["tokens"]["real"]
+    )
     # train_loss is the mean of all 16 steps: the mean of the logged per-2-step losses
     logged = _losses(full)
     assert summary["train_loss"] == pytest.approx(sum(logged.values()) / len(logged), rel=1e-5)

@@ -75,11 +75,22 @@ def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 def read_loss_sum(ckpt: Path) -> float | None:
     """The whole-run loss sum saved with `ckpt`; None for checkpoints written without it."""
-    path = Path(ckpt) / LOSS_FILE
-    if not path.is_file():
-        return None
-    value = tracking.read_json(path).get("loss_sum")
+    value = _state(ckpt).get("loss_sum")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def read_training_time(ckpt: Path) -> tuple[float, float] | None:
+    """(wall s, CPU s) of training up to `ckpt`; None for checkpoints written without them."""
+    state = _state(ckpt)
+    wall, cpu = state.get("train_time_s"), state.get("train_cpu_time_s")
+    if isinstance(wall, (int, float)) and isinstance(cpu, (int, float)):
+        return float(wall), float(cpu)
+    return None
+
+
+def _state(ckpt: Path) -> dict:
+    path = Path(ckpt) / LOSS_FILE
+    return tracking.read_json(path) if path.is_file() else {}
 
 
 def trim_metrics(run_dir: Path, step: int | None) -> None:

@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, attention, distributed, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import read_loss_sum
+from .checkpoints import read_loss_sum, read_training_time
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
 from .data import Splits, load_splits, model_inputs
@@ -249,6 +249,8 @@ class _Run:
             # A checkpoint from an older loralab has no loss sum: train_loss then covers the
             # steps after the resume only (the Trainer's own figure).
             trainer.loss_sum_start = loss_sum if loss_sum is not None else float("nan")
+            # Without recorded times (an older checkpoint) the figures cover this attempt only.
+            trainer.time_before = read_training_time(Path(checkpoint)) or (0.0, 0.0)
         summary = base_summary(cfg, self.run_dir, params, self.splits, model, self.task)
         summary["resumed_from"] = checkpoint
         summary["precision_decision"] = kernels.get("precision")
@@ -261,7 +263,8 @@ class _Run:
             if self.console is not None:
                 self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
 
-        t0, c0 = time.time(), time.process_time()
+        t0 = time.time()
+        trainer.clock0 = (t0, time.process_time())
         try:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
         except BaseException as e:
@@ -274,12 +277,14 @@ class _Run:
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)
             raise
-        train_time, train_cpu = time.time() - t0, time.process_time() - c0
-        summary["train_cpu_time_s"] = train_cpu  # unlike the wall time, blind to pauses and to
-        # other processes' load: CPU seconds over all of this process's threads
-        return self._finish(trainer, train_out, summary, checksum_before, start, train_time)
+        attempt_time = time.time() - t0
+        # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one). The
+        # CPU time, unlike the wall time, is blind to pauses and to other processes' load: CPU
+        # seconds over all of this process's threads.
+        train_time, summary["train_cpu_time_s"] = trainer.training_time()
+        return self._finish(trainer, train_out, summary, checksum_before, start, train_time, attempt_time)  # fmt: skip
 
-    def _finish(self, trainer, train_out, summary, checksum_before, start, train_time):
+    def _finish(self, trainer, train_out, summary, checksum_before, start, train_time, attempt_time):  # fmt: skip
         cfg, model = self.cfg, self.built.model
         t1 = time.time()
         metrics = self.evaluate(trainer)
@@ -314,10 +319,11 @@ class _Run:
             wall_time_s=time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
+            # This attempt's tokens (a resumed run counts from its checkpoint) over its time.
             tokens={"real": int(real), "padded": int(padded)},
             tokens_per_s={
-                "real": real / train_time if train_time else 0.0,
-                "padded": padded / train_time if train_time else 0.0,
+                "real": real / attempt_time if attempt_time else 0.0,
+                "padded": padded / attempt_time if attempt_time else 0.0,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
             first_step_at=trainer.first_step_at,  # Unix time: the end of start-up

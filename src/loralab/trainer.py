@@ -52,6 +52,10 @@ class LoralabTrainer(Trainer):
         # device: no sync per step). The Trainer's own train_loss covers only this process.
         self.loss_sum_start = 0.0
         self.loss_sum = None
+        # Training time (wall, CPU) of earlier attempts up to the checkpoint resumed from, and
+        # the clocks when this attempt began: each checkpoint records the whole run's times.
+        self.time_before = (0.0, 0.0)
+        self.clock0 = (time.time(), time.process_time())
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
         self.first_step_at = None  # Unix time at which this process began its first step
 
@@ -96,12 +100,21 @@ class LoralabTrainer(Trainer):
         total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
         # Each process summed its own batches' losses: the run's figure is their mean.
         total = distributed.total([total])[0] / distributed.world_size()
+        wall, cpu = self.training_time()
         if distributed.is_main():
             tracking.write_json(
                 folder / rundir.LOSS_FILE,
-                {"global_step": self.state.global_step, "loss_sum": total},
-            )
+                {"global_step": self.state.global_step, "loss_sum": total,
+                 "train_time_s": wall, "train_cpu_time_s": cpu},
+            )  # fmt: skip
         super()._save_checkpoint(model, trial)
+
+    def training_time(self) -> tuple[float, float]:
+        """(wall s, CPU s) of training so far over the whole run: the attempts before the
+        checkpoint this one resumed from (what they did after their last checkpoint was lost
+        and is not counted), plus this attempt."""
+        return (self.time_before[0] + time.time() - self.clock0[0],
+                self.time_before[1] + time.process_time() - self.clock0[1])  # fmt: skip
 
     def whole_run_loss(self) -> float | None:
         """Mean training loss over every step of the run (including those before a resume)."""
