@@ -110,6 +110,9 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert status.estimate() == (pytest.approx(400.0), pytest.approx(525.0), 0)
     assert (res / "study.db").stat().st_mtime_ns == mtime  # looking changes nothing
     text = "\n".join(render(status))
+    assert status.left_of(running) == pytest.approx(50.0)  # lora: 100 s, 50% logged
+    assert status.left_of(interrupted) == pytest.approx(75.0)  # full: 300 s, 75% checkpointed
+    assert "checkpoint at 75%; ~1 min of training CPU left" in text
     assert "on h1:7; 50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
     assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
 

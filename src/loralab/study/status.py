@@ -82,25 +82,31 @@ class StudyStatus:
     def points(self) -> list[PointStatus]:
         return [p for ph in self.phases for p in ph.points]
 
+    def _costs(self) -> dict[tuple[str, str], float]:
+        """Mean training CPU s of the finished points per (task, method)."""
+        per: dict[tuple[str, str], list[float]] = {}
+        for p in self.points:
+            if p.finished and p.cpu_s is not None:
+                per.setdefault((p.task, p.method), []).append(p.cpu_s)
+        return {k: sum(v) / len(v) for k, v in per.items()}
+
+    def left_of(self, p: PointStatus, costs: dict | None = None) -> float | None:
+        """Training CPU s point `p` still needs (0 when finished); None when nothing to go by."""
+        if p.finished:
+            return 0.0
+        cost = (costs if costs is not None else self._costs()).get((p.task, p.method))
+        if cost is None:
+            return None
+        held = p.progress if p.state == "running" else p.resumes_at
+        return cost * (1.0 - min(1.0, held or 0.0))
+
     def estimate(self) -> tuple[float, float, int]:
         """(CPU s spent on finished points, CPU s left for the estimable unfinished ones, how
         many unfinished points have no finished point of their task and method to go by)."""
-        spent, per = 0.0, {}
-        for p in self.points:
-            if p.finished and p.cpu_s is not None:
-                spent += p.cpu_s
-                per.setdefault((p.task, p.method), []).append(p.cpu_s)
-        left, unknown = 0.0, 0
-        for p in self.points:
-            if p.finished:
-                continue
-            ref = per.get((p.task, p.method))
-            if not ref:
-                unknown += 1
-                continue
-            held = p.progress if p.state == "running" else p.resumes_at
-            left += sum(ref) / len(ref) * (1.0 - min(1.0, held or 0.0))
-        return spent, left, unknown
+        spent = sum(p.cpu_s for p in self.points if p.finished and p.cpu_s is not None)
+        costs = self._costs()
+        lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
+        return spent, sum(x for x in lefts if x is not None), lefts.count(None)
 
 
 def _storage(results: str, storage: str | None):
@@ -311,8 +317,11 @@ def render(status: StudyStatus) -> list[str]:
             head += " · best lr " + ", ".join(f"{m} {lr:g}" for m, lr in ph.best.items())
         lines.append(head)
         width = max(len(p.key) for p in ph.points) if ph.points else 0
+        costs = status._costs()
         for p in ph.points:
-            lines.append(f"  {p.state:<12} {p.key:<{width}}  {_point_detail(p)}".rstrip())
+            left = status.left_of(p, costs) if p.state in ("running", "interrupted") else None
+            detail = _point_detail(p) + (f"; ~{_hours(left)} of training CPU left" if left else "")
+            lines.append(f"  {p.state:<12} {p.key:<{width}}  {detail}".rstrip())
     spent, left, unknown = status.estimate()
     pts = status.points
     done = sum(p.state in FINAL for p in pts)
