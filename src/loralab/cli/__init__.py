@@ -18,10 +18,12 @@ from .inspection import add_analyze, add_merge, cmd_analyze, cmd_merge
 from .options import Parser
 from .studies import (
     add_ablate,
+    add_export,
     add_report,
     add_study,
     add_sweep,
     cmd_ablate,
+    cmd_export,
     cmd_report,
     cmd_study,
     cmd_sweep,
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate(sub)
     add_study(sub)
     add_report(sub)
+    add_export(sub)
     return parser
 
 
@@ -58,6 +61,7 @@ COMMANDS = {
     "ablate": cmd_ablate,
     "study": cmd_study,
     "report": cmd_report,
+    "export": cmd_export,
 }
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..rundir import check_writable
+from ..rundir import STUDY_DB, check_writable
 from .options import add_trust, check_results_dir, int_at_least
 
 
@@ -141,6 +141,35 @@ def add_report(sub) -> None:
     )
     p.add_argument("--storage", help="Optuna storage URL (default: RESULTS_DIR/study.db)")
     p.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="A shareable copy of a results folder: finished runs without weights, study.db, report.",
+        description="Copy each finished run's config.yaml, summary.json, metrics.jsonl and "
+        "sweep.json (no weights, no checkpoints), a consistent snapshot of study.db (safe while "
+        "workers run), then write DEST/report from the copy. Exporting again updates DEST; a "
+        "study continued from DEST never retrains what it holds.",
+    )
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="folder holding runs/ and study.db")
+    p.add_argument("dest", metavar="DEST", help="folder to write, e.g. results/my-study")
+
+
+def cmd_export(args) -> int:
+    from ..study.export import export
+
+    check_writable(args.dest, "DEST")
+    done = export(args.results_dir, args.dest)
+    text = f"exported {len(done.runs)} finished runs to {done.dest}"
+    if done.left_out:
+        text += f" ({len(done.left_out)} unfinished left out)"
+    if done.storage:
+        text += f"; {STUDY_DB} copied"
+    print(text)
+    if done.report is not None:
+        print(f"report: {done.report.files[0]} (also .html, .csv)")
+    return 0
 
 
 def _plan(args, kind: str = "sweep", ablation: str | None = None):

@@ -1,0 +1,67 @@
+"""`loralab export`: finished runs' small files, a study.db snapshot and the report; no weights."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import optuna
+from test_report import write_run
+
+from loralab.cli import main
+from loralab.study.storage import open_storage
+
+
+def _results(root):
+    """Two finished runs (with weights and checkpoints), one still training, one without a
+    summary, and a study storage."""
+    runs = root / "runs"
+    for i, (method, acc) in enumerate((("lora", 0.8), ("full", 0.85))):
+        run = write_run(runs, f"sst2-{method}", 1, {"accuracy": acc}, method=method,
+                        lr=1e-3 if method == "lora" else 1e-4)  # fmt: skip
+        (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.5}\n')
+        (run / "sweep.json").write_text(json.dumps({"groups": ["sweep"], "attempt": i}))
+        (run / "adapter").mkdir()
+        (run / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * 100)
+        (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    busy = write_run(runs, "mrpc-lora", 1, {}, status="running", task="mrpc")
+    (busy / "checkpoints").mkdir()
+    (runs / "no-summary").mkdir()
+    st = open_storage(f"sqlite:///{root / 'study.db'}")
+    optuna.create_study(study_name="s-sst2-grid", storage=st).set_user_attr("loralab", "{}")
+    return root
+
+
+def test_export_copies_finished_runs_storage_and_report_without_weights(tmp_path, capsys):
+    src = _results(tmp_path / "res")
+    dest = tmp_path / "repo" / "results" / "s"
+    assert main(["export", str(src), str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "exported 2 finished runs" in out and "2 unfinished left out" in out
+    assert sorted(p.name for p in (dest / "runs").iterdir()) == ["sst2-full", "sst2-lora"]
+    for name in ("sst2-full", "sst2-lora"):
+        files = sorted(p.name for p in (dest / "runs" / name).iterdir())
+        assert files == ["config.yaml", "metrics.jsonl", "summary.json", "sweep.json"]
+        for f in files:
+            assert (dest / "runs" / name / f).read_bytes() == (src / "runs" / name / f).read_bytes()
+            assert (dest / "runs" / name / f).stat().st_mode & 0o044  # readable by others
+    names = [r[0] for r in sqlite3.connect(dest / "study.db").execute("select study_name from studies")]  # fmt: skip
+    assert names == ["s-sst2-grid"]
+    md = (dest / "report" / "report.md").read_text()
+    assert "run directories under " + str(dest) in md and "| sst2 |" in md
+
+    # Again, after a run finished meanwhile: it is added, the others are rewritten unchanged.
+    summary = src / "runs" / "mrpc-lora" / "summary.json"
+    summary.write_text(summary.read_text().replace('"running"', '"completed"'))
+    assert main(["export", str(src), str(dest)]) == 0
+    assert "exported 3 finished runs" in capsys.readouterr().out
+    assert not (dest / "runs" / "mrpc-lora" / "checkpoints").exists()
+
+
+def test_export_mistakes_exit_2(tmp_path, capsys):
+    src = _results(tmp_path / "res")
+    assert main(["export", str(src), str(src / "copy")]) == 2
+    assert "lies inside the results folder" in capsys.readouterr().err
+    assert not (src / "copy").exists()
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "d")]) == 2
+    assert "has no runs/ folder" in capsys.readouterr().err
