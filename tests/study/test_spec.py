@@ -566,7 +566,9 @@ def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
             yaml.safe_load((run / "config.yaml").read_text())["model"]["trust_remote_code"] is want
         )
         warned = "remote code stays off unless this worker is started with --trust-remote-code"
-        assert (warned in capsys.readouterr().err) is not want
+        err = capsys.readouterr().err
+        assert (warned in err) is not want
+        assert "progress: 1/1 points done; training CPU time" in err  # after each point
 
 
 @pytest.mark.long

@@ -18,6 +18,7 @@ from .phases import Phase, StudySpec, best_lrs, phases
 from .records import load_runs
 from .report import write_report
 from .spec import check_data, select_tasks
+from .status import status_with, totals
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
@@ -42,6 +43,7 @@ class Runner:
         self.spec, self.storage, self.prefix = spec, storage, prefix
         self.results_dir, self.heartbeat, self.quiet = results_dir, heartbeat, quiet
         self.phases = phases(spec, tasks)
+        self.tasks = tasks
         self.workers: dict[str, object] = {}
         self.trust_remote_code = trust  # from the command line only, never from the spec
         self.poll = max(1.0, min(5.0, float(heartbeat)))
@@ -81,6 +83,7 @@ class Runner:
                     continue
                 if w.step():
                     ran = True
+                    self.progress()
                     break  # back to the first phase: grids before dependents
                 waiting |= "active" in w.states().values()
             if ran:
@@ -89,6 +92,14 @@ class Runner:
                 break
             time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
         return self.summary()
+
+    def progress(self) -> None:
+        """After each point: the whole study's totals (this worker's tasks), as --status gives."""
+        if not self.quiet:
+            st = status_with(
+                self.spec, self.results_dir, self.storage, None, self.tasks, self.prefix
+            )
+            self.say(totals(st).replace("total:", "progress:", 1))
 
     def summary(self) -> list[str]:
         lines, self.unfinished = [], []

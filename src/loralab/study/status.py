@@ -136,8 +136,14 @@ def study_status(spec: StudySpec, results_dir: str | None = None, storage: str |
                  tasks: list[str] | None = None, prefix: str | None = None) -> StudyStatus:  # fmt: skip
     """The state of every point of the spec's phases (of `tasks`) in `results_dir`."""
     results = str(results_dir or spec.output_dir)
-    prefix = prefix or spec.name
     url, st = _storage(results, storage)
+    return status_with(spec, results, st, url, tasks, prefix)
+
+
+def status_with(spec: StudySpec, results: str, st, url: str | None = None,
+                tasks: list[str] | None = None, prefix: str | None = None) -> StudyStatus:  # fmt: skip
+    """`study_status` on an open storage `st` (None: nothing stored yet); for a running study."""
+    prefix = prefix or spec.name
     names = {s.study_name for s in st.get_all_studies()} if st else set()
     studies: dict[str, tuple] = {}
 
@@ -322,6 +328,12 @@ def render(status: StudyStatus) -> list[str]:
             left = status.left_of(p, costs) if p.state in ("running", "interrupted") else None
             detail = _point_detail(p) + (f"; ~{_hours(left)} of training CPU left" if left else "")
             lines.append(f"  {p.state:<12} {p.key:<{width}}  {detail}".rstrip())
+    lines.append(totals(status))
+    return lines
+
+
+def totals(status: StudyStatus) -> str:
+    """One line: points done (and to be reused), training CPU time spent and left."""
     spent, left, unknown = status.estimate()
     pts = status.points
     done = sum(p.state in FINAL for p in pts)
@@ -337,8 +349,7 @@ def render(status: StudyStatus) -> list[str]:
         if unknown:
             text += (f"{' (+' if known else '; '}{unknown} point{'s' * (unknown != 1)} with no "
                      f"finished point of their task and method to estimate from{')' if known else ''}")  # fmt: skip
-    lines.append(text)
-    return lines
+    return text
 
 
 def _point_detail(p: PointStatus) -> str:
