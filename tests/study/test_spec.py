@@ -62,12 +62,12 @@ def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
     assert spec.name == "tiny" and spec.output_dir == str(Path("results") / "tiny")
     assert spec.seeds == [1, 2] and spec.grid_seeds == [1]
     names = [ph.study_name("tiny") for ph in phases(spec)]
-    assert names == ["tiny-sst2-grid", "tiny-mrpc-grid", "tiny-sst2-seeds", "tiny-mrpc-seeds",
-                     "tiny-sst2-ablate-rank", "tiny-mrpc-ablate-rank"]  # fmt: skip
+    assert names == ["tiny-sst2-grid", "tiny-sst2-seeds", "tiny-sst2-ablate-rank",
+                     "tiny-mrpc-grid", "tiny-mrpc-seeds", "tiny-mrpc-ablate-rank"]  # fmt: skip
     assert [ph.study_name("x") for ph in phases(spec, ["mrpc"])] == [
         "x-mrpc-grid", "x-mrpc-seeds", "x-mrpc-ablate-rank"]  # fmt: skip
 
-    grid, _, seeds, _, abl, _ = phases(spec)
+    grid, seeds, abl, _, _, _ = phases(spec)
     grid_plan = grid.plan(spec, None, str(tmp_path / "res"))
     keys = [p["key"] for p in grid_plan.points()]
     assert keys == ["sst2-lora-tiny-llama-lr0.001-s1", "sst2-lora-tiny-llama-lr0.003-s1",

@@ -136,13 +136,16 @@ class Phase:
 
 
 def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
-    """Grids first (everything else waits on them), then other seeds, then ablations."""
-    sel = [t for t in spec.tasks if not tasks or t in tasks]
-    out = [Phase(t, "grid") for t in sel]
-    if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds) > 1:
-        out += [Phase(t, "seeds") for t in sel]
-    for a in spec.ablations:
-        out += [Phase(t, "ablation", a) for t in sel if not a.tasks or t in a.tasks]
+    """Task by task: its grid, then its other seeds, then its ablations. A worker takes the
+    first phase with a point to run, so a long study completes whole tasks early (every seed,
+    paired intervals) instead of every grid first; a phase that waits on a grid still being
+    run elsewhere is skipped meanwhile, so no worker idles while there is work."""
+    out = []
+    for t in (t for t in spec.tasks if not tasks or t in tasks):
+        out.append(Phase(t, "grid"))
+        if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds) > 1:
+            out.append(Phase(t, "seeds"))
+        out += [Phase(t, "ablation", a) for a in spec.ablations if not a.tasks or t in a.tasks]
     return out
 
 

@@ -1,5 +1,6 @@
 """Running a study spec (`loralab study`): round-robin over its phases' studies, one point at a
-time, grids first; then the report of every run under the results folder."""
+time, task by task (a task's grid, its other seeds, its ablations); then the report of every
+run under the results folder."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class StudyOutcome:
 
 
 class Runner:
-    """Round-robin over the phases' studies: one point at a time, grids first."""
+    """Over the phases' studies in order (task by task): one point at a time, always from the
+    first phase that has one to run."""
 
     def __init__(self, spec, storage, prefix, tasks, results_dir, heartbeat, quiet, trust=False):
         self.spec, self.storage, self.prefix = spec, storage, prefix
@@ -84,7 +86,7 @@ class Runner:
                 if w.step():
                     ran = True
                     self.progress()
-                    break  # back to the first phase: grids before dependents
+                    break  # back to the first phase: earlier tasks finish first
                 waiting |= "active" in w.states().values()
             if ran:
                 continue
