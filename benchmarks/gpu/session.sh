@@ -9,8 +9,9 @@
 #                          fine-tuning C and D on the GPU (tok/s, MFU of the bf16 peak) and the
 #                          README's SST-2 LoRA command end to end on one GPU
 #   tiny-study.txt         the tiny spec with 2 workers on the one GPU: its status and wall time
-#   smollm2-gpu.tar.gz     results/smollm2-gpu (study.db and run folders, no weights): as far as
-#                          the time allowed; commit it, and the next lease continues it
+#   smollm2-gpu.tar.gz     `loralab export` of results/smollm2-gpu (study.db, finished runs without
+#                          weights, the report): as far as the time allowed; unpack it into
+#                          results/ and commit it, and the next lease continues from it
 # SESSION_S (default 500) is the whole budget in seconds; the study gets what the steps before
 # it left, less 40 s to stop it cleanly and pack. Set STEPS=bench,tiny,study to choose steps.
 set -uo pipefail
@@ -85,8 +86,9 @@ if [[ $STEPS == *study* ]]; then
     fi
     python3 -m loralab.cli study configs/studies/smollm2-gpu.yaml --data-root $DATA \
       --output-dir results/smollm2-gpu --status >> "$LOG" 2>&1
-    tar -czf $OUT/smollm2-gpu.tar.gz --exclude=adapter --exclude=model --exclude=checkpoints \
-      --exclude=locks results/smollm2-gpu
+    # What the repository keeps: finished runs without weights, study.db, the report.
+    python3 -m loralab.cli export results/smollm2-gpu $W/export/smollm2-gpu >> "$LOG" 2>&1
+    tar -czf $OUT/smollm2-gpu.tar.gz -C $W/export smollm2-gpu
     say "study stopped; results packed"
   else
     say "no time left for the study ($budget s)"
