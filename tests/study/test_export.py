@@ -9,7 +9,8 @@ import optuna
 from test_report import write_run
 
 from loralab.cli import main
-from loralab.study.storage import open_storage
+from loralab.study.grid import make_plan
+from loralab.study.storage import create_or_check, open_storage
 
 
 def _results(root):
@@ -28,7 +29,10 @@ def _results(root):
     (busy / "checkpoints").mkdir()
     (runs / "no-summary").mkdir()
     st = open_storage(f"sqlite:///{root / 'study.db'}")
-    optuna.create_study(study_name="s-sst2-grid", storage=st).set_user_attr("loralab", "{}")
+    plan = make_plan(tasks="sst2", lora_lr="1e-3", full_lr="1e-4", seeds="1",
+                     results_dir=str(root), model={"name": "tiny-llama"})  # fmt: skip
+    create_or_check(st, "s-sst2-grid", plan)
+    optuna.create_study(study_name="not-loralab", storage=st)  # another tool's study
     return root
 
 
@@ -46,7 +50,7 @@ def test_export_copies_finished_runs_storage_and_report_without_weights(tmp_path
             assert (dest / "runs" / name / f).read_bytes() == (src / "runs" / name / f).read_bytes()
             assert (dest / "runs" / name / f).stat().st_mode & 0o044  # readable by others
     names = [r[0] for r in sqlite3.connect(dest / "study.db").execute("select study_name from studies")]  # fmt: skip
-    assert names == ["s-sst2-grid"]
+    assert names == ["s-sst2-grid", "not-loralab"]
     md = (dest / "report" / "report.md").read_text()
     assert "run directories under " + str(dest) in md and "| sst2 |" in md
 

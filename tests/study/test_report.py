@@ -10,13 +10,16 @@ import os
 import statistics
 
 import pytest
+from optuna.trial import TrialState
 
 from loralab.cli import main
 from loralab.study import plots
 from loralab.study.aggregate import aggregate, full_reference, grid_edge_warnings
-from loralab.study.records import deduplicate, load_runs
+from loralab.study.grid import make_plan
+from loralab.study.records import deduplicate, load_runs, pending_lrs
 from loralab.study.report import report
 from loralab.study.stats import mean_std, t_interval, t_quantile
+from loralab.study.storage import create_or_check, open_storage
 from loralab.study.variants import lora_slug
 
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05, "target": "standard", "bias": "none",
@@ -278,6 +281,21 @@ def test_a_best_lr_at_the_edge_of_its_grid_is_warned_about(tmp_path):
     assert len(rep.warnings) == 4
     md = (tmp_path / "edges" / "report" / "report.md").read_text()
     assert md.count("is the highest of its grid") == 3
+
+    # A stored study that still has sst2 LoRA at 1e-3 to run: those grids are not complete, so
+    # their edges are not warned about yet (full fine-tuning's still is).
+    edges = tmp_path / "edges"
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,3e-4,1e-3", seeds="1",
+                     results_dir=str(edges), model={"name": "tiny-llama"})  # fmt: skip
+    st = open_storage(f"sqlite:///{edges / 'study.db'}")
+    study = create_or_check(st, "s", plan)
+    assert pending_lrs(f"sqlite:///{edges / 'study.db'}") == {("sst2", "lora"): {1e-4, 3e-4, 1e-3}}
+    rep = report(edges)
+    assert len(rep.warnings) == 1 and rep.warnings[0].startswith("sst2 full")
+    for t in study.get_trials():  # the grid finishes (1e-3 run elsewhere): the warnings return
+        st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [0.5])
+    assert len(report(edges).warnings) == 4
 
 
 # Each changes one part of the identity; none may pool with the base run.

@@ -249,14 +249,19 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     return ordered, comps
 
 
-def grid_edge_warnings(cells: list[Cell]) -> list[str]:
+def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[str]:
     """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values):
-    the optimum may lie beyond it, so that method may be under-tuned against the other."""
+    the optimum may lie beyond it, so that method may be under-tuned against the other.
+
+    `pending`: (task, method) -> learning rates a stored study still has to run. A grid with one
+    of them missing is not complete yet (its edge may move): no warning for it until it is."""
     out = []
     for fam in _families(cells):
         lrs = sorted({c.lr for c in fam})
         best = next((c for c in fam if c.best), None)
         if best is None or len(lrs) < 2 or lrs[0] < best.lr < lrs[-1]:
+            continue
+        if set((pending or {}).get((best.task, best.method), ())) - set(lrs):
             continue
         side = "highest" if best.lr == lrs[-1] else "lowest"
         grid = ", ".join(f"{lr:g}" for lr in lrs)

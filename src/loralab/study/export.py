@@ -32,7 +32,7 @@ from ..rundir import (
     read_json,
 )
 from .records import load_runs
-from .report import write_report
+from .report import stored_pending, write_report
 
 SMALL_FILES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, SWEEP_FILE)
 FINISHED = ("completed", "diverged")
@@ -83,7 +83,8 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
     if done.runs or (out / RUNS_DIR).is_dir():
         records = load_runs(out)
         if records:
-            done.report = write_report(records, out / REPORT_DIR, f"run directories under {out}")
+            source = f"run directories under {out}"
+            done.report = write_report(records, out / REPORT_DIR, source, stored_pending(out))
     return done
 
 

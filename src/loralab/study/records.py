@@ -24,7 +24,8 @@ from ..errors import LoralabError
 from ..identity import identity
 from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
 from ..tasks import get_task
-from .storage import is_final, load_study, open_storage
+from .grid import Plan
+from .storage import STUDY_ATTR, is_final, load_study, open_storage
 from .variants import is_number
 
 RUN_FIELDS = ("status", "task", "method", "model", "head", "seed", "lr", "wall_time_s",
@@ -152,6 +153,24 @@ def load_study_runs(study_names: list[str], storage: str) -> list[dict]:
             if is_final(t) and t.user_attrs.get("result"):
                 done = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
                 out.append({"time": done, **t.user_attrs["result"], "group": plan.group})
+    return out
+
+
+def pending_lrs(storage: str) -> dict[tuple[str, str], set[float]]:
+    """(task, method) -> the learning rates of the stored studies' points that are not final
+    yet (the grids still being run); empty for a storage without loralab studies."""
+    st = open_storage(storage)
+    out: dict[tuple[str, str], set[float]] = {}
+    for s in st.get_all_studies():
+        try:
+            plan = Plan.from_json(s.user_attrs[STUDY_ATTR])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # not a loralab study (or one from a loralab that stored plans otherwise)
+        final = {t.user_attrs.get("point") for t in st.get_all_trials(s._study_id, deepcopy=False)
+                 if is_final(t)}  # fmt: skip
+        for p in plan.points():
+            if p["key"] not in final:
+                out.setdefault((p["task"], p["method"]), set()).add(p["lr"])
     return out
 
 

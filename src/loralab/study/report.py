@@ -21,6 +21,7 @@ from .records import (
     deduplicate,
     load_runs,
     load_study_runs,
+    pending_lrs,
     record_identity,
 )
 from .storage import storage_url
@@ -75,8 +76,10 @@ STYLE = (
 )
 
 
-def write_report(records: list[dict], out_dir: str | Path, source: str) -> Report:
-    """report.md, report.html (figures embedded), report.csv, runs.csv and figures/*.png."""
+def write_report(records: list[dict], out_dir: str | Path, source: str,
+                 pending: dict | None = None) -> Report:  # fmt: skip
+    """report.md, report.html (figures embedded), report.csv, runs.csv and figures/*.png;
+    `pending` (records.pending_lrs) holds back grid-edge warnings for grids still running."""
     if not records:
         raise LoralabError(
             f"No finished runs in {source}: nothing to report. Run `loralab sweep` first, or "
@@ -84,7 +87,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str) -> Repor
         )
     records, warnings = deduplicate(records)
     cells, comps = aggregate(records)
-    warnings += grid_edge_warnings(cells)
+    warnings += grid_edge_warnings(cells, pending)
     tabs = tables(cells, comps)
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
@@ -149,4 +152,12 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
     else:
         raise LoralabError("Give a results folder (loralab report results) or --study NAME.")
     out_dir = out or (Path(results_dir) / REPORT_DIR if results_dir else Path(REPORT_DIR))
-    return write_report(records, out_dir, source)
+    return write_report(records, out_dir, source, stored_pending(results_dir, storage))
+
+
+def stored_pending(results_dir: str | Path | None, storage: str | None = None) -> dict:
+    """The learning rates the study storage (given, or RESULTS_DIR/study.db) has yet to run."""
+    if storage:
+        return pending_lrs(storage)
+    db = Path(results_dir) / STUDY_DB if results_dir else None
+    return pending_lrs(storage_url(None, results_dir)) if db and db.is_file() else {}

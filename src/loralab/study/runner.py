@@ -17,7 +17,7 @@ from pathlib import Path
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .phases import Phase, StudySpec, best_lrs, phases
 from .records import load_runs
-from .report import write_report
+from .report import stored_pending, write_report
 from .spec import check_data, select_tasks
 from .status import status_with, totals
 from .storage import (
@@ -166,6 +166,7 @@ def write_study_report(results: str | Path):
         records = load_runs(root)
         if not records:
             return None
-        return write_report(records, root / REPORT_DIR, f"run directories under {root}")
+        source = f"run directories under {root}"
+        return write_report(records, root / REPORT_DIR, source, stored_pending(root))
     finally:
         os.close(fd)
