@@ -125,7 +125,7 @@ def test_every_shipped_study_spec_validates(path):
 
     spec = load_spec(path)  # validates every point's config; data need not exist here
     # Named after its file; a spec whose grid grew carries a version (its stored studies
-    # keep their grids, so the new grid needs new study names: smollm2-cpu-v2).
+    # keep their grids, so the new grid needs new study names: smollm2-cpu-v2, -v3).
     assert re.fullmatch(rf"{re.escape(path.stem)}(-v\d+)?", spec.name) and phases(spec)
 
 
