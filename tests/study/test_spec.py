@@ -138,10 +138,10 @@ def test_cpu_specs_follow_issue_14(name, model):
                 "standard",
             )
             assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
-    # per task: the grid on seed 42, then 2 methods × 2 seeds; SST-2's grid one lr wider (v2)
-    assert points == 4 * (3 + len(full_lrs) + 2 * 2) + 2
-    wider = {"smollm2-cpu": [1e-5, 3e-5, 1e-4], "minilm-cpu": [1e-5, 3e-5, 1e-4, 3e-4]}[name]
+    # per task: the grid on seed 42, then 2 methods × 2 seeds; SST-2's grid is wider (v2, v3)
+    wider = [1e-5, 3e-5, 1e-4, 3e-4]
     assert spec.lrs_for("sst2") == {"lora": [1e-4, 3e-4, 1e-3, 3e-3], "full": wider}
+    assert points == 3 * (3 + len(full_lrs) + 2 * 2) + (4 + len(wider) + 2 * 2)
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -166,7 +166,7 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
                     if k not in sizes:
                         assert c[section][k] == g[section][k], (pc["key"], section, k)
             pairs += 1
-    assert pairs == 38  # SST-2's grid is one lr wider for each method (v2)
+    assert pairs == 39  # SST-2's grid is wider: LoRA one lr (v2), full two (v2, v3)
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
