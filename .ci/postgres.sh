@@ -1,16 +1,22 @@
 # Sourced by .ci/run: a throwaway PostgreSQL server for the multi-worker sweep tests.
+#   pg_install: install the Debian package if it is missing (.ci/run starts it in the
+#             background, beside the Python installs)
 #   pg_start: install the Debian package if needed, start a server in a temp folder, create a
 #             database, export LORALAB_TEST_PG_URL
 #   pg_stop:  stop the server and remove its folder
 # Also usable by hand: `. .ci/postgres.sh && pg_start && python -m pytest tests/test_sweep.py`.
 
-pg_start() {
+pg_install() {
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
     fi
+}
+
+pg_start() {
+    pg_install
     PG_BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")
     PG_DIR=$(mktemp -d /tmp/loralab-pg.XXXXXX)
     PG_AS=""
