@@ -138,10 +138,23 @@ def test_cpu_specs_follow_issue_14(name, model):
                 "standard",
             )
             assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
-    # per task: the grid on seed 42, then 2 methods × 2 seeds; SST-2's grid is wider (v2, v3)
-    wider = [1e-5, 3e-5, 1e-4, 3e-4]
-    assert spec.lrs_for("sst2") == {"lora": [1e-4, 3e-4, 1e-3, 3e-3], "full": wider}
-    assert points == 3 * (3 + len(full_lrs) + 2 * 2) + (4 + len(wider) + 2 * 2)
+    # Grids widened where a best lr was the top (v2, v3); the other tasks keep the spec's grid.
+    lora = [1e-4, 3e-4, 1e-3]
+    wider = {
+        "smollm2-cpu": {"sst2": (lora + [3e-3], full_lrs + [1e-4, 3e-4])},
+        "minilm-cpu": {
+            "sst2": (lora + [3e-3, 1e-2], full_lrs + [3e-4]),
+            "rte": (lora + [3e-3], full_lrs),
+        },
+    }[name]
+    for task in want:
+        lrs = wider.get(task, (lora, full_lrs))
+        assert spec.lrs_for(task) == {"lora": lrs[0], "full": lrs[1]}, task
+    # per task: the grid on seed 42, then 2 methods × 2 other seeds
+    assert points == sum(
+        len(spec.lrs_for(t)["lora"]) + len(spec.lrs_for(t)["full"]) + 4 for t in want
+    )
+    assert points == {"smollm2-cpu": 39, "minilm-cpu": 44}[name]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
