@@ -10,10 +10,8 @@ from pathlib import Path
 
 from . import tracking
 from .errors import LoralabError
+from .rundir import LOSS_FILE
 from .runs import check_safetensors
-
-LOSS_FILE = "loralab_state.json"
-"""Per checkpoint: the sum of every training-step loss so far (train_loss covers the whole run)."""
 
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors")
 # torch.save files: a zip archive each; a CRC check finds truncation and flipped bytes.

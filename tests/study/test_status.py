@@ -26,7 +26,8 @@ def spec(tmp_path):
     return load_spec(_spec_file(tmp_path, ablations=None), str(tmp_path))
 
 
-def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=None, max_steps=40):
+def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=None, max_steps=40,
+             checkpoint_cpu_s=None):  # fmt: skip
     run = res / "runs" / key
     run.mkdir(parents=True)
     if cpu_s is not None:
@@ -39,6 +40,8 @@ def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=No
         ck = run / "checkpoints" / f"checkpoint-{checkpoint}"
         ck.mkdir(parents=True)
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": checkpoint, "max_steps": max_steps}))  # fmt: skip
+        if checkpoint_cpu_s is not None:
+            (ck / "loralab_state.json").write_text(json.dumps({"loss_sum": 1.0, "train_cpu_time_s": checkpoint_cpu_s}))  # fmt: skip
         (run / "checkpoints" / "checkpoint-99").mkdir()  # being saved: no state yet, skipped
 
 
@@ -74,7 +77,7 @@ def _grid(spec, res: Path):
     study.enqueue_trial({}, user_attrs=dict(old.user_attrs))
     retry = [t for t in study.get_trials() if t.state == TrialState.WAITING][0]
     st.set_trial_system_attr(retry._trial_id, "failed_trial", old.number)
-    _run_dir(res, keys["full", 3e-4], checkpoint=30)
+    _run_dir(res, keys["full", 3e-4], checkpoint=30, checkpoint_cpu_s=225.0)
     return keys, lock
 
 
@@ -104,6 +107,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert running.worker == "h1:7"
     interrupted = by[keys["full", 3e-4]]
     assert interrupted.state == "interrupted" and interrupted.resumes_at == pytest.approx(0.75)
+    assert interrupted.resumes_cpu_s == 225.0 and running.resumes_cpu_s is None  # not recorded
     seeds = [p for p in status.points if p.phase.endswith("-seeds")]
     assert [p.state for p in seeds] == ["not enqueued"] * 2 and status.phases[1].waits_for_grid
     # left: lora running at 50% (100 x 0.5), full resumes at 75% (300 x 0.25), seeds 100 + 300

@@ -12,8 +12,8 @@ A point's state, from its Optuna trials (the most advanced one counts):
   failed            FAIL with no live trial: its retries are used up, or it stopped on an error
   not enqueued      no trial yet (the study is not created, or a dependent phase not made yet)
 
-The estimate: each unfinished point costs the mean training CPU time (`train_cpu_time_s`) of
-the finished points of its task and method, less the share its checkpoint or log already holds.
+The estimate: an unfinished point costs what a point of its task and method costs (see
+`estimate.py`), less the share its checkpoint or log already holds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, METRICS_FILE, RUNS_DIR, STUDY_DB, SUMMARY_FILE
+from ..rundir import (
+    CHECKPOINT_DIR,
+    LOCKS_DIR,
+    LOSS_FILE,
+    METRICS_FILE,
+    RUNS_DIR,
+    STUDY_DB,
+    SUMMARY_FILE,
+)
+from .estimate import point_costs
 from .phases import Phase, StudySpec, best_lrs, phases
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
@@ -50,6 +59,7 @@ class PointStatus:
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
     progress: float | None = None  # share of training logged so far (0..1)
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
+    resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
     logged_ago_s: float | None = None  # seconds since the run last logged
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
     worker: str | None = None  # host:pid of the worker running it
@@ -83,12 +93,8 @@ class StudyStatus:
         return [p for ph in self.phases for p in ph.points]
 
     def _costs(self) -> dict[tuple[str, str], float]:
-        """Mean training CPU s of the finished points per (task, method)."""
-        per: dict[tuple[str, str], list[float]] = {}
-        for p in self.points:
-            if p.finished and p.cpu_s is not None:
-                per.setdefault((p.task, p.method), []).append(p.cpu_s)
-        return {k: sum(v) / len(v) for k, v in per.items()}
+        """Training CPU s of one point per (task, method) (`estimate.point_costs`)."""
+        return point_costs(self.points)
 
     def left_of(self, p: PointStatus, costs: dict | None = None) -> float | None:
         """Training CPU s point `p` still needs (0 when finished); None when nothing to go by."""
@@ -102,7 +108,7 @@ class StudyStatus:
 
     def estimate(self) -> tuple[float, float, int]:
         """(CPU s spent on finished points, CPU s left for the estimable unfinished ones, how
-        many unfinished points have no finished point of their task and method to go by)."""
+        many unfinished points have no cost for their task and method yet)."""
         spent = sum(p.cpu_s for p in self.points if p.finished and p.cpu_s is not None)
         costs = self._costs()
         lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
@@ -246,6 +252,7 @@ def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
         except (OSError, ValueError):
             continue
         max_steps, ckpt_step = state.get("max_steps") or max_steps, state.get("global_step")
+        ps.resumes_cpu_s = _checkpoint_cpu(c)
         break
     if ckpt_step is not None and max_steps and max_steps > 0:
         ps.resumes_at = ckpt_step / max_steps
@@ -259,6 +266,15 @@ def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
             ps.logged_ago_s = max(0.0, time.time() - last["time"])
     if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
         ps.detail = "stale: no worker on this host holds it; the next worker retries it"
+
+
+def _checkpoint_cpu(ckpt: Path) -> float | None:
+    """Training CPU s up to `ckpt` (recorded by loralab since 2026-12-02; None before)."""
+    try:
+        value = json.loads((ckpt / LOSS_FILE).read_text()).get("train_cpu_time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _last_logged(path: Path) -> dict | None:
@@ -348,7 +364,7 @@ def totals(status: StudyStatus) -> str:
             text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
         if unknown:
             text += (f"{' (+' if known else '; '}{unknown} point{'s' * (unknown != 1)} with no "
-                     f"finished point of their task and method to estimate from{')' if known else ''}")  # fmt: skip
+                     f"cost yet for their task and method{')' if known else ''}")  # fmt: skip
     return text
 
 

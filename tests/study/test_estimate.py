@@ -1,0 +1,44 @@
+"""The cost of a study point for `--status`: finished points first, then checkpoints scaled to
+the whole run, then the other method's cost times the methods' ratio on other tasks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from loralab.study.estimate import MIN_SHARE, point_costs
+
+
+def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None):
+    return SimpleNamespace(task=task, method=method, finished=cpu_s is not None, cpu_s=cpu_s,
+                           resumes_at=share, resumes_cpu_s=cpu_at)  # fmt: skip
+
+
+def test_finished_points_give_the_mean_and_win_over_checkpoints():
+    costs = point_costs([_pt("sst2", "lora", cpu_s=100.0), _pt("sst2", "lora", cpu_s=140.0),
+                         _pt("sst2", "lora", share=0.5, cpu_at=500.0)])  # fmt: skip
+    assert costs == {("sst2", "lora"): pytest.approx(120.0)}
+
+
+def test_a_checkpoint_is_scaled_to_the_whole_run_unless_too_early():
+    costs = point_costs([_pt("mrpc", "lora", share=0.25, cpu_at=300.0),
+                         _pt("mrpc", "lora", share=0.5, cpu_at=500.0),
+                         _pt("rte", "lora", share=MIN_SHARE / 2, cpu_at=10.0),
+                         _pt("rte", "lora", share=0.5, cpu_at=None)])  # fmt: skip
+    assert costs == {("mrpc", "lora"): pytest.approx((1200.0 + 1000.0) / 2)}
+
+
+def test_a_missing_method_is_the_other_times_their_ratio_elsewhere():
+    points = [
+        _pt("sst2", "lora", cpu_s=100.0), _pt("sst2", "full", cpu_s=250.0),  # ratio 2.5
+        _pt("rte", "lora", cpu_s=200.0), _pt("rte", "full", share=0.5, cpu_at=300.0),  # 3.0
+        _pt("mrpc", "lora", cpu_s=400.0), _pt("mrpc", "full"),  # unstarted: 400 x 2.75
+        _pt("squad_v2", "full", cpu_s=1000.0), _pt("squad_v2", "lora"),  # 1000 / 2.75
+        _pt("new", "lora"), _pt("new", "full"),  # nothing to go by
+    ]  # fmt: skip
+    costs = point_costs(points)
+    assert costs["mrpc", "full"] == pytest.approx(400.0 * 2.75)
+    assert costs["squad_v2", "lora"] == pytest.approx(1000.0 * (100 / 250 + 200 / 600) / 2)
+    assert ("new", "lora") not in costs and ("new", "full") not in costs
+    assert costs["rte", "full"] == pytest.approx(600.0)  # its own checkpoint, not the ratio
