@@ -554,3 +554,40 @@ def test_a_quantized_base_is_its_own_row_named_by_its_base_and_pairs_with_full(t
     # Both LoRA rows are compared with the one full fine-tuning row: -3 and -5 points.
     deltas = sorted(c.delta_points for c in comps)
     assert deltas == [pytest.approx(-5.0), pytest.approx(-3.0)]
+
+
+def test_at_a_glance_table_pairs_the_methods_per_task(tmp_path):
+    """One row per task: each method at its best lr, the paired verdict, and LoRA/full ratios
+    of training CPU and peak memory; a task without full fine-tuning shows dashes."""
+    for s, (lv, fv) in enumerate(((0.80, 0.82), (0.84, 0.83)), start=1):
+        for name, method, value, cpu, mem, lr in (("lora", "lora", lv, 30, 100, 1e-4),
+                                                   ("full", "full", fv, 120, 400, 3e-5)):  # fmt: skip
+            run = write_run(tmp_path, f"sst2-{name}-{s}", s, {"accuracy": value}, method=method,
+                            lr=lr, majority={"accuracy": 0.51})  # fmt: skip
+            summary = json.loads((run / "summary.json").read_text())
+            summary.update(train_cpu_time_s=cpu, peak_memory_mb=mem)
+            (run / "summary.json").write_text(json.dumps(summary))
+    write_run(tmp_path, "rte-lora-1", 1, {"accuracy": 0.55}, task="rte")
+    rep = report(tmp_path, out=tmp_path / "rep")
+    (glance,) = [t for t in rep.tables if t.title.startswith("At a glance")]
+    rows = {r[0]: dict(zip(glance.headers, r, strict=True)) for r in glance.rows}
+    sst2 = rows["sst2"]
+    assert sst2["majority baseline"] == "51.00"
+    assert sst2["LoRA"] == "82.00 ± 2.83 (lr 0.0001, 2 seeds)"
+    assert sst2["full fine-tuning"] == "82.50 ± 0.71 (lr 3e-05, 2 seeds)"
+    # paired by seed: -2.00 and +1.00 points; mean -0.50 ± t(0.975, 1) x 1.5
+    half = t_quantile(0.975, 1) * statistics.stdev([-2.0, 1.0]) / math.sqrt(2)
+    assert (
+        sst2["LoRA − full (mean [95% CI])"]
+        == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]"
+    )
+    assert (sst2["training CPU, LoRA / full"], sst2["peak memory, LoRA / full"]) == (
+        "0.25×",
+        "0.25×",
+    )
+    rte = rows["rte"]
+    assert rte["LoRA"] == "55.00 (lr 0.0003, 1 seed)" and rte["full fine-tuning"] == "—"
+    assert rte["training CPU, LoRA / full"] == "—" and rte[
+        "LoRA − full (mean [95% CI])"
+    ].startswith("n/a")
+    assert "## At a glance" in (tmp_path / "rep" / "report.md").read_text()
