@@ -122,7 +122,11 @@ def load_runs(results_dir: str | Path) -> list[dict]:
     """Every finished run directory under `results_dir`, once per study group that used it."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise LoralabError(f"Results folder '{root}' does not exist.")
+        raise LoralabError(
+            f"Results folder '{root}' does not exist. Give the folder that holds the run "
+            "directories (where a sweep or study wrote them, e.g. results/smollm2-cpu), or "
+            "report a stored study by its name."
+        )
     out = []
     for path in sorted(root.rglob(SUMMARY_FILE)):
         run_dir = path.parent
