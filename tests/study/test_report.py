@@ -16,7 +16,7 @@ from loralab.cli import main
 from loralab.study import plots
 from loralab.study.aggregate import aggregate, full_reference, grid_edge_warnings
 from loralab.study.grid import make_plan
-from loralab.study.records import deduplicate, load_runs, pending_lrs
+from loralab.study.records import deduplicate, load_runs, pending_lrs, points_per_unit
 from loralab.study.report import report
 from loralab.study.stats import mean_std, t_interval, t_quantile
 from loralab.study.storage import create_or_check, open_storage
@@ -490,6 +490,8 @@ def test_majority_baselines_of_the_tasks():
                     {"text": [], "answer_start": []}, {"text": ["y"], "answer_start": [0]}],
     })  # fmt: skip
     assert get_task("squad_v2").majority_baseline(squad) == {"exact": 50.0, "f1": 50.0}
+    # The report shows points: GLUE's fractions x 100, SQuAD's official points as they are.
+    assert (points_per_unit("sst2"), points_per_unit("squad_v2")) == (100.0, 1.0)
 
 
 def test_records_do_not_share_state(tmp_path):

@@ -64,7 +64,7 @@ def main_metric(task: str) -> str:
 def points_per_unit(task: str) -> float:
     """GLUE metrics are fractions (x100 = points); SQuAD's are already in points."""
     try:
-        return 1.0 if get_task(task).kind == "qa" else 100.0
+        return get_task(task).points_per_unit
     except LoralabError:
         return 100.0
 

@@ -47,6 +47,8 @@ class Task(ABC):
     """Classification: one name per label index (exports' id2label, error messages)."""
     metric_names: tuple[str, ...] = ()
     """The metrics `score` reports, main one first."""
+    points_per_unit: ClassVar[float] = 100.0
+    """Report points per unit of `score`'s metrics (fractions x 100; 1 for metrics in points)."""
 
     @property
     def num_labels(self) -> int:

@@ -147,6 +147,7 @@ class SquadV2Task(Task):
     """SQuAD v2.0 (rajpurkar/squad_v2): span extraction with unanswerable questions."""
 
     kind: ClassVar[str] = "qa"
+    points_per_unit: ClassVar[float] = 1.0  # the official script's metrics are in points
     name: str = "squad_v2"
     hub_path: str = "rajpurkar/squad_v2"
     default_max_length: int = 384
