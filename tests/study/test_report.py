@@ -243,11 +243,11 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert "## Ablation: rank" in md
     assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab/efefefef uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | 92.00 ± 1.00 |" in md  # fmt: skip
     html = (tmp_path / "out" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2  # LoRA vs full, rank ablation: embedded
+    assert html.count("data:image/png;base64,") == 3  # LoRA vs full, paired, rank ablation
     assert "src='figures" not in html and "87.00 ± 2.00" in html
     assert "<span class='badge fail'>FAIL</span>" in html
     assert "<span class='badge pass'>PASS</span>" in html
-    for name in ("lora_vs_full.png", "ablation_rank.png"):
+    for name in ("lora_vs_full.png", "paired_differences.png", "ablation_rank.png"):
         assert (tmp_path / "out" / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [c.task for c in rep.comparisons] == ["mrpc", "sst2"]
 
@@ -438,7 +438,7 @@ def test_cli_three_identities_three_rows_figures_with_reference_line(tmp_path, c
     assert len(body) == 3, out
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Learning curves: dev metric vs training step" in html and "Ablation: rank" in html
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4  # + the paired differences
     assert (tmp_path / "rep" / "figures" / "learning_curves.png").is_file()
 
     # The figures themselves: curves per seed and method; the ablation's full-FT reference line.
@@ -448,6 +448,19 @@ def test_cli_three_identities_three_rows_figures_with_reference_line(tmp_path, c
     assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "dev accuracy (points)"
     curves = [ln for ln in ax.lines if list(ln.get_xdata()) == [5, 10]]
     assert len(curves) == 4 and fig.legends  # 2 seeds x 2 methods; the legend outside the axes
+    # Paired differences: sst2 only (mrpc has no full run): seeds at -2 and +1, mean -0.5 with
+    # its 95% interval as the error bar; zero and the -3 target as vertical lines.
+    (ax,) = plots.paired_differences(comps).axes
+    seeds = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert [list(ln.get_xdata()) for ln in seeds] == [[pytest.approx(-2.0), pytest.approx(1.0)]]
+    (mean,) = [ln for ln in ax.lines if ln.get_marker() == "D"]
+    assert list(mean.get_xdata()) == [pytest.approx(-0.5)]
+    half = t_quantile(0.975, 1) * statistics.stdev([-2.0, 1.0]) / math.sqrt(2)
+    (bar,) = [c for c in ax.collections if len(c.get_segments()) == 1]
+    assert bar.get_segments()[0][:, 0] == pytest.approx([-0.5 - half, -0.5 + half])
+    vertical = {ln.get_xdata()[0] for ln in ax.lines if ln.get_marker() in ("None", "", None)}
+    assert vertical == {0.0, -3.0}
+    assert plots.paired_differences([c for c in comps if c.task == "mrpc"]) is None
     abl = [c for c in cells if c.group == "ablation-rank"]
     ref = full_reference(abl[0], cells)
     assert ref is not None and ref.method == "full"

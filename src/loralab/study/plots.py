@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..rundir import METRICS_FILE
 from ..tasks import task_label  # a file reference by its file's name: a tick label, not a path
-from .aggregate import full_reference, is_ablation
+from .aggregate import DROP_TARGET_POINTS, full_reference, is_ablation
 from .records import points_per_unit
 from .variants import LORA_DEFAULTS, variant_label
 
@@ -79,6 +79,32 @@ def lora_vs_full_figure(comps):
     metrics = sorted({c.lora.metric for c in comps})
     ax.set_ylabel(f"{' / '.join(metrics)} (points), mean ± std")
     ax.set_title("LoRA vs full fine-tuning (best lr each)")
+    _legend_outside(fig, [ax])
+    return fig
+
+
+def paired_differences(comps):
+    """LoRA − full fine-tuning per comparison with seeds in common (one row each): the seeds'
+    paired differences as dots, their mean with its 95% interval, zero and the target marked.
+    None when no comparison has a seed in common."""
+    rows = [c for c in comps if c.diffs]
+    if not rows:
+        return None
+    fig, (ax,) = _figure(1, width=6.0, height=0.6 * len(rows) + 1.6)
+    for i, c in enumerate(rows):
+        y = len(rows) - 1 - i  # the first comparison on top
+        ax.plot(c.diffs, [y] * len(c.diffs), "o", ms=4, color="#9ab7d8", label="one seed")
+        mean, lo, hi = c.interval
+        err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
+        ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
+                    label="mean, 95% interval")  # fmt: skip
+    ax.axvline(0.0, color="#555555", lw=0.8)
+    ax.axvline(-DROP_TARGET_POINTS, color="#cf222e", ls=":", label=f"target: −{DROP_TARGET_POINTS:g}")  # fmt: skip
+    labels = [f"{task_label(c.task)} ({c.lora.metric})\n{c.model} {c.lora.variant}" for c in rows]
+    ax.set_yticks(range(len(rows)), labels[::-1], fontsize=7)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("LoRA − full fine-tuning (points), paired by seed")
+    ax.set_title("LoRA − full fine-tuning per seed (best lr each)")
     _legend_outside(fig, [ax])
     return fig
 
@@ -196,6 +222,11 @@ def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     out = []
     if comps:
         out.append(("LoRA vs full fine-tuning", lora_vs_full(comps, folder / "lora_vs_full.png")))
+        diffs = paired_differences(comps)
+        if diffs is not None:
+            path = folder / "paired_differences.png"
+            diffs.savefig(path, dpi=110)
+            out.append(("LoRA − full fine-tuning, paired by seed", path))
         curves = learning_curves(comps)
         if curves is not None:
             path = folder / "learning_curves.png"
