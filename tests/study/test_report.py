@@ -596,13 +596,11 @@ def test_at_a_glance_table_pairs_the_methods_per_task(tmp_path):
         sst2["LoRA − full (mean [95% CI])"]
         == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]"
     )
-    assert (sst2["training CPU, LoRA / full"], sst2["peak memory, LoRA / full"]) == (
-        "0.25×",
-        "0.25×",
-    )
+    assert sst2["training CPU (min), LoRA / full"] == "0.5 / 2.0 (0.25×)"  # 30 s vs 120 s
+    assert sst2["peak memory (MB), LoRA / full"] == "100 / 400 (0.25×)"
+    assert sst2["wall time (min), LoRA / full"] == "0.2 / 0.2 (1.00×)"  # write_run: 10 s each
     rte = rows["rte"]
     assert rte["LoRA"] == "55.00 (lr 0.0003, 1 seed)" and rte["full fine-tuning"] == "—"
-    assert rte["training CPU, LoRA / full"] == "—" and rte[
-        "LoRA − full (mean [95% CI])"
-    ].startswith("n/a")
+    assert rte["peak memory (MB), LoRA / full"] == "100 / —"
+    assert rte["LoRA − full (mean [95% CI])"].startswith("n/a")
     assert "## At a glance" in (tmp_path / "rep" / "report.md").read_text()

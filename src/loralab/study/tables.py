@@ -116,9 +116,14 @@ def _at(cell: Cell | None) -> str:
     )
 
 
-def _ratio(comp: Comparison, key: str) -> str:
-    lora, full = comp.lora.avg(key), comp.full.avg(key) if comp.full else math.nan
-    return "—" if math.isnan(lora) or math.isnan(full) or not full else f"{lora / full:.2f}×"
+def _both(comp: Comparison, key: str, scale: float = 1.0) -> str:
+    """'7.0 / 10.2 (0.69×)': LoRA's and full fine-tuning's mean of `key` (x scale), and their
+    ratio; a dash for a side that has no value."""
+    lora = comp.lora.avg(key) * scale
+    full = comp.full.avg(key) * scale if comp.full else math.nan
+    fmt = ".1f" if scale != 1.0 else ".0f"
+    text = f"{_f(lora, fmt)} / {_f(full, fmt)}"
+    return text + (f" ({lora / full:.2f}×)" if full and not math.isnan(lora + full) else "")
 
 
 def glance_table(comps: list[Comparison]) -> Table:
@@ -126,15 +131,18 @@ def glance_table(comps: list[Comparison]) -> Table:
     rows = [[c.task, c.model, c.head, c.lora.metric, _points(c.lora, c.lora.reference("majority")),
              _at(c.lora), _at(c.full), c.verdict,
              _f(c.lora.avg("trainable_share_without_head_pct"), ".3f"),
-             _ratio(c, "train_cpu_time_s"), _ratio(c, "peak_memory_mb")] for c in comps]  # fmt: skip
+             _both(c, "train_cpu_time_s", 1 / 60), _both(c, "wall_time_s", 1 / 60),
+             _both(c, "peak_memory_mb")] for c in comps]  # fmt: skip
     return Table(
         "At a glance: LoRA vs full fine-tuning per task",
         ["task", "model", "head", "metric", "majority baseline", "LoRA", "full fine-tuning",
          "LoRA − full (mean [95% CI])", "trainable % (without head)",
-         "training CPU, LoRA / full", "peak memory, LoRA / full"],
+         "training CPU (min), LoRA / full", "wall time (min), LoRA / full",
+         "peak memory (MB), LoRA / full"],
         rows,
         "Each method at its best learning rate (mean ± std over seeds, in points); LoRA − full "
-        "paired by seed. Ratios below 1 mean LoRA needs less. The table above has every column.",
+        "paired by seed. Time and memory: means per run, LoRA / full fine-tuning (their ratio). "
+        "The table above has every column.",
     )  # fmt: skip
 
 
