@@ -96,7 +96,9 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     res = tmp_path / "res"
     keys, lock = _grid(spec, res)
     mtime = (res / "study.db").stat().st_mtime_ns
+    (res / "study.db.lock").unlink()  # the creation lock: needed only while the tables are made
     status = study_status(spec, str(res), tasks=["sst2"])
+    assert not (res / "study.db.lock").exists()
     by = {p.key: p for p in status.points}
     assert by[keys["lora", 1e-3]].state == "done" and by[keys["lora", 1e-3]].value == 0.8
     assert by[keys["lora", 1e-3]].cpu_s == 100.0 and by[keys["full", 1e-4]].cpu_s == 300.0

@@ -95,13 +95,16 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
 @contextlib.contextmanager
 def _creation_lock(url: str):
     """SQLite: one process at a time creates the tables (workers started together raced to
-    "table studies already exists"); a file lock beside the database, dropped by the kernel."""
+    "table studies already exists"); a file lock beside the database, dropped by the kernel.
+    Only while the database is missing or empty: opening an existing one (a worker joining, a
+    report, `--status`) leaves no file behind; a late racer's "already exists" is retried."""
     if not url.startswith("sqlite:///"):
         yield
         return
-    lock = Path(url[len("sqlite:///") :] + ".lock")
-    if not lock.parent.is_dir():
-        yield  # a bad path: RDBStorage says so
+    db = Path(url[len("sqlite:///") :])
+    lock = db.with_name(db.name + ".lock")
+    if not lock.parent.is_dir() or (db.is_file() and db.stat().st_size > 0):
+        yield  # a bad path (RDBStorage says so), or a database that has its tables
         return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
