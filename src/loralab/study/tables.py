@@ -116,12 +116,11 @@ def _at(cell: Cell | None) -> str:
     )
 
 
-def _both(comp: Comparison, key: str, scale: float = 1.0) -> str:
+def _both(comp: Comparison, key: str, scale: float = 1.0, fmt: str = ".0f") -> str:
     """'7.0 / 10.2 (0.69×)': LoRA's and full fine-tuning's mean of `key` (x scale), and their
     ratio; a dash for a side that has no value."""
     lora = comp.lora.avg(key) * scale
     full = comp.full.avg(key) * scale if comp.full else math.nan
-    fmt = ".1f" if scale != 1.0 else ".0f"
     text = f"{_f(lora, fmt)} / {_f(full, fmt)}"
     return text + (f" ({lora / full:.2f}×)" if full and not math.isnan(lora + full) else "")
 
@@ -131,7 +130,7 @@ def glance_table(comps: list[Comparison]) -> Table:
     rows = [[c.task, c.model, c.head, c.lora.metric, _points(c.lora, c.lora.reference("majority")),
              _at(c.lora), _at(c.full), c.verdict,
              _f(c.lora.avg("trainable_share_without_head_pct"), ".3f"),
-             _both(c, "train_cpu_time_s", 1 / 60), _both(c, "wall_time_s", 1 / 60),
+             _both(c, "train_cpu_time_s", 1 / 60, ".1f"), _both(c, "wall_time_s", 1 / 60, ".1f"),
              _both(c, "peak_memory_mb")] for c in comps]  # fmt: skip
     return Table(
         "At a glance: LoRA vs full fine-tuning per task",
