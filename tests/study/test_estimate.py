@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loralab.study.estimate import MIN_SHARE, point_costs
+from loralab.study.estimate import MIN_SHARE, point_costs, training_chars
 
 
 def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None):
@@ -42,3 +42,34 @@ def test_a_missing_method_is_the_other_times_their_ratio_elsewhere():
     assert costs["squad_v2", "lora"] == pytest.approx(1000.0 * (100 / 250 + 200 / 600) / 2)
     assert ("new", "lora") not in costs and ("new", "full") not in costs
     assert costs["rte", "full"] == pytest.approx(600.0)  # its own checkpoint, not the ratio
+
+
+def test_a_task_with_no_run_is_costed_from_the_others_cost_per_character():
+    points = [_pt("sst2", "lora", cpu_s=100.0), _pt("mrpc", "lora", cpu_s=600.0),
+              _pt("rte", "lora"), _pt("rte", "full"), _pt("new", "lora")]  # fmt: skip
+    chars = {"sst2": 1000.0, "mrpc": 2000.0, "rte": 4000.0}  # 0.1 and 0.3 CPU s per character
+    costs = point_costs(points, chars)
+    assert costs["rte", "lora"] == pytest.approx(0.2 * 4000.0)
+    assert ("rte", "full") not in costs  # no full run anywhere to take a rate from
+    assert ("new", "lora") not in costs  # no training text known
+    assert point_costs(points) == {("sst2", "lora"): 100.0, ("mrpc", "lora"): 600.0}
+
+
+def test_training_chars_counts_the_text_a_run_sees(tmp_path):
+    from conftest import write_sst2
+
+    from loralab.config import build_config
+    from loralab.tasks import get_task
+
+    data = write_sst2(tmp_path / "sst2", n_train=40)
+    raw = get_task("sst2").load("train", data_dir=str(data))
+    mean = sum(len(t) for t in raw["text_a"]) / len(raw)  # text_b is "" for SST-2
+    cfg = build_config(overrides=["data.task=sst2", f"data.data_dir={data}",
+                                  "data.max_train_examples=10", "train.epochs=3"])  # fmt: skip
+    assert training_chars(cfg) == pytest.approx(mean * 10 * 3)
+    steps = build_config(overrides=["data.task=sst2", f"data.data_dir={data}",
+                                    "train.max_steps=5", "train.batch_size=4"])  # fmt: skip
+    assert training_chars(steps) == pytest.approx(mean * 5 * 4)
+    assert training_chars(build_config(overrides=["data.task=sst2"])) is None  # the hub: no
+    gone = build_config(overrides=["data.task=sst2", f"data.data_dir={tmp_path / 'nowhere'}"])
+    assert training_chars(gone) is None

@@ -191,3 +191,25 @@ def test_sweep_status_of_one_stored_study(tmp_path, spec, capsys):
     assert "give --study NAME" in capsys.readouterr().err
     assert main(["sweep", "status", "--study", name, "--output-dir", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_a_task_with_no_run_gets_a_rough_cost_from_its_training_text(tmp_path, spec):
+    """sst2 has finished points, mrpc none: mrpc is costed at sst2's CPU per character of
+    training text, and the total says how many points that covers."""
+    from conftest import write_mrpc, write_sst2
+
+    from loralab.study.estimate import training_chars
+
+    write_sst2(tmp_path / "glue" / "sst2")
+    write_mrpc(tmp_path / "glue" / "mrpc", n=32)
+    res = tmp_path / "res"
+    _grid(spec, res)
+    status = study_status(spec, str(res))
+    configs = {ph.task: ph.config for ph in status.phases}
+    sst2, mrpc = (training_chars(configs[t]) for t in ("sst2", "mrpc"))
+    costs = status._costs()
+    assert costs["mrpc", "lora"] == pytest.approx(100.0 / sst2 * mrpc)  # lora: 100 s on sst2
+    assert costs["mrpc", "full"] == pytest.approx(300.0 / sst2 * mrpc)
+    assert status.rough() == {("mrpc", "lora"), ("mrpc", "full")}
+    mrpc_points = sum(p.task == "mrpc" for p in status.points)
+    assert f"({mrpc_points} of them roughly" in render(status)[-1]

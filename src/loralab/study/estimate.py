@@ -5,19 +5,27 @@ progress line. A (task, method)'s cost is, in order of preference:
      (checkpoints at `MIN_SHARE` of training or more);
   3. the other method's cost on the same task times the mean ratio between the two methods on
      the tasks where both are known from 1 or 2 (full fine-tuning costs a steady multiple of
-     LoRA on one model, whatever the task).
+     LoRA on one model, whatever the task);
+  4. a rough one: the same method's cost per character of training text on the other tasks,
+     times this task's training text (`training_chars`). It misses what the text's length
+     does to attention and the evaluations' cost (SQuAD v2's are large).
 A (task, method) with none of these has no cost (its points are counted apart).
 """
 
 from __future__ import annotations
 
+from ..errors import LoralabError
+from ..tasks import get_task
+
 MIN_SHARE = 0.05  # an earlier checkpoint says too little about the whole run's cost
+TEXT_COLUMNS = ("text_a", "text_b", "question", "context")  # the canonical text columns
 
 
-def point_costs(points) -> dict[tuple[str, str], float]:
+def point_costs(points, chars: dict[str, float] | None = None) -> dict[tuple[str, str], float]:
     """{(task, method): training CPU s of one point} from `points`, objects with `task`,
     `method`, `finished`, `cpu_s` (finished), `resumes_at` and `resumes_cpu_s` (the newest
-    checkpoint's share of training and CPU s)."""
+    checkpoint's share of training and CPU s); `chars`: {task: training text of one run} for
+    the rough fourth tier (see `rough`)."""
     done: dict[tuple[str, str], list[float]] = {}
     partial: dict[tuple[str, str], list[float]] = {}
     for p in points:
@@ -34,4 +42,38 @@ def point_costs(points) -> dict[tuple[str, str], float]:
         if (task, m) not in costs and (task, o) in known and both:
             ratio = sum(known[t, m] / known[t, o] for t in both) / len(both)
             costs[task, m] = ratio * known[task, o]
+    for (task, m), cost in rough(costs, chars or {}, tasks, methods).items():
+        costs.setdefault((task, m), cost)
     return costs
+
+
+def rough(costs: dict, chars: dict[str, float], tasks, methods) -> dict[tuple[str, str], float]:
+    """Tier 4 for the (task, method) pairs `costs` lacks: the method's mean CPU s per character
+    of training text over the tasks that have both, times the task's characters."""
+    out = {}
+    for m in methods:
+        rates = [costs[t, m] / chars[t] for t in tasks if (t, m) in costs and chars.get(t)]
+        for task in tasks:
+            if (task, m) not in costs and chars.get(task) and rates:
+                out[task, m] = sum(rates) / len(rates) * chars[task]
+    return out
+
+
+def training_chars(cfg) -> float | None:
+    """Characters of text one run of `cfg` trains on: the mean row's text (question and context
+    for SQuAD) x the rows it sees (rows capped by `max_train_examples`, x epochs; or steps x
+    batch). None without a local training file (a status never reaches for the hub) or when the
+    file cannot be read."""
+    data, tr = cfg.data, cfg.train
+    if not (data.data_dir or data.train_file):
+        return None
+    try:
+        raw = get_task(data.task).load("train", data_dir=data.data_dir, file=data.train_file)
+    except (LoralabError, OSError, ValueError):
+        return None
+    if not len(raw):
+        return None
+    text = sum(len(str(v)) for c in TEXT_COLUMNS if c in raw.column_names for v in raw[c])
+    rows = min(len(raw), data.max_train_examples or len(raw))
+    seen = tr.max_steps * tr.batch_size * tr.grad_accum if tr.max_steps > 0 else rows * tr.epochs
+    return text / len(raw) * seen

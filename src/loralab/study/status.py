@@ -18,26 +18,14 @@ The estimate: an unfinished point costs what a point of its task and method cost
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..rundir import (
-    CHECKPOINT_DIR,
-    LOCKS_DIR,
-    LOSS_FILE,
-    METRICS_FILE,
-    RUNS_DIR,
-    STUDY_DB,
-    SUMMARY_FILE,
-)
-from .estimate import point_costs
+from ..rundir import STUDY_DB
+from .estimate import point_costs, training_chars
 from .phases import Phase, StudySpec, best_lrs, phases
+from .progress import read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
 from .storage import is_final, load_study, open_storage
@@ -80,6 +68,7 @@ class PhaseStatus:
     waits_for_grid: bool = False
     best: dict | None = None  # the grid's best lr per method (grid phases: once complete)
     points: list[PointStatus] = field(default_factory=list)
+    config: object = None  # one point's ExperimentConfig (its task's data, caps, schedule)
 
 
 @dataclass
@@ -88,13 +77,31 @@ class StudyStatus:
     storage: str | None  # None: no storage yet (nothing has run)
     phases: list[PhaseStatus]
 
+    _cost_cache: tuple | None = field(default=None, repr=False, compare=False)
+
     @property
     def points(self) -> list[PointStatus]:
         return [p for ph in self.phases for p in ph.points]
 
     def _costs(self) -> dict[tuple[str, str], float]:
         """Training CPU s of one point per (task, method) (`estimate.point_costs`)."""
-        return point_costs(self.points)
+        return self._cost_tiers()[0]
+
+    def rough(self) -> set[tuple[str, str]]:
+        """The (task, method) pairs costed only from other tasks' cost per training character."""
+        return self._cost_tiers()[1]
+
+    def _cost_tiers(self) -> tuple[dict, set]:
+        if self._cost_cache is None:
+            costs = point_costs(self.points)
+            lacking = {p.task for p in self.points if not p.finished and (p.task, p.method) not in costs}  # fmt: skip
+            chars = {}
+            if lacking:  # reading the training files costs seconds: only when they are needed
+                configs = {ph.task: ph.config for ph in self.phases if ph.config is not None}
+                chars = {t: c for t, cfg in configs.items() if (c := training_chars(cfg))}
+            full = point_costs(self.points, chars)
+            self._cost_cache = (full, set(full) - set(costs))
+        return self._cost_cache
 
     def left_of(self, p: PointStatus, costs: dict | None = None) -> float | None:
         """Training CPU s point `p` still needs (0 when finished); None when nothing to go by."""
@@ -128,13 +135,15 @@ def _storage(results: str, storage: str | None):
 def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
     """Fill `status.points` with the plan's points (keys with `lr<best>` while it waits)."""
     for p in plan.points():
+        if status.config is None:
+            status.config = plan.config_for(p, results)
         key = p["key"]
         if status.waits_for_grid:
             key = with_lr_placeholder(key)
         ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
         if not status.waits_for_grid:
             _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
-            _read_run(ps, Path(results), p["key"], plan.config_for(p, results))
+            read_run(ps, Path(results), p["key"], plan.config_for(p, results), FINAL)
         status.points.append(ps)
 
 
@@ -226,97 +235,6 @@ def _fill(ps: PointStatus, trials: list) -> None:
             ps.worker = f"{who.get('host')}:{who.get('pid')}" if s == "running" and who else None
 
 
-def _read_run(ps: PointStatus, results: Path, key: str, cfg) -> None:
-    """Training CPU time (finished), logged progress and the last checkpoint (unfinished)."""
-    run = results / RUNS_DIR / key
-    try:
-        summary = json.loads((run / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        summary = {}  # not finished, a reused point from elsewhere, or a summary being written
-    if ps.state in FINAL or summary.get("status") == "completed":
-        ps.cpu_s = summary.get("train_cpu_time_s")
-        if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
-            ps.reusable = True
-            ps.detail = "its run folder is finished: reused, not retrained, when claimed"
-        return
-    if not run.is_dir():
-        return
-    max_steps, ckpt_step = cfg.train.max_steps, None
-    ckpts = sorted(
-        (c for c in (run / CHECKPOINT_DIR).glob("checkpoint-*") if c.name[11:].isdigit()),
-        key=lambda c: int(c.name[11:]),
-    )
-    for c in reversed(ckpts):  # the newest readable one (a checkpoint being saved has no state)
-        try:
-            state = json.loads((c / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        max_steps, ckpt_step = state.get("max_steps") or max_steps, state.get("global_step")
-        ps.resumes_cpu_s = _checkpoint_cpu(c)
-        break
-    if ckpt_step is not None and max_steps and max_steps > 0:
-        ps.resumes_at = ckpt_step / max_steps
-    last = _last_logged(run / METRICS_FILE)
-    if last:
-        if max_steps and max_steps > 0 and "step" in last:
-            ps.progress = min(1.0, last["step"] / max_steps)
-        elif "epoch" in last and cfg.train.epochs > 0:
-            ps.progress = min(1.0, last["epoch"] / cfg.train.epochs)
-        if "time" in last:
-            ps.logged_ago_s = max(0.0, time.time() - last["time"])
-    if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
-        ps.detail = "stale: no worker on this host holds it; the next worker retries it"
-
-
-def _checkpoint_cpu(ckpt: Path) -> float | None:
-    """Training CPU s up to `ckpt` (recorded by loralab since 2026-12-02; None before)."""
-    try:
-        value = json.loads((ckpt / LOSS_FILE).read_text()).get("train_cpu_time_s")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _last_logged(path: Path) -> dict | None:
-    """The last training log line with a step (metrics.jsonl is appended line by line)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 65536))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a cut first line or one being written
-        if isinstance(row, dict) and "epoch" in row:
-            return row
-    return None
-
-
-def _lock_free_here(lock: Path) -> bool:
-    """True when the point's lock note names this host and nobody holds the lock (its worker is
-    gone); False when held, or when it belongs to another host (a flock says nothing there)."""
-    try:
-        note = json.loads(lock.read_text() or "{}")
-        fd = os.open(lock, os.O_RDONLY)
-    except (OSError, ValueError):
-        return False
-    try:
-        if note.get("host") != socket.gethostname():
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
-
-
 def _hours(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
 
@@ -362,6 +280,10 @@ def totals(status: StudyStatus) -> str:
         known = len(pts) - done - reused - unknown
         if known:
             text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
+            rough = sum(not p.finished and (p.task, p.method) in status.rough() for p in pts)
+            if rough:
+                text += (f" ({rough} of them roughly, from the other tasks' cost per character "
+                         "of training text)")  # fmt: skip
         if unknown:
             text += (f"{' (+' if known else '; '}{unknown} point{'s' * (unknown != 1)} with no "
                      f"cost yet for their task and method{')' if known else ''}")  # fmt: skip

@@ -1,0 +1,107 @@
+"""What a study point's run folder says while it trains or after: the finished run's training
+CPU time, the logged progress, the newest readable checkpoint (its share of training and the
+CPU time up to it), and whether the worker that holds the point on this host is gone."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOSS_FILE, METRICS_FILE, RUNS_DIR, SUMMARY_FILE
+
+
+def read_run(ps, results: Path, key: str, cfg, final: tuple[str, ...]) -> None:
+    """Fill point status `ps` (see status.PointStatus) from its run folder: training CPU time
+    (finished; `final`: the states that count as finished), else logged progress, the last
+    checkpoint and its CPU time, and whether its worker on this host is gone."""
+    run = results / RUNS_DIR / key
+    try:
+        summary = json.loads((run / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {}  # not finished, a reused point from elsewhere, or a summary being written
+    if ps.state in final or summary.get("status") == "completed":
+        ps.cpu_s = summary.get("train_cpu_time_s")
+        if ps.state not in final:  # an ablation's base point, a grid extended under a new name
+            ps.reusable = True
+            ps.detail = "its run folder is finished: reused, not retrained, when claimed"
+        return
+    if not run.is_dir():
+        return
+    max_steps, ckpt_step = cfg.train.max_steps, None
+    ckpts = sorted(
+        (c for c in (run / CHECKPOINT_DIR).glob("checkpoint-*") if c.name[11:].isdigit()),
+        key=lambda c: int(c.name[11:]),
+    )
+    for c in reversed(ckpts):  # the newest readable one (a checkpoint being saved has no state)
+        try:
+            state = json.loads((c / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        max_steps, ckpt_step = state.get("max_steps") or max_steps, state.get("global_step")
+        ps.resumes_cpu_s = _checkpoint_cpu(c)
+        break
+    if ckpt_step is not None and max_steps and max_steps > 0:
+        ps.resumes_at = ckpt_step / max_steps
+    last = _last_logged(run / METRICS_FILE)
+    if last:
+        if max_steps and max_steps > 0 and "step" in last:
+            ps.progress = min(1.0, last["step"] / max_steps)
+        elif "epoch" in last and cfg.train.epochs > 0:
+            ps.progress = min(1.0, last["epoch"] / cfg.train.epochs)
+        if "time" in last:
+            ps.logged_ago_s = max(0.0, time.time() - last["time"])
+    if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
+        ps.detail = "stale: no worker on this host holds it; the next worker retries it"
+
+
+def _checkpoint_cpu(ckpt: Path) -> float | None:
+    """Training CPU s up to `ckpt` (recorded by loralab since 2026-12-02; None before)."""
+    try:
+        value = json.loads((ckpt / LOSS_FILE).read_text()).get("train_cpu_time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _last_logged(path: Path) -> dict | None:
+    """The last training log line with a step (metrics.jsonl is appended line by line)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a cut first line or one being written
+        if isinstance(row, dict) and "epoch" in row:
+            return row
+    return None
+
+
+def _lock_free_here(lock: Path) -> bool:
+    """True when the point's lock note names this host and nobody holds the lock (its worker is
+    gone); False when held, or when it belongs to another host (a flock says nothing there)."""
+    try:
+        note = json.loads(lock.read_text() or "{}")
+        fd = os.open(lock, os.O_RDONLY)
+    except (OSError, ValueError):
+        return False
+    try:
+        if note.get("host") != socket.gethostname():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
