@@ -53,15 +53,9 @@ def _points(cell, value: float) -> float:
     return points_per_unit(cell.task) * value
 
 
-def lora_vs_full(comps, path: Path) -> Path:
-    """Grouped bars per comparison: full fine-tuning vs LoRA at their best learning rates."""
-    lora_vs_full_figure(comps).savefig(path, dpi=110)
-    return path
-
-
 def lora_vs_full_figure(comps):
-    """The figure of `lora_vs_full`: one group per comparison, labelled by task, model and the
-    variant's slug."""
+    """Grouped bars per comparison, full fine-tuning vs LoRA at their best learning rates,
+    labelled by task, model and the variant's slug."""
     fig, (ax,) = _figure(1, width=max(4.6, 1.6 * len(comps) + 1.5))
     for i, c in enumerate(comps):
         for j, cell in enumerate((c.full, c.lora)):
@@ -219,25 +213,22 @@ def ablation(cells, kind: str, reference):
 
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     """(title, path) of every figure the data allow."""
-    out = []
+    figures = []  # (title, file name, figure or None)
     if comps:
-        out.append(("LoRA vs full fine-tuning", lora_vs_full(comps, folder / "lora_vs_full.png")))
-        diffs = paired_differences(comps)
-        if diffs is not None:
-            path = folder / "paired_differences.png"
-            diffs.savefig(path, dpi=110)
-            out.append(("LoRA − full fine-tuning, paired by seed", path))
-        curves = learning_curves(comps)
-        if curves is not None:
-            path = folder / "learning_curves.png"
-            curves.savefig(path, dpi=110)
-            out.append(("Learning curves: dev metric vs training step", path))
+        figures += [
+            ("LoRA vs full fine-tuning", "lora_vs_full.png", lora_vs_full_figure(comps)),
+            ("LoRA − full fine-tuning, paired by seed", "paired_differences.png", paired_differences(comps)),
+            ("Learning curves: dev metric vs training step", "learning_curves.png", learning_curves(comps)),
+        ]  # fmt: skip
     best = [c for c in cells if c.best and c.lora]
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         kind = group.removeprefix("ablation-")
         mine = [c for c in best if c.group == group]
-        ref = lambda c: full_reference(c, cells)  # noqa: E731
-        path = folder / f"ablation_{kind}.png"
-        ablation(mine, kind, ref).savefig(path, dpi=110)
-        out.append((f"Ablation: {kind}", path))
+        fig = ablation(mine, kind, lambda c: full_reference(c, cells))
+        figures.append((f"Ablation: {kind}", f"ablation_{kind}.png", fig))
+    out = []
+    for title, name, fig in figures:
+        if fig is not None:
+            fig.savefig(folder / name, dpi=110)
+            out.append((title, folder / name))
     return out
