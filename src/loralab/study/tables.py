@@ -155,15 +155,17 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         )
         out.append(Table(
             f"{task}: every metric at the best learning rate",
-            ["study", "head", "model", "method", "LoRA", "data", "lr", "seeds", *metrics],
+            ["group", "head", "model", "method", "LoRA", "data", "lr", "seeds", *metrics],
             [[c.group, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
               *[_pm(c, m) for m in metrics]] for c in group],
         ))  # fmt: skip
     out.append(Table(
         "Learning-rate grid (main metric)",
-        ["study", "task", "head", "model", "method", "LoRA", "data", "lr", "seeds", "main metric", "best"],
+        ["group", "task", "head", "model", "method", "LoRA", "data", "lr", "seeds", "main metric", "best"],
         [[c.group, c.task, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
           _pm(c, c.metric), "✓" if c.best else ""] for c in cells],
+        "group: `sweep` for the learning-rate grid and the seeds run at its best rates, "
+        "`ablation-<axis>` for an ablation's runs.",
     ))  # fmt: skip
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         rows = []
