@@ -14,6 +14,8 @@ A (task, method) with none of these has no cost (its points are counted apart).
 
 from __future__ import annotations
 
+import functools
+
 from ..errors import LoralabError
 from ..tasks import get_task
 
@@ -67,13 +69,23 @@ def training_chars(cfg) -> float | None:
     data, tr = cfg.data, cfg.train
     if not (data.data_dir or data.train_file):
         return None
+    found = _text_per_row(data.task, data.data_dir, data.train_file)
+    if found is None:
+        return None
+    per_row, n = found
+    rows = min(n, data.max_train_examples or n)
+    seen = tr.max_steps * tr.batch_size * tr.grad_accum if tr.max_steps > 0 else rows * tr.epochs
+    return per_row * seen
+
+
+@functools.lru_cache(maxsize=32)  # a running study asks again after every point
+def _text_per_row(task: str, data_dir: str | None, file: str | None) -> tuple[float, int] | None:
+    """(mean characters of text per training row, rows) of a task's local training data."""
     try:
-        raw = get_task(data.task).load("train", data_dir=data.data_dir, file=data.train_file)
+        raw = get_task(task).load("train", data_dir=data_dir, file=file)
     except (LoralabError, OSError, ValueError):
         return None
     if not len(raw):
         return None
     text = sum(len(str(v)) for c in TEXT_COLUMNS if c in raw.column_names for v in raw[c])
-    rows = min(len(raw), data.max_train_examples or len(raw))
-    seen = tr.max_steps * tr.batch_size * tr.grad_accum if tr.max_steps > 0 else rows * tr.epochs
-    return text / len(raw) * seen
+    return text / len(raw), len(raw)
