@@ -13,19 +13,21 @@ from pathlib import Path
 
 from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOSS_FILE, METRICS_FILE, RUNS_DIR, SUMMARY_FILE
 
+FINAL = ("done", "diverged")  # the point states that need no more training
 
-def read_run(ps, results: Path, key: str, cfg, final: tuple[str, ...]) -> None:
+
+def read_run(ps, results: Path, key: str, cfg) -> None:
     """Fill point status `ps` (see status.PointStatus) from its run folder: training CPU time
-    (finished; `final`: the states that count as finished), else logged progress, the last
-    checkpoint and its CPU time, and whether its worker on this host is gone."""
+    (finished), else logged progress, the last checkpoint and its CPU time, and whether its
+    worker on this host is gone."""
     run = results / RUNS_DIR / key
     try:
         summary = json.loads((run / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
-    if ps.state in final or summary.get("status") == "completed":
+    if ps.state in FINAL or summary.get("status") == "completed":
         ps.cpu_s = summary.get("train_cpu_time_s")
-        if ps.state not in final:  # an ablation's base point, a grid extended under a new name
+        if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
             ps.reusable = True
             ps.detail = "its run folder is finished: reused, not retrained, when claimed"
         return

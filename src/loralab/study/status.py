@@ -25,12 +25,10 @@ from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from .estimate import point_costs, training_chars
 from .phases import Phase, StudySpec, best_lrs, phases
-from .progress import read_run
+from .progress import FINAL, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
 from .storage import is_final, load_study, open_storage
-
-FINAL = ("done", "diverged")
 
 
 @dataclass
@@ -143,7 +141,7 @@ def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
         ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
         if not status.waits_for_grid:
             _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
-            read_run(ps, Path(results), p["key"], plan.config_for(p, results), FINAL)
+            read_run(ps, Path(results), p["key"], plan.config_for(p, results))
         status.points.append(ps)
 
 
@@ -245,7 +243,7 @@ def _ago(s: float) -> str:
 
 def render(status: StudyStatus) -> list[str]:
     """Text lines: per phase a header and its points, then the totals."""
-    lines = []
+    lines, costs = [], status._costs()
     if status.storage is None:
         lines.append(f"no study storage in {status.results_dir} yet: nothing has run")
     for ph in status.phases:
@@ -257,7 +255,6 @@ def render(status: StudyStatus) -> list[str]:
             head += " · best lr " + ", ".join(f"{m} {lr:g}" for m, lr in ph.best.items())
         lines.append(head)
         width = max(len(p.key) for p in ph.points) if ph.points else 0
-        costs = status._costs()
         for p in ph.points:
             left = status.left_of(p, costs) if p.state in ("running", "interrupted") else None
             detail = _point_detail(p) + (f"; ~{_hours(left)} of training CPU left" if left else "")

@@ -46,8 +46,12 @@ def _share_verdict(ok: bool | None, share: float) -> str:
     return "n/a" if ok is None else f"{'PASS' if ok else 'FAIL'}: {share:.3f}%"
 
 
+def _diverged(cell: Cell) -> int:
+    return sum(r["status"] == "diverged" for r in cell.runs)
+
+
 def _n(cell: Cell) -> str:
-    div = sum(r["status"] == "diverged" for r in cell.runs)
+    div = _diverged(cell)
     return f"{len(cell.done)}" + (f" (+{div} diverged)" if div else "")
 
 
@@ -110,7 +114,7 @@ def _at(cell: Cell | None) -> str:
     mean, std = cell.stat(cell.metric)
     k, n = points_per_unit(cell.task), len(cell.done)
     value = f"{k * mean:.2f}" + ("" if math.isnan(std) else f" ± {k * std:.2f}")
-    div = sum(r["status"] == "diverged" for r in cell.runs)
+    div = _diverged(cell)
     return (
         f"{value} (lr {cell.lr:g}, {n} seed{'s' * (n != 1)}{f', +{div} diverged' if div else ''})"
     )
@@ -200,7 +204,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                "r": lora.get("r", ""), "alpha": lora.get("alpha", ""),
                "target": "+".join(target) if isinstance(target, list) else target,
                "data": c.data, "schedule": c.schedule, "lr": c.lr, "best_lr": c.best,
-               "n": len(c.done), "n_diverged": sum(r["status"] == "diverged" for r in c.runs),
+               "n": len(c.done), "n_diverged": _diverged(c),
                "seeds": " ".join(str(r["seed"]) for r in c.done), "main_metric": c.metric,
                "majority_baseline": c.reference("majority"), "zero_shot": c.reference("zero_shot")}  # fmt: skip
         for m in metrics:
