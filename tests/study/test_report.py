@@ -604,3 +604,44 @@ def test_at_a_glance_table_pairs_the_methods_per_task(tmp_path):
     assert rte["peak memory (MB), LoRA / full"] == "100 / —"
     assert rte["LoRA − full (mean [95% CI])"].startswith("n/a")
     assert "## At a glance" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_seeds_that_picked_the_lr_are_set_apart_from_the_others(tmp_path):
+    """Grid on seed 1, seeds 2 and 3 at each method's best: the held-out column pairs seeds 2
+    and 3 only (seed 1's scores are each grid's maximum); a family with one lr chose nothing."""
+    lora = {1: 0.80, 2: 0.76, 3: 0.78}
+    full = {1: 0.81, 2: 0.80, 3: 0.79}
+    for seed in (1, 2, 3):
+        write_run(tmp_path, f"lora-s{seed}", seed, {"accuracy": lora[seed]}, lr=3e-4)
+        write_run(tmp_path, f"full-s{seed}", seed, {"accuracy": full[seed]}, method="full", lr=3e-5)
+    write_run(tmp_path, "lora-low", 1, {"accuracy": 0.70}, lr=1e-4)
+    write_run(tmp_path, "full-low", 1, {"accuracy": 0.75}, method="full", lr=1e-5)
+    write_run(tmp_path, "rte-lora", 1, {"accuracy": 0.55}, task="rte")
+    write_run(tmp_path, "rte-full", 1, {"accuracy": 0.57}, task="rte", method="full", lr=3e-5)
+    rep = report(tmp_path, out=tmp_path / "rep")
+    sst2, rte = sorted(rep.comparisons, key=lambda c: c.task != "sst2")
+    assert sst2.lora.chose_lr_on == sst2.full.chose_lr_on == {1}
+    assert sst2.diffs == pytest.approx([-1.0, -4.0, -1.0])
+    assert sst2.held_out_diffs == pytest.approx([-4.0, -1.0])
+    assert rte.lora.chose_lr_on == frozenset() and rte.held_out_diffs == pytest.approx([-2.0])
+    (glance,) = [t for t in rep.tables if t.title.startswith("At a glance")]
+    col = glance.headers.index("LoRA − full, seeds that did not pick the lr")
+    rows = {r[0]: r[col] for r in glance.rows}
+    half = t_quantile(0.975, 1) * statistics.stdev([-4.0, -1.0]) / math.sqrt(2)
+    assert rows["sst2"] == f"-2.50 [{-2.5 - half:+.2f}, {-2.5 + half:+.2f}] (seeds 2, 3)"
+    assert rows["rte"] == "-2.00 (seed 1)"
+    with open(tmp_path / "rep" / "report.csv") as fh:
+        csv_lora = [r for r in csv.DictReader(fh) if r["best_lr"] == "True" and r["task"] == "sst2"]
+    by_method = {r["method"]: r for r in csv_lora}
+    assert by_method["lora"]["lr_chosen_on_seeds"] == by_method["full"]["lr_chosen_on_seeds"] == "1"
+    assert float(by_method["lora"]["held_out_minus_full_points"]) == pytest.approx(-2.5)
+    assert by_method["lora"]["held_out_n"] == "2"
+
+
+def test_without_a_shared_seed_every_seed_picked_the_lr(tmp_path):
+    """Two lrs on disjoint seeds: the choice used every seed, so none is held out."""
+    write_run(tmp_path, "a-s1", 1, {"accuracy": 0.80}, lr=1e-4)
+    write_run(tmp_path, "b-s2", 2, {"accuracy": 0.70}, lr=3e-4)
+    write_run(tmp_path, "full-s1", 1, {"accuracy": 0.82}, method="full", lr=3e-5)
+    (comp,) = aggregate(load_runs(tmp_path))[1]
+    assert comp.lora.chose_lr_on == {1, 2} and comp.held_out_diffs == []

@@ -31,6 +31,8 @@ class Cell:
     identity_id: str
     runs: list = field(default_factory=list)
     best: bool = False
+    # Seeds whose scores chose this cell's learning rate among 2+ (empty: no choice was made).
+    chose_lr_on: frozenset = frozenset()
 
     @property
     def first(self) -> dict:
@@ -165,6 +167,16 @@ class Comparison:
         return t_interval(self.diffs) if self.diffs else (math.nan, math.nan, math.nan)
 
     @property
+    def held_out_diffs(self) -> list[float]:
+        """LoRA − full on the seeds that chose neither method's learning rate. On the seeds that
+        did, each method's score is the best of its grid, a maximum that flatters it (more so
+        with the larger grid); these seeds are free of that selection."""
+        if self.full is None:
+            return []
+        chose = self.lora.chose_lr_on | self.full.chose_lr_on
+        return [d for (s, _, _), d in zip(self.pairs, self.diffs, strict=True) if s not in chose]
+
+    @property
     def delta_points(self) -> float:
         return self.interval[0]
 
@@ -206,6 +218,11 @@ class Comparison:
         return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
 
 
+def _shared_seeds(cells: list[Cell]) -> frozenset:
+    """The seeds every cell has finished (empty when they share none)."""
+    return frozenset(set.intersection(*({r["seed"] for r in c.done} for c in cells)))
+
+
 def _selection_score(cells: list[Cell]):
     """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
 
@@ -213,7 +230,7 @@ def _selection_score(cells: list[Cell]):
     seeds would set the winner's three seeds against the others' one: only the shared seed(s)
     compare like with like, and that is also what the study chose on.
     """
-    shared = set.intersection(*({r["seed"] for r in c.done} for c in cells))
+    shared = _shared_seeds(cells)
 
     def score(c: Cell) -> float:
         vals = [r["metrics"][c.metric] for r in c.done
@@ -241,7 +258,12 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     for fam in _families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
         if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
-            max(scored, key=_selection_score(scored)).best = True
+            winner = max(scored, key=_selection_score(scored))
+            winner.best = True
+            if len(scored) > 1:  # with no seed in common, every seed took part
+                winner.chose_lr_on = _shared_seeds(scored) or frozenset(
+                    r["seed"] for c in scored for r in c.done
+                )
     best = [c for c in ordered if c.best]
     fulls = {c.counterpart: c for c in best if c.method == "full"}
     comps = [Comparison(c, fulls.get(c.counterpart)) for c in best

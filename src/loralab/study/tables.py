@@ -16,6 +16,7 @@ from .aggregate import (
     is_ablation,
 )
 from .records import points_per_unit
+from .stats import t_interval
 
 
 @dataclass
@@ -129,23 +130,39 @@ def _both(comp: Comparison, key: str, scale: float = 1.0, fmt: str = ".0f") -> s
     return text + (f" ({lora / full:.2f}×)" if full and not math.isnan(lora + full) else "")
 
 
+def _held_out(comp: Comparison) -> str:
+    """'-1.90 [-5.52, +1.72] (seeds 1337, 2024)': LoRA − full on the seeds that chose neither
+    learning rate; a dash when every paired seed took part in the choice."""
+    diffs = comp.held_out_diffs
+    if not diffs:
+        return "—"
+    mean, lo, hi = t_interval(diffs)
+    chose = comp.lora.chose_lr_on | comp.full.chose_lr_on
+    seeds = ", ".join(str(s) for s, _, _ in comp.pairs if s not in chose)
+    ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
+    return f"{mean:+.2f}{ci} (seed{'s' * (len(diffs) > 1)} {seeds})"
+
+
 def glance_table(comps: list[Comparison]) -> Table:
     """One row per task and model: the two methods at their best lr and the paired verdict."""
     rows = [[c.task, c.model, c.head, c.lora.metric, _points(c.lora, c.lora.reference("majority")),
-             _at(c.lora), _at(c.full), c.verdict,
+             _at(c.lora), _at(c.full), c.verdict, _held_out(c),
              _f(c.lora.avg("trainable_share_without_head_pct"), ".3f"),
              _both(c, "train_cpu_time_s", 1 / 60, ".1f"), _both(c, "wall_time_s", 1 / 60, ".1f"),
              _both(c, "peak_memory_mb")] for c in comps]  # fmt: skip
     return Table(
         "At a glance: LoRA vs full fine-tuning per task",
         ["task", "model", "head", "metric", "majority baseline", "LoRA", "full fine-tuning",
-         "LoRA − full (mean [95% CI])", "trainable % (without head)",
+         "LoRA − full (mean [95% CI])", "LoRA − full, seeds that did not pick the lr",
+         "trainable % (without head)",
          "training CPU (min), LoRA / full", "wall time (min), LoRA / full",
          "peak memory (MB), LoRA / full"],
         rows,
         "Each method at its best learning rate (mean ± std over seeds, in points); LoRA − full "
-        "paired by seed. Time and memory: means per run, LoRA / full fine-tuning (their ratio). "
-        "The table above has every column.",
+        "paired by seed. On the seeds whose scores picked a method's learning rate, its score is "
+        "the best of its grid, which flatters it (the more, the larger its grid); the next column "
+        "pairs only the other seeds (mean [95% CI], no interval for one seed). Time and memory: "
+        "means per run, LoRA / full fine-tuning (their ratio). The table above has every column.",
     )  # fmt: skip
 
 
@@ -213,9 +230,13 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
         for k in ("trainable_share_pct", "trainable_share_without_head_pct", "wall_time_s",
                   "train_cpu_time_s", "peak_memory_mb"):  # fmt: skip
             row[k] = c.avg(k)
+        row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
         mean, lo, hi = comp.interval if comp else ("", "", "")
+        held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
                    paired_seeds=" ".join(str(s) for s, _, _ in comp.pairs) if comp else "",
+                   held_out_minus_full_points=t_interval(held)[0] if held else "",
+                   held_out_n=len(held) if comp else "",
                    uninformative=comp.uninformative if comp else "",
                    drop_target_pass=comp.drop_ok if comp else "",
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
