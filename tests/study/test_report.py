@@ -636,6 +636,11 @@ def test_seeds_that_picked_the_lr_are_set_apart_from_the_others(tmp_path):
     assert by_method["lora"]["lr_chosen_on_seeds"] == by_method["full"]["lr_chosen_on_seeds"] == "1"
     assert float(by_method["lora"]["held_out_minus_full_points"]) == pytest.approx(-2.5)
     assert by_method["lora"]["held_out_n"] == "2"
+    # The figure: seed 1 hollow (it picked both lrs), seeds 2 and 3 filled.
+    (ax,) = plots.paired_differences([sst2]).axes
+    dots = {ln.get_markerfacecolor() == "none": list(ln.get_xdata()) for ln in ax.lines
+            if ln.get_marker() == "o"}  # fmt: skip
+    assert dots == {True: pytest.approx([-1.0]), False: pytest.approx([-4.0, -1.0])}
 
 
 def test_without_a_shared_seed_every_seed_picked_the_lr(tmp_path):

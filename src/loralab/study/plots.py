@@ -79,15 +79,22 @@ def lora_vs_full_figure(comps):
 
 def paired_differences(comps):
     """LoRA − full fine-tuning per comparison with seeds in common (one row each): the seeds'
-    paired differences as dots, their mean with its 95% interval, zero and the target marked.
-    None when no comparison has a seed in common."""
+    paired differences as dots (hollow on the seeds that picked a learning rate), their mean with
+    its 95% interval, zero and the target marked. None when no comparison has a seed in common."""
     rows = [c for c in comps if c.diffs]
     if not rows:
         return None
     fig, (ax,) = _figure(1, width=6.0, height=0.6 * len(rows) + 1.6)
     for i, c in enumerate(rows):
         y = len(rows) - 1 - i  # the first comparison on top
-        ax.plot(c.diffs, [y] * len(c.diffs), "o", ms=4, color="#9ab7d8", label="one seed")
+        chose = c.lora.chose_lr_on | c.full.chose_lr_on
+        picked = [d for (s, _, _), d in zip(c.pairs, c.diffs, strict=True) if s in chose]
+        held = c.held_out_diffs
+        if held:
+            ax.plot(held, [y] * len(held), "o", ms=4, color="#9ab7d8", label="one seed")
+        if picked:  # hollow: each method's score there is its grid's maximum
+            ax.plot(picked, [y] * len(picked), "o", ms=5, mfc="none", color="#9ab7d8",
+                    label="a seed that picked the lr")  # fmt: skip
         mean, lo, hi = c.interval
         err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
         ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
