@@ -425,3 +425,32 @@ def test_checkpoint_check_finds_each_kind_of_damage(shared, tmp_path):
     (newest / "optimizer.pt").write_bytes(bytes(data))
     good, skipped = newest_good_checkpoint(run)
     assert good.name == "checkpoint-2" and len(skipped) == 1 and "checkpoint-4" in skipped[0]
+
+
+@pytest.mark.parametrize(
+    "exitcode, action",
+    [(-9, "resume"), (-15, "resume"), (1, "train"), (None, "train")],
+)
+def test_a_resume_killed_by_a_signal_resumes_again(exitcode, action, shared, tmp_path):
+    """A resumed point whose child a signal killed (e.g. the out-of-memory killer) keeps its
+    checkpoints for the next attempt; one that crashed by itself (exit 1, or a note from before
+    exit codes were recorded) may have a checkpoint that breaks it, and trains afresh."""
+    from loralab.config import from_dict, load_yaml
+    from loralab.study.reuse import decide
+
+    run = Case(tmp_path, *shared).run(status="failed")
+    cfg = from_dict(load_yaml(run / "config.yaml"))
+    attempt = {"action": "resume", "outcome": "crashed"}
+    if exitcode is not None:
+        attempt["exitcode"] = exitcode
+    (run / "sweep.json").write_text(json.dumps({"attempts": [attempt]}))
+    assert decide(run, cfg) == action
+    assert len(list((run / "checkpoints").glob("checkpoint-*"))) == 2  # decide deletes nothing
+
+
+def test_a_killed_child_is_named_with_its_signal():
+    from loralab.study.worker import _killed_by
+
+    assert "killed by SIGKILL" in _killed_by(-9) and "out-of-memory" in _killed_by(-9)
+    assert "killed by SIGTERM" in _killed_by(-15) and "out-of-memory" not in _killed_by(-15)
+    assert _killed_by(1) == _killed_by(0) == _killed_by(None) == ""

@@ -561,7 +561,9 @@ def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(t
     assert len(runs) == 3 and first in runs and second in runs  # the grid and seed 2 at the best
     for run in runs:
         attempts = json.loads((res / "runs" / run / "sweep.json").read_text())["attempts"]
-        assert [(a["action"], a["outcome"]) for a in attempts] == [("train", "completed")], run
+        assert [(a["action"], a["outcome"], a["exitcode"]) for a in attempts] == [
+            ("train", "completed", 0)
+        ], run
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):

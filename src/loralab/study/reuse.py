@@ -97,14 +97,22 @@ def decide(run_dir: Path, cfg) -> str:
     status = tracking.read_json(summary).get("status") if summary.is_file() else None
     if status in ("completed", "diverged"):
         return "reuse"
-    attempts = read_note(run_dir).get("attempts", [])
-    if (
-        attempts
-        and attempts[-1].get("action") == "resume"
-        and attempts[-1].get("outcome") == "crashed"
-    ):
-        return "train"  # the checkpoint itself is broken (e.g. killed while being written)
+    if resume_broke(read_note(run_dir).get("attempts", [])):
+        return "train"
     return "resume" if _usable_checkpoints(run_dir) else "train"
+
+
+def resume_broke(attempts: list[dict]) -> bool:
+    """Whether the last attempt resumed from a checkpoint and crashed by itself (an error, not a
+    signal): the checkpoint may be what breaks it, so the point trains afresh. A resume killed
+    by a signal (SIGKILL from the out-of-memory killer or a user) says nothing against the
+    checkpoint, and the next attempt resumes again. Attempts noted before exit codes were
+    recorded count as broken, as they always did."""
+    last = attempts[-1] if attempts else {}
+    if last.get("action") != "resume" or last.get("outcome") != "crashed":
+        return False
+    code = last.get("exitcode")
+    return not (isinstance(code, int) and code < 0)
 
 
 def _usable_checkpoints(run_dir: Path) -> list[Path]:

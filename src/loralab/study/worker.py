@@ -268,7 +268,7 @@ class Worker:
             return "lost", None, None
         error = None
         try:
-            action = decide(run_dir, cfg)
+            action, code = decide(run_dir, cfg), None
             lock.note({**self.identity, "point": key, "trial": trial.number, "action": action})
             if action == "reuse":
                 outcome = "reused"
@@ -289,8 +289,8 @@ class Worker:
                 result.update(point=key, group=self.plan.group, study=self.study.study_name)
                 result["value"] = main_metric_value(result)
             if run_dir.is_dir():
-                self._note(run_dir, key, trial.number, action, outcome)
-            self.say(f"{key}: {outcome}" + _fmt_metrics(result))
+                self._note(run_dir, key, trial.number, action, outcome, code)
+            self.say(f"{key}: {outcome}" + _killed_by(code) + _fmt_metrics(result))
             return outcome, result, error
         finally:
             lock.release()
@@ -324,8 +324,10 @@ class Worker:
             message = f"crashed; see {log}"
         return proc.exitcode, message if proc.exitcode == 2 else None
 
-    def _note(self, run_dir: Path, key: str, number: int, action: str, outcome: str) -> None:
-        """Append this attempt to RUN_DIR/sweep.json (we hold the point's lock)."""
+    def _note(self, run_dir: Path, key: str, number: int, action: str, outcome: str,
+              exitcode: int | None = None) -> None:  # fmt: skip
+        """Append this attempt to RUN_DIR/sweep.json (we hold the point's lock); `exitcode`: the
+        training child's (negative: killed by that signal)."""
         note = read_note(run_dir) or {"point": key, "groups": [], "studies": [], "attempts": []}
         if self.plan.group not in note["groups"]:
             note["groups"].append(self.plan.group)
@@ -333,8 +335,21 @@ class Worker:
             note["studies"].append(self.study.study_name)
         note["attempts"].append({"study": self.study.study_name, "trial": number, "action": action,
                                  "outcome": outcome, "worker": self.identity,
-                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 **({"exitcode": exitcode} if exitcode is not None else {})})  # fmt: skip
         tracking.write_json(run_dir / SWEEP_FILE, note)
+
+
+def _killed_by(code: int | None) -> str:
+    """' (killed by SIGKILL: ...)' for a child a signal ended; '' otherwise."""
+    if code is None or code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = ": the kernel's out-of-memory killer sends it (see `dmesg`)" if code == -signal.SIGKILL else ""  # fmt: skip
+    return f" (killed by {name}{hint}; a retry resumes from its last checkpoint, if it has one)"
 
 
 def _fmt_metrics(result: dict | None) -> str:
