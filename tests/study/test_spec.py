@@ -100,8 +100,8 @@ def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
 def test_cpu_specs_follow_issue_14(name, model):
     spec = load_spec(TINY.parent / f"{name}.yaml")
     assert spec.output_dir == f"results/{name}" and spec.seeds == [42, 1337, 2024]
-    # Issue 14's grid; the small encoder's full fine-tuning gets a third, higher lr.
-    full_lrs = [1e-5, 3e-5] + ([1e-4] if name == "minilm-cpu" else [])
+    # Issue 14's grid, and a third, higher lr for full fine-tuning (as many as LoRA's).
+    full_lrs = [1e-5, 3e-5, 1e-4]
     assert spec.lrs == {"lora": [1e-4, 3e-4, 1e-3], "full": full_lrs}
     assert spec.lr_selection == "grid_on_first_seed" and not spec.ablations
     data = Path("../shared/data")
@@ -141,7 +141,7 @@ def test_cpu_specs_follow_issue_14(name, model):
     # Grids widened where a best lr was the top (v2, v3, v4); the other tasks keep the spec's grid.
     lora = [1e-4, 3e-4, 1e-3]
     wider = {
-        "smollm2-cpu": {"sst2": (lora + [3e-3], full_lrs + [1e-4, 3e-4])},
+        "smollm2-cpu": {"sst2": (lora + [3e-3], full_lrs + [3e-4])},
         "minilm-cpu": {
             "sst2": (lora + [3e-3, 1e-2], full_lrs + [3e-4]),
             "rte": (lora + [3e-3], full_lrs + [3e-4]),
@@ -154,7 +154,7 @@ def test_cpu_specs_follow_issue_14(name, model):
     assert points == sum(
         len(spec.lrs_for(t)["lora"]) + len(spec.lrs_for(t)["full"]) + 4 for t in want
     )
-    assert points == {"smollm2-cpu": 39, "minilm-cpu": 45}[name]
+    assert points == {"smollm2-cpu": 42, "minilm-cpu": 45}[name]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -179,7 +179,7 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
                     if k not in sizes:
                         assert c[section][k] == g[section][k], (pc["key"], section, k)
             pairs += 1
-    assert pairs == 39  # SST-2's grid is wider: LoRA one lr (v2), full two (v2, v3)
+    assert pairs == 42  # SST-2 wider: LoRA +1 lr (v2), full +2 (v2, v3); full 1e-4 elsewhere (v4)
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
