@@ -454,3 +454,15 @@ def test_a_killed_child_is_named_with_its_signal():
     assert "killed by SIGKILL" in _killed_by(-9) and "out-of-memory" in _killed_by(-9)
     assert "killed by SIGTERM" in _killed_by(-15) and "out-of-memory" not in _killed_by(-15)
     assert _killed_by(1) == _killed_by(0) == _killed_by(None) == ""
+
+
+def test_a_completed_points_checkpoints_go_unless_asked_to_keep(shared, tmp_path, monkeypatch):
+    from loralab.study.worker import KEEP_CHECKPOINTS_ENV, drop_checkpoints
+
+    run = Case(tmp_path, *shared).run()
+    monkeypatch.setenv(KEEP_CHECKPOINTS_ENV, "1")
+    assert not drop_checkpoints(run) and (run / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.delenv(KEEP_CHECKPOINTS_ENV)
+    assert drop_checkpoints(run) and not (run / "checkpoints").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()  # the weights stay
+    assert not drop_checkpoints(run)  # nothing left to remove

@@ -564,6 +564,8 @@ def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(t
         assert [(a["action"], a["outcome"], a["exitcode"]) for a in attempts] == [
             ("train", "completed", 0)
         ], run
+        # A completed point's checkpoints are gone (they were only there to resume it).
+        assert not (res / "runs" / run / "checkpoints").exists(), run
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):

@@ -33,7 +33,7 @@ from pathlib import Path
 from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
-from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from .leases import Lease, PointLock
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, read_note
@@ -48,6 +48,8 @@ from .storage import (
     point_states,
     storage_url,
 )
+
+KEEP_CHECKPOINTS_ENV = "LORALAB_KEEP_CHECKPOINTS"  # set to 1: completed points keep theirs
 
 
 @dataclass
@@ -282,6 +284,8 @@ class Worker:
                 outcome = {0: "completed", 3: "diverged", 2: "error", None: "lost"}.get(
                     code, "crashed"
                 )
+            if outcome == "completed":
+                drop_checkpoints(run_dir)
             result = None
             summary = run_dir / SUMMARY_FILE
             if summary.is_file() and outcome not in ("lost", "crashed", "error"):
@@ -338,6 +342,18 @@ class Worker:
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  **({"exitcode": exitcode} if exitcode is not None else {})})  # fmt: skip
         tracking.write_json(run_dir / SWEEP_FILE, note)
+
+
+def drop_checkpoints(run_dir: Path) -> bool:
+    """Remove a completed point's checkpoints: they exist to resume it, and the run's weights are
+    saved apart (a full fine-tuning checkpoint of SmolLM2 holds 1.5 GB of weights and optimizer
+    state; a study of a few dozen points would fill a disk). `LORALAB_KEEP_CHECKPOINTS=1` keeps
+    them. True when something was removed."""
+    folder = run_dir / CHECKPOINT_DIR
+    if os.environ.get(KEEP_CHECKPOINTS_ENV, "") not in ("", "0") or not folder.is_dir():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def _killed_by(code: int | None) -> str:
