@@ -3,6 +3,8 @@
 - `accuracy`, `f1_binary`: classification (F1 follows scikit-learn's `zero_division=0`).
 - `squad_v2_scores`: what the official SQuAD v2.0 evaluation script prints when it is run
   without a no-answer probability file (no threshold search), as percentages 0-100.
+- `squad_v2_best_threshold`: its `best_exact` / `best_f1`, the threshold search it runs when
+  given one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "exact_match",
     "token_f1",
     "squad_v2_scores",
+    "squad_v2_best_threshold",
 ]
 
 
@@ -172,4 +175,43 @@ def squad_v2_scores(
     for prefix, ids in (("HasAns", has_ans), ("NoAns", no_ans)):
         if ids:
             out.update({f"{prefix}_{k}": v for k, v in _summary(exact, f1, ids).items()})
+    return out
+
+
+def squad_v2_best_threshold(
+    spans: Mapping[str, str],
+    margins: Mapping[str, float],
+    references: Mapping[str, Iterable[str]],
+) -> dict[str, float]:
+    """The official SQuAD v2.0 script's search for the best no-answer threshold (`best_exact`,
+    `best_f1` in 0-100, and the thresholds reaching them).
+
+    `spans`: each question's best non-empty answer; `margins`: its no-answer score (higher =
+    surer there is no answer; here the null score minus the span's). Questions are answered in
+    order of increasing margin, starting from none answered; the best score over every cut is
+    kept, as the script does with its `na_prob` file.
+    """
+    missing = [q for q in references if q not in spans or q not in margins]
+    if missing:
+        raise LoralabError(
+            f"{len(missing)} of {len(references)} questions have no span or no-answer margin "
+            f"(e.g. {missing[0]!r}); the threshold search needs both for every question."
+        )
+    out = {}
+    for name, score in (("exact", exact_match), ("f1", token_f1)):
+        has_ans, gain = {}, {}
+        for qid, golds in references.items():
+            golds = [golds] if isinstance(golds, str) else list(golds)
+            has_ans[qid] = any(g for g in golds)
+            kept = [g for g in golds if normalize_answer(g)] or [""]
+            gain[qid] = max(score(g, spans[qid]) for g in kept) if has_ans[qid] else (
+                -1.0 if spans[qid] else 0.0)  # fmt: skip
+        current = best = float(sum(not h for h in has_ans.values()))  # answer nothing
+        threshold = 0.0
+        for qid in sorted(references, key=lambda q: margins[q]):
+            current += gain[qid]
+            if current > best:
+                best, threshold = current, float(margins[qid])
+        out[f"best_{name}"] = 100.0 * best / len(references)
+        out[f"best_{name}_thresh"] = threshold
     return out

@@ -447,6 +447,10 @@ def test_postprocess_and_score_round_trip(raw, kind, causal):
         start[i, null] = end[i, null] = 50.0
     scores = TASK.score(raw, feats, (start, end))
     assert scores["HasAns_exact"] == 0.0 and scores["NoAns_exact"] == 100.0
+    # The spans are still the gold ones: the threshold search finds them (the official script's
+    # best_f1), which tells this model apart from one without any span skill.
+    assert scores["best_exact"] == scores["best_f1"] == 100.0
+    assert scores["f1"] == 100.0 * 2 / 6
 
 
 def _hand_features(rows):
@@ -522,3 +526,18 @@ def test_builtin_byte_level_tokenizers(raw, name, causal):
     start, end = _oracle_logits(feats)
     answers = postprocess_qa(raw, feats, start, end)
     assert answers == {qid: GOLD.get(qid, "") for qid in raw["id"]}
+
+
+def test_best_threshold_search_by_hand():
+    """Three questions, answered in order of margin: b (-1), c (0.5), a (1)."""
+    refs = {"a": ["x"], "b": ["y z"], "c": []}
+    spans = {"a": "x", "b": "y", "c": "w"}
+    margins = {"a": 1.0, "b": -1.0, "c": 0.5}
+    out = metrics.squad_v2_best_threshold(spans, margins, refs)
+    # F1: none answered 1 (c right); +b 1 + 2/3 (best, at b's margin); +c 2/3; +a 1 + 2/3.
+    assert out["best_f1"] == pytest.approx(100 * (5 / 3) / 3)
+    assert out["best_f1_thresh"] == -1.0
+    # Exact: 1; +b 1 (no gain); +c 0; +a 1: never above the start, threshold stays 0.
+    assert out["best_exact"] == pytest.approx(100 / 3) and out["best_exact_thresh"] == 0.0
+    with pytest.raises(LoralabError, match="threshold search"):
+        metrics.squad_v2_best_threshold({"a": "x"}, {"a": 0.0}, refs)

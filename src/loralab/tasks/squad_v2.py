@@ -21,6 +21,7 @@ from .. import metrics
 from ..errors import LoralabError
 from ..hub import require_dataset
 from .base import Split, Task, find_file
+from .qa_answers import postprocess_qa, qa_candidates  # noqa: F401 (postprocess_qa: public here)
 from .squad_json import RAW_COLUMNS, read_squad_json
 
 _FILE_NAMES = {
@@ -42,104 +43,6 @@ def qa_features():
             "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
         }
     )
-
-
-def postprocess_qa(
-    raw,
-    features,
-    start_logits,
-    end_logits,
-    n_best: int = 20,
-    max_answer_len: int = 30,
-) -> dict[str, str]:
-    """Answer text per raw example id ("" = no answer) from per-feature start/end logits.
-
-    `start_logits`/`end_logits` are [num_features, padded_len] in the order of `features`
-    (positions past a feature's `length` are ignored, e.g. the -100 fill of Trainer.predict).
-    For every example: the best span over all its features among the top `n_best` start and
-    end positions (both in the context, end >= start, at most `max_answer_len` tokens), scored
-    start+end logit, and its text is the context between the span's character offsets
-    (whitespace-stripped); "" when the smallest null score (start+end logit at `null_index`) over
-    the example's features beats it, or when no valid span exists.
-    """
-    import pyarrow.compute as pc
-
-    starts = np.asarray(start_logits)
-    ends = np.asarray(end_logits)
-    if starts.ndim != 2 or starts.shape != ends.shape:
-        raise ValueError(
-            f"start and end logits must both be [num_features, length]; got {starts.shape} and "
-            f"{ends.shape}."
-        )
-    if starts.shape[0] != len(features):
-        raise ValueError(
-            f"{starts.shape[0]} rows of logits for {len(features)} features; predict on exactly "
-            f"the features being scored, in their order."
-        )
-    ids = list(raw["id"])
-    contexts = list(raw["context"])
-    position = {qid: i for i, qid in enumerate(ids)}
-    best: dict[str, tuple[float, int, int]] = {}  # id -> (score, start char, end char)
-    null: dict[str, float] = {}
-    width = starts.shape[1]
-    cols = features.select_columns(["example_id", "offset_mapping", "null_index"])
-    cols = cols.with_format("arrow")  # nested offsets as flat numpy, not Python lists
-    chunk = 1000
-    for lo in range(0, len(features), chunk):
-        table = cols[lo : lo + chunk]
-        batch_ids = table.column("example_id").to_pylist()
-        batch_null = table.column("null_index").to_pylist()
-        om = table.column("offset_mapping")
-        flat = pc.list_flatten(pc.list_flatten(om)).to_numpy(zero_copy_only=False)
-        flat = flat.astype(np.int64).reshape(-1, 2)
-        bounds = np.concatenate([[0], np.cumsum(pc.list_value_length(om).to_numpy())])
-        for j, (qid, null_index) in enumerate(zip(batch_ids, batch_null, strict=True)):
-            if qid not in position:
-                raise ValueError(
-                    f"Feature {lo + j} belongs to example {qid!r}, which is not in raw."
-                )
-            n = min(int(bounds[j + 1] - bounds[j]), width)
-            s = starts[lo + j, :n].astype(np.float64)
-            e = ends[lo + j, :n].astype(np.float64)
-            if null_index < n:
-                score = s[null_index] + e[null_index]
-                null[qid] = min(null.get(qid, np.inf), score)
-            offs = flat[bounds[j] : bounds[j] + n]
-            in_ctx = offs[:, 0] >= 0
-            k = min(n_best, n)
-            top_s = np.argsort(s, kind="stable")[::-1][:k]
-            top_e = np.argsort(e, kind="stable")[::-1][:k]
-            span_len = top_e[None, :] - top_s[:, None] + 1
-            ok = (
-                in_ctx[top_s][:, None]
-                & in_ctx[top_e][None, :]
-                & (span_len >= 1)
-                & (span_len <= max_answer_len)
-            )
-            if not ok.any():
-                continue
-            scores = np.where(ok, s[top_s][:, None] + e[top_e][None, :], -np.inf)
-            a, b = np.unravel_index(int(np.argmax(scores)), scores.shape)
-            score = float(scores[a, b])
-            if qid not in best or score > best[qid][0]:
-                best[qid] = (score, int(offs[top_s[a], 0]), int(offs[top_e[b], 1]))
-    unseen = [qid for qid in ids if qid not in null and qid not in best]
-    if unseen:
-        raise ValueError(
-            f"{len(unseen)} raw examples (e.g. {unseen[0]!r}) have no features; featurize and "
-            f"predict on the same examples that are scored."
-        )
-    out: dict[str, str] = {}
-    for qid, context in zip(ids, contexts, strict=True):
-        span = best.get(qid)
-        if span is None or null.get(qid, -np.inf) > span[0]:
-            out[qid] = ""
-        else:
-            out[qid] = context[span[1] : span[2]].strip()
-    return out
-
-
-# -- the task ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -329,7 +232,7 @@ class SquadV2Task(Task):
                 "SQuAD v2 scoring expects the QA model's (start_logits, end_logits) as returned by "
                 f"Trainer.predict; got {type(predictions).__name__}."
             )
-        answers = postprocess_qa(
+        answers, spans, margins = qa_candidates(
             raw,
             features,
             predictions[0],
@@ -337,25 +240,31 @@ class SquadV2Task(Task):
             n_best=self.n_best,
             max_answer_len=self.max_answer_len,
         )
-        return self.answer_metrics(answers, raw)
+        out = self.answer_metrics(answers, raw)
+        # The official script's threshold search: what the spans score with the null threshold
+        # tuned on this same set (optimistic). It tells "no span skill" apart from "the null
+        # wins everywhere", which both read as the no-answer prior in `f1`.
+        best = metrics.squad_v2_best_threshold(spans, margins, _references(raw))
+        return {**out, "best_exact": best["best_exact"], "best_f1": best["best_f1"]}
 
     def answer_metrics(self, answers: dict[str, str], raw) -> dict[str, float]:
-        references = {
-            qid: list(ans["text"])
-            for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
-        }
-        return metrics.squad_v2_scores(answers, references)
+        return metrics.squad_v2_scores(answers, _references(raw))
 
     def majority_baseline(self, raw) -> dict[str, float]:
         """Always answering "no answer" (the commonest single answer in SQuAD v2's dev set)."""
-        references = {
-            qid: list(ans["text"])
-            for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
-        }
+        references = _references(raw)
         if not references:
             return {}
         scores = metrics.squad_v2_scores(dict.fromkeys(references, ""), references)
         return {k: scores[k] for k in ("exact", "f1")}
+
+
+def _references(raw) -> dict[str, list[str]]:
+    """Question id -> gold answer texts ([] for an unanswerable question)."""
+    return {
+        qid: list(ans["text"])
+        for qid, ans in zip(list(raw["id"]), list(raw["answers"]), strict=True)
+    }
 
 
 def _answer_positions(
