@@ -139,6 +139,14 @@ def _summary(exact: dict, f1: dict, ids: list) -> dict[str, float]:
     }
 
 
+def _golds(golds) -> tuple[bool, list[str]]:
+    """(answerable, the gold texts to score against) as the official script reads them: a
+    question is answerable when any gold text is non-empty; texts that normalise to nothing are
+    dropped, leaving [""] when none remain."""
+    golds = [golds] if isinstance(golds, str) else list(golds)
+    return any(g for g in golds), [g for g in golds if normalize_answer(g)] or [""]
+
+
 def squad_v2_scores(
     predictions: Mapping[str, str], references: Mapping[str, Iterable[str]]
 ) -> dict[str, float]:
@@ -165,9 +173,8 @@ def squad_v2_scores(
     has_ans: list = []
     no_ans: list = []
     for qid, golds in references.items():
-        golds = [golds] if isinstance(golds, str) else list(golds)
-        (has_ans if any(g for g in golds) else no_ans).append(qid)
-        kept = [g for g in golds if normalize_answer(g)] or [""]
+        answerable, kept = _golds(golds)
+        (has_ans if answerable else no_ans).append(qid)
         pred = predictions[qid]
         exact[qid] = max(exact_match(g, pred) for g in kept)
         f1[qid] = max(token_f1(g, pred) for g in kept)
@@ -201,9 +208,7 @@ def squad_v2_best_threshold(
     for name, score in (("exact", exact_match), ("f1", token_f1)):
         has_ans, gain = {}, {}
         for qid, golds in references.items():
-            golds = [golds] if isinstance(golds, str) else list(golds)
-            has_ans[qid] = any(g for g in golds)
-            kept = [g for g in golds if normalize_answer(g)] or [""]
+            has_ans[qid], kept = _golds(golds)
             gain[qid] = max(score(g, spans[qid]) for g in kept) if has_ans[qid] else (
                 -1.0 if spans[qid] else 0.0)  # fmt: skip
         current = best = float(sum(not h for h in has_ans.values()))  # answer nothing

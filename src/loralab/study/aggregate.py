@@ -167,14 +167,17 @@ class Comparison:
         return t_interval(self.diffs) if self.diffs else (math.nan, math.nan, math.nan)
 
     @property
+    def picked_seeds(self) -> frozenset:
+        """The seeds whose scores chose either method's learning rate."""
+        return self.lora.chose_lr_on | (self.full.chose_lr_on if self.full else frozenset())
+
+    @property
     def held_out_diffs(self) -> list[float]:
         """LoRA − full on the seeds that chose neither method's learning rate. On the seeds that
         did, each method's score is the best of its grid, a maximum that flatters it (more so
         with the larger grid); these seeds are free of that selection."""
-        if self.full is None:
-            return []
-        chose = self.lora.chose_lr_on | self.full.chose_lr_on
-        return [d for (s, _, _), d in zip(self.pairs, self.diffs, strict=True) if s not in chose]
+        picked = self.picked_seeds
+        return [d for (s, _, _), d in zip(self.pairs, self.diffs, strict=True) if s not in picked]
 
     @property
     def delta_points(self) -> float:

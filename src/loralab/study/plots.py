@@ -87,8 +87,7 @@ def paired_differences(comps):
     fig, (ax,) = _figure(1, width=6.0, height=0.6 * len(rows) + 1.6)
     for i, c in enumerate(rows):
         y = len(rows) - 1 - i  # the first comparison on top
-        chose = c.lora.chose_lr_on | c.full.chose_lr_on
-        picked = [d for (s, _, _), d in zip(c.pairs, c.diffs, strict=True) if s in chose]
+        picked = [d for (s, _, _), d in zip(c.pairs, c.diffs, strict=True) if s in c.picked_seeds]
         held = c.held_out_diffs
         if held:
             ax.plot(held, [y] * len(held), "o", ms=4, color="#9ab7d8", label="one seed")

@@ -137,8 +137,7 @@ def _held_out(comp: Comparison) -> str:
     if not diffs:
         return "—"
     mean, lo, hi = t_interval(diffs)
-    chose = comp.lora.chose_lr_on | comp.full.chose_lr_on
-    seeds = ", ".join(str(s) for s, _, _ in comp.pairs if s not in chose)
+    seeds = ", ".join(str(s) for s, _, _ in comp.pairs if s not in comp.picked_seeds)
     ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
     return f"{mean:+.2f}{ci} (seed{'s' * (len(diffs) > 1)} {seeds})"
 

@@ -6,16 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def postprocess_qa(
-    raw,
-    features,
-    start_logits,
-    end_logits,
-    n_best: int = 20,
-    max_answer_len: int = 30,
-) -> dict[str, str]:
-    """Answer text per raw example id ("" = no answer); see `qa_candidates`."""
-    return qa_candidates(raw, features, start_logits, end_logits, n_best, max_answer_len)[0]
+def postprocess_qa(*args, **kwargs) -> dict[str, str]:
+    """Answer text per raw example id ("" = no answer): `qa_candidates`' first part."""
+    return qa_candidates(*args, **kwargs)[0]
 
 
 def qa_candidates(
