@@ -3,6 +3,7 @@
 Configurations (each for LoRA and full fine-tuning, SmolLM2-135M, SST-2, batch 16):
   A  run_glue.py-style: Trainer (+ PEFT), every example padded to 128, random order, fp32
   B  Trainer (+ PEFT) with dynamic padding, random order, fp32
+  C0 C without loralab.fused (LORALAB_FUSED=0): what its leaner autograd saves, in memory and time
   C  loralab defaults (`loralab train`: length-grouped batches, precision auto)
   D  loralab's fastest setting (C + no LoRA dropout; bf16 where the hardware has it)
 
@@ -42,6 +43,7 @@ BATCH = 16
 CONFIGS = {
     "A": "run_glue-style: pad to 128, random order, fp32",
     "B": "Trainer + dynamic padding, random order, fp32",
+    "C0": "loralab defaults without its fused ops (LORALAB_FUSED=0)",
     "C": "loralab defaults",
     "D": "loralab fastest",
 }
@@ -239,6 +241,8 @@ def child(spec: dict) -> dict:
 # -- the parent -----------------------------------------------------------------------------------
 def _run_child(spec: dict) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if spec["config"] == "C0":
+        env["LORALAB_FUSED"] = "0"
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU machine the CPU rows must stay on the CPU
     proc = subprocess.run(
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
         "--examples", type=int, default=2000, help="training pool the batches come from"
     )
     ap.add_argument("--methods", default="lora,full")
-    ap.add_argument("--configs", default="A,B,C,D")
+    ap.add_argument("--configs", default="A,B,C0,C,D")
     ap.add_argument(
         "--real-run",
         action="store_true",
@@ -346,7 +350,12 @@ def main(argv=None) -> int:
         "ratios": {
             f"{m}_{a}_over_{b}": ratio(m, a, b)
             for m in args.methods.split(",")
-            for a, b in (("D", "A"), ("D", "B"), ("C", "B"))
+            for a, b in (("D", "A"), ("D", "B"), ("C", "B"), ("C", "C0"))
+        },
+        "fused_peak_rss": {  # C over C0: the memory loralab.fused saves, per method
+            m: rss[(m, "C")] / rss[(m, "C0")]
+            for m in args.methods.split(",")
+            if (m, "C") in rss and (m, "C0") in rss
         },
         "lora_over_full_peak_rss": {
             c: rss[("lora", c)] / rss[("full", c)]

@@ -40,3 +40,13 @@ def test_train_throughput_measures_a_baseline_and_a_loralab_configuration(
     assert got["model_gflops_per_s"] == pytest.approx(
         got["flops_per_real_token"] * got["tokens_per_s_real"] / 1e9
     )
+
+
+def test_fused_ops_benchmark_compares_the_same_model_with_and_without(monkeypatch):
+    bench = load("fused_ops", monkeypatch)
+    monkeypatch.setenv("LORALAB_FUSED", "1")  # the benchmark sets it per model; restored after
+    got = bench.measure("lora", rounds=2, batch_size=4, length=12)
+    assert got["fused_ops"]["gated_mlps"] > 0 and got["fused_ops"]["dropouts"] > 0
+    assert set(got["step_s"]) == {"plain", "fused"} and min(got["step_s"].values()) > 0
+    assert got["fused_over_plain_time"] == got["step_s"]["fused"] / got["step_s"]["plain"]
+    assert 0 < got["saved_mb"]["fused"] < got["saved_mb"]["plain"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from loralab import precision
+from loralab import precision, probecache
 from loralab.config import build_config
 from loralab.runs import load_adapter_model
 from loralab.tasks import get_task
@@ -107,7 +107,7 @@ def _timer(fp32_s, bf16_s, calls):
 
 
 def test_auto_without_bf16_instructions_is_fp32_without_probing(cpu_only):
-    cpu_only.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    cpu_only.setattr(probecache, "cpu_flags", lambda: {"avx2", "fma"})
     calls = []
     d = precision.decide("auto", (256, 576, 1536), timer=_timer(1.0, 0.1, calls))
     assert d["precision"] == "fp32" and d["reason"] == "cpu without bf16 instructions"
@@ -119,7 +119,7 @@ def test_auto_without_bf16_instructions_is_fp32_without_probing(cpu_only):
 def test_auto_with_bf16_instructions_takes_the_faster_measured_dtype(
     cpu_only, fp32_s, bf16_s, expected
 ):
-    cpu_only.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    cpu_only.setattr(probecache, "cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
     calls = []
     d = precision.decide("auto", (256, 64, 128), timer=_timer(fp32_s, bf16_s, calls))
     assert d["precision"] == expected and d["reason"] == "measured"
@@ -197,3 +197,19 @@ def test_cast_frozen_leaves_trainable_parameters_alone():
     assert precision.cast_frozen(model) == 20
     assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.float32
     assert precision.dtypes(model) == {"frozen": "bfloat16", "trainable": "float32"}
+
+
+def test_probe_cache_keeps_cpu_generations_with_one_name_apart(cpu_only):
+    """ "AMD EPYC" names AVX2-only and AVX-512 BF16 generations alike; a cache in a home folder
+    that several machines share must not hand one's measurement to the other."""
+    cpu_only.setattr(probecache, "_cpu_name", lambda: "AMD EPYC")
+    cpu_only.setattr(probecache, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    shape = (32, 16, 32)
+    assert precision.probe(shape, budget_s=0.01)["cached"] is False
+    assert precision.probe(shape, budget_s=0.01)["cached"] is True
+    cpu_only.setattr(
+        probecache, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    )
+    assert precision.probe(shape, budget_s=0.01)["cached"] is False
+    keys = list(probecache.read(precision.CACHE_FILE))
+    assert len(keys) == 2 and all(k.startswith("AMD EPYC[") for k in keys)

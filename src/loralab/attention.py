@@ -68,7 +68,10 @@ def decide(shape: tuple[int, int, int, int], dtype: torch.dtype, timer=_time, bu
     if torch.cuda.is_available():
         return {"implementation": "sdpa", "reason": "cuda"}
     threads = torch.get_num_threads()
-    key = f"{'x'.join(map(str, shape))}|{dtype}|t{threads}|{torch.__version__}|v{PROBE_VERSION}"
+    key = (
+        f"{probecache.machine()}|{'x'.join(map(str, shape))}|{dtype}|t{threads}|"
+        f"{torch.__version__}|v{PROBE_VERSION}"
+    )
     if timer is _time and key in _memo:
         return _memo[key]
     stored = probecache.read(CACHE_FILE)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,28 +39,7 @@ def native_bf16(device: str | None = None) -> bool:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume no bf16 instructions
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return bool(probecache.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def model_shape(config, tokens: int = 256) -> tuple[int, int, int]:
@@ -104,9 +81,7 @@ def probe(shape: tuple[int, int, int] = DEFAULT_SHAPE, timer=_time, budget_s: fl
     (tests feed it timings).
     """
     threads = torch.get_num_threads()
-    key = (
-        f"{_cpu_name()}|{torch.__version__}|t{threads}|{'x'.join(map(str, shape))}|v{PROBE_VERSION}"
-    )
+    key = f"{probecache.machine()}|{torch.__version__}|t{threads}|{'x'.join(map(str, shape))}|v{PROBE_VERSION}"
     stored = probecache.read(CACHE_FILE)
     if timer is _time and key in stored:
         return {**stored[key], "cached": True}

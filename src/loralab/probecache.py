@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,43 @@ def best_of_interleaved(time_a: Callable[[], float], time_b: Callable[[], float]
     """(best a, best b) over alternating bursts: a load that comes and goes hits both alike."""
     times = [(time_a(), time_b()) for _ in range(bursts)]
     return min(t[0] for t in times), min(t[1] for t in times)
+
+
+# The vector and matrix extensions that decide which kernels run (and so which dtype or
+# attention kernel is faster); a model name alone can cover several CPU generations.
+_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo; empty where there is none (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """This CPU for a cache key: its model name and its kernel-deciding extensions.
+
+    A name such as "AMD EPYC" covers generations with AVX2 only and with AVX-512 BF16, and a
+    cache in a home folder shared by several machines must keep their probes apart.
+    """
+    flags = cpu_flags()
+    return f"{_cpu_name()}[{','.join(f for f in _ISA if f in flags)}]"
 
 
 def _path(name: str) -> Path:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 
-from . import accounting, attention, distributed, precision, residual, rundir, tracking
+from . import accounting, attention, distributed, fused, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum, read_training_time
@@ -44,6 +44,7 @@ class BuiltModel:
     tokenizer: object
     heads: list[str]
     causal: bool
+    fused: dict = field(default_factory=dict)  # loralab.fused's replacements: kind -> count
 
 
 def build_model(
@@ -71,7 +72,13 @@ def build_model(
         if precision.uses_bf16(cfg.train.precision, precision.model_shape(model.config)):
             precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
             precision.bridge_dtypes(model, heads)  # callable outside the trainer's autocast too
-    return BuiltModel(model, tokenizer, heads, causal)
+    fused_ops = {}
+    if fused.enabled():  # the same numbers with less memory kept for the backward pass
+        fused_ops = {
+            "gated_mlps": fused.fuse_gated_mlps(model),
+            "dropouts": fused.compact_dropouts(model),
+        }
+    return BuiltModel(model, tokenizer, heads, causal, fused_ops)
 
 
 def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dict:
@@ -255,6 +262,7 @@ class _Run:
         summary["resumed_from"] = checkpoint
         summary["precision_decision"] = kernels.get("precision")
         summary["attention"] = kernels.get("attention")
+        summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
         if self.head.reports_zero_shot() and not self.resuming:
             # The untrained model's score: the reference line fine-tuning must beat.

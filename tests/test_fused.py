@@ -1,0 +1,113 @@
+"""loralab.fused: bit-identical to PyTorch's ops, and it really keeps less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loralab import fused
+from loralab.config import build_config
+from loralab.models import load_tokenizer
+from loralab.tasks import get_task
+from loralab.train import build_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_autograd_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    gate = torch.randn(4, 7, 32, dtype=dtype, requires_grad=True)
+    up = torch.randn(4, 7, 32, dtype=dtype, requires_grad=True)
+    grad = torch.randn(4, 7, 32, dtype=dtype)
+    ref = nn.functional.silu(gate) * up
+    ref_grads = torch.autograd.grad(ref, (gate, up), grad)
+    out = fused.SiluMul.apply(gate, up)
+    grads = torch.autograd.grad(out, (gate, up), grad)
+    assert torch.equal(out, ref)
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_silu_mul_computes_only_the_gradients_asked_for():
+    gate = torch.randn(3, 8, requires_grad=True)
+    up = torch.randn(3, 8)  # e.g. a frozen branch
+    fused.SiluMul.apply(gate, up).sum().backward()
+    assert gate.grad is not None and up.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
+def test_mask_dropout_draws_and_scales_like_nn_dropout(p, dtype):
+    x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+    grad = torch.randn(64, 48, dtype=dtype)
+    torch.manual_seed(3)
+    ref = nn.Dropout(p)(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad)
+    torch.manual_seed(3)
+    out = fused.MaskDropout(p)(x)
+    (out_grad,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, ref) and torch.equal(out_grad, ref_grad)
+    assert 0 < (out == 0).float().mean() < 1  # it did drop something, and not everything
+
+
+def test_mask_dropout_is_the_identity_in_eval():
+    drop = fused.MaskDropout(0.5).eval()
+    x = torch.randn(5, 6)
+    assert drop(x) is x
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward pass."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def _step(monkeypatch, enabled: bool, method: str):
+    monkeypatch.setenv(fused.ENV, "1" if enabled else "0")
+    cfg = build_config(
+        overrides=["model.name=tiny-llama", f"train.method={method}", "train.precision=fp32",
+                   "lora.dropout=0.3"]
+    )  # fmt: skip
+    tok = load_tokenizer(cfg.model.name)
+    torch.manual_seed(0)
+    built = build_model(cfg, get_task("sst2"), tok, progress=False)
+    model = built.model.train()
+    batch = {
+        "input_ids": torch.randint(3, 200, (4, 24)),
+        "attention_mask": torch.ones(4, 24, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
+    torch.manual_seed(1)  # the dropout draws
+    saved = _saved_bytes(model, batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return built, saved, grads
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_step_is_unchanged_and_keeps_less(monkeypatch, method):
+    built, saved, grads = _step(monkeypatch, True, method)
+    plain, plain_saved, plain_grads = _step(monkeypatch, False, method)
+    layers = built.model.config.num_hidden_layers
+    assert built.fused["gated_mlps"] == layers
+    assert built.fused["dropouts"] == (2 * layers if method == "lora" else 0)  # q and v
+    assert plain.fused == {}
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, g in grads.items():
+        assert torch.equal(g, plain_grads[name]), name
+    # One [batch, length, intermediate] tensor less per layer; under LoRA each dropout also
+    # keeps 1 byte instead of 4 per element of its [batch, length, hidden] input, from the
+    # second layer on (the first layer's input needs no gradient: the embeddings are frozen).
+    cfg = built.model.config
+    tokens = 4 * 24
+    less = layers * tokens * cfg.intermediate_size * 4
+    if method == "lora":
+        less += 2 * (layers - 1) * tokens * cfg.hidden_size * 3
+    assert plain_saved - saved == less
