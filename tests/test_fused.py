@@ -111,3 +111,52 @@ def test_training_step_is_unchanged_and_keeps_less(monkeypatch, method):
     if method == "lora":
         less += 2 * (layers - 1) * tokens * cfg.hidden_size * 3
     assert plain_saved - saved == less
+
+
+class _ScaledMLP(nn.Module):
+    """Llama's attribute names and activation, but a forward that scales: must keep its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16), nn.Linear(8, 16)
+        self.down_proj, self.act_fn = nn.Linear(16, 8), nn.SiLU()
+
+    def forward(self, x):
+        return 0.5 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _PlainMLP(_ScaledMLP):
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_only_mlps_that_compute_the_gated_form_are_fused():
+    model = nn.Sequential(_ScaledMLP(), _PlainMLP())
+    state = torch.random.get_rng_state()
+    assert fused.fuse_gated_mlps(model) == 1
+    assert torch.equal(torch.random.get_rng_state(), state)  # the check drew nothing globally
+    assert "forward" not in vars(model[0]) and "forward" in vars(model[1])
+    x = torch.randn(2, 8)
+    assert torch.equal(model[1](x), _PlainMLP.forward(model[1], x))
+
+
+@pytest.mark.parametrize(
+    "family, fused_expected",
+    [("llama", True), ("mistral", True), ("qwen2", True), ("gemma", False)],  # Gemma: GELU
+)
+def test_families_in_transformers(family, fused_expected):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        family, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    n = fused.fuse_gated_mlps(model)
+    assert n == (2 if fused_expected else 0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -89,16 +89,42 @@ def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _computes_the_same(module: nn.Module) -> bool:
+    """Whether the module's own forward and `_gated_forward` agree bit for bit on a small input.
+
+    A family may keep the attribute names and add something (a scale, a dropout, another
+    activation inside); such a module keeps its own forward. Eval mode and a private generator:
+    no dropout fires and the global random stream is not touched.
+    """
+    weight = next((p for p in module.gate_proj.parameters() if p.is_floating_point()), None)
+    width = getattr(module.gate_proj, "in_features", None)
+    if weight is None or not isinstance(width, int):
+        return False
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(1, 3, width, generator=gen, device=weight.device).to(weight.dtype)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return torch.equal(type(module).forward(module, x), _gated_forward(module, x))
+    except (RuntimeError, TypeError, ValueError):  # e.g. a forward that wants more arguments
+        return False
+    finally:
+        module.train(was_training)
+
+
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Give every Llama-style SiLU-gated MLP the `SiluMul` forward; returns how many.
 
     A module qualifies when it has `gate_proj`, `up_proj`, `down_proj` and a plain SiLU
-    `act_fn` (Llama, Mistral, Qwen2, SmolLM2); others (GELU-gated Gemma, encoders) keep theirs.
+    `act_fn` (Llama, Mistral, Qwen2, SmolLM2), and its own forward gives the same numbers as
+    `down(silu(gate(x)) * up(x))` on a test input; others (GELU-gated Gemma, encoders) keep
+    theirs.
     """
     n = 0
     for module in model.modules():
         gated = all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj"))
-        if gated and _is_silu(getattr(module, "act_fn", None)):
+        if gated and _is_silu(getattr(module, "act_fn", None)) and _computes_the_same(module):
             module.forward = types.MethodType(_gated_forward, module)
             n += 1
     return n
