@@ -28,6 +28,7 @@ import pytest
 import torch
 from conftest import write_sst2
 
+from loralab import probecache
 from loralab.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "golden.json"
@@ -66,7 +67,7 @@ CASES = {
 
 
 def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = probecache.cpu_flags()
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else "other"
 
 
