@@ -56,6 +56,118 @@ def test_mask_dropout_is_the_identity_in_eval():
     assert drop(x) is x
 
 
+def _lora_layer(adapters=("default",), dropout=0.1, **kw):
+    """A PEFT LoRA Linear (16 -> 12, r = 4) with fp32 factors on a bf16 base, and a copy."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12)).to(torch.bfloat16)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0"], **kw)
+    model = get_peft_model(base, cfg, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            nn.init.normal_(p)  # B starts at zero: give both factors a gradient to compare
+    return model, copy.deepcopy(model)
+
+
+def _forward_backward(model, x, grad, autocast: bool):
+    """Output, every gradient (x's too) and the global generator state after one step."""
+    x = x.detach().requires_grad_()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.backward(grad)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out, {"x": x.grad, **grads}, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_lora_dropout_recomputed_in_backward_matches_peft_bit_for_bit(p, autocast):
+    model, plain = _lora_layer(dropout=p)
+    assert fused.compact_dropouts(model) == 1
+    layer = model.base_model.model[0]
+    assert isinstance(layer.lora_dropout["default"], nn.Identity)
+    assert layer.cast_input_dtype_enabled is False  # the fused A casts x itself
+    x = torch.randn(3, 5, 16).to(torch.bfloat16)
+    grad = torch.randn(3, 5, 12).to(torch.bfloat16)
+    out, grads, rng = _forward_backward(model.train(), x, grad, autocast)
+    ref, ref_grads, ref_rng = _forward_backward(plain.train(), x, grad, autocast)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 3  # x, A, B
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+    assert torch.equal(rng, ref_rng)  # the same draws from the global stream, no more
+    with torch.no_grad():  # eval: no dropout, the same numbers as PEFT's
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+
+
+def test_lora_dropout_keeps_the_shared_input_once():
+    """Two adapted projections of one input (a layer's q and v) keep that input, in its own
+    dtype, and nothing else of the dropout: no noise, no dropped-out copies."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"q": nn.Linear(16, 16), "v": nn.Linear(16, 16)}).to(torch.bfloat16)
+
+    def run(fuse: bool) -> int:
+        model = get_peft_model(
+            _TwoProj(base), LoraConfig(r=4, lora_dropout=0.2, target_modules=["q", "v"])
+        )
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if fuse:
+            assert fused.compact_dropouts(model) == 2
+        x = torch.randn(8, 16).to(torch.bfloat16).requires_grad_()
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x).sum()
+        out.backward()  # outside the hooks: what the backward pass recomputes is not kept
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in seen.items() if ptr not in weights and n >= x.nbytes)
+
+    # PyTorch: per adapter, the fp32 noise and the bf16 dropped-out input of A. Fused: x once.
+    assert run(False) == 2 * (8 * 16 * 4 + 8 * 16 * 2)
+    assert run(True) == 8 * 16 * 2
+
+
+class _TwoProj(nn.Module):
+    def __init__(self, base: nn.ModuleDict):
+        super().__init__()
+        self.q, self.v = base["q"], base["v"]
+
+    def forward(self, x):
+        return self.q(x) + self.v(x)
+
+
+def test_adapters_the_fusion_cannot_take_keep_their_dropout_and_peft_cast():
+    # DoRA uses the dropped-out x itself: a 1-byte-mask dropout, PEFT's own cast.
+    dora, _ = _lora_layer(use_dora=True)
+    assert fused.compact_dropouts(dora) == 1
+    layer = dora.base_model.model[0]
+    assert type(layer.lora_dropout["default"]) is fused.MaskDropout
+    assert layer.cast_input_dtype_enabled is True
+    # A second adapter without dropout is not fused: PEFT must still cast x for it.
+    two, _ = _lora_layer(adapters=("default", "other"))
+    layer = two.base_model.model[0]
+    layer.lora_dropout["other"] = nn.Identity()
+    assert fused.compact_dropouts(two) == 1
+    assert layer.cast_input_dtype_enabled is True
+    assert fused.compact_dropouts(two) == 0  # a second pass changes nothing
+
+
 def _saved_bytes(model, batch) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one forward pass."""
     seen: dict[int, int] = {}
@@ -65,7 +177,8 @@ def _saved_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+    loss.backward()  # outside the hooks: what the backward pass recomputes is not kept
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
@@ -102,14 +215,15 @@ def test_training_step_is_unchanged_and_keeps_less(monkeypatch, method):
     assert grads.keys() == plain_grads.keys() and grads
     for name, g in grads.items():
         assert torch.equal(g, plain_grads[name]), name
-    # One [batch, length, intermediate] tensor less per layer; under LoRA each dropout also
-    # keeps 1 byte instead of 4 per element of its [batch, length, hidden] input, from the
-    # second layer on (the first layer's input needs no gradient: the embeddings are frozen).
+    # One [batch, length, intermediate] tensor less per layer. Under LoRA, PyTorch keeps each
+    # adapter's dropped-out input and, from the second layer on (the first layer's input needs
+    # no gradient: the embeddings are frozen), its noise; fused, a layer keeps the one input
+    # its query and value adapters share. All [batch, length, hidden], 4 bytes in fp32.
     cfg = built.model.config
     tokens = 4 * 24
     less = layers * tokens * cfg.intermediate_size * 4
     if method == "lora":
-        less += 2 * (layers - 1) * tokens * cfg.hidden_size * 3
+        less += (2 * layers + 2 * (layers - 1) - layers) * tokens * cfg.hidden_size * 4
     assert plain_saved - saved == less
 
 

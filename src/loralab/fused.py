@@ -8,10 +8,13 @@ backward are bit-identical to PyTorch's (the tests compare them):
   `up(x)` *and* `silu(gate(x))`; `SiluMul` saves the first two and recomputes the SiLU in the
   backward pass (one element-wise op). Per token and layer that is one intermediate-sized
   tensor less: ~90 MB on SmolLM2-135M at 16 × 66 tokens, for LoRA and full fine-tuning alike.
-- PyTorch's CPU dropout keeps its noise tensor (0 or 1/(1-p)) in the input's dtype, 4 bytes per
-  element in fp32, for each LoRA module's dropout; `MaskDropout` draws the same noise from the
-  same random stream and keeps a 1-byte mask (~100 MB less at the same shape). On CUDA,
-  PyTorch's fused dropout already keeps a 1-byte mask, so it is used there unchanged.
+- each LoRA module computes `A(dropout(x))`: PyTorch keeps the dropout's output for A's weight
+  gradient and its noise tensor (in x's dtype) for x's. `DropoutLinear` keeps x, which the
+  query and value adapters of a layer share, and the random generator's state, and redraws
+  the same noise in the backward pass (~70 MB less for SmolLM2-135M's q/v adapters at 16 × 66
+  tokens; LoRA only). On CUDA the dropout is PyTorch's own (its fused kernel draws differently).
+  `MaskDropout`, a dropout that keeps a 1-byte mask, serves LoRA modules whose A is not a
+  plain Linear.
 
 `LORALAB_FUSED=0` leaves both off (for benchmarks that measure what they save).
 """
@@ -66,6 +69,57 @@ class _MaskDropoutFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
         return (grad * mask).mul_(ctx.scale), None  # = grad * noise: x·1·s = x·s, x·0 = ±0
+
+
+def _dropout(x: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """PyTorch's CPU dropout in training: x * (Bernoulli(1 - p) noise in x's dtype / (1 - p))."""
+    noise = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * noise.div_(1 - p)
+
+
+def _cast_dropout_linear(x, weight, bias, p: float, generator=None) -> torch.Tensor:
+    """What PEFT's LoRA layer does on the way into A: x to A's dtype, dropout, A."""
+    return nn.functional.linear(_dropout(x.to(weight.dtype), p, generator), weight, bias)
+
+
+class _DropoutLinearFn(torch.autograd.Function):
+    """`_cast_dropout_linear` keeping only x (as it came in) and the generator state.
+
+    The backward pass redraws the noise from the saved state (a private generator: the global
+    stream is untouched) and runs the same ops under the forward's autocast, so every gradient
+    is the one autograd computes for the unfused ops, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p: float):
+        ctx.state, ctx.p = torch.get_rng_state(), p
+        ctx.amp = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        ctx.save_for_backward(x, weight, bias)
+        return _cast_dropout_linear(x, weight, bias, p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        needs = ctx.needs_input_grad[:3]
+        generator = torch.Generator()
+        generator.set_state(ctx.state)
+        enabled, dtype = ctx.amp
+        with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            x, weight, bias = (
+                None if t is None else t.detach().requires_grad_(need)
+                for t, need in zip(ctx.saved_tensors, needs, strict=True)
+            )
+            out = _cast_dropout_linear(x, weight, bias, ctx.p, generator)
+        wanted = [t for t, need in zip((x, weight, bias), needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (*(next(grads) if need else None for need in needs), None)
+
+
+def _dropout_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    p = self.loralab_dropout
+    if not self.training or x.device.type != "cpu":  # eval: no dropout; CUDA: PyTorch's own
+        x = nn.functional.dropout(x.to(self.weight.dtype), p, self.training)
+        return nn.functional.linear(x, self.weight, self.bias)
+    return _DropoutLinearFn.apply(x, self.weight, self.bias, p)
 
 
 class MaskDropout(nn.Dropout):
@@ -131,14 +185,35 @@ def fuse_gated_mlps(model: nn.Module) -> int:
 
 
 def compact_dropouts(model: nn.Module) -> int:
-    """Swap the LoRA layers' `nn.Dropout` for `MaskDropout`; returns how many."""
+    """Give each LoRA module's dropout the leaner autograd above; returns how many.
+
+    Plain LoRA with a Linear A computes `A(dropout(x.to(A's dtype)))`: A takes the cast and
+    the dropout into its own forward and the dropout slot becomes the identity; where all of a
+    module's adapters are fused, PEFT's own cast is turned off, so that the saved x is the one
+    the layer received (bf16 under a bf16 base: half the bytes, and shared by the query and
+    value adapters). LoRA variants (DoRA and others use the dropped-out x themselves) and other
+    kinds of A get `MaskDropout`.
+    """
     n = 0
     for module in model.modules():
-        drops = getattr(module, "lora_dropout", None)
-        if not isinstance(drops, nn.ModuleDict):
+        drops, factors = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(factors, nn.ModuleDict):
             continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        every = True  # every adapter of the module casts x itself
         for key, drop in drops.items():
-            if type(drop) is nn.Dropout:
-                drops[key] = MaskDropout(drop.p, drop.inplace)
-                n += 1
+            lora_a = factors[key] if key in factors else None
+            if type(drop) is not nn.Dropout or drop.inplace or drop.p == 0:
+                every = every and hasattr(lora_a, "loralab_dropout")  # fused before, or not
+                continue
+            if type(lora_a) is nn.Linear and key not in variants:
+                lora_a.loralab_dropout = drop.p
+                lora_a.forward = types.MethodType(_dropout_linear_forward, lora_a)
+                drops[key] = nn.Identity()
+            else:
+                drops[key] = MaskDropout(drop.p)
+                every = False
+            n += 1
+        if every and hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False  # each fused A casts x itself
     return n
