@@ -190,7 +190,9 @@ def ensure_enqueued(study, plan: Plan, tasks: list[str] | None = None) -> int:
     n = 0
     for p in plan.points():
         if p["key"] not in covered and (not tasks or p["task"] in tasks):
-            study.enqueue_trial({}, user_attrs={"point": p["key"], "task": p["task"]})
+            study.enqueue_trial(
+                {}, user_attrs={"point": p["key"], "task": p["task"], "method": p["method"]}
+            )
             n += 1
     return n
 

@@ -34,6 +34,7 @@ from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from . import memory
 from .leases import Lease, PointLock
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, read_note
@@ -75,6 +76,31 @@ class WorkerReport:
             )
             text += f" (logs in {self.results_dir / LOGS_DIR}; re-run to retry)"
         return text
+
+
+def _memory_state(storage) -> tuple[dict, list]:
+    """Finished peaks per (task, method) in every study of the storage, and the reservations
+    of the points running on this host (see `memory`)."""
+    from optuna.trial import TrialState
+
+    trials = [
+        t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id, deepcopy=False)
+    ]  # fmt: skip
+    peaks = memory.history(t for t in trials if is_final(t))
+    running = [
+        t.user_attrs
+        for t in trials
+        if t.state == TrialState.RUNNING and "point" in t.user_attrs
+        and memory.on_this_host(t.user_attrs)
+    ]  # fmt: skip
+    return peaks, [memory.reservation(a, peaks) for a in running]
+
+
+def _say_once(worker, key: str, text: str) -> None:
+    said = worker.__dict__.setdefault("_memory_waits", set())
+    if key not in said and hasattr(worker, "say"):
+        said.add(key)
+        worker.say(f"{key} {text}")
 
 
 class Worker:
@@ -166,10 +192,16 @@ class Worker:
         from optuna.trial import TrialState
 
         waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))  # fmt: skip
+        budget = memory.budget_mb()
+        peaks, reserved = _memory_state(self.storage) if budget else ({}, [])
         for t in sorted(waiting, key=claim_order):
             if "point" not in t.user_attrs or (
                 self.tasks and t.user_attrs.get("task") not in self.tasks
             ):
+                continue
+            need = memory.reservation(t.user_attrs, peaks)
+            if not memory.fits(need, reserved, budget):
+                _say_once(self, t.user_attrs["point"], memory.describe(need, reserved, budget))
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
             self.storage.record_heartbeat(t._trial_id)

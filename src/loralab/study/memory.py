@@ -1,0 +1,92 @@
+"""Memory-aware claiming: a worker starts a point only if it fits in RAM beside the running ones.
+
+A study on a small machine runs one worker per core, and two runs of a long-sequence task can
+need more memory together than the machine has: SmolLM2-135M keeps ~3.6 GB for the backward
+pass under LoRA at 16 × 256 tokens (RTE's longest batches) and ~6.6 GB at 16 × 384 (SQuAD v2),
+and the process's peak is ~1.4× what it keeps. The kernel's OOM killer then ends one of them.
+
+So each running point reserves its predicted peak: the largest `peak_memory_mb` among finished
+points with its task and method (in any study of the storage), plus a margin; a point with no
+finished sibling yet reserves the whole budget. A worker claims a waiting point only when that
+point's reservation fits in the budget beside the reservations of the points running on this
+host; when nothing runs here, any point starts. Budget: `LORALAB_MEMORY_BUDGET_MB`, else 90% of
+the machine's RAM; `LORALAB_MEMORY_BUDGET_MB=0` turns the check off.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+BUDGET_ENV = "LORALAB_MEMORY_BUDGET_MB"
+MARGIN = 1.15  # peaks of one task and method vary between runs (e.g. 9.9 vs 10.2 GB on RTE)
+
+
+def budget_mb() -> float | None:
+    """MB that running points may take together on this host; None: no limit."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            from ..errors import LoralabError
+
+            raise LoralabError(
+                f"{BUDGET_ENV}={raw!r} is not a number: give the MB that a study's running "
+                "points may use together on this machine, or 0 to turn the check off."
+            ) from None
+        return value if value > 0 else None
+    try:
+        with open("/proc/meminfo") as f:
+            total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        return None  # not Linux: no check
+    return 0.9 * total_kb / 1024
+
+
+def history(trials) -> dict[tuple[str, str], float]:
+    """(task, method) -> the largest peak_memory_mb of finished trials' results."""
+    peaks: dict[tuple[str, str], float] = {}
+    for t in trials:
+        rec = t.user_attrs.get("result") or {}
+        peak, task, method = rec.get("peak_memory_mb"), rec.get("task"), rec.get("method")
+        if isinstance(peak, (int, float)) and task and method:
+            peaks[(task, method)] = max(peak, peaks.get((task, method), 0.0))
+    return peaks
+
+
+def reservation(attrs: dict, peaks: dict[tuple[str, str], float]) -> float | None:
+    """The MB a point with these trial user attrs (task, method) reserves; None: unknown.
+
+    A trial enqueued before points carried their method reserves its task's largest peak."""
+    task, method = attrs.get("task"), attrs.get("method")
+    known = [v for (t, m), v in peaks.items() if t == task and (method is None or m == method)]
+    return MARGIN * max(known) if known else None
+
+
+def on_this_host(attrs: dict) -> bool:
+    """A running trial whose worker has not said where it runs counts as here."""
+    host = (attrs.get("worker") or {}).get("host")
+    return host is None or host == socket.gethostname()
+
+
+def fits(need: float | None, reserved: list[float | None], budget: float | None) -> bool:
+    """Whether a point reserving `need` MB may start beside running points reserving
+    `reserved` (None: unknown, i.e. all of it)."""
+    if budget is None or not reserved:
+        return True
+    if need is None or any(r is None for r in reserved):
+        return False
+    return need + sum(reserved) <= budget
+
+
+def describe(need: float | None, reserved: list[float | None], budget: float) -> str:
+    """Why a point waits, for the worker's log."""
+    gb = lambda mb: f"{mb / 1024:.1f} GB"  # noqa: E731
+    need_s = gb(need) if need is not None else "an unknown amount (no finished run like it yet)"
+    known = [r for r in reserved if r is not None]
+    held = f"{gb(sum(known))} held by {len(reserved)} running point(s)"
+    if len(known) < len(reserved):
+        held += " (some of unknown size)"
+    return (f"waits for memory: it needs {need_s}, {held}, budget {gb(budget)} "
+            f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip

@@ -1,0 +1,79 @@
+"""Memory-aware claiming: a point starts only if its predicted peak fits beside the running ones."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from loralab.errors import LoralabError
+from loralab.study import memory
+from loralab.study.storage import open_storage
+from loralab.study.worker import Worker
+
+
+def test_budget_from_the_environment_or_the_machine(monkeypatch):
+    monkeypatch.setenv(memory.BUDGET_ENV, "12000")
+    assert memory.budget_mb() == 12000
+    monkeypatch.setenv(memory.BUDGET_ENV, "0")
+    assert memory.budget_mb() is None  # off
+    monkeypatch.setenv(memory.BUDGET_ENV, "lots")
+    with pytest.raises(LoralabError, match=memory.BUDGET_ENV):
+        memory.budget_mb()
+    monkeypatch.delenv(memory.BUDGET_ENV)
+    with open("/proc/meminfo") as f:
+        total_mb = int(f.readline().split()[1]) / 1024
+    assert memory.budget_mb() == pytest.approx(0.9 * total_mb)
+
+
+def test_fits():
+    assert memory.fits(None, [], 1000)  # nothing runs here: anything starts
+    assert memory.fits(900, [50], None)  # no budget: no check
+    assert memory.fits(500, [500], 1000) and not memory.fits(501, [500], 1000)
+    assert not memory.fits(None, [10], 1000)  # unknown size waits for the host to be free
+    assert not memory.fits(10, [None], 1000)  # so does anything beside one of unknown size
+
+
+def _trial(task, method, peak):
+    return SimpleNamespace(
+        user_attrs={"result": {"task": task, "method": method, "peak_memory_mb": peak}}
+    )
+
+
+def test_reservation_is_the_largest_finished_peak_of_its_task_and_method_plus_a_margin():
+    peaks = memory.history([_trial("rte", "full", 9000), _trial("rte", "full", 10000),
+                            _trial("rte", "lora", 6000), SimpleNamespace(user_attrs={})])  # fmt: skip
+    assert peaks == {("rte", "full"): 10000, ("rte", "lora"): 6000}
+    assert memory.reservation({"task": "rte", "method": "lora"}, peaks) == memory.MARGIN * 6000
+    assert memory.reservation({"task": "rte"}, peaks) == memory.MARGIN * 10000  # older trials
+    assert memory.reservation({"task": "squad_v2", "method": "lora"}, peaks) is None
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_path, monkeypatch):
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=60, grace=120)
+    done = optuna.create_study(storage=st, study_name="earlier")  # another study's history
+    for task, method, peak in (("squad_v2", "full", 9000), ("sst2", "lora", 2000)):
+        done.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={
+            "point": f"{task}-{method}", "result": {"task": task, "method": method, "peak_memory_mb": peak}}))  # fmt: skip
+    study = optuna.create_study(storage=st, study_name="now")
+    for key, task, method in (("running", "squad_v2", "full"), ("big", "squad_v2", "full"),
+                              ("small", "sst2", "lora"), ("new", "rte", "lora")):  # fmt: skip
+        study.enqueue_trial({}, user_attrs={"point": key, "task": task, "method": method})
+    running = study.get_trials()[0]
+    st.record_heartbeat(running._trial_id)
+    assert st.set_trial_state_values(running._trial_id, TrialState.RUNNING)  # another worker's
+
+    said: list[str] = []
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append)
+    monkeypatch.setenv(memory.BUDGET_ENV, "16000")
+    # 1.15 x 9,000 MB runs; the other SQuAD point would need as much again: only SST-2 fits.
+    assert Worker._claim(worker).user_attrs["point"] == "small"
+    assert Worker._claim(worker) is None  # RTE has no finished run to predict it: it waits too
+    assert any(s.startswith("big waits for memory") and "16000" not in s for s in said)
+    assert any(s.startswith("new waits for memory") and "unknown" in s for s in said)
+    assert len(said) == 2  # each waiting point is announced once
+    monkeypatch.setenv(memory.BUDGET_ENV, "0")  # the check turned off
+    assert Worker._claim(worker).user_attrs["point"] == "big"
