@@ -25,7 +25,10 @@ def test_budget_from_the_environment_or_the_machine(monkeypatch):
     monkeypatch.delenv(memory.BUDGET_ENV)
     with open("/proc/meminfo") as f:
         total_mb = int(f.readline().split()[1]) / 1024
+    monkeypatch.setattr(memory, "_cgroup_limit", lambda: float("inf"))
     assert memory.budget_mb() == pytest.approx(0.9 * total_mb)
+    monkeypatch.setattr(memory, "_cgroup_limit", lambda: 4 * 2**30)  # a 4 GiB container
+    assert memory.budget_mb() == pytest.approx(0.9 * min(total_mb, 4096))
 
 
 def test_fits():

@@ -10,7 +10,8 @@ points with its task and method (in any study of the storage), plus a margin; a 
 finished sibling yet reserves the whole budget. A worker claims a waiting point only when that
 point's reservation fits in the budget beside the reservations of the points running on this
 host; when nothing runs here, any point starts. Budget: `LORALAB_MEMORY_BUDGET_MB`, else 90% of
-the machine's RAM; `LORALAB_MEMORY_BUDGET_MB=0` turns the check off.
+the machine's RAM or of a container's memory limit; `LORALAB_MEMORY_BUDGET_MB=0` turns the
+check off.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ def budget_mb() -> float | None:
             total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
     except (OSError, StopIteration, ValueError):
         return None  # not Linux: no check
-    return 0.9 * total_kb / 1024
+    return 0.9 * min(total_kb * 1024, _cgroup_limit()) / 2**20
+
+
+def _cgroup_limit() -> float:
+    """A container's memory limit in bytes (cgroup v2 or v1), or infinity."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                return float(f.read().strip())  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            continue
+    return float("inf")
 
 
 def history(trials) -> dict[tuple[str, str], float]:
