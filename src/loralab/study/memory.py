@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import socket
 
+from .storage import is_final
+
 BUDGET_ENV = "LORALAB_MEMORY_BUDGET_MB"
 MARGIN = 1.15  # peaks of one task and method vary between runs (e.g. 9.9 vs 10.2 GB on RTE)
 
@@ -102,3 +104,33 @@ def describe(need: float | None, reserved: list[float | None], budget: float) ->
         held += " (some of unknown size)"
     return (f"waits for memory: it needs {need_s}, {held}, budget {gb(budget)} "
             f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip
+
+
+def state(storage) -> tuple[dict, list]:
+    """Finished peaks per (task, method) in every study of the storage, and the reservations
+    of the points running on this host."""
+    from optuna.trial import TrialState
+
+    trials = [
+        t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id, deepcopy=False)
+    ]  # fmt: skip
+    peaks = history(t for t in trials if is_final(t))
+    running = [
+        t.user_attrs
+        for t in trials
+        if t.state == TrialState.RUNNING and "point" in t.user_attrs and on_this_host(t.user_attrs)
+    ]  # fmt: skip
+    return peaks, [reservation(a, peaks) for a in running]
+
+
+def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:
+    """Whether the waiting point with these trial user attrs must wait for memory; the worker
+    says why, once per point."""
+    need = reservation(attrs, peaks)
+    if fits(need, reserved, budget):
+        return False
+    said = worker.__dict__.setdefault("_memory_waits", set())
+    if attrs["point"] not in said and hasattr(worker, "say"):
+        said.add(attrs["point"])
+        worker.say(f"{attrs['point']} {describe(need, reserved, budget)}")
+    return True

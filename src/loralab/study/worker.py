@@ -78,31 +78,6 @@ class WorkerReport:
         return text
 
 
-def _memory_state(storage) -> tuple[dict, list]:
-    """Finished peaks per (task, method) in every study of the storage, and the reservations
-    of the points running on this host (see `memory`)."""
-    from optuna.trial import TrialState
-
-    trials = [
-        t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id, deepcopy=False)
-    ]  # fmt: skip
-    peaks = memory.history(t for t in trials if is_final(t))
-    running = [
-        t.user_attrs
-        for t in trials
-        if t.state == TrialState.RUNNING and "point" in t.user_attrs
-        and memory.on_this_host(t.user_attrs)
-    ]  # fmt: skip
-    return peaks, [memory.reservation(a, peaks) for a in running]
-
-
-def _say_once(worker, key: str, text: str) -> None:
-    said = worker.__dict__.setdefault("_memory_waits", set())
-    if key not in said and hasattr(worker, "say"):
-        said.add(key)
-        worker.say(f"{key} {text}")
-
-
 class Worker:
     """Runs the undone points of one study (optionally only some tasks) until none is left."""
 
@@ -193,15 +168,13 @@ class Worker:
 
         waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))  # fmt: skip
         budget = memory.budget_mb()
-        peaks, reserved = _memory_state(self.storage) if budget else ({}, [])
+        peaks, reserved = memory.state(self.storage) if budget else ({}, [])
         for t in sorted(waiting, key=claim_order):
             if "point" not in t.user_attrs or (
                 self.tasks and t.user_attrs.get("task") not in self.tasks
             ):
                 continue
-            need = memory.reservation(t.user_attrs, peaks)
-            if not memory.fits(need, reserved, budget):
-                _say_once(self, t.user_attrs["point"], memory.describe(need, reserved, budget))
+            if memory.waits(self, t.user_attrs, peaks, reserved, budget):
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
             self.storage.record_heartbeat(t._trial_id)
