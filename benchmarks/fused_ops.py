@@ -43,15 +43,15 @@ def build(method: str, fused_on: bool):
 
 def _step(model, batch, bf16: bool, pack=None) -> None:
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if pack else nullcontext()
-    with hooks:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()  # outside the hooks: what a backward pass recomputes is not kept
     model.zero_grad(set_to_none=True)
 
 
 def saved_mb(model, batch, bf16: bool) -> float:
-    """MB of distinct non-parameter tensors autograd keeps for one step's backward."""
+    """MB of distinct non-parameter tensors autograd keeps from one step's forward pass for its
+    backward (before 2026-12-02 17:50 this counted the backward pass's own saves too)."""
     seen: dict[int, int] = {}
 
     def pack(t):
