@@ -69,6 +69,15 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     st.record_heartbeat(running._trial_id)
     assert st.set_trial_state_values(running._trial_id, TrialState.RUNNING)  # another worker's
 
+    # A point of an earlier study whose worker died long ago (stale heartbeat) reserves nothing.
+    dead = done.enqueue_trial(
+        {}, user_attrs={"point": "dead", "task": "squad_v2", "method": "full"}
+    )
+    dead = done.get_trials()[-1]
+    st.record_heartbeat(dead._trial_id)
+    assert st.set_trial_state_values(dead._trial_id, TrialState.RUNNING)
+    _age_heartbeat(tmp_path / "study.db", dead._trial_id)
+
     said: list[str] = []
     worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append)
     monkeypatch.setenv(memory.BUDGET_ENV, "16000")
@@ -80,3 +89,11 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     assert len(said) == 2  # each waiting point is announced once
     monkeypatch.setenv(memory.BUDGET_ENV, "0")  # the check turned off
     assert Worker._claim(worker).user_attrs["point"] == "big"
+
+
+def _age_heartbeat(db, trial_id: int) -> None:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 day') "
+                    "WHERE trial_id = ?", (trial_id,))  # fmt: skip

@@ -109,11 +109,14 @@ def describe(need: float | None, reserved: list[float | None], budget: float) ->
 def state(storage) -> tuple[dict, list]:
     """Finished peaks per (task, method) in every study of the storage, and the reservations
     of the points running on this host."""
+    import optuna
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    trials = [
-        t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id, deepcopy=False)
-    ]  # fmt: skip
+    studies = storage.get_all_studies()
+    for s in studies:  # a dead worker's point (in any study, e.g. an earlier spec's) holds none
+        fail_stale_trials(optuna.load_study(study_name=s.study_name, storage=storage))
+    trials = [t for s in studies for t in storage.get_all_trials(s._study_id, deepcopy=False)]
     peaks = history(t for t in trials if is_final(t))
     running = [
         t.user_attrs
