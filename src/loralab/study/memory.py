@@ -70,12 +70,10 @@ def history(trials) -> dict[tuple[str, str], float]:
 
 
 def reservation(attrs: dict, peaks: dict[tuple[str, str], float]) -> float | None:
-    """The MB a point with these trial user attrs (task, method) reserves; None: unknown.
-
-    A trial enqueued before points carried their method reserves its task's largest peak."""
-    task, method = attrs.get("task"), attrs.get("method")
-    known = [v for (t, m), v in peaks.items() if t == task and (method is None or m == method)]
-    return MARGIN * max(known) if known else None
+    """The MB a point with these trial user attrs (task, method) reserves; None: unknown (also
+    for a trial enqueued before points carried their method)."""
+    peak = peaks.get((attrs.get("task"), attrs.get("method")))
+    return None if peak is None else MARGIN * peak
 
 
 def on_this_host(attrs: dict) -> bool:
@@ -129,7 +127,8 @@ def state(storage) -> tuple[dict, list]:
 def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:
     """Whether the waiting point with these trial user attrs must wait for memory; the worker
     says why, once per point."""
-    need = reservation(attrs, peaks)
+    point = getattr(worker, "points", {}).get(attrs["point"], {})  # the worker's own plan
+    need = reservation({**attrs, "method": attrs.get("method") or point.get("method")}, peaks)
     if fits(need, reserved, budget):
         return False
     said = worker.__dict__.setdefault("_memory_waits", set())
