@@ -97,9 +97,10 @@ def describe(need: float | None, reserved: list[float | None], budget: float) ->
     gb = lambda mb: f"{mb / 1024:.1f} GB"  # noqa: E731
     need_s = gb(need) if need is not None else "an unknown amount (no finished run like it yet)"
     known = [r for r in reserved if r is not None]
-    held = f"{gb(sum(known))} held by {len(reserved)} running point(s)"
+    parts = [f"{len(known)} holding {gb(sum(known))}"] if known else []
     if len(known) < len(reserved):
-        held += " (some of unknown size)"
+        parts.append(f"{len(reserved) - len(known)} of unknown size")
+    held = f"{len(reserved)} point(s) running here ({', '.join(parts)})"
     return (f"waits for memory: it needs {need_s}, {held}, budget {gb(budget)} "
             f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip
 
