@@ -23,6 +23,12 @@ def test_budget_from_the_environment_or_the_machine(monkeypatch):
     with pytest.raises(LoralabError, match=memory.BUDGET_ENV):
         memory.budget_mb()
     monkeypatch.delenv(memory.BUDGET_ENV)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # a worker pinned to a GPU: no check
+    assert memory.budget_mb() is None
+    monkeypatch.setenv(memory.BUDGET_ENV, "9000")  # unless asked for
+    assert memory.budget_mb() == 9000
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv(memory.BUDGET_ENV)
     with open("/proc/meminfo") as f:
         total_mb = int(f.readline().split()[1]) / 1024
     monkeypatch.setattr(memory, "_cgroup_limit", lambda: float("inf"))

@@ -11,7 +11,8 @@ finished sibling yet reserves the whole budget. A worker claims a waiting point 
 point's reservation fits in the budget beside the reservations of the points running on this
 host; when nothing runs here, any point starts. Budget: `LORALAB_MEMORY_BUDGET_MB`, else 90% of
 the machine's RAM or of a container's memory limit; `LORALAB_MEMORY_BUDGET_MB=0` turns the
-check off.
+check off. Workers pinned to a GPU (`CUDA_VISIBLE_DEVICES`, as `--workers auto` pins them) do
+not check unless the budget is set: their runs record GPU memory as their peak.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def budget_mb() -> float | None:
                 "points may use together on this machine, or 0 to turn the check off."
             ) from None
         return value if value > 0 else None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+        return None  # a worker pinned to a GPU: its runs' recorded peaks are GPU memory
     try:
         with open("/proc/meminfo") as f:
             total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
