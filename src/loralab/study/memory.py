@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 
+from ..errors import LoralabError
 from .storage import is_final
 
 BUDGET_ENV = "LORALAB_MEMORY_BUDGET_MB"
@@ -33,8 +34,6 @@ def budget_mb() -> float | None:
         try:
             value = float(raw)
         except ValueError:
-            from ..errors import LoralabError
-
             raise LoralabError(
                 f"{BUDGET_ENV}={raw!r} is not a number: give the MB that a study's running "
                 "points may use together on this machine, or 0 to turn the check off."

@@ -167,14 +167,14 @@ class Worker:
         from optuna.trial import TrialState
 
         waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))  # fmt: skip
-        budget = memory.budget_mb()
-        peaks, reserved = memory.state(self.storage) if budget else ({}, [])
+        budget, held = memory.budget_mb(), None  # held: read once, only if a point is a candidate
         for t in sorted(waiting, key=claim_order):
             if "point" not in t.user_attrs or (
                 self.tasks and t.user_attrs.get("task") not in self.tasks
             ):
                 continue
-            if memory.waits(self, t.user_attrs, peaks, reserved, budget):
+            held = held or (memory.state(self.storage) if budget else ({}, []))
+            if memory.waits(self, t.user_attrs, *held, budget):
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
             self.storage.record_heartbeat(t._trial_id)
