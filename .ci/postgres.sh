@@ -1,5 +1,5 @@
 # Sourced by .ci/run: a throwaway PostgreSQL server for the multi-worker sweep tests.
-#   pg_install: install the Debian package if it is missing (.ci/run starts it in the
+#   pg_install: install the Debian packages if missing (and tcmalloc, see below) (.ci/run starts it in the
 #             background, beside the Python installs)
 #   pg_start: install the Debian package if needed, start a server in a temp folder, create a
 #             database, export LORALAB_TEST_PG_URL
@@ -7,11 +7,15 @@
 # Also usable by hand: `. .ci/postgres.sh && pg_start && python -m pytest tests/test_sweep.py`.
 
 pg_install() {
-    local sudo=""
+    local sudo="" packages=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages="postgresql"
+    # tcmalloc too, so that the tests also run the heap allocator loralab picks where it can
+    # (loralab/allocator.py); without it they run under glibc's malloc.
+    ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || packages="$packages libtcmalloc-minimal4"
+    if [ -n "$packages" ]; then
         $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
     fi
 }
 

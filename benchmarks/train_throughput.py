@@ -7,7 +7,9 @@ Configurations (each for LoRA and full fine-tuning, SmolLM2-135M, SST-2, batch 1
   C  loralab defaults (`loralab train`: length-grouped batches, precision auto)
   D  loralab's fastest setting (C + no LoRA dropout; bf16 where the hardware has it)
 
-C and D batch by length, and the sampler serves each group of batches longest first: they measure
+C0, C and D run under the heap allocator `loralab` itself chooses (loralab.allocator: tcmalloc or
+jemalloc where installed), A and B under the system's, as a plain script would; each row names its
+allocator. C and D batch by length, and the sampler serves each group of batches longest first: they measure
 at least one whole group (31 steps at the default 2,000-example pool), so that their tokens/s is
 not that of the longest batches only. A and B draw batches in random order.
 
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from loralab import allocator
 
 MODEL = os.environ.get("LORALAB_BENCH_MODEL", "smollm2-135m")  # tiny-llama: a smoke test
 BATCH = 16
@@ -233,6 +237,7 @@ def child(spec: dict) -> dict:
         "tokens_per_s_padded": meter.padded / meter.t,
         "padding_share": 1 - meter.real / meter.padded,
         "peak_rss_mb": peak_memory_mb(),
+        "allocator": allocator.current(),
         "flops_per_real_token": _flops_per_token(model, spec["method"]),
         "model_gflops_per_s": _flops_per_token(model, spec["method"]) * real_tps / 1e9,
     }
@@ -243,6 +248,9 @@ def _run_child(spec: dict) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if spec["config"] == "C0":
         env["LORALAB_FUSED"] = "0"
+    if spec["config"] not in ("A", "B"):  # loralab's own configurations run as `loralab` does
+        lib = allocator.choose()[1]
+        env = allocator.preload_env(env, lib) if lib is not None else env
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU machine the CPU rows must stay on the CPU
     proc = subprocess.run(

@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import write_sst2
 
+from loralab import allocator
 from loralab.errors import LoralabError
 from loralab.study import layout
 
@@ -55,6 +56,8 @@ def test_study_with_two_workers_shares_points_and_records_the_layout(tmp_path):
     # Every point ran once, in a 1-thread process that knew it had a sibling.
     assert len({s["run_dir"] for s in summaries}) == len(summaries)
     assert {(s["layout"]["workers"], s["layout"]["threads"]) for s in summaries} == {(2, 1)}
+    # ... under the heap allocator `loralab` chose (inherited through the worker's forkserver).
+    assert {s["layout"]["allocator"] for s in summaries} == {allocator.choose()[0]}
 
 
 def test_workers_are_pinned_round_robin_to_the_visible_gpus():

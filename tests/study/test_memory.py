@@ -45,10 +45,9 @@ def test_fits():
     assert not memory.fits(10, [None], 1000)  # so does anything beside one of unknown size
 
 
-def _trial(task, method, peak):
-    return SimpleNamespace(
-        user_attrs={"result": {"task": task, "method": method, "peak_memory_mb": peak}}
-    )
+def _trial(task, method, peak, allocator=None):
+    return SimpleNamespace(user_attrs={"result": {
+        "task": task, "method": method, "peak_memory_mb": peak, "allocator": allocator}})  # fmt: skip
 
 
 def test_reservation_is_the_largest_finished_peak_of_its_task_and_method_plus_a_margin():
@@ -58,6 +57,14 @@ def test_reservation_is_the_largest_finished_peak_of_its_task_and_method_plus_a_
     assert memory.reservation({"task": "rte", "method": "lora"}, peaks) == memory.MARGIN * 6000
     assert memory.reservation({"task": "rte"}, peaks) is None  # enqueued without its method
     assert memory.reservation({"task": "squad_v2", "method": "lora"}, peaks) is None
+
+
+def test_peaks_under_this_workers_allocator_count_alone_where_there_are_some():
+    trials = [_trial("rte", "lora", 10000), _trial("rte", "lora", 7000, "tcmalloc"),
+              _trial("rte", "full", 12000), _trial("rte", "full", 9000, "jemalloc")]  # fmt: skip
+    assert memory.history(trials, "tcmalloc") == {("rte", "lora"): 7000, ("rte", "full"): 12000}
+    assert memory.history(trials, "system") == {("rte", "lora"): 10000, ("rte", "full"): 12000}
+    assert memory.history(trials) == {("rte", "lora"): 10000, ("rte", "full"): 12000}
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API

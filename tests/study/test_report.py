@@ -650,3 +650,23 @@ def test_without_a_shared_seed_every_seed_picked_the_lr(tmp_path):
     write_run(tmp_path, "full-s1", 1, {"accuracy": 0.82}, method="full", lr=3e-5)
     (comp,) = aggregate(load_runs(tmp_path))[1]
     assert comp.lora.chose_lr_on == {1, 2} and comp.held_out_diffs == []
+
+
+def test_peak_memory_across_allocators_is_flagged_not_compared(tmp_path):
+    """Runs of one comparison under different heap allocators (loralab.allocator): warned,
+    with the count per allocator; runs from before the allocator was recorded are 'unrecorded'."""
+    for method, lr in (("lora", 3e-4), ("full", 3e-5)):
+        for seed in (1, 2):
+            write_run(tmp_path / "same", f"{method}{seed}", seed, {"accuracy": 0.8},
+                      method=method, lr=lr)  # fmt: skip
+    assert report(tmp_path / "same").warnings == []
+    mixed = tmp_path / "same" / "full2" / "summary.json"
+    summary = json.loads(mixed.read_text())
+    mixed.write_text(json.dumps({**summary, "layout": {"allocator": "tcmalloc"}}))
+    (warning,) = report(tmp_path / "same").warnings
+    assert warning.startswith("sst2 (tiny-llama): peak memory is not comparable")
+    assert "LoRA: unrecorded ×2; full fine-tuning: tcmalloc ×1, unrecorded ×1" in warning
+    md = (tmp_path / "same" / "report" / "report.md").read_text()
+    assert "> **Warning:** sst2 (tiny-llama): peak memory is not comparable" in md
+    rows = _rows(tmp_path / "same" / "report" / "runs.csv")
+    assert sorted(r["allocator"] for r in rows) == ["", "", "", "tcmalloc"]

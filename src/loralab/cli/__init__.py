@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from .. import __version__, allocator
 from ..errors import LoralabError
 from ..redact import mask_secrets
 from .flags import flags_of, with_flags
@@ -65,7 +65,12 @@ COMMANDS = {
 }
 
 
+# Commands that train: they run under the allocator `loralab.allocator` chooses.
+TRAINING = ("train", "sweep", "ablate", "study")
+
+
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the process's own command line, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        if entry and args.command in TRAINING:
+            restart = allocator.restart_command(sys.argv[0], argv)
+            if restart is not None:  # a process's allocator is fixed when it starts
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.execve(restart[0][0], restart[0], restart[1])
         return COMMANDS[args.command](args)
     except LoralabError as e:
         # The library names config keys; the user of this command reads its flags too.

@@ -12,6 +12,7 @@ over seeds. A LoRA variant is its whole `lora` section (part of the identity), n
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .records import identity_hash, main_metric, points_per_unit, record_identity, without
@@ -295,6 +296,33 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
             f"{best.lr:g}, is the {side} of its grid ({grid}). A learning rate beyond it may score "
             f"better, so this method may be under-tuned: add one to the grid (in a study spec, "
             f"under a new `name`: the finished points are reused, only the new ones train)."
+        )
+    return out
+
+
+def allocator_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison whose runs' peak memory is not comparable: they ran under
+    different heap allocators (`loralab.allocator`: the allocator alone moved a run's peak RSS
+    by ~25%). Runs from before the allocator was recorded count as "unrecorded"."""
+    out = []
+    for comp in comps:
+        if comp.full is None:
+            continue
+        used = {
+            name: Counter(r.get("allocator") or "unrecorded" for r in cell.done)
+            for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
+        }
+        if len(set().union(*used.values())) < 2:
+            continue
+        ran = "; ".join(
+            f"{name}: " + ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
+            for name, c in used.items()
+        )
+        out.append(
+            f"{comp.task} ({comp.model}): peak memory is not comparable between the methods: "
+            f"their runs used different heap allocators ({ran}), and the allocator alone "
+            f"changes a run's peak by up to ~25%. Compare memory on runs under one allocator "
+            f"(LORALAB_ALLOCATOR)."
         )
     return out
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+from .. import allocator
 from ..errors import LoralabError
 
 ENV_WORKERS = "LORALAB_WORKERS"  # set in each worker: how many run side by side (summary)
@@ -51,6 +52,7 @@ def record() -> dict:
         "workers": int(os.environ.get(ENV_WORKERS, "1") or 1),
         "threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
+        "allocator": allocator.current(),  # peak memory depends on it (loralab.allocator)
     }
 
 

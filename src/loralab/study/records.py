@@ -39,6 +39,7 @@ def record_from_summary(summary: dict) -> dict:
     rec = {k: summary.get(k) for k in RUN_FIELDS}
     params = summary.get("params") or {}
     rec.update({k: params.get(k) for k in SHARE_FIELDS})
+    rec["allocator"] = (summary.get("layout") or {}).get("allocator")  # None: before it was
     rec["lora"] = summary.get("lora") if summary.get("method") == "lora" else None
     rec["metrics"] = _numbers(summary.get("metrics"))
     rec["majority"] = _numbers(summary.get("majority_baseline"))

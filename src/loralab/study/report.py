@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
-from .aggregate import Comparison, aggregate, grid_edge_warnings
+from .aggregate import Comparison, aggregate, allocator_warnings, grid_edge_warnings
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -87,7 +87,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         )
     records, warnings = deduplicate(records)
     cells, comps = aggregate(records)
-    warnings += grid_edge_warnings(cells, pending)
+    warnings += grid_edge_warnings(cells, pending) + allocator_warnings(comps)
     tabs = tables(cells, comps)
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
@@ -124,6 +124,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
 def _flat_run(r: dict) -> dict:
     row = {"group": r["group"], "identity": record_identity(r), **{k: r.get(k) for k in RUN_FIELDS}}
     row["lora"] = lora_slug(r.get("lora")) if r.get("lora") else ""
+    row["allocator"] = r.get("allocator") or ""  # peak memory depends on it
     row.update({k: r.get(k) for k in SHARE_FIELDS})
     row.update({f"metric_{k}": v for k, v in (r.get("metrics") or {}).items()})
     return row
