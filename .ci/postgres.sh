@@ -1,6 +1,6 @@
 # Sourced by .ci/run: a throwaway PostgreSQL server for the multi-worker sweep tests.
-#   pg_install: install the Debian packages if missing (and tcmalloc, see below) (.ci/run starts it in the
-#             background, beside the Python installs)
+#   pg_install: install the Debian packages if missing, PostgreSQL and tcmalloc (.ci/run starts
+#             it in the background, beside the Python installs)
 #   pg_start: install the Debian package if needed, start a server in a temp folder, create a
 #             database, export LORALAB_TEST_PG_URL
 #   pg_stop:  stop the server and remove its folder

@@ -9,7 +9,9 @@ Configurations (each for LoRA and full fine-tuning, SmolLM2-135M, SST-2, batch 1
 
 C0, C and D run under the heap allocator `loralab` itself chooses (loralab.allocator: tcmalloc or
 jemalloc where installed), A and B under the system's, as a plain script would; each row names its
-allocator. C and D batch by length, and the sampler serves each group of batches longest first: they measure
+allocator.
+
+C and D batch by length, and the sampler serves each group of batches longest first: they measure
 at least one whole group (31 steps at the default 2,000-example pool), so that their tokens/s is
 not that of the longest batches only. A and B draw batches in random order.
 

@@ -30,6 +30,7 @@ LIBRARIES = {  # name -> file names, best first
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
 }
 AUTO_ORDER = ("tcmalloc", "jemalloc")
+LOADED = "LORALAB_ALLOCATOR_LOADED"  # set on the restarted process: the library it was given
 
 
 def search_dirs() -> list[Path]:
@@ -127,5 +128,3 @@ def restart_command(argv0: str, argv: list[str], env: dict | None = None):
         return None
     return cmd, {**preload_env(env, lib), LOADED: str(lib)}
 
-
-LOADED = "LORALAB_ALLOCATOR_LOADED"
