@@ -127,4 +127,3 @@ def restart_command(argv0: str, argv: list[str], env: dict | None = None):
     if lib is None or current() == name or env.get(LOADED) == str(lib):
         return None
     return cmd, {**preload_env(env, lib), LOADED: str(lib)}
-
