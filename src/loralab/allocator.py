@@ -19,6 +19,7 @@ library's path. Debian/Ubuntu: `apt install libtcmalloc-minimal4` (or `libjemall
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def search_dirs() -> list[Path]:
     dirs = [Path(sys.prefix) / "lib"]
     dirs += [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
     for root in ("/usr/lib", "/lib", "/usr/local/lib"):
-        dirs += [Path(root) / f"{os.uname().machine}-linux-gnu", Path(root)]
+        dirs += [Path(root) / f"{platform.machine()}-linux-gnu", Path(root)]
     return dirs + [Path("/usr/lib64"), Path("/lib64")]
 
 
