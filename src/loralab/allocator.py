@@ -56,6 +56,7 @@ def choose(setting: str | None = None, dirs: list[Path] | None = None) -> tuple[
     """(allocator name, library to preload or None for the system's) for a `LORALAB_ALLOCATOR`
     value (default: the environment's, else auto)."""
     raw = (os.environ.get(ENV, "") if setting is None else setting).strip() or "auto"
+    dirs = search_dirs() if dirs is None else dirs
     if raw == "system":
         return "system", None
     if raw == "auto":
@@ -69,7 +70,7 @@ def choose(setting: str | None = None, dirs: list[Path] | None = None) -> tuple[
         if lib is None:
             raise LoralabError(
                 f"{ENV}={raw}: no {raw} library found (looked for {', '.join(LIBRARIES[raw])} "
-                f"in {', '.join(str(d) for d in (search_dirs() if dirs is None else dirs))}). "
+                f"in {', '.join(str(d) for d in dirs)}). "
                 f"Install it (Debian/Ubuntu: apt install "
                 f"{'libtcmalloc-minimal4' if raw == 'tcmalloc' else 'libjemalloc2'}), give the "
                 f"library's path, or set {ENV}=auto to use whichever is there."

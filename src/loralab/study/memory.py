@@ -3,7 +3,8 @@
 A study on a small machine runs one worker per core, and two runs of a long-sequence task can
 need more memory together than the machine has: SmolLM2-135M keeps ~3.6 GB for the backward
 pass under LoRA at 16 × 256 tokens (RTE's longest batches) and ~6.6 GB at 16 × 384 (SQuAD v2),
-and the process's peak is ~1.4× what it keeps (glibc malloc; ~23% less under tcmalloc, see `loralab.allocator`). The kernel's OOM killer then ends one of them.
+and the process's peak is ~1.4× what it keeps (glibc malloc; ~23% less under tcmalloc, see
+`loralab.allocator`). The kernel's OOM killer then ends one of them.
 
 So each running point reserves its predicted peak: the largest `peak_memory_mb` among finished
 points with its task and method (in any study of the storage; only those run under this worker's
@@ -66,16 +67,16 @@ def history(trials, allocator: str | None = None) -> dict[tuple[str, str], float
     """(task, method) -> the largest peak_memory_mb of finished trials' results; where some of
     them ran under `allocator` (this worker's, `loralab.allocator`), only those count: the
     allocator alone moves a peak by ~25%."""
-    peaks: dict[tuple[str, str, bool], float] = {}
+    every: dict[tuple[str, str], float] = {}
+    same: dict[tuple[str, str], float] = {}
     for t in trials:
         rec = t.user_attrs.get("result") or {}
         peak, task, method = rec.get("peak_memory_mb"), rec.get("task"), rec.get("method")
         if isinstance(peak, (int, float)) and task and method:
-            key = (task, method, allocator is not None and rec.get("allocator") == allocator)
-            peaks[key] = max(peak, peaks.get(key, 0.0))
-    out = {(task, method): peak for (task, method, same), peak in peaks.items() if not same}
-    out.update({(task, method): peak for (task, method, same), peak in peaks.items() if same})
-    return out
+            every[task, method] = max(peak, every.get((task, method), 0.0))
+            if allocator is not None and rec.get("allocator") == allocator:
+                same[task, method] = max(peak, same.get((task, method), 0.0))
+    return {**every, **same}
 
 
 def reservation(attrs: dict, peaks: dict[tuple[str, str], float]) -> float | None:
