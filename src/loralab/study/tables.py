@@ -96,7 +96,9 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         MAIN_HEADERS,
         rows,
         "Metrics in points (GLUE: % of examples; SQuAD v2: official %), mean ± sample std over "
-        "seeds. data: fingerprint of the train/eval rows and the caps. Majority baseline: the "
+        "seeds. head: classifier is a sequence-classification head (GLUE) or span extraction "
+        "(SQuAD v2), lm the prompted language model. data: fingerprint of the train/eval rows "
+        "and the caps. Majority baseline: the "
         "dev-set score of always giving the most frequent answer. LoRA − full: paired by seed; "
         f"mean and 95% Student-t interval over seeds. Targets: LoRA loses at most "
         f"{DROP_TARGET_POINTS:g} points to full fine-tuning (a row where both methods are within "
