@@ -18,13 +18,15 @@ def resume(
     quiet: bool = False,
     restart: bool = False,
     trust_remote_code: bool = False,
+    callbacks: list | None = None,
 ) -> RunResult:
     """Continue a killed run from its newest intact checkpoint, with the config it was started
     with (damaged checkpoints are skipped with a warning).
 
     Without a usable checkpoint this is a user error, unless `restart`: then the run trains
     again from step 0 in the same folder (its metrics.jsonl starts afresh). Remote code follows
-    `trust_remote_code` (the command line), never the folder's config.
+    `trust_remote_code` (the command line), never the folder's config. `callbacks`: extra
+    Trainer callbacks, as for `train`.
     """
     run_dir = tracking.open_run_dir(run_dir)
     _check_not_finished(run_dir)
@@ -48,7 +50,7 @@ def resume(
         trim_metrics(run_dir, None if checkpoint is None else int(checkpoint.name.split("-")[-1]))
     distributed.init()
     distributed.barrier()
-    return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint)
+    return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint, callbacks=callbacks)
 
 
 def _check_not_finished(run_dir: Path) -> None:

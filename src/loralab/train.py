@@ -26,6 +26,7 @@ from .heads import Head, head_for
 from .lora import apply_lora, check_targets
 from .models import is_causal, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
+from .study import layout
 from .summary import base_summary, resolved_config
 from .tasks import Task, absolute_ref, get_task
 from .trainer import LoralabTrainer, training_args
@@ -336,6 +337,7 @@ class _Run:
             peak_memory_mb=tracking.peak_memory_mb(),
             first_step_at=trainer.first_step_at,  # Unix time: the end of start-up
             verification=verification,
+            layout=layout.record(),  # again at the end: the idle cores lent meanwhile
         )
         if distributed.is_main():
             tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)

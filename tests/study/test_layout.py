@@ -58,6 +58,9 @@ def test_study_with_two_workers_shares_points_and_records_the_layout(tmp_path):
     assert {(s["layout"]["workers"], s["layout"]["threads"]) for s in summaries} == {(2, 1)}
     # ... under the heap allocator `loralab` chose (inherited through the worker's forkserver).
     assert {s["layout"]["allocator"] for s in summaries} == {allocator.choose()[0]}
+    # Each run could borrow the core its sibling left idle (study.spare_cores).
+    if len(os.sched_getaffinity(0)) > 1:
+        assert all(0 <= s["layout"]["lent_share"] <= 1 for s in summaries)
 
 
 def test_workers_are_pinned_round_robin_to_the_visible_gpus():

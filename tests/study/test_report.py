@@ -662,7 +662,9 @@ def test_peak_memory_across_allocators_is_flagged_not_compared(tmp_path):
     assert report(tmp_path / "same").warnings == []
     mixed = tmp_path / "same" / "full2" / "summary.json"
     summary = json.loads(mixed.read_text())
-    mixed.write_text(json.dumps({**summary, "layout": {"allocator": "tcmalloc"}}))
+    mixed.write_text(
+        json.dumps({**summary, "layout": {"allocator": "tcmalloc", "lent_share": 0.25}})
+    )
     (warning,) = report(tmp_path / "same").warnings
     assert warning.startswith("sst2 (tiny-llama): peak memory is not comparable")
     assert "LoRA: unrecorded ×2; full fine-tuning: tcmalloc ×1, unrecorded ×1" in warning
@@ -670,3 +672,4 @@ def test_peak_memory_across_allocators_is_flagged_not_compared(tmp_path):
     assert "> **Warning:** sst2 (tiny-llama): peak memory is not comparable" in md
     rows = _rows(tmp_path / "same" / "report" / "runs.csv")
     assert sorted(r["allocator"] for r in rows) == ["", "", "", "tcmalloc"]
+    assert sorted(r["lent_share"] for r in rows) == ["", "", "", "0.25"]  # idle cores it was lent

@@ -17,6 +17,7 @@ from ..config import from_dict
 from ..errors import LoralabError, TrainingDiverged
 from ..resume import resume
 from ..train import train
+from . import spare_cores
 
 
 def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> None:
@@ -33,12 +34,14 @@ def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> N
     hf_logging.disable_progress_bar()
     _thread_lock_for_tqdm()
     code = 0
+    lender = spare_cores.lender()  # a core other workers leave idle speeds this point up
+    callbacks = [lender] if lender is not None else []
     try:
         if action == "resume":
             trust = bool(config["model"].get("trust_remote_code"))
-            resume(run_dir, quiet=True, trust_remote_code=trust)
+            resume(run_dir, quiet=True, trust_remote_code=trust, callbacks=callbacks)
         else:
-            train(from_dict(config), quiet=True)
+            train(from_dict(config), quiet=True, callbacks=callbacks)
     except TrainingDiverged as e:
         print(f"loralab: diverged: {e}")
         code = 3

@@ -48,11 +48,14 @@ def record() -> dict:
     """The layout this process runs in, for the run summary."""
     import torch
 
+    from . import spare_cores  # here: it imports transformers, and `loralab study` starts fast
+
     return {
         "workers": int(os.environ.get(ENV_WORKERS, "1") or 1),
         "threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
         "allocator": allocator.current(),  # peak memory depends on it (loralab.allocator)
+        **spare_cores.record(),  # idle cores this run was lent (threads_max, lent_share)
     }
 
 

@@ -39,7 +39,9 @@ def record_from_summary(summary: dict) -> dict:
     rec = {k: summary.get(k) for k in RUN_FIELDS}
     params = summary.get("params") or {}
     rec.update({k: params.get(k) for k in SHARE_FIELDS})
-    rec["allocator"] = (summary.get("layout") or {}).get("allocator")  # None: before it was
+    layout = summary.get("layout") or {}
+    rec["allocator"] = layout.get("allocator")  # None: from before it was recorded
+    rec["lent_share"] = layout.get("lent_share")  # idle cores lent (study.spare_cores)
     rec["lora"] = summary.get("lora") if summary.get("method") == "lora" else None
     rec["metrics"] = _numbers(summary.get("metrics"))
     rec["majority"] = _numbers(summary.get("majority_baseline"))

@@ -125,6 +125,7 @@ def _flat_run(r: dict) -> dict:
     row = {"group": r["group"], "identity": record_identity(r), **{k: r.get(k) for k in RUN_FIELDS}}
     row["lora"] = lora_slug(r.get("lora")) if r.get("lora") else ""
     row["allocator"] = r.get("allocator") or ""  # peak memory depends on it
+    row["lent_share"] = r.get("lent_share")  # wall time depends on it
     row.update({k: r.get(k) for k in SHARE_FIELDS})
     row.update({f"metric_{k}": v for k, v in (r.get("metrics") or {}).items()})
     return row

@@ -105,7 +105,8 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         f"{UNINFORMATIVE_POINTS:g} point of the majority baseline is uninformative, not a pass), "
         f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
         "the freshly initialised task head). Wall time counts whatever the machine did meanwhile "
-        "(other work, pauses); training CPU time is the training's own, over all its threads "
+        "(other work, pauses, idle cores lent to the run: lent_share in runs.csv); training CPU "
+        "time is the training's own, over all its threads "
         "(— for runs from before it was recorded).",
     )
 

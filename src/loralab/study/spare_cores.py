@@ -1,0 +1,109 @@
+"""Idle cores lent to a running point: a study worker's run takes the cores nobody else uses.
+
+A study on a CPU runs one 1-thread worker per core (`layout`), but not always with every worker
+busy: a point too large to run beside another (`memory`), the last point of a phase, a worker
+that has finished its tasks. Then a core idles while the running point trains on one thread. A
+SmolLM2-135M step on 16 × 384 tokens (SQuAD v2; AMD EPYC, bf16 autocast) takes 27 s on one
+thread and 18 s on two.
+
+So a study's training process measures, every `INTERVAL_S` seconds at a step boundary, how
+much CPU the other processes of the machine used (`/proc/stat` minus its own CPU time) and
+takes `threads_for(...)` threads: the cores the others leave idle, never fewer than it started
+with. When another worker starts training again, the next sample sees it and the run gives the
+core back. The summary's `layout` records the most threads used and the share of training and
+evaluation time run with more than the worker's own (`lent_share`): wall times of lent runs are
+shorter, training CPU time stays comparable. Results are the same up to float rounding (thread
+count changes how matrix products split their sums). `LORALAB_LEND_CORES=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from transformers import TrainerCallback
+
+ENV = "LORALAB_LEND_CORES"
+INTERVAL_S = 10.0  # long enough that a short burst (a git command) does not count
+SLACK = 0.3  # others' use below 0.3 core leaves that core idle (pollers, the worker itself)
+
+_active: SpareCores | None = None  # this process's lender, for `layout.record()`
+
+
+def threads_for(base: int, cores: int, others: float) -> int:
+    """Threads to run with: the cores that processes other than this one leave idle (`others`:
+    cores' worth of CPU they used lately), at least `base` (the worker's own share)."""
+    return max(base, min(cores, int(cores - others + SLACK)))
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy since boot (/proc/stat), None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class SpareCores(TrainerCallback):
+    """Set torch's thread count at step boundaries to the idle cores (see the module doc).
+
+    `busy`, `own` and `clock` are the machine's busy CPU seconds, this process's CPU seconds and
+    a wall clock (injected in tests)."""
+
+    def __init__(self, base: int, cores: int, busy=machine_busy_s, own=time.process_time,
+                 clock=time.monotonic, interval: float = INTERVAL_S):  # fmt: skip
+        global _active
+        self.base, self.cores, self.threads = base, cores, base
+        self.busy, self.own, self.clock, self.interval = busy, own, clock, interval
+        self.last = (self.clock(), self.busy(), self.own())
+        self.ran = {False: 0.0, True: 0.0}  # wall seconds at base / with lent threads
+        self.most = base
+        _active = self
+
+    def check(self) -> None:
+        import torch
+
+        now, busy, own = self.clock(), self.busy(), self.own()
+        then, busy0, own0 = self.last
+        if now - then < self.interval:
+            return
+        self.ran[self.threads > self.base] += now - then
+        self.last = (now, busy, own)
+        if busy is None or busy0 is None:
+            return
+        others = max(0.0, (busy - busy0) - (own - own0)) / (now - then)
+        threads = threads_for(self.base, self.cores, others)
+        if threads != self.threads:
+            torch.set_num_threads(threads)  # on this (the training) thread: OpenMP's is per thread
+            self.threads, self.most = threads, max(self.most, threads)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.check()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.check()
+
+    def record(self) -> dict:
+        total = sum(self.ran.values())
+        lent = self.ran[True] / total if total else 0.0
+        return {"threads": self.base, "threads_max": self.most, "lent_share": lent}
+
+
+def lender() -> SpareCores | None:
+    """A lender for this training process: a CPU run with fewer threads than cores, unless
+    `LORALAB_LEND_CORES=0`."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    base = torch.get_num_threads()
+    if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= (cores or 1):
+        return None
+    return SpareCores(base, cores)
+
+
+def record() -> dict:
+    """This process's lending for its summary's layout ({} when nothing was lent)."""
+    return _active.record() if _active is not None else {}
