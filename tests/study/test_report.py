@@ -662,9 +662,7 @@ def test_peak_memory_across_allocators_is_flagged_not_compared(tmp_path):
     assert report(tmp_path / "same").warnings == []
     mixed = tmp_path / "same" / "full2" / "summary.json"
     summary = json.loads(mixed.read_text())
-    mixed.write_text(
-        json.dumps({**summary, "layout": {"allocator": "tcmalloc", "lent_share": 0.25}})
-    )
+    mixed.write_text(json.dumps({**summary, "layout": {"allocator": "tcmalloc"}}))
     (warning,) = report(tmp_path / "same").warnings
     assert warning.startswith("sst2 (tiny-llama): peak memory is not comparable")
     assert "LoRA: unrecorded ×2; full fine-tuning: tcmalloc ×1, unrecorded ×1" in warning
@@ -672,4 +670,23 @@ def test_peak_memory_across_allocators_is_flagged_not_compared(tmp_path):
     assert "> **Warning:** sst2 (tiny-llama): peak memory is not comparable" in md
     rows = _rows(tmp_path / "same" / "report" / "runs.csv")
     assert sorted(r["allocator"] for r in rows) == ["", "", "", "tcmalloc"]
-    assert sorted(r["lent_share"] for r in rows) == ["", "", "", "0.25"]  # idle cores it was lent
+
+
+def test_times_of_runs_lent_idle_cores_are_flagged_not_compared(tmp_path):
+    """Some runs of a comparison lent idle cores (study.spare_cores), others not: warned with the
+    count per kind; a run lent cores for under 5% of its time counts as run on its own."""
+    for method, lr in (("lora", 3e-4), ("full", 3e-5)):
+        for seed in (1, 2):
+            write_run(tmp_path, f"{method}{seed}", seed, {"accuracy": 0.8}, method=method, lr=lr)
+    for name, share in (("lora1", 0.02), ("full1", 0.6), ("full2", 0.9)):
+        path = tmp_path / name / "summary.json"
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "layout": {"lent_share": share}}))
+    (warning,) = [w for w in report(tmp_path).warnings if "times are not comparable" in w]
+    assert "LoRA: own ×2; full fine-tuning: lent cores ×2" in warning
+    rows = _rows(tmp_path / "report" / "runs.csv")
+    assert sorted(r["lent_share"] for r in rows) == ["", "0.02", "0.6", "0.9"]
+    for name in ("lora1", "lora2"):  # every run lent cores: alike again
+        path = tmp_path / name / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "layout": {"lent_share": 0.5}}))
+    assert not any("times are not comparable" in w for w in report(tmp_path).warnings)

@@ -300,30 +300,56 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
     return out
 
 
+def _mixed(comp: Comparison, label) -> str | None:
+    """How the two methods' runs of `comp` split by `label(record)` ("LoRA: a ×2; full
+    fine-tuning: a ×1, b ×1"), or None when every run has the same label."""
+    if comp.full is None:
+        return None
+    used = {
+        name: Counter(label(r) for r in cell.done)
+        for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
+    }
+    if len(set().union(*used.values())) < 2:
+        return None
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
+        for name, c in used.items()
+    )
+
+
 def allocator_warnings(comps: list[Comparison]) -> list[str]:
     """One warning per comparison whose runs' peak memory is not comparable: they ran under
     different heap allocators (`loralab.allocator`: the allocator alone moved a run's peak RSS
     by ~25%). Runs from before the allocator was recorded count as "unrecorded"."""
     out = []
     for comp in comps:
-        if comp.full is None:
-            continue
-        used = {
-            name: Counter(r.get("allocator") or "unrecorded" for r in cell.done)
-            for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
-        }
-        if len(set().union(*used.values())) < 2:
-            continue
-        ran = "; ".join(
-            f"{name}: " + ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
-            for name, c in used.items()
-        )
-        out.append(
-            f"{comp.task} ({comp.model}): peak memory is not comparable between the methods: "
-            f"their runs used different heap allocators ({ran}), and the allocator alone "
-            f"changes a run's peak by up to ~25%. Compare memory on runs under one allocator "
-            f"(LORALAB_ALLOCATOR)."
-        )
+        if (ran := _mixed(comp, lambda r: r.get("allocator") or "unrecorded")) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): peak memory is not comparable between the methods: "
+                f"their runs used different heap allocators ({ran}), and the allocator alone "
+                f"changes a run's peak by up to ~25%. Compare memory on runs under one allocator "
+                f"(LORALAB_ALLOCATOR)."
+            )
+    return out
+
+
+LENT_MIN = 0.05  # a run lent idle cores for under 5% of its time counts as run on its own
+
+
+def lent_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison where some runs were lent idle cores (`study.spare_cores`) and
+    others not: their wall and CPU times are not comparable (a second thread cut a SmolLM2 step
+    from 27 to 18 s: less wall time, more CPU time)."""
+    out = []
+    for comp in comps:
+        label = lambda r: "lent cores" if (r.get("lent_share") or 0) > LENT_MIN else "own"  # noqa: E731
+        if (ran := _mixed(comp, label)) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): times are not comparable between the methods: some "
+                f"runs were lent idle cores for part of their time ({ran}; lent_share in "
+                f"runs.csv), which shortens wall time and adds CPU time. Compare times on runs "
+                f"made alike (LORALAB_LEND_CORES=0 turns lending off)."
+            )
     return out
 
 

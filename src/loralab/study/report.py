@@ -13,7 +13,13 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
-from .aggregate import Comparison, aggregate, allocator_warnings, grid_edge_warnings
+from .aggregate import (
+    Comparison,
+    aggregate,
+    allocator_warnings,
+    grid_edge_warnings,
+    lent_warnings,
+)
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -87,7 +93,9 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         )
     records, warnings = deduplicate(records)
     cells, comps = aggregate(records)
-    warnings += grid_edge_warnings(cells, pending) + allocator_warnings(comps)
+    warnings += (
+        grid_edge_warnings(cells, pending) + allocator_warnings(comps) + lent_warnings(comps)
+    )
     tabs = tables(cells, comps)
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
