@@ -2,9 +2,9 @@
 
 A study on a CPU runs one 1-thread worker per core (`layout`), but not always with every worker
 busy: a point too large to run beside another (`memory`), the last point of a phase, a worker
-that has finished its tasks. Then a core idles while the running point trains on one thread. A
-SmolLM2-135M step on 16 × 384 tokens (SQuAD v2; AMD EPYC, bf16 autocast) takes 27 s on one
-thread and 18 s on two.
+that has finished its tasks. Then a core idles while the running point trains on one thread. On
+an AMD EPYC (bf16, `benchmarks/spare_cores.py`) a second thread took a SmolLM2-135M LoRA step on
+16 × 384 tokens from 28.8 to 19.8 s and a full fine-tuning step on 16 × 256 from 30.7 to 15.6 s.
 
 So a study's training process measures, every `INTERVAL_S` seconds at a step boundary, how
 much CPU the other processes of the machine used (`/proc/stat` minus its own CPU time) and
