@@ -81,8 +81,26 @@ def test_machine_busy_time_counts_this_process_too():
     assert busy - busy0 >= 0.8 * (own - own0)  # clock ticks round down a little
 
 
+def test_usable_cores_are_the_affinity_capped_by_a_cpu_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        spare_cores.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False
+    )
+    assert spare_cores.usable_cores(str(tmp_path)) == 8  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert spare_cores.usable_cores(str(tmp_path)) == 8  # v2 without a quota
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert spare_cores.usable_cores(str(tmp_path)) == 2  # 2.5 cores' worth: 2 busy threads
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert spare_cores.usable_cores(str(tmp_path)) == 8  # v1 without a quota
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert spare_cores.usable_cores(str(tmp_path)) == 1
+
+
 def test_a_lender_only_where_threads_are_fewer_than_cores(monkeypatch):
-    monkeypatch.setattr(spare_cores.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(spare_cores, "usable_cores", lambda: 3)
     torch.set_num_threads(1)
     assert isinstance(spare_cores.lender(), spare_cores.SpareCores)
     torch.set_num_threads(3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -46,6 +47,23 @@ def machine_busy_s() -> float | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def usable_cores(root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota
+    (cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; threads beyond a quota only queue)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = None
+    for files in (("cpu.max",), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            text = " ".join(Path(root, f).read_text() for f in files).split()
+            quota = float(text[0]) / float(text[1])  # "max": no quota; -1: none (v1)
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    if quota is not None and quota > 0:
+        cores = min(cores or 1, max(1, int(quota)))
+    return cores or 1
 
 
 class SpareCores(TrainerCallback):
@@ -94,13 +112,12 @@ class SpareCores(TrainerCallback):
 
 
 def lender() -> SpareCores | None:
-    """A lender for this training process: a CPU run with fewer threads than cores, unless
-    `LORALAB_LEND_CORES=0`."""
+    """A lender for this training process: a CPU run with fewer threads than usable cores,
+    unless `LORALAB_LEND_CORES=0`."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    base = torch.get_num_threads()
-    if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= (cores or 1):
+    cores, base = usable_cores(), torch.get_num_threads()
+    if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= cores:
         return None
     return SpareCores(base, cores)
 
