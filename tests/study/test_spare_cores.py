@@ -69,6 +69,20 @@ def test_a_core_is_lent_while_idle_and_given_back_when_another_process_works():
     assert spare_cores.record() == lender.record()  # what layout.record() puts in the summary
 
 
+def test_no_core_is_lent_to_steps_too_short_to_use_it():
+    torch.set_num_threads(1)
+    m = _Machine()
+    lender = m.lender(base=1, cores=2)
+    for _ in range(200):  # 0.1 s steps on an idle machine
+        m.advance(0.1, others=0.0, own=1.0)
+        lender.check()
+    assert torch.get_num_threads() == 1 and lender.record()["threads_max"] == 1
+    for _ in range(25):  # 1 s steps
+        m.advance(1.0, others=0.0, own=1.0)
+        lender.check()
+    assert torch.get_num_threads() == 2
+
+
 def test_machine_busy_time_counts_this_process_too():
     if spare_cores.machine_busy_s() is None:
         pytest.skip("no /proc/stat")
