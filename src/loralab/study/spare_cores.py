@@ -74,12 +74,12 @@ class SpareCores(TrainerCallback):
     """Set torch's thread count at step boundaries to the idle cores (see the module doc).
 
     `busy`, `own` and `clock` are the machine's busy CPU seconds, this process's CPU seconds and
-    a wall clock (injected in tests)."""
+    a wall clock (injected in tests); `say` gets a line at each change (the point's log)."""
 
     def __init__(self, base: int, cores: int, busy=machine_busy_s, own=time.process_time,
-                 clock=time.monotonic, interval: float = INTERVAL_S):  # fmt: skip
+                 clock=time.monotonic, interval: float = INTERVAL_S, say=None):  # fmt: skip
         global _active
-        self.base, self.cores, self.threads = base, cores, base
+        self.base, self.cores, self.threads, self.say = base, cores, base, say
         self.busy, self.own, self.clock, self.interval = busy, own, clock, interval
         self.last = (self.clock(), self.busy(), self.own())
         self.ran = {False: 0.0, True: 0.0}  # wall seconds at base / with lent threads
@@ -104,6 +104,9 @@ class SpareCores(TrainerCallback):
         threads = threads_for(self.base, self.cores, others) if step_s >= MIN_STEP_S else self.base
         if threads != self.threads:
             torch.set_num_threads(threads)  # on this (the training) thread: OpenMP's is per thread
+            if self.say is not None:
+                why = "idle cores lent" if threads > self.base else "cores given back"
+                self.say(f"spare cores: {threads} threads ({why}; others used {others:.1f} cores)")
             self.threads, self.most = threads, max(self.most, threads)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -126,7 +129,7 @@ def lender() -> SpareCores | None:
     cores, base = usable_cores(), torch.get_num_threads()
     if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= cores:
         return None
-    return SpareCores(base, cores)
+    return SpareCores(base, cores, say=lambda line: print(f"loralab: {line}", flush=True))
 
 
 def record() -> dict:
