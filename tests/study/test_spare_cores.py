@@ -66,8 +66,8 @@ def test_a_core_is_lent_while_idle_and_given_back_when_another_process_works():
     m.advance(30, others=1.0, own=1.0)
     lender.check()
     assert torch.get_num_threads() == 1
-    assert m.said == ["spare cores: 2 threads (idle cores lent; others used 0.0 cores)",
-                      "spare cores: 1 threads (cores given back; others used 0.7 cores)"]  # fmt: skip
+    assert m.said == ["2 threads (idle cores lent; others used 0.0 cores)",
+                      "1 threads (cores given back; others used 0.7 cores)"]  # fmt: skip
     # 10 s at one thread, 10 s lent, 30 s at one thread again.
     assert lender.record() == {"threads": 1, "threads_max": 2, "lent_share": pytest.approx(0.2)}
     assert spare_cores.record() == lender.record()  # what layout.record() puts in the summary

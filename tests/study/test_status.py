@@ -15,7 +15,9 @@ from optuna.trial import TrialState
 from test_spec import _spec_file
 
 from loralab.cli import main
+from loralab.study.layout import LENT_LOG
 from loralab.study.phases import phases
+from loralab.study.progress import lent_threads
 from loralab.study.spec import load_spec
 from loralab.study.status import render, study_status, sweep_status
 from loralab.study.storage import create_or_check, open_storage, storage_url
@@ -67,6 +69,11 @@ def _grid(spec, res: Path):
     st.set_trial_state_values(trials[keys["lora", 3e-3]]._trial_id, TrialState.RUNNING)
     st.set_trial_user_attr(trials[keys["lora", 3e-3]]._trial_id, "worker", {"host": "h1", "pid": 7})
     _run_dir(res, keys["lora", 3e-3], logged_step=20, checkpoint=10)
+    (res / "logs").mkdir(exist_ok=True)
+    (res / "logs" / f"{keys['lora', 3e-3]}.log").write_text(
+        "\n=== 2026-12-03 05:00:00 train (trial 2) by {}\n"
+        f"{LENT_LOG}2 threads (idle cores lent; others used 0.1 cores)\n"
+    )
     lock = res / "locks" / f"{keys['lora', 3e-3]}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
@@ -107,6 +114,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert running.progress == pytest.approx(0.5) and running.resumes_at == pytest.approx(0.25)
     assert 20 <= running.logged_ago_s < 120 and running.detail.startswith("stale")
     assert running.worker == "h1:7"
+    assert running.lent_threads == 2 and by[keys["lora", 1e-3]].lent_threads is None
     interrupted = by[keys["full", 3e-4]]
     assert interrupted.state == "interrupted" and interrupted.resumes_at == pytest.approx(0.75)
     assert interrupted.resumes_cpu_s == 225.0 and running.resumes_cpu_s is None  # not recorded
@@ -120,6 +128,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert status.left_of(interrupted) == pytest.approx(75.0)  # full: 300 s, 75% checkpointed
     assert "checkpoint at 75%; ~1 min of training CPU left" in text
     assert "on h1:7; 50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
+    assert "checkpoint at 25%; 2 threads (idle cores lent)" in text
     assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
 
     # A worker holding the point's lock is alive: not stale.
@@ -130,6 +139,19 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
         assert {p.key: p for p in held.points}[keys["lora", 3e-3]].detail == ""
     finally:
         os.close(fd)
+
+
+def test_lent_threads_come_from_the_current_attempts_last_log_line(tmp_path):
+    log = tmp_path / "p.log"
+    lent = f"{LENT_LOG}2 threads (idle cores lent; others used 0.0 cores)\n"
+    back = f"{LENT_LOG}1 threads (cores given back; others used 0.9 cores)\n"
+    log.write_text("=== attempt 1\n" + lent + "step\n")
+    assert lent_threads(log) == 2
+    log.write_text("=== attempt 1\n" + lent + back)
+    assert lent_threads(log) is None  # given back
+    log.write_text("=== attempt 1\n" + lent + "=== attempt 2\nloading\n")
+    assert lent_threads(log) is None  # an older attempt's line
+    assert lent_threads(tmp_path / "missing.log") is None
 
 
 def test_complete_grid_names_the_dependent_points(tmp_path, spec):

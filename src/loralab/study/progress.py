@@ -11,7 +11,16 @@ import socket
 import time
 from pathlib import Path
 
-from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOSS_FILE, METRICS_FILE, RUNS_DIR, SUMMARY_FILE
+from ..rundir import (
+    CHECKPOINT_DIR,
+    LOCKS_DIR,
+    LOGS_DIR,
+    LOSS_FILE,
+    METRICS_FILE,
+    RUNS_DIR,
+    SUMMARY_FILE,
+)
+from .layout import LENT_LOG
 
 FINAL = ("done", "diverged")  # the point states that need no more training
 
@@ -56,6 +65,8 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
             ps.progress = min(1.0, last["epoch"] / cfg.train.epochs)
         if "time" in last:
             ps.logged_ago_s = max(0.0, time.time() - last["time"])
+    if ps.state == "running":
+        ps.lent_threads = lent_threads(results / LOGS_DIR / f"{key}.log")
     if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
         ps.detail = "stale: no worker on this host holds it; the next worker retries it"
 
@@ -69,16 +80,32 @@ def _checkpoint_cpu(ckpt: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _last_logged(path: Path) -> dict | None:
-    """The last training log line with a step (metrics.jsonl is appended line by line)."""
+def _tail(path: Path, size: int = 65536) -> list[str]:
+    """The last lines of an appended-to file (the first may be cut); [] when unreadable."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 65536))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
+            fh.seek(max(0, fh.tell() - size))
+            return fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+
+
+def lent_threads(log: Path) -> int | None:
+    """The threads a running point's current attempt trains on while lent idle cores (the last
+    `LENT_LOG` line of its log, after the attempt's `===` header), or None when not lent."""
+    for line in reversed(_tail(log)):
+        if line.startswith("=== "):  # worker._spawn's header: the lines above are older attempts
+            return None
+        if line.startswith(LENT_LOG):
+            threads, why = line[len(LENT_LOG) :].split(" ", 1)
+            return int(threads) if "lent" in why and threads.isdigit() else None
+    return None
+
+
+def _last_logged(path: Path) -> dict | None:
+    """The last training log line with a step (metrics.jsonl is appended line by line)."""
+    for line in reversed(_tail(path)):
         try:
             row = json.loads(line)
         except ValueError:

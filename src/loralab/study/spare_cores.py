@@ -106,7 +106,7 @@ class SpareCores(TrainerCallback):
             torch.set_num_threads(threads)  # on this (the training) thread: OpenMP's is per thread
             if self.say is not None:
                 why = "idle cores lent" if threads > self.base else "cores given back"
-                self.say(f"spare cores: {threads} threads ({why}; others used {others:.1f} cores)")
+                self.say(f"{threads} threads ({why}; others used {others:.1f} cores)")
             self.threads, self.most = threads, max(self.most, threads)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -129,7 +129,9 @@ def lender() -> SpareCores | None:
     cores, base = usable_cores(), torch.get_num_threads()
     if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= cores:
         return None
-    return SpareCores(base, cores, say=lambda line: print(f"loralab: {line}", flush=True))
+    from .layout import LENT_LOG
+
+    return SpareCores(base, cores, say=lambda line: print(LENT_LOG + line, flush=True))
 
 
 def record() -> dict:

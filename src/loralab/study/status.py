@@ -47,6 +47,7 @@ class PointStatus:
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
     resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
     logged_ago_s: float | None = None  # seconds since the run last logged
+    lent_threads: int | None = None  # running on idle cores lent to it: its threads now
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
     worker: str | None = None  # host:pid of the worker running it
     reusable: bool = False  # not final, but its run folder holds a finished run (reused)
@@ -300,6 +301,8 @@ def _point_detail(p: PointStatus) -> str:
             bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
         if p.resumes_at is not None:
             bits.append(f"checkpoint at {p.resumes_at:.0%}")
+        if p.lent_threads:
+            bits.append(f"{p.lent_threads} threads (idle cores lent)")
     if p.detail:
         bits.append(p.detail)
     return "; ".join(bits)
