@@ -15,9 +15,8 @@ from optuna.trial import TrialState
 from test_spec import _spec_file
 
 from loralab.cli import main
-from loralab.study.layout import LENT_LOG
 from loralab.study.phases import phases
-from loralab.study.progress import lent_threads
+from loralab.study.progress import LENT_LOG, lent_threads
 from loralab.study.spec import load_spec
 from loralab.study.status import render, study_status, sweep_status
 from loralab.study.storage import create_or_check, open_storage, storage_url

@@ -20,9 +20,6 @@ from ..errors import LoralabError
 
 ENV_WORKERS = "LORALAB_WORKERS"  # set in each worker: how many run side by side (summary)
 ENV_DEFAULT = "LORALAB_STUDY_WORKERS"  # the default of `--workers` (e.g. 1 in the tests)
-# A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
-# `--status` reads the last one.
-LENT_LOG = "loralab: spare cores: "
 
 
 def choose(workers: str | int | None = None, cores: int | None = None) -> tuple[int, int]:

@@ -20,8 +20,10 @@ from ..rundir import (
     RUNS_DIR,
     SUMMARY_FILE,
 )
-from .layout import LENT_LOG
 
+# A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
+# `--status` reads the last one.
+LENT_LOG = "loralab: spare cores: "
 FINAL = ("done", "diverged")  # the point states that need no more training
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .progress import LENT_LOG
+
 ENV = "LORALAB_LEND_CORES"
 INTERVAL_S = 10.0  # long enough that a short burst (a git command) does not count
 SLACK = 0.3  # others' use below 0.3 core leaves that core idle (pollers, the worker itself)
@@ -129,8 +131,6 @@ def lender() -> SpareCores | None:
     cores, base = usable_cores(), torch.get_num_threads()
     if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= cores:
         return None
-    from .layout import LENT_LOG
-
     return SpareCores(base, cores, say=lambda line: print(LENT_LOG + line, flush=True))
 
 
