@@ -5,8 +5,8 @@ times training steps on fixed random batches (batch × length tokens), switching
 count between 1 and all cores as a lent run does (1, N, 1, N, ...: the machine's drift hits both
 alike). Needs the machine to itself (pause other work first).
 
-Usage: python benchmarks/spare_cores.py [--model smollm2-135m] [--task squad_v2] [--method lora] [--length 384]
-       [--batch 16] [--steps 3] [--rounds 2]
+Usage: python benchmarks/spare_cores.py [--model smollm2-135m] [--task squad_v2] [--method lora]
+       [--length 384] [--batch 16] [--steps 3] [--rounds 2]
 Prints JSON: per thread count the median step wall and CPU seconds; the speed-up (wall, 1 thread
 over N) and the CPU cost (CPU seconds per step, N over 1).
 """
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
+
+from loralab.study import spare_cores
 
 
 def build(task_name: str, method: str, model_name: str):
@@ -74,7 +75,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and thread count")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = spare_cores.usable_cores()  # what a lent run would take
     torch.set_num_threads(1)
     model, cfg, prec = build(args.task, args.method, args.model)
     step = step_fn(model, cfg, args.task, args.batch, args.length)

@@ -336,14 +336,17 @@ def allocator_warnings(comps: list[Comparison]) -> list[str]:
 LENT_MIN = 0.05  # a run lent idle cores for under 5% of its time counts as run on its own
 
 
+def _lent_label(rec: dict) -> str:
+    return "lent cores" if (rec.get("lent_share") or 0) > LENT_MIN else "own"
+
+
 def lent_warnings(comps: list[Comparison]) -> list[str]:
     """One warning per comparison where some runs were lent idle cores (`study.spare_cores`) and
     others not: their wall and CPU times are not comparable (a second thread cut a SmolLM2 step
-    from 27 to 18 s: less wall time, more CPU time)."""
+    from 28.8 to 19.8 s: less wall time, more CPU time)."""
     out = []
     for comp in comps:
-        label = lambda r: "lent cores" if (r.get("lent_share") or 0) > LENT_MIN else "own"  # noqa: E731
-        if (ran := _mixed(comp, label)) is not None:
+        if (ran := _mixed(comp, _lent_label)) is not None:
             out.append(
                 f"{comp.task} ({comp.model}): times are not comparable between the methods: some "
                 f"runs were lent idle cores for part of their time ({ran}; lent_share in "

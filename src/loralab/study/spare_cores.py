@@ -10,12 +10,13 @@ So a study's training process measures, every `INTERVAL_S` seconds at a step bou
 much CPU the other processes of the machine used (`/proc/stat` minus its own CPU time) and
 takes `threads_for(...)` threads: the cores the others leave idle, never fewer than it started
 with (and no more where its steps are shorter than `MIN_STEP_S`: there threads only add
-overhead). When another worker starts training again, the next sample sees it and the run gives the
-core back. The summary's `layout` records the most threads used and the share of training and
-evaluation time run with more than the worker's own (`lent_share`): a lent run takes less wall
-time and more CPU time (two threads do not halve a step), and the report warns where one
+overhead). When another worker starts training again, the next sample sees it and the run gives
+the core back. The summary's `layout` records the most threads used and the share of training
+and evaluation time run with more than the worker's own (`lent_share`): a lent run takes less
+wall time and more CPU time (two threads do not halve a step), and the report warns where one
 method's runs were lent cores and the other's not (`aggregate.lent_warnings`). Results are the
-same up to float rounding (thread count changes how matrix products split their sums). `LORALAB_LEND_CORES=0` turns it off.
+same up to float rounding (thread count changes how matrix products split their sums).
+`LORALAB_LEND_CORES=0` turns it off.
 """
 
 from __future__ import annotations
