@@ -67,6 +67,43 @@ def test_peaks_under_this_workers_allocator_count_alone_where_there_are_some():
     assert memory.history(trials) == {("rte", "lora"): 10000, ("rte", "full"): 12000}
 
 
+def test_a_task_with_one_method_finished_predicts_the_other():
+    # SmolLM2-135M's measured peaks (MB): SST-2 LoRA 2,630 / full 4,400 (ratio 1.67), MRPC
+    # 5,200 / 7,200 (1.38); SQuAD v2 has LoRA only, RTE full only.
+    peaks = memory.predict({("sst2", "lora"): 2630, ("sst2", "full"): 4400,
+                            ("mrpc", "lora"): 5200, ("mrpc", "full"): 7200,
+                            ("squad_v2", "lora"): 8700, ("rte", "full"): 8700})  # fmt: skip
+    assert peaks["squad_v2", "full"] == pytest.approx(8700 * 4400 / 2630)  # the larger ratio
+    assert peaks["rte", "lora"] == 8700  # LoRA needs no more than full on the same batches
+    assert peaks.predicted == {("squad_v2", "full"), ("rte", "lora")}
+    assert peaks["sst2", "full"] == 4400  # measured peaks are kept as they are
+    # No task with both methods: nothing to scale LoRA by, full stays unknown.
+    alone = memory.predict({("squad_v2", "lora"): 8700})
+    assert ("squad_v2", "full") not in alone and alone.predicted == frozenset()
+    assert memory.reservation({"task": "squad_v2", "method": "full"}, alone) is None
+
+
+def test_a_predicted_point_waits_for_memory_and_says_it_was_predicted():
+    peaks = memory.predict({("sst2", "lora"): 2000, ("sst2", "full"): 3000,
+                            ("squad_v2", "lora"): 8000})  # fmt: skip
+    said: list[str] = []
+    worker = SimpleNamespace(say=said.append, points={})
+    attrs = {"point": "squad-full", "task": "squad_v2", "method": "full"}
+    running = [memory.MARGIN * 8000]  # a SQuAD v2 LoRA point runs here
+    # Full is predicted at 1.5 x 8,000 = 12,000 MB, plus the margin: 13,800 + 9,200 > 20,000.
+    assert memory.waits(worker, attrs, peaks, running, 20000)
+    assert said == [
+        "squad-full waits for memory: it needs 13.5 GB (predicted from its task's runs of the "
+        "other method), 1 point(s) running here (1 holding 9.0 GB), budget 19.5 GB "
+        f"({memory.BUDGET_ENV} sets it; 0 turns the check off)"
+    ]
+    assert not memory.waits(worker, attrs, peaks, running, 23100)  # 13,800 + 9,200 fit
+    # Measured peaks alone (no prediction) leave it unknown: it would wait for a free host.
+    measured = {k: v for k, v in peaks.items() if k not in peaks.predicted}
+    assert memory.waits(worker, {**attrs, "point": "x"}, measured, running, 23100)
+    assert "unknown amount" in said[-1]
+
+
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
 def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_path, monkeypatch):
     st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=60, grace=120)

@@ -8,8 +8,11 @@ and the process's peak is ~1.4× what it keeps (glibc malloc; ~23% less under tc
 
 So each running point reserves its predicted peak: the largest `peak_memory_mb` among finished
 points with its task and method (in any study of the storage; only those run under this worker's
-heap allocator, `loralab.allocator`, where there are some), plus a margin; a point with no
-finished sibling yet reserves the whole budget. A worker claims a waiting point only when that
+heap allocator, `loralab.allocator`, where there are some), plus a margin. Where its task has
+finished points of the other method only, that method's peak stands in (`predict`): LoRA needs
+no more than full fine-tuning of the same batches, and full fine-tuning needs LoRA's peak times
+the largest full/LoRA ratio among tasks with both (1.4-1.7 for SmolLM2-135M). A point with
+nothing to predict it from reserves the whole budget. A worker claims a waiting point only when that
 point's reservation fits in the budget beside the reservations of the points running on this
 host; when nothing runs here, any point starts. Budget: `LORALAB_MEMORY_BUDGET_MB`, else 90% of
 the machine's RAM or of a container's memory limit; `LORALAB_MEMORY_BUDGET_MB=0` turns the
@@ -79,6 +82,37 @@ def history(trials, allocator: str | None = None) -> dict[tuple[str, str], float
     return {**every, **same}
 
 
+class Peaks(dict):
+    """(task, method) -> MB, as `history` and `predict` make it; `predicted` holds the keys
+    inferred from the other method rather than measured."""
+
+    predicted: frozenset = frozenset()
+
+
+def predict(peaks: dict[tuple[str, str], float]) -> Peaks:
+    """`peaks` plus a prediction for each task with finished points of one method only.
+
+    LoRA's peak is at most full fine-tuning's on the same batches (the frozen base keeps no
+    gradients, optimiser states or inputs of frozen layers): full's stands in for it. Full
+    fine-tuning's is LoRA's times the largest full/LoRA ratio among the tasks that have both
+    (the ratio is largest where the fixed optimiser state dominates, so the largest one is the
+    safe side); without such a task it stays unknown.
+    """
+    ratios = [
+        peaks[task, "full"] / peak
+        for (task, method), peak in peaks.items()
+        if method == "lora" and peak > 0 and (task, "full") in peaks
+    ]
+    out = Peaks(peaks)
+    for (task, method), peak in peaks.items():
+        if method == "full" and (task, "lora") not in peaks:
+            out[task, "lora"] = peak
+        elif method == "lora" and (task, "full") not in peaks and ratios:
+            out[task, "full"] = peak * max(ratios)
+    out.predicted = frozenset(out.keys() - peaks.keys())
+    return out
+
+
 def reservation(attrs: dict, peaks: dict[tuple[str, str], float]) -> float | None:
     """The MB a point with these trial user attrs (task, method) reserves; None: unknown (also
     for a trial enqueued before points carried their method)."""
@@ -102,10 +136,15 @@ def fits(need: float | None, reserved: list[float | None], budget: float | None)
     return need + sum(reserved) <= budget
 
 
-def describe(need: float | None, reserved: list[float | None], budget: float) -> str:
-    """Why a point waits, for the worker's log."""
+def describe(
+    need: float | None, reserved: list[float | None], budget: float, predicted: bool = False
+) -> str:
+    """Why a point waits, for the worker's log (`predicted`: `need` comes from the other
+    method's runs of its task)."""
     gb = lambda mb: f"{mb / 1024:.1f} GB"  # noqa: E731
     need_s = gb(need) if need is not None else "an unknown amount (no finished run like it yet)"
+    if predicted and need is not None:
+        need_s += " (predicted from its task's runs of the other method)"
     known = [r for r in reserved if r is not None]
     parts = [f"{len(known)} holding {gb(sum(known))}"] if known else []
     if len(known) < len(reserved):
@@ -126,7 +165,7 @@ def state(storage) -> tuple[dict, list]:
     for s in studies:  # a dead worker's point (in any study, e.g. an earlier spec's) holds none
         fail_stale_trials(optuna.load_study(study_name=s.study_name, storage=storage))
     trials = [t for s in studies for t in storage.get_all_trials(s._study_id, deepcopy=False)]
-    peaks = history((t for t in trials if is_final(t)), allocator.current())
+    peaks = predict(history((t for t in trials if is_final(t)), allocator.current()))
     running = [
         t.user_attrs
         for t in trials
@@ -139,11 +178,13 @@ def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None
     """Whether the waiting point with these trial user attrs must wait for memory; the worker
     says why, once per point."""
     point = getattr(worker, "points", {}).get(attrs["point"], {})  # the worker's own plan
-    need = reservation({**attrs, "method": attrs.get("method") or point.get("method")}, peaks)
+    key = (attrs.get("task"), attrs.get("method") or point.get("method"))
+    need = reservation({"task": key[0], "method": key[1]}, peaks)
     if fits(need, reserved, budget):
         return False
     said = worker.__dict__.setdefault("_memory_waits", set())
     if attrs["point"] not in said and hasattr(worker, "say"):
         said.add(attrs["point"])
-        worker.say(f"{attrs['point']} {describe(need, reserved, budget)}")
+        guess = key in getattr(peaks, "predicted", ())
+        worker.say(f"{attrs['point']} {describe(need, reserved, budget, guess)}")
     return True
