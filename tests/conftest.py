@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -143,3 +147,39 @@ def write_rte(folder: Path, n: int = 16) -> Path:
 @pytest.fixture
 def sst2_dir(tmp_path) -> Path:
     return write_sst2(tmp_path / "sst2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes and real kills (resume, sweep and study tests)
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from loralab.config import build_config
+    from loralab.train import train
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step >= int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean kill
+
+    cfg = build_config(overrides=sys.argv[1:])
+    train(cfg, quiet=True, callbacks=[KillAfterSave()])
+    """
+)
+"""A training script that SIGKILLs itself at the first checkpoint at or after step $KILL_AT."""
+
+
+def start_cli(args, log: Path) -> subprocess.Popen:
+    """`loralab ARGS` as a child process on one thread, its output in `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loralab.cli", *args],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def run_status(run: Path) -> str | None:
+    """A run folder's summary status; None before it has a summary."""
+    s = run / "summary.json"
+    return json.loads(s.read_text()).get("status") if s.is_file() else None

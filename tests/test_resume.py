@@ -7,12 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import built_once, write_sst2
+from conftest import KILLER, built_once, write_sst2
 
 from loralab.cli import main
 
@@ -24,23 +23,6 @@ COMMON = [
     # so its `auto` choices, another rounding order) can differ from this one's.
     "train.precision=fp32", "model.attention=eager",
 ]  # fmt: skip
-
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from transformers import TrainerCallback
-    from loralab.config import build_config
-    from loralab.train import train
-
-    class KillAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step >= int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean kill
-
-    cfg = build_config(overrides=sys.argv[1:])
-    train(cfg, quiet=True, callbacks=[KillAfterSave()])
-    """
-)
 
 
 def _train(*args) -> int:

@@ -7,12 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 import torch
-from conftest import write_sst2
+from conftest import KILLER, write_sst2
 
 from loralab.cli import main
 from loralab.config import build_config
@@ -119,24 +118,6 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
         assert (run / "model" / "model.safetensors").is_file()
         assert summary["params"]["trainable_share_pct"] == 100.0
     assert not list(run.glob(".*tmp*")), "temporary files left behind"
-
-
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from transformers import TrainerCallback
-    from loralab.config import build_config
-    from loralab.train import train
-
-    class KillAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step >= int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean kill
-
-    cfg = build_config(overrides=sys.argv[1:])
-    train(cfg, quiet=True, callbacks=[KillAfterSave()])
-    """
-)
 
 
 @pytest.mark.long

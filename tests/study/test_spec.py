@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import write_mrpc, write_sst2
+from conftest import run_status, start_cli, write_mrpc, write_sst2
 from optuna.trial import TrialState, create_trial
 
 from loralab.cli import main
@@ -414,18 +414,6 @@ def test_overrides_an_ablation_honours(tmp_path):
 # Real processes, a real kill
 
 
-def _cli(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "loralab.cli", *args],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-
-
-def _status(run: Path) -> str | None:
-    s = run / "summary.json"
-    return json.loads(s.read_text()).get("status") if s.is_file() else None
-
-
 def _held(lock: Path) -> bool:
     fd = os.open(lock, os.O_RDWR)
     try:
@@ -452,7 +440,7 @@ def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeou
         for run in (res / "runs").glob(f"{task}-*") if (res / "runs").is_dir() else []:
             lock = res / "locks" / f"{run.name}.lock"
             saved = [int(c.parent.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*/trainer_state.json")]  # fmt: skip
-            if _status(run) or not lock.is_file() or not saved or max(saved) > 20:
+            if run_status(run) or not lock.is_file() or not saved or max(saved) > 20:
                 continue
             try:
                 info = json.loads(lock.read_text())
@@ -488,7 +476,7 @@ def _check_exactly_once(res: Path, storage: str, prefix: str, keys: set[str]) ->
     assert {r.name for r in (res / "runs").iterdir()} == keys
     for key in keys:
         run = res / "runs" / key
-        assert _status(run) == "completed", key
+        assert run_status(run) == "completed", key
         attempts = json.loads((run / "sweep.json").read_text())["attempts"]
         trained = [a for a in attempts if a["action"] in ("train", "resume") and a["outcome"] == "completed"]  # fmt: skip
         assert len(trained) == 1, (key, attempts)  # one training finished per point, ever
@@ -597,8 +585,8 @@ def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
 def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_root):
     res = tmp_path / "res"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
-    a = _cli(["study", *common, "--tasks", "sst2"], tmp_path / "a.log")
-    b = _cli(["study", *common, "--tasks", "mrpc"], tmp_path / "b.log")
+    a = start_cli(["study", *common, "--tasks", "sst2"], tmp_path / "a.log")
+    b = start_cli(["study", *common, "--tasks", "mrpc"], tmp_path / "b.log")
     killed_run, info = _kill_when_checkpointed(res, a, "sst2")
     assert a.returncode == -signal.SIGKILL
     deadline = time.time() + 20
@@ -611,7 +599,7 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     assert killed.state == "running" and killed.detail.startswith("stale"), killed
     assert 0 < killed.resumes_at <= 0.5
 
-    again = _cli(["study", *common, "--tasks", "sst2"], tmp_path / "a2.log")
+    again = start_cli(["study", *common, "--tasks", "sst2"], tmp_path / "a2.log")
     for p, log in ((again, "a2.log"), (b, "b.log")):
         assert p.wait(timeout=900) == 0, (tmp_path / log).read_text()[-3000:]
     keys = _expected_keys(res)
@@ -711,7 +699,7 @@ def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
               PG_URL, "--study", prefix, *FAST]  # fmt: skip
     # Split by task, and a third worker on both: it races the others to create the dependent
     # studies and to claim their points.
-    procs = {name: _cli(["study", *common, "--tasks", tasks], tmp_path / f"{name}.log")
+    procs = {name: start_cli(["study", *common, "--tasks", tasks], tmp_path / f"{name}.log")
              for name, tasks in (("w1", "sst2"), ("w2", "mrpc"), ("w3", "sst2,mrpc"))}  # fmt: skip
     for name, p in procs.items():
         assert p.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]

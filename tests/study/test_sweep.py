@@ -10,13 +10,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import write_mrpc, write_rte, write_sst2
+from conftest import run_status, start_cli, write_mrpc, write_rte, write_sst2
 
 from loralab.cli import main
 from loralab.errors import LoralabError
@@ -123,18 +122,6 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
 # Real processes, real kills
 
 
-def _cli(args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "loralab.cli", *args],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-
-
-def _status(run: Path) -> str | None:
-    s = run / "summary.json"
-    return json.loads(s.read_text()).get("status") if s.is_file() else None
-
-
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -165,10 +152,10 @@ def _kill_mid_run(res: Path, workers: dict[int, subprocess.Popen], need_done: in
     end = time.time() + timeout
     while time.time() < end:
         runs = list((res / "runs").glob("*")) if (res / "runs").is_dir() else []
-        done = [r for r in runs if _status(r) == "completed"]
+        done = [r for r in runs if run_status(r) == "completed"]
         for run in runs:
             lock = res / "locks" / f"{run.name}.lock"
-            if (len(done) < need_done or _status(run) == "completed" or not lock.is_file()
+            if (len(done) < need_done or run_status(run) == "completed" or not lock.is_file()
                     or not 0 < _steps_saved(run) <= 40):  # of 60 steps  # fmt: skip
                 continue
             try:
@@ -201,7 +188,7 @@ def _check_exactly_once(res: Path, trials, keys: set[str]) -> None:
     assert {r.name for r in (res / "runs").iterdir()} == keys  # no run-2 folders: nothing redone
     for key in keys:
         run = res / "runs" / key
-        assert _status(run) == "completed", key
+        assert run_status(run) == "completed", key
         complete = [t for t in trials if t.user_attrs.get("point") == key and t.state == TrialState.COMPLETE]  # fmt: skip
         assert len(complete) == 1, (key, complete)
         attempts = json.loads((run / "sweep.json").read_text())["attempts"]
@@ -217,17 +204,19 @@ def test_killed_sweep_resumes_every_point_exactly_once(tmp_path, sst2_dir):
     res = tmp_path / "res"
     args = _sweep_args(tmp_path, sst2_dir, "--seeds", "1,2", "--study", "s", *FAST,
                        "train.max_steps=60", *TINY)  # fmt: skip
-    first = _cli(args, tmp_path / "first.log")
+    first = start_cli(args, tmp_path / "first.log")
     killed_run, info = _kill_mid_run(res, {first.pid: first}, need_done=1)
     assert first.returncode == -signal.SIGKILL
     deadline = time.time() + 20
     while not _gone(info["child_pid"]) and time.time() < deadline:
         time.sleep(0.1)
     assert _gone(info["child_pid"]), "the training child outlived its killed worker"
-    finished = {r.name: _snapshot(r) for r in (res / "runs").iterdir() if _status(r) == "completed"}
+    finished = {
+        r.name: _snapshot(r) for r in (res / "runs").iterdir() if run_status(r) == "completed"
+    }
     assert finished and killed_run.name not in finished
 
-    second = _cli(args, tmp_path / "second.log")
+    second = start_cli(args, tmp_path / "second.log")
     assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
 
     keys = {p["key"] for p in make_plan(
@@ -311,7 +300,7 @@ def test_three_workers_share_a_postgres_study(tmp_path):
     filters = {"w1": "mrpc,rte", "w2": "sst2,mrpc", "w3": "sst2,rte"}  # every task on two workers
     procs = {}
     for name, tasks in filters.items():
-        p = _cli(["sweep", "worker", *common, "--tasks", tasks], tmp_path / f"{name}.log")
+        p = start_cli(["sweep", "worker", *common, "--tasks", tasks], tmp_path / f"{name}.log")
         procs[p.pid] = p
     killed_run, info = _kill_mid_run(res, procs)
     killed = info["pid"]
