@@ -146,6 +146,28 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     assert Worker._claim(worker).user_attrs["point"] == "big"
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+def test_state_between_polls_sees_points_finish_and_studies_appear(tmp_path):
+    # memory.state keeps its Study objects between calls (finished trials are read once): a
+    # point that finishes, and a study created after the first call, must still be seen.
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=60, grace=120)
+    study = optuna.create_study(storage=st, study_name="grid")
+    study.enqueue_trial({}, user_attrs={"point": "p", "task": "rte", "method": "lora"})
+    tid = study.get_trials()[0]._trial_id
+    st.record_heartbeat(tid)
+    assert st.set_trial_state_values(tid, TrialState.RUNNING)
+    assert memory.state(st) == ({}, [None])  # running, size unknown
+    st.set_trial_user_attr(tid, "result", {"task": "rte", "method": "lora", "peak_memory_mb": 5000})
+    assert st.set_trial_state_values(tid, TrialState.COMPLETE, values=[0.6])
+    peaks, reserved = memory.state(st)
+    assert peaks == {("rte", "lora"): 5000} and reserved == []
+    later = optuna.create_study(storage=st, study_name="seeds")
+    later.add_trial(create_trial(state=TrialState.COMPLETE, value=0.7, user_attrs={
+        "point": "q", "result": {"task": "rte", "method": "full", "peak_memory_mb": 8000}}))  # fmt: skip
+    peaks, _ = memory.state(st)
+    assert peaks == {("rte", "lora"): 5000, ("rte", "full"): 8000} and not peaks.predicted
+
+
 def _age_heartbeat(db, trial_id: int) -> None:
     import sqlite3
 
