@@ -252,6 +252,29 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert [c.task for c in rep.comparisons] == ["mrpc", "sst2"]
 
 
+def test_a_grid_that_scored_the_same_everywhere_is_not_called_under_tuned(tmp_path):
+    # Every rate at the same score (SQuAD v2 runs that all learned only to abstain): the first
+    # rate wins the tie, but "a rate beyond it may score better" would send the user to widen a
+    # grid that chose nothing. A best tied by a rate inside the grid is on a plateau: no warning.
+    for i, lr in enumerate((1e-4, 3e-4, 1e-3)):
+        write_run(tmp_path / "flat", f"r{i}", 1, {"accuracy": 0.5}, lr=lr)
+    cells, _ = aggregate(load_runs(tmp_path / "flat"))
+    assert [c.lr for c in cells if c.best] == [1e-4]
+    (warned,) = grid_edge_warnings(cells)
+    assert "every learning rate of its grid (0.0001, 0.0003, 0.001) scored the same" in warned
+    assert "(accuracy 50.00 points)" in warned and "lowest" not in warned
+    for i, (lr, acc) in enumerate([(1e-4, 0.8), (3e-4, 0.8), (1e-3, 0.6)]):
+        write_run(tmp_path / "plateau", f"r{i}", 1, {"accuracy": acc}, lr=lr)
+    cells, _ = aggregate(load_runs(tmp_path / "plateau"))
+    assert [c.lr for c in cells if c.best] == [1e-4] and grid_edge_warnings(cells) == []
+    # The same grid with the edge ahead by one example is warned about, as before.
+    for i, (lr, acc) in enumerate([(1e-4, 0.81), (3e-4, 0.8), (1e-3, 0.6)]):
+        write_run(tmp_path / "edge", f"r{i}", 1, {"accuracy": acc}, lr=lr)
+    cells, _ = aggregate(load_runs(tmp_path / "edge"))
+    (warned,) = grid_edge_warnings(cells)
+    assert "the best learning rate, 0.0001, is the lowest of its grid" in warned
+
+
 def test_best_lr_and_comparison_objects(tmp_path):
     cells, comps = aggregate(load_runs(write_runs(tmp_path)))
     best = {(c.group, c.task, c.method, c.variant): c.lr for c in cells if c.best}

@@ -276,8 +276,11 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
 
 
 def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[str]:
-    """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values):
-    the optimum may lie beyond it, so that method may be under-tuned against the other.
+    """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values)
+    and beats every other rate of it: the optimum may lie beyond it, so that method may be
+    under-tuned against the other. A best tied by another rate lies on a plateau that reaches
+    into the grid: no warning; a grid where every rate scored the same gets its own (the grid
+    chose nothing, e.g. every run at the majority baseline).
 
     `pending`: (task, method) -> learning rates a stored study still has to run. A grid with one
     of them missing is not complete yet (its edge may move): no warning for it until it is."""
@@ -285,17 +288,32 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
     for fam in _families(cells):
         lrs = sorted({c.lr for c in fam})
         best = next((c for c in fam if c.best), None)
-        if best is None or len(lrs) < 2 or lrs[0] < best.lr < lrs[-1]:
+        if best is None or len(lrs) < 2:
             continue
         if set((pending or {}).get((best.task, best.method), ())) - set(lrs):
             continue
-        side = "highest" if best.lr == lrs[-1] else "lowest"
+        scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
+        score = _selection_score(scored)
+        others = [score(c) for c in scored if c is not best]
         grid = ", ".join(f"{lr:g}" for lr in lrs)
+        where = f"{best.task} {best.method} ({best.model}, {best.group})"
+        if len(scored) == len(lrs) and all(v == score(best) for v in others):
+            value = f"{best.metric} {points_per_unit(best.task) * score(best):.2f} points"
+            out.append(
+                f"{where}: every learning rate of its grid ({grid}) scored the same ({value}), "
+                f"so the grid chose none; its other seeds run at the smallest, {best.lr:g}. A wider "
+                f"grid cannot tell rates apart that all end at the same score: compare it with "
+                f"the majority baseline."
+            )
+            continue
+        if lrs[0] < best.lr < lrs[-1] or any(v >= score(best) for v in others):
+            continue
+        side = "highest" if best.lr == lrs[-1] else "lowest"
         out.append(
-            f"{best.task} {best.method} ({best.model}, {best.group}): the best learning rate, "
-            f"{best.lr:g}, is the {side} of its grid ({grid}). A learning rate beyond it may score "
-            f"better, so this method may be under-tuned: add one to the grid (in a study spec, "
-            f"under a new `name`: the finished points are reused, only the new ones train)."
+            f"{where}: the best learning rate, {best.lr:g}, is the {side} of its grid ({grid}). "
+            f"A learning rate beyond it may score better, so this method may be under-tuned: "
+            f"add one to the grid (in a study spec, under a new `name`: the finished points are "
+            f"reused, only the new ones train)."
         )
     return out
 
