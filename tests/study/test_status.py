@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -138,6 +139,38 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
         assert {p.key: p for p in held.points}[keys["lora", 3e-3]].detail == ""
     finally:
         os.close(fd)
+
+
+def test_a_point_that_would_not_fit_in_memory_says_so_and_nothing_changes(tmp_path, spec, monkeypatch):  # fmt: skip
+    import optuna
+    from optuna.trial import create_trial
+
+    res = tmp_path / "res"
+    keys, _ = _grid(spec, res)
+    st = open_storage(storage_url(None, res))
+    earlier = optuna.create_study(storage=st, study_name="earlier")  # an earlier spec's peaks
+    for method, peak in (("lora", 600), ("full", 900)):
+        earlier.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={
+            "point": method, "result": {"task": "sst2", "method": method, "peak_memory_mb": peak}}))  # fmt: skip
+    study = optuna.load_study(
+        study_name=phases(spec, ["sst2"])[0].study_name(spec.name), storage=st
+    )
+    running = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
+    st.set_trial_user_attr(running._trial_id, "worker", {"host": socket.gethostname(), "pid": 1})
+    st.record_heartbeat(running._trial_id)
+    with sqlite3.connect(res / "study.db") as con:  # its worker died a day ago
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 day')")
+    mtime = (res / "study.db").stat().st_mtime_ns
+    monkeypatch.setenv("LORALAB_MEMORY_BUDGET_MB", "1500")
+    # LoRA runs here holding 1.15 x 600 MB; full fine-tuning would need 1.15 x 900 beside it.
+    by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}
+    waiting = by[keys["full", 3e-4]]
+    assert waiting.state == "interrupted"
+    assert waiting.detail.startswith("waits for memory: it needs 1.0 GB, 1 point(s) running here")
+    assert (res / "study.db").stat().st_mtime_ns == mtime  # stale, yet looking fails nothing
+    monkeypatch.setenv("LORALAB_MEMORY_BUDGET_MB", "1800")  # room for both: nothing to say
+    by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}
+    assert by[keys["full", 3e-4]].detail == ""
 
 
 def test_lent_threads_come_from_the_current_attempts_last_log_line(tmp_path):

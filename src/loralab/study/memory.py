@@ -155,15 +155,17 @@ def describe(
             f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip
 
 
-def state(storage) -> tuple[dict, list]:
+def state(storage, fail_stale: bool = True) -> tuple[dict, list]:
     """Finished peaks per (task, method) in every study of the storage, and the reservations
-    of the points running on this host."""
+    of the points running on this host. `fail_stale`: first fail the points of dead workers
+    (which then hold nothing); False for readers that must change nothing (`--status`)."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     trials = []
     for study in _studies(storage):
-        fail_stale_trials(study)  # a dead worker's point (in any study, e.g. an earlier spec's)
+        if fail_stale:  # a dead worker's point (in any study, e.g. an earlier spec's)
+            fail_stale_trials(study)
         trials += study.get_trials(deepcopy=False)
     peaks = predict(history((t for t in trials if is_final(t)), allocator.current()))
     running = [

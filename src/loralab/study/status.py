@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import STUDY_DB
+from . import memory
 from .estimate import point_costs, training_chars
 from .phases import Phase, StudySpec, best_lrs, phases
 from .progress import FINAL, read_run
@@ -183,7 +184,24 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
                              best if ph.kind == "grid" or not waits else None)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         out.append(status)
+    if st is not None:
+        _memory_waits([p for ph in out for p in ph.points], st)
     return StudyStatus(results, url, out)
+
+
+def _memory_waits(points: list[PointStatus], st) -> None:
+    """Say why a waiting point would not start on this host now: its predicted peak does not
+    fit beside the running points' (what a worker here checks, `memory.py`)."""
+    budget = memory.budget_mb()
+    waiting = [p for p in points if p.state in ("waiting", "interrupted") and not p.reusable]
+    if budget is None or not waiting:
+        return
+    peaks, reserved = memory.state(st, fail_stale=False)
+    for p in waiting:
+        need = memory.reservation({"task": p.task, "method": p.method}, peaks)
+        if not memory.fits(need, reserved, budget):
+            guess = (p.task, p.method) in peaks.predicted
+            p.detail = memory.describe(need, reserved, budget, guess)
 
 
 def sweep_status(study_name: str, storage: str | None = None, results_dir: str | None = None,
