@@ -301,9 +301,9 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
             value = f"{best.metric} {points_per_unit(best.task) * score(best):.2f} points"
             out.append(
                 f"{where}: every learning rate of its grid ({grid}) scored the same ({value}), "
-                f"so the grid chose none; its other seeds run at the smallest, {best.lr:g}. A wider "
-                f"grid cannot tell rates apart that all end at the same score: compare it with "
-                f"the majority baseline."
+                f"so the grid chose none; its other seeds run at the smallest, {best.lr:g}. A "
+                f"wider grid cannot tell rates apart that all end at the same score: compare it "
+                f"with the majority baseline."
             )
             continue
         if lrs[0] < best.lr < lrs[-1] or any(v >= score(best) for v in others):
