@@ -134,7 +134,7 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     st.set_trial_user_attr(small._trial_id, "method", None)
     points = {"small": {"method": "lora"}}
     worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append,
-                             points=points)  # fmt: skip
+                             points=points, results_dir=tmp_path)  # fmt: skip
     monkeypatch.setenv(memory.BUDGET_ENV, "16000")
     # 1.15 x 9,000 MB runs; the other SQuAD point would need as much again: only SST-2 fits.
     assert Worker._claim(worker).user_attrs["point"] == "small"

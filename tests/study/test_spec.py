@@ -620,6 +620,46 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     assert {str(p): p.stat().st_mtime_ns for p in (res / "runs").rglob("summary.json")} == before
 
 
+def test_a_stopped_worker_is_not_declared_dead_by_its_neighbour(tmp_path, data_root):
+    """SIGSTOP (or a sleeping laptop) silences a worker's heartbeats past the grace period.
+    When both wake, the other worker's check must not fail the paused point (that would throw
+    away its work since the last checkpoint): the paused worker still holds the point's lock."""
+    small = {"data_dir": "glue/sst2", "max_steps": 400, "max_train_examples": 64,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3]},
+                      seeds=[1], ablations=None)  # fmt: skip
+    res = tmp_path / "res"
+    common = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
+    a = start_cli(common, tmp_path / "a.log")
+    lock = res / "locks" / "sst2-lora-tiny-llama-lr0.001-s1.lock"
+    end, child = time.time() + 300, None
+    while child is None and time.time() < end:
+        try:
+            child = json.loads(lock.read_text()).get("child_pid") if lock.is_file() else None
+        except ValueError:
+            pass
+        assert a.poll() is None, (tmp_path / "a.log").read_text()[-2000:]
+        time.sleep(0.05)
+    assert child, "the point never started training"
+    for pid in (a.pid, child):
+        os.kill(pid, signal.SIGSTOP)
+    b = start_cli(common, tmp_path / "b.log")
+    try:
+        time.sleep(8)  # > grace (3 s) with no heartbeat, while b polls
+    finally:
+        for pid in (a.pid, child):
+            os.kill(pid, signal.SIGCONT)
+    for p, log in ((a, "a.log"), (b, "b.log")):
+        assert p.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
+    run = res / "runs" / "sst2-lora-tiny-llama-lr0.001-s1"
+    attempts = json.loads((run / "sweep.json").read_text())["attempts"]
+    assert [(x["action"], x["outcome"]) for x in attempts] == [("train", "completed")], attempts
+    st = open_storage(f"sqlite:///{res / 'study.db'}")
+    study, _ = load_study(st, "tiny-sst2-grid")
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]  # never re-enqueued
+    assert "lost" not in (tmp_path / "a.log").read_text()
+
+
 def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
     """`kill -TERM -- -PGID` (how a script stops a background study: such a job ignores
     SIGINT) stops the worker and its training child within seconds: exit 130, the point handed

@@ -1,10 +1,12 @@
-"""A claimed point's heartbeats (`Lease`) and its file lock (`PointLock`)."""
+"""A claimed point's heartbeats (`Lease`), its file lock (`PointLock`), and telling a dead
+worker's point from a paused one's (`fail_dead`)."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -62,3 +64,45 @@ class PointLock:
 
     def release(self) -> None:
         os.close(self.fd)  # closing drops the flock
+
+
+def held_here(lock: Path) -> bool:
+    """Whether a live process on this host holds the point lock `lock` (its note names this
+    host). A stopped or suspended worker still holds it; the kernel drops a dead one's."""
+    try:
+        note = json.loads(lock.read_text() or "{}")
+        fd = os.open(lock, os.O_RDONLY)
+    except (OSError, ValueError):
+        return False
+    try:
+        if note.get("host") != socket.gethostname():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def fail_dead(storage, study, locks: Path) -> None:
+    """Fail (and so re-enqueue) the study's points whose worker died: Optuna's
+    `fail_stale_trials`, after vouching for the live workers of this host.
+
+    `storage`: the study's (heartbeat) storage. A heartbeat is late for a dead worker, but also
+    for one that was stopped (SIGSTOP, a
+    debugger) or whose machine slept: when they wake together, another worker's check may come
+    before the paused one's next beat, and would throw away all its work since its last
+    checkpoint. A point whose lock (`locks`/<point>.lock) a process on this host still holds is
+    alive, so its heartbeat is renewed on its behalf first.
+    """
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        point = t.user_attrs.get("point")
+        if point and held_here(locks / f"{point}.lock"):
+            storage.record_heartbeat(t._trial_id)
+    fail_stale_trials(study)

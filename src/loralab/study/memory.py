@@ -26,9 +26,11 @@ from __future__ import annotations
 import os
 import socket
 import weakref
+from pathlib import Path
 
 from .. import allocator
 from ..errors import LoralabError
+from .leases import fail_dead
 from .storage import is_final
 
 BUDGET_ENV = "LORALAB_MEMORY_BUDGET_MB"
@@ -156,17 +158,17 @@ def describe(
             f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip
 
 
-def state(storage, fail_stale: bool = True) -> tuple[dict, list]:
+def state(storage, locks: Path | None = None) -> tuple[dict, list]:
     """Finished peaks per (task, method) in every study of the storage, and the reservations
-    of the points running on this host. `fail_stale`: first fail the points of dead workers
-    (which then hold nothing); False for readers that must change nothing (`--status`)."""
-    from optuna.storages import fail_stale_trials
+    of the points running on this host. `locks` (the results folder's point locks): first fail
+    the points of dead workers (`leases.fail_dead`), which then hold nothing; None for readers
+    that must change nothing (`--status`)."""
     from optuna.trial import TrialState
 
     trials = []
     for study in _studies(storage):
-        if fail_stale:  # a dead worker's point (in any study, e.g. an earlier spec's)
-            fail_stale_trials(study)
+        if locks is not None:  # a dead worker's point (in any study, e.g. an earlier spec's)
+            fail_dead(storage, study, locks)
         trials += study.get_trials(deepcopy=False)
     peaks = predict(history((t for t in trials if is_final(t)), allocator.current()))
     running = [

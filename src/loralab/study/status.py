@@ -196,7 +196,7 @@ def _memory_waits(points: list[PointStatus], st) -> None:
     waiting = [p for p in points if p.state in ("waiting", "interrupted") and not p.reusable]
     if budget is None or not waiting:
         return
-    peaks, reserved = memory.state(st, fail_stale=False)
+    peaks, reserved = memory.state(st)  # no locks: fails nothing
     for p in waiting:
         need = memory.reservation({"task": p.task, "method": p.method}, peaks)
         if not memory.fits(need, reserved, budget):

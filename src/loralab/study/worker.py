@@ -35,7 +35,7 @@ from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from . import memory
-from .leases import Lease, PointLock
+from .leases import Lease, PointLock, fail_dead
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, read_note
 from .storage import (
@@ -120,7 +120,6 @@ class Worker:
 
     def run(self) -> WorkerReport:
         from optuna.exceptions import ExperimentalWarning
-        from optuna.storages import fail_stale_trials
 
         ensure_enqueued(self.study, self.plan, self.tasks)
         old = None
@@ -130,7 +129,7 @@ class Worker:
             warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API
             try:
                 while True:
-                    fail_stale_trials(self.study)
+                    fail_dead(self.storage, self.study, self.results_dir / LOCKS_DIR)
                     trial = self._claim()
                     if trial is not None:
                         self._handle(trial)
@@ -149,9 +148,7 @@ class Worker:
 
         For callers that interleave several studies (`loralab study`); the caller handles
         SIGTERM and Optuna's experimental-API warnings as `run` does."""
-        from optuna.storages import fail_stale_trials
-
-        fail_stale_trials(self.study)
+        fail_dead(self.storage, self.study, self.results_dir / LOCKS_DIR)
         trial = self._claim()
         if trial is None:
             return False
@@ -173,7 +170,9 @@ class Worker:
                 self.tasks and t.user_attrs.get("task") not in self.tasks
             ):
                 continue
-            held = held or (memory.state(self.storage) if budget else ({}, []))
+            held = held or (
+                memory.state(self.storage, self.results_dir / LOCKS_DIR) if budget else ({}, [])
+            )
             if memory.waits(self, t.user_attrs, *held, budget):
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
