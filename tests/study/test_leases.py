@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from loralab.study.leases import fail_dead, held_here
+from loralab.study.leases import fail_dead, lock_here
 from loralab.study.storage import open_storage
 
 
@@ -24,16 +24,16 @@ def _lock(path, host):
     return fd
 
 
-def test_held_here_needs_this_host_and_a_live_holder(tmp_path):
+def test_a_lock_is_held_by_a_live_process_here_free_or_not_ours_to_judge(tmp_path):
     here, there = tmp_path / "a.lock", tmp_path / "b.lock"
     fd = _lock(here, socket.gethostname())
-    assert held_here(here)
+    assert lock_here(here) == "held"
     os.close(fd)  # the holder is gone: the kernel dropped its lock
-    assert not held_here(here)
+    assert lock_here(here) == "free"
     fd = _lock(there, "another-host")  # a flock says nothing about another host's workers
-    assert not held_here(there)
+    assert lock_here(there) is None
     os.close(fd)
-    assert not held_here(tmp_path / "missing.lock")
+    assert lock_here(tmp_path / "missing.lock") is None
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API

@@ -66,23 +66,25 @@ class PointLock:
         os.close(self.fd)  # closing drops the flock
 
 
-def held_here(lock: Path) -> bool:
-    """Whether a live process on this host holds the point lock `lock` (its note names this
-    host). A stopped or suspended worker still holds it; the kernel drops a dead one's."""
+def lock_here(lock: Path) -> str | None:
+    """'held' when a live process on this host holds the point lock `lock` (a stopped or
+    suspended worker still does), 'free' when its note names this host but nobody holds it (the
+    kernel dropped a dead worker's lock); None when it is missing or another host's (a flock
+    says nothing about another host's workers)."""
     try:
         note = json.loads(lock.read_text() or "{}")
         fd = os.open(lock, os.O_RDONLY)
     except (OSError, ValueError):
-        return False
+        return None
     try:
         if note.get("host") != socket.gethostname():
-            return False
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
+            return "held"
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        return "free"
     finally:
         os.close(fd)
 
@@ -103,6 +105,6 @@ def fail_dead(storage, study, locks: Path) -> None:
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         point = t.user_attrs.get("point")
-        if point and held_here(locks / f"{point}.lock"):
+        if point and lock_here(locks / f"{point}.lock") == "held":
             storage.record_heartbeat(t._trial_id)
     fail_stale_trials(study)

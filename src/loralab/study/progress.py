@@ -4,10 +4,8 @@ CPU time up to it), and whether the worker that holds the point on this host is 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from ..rundir import (
     RUNS_DIR,
     SUMMARY_FILE,
 )
+from .leases import lock_here
 
 # A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
 # `--status` reads the last one.
@@ -69,7 +68,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
             ps.logged_ago_s = max(0.0, time.time() - last["time"])
     if ps.state == "running":
         ps.lent_threads = lent_threads(results / LOGS_DIR / f"{key}.log")
-    if ps.state == "running" and _lock_free_here(results / LOCKS_DIR / f"{key}.lock"):
+    if ps.state == "running" and lock_here(results / LOCKS_DIR / f"{key}.lock") == "free":
         ps.detail = "stale: no worker on this host holds it; the next worker retries it"
 
 
@@ -115,24 +114,3 @@ def _last_logged(path: Path) -> dict | None:
         if isinstance(row, dict) and "epoch" in row:
             return row
     return None
-
-
-def _lock_free_here(lock: Path) -> bool:
-    """True when the point's lock note names this host and nobody holds the lock (its worker is
-    gone); False when held, or when it belongs to another host (a flock says nothing there)."""
-    try:
-        note = json.loads(lock.read_text() or "{}")
-        fd = os.open(lock, os.O_RDONLY)
-    except (OSError, ValueError):
-        return False
-    try:
-        if note.get("host") != socket.gethostname():
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    finally:
-        os.close(fd)
