@@ -94,11 +94,11 @@ def fail_dead(storage, study, locks: Path) -> None:
     `fail_stale_trials`, after vouching for the live workers of this host.
 
     `storage`: the study's (heartbeat) storage. A heartbeat is late for a dead worker, but also
-    for one that was stopped (SIGSTOP, a
-    debugger) or whose machine slept: when they wake together, another worker's check may come
-    before the paused one's next beat, and would throw away all its work since its last
-    checkpoint. A point whose lock (`locks`/<point>.lock) a process on this host still holds is
-    alive, so its heartbeat is renewed on its behalf first.
+    for one that was stopped (SIGSTOP, a debugger) or whose machine slept: when they wake
+    together, another worker's check may come before the paused one's next beat, and would
+    throw away all its work since its last checkpoint. A point whose lock
+    (`locks`/<point>.lock) a process on this host still holds is alive, so its heartbeat is
+    renewed on its behalf first.
     """
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
