@@ -199,17 +199,25 @@ def _studies(storage) -> list:
     return [loaded[name] for name in names]
 
 
+def why_waits(task, method, peaks: dict, reserved: list, budget: float | None) -> str | None:
+    """Why a point of (task, method) may not start beside the running points' `reserved` MB
+    (`describe`'s sentence), or None when it may."""
+    need = reservation({"task": task, "method": method}, peaks)
+    if fits(need, reserved, budget):
+        return None
+    return describe(need, reserved, budget, (task, method) in getattr(peaks, "predicted", ()))
+
+
 def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:
     """Whether the waiting point with these trial user attrs must wait for memory; the worker
     says why, once per point."""
     point = getattr(worker, "points", {}).get(attrs["point"], {})  # the worker's own plan
-    key = (attrs.get("task"), attrs.get("method") or point.get("method"))
-    need = reservation({"task": key[0], "method": key[1]}, peaks)
-    if fits(need, reserved, budget):
+    method = attrs.get("method") or point.get("method")
+    why = why_waits(attrs.get("task"), method, peaks, reserved, budget)
+    if why is None:
         return False
     said = worker.__dict__.setdefault("_memory_waits", set())
     if attrs["point"] not in said and hasattr(worker, "say"):
         said.add(attrs["point"])
-        guess = key in getattr(peaks, "predicted", ())
-        worker.say(f"{attrs['point']} {describe(need, reserved, budget, guess)}")
+        worker.say(f"{attrs['point']} {why}")
     return True

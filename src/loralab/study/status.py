@@ -198,10 +198,7 @@ def _memory_waits(points: list[PointStatus], st) -> None:
         return
     peaks, reserved = memory.state(st)  # no locks: fails nothing
     for p in waiting:
-        need = memory.reservation({"task": p.task, "method": p.method}, peaks)
-        if not memory.fits(need, reserved, budget):
-            guess = (p.task, p.method) in peaks.predicted
-            p.detail = memory.describe(need, reserved, budget, guess)
+        p.detail = memory.why_waits(p.task, p.method, peaks, reserved, budget) or p.detail
 
 
 def sweep_status(study_name: str, storage: str | None = None, results_dir: str | None = None,
