@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import KILLER, write_sst2
 
+from loralab import probecache
 from loralab.cli import main
 from loralab.config import build_config
 from loralab.models import load_tokenizer
@@ -95,6 +96,10 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
     for key in ("wall_time_s", "peak_memory_mb", "versions", "params", "git_commit"):
         assert key in summary
     assert 0 < summary["train_cpu_time_s"] < summary["wall_time_s"] * os.cpu_count()
+    # The machine it ran on: the CPU's name with the extensions that pick its kernels.
+    hw = summary["hardware"]
+    assert hw["cpu"] == probecache.machine() and hw["cpu"].endswith("]")
+    assert hw["cores"] == os.cpu_count() and hw["memory_gb"] > 0 and hw["accelerator"] is None
     # The first step began after the launch, and before the final evaluation.
     first = summary["first_step_at"] - launched
     assert 0 < first < time.time() - launched - summary["eval_time_s"]

@@ -48,6 +48,7 @@ def base_summary(
         "param_dtypes": precision.dtypes(model),
         "quantization": quantization.describe(model, cfg.model.quantization),
         "versions": tracking.versions(),
+        "hardware": tracking.hardware(),
         "git_commit": tracking.git_commit(),
         # Credentials on the command line (--storage URL passwords, tokens) never get stored.
         "command": mask_secrets(" ".join(sys.argv)),

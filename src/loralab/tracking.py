@@ -103,6 +103,28 @@ def versions() -> dict[str, str]:
     return out
 
 
+def hardware() -> dict:
+    """The machine a run ran on, for its summary: speed and memory figures mean little without
+    it. `cpu` names the model and the extensions that decide its kernels (AMX, AVX-512 BF16,
+    AVX2: the same name covers CPUs whose bf16 speed differs ~100x); `accelerator` is the GPU
+    the run used, None on a CPU."""
+    import torch
+
+    from .probecache import machine
+
+    try:
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        memory_gb = None
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": machine(),
+        "cores": os.cpu_count(),
+        "memory_gb": memory_gb,
+        "accelerator": torch.cuda.get_device_name(0) if cuda else None,
+    }
+
+
 def _wandb_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

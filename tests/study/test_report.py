@@ -713,3 +713,46 @@ def test_times_of_runs_lent_idle_cores_are_flagged_not_compared(tmp_path):
         path = tmp_path / name / "summary.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "layout": {"lent_share": 0.5}}))
     assert not any("times are not comparable" in w for w in report(tmp_path).warnings)
+
+
+def _set_hardware(run_dir, hardware: dict) -> None:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": hardware}))
+
+
+def test_times_from_different_machines_are_flagged_and_the_hardware_named(tmp_path):
+    """The report names the machines its runs recorded (tracking.hardware) and warns when the
+    two methods of a comparison ran on different ones; runs that recorded none are left out."""
+    for method, lr in (("lora", 3e-4), ("full", 3e-5)):
+        for seed in (1, 2):
+            write_run(tmp_path, f"{method}{seed}", seed, {"accuracy": 0.8}, method=method, lr=lr)
+    md = lambda: (tmp_path / "report" / "report.md").read_text()  # noqa: E731
+    assert report(tmp_path).warnings == []
+    assert "Hardware: not recorded (runs from before loralab recorded it" in md()
+    xeon = {"cpu": "Intel Xeon[avx2,avx512f,avx512_bf16,amx_bf16,amx_tile]", "accelerator": None}
+    for name in ("lora1", "full1", "full2"):
+        _set_hardware(tmp_path / name, xeon)
+    assert report(tmp_path).warnings == []  # an unrecorded run is not a different machine
+    assert f"{xeon['cpu']} ×3; not recorded ×1 (older runs)." in md()
+    _set_hardware(tmp_path / "lora2", {"cpu": "AMD EPYC[avx2]", "accelerator": None})
+    _set_hardware(tmp_path / "full2", {"cpu": "AMD EPYC[avx2]", "accelerator": "NVIDIA H200"})
+    (warning,) = report(tmp_path).warnings
+    assert warning.startswith("sst2 (tiny-llama): times are not comparable between the methods")
+    assert (
+        f"(LoRA: AMD EPYC[avx2] ×1, {xeon['cpu']} ×1; full fine-tuning: {xeon['cpu']} ×1, "
+        "NVIDIA H200 ×1; hardware in runs.csv)" in warning
+    )
+    assert (
+        f"Hardware (CPU [kernel-deciding extensions] or GPU, per run): AMD EPYC[avx2] ×1, {xeon['cpu']} ×2, NVIDIA H200 ×1."
+        in md()
+    )
+    rows = {
+        r["run_dir"].rsplit("/", 1)[-1]: r["hardware"]
+        for r in _rows(tmp_path / "report" / "runs.csv")
+    }
+    assert rows == {
+        "lora1": xeon["cpu"],
+        "lora2": "AMD EPYC[avx2]",
+        "full1": xeon["cpu"],
+        "full2": "NVIDIA H200",
+    }

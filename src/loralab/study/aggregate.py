@@ -320,11 +320,12 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
 
 def _mixed(comp: Comparison, label) -> str | None:
     """How the two methods' runs of `comp` split by `label(record)` ("LoRA: a ×2; full
-    fine-tuning: a ×1, b ×1"), or None when every run has the same label."""
+    fine-tuning: a ×1, b ×1"), or None when every run has the same label. Runs labelled None
+    (unknown) are left out."""
     if comp.full is None:
         return None
     used = {
-        name: Counter(label(r) for r in cell.done)
+        name: Counter(x for r in cell.done if (x := label(r)) is not None)
         for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
     }
     if len(set().union(*used.values())) < 2:
@@ -347,6 +348,22 @@ def allocator_warnings(comps: list[Comparison]) -> list[str]:
                 f"their runs used different heap allocators ({ran}), and the allocator alone "
                 f"changes a run's peak by up to ~25%. Compare memory on runs under one allocator "
                 f"(LORALAB_ALLOCATOR)."
+            )
+    return out
+
+
+def hardware_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison whose runs ran on different machines (`tracking.hardware`;
+    runs from before it was recorded are left out): the same SmolLM2 step takes several times
+    longer on an AVX2-only EPYC than on an AMX Xeon, so the time columns would compare
+    machines, not methods."""
+    out = []
+    for comp in comps:
+        if (ran := _mixed(comp, lambda r: r.get("hardware"))) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): times are not comparable between the methods: "
+                f"their runs ran on different machines ({ran}; hardware in runs.csv). Compare "
+                f"times on runs from one machine."
             )
     return out
 

@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -18,6 +19,7 @@ from .aggregate import (
     aggregate,
     allocator_warnings,
     grid_edge_warnings,
+    hardware_warnings,
     lent_warnings,
 )
 from .plots import make_figures
@@ -94,7 +96,10 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     records, warnings = deduplicate(records)
     cells, comps = aggregate(records)
     warnings += (
-        grid_edge_warnings(cells, pending) + allocator_warnings(comps) + lent_warnings(comps)
+        grid_edge_warnings(cells, pending)
+        + allocator_warnings(comps)
+        + lent_warnings(comps)
+        + hardware_warnings(comps)
     )
     tabs = tables(cells, comps)
     out = Path(out_dir)
@@ -108,7 +113,8 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "size, learning rate, precision). Mean ± sample standard deviation (ddof = 1) over "
         "seeds. For each identity the learning rate is the one with the best mean dev score of "
         "the task's main metric (accuracy for GLUE, F1 for SQuAD v2); the dev set is also the "
-        "reported set, as in the LoRA paper (GLUE test labels are not public).\n"
+        "reported set, as in the LoRA paper (GLUE test labels are not public). "
+        f"{_hardware_line(records)}\n"
     )
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
     md = ["# loralab study report", "", intro, *warn_md] + [_md_table(t) for t in tabs]
@@ -129,11 +135,24 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
 
 
+def _hardware_line(records: list[dict]) -> str:
+    """ "Hardware (...): A ×3, B ×1." over the runs, those from before it was recorded apart."""
+    runs = {r.get("run_dir") or id(r): r.get("hardware") for r in records}
+    counts = Counter(hw for hw in runs.values() if hw)
+    missing = sum(1 for hw in runs.values() if not hw)
+    if not counts:
+        return "Hardware: not recorded (runs from before loralab recorded it in summary.json)."
+    known = ", ".join(f"{hw} ×{n}" for hw, n in sorted(counts.items()))
+    rest = f"; not recorded ×{missing} (older runs)" if missing else ""
+    return f"Hardware (CPU [kernel-deciding extensions] or GPU, per run): {known}{rest}."
+
+
 def _flat_run(r: dict) -> dict:
     row = {"group": r["group"], "identity": record_identity(r), **{k: r.get(k) for k in RUN_FIELDS}}
     row["lora"] = lora_slug(r.get("lora")) if r.get("lora") else ""
     row["allocator"] = r.get("allocator") or ""  # peak memory depends on it
     row["lent_share"] = r.get("lent_share")  # wall time depends on it
+    row["hardware"] = r.get("hardware") or ""  # and on this
     row.update({k: r.get(k) for k in SHARE_FIELDS})
     row.update({f"metric_{k}": v for k, v in (r.get("metrics") or {}).items()})
     return row
