@@ -35,3 +35,23 @@ def test_committed_report_regenerates_unchanged(tmp_path, monkeypatch, name):
     )
     for table in ("report.csv", "runs.csv"):
         assert (fresh / table).read_text() == (committed / table).read_text(), table
+
+
+def _glance_rows(report_md: str) -> list[str]:
+    """The rows of the report's "At a glance" table (header and separator included)."""
+    lines = report_md.splitlines()
+    start = lines.index("## At a glance: LoRA vs full fine-tuning per task") + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu", "minilm-cpu"])
+def test_readme_shows_each_studys_table_as_its_report_has_it(name):
+    """The README's Results section copies each study's at-a-glance table (issue 14), header to
+    last row: a report regenerated after new points must be copied again, or this fails."""
+    readme = (RESULTS.parent / "README.md").read_text().splitlines()
+    rows = _glance_rows((RESULTS / name / "report" / "report.md").read_text())
+    assert len(rows) == 6  # header, separator, four tasks
+    assert rows[2] in readme, f"README lacks {name}'s table; copy it from its report.md"
+    first = readme.index(rows[2]) - 2
+    assert readme[first : first + len(rows)] == rows
