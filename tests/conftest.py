@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -183,3 +184,23 @@ def run_status(run: Path) -> str | None:
     """A run folder's summary status; None before it has a summary."""
     s = run / "summary.json"
     return json.loads(s.read_text()).get("status") if s.is_file() else None
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether a live process holds `lock` (a point's flock in RESULTS/locks)."""
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has stopped running (exited, or a zombie awaiting its parent)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True

@@ -3,7 +3,6 @@ tiny spec run by real worker processes (split by task, one SIGKILLed and restart
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import run_status, start_cli, write_mrpc, write_sst2
+from conftest import lock_held, process_gone, run_status, start_cli, write_mrpc, write_sst2
 from optuna.trial import TrialState, create_trial
 
 from loralab.cli import main
@@ -414,24 +413,6 @@ def test_overrides_an_ablation_honours(tmp_path):
 # Real processes, a real kill
 
 
-def _held(lock: Path) -> bool:
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-
-
 def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeout=300):
     """SIGKILL `proc` once a point of `task` it trains has a complete checkpoint at or before
     step 20 of 40 (the Trainer writes trainer_state.json last); the signal is the checkpoint."""
@@ -446,7 +427,7 @@ def _kill_when_checkpointed(res: Path, proc: subprocess.Popen, task: str, timeou
                 info = json.loads(lock.read_text())
             except ValueError:
                 continue
-            if info.get("pid") == proc.pid and "child_pid" in info and _held(lock):
+            if info.get("pid") == proc.pid and "child_pid" in info and lock_held(lock):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return run, info
@@ -590,9 +571,9 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     killed_run, info = _kill_when_checkpointed(res, a, "sst2")
     assert a.returncode == -signal.SIGKILL
     deadline = time.time() + 20
-    while not _gone(info["child_pid"]) and time.time() < deadline:
+    while not process_gone(info["child_pid"]) and time.time() < deadline:
         time.sleep(0.1)
-    assert _gone(info["child_pid"]), "the training child outlived its killed worker"
+    assert process_gone(info["child_pid"]), "the training child outlived its killed worker"
     # `--status` meanwhile: the killed point is still RUNNING in the storage, its worker gone.
     status = study_status(load_spec(TINY, str(data_root)), str(res), tasks=["sst2"])
     killed = {p.key: p for p in status.points}[killed_run.name]
@@ -680,7 +661,7 @@ def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
             except ValueError:
                 continue
             metrics = res / "runs" / lock.stem / "metrics.jsonl"
-            if "child_pid" in info and _held(lock) and metrics.is_file() and '"epoch"' in metrics.read_text():  # fmt: skip
+            if "child_pid" in info and lock_held(lock) and metrics.is_file() and '"epoch"' in metrics.read_text():  # fmt: skip
                 key = lock.stem
                 break
         assert proc.poll() is None, log.read_text()[-2000:]

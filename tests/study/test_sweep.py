@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import run_status, start_cli, write_mrpc, write_rte, write_sst2
+from conftest import (
+    lock_held,
+    process_gone,
+    run_status,
+    start_cli,
+    write_mrpc,
+    write_rte,
+    write_sst2,
+)
 
 from loralab.cli import main
 from loralab.errors import LoralabError
@@ -122,25 +129,6 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
 # Real processes, real kills
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in state  # a zombie has stopped running
-
-
-def _held(lock: Path) -> bool:
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _steps_saved(run: Path) -> int:
     """The last complete checkpoint's step (the Trainer writes trainer_state.json last)."""
     done = (run / "checkpoints").glob("checkpoint-*/trainer_state.json")
@@ -162,7 +150,7 @@ def _kill_mid_run(res: Path, workers: dict[int, subprocess.Popen], need_done: in
                 info = json.loads(lock.read_text())
             except ValueError:
                 continue
-            if info.get("pid") in workers and "child_pid" in info and _held(lock):
+            if info.get("pid") in workers and "child_pid" in info and lock_held(lock):
                 os.kill(info["pid"], signal.SIGKILL)
                 workers[info["pid"]].wait()
                 return run, info
@@ -208,9 +196,9 @@ def test_killed_sweep_resumes_every_point_exactly_once(tmp_path, sst2_dir):
     killed_run, info = _kill_mid_run(res, {first.pid: first}, need_done=1)
     assert first.returncode == -signal.SIGKILL
     deadline = time.time() + 20
-    while not _gone(info["child_pid"]) and time.time() < deadline:
+    while not process_gone(info["child_pid"]) and time.time() < deadline:
         time.sleep(0.1)
-    assert _gone(info["child_pid"]), "the training child outlived its killed worker"
+    assert process_gone(info["child_pid"]), "the training child outlived its killed worker"
     finished = {
         r.name: _snapshot(r) for r in (res / "runs").iterdir() if run_status(r) == "completed"
     }
