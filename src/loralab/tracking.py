@@ -121,7 +121,7 @@ def hardware() -> dict:
         "cpu": machine(),
         "cores": os.cpu_count(),
         "memory_gb": memory_gb,
-        "accelerator": torch.cuda.get_device_name(0) if cuda else None,
+        "accelerator": torch.cuda.get_device_name(torch.cuda.current_device()) if cuda else None,
     }
 
 
