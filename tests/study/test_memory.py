@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import optuna
@@ -144,6 +145,34 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     assert len(said) == 2  # each waiting point is announced once
     monkeypatch.setenv(memory.BUDGET_ENV, "0")  # the check turned off
     assert Worker._claim(worker).user_attrs["point"] == "big"
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+@pytest.mark.parametrize("status", ["completed", "diverged", "running"])
+def test_a_point_whose_run_folder_is_finished_is_claimed_without_waiting_for_memory(
+    tmp_path, monkeypatch, status
+):
+    """A grid extended under a new study name re-enqueues finished points, which a claim reuses
+    without training: they need no memory, and must not wait behind a big running point."""
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=60, grace=120)
+    study = optuna.create_study(storage=st, study_name="v2")
+    for key in ("running", "old"):
+        study.enqueue_trial({}, user_attrs={"point": key, "task": "squad_v2", "method": "full"})
+    running = study.get_trials()[0]
+    st.record_heartbeat(running._trial_id)
+    assert st.set_trial_state_values(running._trial_id, TrialState.RUNNING)  # another worker's
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": status}))
+    said: list[str] = []
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append,
+                             points={}, results_dir=tmp_path)  # fmt: skip
+    monkeypatch.setenv(memory.BUDGET_ENV, "1000")  # nothing unknown fits beside the running one
+    claimed = Worker._claim(worker)
+    if status == "running":  # an unfinished folder trains (or resumes): it waits
+        assert claimed is None and said and said[0].startswith("old waits for memory")
+    else:
+        assert claimed.user_attrs["point"] == "old" and said == []
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API

@@ -76,6 +76,16 @@ def _same_data(run_dir: Path, cfg) -> bool:
     ) == content_fingerprint(evals)
 
 
+FINISHED = ("completed", "diverged")  # summary statuses of a run that trains no more
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run directory holds a finished run (completed or diverged): a claim reuses
+    it (or refuses it as another study's) and never trains."""
+    summary = run_dir / SUMMARY_FILE
+    return summary.is_file() and tracking.read_json(summary).get("status") in FINISHED
+
+
 def decide(run_dir: Path, cfg) -> str:
     """reuse (finished), resume (has a checkpoint) or train (fresh)."""
     if not run_dir.exists():
@@ -93,9 +103,7 @@ def decide(run_dir: Path, cfg) -> str:
             f"Run directory '{run_dir}' holds a run with other settings ({diff}). Its results "
             "are kept: use another --output-dir for this study."
         )
-    summary = run_dir / SUMMARY_FILE
-    status = tracking.read_json(summary).get("status") if summary.is_file() else None
-    if status in ("completed", "diverged"):
+    if finished(run_dir):
         return "reuse"
     if resume_broke(read_note(run_dir).get("attempts", [])):
         return "train"

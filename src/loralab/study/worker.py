@@ -37,7 +37,7 @@ from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE
 from . import memory
 from .leases import Lease, PointLock, fail_dead
 from .records import main_metric_value, record_from_summary
-from .reuse import decide, read_note
+from .reuse import decide, finished, read_note
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
@@ -173,7 +173,9 @@ class Worker:
             held = held or (
                 memory.state(self.storage, self.results_dir / LOCKS_DIR) if budget else ({}, [])
             )
-            if memory.waits(self, t.user_attrs, *held, budget):
+            # Reusing a finished run folder (a grid extended under a new name) takes no memory.
+            reuse = finished(self.results_dir / RUNS_DIR / t.user_attrs["point"])
+            if not reuse and memory.waits(self, t.user_attrs, *held, budget):
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
             self.storage.record_heartbeat(t._trial_id)
