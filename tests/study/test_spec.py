@@ -137,12 +137,13 @@ def test_cpu_specs_follow_issue_14(name, model):
                 "standard",
             )
             assert (c.train.batch_size, c.train.warmup_ratio) == (16, 0.06)
-    # Grids widened where a best lr was the top (v2 to v5); the other tasks keep the spec's grid.
+    # Grids widened where a best lr was the top (v2 to v6); the other tasks keep the spec's grid.
     lora = [1e-4, 3e-4, 1e-3]
     wider = {
         "smollm2-cpu": {
             "sst2": (lora + [3e-3], full_lrs + [3e-4]),
             "mrpc": (lora, full_lrs + [3e-4]),
+            "rte": (lora + [3e-3], full_lrs),
         },
         "minilm-cpu": {
             "sst2": (lora + [3e-3, 1e-2], full_lrs + [3e-4]),
@@ -156,7 +157,7 @@ def test_cpu_specs_follow_issue_14(name, model):
     assert points == sum(
         len(spec.lrs_for(t)["lora"]) + len(spec.lrs_for(t)["full"]) + 4 for t in want
     )
-    assert points == {"smollm2-cpu": 43, "minilm-cpu": 45}[name]
+    assert points == {"smollm2-cpu": 44, "minilm-cpu": 45}[name]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -181,8 +182,9 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
                     if k not in sizes:
                         assert c[section][k] == g[section][k], (pc["key"], section, k)
             pairs += 1
-    # SST-2 wider: LoRA +1 lr (v2), full +2 (v2, v3); full 1e-4 elsewhere (v4); MRPC full 3e-4 (v5)
-    assert pairs == 43
+    # SST-2 wider: LoRA +1 lr (v2), full +2 (v2, v3); full 1e-4 elsewhere (v4); MRPC full 3e-4 (v5);
+    # RTE LoRA 3e-3 (v6)
+    assert pairs == 44
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
@@ -498,7 +500,7 @@ def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path, monkeypatch
             break
         time.sleep(0.5)
     assert [t.user_attrs["point"] for t in waiting] == ["b", "c", "a"]
-    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None)
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, results_dir=tmp_path)
     claimed = [Worker._claim(worker).user_attrs["point"] for _ in range(3)]
     assert claimed == ["a", "b", "c"] and Worker._claim(worker) is None
 

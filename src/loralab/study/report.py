@@ -14,14 +14,8 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
-from .aggregate import (
-    Comparison,
-    aggregate,
-    allocator_warnings,
-    grid_edge_warnings,
-    hardware_warnings,
-    lent_warnings,
-)
+from .aggregate import Comparison, aggregate, grid_edge_warnings
+from .caveats import allocator_warnings, hardware_warnings, lent_warnings
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,

@@ -14,7 +14,7 @@ overhead). When another worker starts training again, the next sample sees it an
 the core back. The summary's `layout` records the most threads used and the share of training
 and evaluation time run with more than the worker's own (`lent_share`): a lent run takes less
 wall time and more CPU time (two threads do not halve a step), and the report warns where one
-method's runs were lent cores and the other's not (`aggregate.lent_warnings`). Results are the
+method's runs were lent cores and the other's not (`caveats.lent_warnings`). Results are the
 same up to float rounding (thread count changes how matrix products split their sums).
 `LORALAB_LEND_CORES=0` turns it off.
 """

@@ -174,8 +174,8 @@ class Worker:
                 memory.state(self.storage, self.results_dir / LOCKS_DIR) if budget else ({}, [])
             )
             # Reusing a finished run folder (a grid extended under a new name) takes no memory.
-            reuse = finished(self.results_dir / RUNS_DIR / t.user_attrs["point"])
-            if not reuse and memory.waits(self, t.user_attrs, *held, budget):
+            run = self.results_dir / RUNS_DIR / t.user_attrs["point"]
+            if budget and not finished(run) and memory.waits(self, t.user_attrs, *held, budget):
                 continue
             # Beat first: a claimed trial must never look stale through an old heartbeat row.
             self.storage.record_heartbeat(t._trial_id)

@@ -1,0 +1,82 @@
+"""Caveats on a comparison's time and memory columns: the two methods' runs were made
+differently (heap allocator, cores lent, machine), so the ratio would measure that, not the
+methods. One warning per comparison, for the report's header."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .aggregate import Comparison
+
+
+def _mixed(comp: Comparison, label) -> str | None:
+    """How the two methods' runs of `comp` split by `label(record)` ("LoRA: a ×2; full
+    fine-tuning: a ×1, b ×1"), or None when every run has the same label. Runs labelled None
+    (unknown) are left out."""
+    if comp.full is None:
+        return None
+    used = {
+        name: Counter(x for r in cell.done if (x := label(r)) is not None)
+        for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
+    }
+    if len(set().union(*used.values())) < 2:
+        return None
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k} ×{n}" for k, n in sorted(c.items()))
+        for name, c in used.items()
+    )
+
+
+def allocator_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison whose runs' peak memory is not comparable: they ran under
+    different heap allocators (`loralab.allocator`: the allocator alone moved a run's peak RSS
+    by ~25%). Runs from before the allocator was recorded count as "unrecorded"."""
+    out = []
+    for comp in comps:
+        if (ran := _mixed(comp, lambda r: r.get("allocator") or "unrecorded")) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): peak memory is not comparable between the methods: "
+                f"their runs used different heap allocators ({ran}), and the allocator alone "
+                f"changes a run's peak by up to ~25%. Compare memory on runs under one allocator "
+                f"(LORALAB_ALLOCATOR)."
+            )
+    return out
+
+
+def hardware_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison whose runs ran on different machines (`tracking.hardware`;
+    runs from before it was recorded are left out): the same SmolLM2 step takes several times
+    longer on an AVX2-only EPYC than on an AMX Xeon, so the time columns would compare
+    machines, not methods."""
+    out = []
+    for comp in comps:
+        if (ran := _mixed(comp, lambda r: r.get("hardware"))) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): times are not comparable between the methods: "
+                f"their runs ran on different machines ({ran}; hardware in runs.csv). Compare "
+                f"times on runs from one machine."
+            )
+    return out
+
+
+LENT_MIN = 0.05  # a run lent idle cores for under 5% of its time counts as run on its own
+
+
+def _lent_label(rec: dict) -> str:
+    return "lent cores" if (rec.get("lent_share") or 0) > LENT_MIN else "own"
+
+
+def lent_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison where some runs were lent idle cores (`study.spare_cores`) and
+    others not: their wall and CPU times are not comparable (a second thread cut a SmolLM2 step
+    from 28.8 to 19.8 s: less wall time, more CPU time)."""
+    out = []
+    for comp in comps:
+        if (ran := _mixed(comp, _lent_label)) is not None:
+            out.append(
+                f"{comp.task} ({comp.model}): times are not comparable between the methods: some "
+                f"runs were lent idle cores for part of their time ({ran}; lent_share in "
+                f"runs.csv), which shortens wall time and adds CPU time. Compare times on runs "
+                f"made alike (LORALAB_LEND_CORES=0 turns lending off)."
+            )
+    return out
