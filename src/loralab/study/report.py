@@ -130,7 +130,8 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
 
 
 def _hardware_line(records: list[dict]) -> str:
-    """ "Hardware (...): A ×3, B ×1." over the runs, those from before it was recorded apart."""
+    """The report's sentence on the machines its runs recorded ("... A ×3, B ×1."), with the
+    runs from before loralab recorded it counted apart."""
     runs = {r.get("run_dir") or id(r): r.get("hardware") for r in records}
     counts = Counter(hw for hw in runs.values() if hw)
     missing = sum(1 for hw in runs.values() if not hw)
