@@ -99,7 +99,9 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     out = Path(out_dir)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     figures = make_figures(cells, comps, out / FIGURES_DIR)
-    n_runs = len({r.get("run_dir") or id(r) for r in records})
+    # One entry per run folder (a run can hold records of several groups): its machine.
+    machines = {r.get("run_dir") or id(r): r.get("hardware") for r in records}
+    n_runs = len(machines)
     intro = (
         f"Source: {source}. {n_runs} finished runs; generated {time.strftime('%Y-%m-%d %H:%M')}.\n\n"
         "Runs are pooled only when everything but the seed is equal (task, model, head, method, "
@@ -108,7 +110,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "seeds. For each identity the learning rate is the one with the best mean dev score of "
         "the task's main metric (accuracy for GLUE, F1 for SQuAD v2); the dev set is also the "
         "reported set, as in the LoRA paper (GLUE test labels are not public). "
-        f"{_hardware_line(records)}\n"
+        f"{_hardware_line(list(machines.values()))}\n"
     )
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
     md = ["# loralab study report", "", intro, *warn_md] + [_md_table(t) for t in tabs]
@@ -129,12 +131,11 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
 
 
-def _hardware_line(records: list[dict]) -> str:
-    """The report's sentence on the machines its runs recorded ("... A ×3, B ×1."), with the
-    runs from before loralab recorded it counted apart."""
-    runs = {r.get("run_dir") or id(r): r.get("hardware") for r in records}
-    counts = Counter(hw for hw in runs.values() if hw)
-    missing = sum(1 for hw in runs.values() if not hw)
+def _hardware_line(machines: list[str | None]) -> str:
+    """The report's sentence on the machines its runs recorded, one entry per run ("... A ×3,
+    B ×1."), with the runs from before loralab recorded it (None) counted apart."""
+    counts = Counter(hw for hw in machines if hw)
+    missing = sum(1 for hw in machines if not hw)
     if not counts:
         return "Hardware: not recorded (runs from before loralab recorded it in summary.json)."
     known = ", ".join(f"{hw} ×{n}" for hw, n in sorted(counts.items()))
