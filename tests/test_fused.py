@@ -1,4 +1,5 @@
-"""loralab.fused: bit-identical to PyTorch's ops, and it really keeps less for backward."""
+"""loralab.fused: bit-identical to PyTorch's ops (the dropouts given the same masks), and it
+really keeps less for backward."""
 
 from __future__ import annotations
 
@@ -35,13 +36,81 @@ def test_silu_mul_computes_only_the_gradients_asked_for():
     assert gate.grad is not None and up.grad is None
 
 
+class _KeepMaskDropout(nn.Module):
+    """PyTorch's dropout arithmetic (`x * noise`, noise = mask / keep in x's dtype) on masks
+    drawn by `fused.keep_mask`: the unfused reference for the fused dropouts."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        mask, keep = fused.keep_mask(x, self.p)
+        return x * mask.to(x.dtype).div_(keep)
+
+
+def _keep_mask_dropouts(model: nn.Module) -> None:
+    """Swap every `nn.Dropout` with p > 0 for the reference above."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout and child.p > 0:
+                setattr(module, name, _KeepMaskDropout(child.p))
+
+
+@pytest.fixture(params=[False, True], ids=["lanes", "bernoulli"])
+def mkl(request, monkeypatch):
+    """Both ways `keep_mask` draws, whichever this CPU uses."""
+    monkeypatch.setattr(fused, "mkl_bernoulli", lambda: request.param)
+    return request.param
+
+
+def test_mkl_bernoulli_follows_pytorchs_own_condition(monkeypatch):
+    fused.mkl_bernoulli.cache_clear()
+    monkeypatch.setattr(fused.probecache, "cpu_vendor", lambda: "AuthenticAMD")
+    assert fused.mkl_bernoulli() is False
+    fused.mkl_bernoulli.cache_clear()
+    monkeypatch.setattr(fused.probecache, "cpu_vendor", lambda: "GenuineIntel")
+    assert fused.mkl_bernoulli() is torch.backends.mkl.is_available()
+    fused.mkl_bernoulli.cache_clear()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
+def test_keep_mask_drops_with_probability_p_from_the_seeded_generator(p, mkl):
+    like = torch.empty(1001, 999, dtype=torch.bfloat16)  # an odd count: a partly used last draw
+    torch.manual_seed(7)
+    mask, keep = fused.keep_mask(like, p)
+    assert mask.dtype == torch.bool and mask.shape == like.shape
+    assert keep == (1 - p if mkl else 1 - round(p * 2**16) / 2**16)
+    assert abs(keep - (1 - p)) < 2**-16
+    n = mask.numel()
+    sd = (keep * (1 - keep) / n) ** 0.5
+    assert abs(mask.float().mean().item() - keep) < 5 * sd  # ~1e6 draws: 5 sd is ~0.2 points
+    # Every 16-bit lane of the 64-bit draws is used alike (a lane stuck near one end, such as
+    # the sign lane of a non-negative draw, would drop nearly all or none of its elements).
+    flat = mask.flatten()[: n - n % 4].view(-1, 4).float().mean(0)
+    assert (flat - keep).abs().max() < 5 * sd * 2
+    torch.manual_seed(7)
+    assert torch.equal(fused.keep_mask(like, p)[0], mask)  # the seed decides the draws
+    assert not torch.equal(fused.keep_mask(like, p)[0], mask)  # and the next draw differs
+
+
+def test_keep_mask_rounds_extreme_probabilities_into_range(monkeypatch):
+    monkeypatch.setattr(fused, "mkl_bernoulli", lambda: False)  # the 16-bit lanes
+    like = torch.empty(4096)
+    assert fused.keep_mask(like, 1e-7)[0].all()  # rounds to 0: keeps everything
+    mask, keep = fused.keep_mask(like, 0.999999)  # never rounds to "drop all": keep > 0
+    assert keep == 2**-16 and mask.float().mean() < 0.01
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5])
 def test_mask_dropout_draws_and_scales_like_nn_dropout(p, dtype):
     x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
     grad = torch.randn(64, 48, dtype=dtype)
     torch.manual_seed(3)
-    ref = nn.Dropout(p)(x)
+    ref = _KeepMaskDropout(p)(x)
     (ref_grad,) = torch.autograd.grad(ref, x, grad)
     torch.manual_seed(3)
     out = fused.MaskDropout(p)(x)
@@ -72,7 +141,9 @@ def _lora_layer(adapters=("default",), dropout=0.1, **kw):
         if p.requires_grad:
             p.data = p.data.float()
             nn.init.normal_(p)  # B starts at zero: give both factors a gradient to compare
-    return model, copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    _keep_mask_dropouts(plain)
+    return model, plain
 
 
 def _forward_backward(model, x, grad, autocast: bool):
@@ -89,6 +160,7 @@ def _forward_backward(model, x, grad, autocast: bool):
 @pytest.mark.parametrize("autocast", [True, False])
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_lora_dropout_recomputed_in_backward_matches_peft_bit_for_bit(p, autocast):
+    """Against PEFT's own LoRA forward, its dropout drawing the same masks."""
     model, plain = _lora_layer(dropout=p)
     assert fused.compact_dropouts(model) == 1
     layer = model.base_model.model[0]
@@ -105,6 +177,7 @@ def test_lora_dropout_recomputed_in_backward_matches_peft_bit_for_bit(p, autocas
     assert torch.equal(rng, ref_rng)  # the same draws from the global stream, no more
     with torch.no_grad():  # eval: no dropout, the same numbers as PEFT's
         assert torch.equal(model.eval()(x), plain.eval()(x))
+        assert not torch.equal(model.eval()(x), out)  # and training did drop
 
 
 def test_lora_dropout_keeps_the_shared_input_once():
@@ -194,6 +267,8 @@ def _step(monkeypatch, enabled: bool, method: str):
     torch.manual_seed(0)
     built = build_model(cfg, get_task("sst2"), tok, progress=False)
     model = built.model.train()
+    if not enabled:  # the same masks as the fused dropouts draw
+        _keep_mask_dropouts(model)
     batch = {
         "input_ids": torch.randint(3, 200, (4, 24)),
         "attention_mask": torch.ones(4, 24, dtype=torch.long),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from loralab import tracking
 from loralab.config import build_config
 from loralab.errors import LoralabError
 from loralab.rundir import read_json, write_json
@@ -140,6 +141,33 @@ def test_online_without_key_is_a_user_error(tmp_path, sst2_dir, monkeypatch):
     )
     with pytest.raises(LoralabError, match="WANDB_API_KEY"):
         train(cfg, quiet=True)
+
+
+def test_auto_is_online_with_a_key_and_offline_without(tmp_path, sst2_dir, monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    assert tracking.wandb_mode("auto") == "online"
+    assert tracking.wandb_mode("offline") == "offline"  # an explicit mode stays itself
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("NETRC", str(netrc))  # `wandb login` keeps the key there
+    assert tracking.wandb_mode("auto") == "online"
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert tracking.wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "tracking.wandb=auto",
+        ]  # fmt: skip
+    )
+    result = train(cfg, quiet=True)  # no key: an offline W&B run beside the metrics
+    assert list(result.run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
 @pytest.mark.parametrize(

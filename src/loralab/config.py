@@ -19,8 +19,9 @@ from .coerce import coerce
 from .errors import LoralabError
 
 Method = Literal["lora", "full"]
+LORA_PRESETS = ("standard", "extended", "all-linear")  # `lora.target` names; lora.py resolves them
 Precision = Literal["auto", "fp32", "bf16"]
-WandbMode = Literal["disabled", "offline", "online"]
+WandbMode = Literal["disabled", "offline", "online", "auto"]
 
 
 @dataclass
@@ -139,7 +140,8 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     wandb: WandbMode = "disabled"
-    """Weights & Biases: `online` (needs WANDB_API_KEY), `offline`, or `disabled`."""
+    """Weights & Biases: `online` (needs WANDB_API_KEY or `wandb login`), `offline`, `auto`
+    (online with an API key, offline without one), or `disabled`."""
     project: str = "loralab"
     """W&B project name."""
     log_every: int = 50
@@ -305,6 +307,11 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if isinstance(lo.target, list) and not lo.target:
         raise LoralabError("lora.target is an empty list: name a preset or at least one module.")
+    if isinstance(lo.target, str) and lo.target not in LORA_PRESETS:
+        raise LoralabError(
+            f"Unknown LoRA target preset '{lo.target}'. Use one of {', '.join(LORA_PRESETS)} or a "
+            "list of module names, e.g. lora.target=[q_proj,v_proj]."
+        )
     if tr.lr is not None and not (math.isfinite(tr.lr) and tr.lr > 0):
         raise LoralabError(f"train.lr must be a positive number (e.g. 3e-4), got {tr.lr}.")
     for key in ("batch_size", "grad_accum", "eval_batch_size", "save_steps", "logging_steps"):

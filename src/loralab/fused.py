@@ -16,16 +16,24 @@ backward are bit-identical to PyTorch's (the tests compare them):
   `MaskDropout`, a dropout that keeps a 1-byte mask, serves LoRA modules whose A is not a
   plain Linear.
 
+The CPU dropouts draw their masks with `keep_mask`: PyTorch's `bernoulli_` where that is MKL's
+vectorised generator (an Intel CPU), else four elements per 64-bit draw (the same distribution
+up to p's rounding to 2^-16, other draws). A fused dropout's numbers equal PyTorch's given the
+same mask.
+
 `LORALAB_FUSED=0` leaves both off (for benchmarks that measure what they save).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 
 import torch
 from torch import nn
+
+from . import probecache
 
 ENV = "LORALAB_FUSED"
 
@@ -54,16 +62,47 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+_LANES = 2**16  # a mask element is one 16-bit lane of a 64-bit draw
+
+
+@functools.cache
+def mkl_bernoulli() -> bool:
+    """Whether PyTorch's CPU `bernoulli_` runs MKL's vectorised generator here: PyTorch takes
+    that path in an MKL build on an Intel CPU, and draws element by element elsewhere."""
+    return torch.backends.mkl.is_available() and probecache.cpu_vendor() == "GenuineIntel"
+
+
+def keep_mask(like: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A dropout's keep mask shaped like `like` (bool) and its keep probability 1 - q.
+
+    With MKL's generator (`mkl_bernoulli`), PyTorch's own draw and q = p. Elsewhere PyTorch's
+    `bernoulli_` draws a number per element (~9 ns on the AMD EPYC build machines); here each
+    64-bit draw serves four elements as signed 16-bit lanes (~2 ns), and q is p rounded to a
+    multiple of 2^-16 (0.05 → 0.0500031). Both draw from the global generator, so
+    `manual_seed` and the Trainer's seed govern them.
+    """
+    if mkl_bernoulli():
+        return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(
+            1 - p
+        ), 1 - p
+    dropped = min(round(p * _LANES), _LANES - 1)
+    words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=like.device)
+    lanes = words.random_(-(2**63), None).view(torch.int16)[: like.numel()]
+    # A lane is uniform on [-2^15, 2^15): below -2^15 + dropped with probability dropped/2^16.
+    return (lanes >= dropped - _LANES // 2).view(like.shape), 1 - dropped / _LANES
+
+
 class _MaskDropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        # PyTorch's CPU dropout: Bernoulli(1 - p) noise in x's dtype, divided by 1 - p, times x.
-        noise = torch.empty_like(x).bernoulli_(1 - p)
+        # PyTorch's dropout arithmetic: noise (0 or 1 in x's dtype) divided by the keep
+        # probability, times x; only the mask is drawn differently (`keep_mask`).
+        mask, keep = keep_mask(x, p)
         if ctx.needs_input_grad[0]:  # not in a LoRA model's first layer (frozen embeddings)
-            ctx.save_for_backward(noise.bool())
-            # The kept noise value, 1/(1-p) rounded in x's dtype as the division below rounds it.
-            ctx.scale = torch.ones((), dtype=x.dtype).div_(1 - p)
-        return x * noise.div_(1 - p)
+            ctx.save_for_backward(mask)
+            # The kept noise value, 1/keep rounded in x's dtype as the division below rounds it.
+            ctx.scale = torch.ones((), dtype=x.dtype).div_(keep)
+        return x * mask.to(x.dtype).div_(keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -71,43 +110,42 @@ class _MaskDropoutFn(torch.autograd.Function):
         return (grad * mask).mul_(ctx.scale), None  # = grad * noise: x·1·s = x·s, x·0 = ±0
 
 
-def _cast_dropout_linear(x, weight, bias, noise) -> torch.Tensor:
-    """What PEFT's LoRA layer does on the way into A: x to A's dtype, dropout, A."""
-    return nn.functional.linear(x.to(weight.dtype) * noise, weight, bias)
-
-
 class _DropoutLinearFn(torch.autograd.Function):
-    """`A(dropout(x.to(A's dtype)))` keeping only x (as it came in) and a 1-byte mask.
+    """`A(dropout(x.to(A's dtype)))` for a bias-free A, keeping only x (as it came in) and a
+    1-byte mask.
 
-    The backward pass rebuilds the noise from the mask (the same values: 0 or 1/(1-p) rounded
-    in A's dtype) and runs the same ops under the forward's autocast, so every gradient is the
-    one autograd computes for the unfused ops, bit for bit. (Redrawing the noise from a saved
-    generator state would keep less, but a CPU Bernoulli draw costs ~6 ns per element: on
-    SmolLM2 at 16 × 66 tokens that doubled the dropouts' 0.2 s per step.)
+    The backward pass rebuilds the noise from the mask (the same values: 0 or 1/keep rounded
+    in A's dtype) and runs the products and casts autograd runs for the unfused ops, in the
+    dtype autocast gave the forward's product, so every gradient is the one autograd computes,
+    bit for bit (the tests compare them). Written out rather than recomputed under autograd:
+    that cost ~0.3 ms of Python per call, 60 calls per SmolLM2 step. (Redrawing the noise
+    from a saved generator state would keep less, but a draw costs more than the mask's byte
+    saves.)
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p: float):
-        noise = torch.empty_like(x, dtype=weight.dtype).bernoulli_(1 - p)
-        ctx.p, ctx.amp = p, (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-        ctx.save_for_backward(x, weight, bias, noise.bool())
-        return _cast_dropout_linear(x, weight, bias, noise.div_(1 - p))
+    def forward(ctx, x, weight, p: float):
+        mask, keep = keep_mask(x, p)
+        # The dtype of A's product: autocast runs it in its own dtype (fp64 it leaves alone).
+        amp = torch.is_autocast_enabled("cpu") and weight.dtype != torch.float64
+        ctx.keep, ctx.run = keep, torch.get_autocast_dtype("cpu") if amp else weight.dtype
+        ctx.save_for_backward(x, weight, mask)
+        noise = mask.to(weight.dtype).div_(keep)
+        return nn.functional.linear(x.to(weight.dtype) * noise, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        needs = ctx.needs_input_grad[:3]
-        *saved, mask = ctx.saved_tensors
-        enabled, dtype = ctx.amp
-        with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
-            x, weight, bias = (
-                None if t is None else t.detach().requires_grad_(need)
-                for t, need in zip(saved, needs, strict=True)
-            )
-            noise = mask.to(weight.dtype).div_(1 - ctx.p)
-            out = _cast_dropout_linear(x, weight, bias, noise)
-        wanted = [t for t, need in zip((x, weight, bias), needs, strict=True) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (*(next(grads) if need else None for need in needs), None)
+        x, weight, mask = ctx.saved_tensors
+        noise = mask.to(weight.dtype).div_(ctx.keep)
+        grad2d = grad.reshape(-1, grad.shape[-1])  # [tokens, r]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # through A, the autocast cast, the noise, x's cast
+            grad_in = grad2d.mm(weight.to(ctx.run)).to(weight.dtype).view(x.shape)
+            grad_x = (grad_in * noise).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # [r, in] = grad^T @ the dropped-out x, as A saw it
+            seen = (x.to(weight.dtype) * noise).to(ctx.run)
+            grad_w = grad2d.t().mm(seen.reshape(-1, seen.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 def _dropout_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,11 +153,11 @@ def _dropout_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not self.training or x.device.type != "cpu":  # eval: no dropout; CUDA: PyTorch's own
         x = nn.functional.dropout(x.to(self.weight.dtype), p, self.training)
         return nn.functional.linear(x, self.weight, self.bias)
-    return _DropoutLinearFn.apply(x, self.weight, self.bias, p)
+    return _DropoutLinearFn.apply(x, self.weight, p)
 
 
 class MaskDropout(nn.Dropout):
-    """`nn.Dropout` that keeps a 1-byte mask for backward on CPU (same draws, same numbers)."""
+    """`nn.Dropout` that keeps a 1-byte mask for backward on CPU (masks from `keep_mask`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
@@ -202,7 +240,7 @@ def compact_dropouts(model: nn.Module) -> int:
             if type(drop) is not nn.Dropout or drop.inplace or drop.p == 0:
                 every = every and hasattr(lora_a, "loralab_dropout")  # fused before, or not
                 continue
-            if type(lora_a) is nn.Linear and key not in variants:
+            if type(lora_a) is nn.Linear and lora_a.bias is None and key not in variants:
                 lora_a.loralab_dropout = drop.p
                 lora_a.forward = types.MethodType(_dropout_linear_forward, lora_a)
                 drops[key] = nn.Identity()

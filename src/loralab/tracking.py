@@ -135,23 +135,31 @@ def _wandb_key_available() -> bool:
 _WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 
 
+def wandb_mode(mode: str) -> str:
+    """The W&B mode a `tracking.wandb` value runs in: `auto` is online with an API key,
+    offline without one; the others are themselves."""
+    if mode == "auto":
+        return "online" if _wandb_key_available() else "offline"
+    return mode
+
+
 def preflight(cfg: ExperimentConfig) -> None:
     """Fail before any slow work when the requested W&B mode cannot work."""
-    mode = cfg.tracking.wandb
+    mode = wandb_mode(cfg.tracking.wandb)
     if mode == "disabled":
         return
     env = os.environ.get("WANDB_MODE")
     if env is not None and env.strip().lower() not in _WANDB_ENV_MODES:
         raise LoralabError(
             f"The environment variable WANDB_MODE is set to {env!r}, which W&B does not accept "
-            f"(tracking.wandb={mode} asks for W&B). Unset it (`unset WANDB_MODE`) or set it to "
+            f"(tracking.wandb={cfg.tracking.wandb} asks for W&B). Unset it (`unset WANDB_MODE`) or set it to "
             "online, offline or disabled."
         )
     try:
         import wandb  # noqa: F401
     except ImportError:
         raise LoralabError(
-            f"tracking.wandb={mode} needs the wandb package: pip install 'loralab[tracking]', "
+            f"tracking.wandb={cfg.tracking.wandb} needs the wandb package: pip install 'loralab[tracking]', "
             "or set tracking.wandb=disabled."
         ) from None
     if mode == "online" and not _wandb_key_available():
@@ -172,7 +180,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.file = MetricsLog(self.run_dir / METRICS_FILE)
         self.wandb_run = None
-        mode = cfg.tracking.wandb
+        # What W&B runs as: `auto` resolved (online with an API key, else offline).
+        self.wandb_mode = mode = wandb_mode(cfg.tracking.wandb)
         if mode == "disabled":
             return
         preflight(cfg)

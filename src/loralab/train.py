@@ -197,6 +197,8 @@ class _Run:
         cfg, splits, tokenizer = self.cfg, self.splits, self.built.tokenizer
         if distributed.is_main():
             self.tracker = tracking.Tracker(self.run_dir, cfg, resuming=self.resuming)
+            if cfg.tracking.wandb == "auto" and self.console is not None:
+                self.console.print(f"W&B: {self.tracker.wandb_mode} (tracking.wandb=auto)")
         else:
             self.tracker = _SilentTracker()
         callbacks = [
@@ -204,14 +206,15 @@ class _Run:
                              self.console),
             *extra,
         ]  # fmt: skip
-        in_trainer = cfg.train.eval_steps and self.head.evaluates_in_trainer
         trainer = LoralabTrainer(
             model=self.built.model,
             args=training_args(cfg, self.run_dir, self.quiet),
             train_dataset=model_inputs(splits.train),
             data_collator=self.head.collator(tokenizer),
             processing_class=tokenizer,
-            eval_dataset=model_inputs(splits.eval) if in_trainer else None,
+            # Periodic evaluations need one (the Trainer checks); a head with its own scoring
+            # loop ignores it (`own_eval` below).
+            eval_dataset=model_inputs(splits.eval) if cfg.train.eval_steps else None,
             compute_metrics=(
                 lambda p: self.task.score(splits.eval_raw, splits.eval, p.predictions)
             ),
@@ -220,6 +223,8 @@ class _Run:
             tokens=self.tokens,
             loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.train.method == "lora" else None,
         )
+        if not self.head.evaluates_in_trainer:
+            trainer.own_eval = lambda: self.evaluate(trainer)
         for cb in extra:  # callbacks that ask for them get the trainer and the token counts
             if hasattr(cb, "trainer"):
                 cb.trainer = trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,9 @@ class LoralabTrainer(Trainer):
         self.clock0 = (time.time(), time.process_time())
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
         self.first_step_at = None  # Unix time at which this process began its first step
+        # A head that scores the dev set with its own loop (generation, verbalizers) sets this:
+        # the periodic evaluations (`train.eval_steps`) call it instead of the predict loop.
+        self.own_eval: Callable[[], dict] | None = None
 
     def floating_point_ops(self, inputs: dict) -> int:
         """The stock count (6 · input tokens · non-embedding weights) with the weights counted once,
@@ -122,6 +126,17 @@ class LoralabTrainer(Trainer):
             return None
         mean = float(self.loss_sum) / self.state.global_step
         return mean if math.isfinite(mean) else None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The stock evaluation, or the head's own scoring (`own_eval`) logged the same way."""
+        if self.own_eval is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.own_eval().items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_fn is None:

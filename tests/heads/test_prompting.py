@@ -130,12 +130,17 @@ def test_lm_head_training_run(tmp_path, sst2_dir):
             "train.max_steps=6",
             "train.batch_size=8",
             "train.lr=1e-2",
+            "train.eval_steps=3",  # scored by the head's own loop, not the Trainer's
         ]  # fmt: skip
     )
     result = train(cfg, quiet=True)
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["head"] == "lm" and "accuracy" in summary["zero_shot"]
     assert 0 <= summary["metrics"]["accuracy"] <= 1
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {x["step"]: x["eval/accuracy"] for x in lines if "eval/accuracy" in x}
+    assert sorted(evals) == [3, 6]  # the last one scored the final weights, as the summary does
+    assert evals[6] == summary["metrics"]["accuracy"]
     assert summary["params"]["head"] == 0 and summary["verification"]["base_unchanged"]
     assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
     assert (

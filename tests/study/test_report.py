@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 
 import pytest
@@ -756,3 +757,29 @@ def test_times_from_different_machines_are_flagged_and_the_hardware_named(tmp_pa
         "full1": xeon["cpu"],
         "full2": "NVIDIA H200",
     }
+
+
+def test_the_report_says_what_a_built_in_models_weights_are(tmp_path):
+    """A built-in name hides what its weights are (SmolLM2 is dequantised from a 4-bit GGUF):
+    the report's header says it; a model loralab does not ship gets no such sentence."""
+    from loralab.models.registry import BUILTIN_MODELS
+
+    write_run(tmp_path, "a", 1, {"accuracy": 0.8})  # tiny-llama
+    report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f" Model: tiny-llama = {BUILTIN_MODELS['tiny-llama'].description}." in md
+    path = tmp_path / "a" / "summary.json"
+    smol = {**json.loads(path.read_text()), "model": "smollm2-135m"}
+    path.write_text(json.dumps(smol))
+    write_run(tmp_path, "b", 2, {"accuracy": 0.8})
+    report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        " Models: smollm2-135m = SmolLM2-135M-Instruct dequantised from its 4-bit Q4_1 GGUF" in md
+    )
+    assert "; tiny-llama = " in md
+    path.write_text(json.dumps({**smol, "model": "my-org/my-model"}))
+    shutil.rmtree(tmp_path / "b")
+    report(tmp_path)
+    header = (tmp_path / "report" / "report.md").read_text().split("\n\n")[2]
+    assert header.startswith("Runs are pooled") and " Model" not in header

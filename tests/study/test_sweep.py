@@ -96,6 +96,12 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
     assert "The grid is empty: no seeds" in capsys.readouterr().err
     assert main(_sweep_args(tmp_path, sst2_dir, "--methods", "lora", "--lora-lr", ",")) == 2
     assert "no lora learning rates" in capsys.readouterr().err
+    # Names a run would refuse are refused before the study exists, not point by point later.
+    for bad, needle in [("lora.target=standrad", "Unknown LoRA target preset 'standrad'"),
+                        ("--head=prompt", "model.head='prompt' is not a known head")]:  # fmt: skip
+        assert main(_sweep_args(tmp_path, sst2_dir, bad)) == 2
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / "res").exists()
     with pytest.raises(SystemExit) as e:
         main(["ablate", "--type", "depth"])
     assert e.value.code == 2 and "invalid choice: 'depth'" in capsys.readouterr().err

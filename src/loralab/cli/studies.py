@@ -29,7 +29,7 @@ def _add_grid(p, methods: bool = True) -> None:
     p.add_argument("--lora-lr", help="LoRA learning rates, comma list (default 1e-4,3e-4)")
     p.add_argument("--seeds", help="comma list (default 42,1337,2024)")
     p.add_argument("--model", help="built-in name, hub id or local folder")
-    p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
+    p.add_argument("--head", help="task head: classifier (default), lm, or one you registered")
     p.add_argument("--data-dir", help="task data folder (GLUE: a parent with sst2/, mrpc/, rte/)")
     p.add_argument("--max-train-examples", type=int_at_least(1), help="cap on training examples")
     p.add_argument("--max-eval-examples", type=int_at_least(1), help="cap on evaluation examples")

@@ -26,7 +26,7 @@ def add_train(sub) -> None:
         "--model", help="built-in name (see `loralab models`), hub id, local folder or .gguf file"
     )
     p.add_argument("--method", choices=["lora", "full"], help="LoRA adapters or full fine-tuning")
-    p.add_argument("--head", choices=["classifier", "lm"], help="task head formulation")
+    p.add_argument("--head", help="task head: classifier (default), lm, or one you registered")
     p.add_argument(
         "--data-dir", help="folder with the task's original files (GLUE train.tsv/dev.tsv)"
     )

@@ -22,17 +22,25 @@ def head_names() -> list[str]:
     return list(_HEADS)
 
 
-def head_for(cfg: ExperimentConfig, task: Task) -> Head:
-    """The head object of a run's config, bound to its task (not yet to a tokenizer)."""
-    name = cfg.model.head
+def check_head(name: str) -> None:
+    """A clear error for a `model.head` nobody registered."""
     if name not in _HEADS:
         raise LoralabError(
-            f"model.head={name!r} is not a known head; known heads: {', '.join(_HEADS)}."
+            f"model.head={name!r} is not a known head; known heads: {', '.join(_HEADS)} (add "
+            "your own with loralab.heads.register_head)."
         )
-    return _HEADS[name](task, cfg.data)
+
+
+def head_for(cfg: ExperimentConfig, task: Task) -> Head:
+    """The head object of a run's config, bound to its task (not yet to a tokenizer)."""
+    check_head(cfg.model.head)
+    return _HEADS[cfg.model.head](task, cfg.data)
 
 
 register_head(ClassifierHead)
 register_head(PromptedLMHead)
 
-__all__ = ["ClassifierHead", "Head", "PromptedLMHead", "head_for", "head_names", "register_head"]
+__all__ = [
+    "ClassifierHead", "Head", "PromptedLMHead", "check_head", "head_for", "head_names",
+    "register_head",
+]  # fmt: skip

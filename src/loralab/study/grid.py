@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import (
+    LORA_PRESETS,
     ExperimentConfig,
+    ModelConfig,
     build_config,
     from_dict,
     merge_dicts,
@@ -24,6 +26,7 @@ from ..config import (
     validate,
 )
 from ..errors import LoralabError
+from ..heads import check_head
 from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
 from .variants import legacy_suffix, slug, variant_slug
@@ -33,8 +36,8 @@ DEFAULT_SEEDS = [42, 1337, 2024]
 ABLATIONS = ("rank", "alpha", "modules", "all")
 RANKS = (4, 8, 16)  # alpha = 2·r in the rank ablation
 ALPHAS = (8.0, 16.0, 32.0)  # at r = 8
-PRESETS = ("standard", "extended", "all-linear")
 PLAN_VERSION = 1
+DEFAULT_HEAD = ModelConfig().head  # the head a run key leaves unnamed
 
 
 @dataclass
@@ -115,7 +118,8 @@ def point_key(point: dict, base: dict, slugged: bool = True) -> str:
     """Deterministic run-directory name, e.g. sst2-lora-smollm2-135m-lr0.0003-s42-r8-a16-standard
     (`slugged`: the variant named by `variant_slug`, else by `legacy_suffix`)."""
     model = slug(Path(base["model"]["name"]).name or base["model"]["name"])
-    head = "-lm" if base["model"].get("head") == "lm" else ""
+    head = base["model"].get("head", DEFAULT_HEAD)
+    head = "" if head == DEFAULT_HEAD else f"-{slug(head)}"  # e.g. "-lm"
     task = task_label(point["task"], unique=True)  # a custom task is a path: keep its name
     key = f"{task}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
     if slugged:
@@ -132,10 +136,13 @@ def ablation_variants(kind: str, base_lora: dict) -> list[dict]:
         return [{"r": 8, "alpha": a, "target": target} for a in ALPHAS]
     if kind == "modules":
         return [
-            {"r": base_lora["r"], "alpha": float(base_lora["alpha"]), "target": p} for p in PRESETS
+            {"r": base_lora["r"], "alpha": float(base_lora["alpha"]), "target": p}
+            for p in LORA_PRESETS
         ]
     if kind == "all":
-        return [{"r": r, "alpha": a, "target": p} for r in RANKS for a in ALPHAS for p in PRESETS]
+        return [
+            {"r": r, "alpha": a, "target": p} for r in RANKS for a in ALPHAS for p in LORA_PRESETS
+        ]
     raise LoralabError(f"Unknown ablation type '{kind}': choose one of {', '.join(ABLATIONS)}.")
 
 
@@ -263,7 +270,9 @@ def make_plan(
     if len(set(keys)) != len(keys):
         raise LoralabError("The grid repeats a point (a learning rate or seed given twice).")
     for p in points:  # fail now, not on some machine hours later
-        validate(plan.config_for(p))
+        cfg = plan.config_for(p)
+        validate(cfg)
+        check_head(cfg.model.head)
     return plan
 
 

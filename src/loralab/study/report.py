@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from ..errors import LoralabError
+from ..models.registry import BUILTIN_MODELS
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
 from .aggregate import Comparison, aggregate, grid_edge_warnings
 from .caveats import allocator_warnings, hardware_warnings, lent_warnings
@@ -110,7 +111,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "seeds. For each identity the learning rate is the one with the best mean dev score of "
         "the task's main metric (accuracy for GLUE, F1 for SQuAD v2); the dev set is also the "
         "reported set, as in the LoRA paper (GLUE test labels are not public). "
-        f"{_hardware_line(list(machines.values()))}\n"
+        f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
     md = ["# loralab study report", "", intro, *warn_md] + [_md_table(t) for t in tabs]
@@ -141,6 +142,15 @@ def _hardware_line(machines: list[str | None]) -> str:
     known = ", ".join(f"{hw} ×{n}" for hw, n in sorted(counts.items()))
     rest = f"; not recorded ×{missing} (older runs)" if missing else ""
     return f"Hardware (CPU [kernel-deciding extensions] or GPU, per run): {known}{rest}."
+
+
+def _models_line(records: list[dict]) -> str:
+    """The report's sentence on the built-in models among the runs (" Model: NAME = what it is."),
+    whose weights the name alone does not say (SmolLM2 is dequantised from a 4-bit GGUF); ""
+    when there are none."""
+    named = sorted({r["model"] for r in records if r.get("model") in BUILTIN_MODELS})
+    known = [f"{m} = {BUILTIN_MODELS[m].description}" for m in named]
+    return f" Model{'s' if len(known) > 1 else ''}: {'; '.join(known)}." if known else ""
 
 
 def _flat_run(r: dict) -> dict:
