@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -17,7 +18,13 @@ from loralab.cli import main
 from loralab.study import plots
 from loralab.study.aggregate import aggregate, full_reference, grid_edge_warnings
 from loralab.study.grid import make_plan
-from loralab.study.records import deduplicate, load_runs, pending_lrs, points_per_unit
+from loralab.study.records import (
+    deduplicate,
+    load_runs,
+    pending_lrs,
+    points_per_unit,
+    stored_groups,
+)
 from loralab.study.report import report
 from loralab.study.stats import mean_std, t_interval, t_quantile
 from loralab.study.storage import create_or_check, open_storage
@@ -783,3 +790,36 @@ def test_the_report_says_what_a_built_in_models_weights_are(tmp_path):
     report(tmp_path)
     header = (tmp_path / "report" / "report.md").read_text().split("\n\n")[2]
     assert header.startswith("Runs are pooled") and " Model" not in header
+
+
+def test_runs_without_their_sweep_json_take_their_groups_from_the_stored_study(tmp_path):
+    """A run folder copied without its sweep.json is filed under the groups of the stored
+    studies that finished its point (an ablation gets its ablation table), not under "sweep"."""
+    plan = make_plan(kind="ablation", ablation="rank", tasks="sst2", lora_lr="3e-4", seeds="1",
+                     results_dir=str(tmp_path), model={"name": "tiny-llama"})  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    st = open_storage(url)
+    trials = {t.user_attrs["point"]: t for t in create_or_check(st, "ranks", plan).get_trials()}
+    for p in plan.points():
+        r = p["lora"]["r"]
+        lora = {"r": r, "alpha": float(p["lora"]["alpha"])}
+        write_run(tmp_path / "runs", p["key"], 1, {"accuracy": 0.7 + r / 100}, lora=lora)
+
+    def groups():
+        return {
+            Path(r["run_dir"]).name: r["group"] for r in load_runs(tmp_path, stored_groups(url))
+        }
+
+    assert set(groups().values()) == {"sweep"}  # no stored point is finished yet
+    assert not any(t.title.startswith("Ablation") for t in report(tmp_path).tables)
+    for t in trials.values():
+        st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [0.5])
+    assert groups() == {key: "ablation-rank" for key in trials} and len(trials) == 3
+    (table,) = [t for t in report(tmp_path).tables if t.title.startswith("Ablation: rank")]
+    assert len(table.rows) == 3
+    # A sweep.json still has the last word.
+    (tmp_path / "runs" / next(iter(trials)) / "sweep.json").write_text(
+        json.dumps({"groups": ["g"]})
+    )
+    assert sorted(groups().values()) == ["ablation-rank", "ablation-rank", "g"]

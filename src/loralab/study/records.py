@@ -123,8 +123,10 @@ def derived_identity(config: dict, summary: dict) -> dict:
 # Loading
 
 
-def load_runs(results_dir: str | Path) -> list[dict]:
-    """Every finished run directory under `results_dir`, once per study group that used it."""
+def load_runs(results_dir: str | Path, stored: dict[str, list[str]] | None = None) -> list[dict]:
+    """Every finished run directory under `results_dir`, once per study group that used it:
+    the groups its sweep.json names, else those `stored` (`stored_groups`) gives its folder's
+    name (runs exported or copied without their sweep.json), else "sweep"."""
     root = Path(results_dir)
     if not root.is_dir():
         raise LoralabError(
@@ -148,7 +150,8 @@ def load_runs(results_dir: str | Path) -> list[dict]:
         rec["time"] = path.stat().st_mtime
         note = run_dir / SWEEP_FILE
         groups = tracking.read_json(note).get("groups") if note.is_file() else None
-        out += [{**rec, "group": g} for g in groups or ["sweep"]]
+        groups = groups or (stored or {}).get(run_dir.name) or ["sweep"]
+        out += [{**rec, "group": g} for g in groups]
     return out
 
 
@@ -165,21 +168,41 @@ def load_study_runs(study_names: list[str], storage: str) -> list[dict]:
     return out
 
 
-def pending_lrs(storage: str) -> dict[tuple[str, str], set[float]]:
-    """(task, method) -> the learning rates of the stored studies' points that are not final
-    yet (the grids still being run); empty for a storage without loralab studies."""
+def _stored_plans(storage: str):
+    """(study id, plan) of every loralab study in the storage; other studies are skipped."""
     st = open_storage(storage)
-    out: dict[tuple[str, str], set[float]] = {}
     for s in st.get_all_studies():
         try:
             plan = Plan.from_json(s.user_attrs[STUDY_ATTR])
         except (KeyError, TypeError, ValueError, AttributeError):
             continue  # not a loralab study (or one from a loralab that stored plans otherwise)
-        final = {t.user_attrs.get("point") for t in st.get_all_trials(s._study_id, deepcopy=False)
-                 if is_final(t)}  # fmt: skip
+        yield st, s._study_id, plan
+
+
+def _final_points(st, study_id) -> set:
+    return {t.user_attrs.get("point") for t in st.get_all_trials(study_id, deepcopy=False)
+            if is_final(t)}  # fmt: skip
+
+
+def pending_lrs(storage: str) -> dict[tuple[str, str], set[float]]:
+    """(task, method) -> the learning rates of the stored studies' points that are not final
+    yet (the grids still being run); empty for a storage without loralab studies."""
+    out: dict[tuple[str, str], set[float]] = {}
+    for st, study_id, plan in _stored_plans(storage):
+        final = _final_points(st, study_id)
         for p in plan.points():
             if p["key"] not in final:
                 out.setdefault((p["task"], p["method"]), set()).add(p["lr"])
+    return out
+
+
+def stored_groups(storage: str) -> dict[str, list[str]]:
+    """Point key (= run folder name) -> the groups of the stored studies that finished it."""
+    out: dict[str, list[str]] = {}
+    for st, study_id, plan in _stored_plans(storage):
+        for key in sorted(_final_points(st, study_id) - {None}):
+            if plan.group not in out.setdefault(key, []):
+                out[key].append(plan.group)
     return out
 
 

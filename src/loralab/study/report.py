@@ -26,6 +26,7 @@ from .records import (
     load_study_runs,
     pending_lrs,
     record_identity,
+    stored_groups,
 )
 from .storage import storage_url
 from .tables import Table, csv_rows, tables
@@ -182,7 +183,10 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
         records = load_study_runs(studies, storage or storage_url(None, results_dir))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
-        records = load_runs(results_dir)
+        has_db = storage or (Path(results_dir) / STUDY_DB).is_file()
+        # The study storage names the groups of runs that lack their sweep.json.
+        url = storage or storage_url(None, results_dir)
+        records = load_runs(results_dir, stored_groups(url) if has_db else None)
         source = f"run directories under {results_dir}"
     else:
         raise LoralabError("Give a results folder (loralab report results) or --study NAME.")
