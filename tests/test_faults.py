@@ -457,7 +457,7 @@ def test_a_killed_child_is_named_with_its_signal():
 
 
 def test_a_completed_points_checkpoints_go_unless_asked_to_keep(shared, tmp_path, monkeypatch):
-    from loralab.study.worker import KEEP_CHECKPOINTS_ENV, drop_checkpoints
+    from loralab.study.reuse import KEEP_CHECKPOINTS_ENV, drop_checkpoints
 
     run = Case(tmp_path, *shared).run()
     monkeypatch.setenv(KEEP_CHECKPOINTS_ENV, "1")

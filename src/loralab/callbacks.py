@@ -52,6 +52,18 @@ def adapter_records(model) -> dict[str, float]:
     return out
 
 
+def efficiency_records(params: dict, prefix: str = "efficiency/") -> dict[str, float]:
+    """`accounting.parameter_counts` as flat scalar records: `efficiency/total`, …,
+    `efficiency/by_module/q/lora` (nested dicts become path segments)."""
+    out: dict[str, float] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out |= efficiency_records(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @dataclass
 class TokenCounts:
     """Tokens trained on so far (real = not padding). The trainer counts; callbacks read."""
@@ -95,7 +107,7 @@ class TrackingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._last = (time.time(), state.global_step, *self._tokens())
-        record = {f"efficiency/{k}": v for k, v in self.efficiency.items()}
+        record = efficiency_records(self.efficiency)
         self.tracker.log(
             {**record, **self._verification(model), **self._adapter(model)}, state.global_step
         )

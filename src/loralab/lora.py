@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from . import residual
+from .config import LORA_PRESETS as PRESETS
 from .config import LoraSettings as LoraSpec
 from .errors import LoralabError
-
-PRESETS = ("standard", "extended", "all-linear")
 
 # Per-`model_type` overrides: {model_type: {preset: [module-name suffixes]}}. Empty on purpose:
 # every family tested (Llama, Gemma 2 and 3, Qwen2, Mistral, Phi-3, GPT-NeoX, BERT, GPT-2) is
@@ -92,18 +91,22 @@ def role_of(name: str) -> str:
     return _name_role(block_local(name))
 
 
-def linear_layers(model: nn.Module) -> list[Layer]:
-    """Every Linear / Conv1D layer of `model`, in module order, with its role."""
+def linear_layer(name: str, module: nn.Module) -> Layer | None:
+    """`module` (named `name` in its model) as a `Layer` with its role, None when it is not a
+    Linear / Conv1D layer. The one place a layer's role is decided."""
     from transformers.pytorch_utils import Conv1D
 
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        local = block_local(name)  # model.layers.3.…, transformer.h.3.…
-        fan_in, fan_out, conv1d = _shape(module)
-        layers.append(Layer(name, local, _role(local, fan_in, fan_out), fan_in, fan_out, conv1d))
-    return layers
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        return None
+    local = block_local(name)  # model.layers.3.…, transformer.h.3.…
+    fan_in, fan_out, conv1d = _shape(module)
+    return Layer(name, local, _role(local, fan_in, fan_out), fan_in, fan_out, conv1d)
+
+
+def linear_layers(model: nn.Module) -> list[Layer]:
+    """Every Linear / Conv1D layer of `model`, in module order, with its role."""
+    layers = (linear_layer(name, module) for name, module in model.named_modules())
+    return [layer for layer in layers if layer is not None]
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

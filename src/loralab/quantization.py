@@ -209,6 +209,15 @@ def hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
         h.update(part.reshape(-1).view(torch.uint8).numpy())  # its buffer: no copy of the bytes
 
 
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the exact bytes of every tensor, in name order (bit-identical check); a
+    quantized weight contributes the bytes it is stored as (int8 data and scales)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        hash_tensor(h, name, tensors[name])
+    return h.hexdigest()
+
+
 def describe(model: nn.Module, method: str) -> dict:
     """What summary.json records: the method, its backend, how many Linear layers are stored
     quantized and the bytes all parameters take as stored (MB)."""

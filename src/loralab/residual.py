@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import accounting
+from . import quantization
 
 # Initialisations whose residual base PEFT can convert back (a prefix: pissa_niter_16 too).
 CONVERTED_INITS = ("pissa", "olora")
@@ -77,7 +77,7 @@ def record(peft_model: nn.Module, init: str, before: dict[str, torch.Tensor]) ->
     }
     with torch.no_grad():
         error = _reconstruction_error(peft_model, before)
-    checksum = accounting.checksum(before)
+    checksum = quantization.checksum(before)
     snapshot = InitialAdapter(init, state, checksum, error)
     setattr(peft_model, ATTRIBUTE, snapshot)
     return snapshot

@@ -27,7 +27,11 @@ def add_validate(sub) -> None:
         metavar="DIR",
         help="folder of LoRA and full fine-tuning runs of this model: adds the LoRA − full target",
     )
-    p.add_argument("--config", help="YAML config file (LoRA settings are taken from it)")
+    p.add_argument(
+        "--config",
+        help="YAML config file: its model, lora, train.seed and train.lr are used (the probe has "
+        "its own data and steps)",
+    )
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument(
         "--steps",

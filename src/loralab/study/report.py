@@ -183,10 +183,11 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
         records = load_study_runs(studies, storage or storage_url(None, results_dir))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
+        # The study storage names the groups of runs that lack their sweep.json. (storage_url
+        # makes its folder: not called for a results folder that is not there.)
         has_db = storage or (Path(results_dir) / STUDY_DB).is_file()
-        # The study storage names the groups of runs that lack their sweep.json.
-        url = storage or storage_url(None, results_dir)
-        records = load_runs(results_dir, stored_groups(url) if has_db else None)
+        url = has_db and (storage or storage_url(None, results_dir))
+        records = load_runs(results_dir, stored_groups(url) if url else None)
         source = f"run directories under {results_dir}"
     else:
         raise LoralabError("Give a results folder (loralab report results) or --study NAME.")

@@ -4,6 +4,7 @@ checkpoint) or train afresh; and the run directory's note of who used it (sweep.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from ..checkpoints import checkpoint_problem, checkpoints
 from ..config import from_dict, load_yaml, to_dict
 from ..data import content_fingerprint
 from ..errors import LoralabError
-from ..rundir import CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
+from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
 from ..tasks import get_task
 from .grid import flatten
+
+KEEP_CHECKPOINTS_ENV = "LORALAB_KEEP_CHECKPOINTS"  # set to 1: completed points keep theirs
 
 
 def _resolve_defaults(flat: dict, cfg) -> None:
@@ -139,3 +142,15 @@ def _usable_checkpoints(run_dir: Path) -> list[Path]:
 def read_note(run_dir: Path) -> dict:
     path = run_dir / SWEEP_FILE
     return tracking.read_json(path) if path.is_file() else {}
+
+
+def drop_checkpoints(run_dir: Path) -> bool:
+    """Remove a completed point's checkpoints: they exist to resume it, and the run's weights are
+    saved apart (a full fine-tuning checkpoint of SmolLM2 holds 1.5 GB of weights and optimizer
+    state; a study of a few dozen points would fill a disk). `LORALAB_KEEP_CHECKPOINTS=1` keeps
+    them. True when something was removed."""
+    folder = run_dir / CHECKPOINT_DIR
+    if os.environ.get(KEEP_CHECKPOINTS_ENV, "") not in ("", "0") or not folder.is_dir():
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
+from .bar import PointsBar
 from .phases import Phase, StudySpec, best_lrs, phases
+from .progress import FINAL
 from .records import load_runs
 from .report import stored_pending, write_report
 from .spec import check_data, select_tasks
@@ -49,9 +51,12 @@ class Runner:
         self.workers: dict[str, object] = {}
         self.trust_remote_code = trust  # from the command line only, never from the spec
         self.poll = max(1.0, min(5.0, float(heartbeat)))
+        self.bar = None  # `run`'s progress bar over every phase's points, shared by the workers
 
     def say(self, text: str) -> None:
-        if not self.quiet:
+        if self.bar is not None:  # above the bar
+            self.bar.write(f"[{self.prefix}] {text}")
+        elif not self.quiet:
             print(f"[{self.prefix}] {text}", file=sys.stderr, flush=True)
 
     def worker(self, ph: Phase):
@@ -70,10 +75,20 @@ class Runner:
         create_or_check(self.storage, name, plan)
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
                    self.trust_remote_code)  # fmt: skip
+        w.bar = self.bar  # its lines go above the study's bar
         self.workers[name] = w
         return w
 
     def run(self) -> list[str]:
+        done, total = self._counts()
+        self.bar = PointsBar(self.prefix, total, done, self.quiet)
+        try:
+            return self._run()
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def _run(self) -> list[str]:
         while True:
             waiting = False
             ran = False
@@ -95,12 +110,19 @@ class Runner:
             time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
         return self.summary()
 
+    def _status(self):
+        return status_with(self.spec, self.results_dir, self.storage, None, self.tasks, self.prefix)
+
+    def _counts(self) -> tuple[int, int]:
+        """(points done, points) of the whole study (this worker's tasks)."""
+        points = self._status().points
+        return sum(p.state in FINAL for p in points), len(points)
+
     def progress(self) -> None:
         """After each point: the whole study's totals (this worker's tasks), as --status gives."""
         if not self.quiet:
-            st = status_with(
-                self.spec, self.results_dir, self.storage, None, self.tasks, self.prefix
-            )
+            st = self._status()
+            self.bar.update(sum(p.state in FINAL for p in st.points))
             self.say(totals(st).replace("total:", "progress:", 1))
 
     def summary(self) -> list[str]:

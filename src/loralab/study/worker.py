@@ -33,11 +33,12 @@ from pathlib import Path
 from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
-from ..rundir import CHECKPOINT_DIR, LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from . import memory
+from .bar import PointsBar
 from .leases import Lease, PointLock, fail_dead
 from .records import main_metric_value, record_from_summary
-from .reuse import decide, finished, read_note
+from .reuse import decide, drop_checkpoints, finished, read_note
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
@@ -49,8 +50,6 @@ from .storage import (
     point_states,
     storage_url,
 )
-
-KEEP_CHECKPOINTS_ENV = "LORALAB_KEEP_CHECKPOINTS"  # set to 1: completed points keep theirs
 
 
 @dataclass
@@ -113,10 +112,16 @@ class Worker:
 
             forkserver.ensure_running()
         self.report = WorkerReport(study_name, self.results_dir)
+        self.bar = None  # `run`'s progress bar (`loralab study` keeps its own over all phases)
 
     def say(self, text: str) -> None:
-        if not self.quiet:
+        if self.bar is not None:  # above the bar
+            self.bar.write(f"[{self.study.study_name}] {text}")
+        elif not self.quiet:
             print(f"[{self.study.study_name}] {text}", file=sys.stderr, flush=True)
+
+    def _finished(self) -> int:
+        return sum(s in ("done", "failed") for s in self.states().values())
 
     def run(self) -> WorkerReport:
         from optuna.exceptions import ExperimentalWarning
@@ -127,17 +132,23 @@ class Worker:
             old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API
+            total = len(self.states())
+            self.bar = PointsBar(self.study.study_name, total, self._finished(), self.quiet)
             try:
                 while True:
                     fail_dead(self.storage, self.study, self.results_dir / LOCKS_DIR)
                     trial = self._claim()
                     if trial is not None:
                         self._handle(trial)
+                        self.bar.update(self._finished())
                         continue
+                    self.bar.update(self._finished())  # points other workers finished
                     if "active" not in point_states(self.study, self.plan, self.tasks).values():
                         break
                     time.sleep(self.poll)  # others run the rest: wait for them, or their death
             finally:
+                self.bar.close()
+                self.bar = None
                 if old is not None:
                     signal.signal(signal.SIGTERM, old)
         self.report.states = point_states(self.study, self.plan, self.tasks)
@@ -348,18 +359,6 @@ class Worker:
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  **({"exitcode": exitcode} if exitcode is not None else {})})  # fmt: skip
         tracking.write_json(run_dir / SWEEP_FILE, note)
-
-
-def drop_checkpoints(run_dir: Path) -> bool:
-    """Remove a completed point's checkpoints: they exist to resume it, and the run's weights are
-    saved apart (a full fine-tuning checkpoint of SmolLM2 holds 1.5 GB of weights and optimizer
-    state; a study of a few dozen points would fill a disk). `LORALAB_KEEP_CHECKPOINTS=1` keeps
-    them. True when something was removed."""
-    folder = run_dir / CHECKPOINT_DIR
-    if os.environ.get(KEEP_CHECKPOINTS_ENV, "") not in ("", "0") or not folder.is_dir():
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return True
 
 
 def _killed_by(code: int | None) -> str:
