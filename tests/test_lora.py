@@ -66,6 +66,16 @@ def test_gpt2_fused_qkv_gets_fan_in_fan_out_and_a_correct_update():
         assert torch.allclose(layer(x), dense, atol=1e-5)
 
 
+def test_a_users_modules_to_save_add_to_the_heads_and_do_not_replace_them():
+    model = tiny_llama()
+    extra = 'lora.extra={"modules_to_save": ["embed_tokens", "lm_head"]}'
+    cfg = to_peft_config(spec(extra), model, ["lm_head"], "CAUSAL_LM")
+    assert list(cfg.modules_to_save) == ["lm_head", "embed_tokens"]  # once each, heads first
+    cfg = to_peft_config(spec('lora.extra={"modules_to_save": "embed_tokens"}'), model, [], None)
+    assert list(cfg.modules_to_save) == ["embed_tokens"]
+    assert to_peft_config(spec(), model, [], None).modules_to_save is None
+
+
 def test_unknown_preset_names_the_presets():
     with pytest.raises(LoralabError, match="Unknown LoRA target preset 'qv'.*standard"):
         resolve_targets(spec("lora.target=qv"), tiny_llama())

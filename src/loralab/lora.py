@@ -268,7 +268,14 @@ def to_peft_config(
         fan_in_fan_out=conv1d,  # Conv1D (GPT-2) stores weights transposed; PEFT must be told
         task_type=task_type,
     )
-    kwargs.update(spec.extra)
+    extra = dict(spec.extra)
+    # A user's own modules_to_save come on top of the freshly initialised heads, which must
+    # train whatever else does (PEFT re-adds only the heads it knows by name).
+    more = extra.pop("modules_to_save", None) or []
+    if isinstance(more, str):
+        more = [more]
+    saved = list(dict.fromkeys([*modules_to_save, *more]))
+    kwargs.update(extra, modules_to_save=saved or None)
     try:
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as e:

@@ -3,24 +3,46 @@ by which runs are pooled."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import distributed, precision, quantization, tracking
+from . import allocator, distributed, precision, quantization, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
 from .identity import identity
 from .models import canonical
 from .redact import mask_secrets
-from .study import layout
 from .tasks import Task
+
+ENV_WORKERS = "LORALAB_WORKERS"  # set by a study's workers: how many run side by side
+
+
+def process_layout(callbacks: list | None = None) -> dict:
+    """The layout this process trains in: worker processes side by side (a study's), threads,
+    cores, heap allocator (peak memory depends on it); a callback with a `layout_record()`
+    method adds its own (a study's core lender: the idle cores the run was lent)."""
+    import torch
+
+    out = {
+        "workers": int(os.environ.get(ENV_WORKERS, "1") or 1),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "allocator": allocator.current(),
+    }
+    for cb in callbacks or []:
+        if callable(getattr(cb, "layout_record", None)):
+            out.update(cb.layout_record())
+    return out
 
 
 def base_summary(
-    cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model, task: Task
-) -> dict:
-    """The summary.json of a run as it starts (status `running`); `train` completes it."""
+    cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model, task: Task,
+    layout: dict | None = None,
+) -> dict:  # fmt: skip
+    """The summary.json of a run as it starts (status `running`); `train` completes it.
+    `layout`: `process_layout` of the run's callbacks (default: of none)."""
     ran, processes = _precision_name(cfg), distributed.world_size()
     return {
         "status": "running",
@@ -44,7 +66,7 @@ def base_summary(
         "precision": ran,
         "processes": processes,  # under torchrun: data-parallel processes
         "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * processes,
-        "layout": layout.record(),  # worker processes side by side, threads in this one
+        "layout": layout or process_layout(),  # worker processes side by side, threads
         "param_dtypes": precision.dtypes(model),
         "quantization": quantization.describe(model, cfg.model.quantization),
         "versions": tracking.versions(),

@@ -26,8 +26,7 @@ from .heads import Head, head_for
 from .lora import apply_lora, check_targets
 from .models import is_causal, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
-from .study import layout
-from .summary import base_summary, resolved_config
+from .summary import base_summary, process_layout, resolved_config
 from .tasks import Task, absolute_ref, get_task
 from .trainer import LoralabTrainer, training_args
 
@@ -264,7 +263,10 @@ class _Run:
             trainer.loss_sum_start = loss_sum if loss_sum is not None else float("nan")
             # Without recorded times (an older checkpoint) the figures cover this attempt only.
             trainer.time_before = read_training_time(Path(checkpoint)) or (0.0, 0.0)
-        summary = base_summary(cfg, self.run_dir, params, self.splits, model, self.task)
+        self.extra = extra  # the callbacks: a core lender adds to the layout record
+        summary = base_summary(
+            cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra)
+        )
         summary["resumed_from"] = checkpoint
         summary["precision_decision"] = kernels.get("precision")
         summary["attention"] = kernels.get("attention")
@@ -342,7 +344,7 @@ class _Run:
             peak_memory_mb=tracking.peak_memory_mb(),
             first_step_at=trainer.first_step_at,  # Unix time: the end of start-up
             verification=verification,
-            layout=layout.record(),  # again at the end: the idle cores lent meanwhile
+            layout=process_layout(self.extra),  # again at the end: the idle cores lent meanwhile
         )
         if distributed.is_main():
             tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from loralab import summary
 from loralab.config import build_config
 from loralab.study import spare_cores
 from loralab.train import train
@@ -19,7 +20,6 @@ def _restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    spare_cores._active = None
 
 
 def test_threads_are_the_cores_the_others_leave_idle_never_fewer_than_the_workers_own():
@@ -69,8 +69,13 @@ def test_a_core_is_lent_while_idle_and_given_back_when_another_process_works():
     assert m.said == ["2 threads (idle cores lent; others used 0.0 cores)",
                       "1 threads (cores given back; others used 0.7 cores)"]  # fmt: skip
     # 10 s at one thread, 10 s lent, 30 s at one thread again.
-    assert lender.record() == {"threads": 1, "threads_max": 2, "lent_share": pytest.approx(0.2)}
-    assert spare_cores.record() == lender.record()  # what layout.record() puts in the summary
+    assert lender.layout_record() == {
+        "threads": 1, "threads_max": 2, "lent_share": pytest.approx(0.2)
+    }  # fmt: skip
+    # What a run's summary records of its layout, with the lender among its callbacks.
+    layout = summary.process_layout([object(), lender])
+    assert layout["lent_share"] == pytest.approx(0.2) and layout["threads_max"] == 2
+    assert "lent_share" not in summary.process_layout([])
 
 
 def test_no_core_is_lent_to_steps_too_short_to_use_it():
@@ -80,7 +85,7 @@ def test_no_core_is_lent_to_steps_too_short_to_use_it():
     for _ in range(200):  # 0.1 s steps on an idle machine
         m.advance(0.1, others=0.0, own=1.0)
         lender.check()
-    assert torch.get_num_threads() == 1 and lender.record()["threads_max"] == 1
+    assert torch.get_num_threads() == 1 and lender.layout_record()["threads_max"] == 1
     for _ in range(25):  # 1 s steps
         m.advance(1.0, others=0.0, own=1.0)
         lender.check()

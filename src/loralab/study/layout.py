@@ -15,10 +15,9 @@ import signal
 import subprocess
 import sys
 
-from .. import allocator
 from ..errors import LoralabError
+from ..summary import ENV_WORKERS  # set in each worker: how many run side by side
 
-ENV_WORKERS = "LORALAB_WORKERS"  # set in each worker: how many run side by side (summary)
 ENV_DEFAULT = "LORALAB_STUDY_WORKERS"  # the default of `--workers` (e.g. 1 in the tests)
 
 
@@ -42,21 +41,6 @@ def choose(workers: str | int | None = None, cores: int | None = None) -> tuple[
             "1-thread worker per core on a CPU."
         )
     return n, max(1, cores // n)
-
-
-def record() -> dict:
-    """The layout this process runs in, for the run summary."""
-    import torch
-
-    from . import spare_cores  # here: it imports transformers, and `loralab study` starts fast
-
-    return {
-        "workers": int(os.environ.get(ENV_WORKERS, "1") or 1),
-        "threads": torch.get_num_threads(),
-        "cores": os.cpu_count(),
-        "allocator": allocator.current(),  # peak memory depends on it (loralab.allocator)
-        **spare_cores.record(),  # idle cores this run was lent (threads_max, lent_share)
-    }
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -36,8 +36,6 @@ SLACK = 0.3  # others' use below 0.3 core leaves that core idle (pollers, the wo
 # step ran 0.91x as fast on two threads; SmolLM2-135M's smallest (16 x 16 tokens, 1.2 s) 1.35x.
 MIN_STEP_S = 0.5
 
-_active: SpareCores | None = None  # this process's lender, for `layout.record()`
-
 
 def threads_for(base: int, cores: int, others: float) -> int:
     """Threads to run with: the cores that processes other than this one leave idle (`others`:
@@ -81,14 +79,12 @@ class SpareCores(TrainerCallback):
 
     def __init__(self, base: int, cores: int, busy=machine_busy_s, own=time.process_time,
                  clock=time.monotonic, interval: float = INTERVAL_S, say=None):  # fmt: skip
-        global _active
         self.base, self.cores, self.threads, self.say = base, cores, base, say
         self.busy, self.own, self.clock, self.interval = busy, own, clock, interval
         self.last = (self.clock(), self.busy(), self.own())
         self.ran = {False: 0.0, True: 0.0}  # wall seconds at base / with lent threads
         self.calls = 0  # steps (training and prediction) since the last decision
         self.most = base
-        _active = self
 
     def check(self) -> None:
         import torch
@@ -118,7 +114,8 @@ class SpareCores(TrainerCallback):
     def on_prediction_step(self, args, state, control, **kwargs):
         self.check()
 
-    def record(self) -> dict:
+    def layout_record(self) -> dict:
+        """This run's lending for its summary's layout (`summary.process_layout` asks)."""
         total = sum(self.ran.values())
         lent = self.ran[True] / total if total else 0.0
         return {"threads": self.base, "threads_max": self.most, "lent_share": lent}
@@ -133,8 +130,3 @@ def lender() -> SpareCores | None:
     if os.environ.get(ENV, "1") == "0" or torch.cuda.is_available() or base >= cores:
         return None
     return SpareCores(base, cores, say=lambda line: print(LENT_LOG + line, flush=True))
-
-
-def record() -> dict:
-    """This process's lending for its summary's layout ({} when nothing was lent)."""
-    return _active.record() if _active is not None else {}
