@@ -35,7 +35,7 @@ def add_validate(sub) -> None:
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument(
         "--steps",
-        type=int_at_least(1),
+        type=int_at_least(2),  # a probe compares the adapter before and after training
         default=20,
         help="training steps of the probe (default 20)",
     )
