@@ -9,6 +9,9 @@ Separate processes per configuration (as `train_throughput.py` runs them) differ
 from one process to the next on the shared build machines; steps interleaved in one process
 measure a few-percent difference.
 
+Also the LoRA dropout masks alone: PyTorch's `bernoulli_` against `fused.keep_mask`, in ns per
+element (`masks`).
+
 Usage: python benchmarks/fused_ops.py [--rounds 30 --batch 16 --length 14 --threads N]
 Prints JSON to stdout (SmolLM2-135M; LORALAB_BENCH_MODEL=tiny-llama for a smoke test).
 """
@@ -93,6 +96,31 @@ def measure(method: str, rounds: int, batch_size: int, length: int) -> dict:
     }
 
 
+def masks(rounds: int, shape: tuple[int, ...], p: float = 0.05) -> dict:
+    """ns per element of a LoRA dropout's mask: PyTorch's `bernoulli_` (what `nn.Dropout` draws)
+    against `fused.keep_mask` (what the fused dropout draws here), interleaved, best of rounds."""
+    from loralab import fused
+
+    like = torch.empty(shape, dtype=torch.bfloat16)
+    draws = {
+        "bernoulli": lambda: torch.empty_like(like).bernoulli_(1 - p),
+        "keep_mask": lambda: fused.keep_mask(like, p),
+    }
+    best = {k: float("inf") for k in draws}
+    for _ in range(rounds):
+        for name, draw in draws.items():
+            t = time.perf_counter()
+            draw()
+            best[name] = min(best[name], time.perf_counter() - t)
+    ns = {k: v / like.numel() * 1e9 for k, v in best.items()}
+    return {
+        "shape": list(shape),
+        "keep_mask_draws": "bernoulli (MKL)" if fused.mkl_bernoulli() else "16-bit lanes",
+        "ns_per_element": ns,
+        "bernoulli_over_keep_mask": ns["bernoulli"] / ns["keep_mask"],
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=30, help="interleaved steps per model")
@@ -105,6 +133,7 @@ def main(argv=None) -> int:
     report = {"model": MODEL, "threads": args.threads, "batch": [args.batch, args.length]}
     for method in args.methods.split(","):
         report[method] = measure(method, args.rounds, args.batch, args.length)
+    report["masks"] = masks(args.rounds, (args.batch, args.length, 576))  # SmolLM2's width
     print(json.dumps(report, indent=2))
     return 0
 

@@ -50,3 +50,8 @@ def test_fused_ops_benchmark_compares_the_same_model_with_and_without(monkeypatc
     assert set(got["step_s"]) == {"plain", "fused"} and min(got["step_s"].values()) > 0
     assert got["fused_over_plain_time"] == got["step_s"]["fused"] / got["step_s"]["plain"]
     assert 0 < got["saved_mb"]["fused"] < got["saved_mb"]["plain"]
+    draws = bench.masks(rounds=2, shape=(4, 12, 32))
+    assert set(draws["ns_per_element"]) == {"bernoulli", "keep_mask"}
+    assert draws["bernoulli_over_keep_mask"] == pytest.approx(
+        draws["ns_per_element"]["bernoulli"] / draws["ns_per_element"]["keep_mask"]
+    )
