@@ -26,35 +26,27 @@ _ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo; empty where there is none (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(_cpuinfo("flags").split())
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo (GenuineIntel, AuthenticAMD), "" where unknown."""
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo, "" where there is none (not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD), "" where unknown."""
+    return _cpuinfo("vendor_id")
+
+
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> str:
