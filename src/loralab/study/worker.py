@@ -120,8 +120,9 @@ class Worker:
         elif not self.quiet:
             print(f"[{self.study.study_name}] {text}", file=sys.stderr, flush=True)
 
-    def _finished(self) -> int:
-        return sum(s in ("done", "failed") for s in self.states().values())
+    def _finished(self, states: dict[str, str] | None = None) -> int:
+        """Points of this worker's tasks that need no more work (done, or failed for good)."""
+        return sum(s in ("done", "failed") for s in (states or self.states()).values())
 
     def run(self) -> WorkerReport:
         from optuna.exceptions import ExperimentalWarning
@@ -142,8 +143,9 @@ class Worker:
                         self._handle(trial)
                         self.bar.update(self._finished())
                         continue
-                    self.bar.update(self._finished())  # points other workers finished
-                    if "active" not in point_states(self.study, self.plan, self.tasks).values():
+                    states = self.states()
+                    self.bar.update(self._finished(states))  # points other workers finished
+                    if "active" not in states.values():
                         break
                     time.sleep(self.poll)  # others run the rest: wait for them, or their death
             finally:
