@@ -406,6 +406,31 @@ def test_output_dir_without_write_permission_exits_2(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+def test_output_dir_failing_the_write_probe_exits_2(tmp_path, capsys, monkeypatch):
+    """As root too: the writability probe (a real mkdtemp in the folder) is refused."""
+    from loralab import rundir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp, probed = rundir.tempfile.mkdtemp, []
+
+    def refuse_in_locked(suffix=None, prefix=None, dir=None):
+        if dir is not None and Path(dir) == locked:
+            probed.append(dir)
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(rundir.tempfile, "mkdtemp", refuse_in_locked)
+    assert main(["validate", "--model", "tiny-llama", "--out", str(locked / "v.json")]) == 2
+    assert probed  # the refusal came from the probe, not from something else
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("loralab: error:") == 1, err
+    message = err[err.index("loralab: error:") :].strip()
+    assert "\n\n" not in message, f"more than one paragraph: {message}"
+    assert f"'{locked}' is not writable" in message and "Permission denied" in message
+    assert list(locked.iterdir()) == []
+
+
 def test_checkpoint_check_finds_each_kind_of_damage(shared, tmp_path):
     from loralab.checkpoints import checkpoint_problem, newest_good_checkpoint
 

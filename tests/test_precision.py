@@ -79,9 +79,21 @@ def test_full_fine_tuning_bf16_keeps_fp32_master_weights(tmp_path, sst2_dir):
     assert result.summary["param_dtypes"] == {"frozen": "none", "trainable": "float32"}
 
 
-def test_lm_head_trains_under_bf16(tmp_path, sst2_dir):
+def test_lm_head_trains_under_bf16(tmp_path, sst2_dir, monkeypatch):
     """The LM loss calls the decoder directly; it must run under autocast as well."""
+    from loralab.heads import prompting
+
+    seen = []  # (autocast on, gradients on) at each call of the LM head's loss
+    real_loss = prompting.target_loss
+
+    def recording_loss(model, inputs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        return real_loss(model, inputs)
+
+    monkeypatch.setattr(prompting, "target_loss", recording_loss)
     result, keep = _train(tmp_path, sst2_dir, "model.head=lm", "train.precision=bf16")
+    assert sum(grad for _, grad in seen) >= 3  # at least one call per training step
+    assert all(on for on, _ in seen), seen
     assert result.summary["param_dtypes"] == {"frozen": "bfloat16", "trainable": "float32"}
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
 

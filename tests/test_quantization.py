@@ -94,7 +94,7 @@ def test_int8_run_trains_the_adapter_on_a_frozen_quantized_base(runs):
     assert v["base_checksum_before"] == v["base_checksum_after"]
     assert v["base_checksum_before"] != plain["verification"]["base_checksum_before"]
     assert s["quantization"]["method"] == "int8" and s["quantization"]["backend"] == "torchao"
-    assert s["quantization"]["quantized_layers"] > 0
+    assert s["quantization"]["quantized_layers"] == 2 * 7  # layers × (q k v o gate up down)
     assert plain["quantization"] == {"method": "none"}
     assert s["peak_memory_mb"] > 0
     assert s["params"] == plain["params"]  # same counts: int8 stores, it does not remove

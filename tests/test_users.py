@@ -357,6 +357,17 @@ def test_smollm2_is_named_as_the_dequantised_gguf(capsys):
 # -- defaults ------------------------------------------------------------------------------------
 
 
+def _auto_reason() -> str:
+    """Why `auto` picks what it picks on this machine (precision.decide's order)."""
+    from loralab import precision
+
+    if os.environ.get(precision.ENV, "").strip():
+        return f"forced by {precision.ENV}"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "measured" if precision.native_bf16("cpu") else "cpu without bf16 instructions"
+
+
 def test_short_run_logs_efficiency_and_resolved_config(short_run):
     from loralab.config import build_config
 
@@ -367,9 +378,16 @@ def test_short_run_logs_efficiency_and_resolved_config(short_run):
     assert not any("train/loss" in r for r in records)  # 4 steps < logging_steps 100
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["lr"] == 5e-3 and saved["data"]["max_length"] == 128
-    assert saved["train"]["precision"] in ("bf16", "fp32")
     assert build_config(run / "config.yaml").data.max_length == 128  # loadable with --config
     summary = json.loads((run / "summary.json").read_text())
+    # `auto` is saved resolved: to what the run trained in and its decision for this machine.
+    decision = summary["precision_decision"]
+    assert saved["train"]["precision"] == summary["precision"] == decision["precision"]
+    assert decision["reason"] == _auto_reason() and decision["precision"] in ("bf16", "fp32")
+    if decision["reason"] == "measured":
+        assert decision["precision"] == decision["probe"]["choice"]
+    elif decision["reason"] == "cpu without bf16 instructions":
+        assert decision["precision"] == "fp32"
     assert summary["model_source"]["id"] == "tiny-llama"
     assert summary["model_source"]["kind"] == "builtin"
 

@@ -228,7 +228,12 @@ def describe(model: nn.Module, method: str) -> dict:
         for p in model.parameters()
         for _, part in stored_tensors(p)
     )
-    layers = sum(1 for m in model.modules() if is_quantized(getattr(m, "weight", None)))
+    # A PEFT LoRA layer shows its base layer's weight as its own: count the base layer only.
+    layers = sum(
+        1
+        for m in model.modules()
+        if not hasattr(m, "base_layer") and is_quantized(getattr(m, "weight", None))
+    )
     return {
         "method": method,
         "backend": PACKAGES[method],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 
 import optuna
 from test_report import write_run
@@ -39,16 +41,21 @@ def _results(root):
 def test_export_copies_finished_runs_storage_and_report_without_weights(tmp_path, capsys):
     src = _results(tmp_path / "res")
     dest = tmp_path / "repo" / "results" / "s"
-    assert main(["export", str(src), str(dest)]) == 0
+    umask = os.umask(0o022)  # a known umask: shared files come out 0644, folders 0755
+    try:
+        assert main(["export", str(src), str(dest)]) == 0
+    finally:
+        os.umask(umask)
     out = capsys.readouterr().out
     assert "exported 2 finished runs" in out and "2 unfinished left out" in out
     assert sorted(p.name for p in (dest / "runs").iterdir()) == ["sst2-full", "sst2-lora"]
     for name in ("sst2-full", "sst2-lora"):
         files = sorted(p.name for p in (dest / "runs" / name).iterdir())
         assert files == ["config.yaml", "metrics.jsonl", "summary.json", "sweep.json"]
+        assert stat.S_IMODE((dest / "runs" / name).stat().st_mode) == 0o755
         for f in files:
             assert (dest / "runs" / name / f).read_bytes() == (src / "runs" / name / f).read_bytes()
-            assert (dest / "runs" / name / f).stat().st_mode & 0o044  # readable by others
+            assert stat.S_IMODE((dest / "runs" / name / f).stat().st_mode) == 0o644  # not 0600
     names = [r[0] for r in sqlite3.connect(dest / "study.db").execute("select study_name from studies")]  # fmt: skip
     assert names == ["s-sst2-grid", "not-loralab"]
     md = (dest / "report" / "report.md").read_text()
