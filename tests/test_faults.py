@@ -167,6 +167,10 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-negative-lr", lambda c: _train(c, "train.lr=-1"), "train.lr"),
     ("train-batch-size-0", lambda c: _train(c, "train.batch_size=0"), "train.batch_size"),
     ("train-epochs-0", lambda c: _train(c, "train.epochs=0", "train.max_steps=-1"), "train.epochs"),
+    ("train-epochs-inf", lambda c: _train(c, "train.epochs=inf", "train.max_steps=-1"), "train.epochs must be a finite number"),
+    ("train-seed-negative", lambda c: _train(c, "train.seed=-1"), "train.seed must be in [0, 2^32)"),
+    ("train-alpha-inf", lambda c: _train(c, "lora.alpha=inf"), "lora.alpha must be positive"),
+    ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "PEFT refused the LoRA settings (lora.init_lora_weights='foo'"),
     ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
     ("train-config-not-utf8", lambda c: _train(c, "--config", str(c.file("c.yaml", b"model:\n  name: \xff\xfe"))), "not UTF-8"),
@@ -181,6 +185,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("resume-completed-run", lambda c: ["train", "--resume", str(c.run())], "already finished"),
     ("resume-not-a-run", lambda c: ["train", "--resume", str(c.file("x/y.txt").parent)], "not a loralab run directory"),
     ("resume-with-new-settings", lambda c: ["train", "--resume", str(c.run("failed")), "--task", "rte"], "drop"),
+    ("resume-with-new-data", lambda c: ["train", "--resume", str(c.run("failed")), "--data-dir", str(c.data()), "--max-train-examples", "8"], "drop ['--data-dir', '--max-train-examples']"),
     ("resume-config-damaged", _resume_damaged_config, "config.yaml"),
     # merge
     ("merge-max-eval-examples-neg", lambda c: ["merge", str(c.run()), "--max-eval-examples", "-5"], "must be at least 0"),

@@ -294,7 +294,7 @@ def validate(cfg: ExperimentConfig) -> None:
     lo, tr, da = cfg.lora, cfg.train, cfg.data
     if lo.r <= 0:
         raise LoralabError(f"lora.r must be a positive integer (e.g. 4, 8, 16), got {lo.r}.")
-    if not lo.alpha > 0:
+    if not (math.isfinite(lo.alpha) and lo.alpha > 0):
         raise LoralabError(f"lora.alpha must be positive (default 16 = 2·r), got {lo.alpha}.")
     if not 0 <= lo.dropout < 1:
         raise LoralabError(f"lora.dropout must be in [0, 1) (default 0.05), got {lo.dropout}.")
@@ -319,6 +319,10 @@ def validate(cfg: ExperimentConfig) -> None:
             raise LoralabError(f"train.{key} must be a positive integer, got {getattr(tr, key)}.")
     if tr.eval_steps is not None and tr.eval_steps <= 0:
         raise LoralabError(f"train.eval_steps must be positive or null, got {tr.eval_steps}.")
+    if not 0 <= tr.seed < 2**32:  # numpy's seeds, which the Trainer sets from it
+        raise LoralabError(f"train.seed must be in [0, 2^32) (default 42), got {tr.seed}.")
+    if not math.isfinite(tr.epochs):
+        raise LoralabError(f"train.epochs must be a finite number (e.g. 1 or 3), got {tr.epochs}.")
     if not tr.epochs > 0 and tr.max_steps <= 0:
         raise LoralabError(
             f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}."

@@ -300,7 +300,13 @@ def apply_lora(
         before = residual.pretrained_weights(model, adapted_modules(model, cfg.target_modules,
                                                                    exclude=modules_to_save))  # fmt: skip
     with known_warnings_silenced():
-        peft_model = get_peft_model(model, cfg)
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except ValueError as e:  # options PEFT checks only when it builds the layers
+            raise LoralabError(
+                f"PEFT refused the LoRA settings (lora.init_lora_weights="
+                f"{spec.init_lora_weights!r}, lora.extra={spec.extra}): {e}"
+            ) from None
     if before is not None:
         residual.record(peft_model, cfg.init_lora_weights, before)
     return peft_model

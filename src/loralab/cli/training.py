@@ -81,8 +81,11 @@ def cmd_train(args) -> int:
 
     if args.resume:
         given = [
-            k for k in ("task", "model", "method", "config") if getattr(args, k)
-        ] + args.overrides
+            f"--{k.replace('_', '-')}"
+            for k in ("task", "model", "method", "head", "config", "data_dir", "train_file",
+                      "eval_file", "max_train_examples", "max_eval_examples", "output_dir")
+            if getattr(args, k, None) is not None
+        ] + args.overrides  # fmt: skip
         if given:
             raise LoralabError(
                 f"--resume continues a run with the config it was started with; drop {given} "
