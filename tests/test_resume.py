@@ -142,3 +142,20 @@ def test_resume_without_checkpoints_refuses_unless_restart(killed, uninterrupted
     # Trained again from step 0: one record per step, and the same result as never killed.
     summary = _assert_same_result(run, full)
     assert summary["resumed_from"] is None
+
+
+def test_a_run_still_training_is_not_resumed_beside_itself(killed, capsys):
+    """`--resume` of a run another live process trains in (it holds the folder's lock) is a user
+    error that changes nothing; a killed trainer's lock is gone with it (the tests above)."""
+    import fcntl
+
+    from loralab import rundir
+
+    run = killed
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with open(run / rundir.RUN_LOCK, "a") as live:  # what a live trainer holds
+        fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is being trained by another process right now" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

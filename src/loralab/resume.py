@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import distributed, tracking
+from . import distributed, rundir, tracking
 from .checkpoints import newest_good_checkpoint, trim_metrics, warn
 from .config import from_dict, load_yaml
 from .errors import LoralabError
@@ -29,6 +29,7 @@ def resume(
     Trainer callbacks, as for `train`.
     """
     run_dir = tracking.open_run_dir(run_dir)
+    lock = rundir.hold_run_lock(run_dir) if distributed.is_main() else None  # noqa: F841
     _check_not_finished(run_dir)
     cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
     cfg = command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)

@@ -16,6 +16,7 @@ A study or sweep folder::
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -34,6 +35,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SWEEP_FILE = "sweep.json"  # which studies and workers used this run
+RUN_LOCK = ".training.lock"  # flock-ed by the process that trains in the folder
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -203,3 +205,21 @@ def open_run_dir(path: str | Path) -> Path:
             "that `loralab train` created (it holds config.yaml, metrics.jsonl, summary.json)."
         )
     return path
+
+
+def hold_run_lock(run_dir: Path):
+    """Lock the run folder for the process that trains in it, until that process ends (keep
+    the returned file open). A second process, e.g. `--resume` of a run that is still training,
+    gets a user error before it changes anything: two trainers in one folder would interleave
+    their metrics and checkpoints. The kernel drops the lock when its holder dies."""
+    fh = open(Path(run_dir) / RUN_LOCK, "a")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise LoralabError(
+            f"'{run_dir}' is being trained by another process right now (it holds "
+            f"{RUN_LOCK}). Nothing was changed. Let that run finish, or stop it, before resuming "
+            "it; to train the same settings again alongside, start a new run."
+        ) from None
+    return fh

@@ -177,6 +177,7 @@ def train(
         created = None
         if distributed.is_main():
             created = tracking.create_run_dir(resolved_config(cfg, splits.max_length))
+            lock = rundir.hold_run_lock(created)  # noqa: F841 - held while this process trains
         run_dir = distributed.broadcast(created)
     run = _Run(cfg, task, head, built, splits, run_dir, resume is not None, console, quiet)
     kernels = {"precision": precision_decision, "attention": kernel}
