@@ -98,7 +98,9 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
     assert "no lora learning rates" in capsys.readouterr().err
     # Names a run would refuse are refused before the study exists, not point by point later.
     for bad, needle in [("lora.target=standrad", "Unknown LoRA target preset 'standrad'"),
-                        ("--head=prompt", "model.head='prompt' is not a known head")]:  # fmt: skip
+                        ("--head=prompt", "model.head='prompt' is not a known head"),
+                        ("--model=tiny-lama", "did you mean tiny-llama?"),
+                        ("data.train_file=/nothere.tsv", "'/nothere.tsv', which does not exist")]:  # fmt: skip
         assert main(_sweep_args(tmp_path, sst2_dir, bad)) == 2
         assert needle in capsys.readouterr().err
         assert not (tmp_path / "res").exists()

@@ -27,6 +27,7 @@ from ..config import (
 )
 from ..errors import LoralabError
 from ..heads import check_head
+from ..models.registry import precheck
 from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
 from .variants import legacy_suffix, slug, variant_slug
@@ -269,10 +270,19 @@ def make_plan(
     keys = [p["key"] for p in points]
     if len(set(keys)) != len(keys):
         raise LoralabError("The grid repeats a point (a learning rate or seed given twice).")
+    for name in {plan.config_for(p).model.name for p in points}:  # a typo fails here, before
+        precheck(name)  # a study (which a corrected command would not match) is created
     for p in points:  # fail now, not on some machine hours later
         cfg = plan.config_for(p)
         validate(cfg)
         check_head(cfg.model.head)
+        for key in ("data_dir", "train_file", "eval_file"):
+            path = getattr(cfg.data, key)
+            if path and not Path(path).expanduser().exists():
+                raise LoralabError(
+                    f"data.{key} (--{key.replace('_', '-')}) is '{path}', which does not exist. "
+                    "Give the folder or file that holds the task's data; nothing was created."
+                )
     return plan
 
 
