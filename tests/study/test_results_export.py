@@ -76,3 +76,20 @@ def test_export_mistakes_exit_2(tmp_path, capsys):
     assert not (src / "copy").exists()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "d")]) == 2
     assert "has no runs/ folder" in capsys.readouterr().err
+
+
+def test_export_never_replaces_another_results_folders_studies(tmp_path, capsys):
+    src = _results(tmp_path / "res")
+    other = tmp_path / "other"
+    other.mkdir()
+    create_or_check(open_storage(f"sqlite:///{other / 'study.db'}"), "theirs",
+                    make_plan(tasks="sst2", lora_lr="1e-3", full_lr="1e-4", seeds="2",
+                              results_dir=str(other), model={"name": "tiny-llama"}))  # fmt: skip
+    before = (other / "study.db").read_bytes()
+    assert main(["export", str(src), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "holds studies that" in err and "(theirs)" in err and "Nothing was changed" in err
+    assert (other / "study.db").read_bytes() == before and not (other / "runs").exists()
+    dest = tmp_path / "dest"  # an earlier export of these results is refreshed, as before
+    assert main(["export", str(src), str(dest)]) == 0
+    assert main(["export", str(src), str(dest)]) == 0

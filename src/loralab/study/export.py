@@ -33,6 +33,7 @@ from ..rundir import (
 )
 from .records import load_runs
 from .report import stored_pending, write_report
+from .storage import open_storage
 
 SMALL_FILES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, SWEEP_FILE)
 FINISHED = ("completed", "diverged")
@@ -61,6 +62,14 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
             f"The export folder '{out}' lies inside the results folder '{src}': give a folder "
             "outside it (e.g. results/<name> in a repository)."
         )
+    if (src / STUDY_DB).is_file() and (out / STUDY_DB).is_file():
+        lost = sorted(_study_names(out / STUDY_DB) - _study_names(src / STUDY_DB))
+        if lost:  # `dest` is another results folder, not an earlier export of this one
+            raise LoralabError(
+                f"'{out / STUDY_DB}' holds studies that '{src / STUDY_DB}' does not ({', '.join(lost)}): "
+                "exporting would replace them. Nothing was changed. Export into a new folder, or "
+                "into the one an earlier export of these results made."
+            )
     out.mkdir(parents=True, exist_ok=True)
     done = Exported(out)
     for run in sorted(p for p in (src / RUNS_DIR).iterdir() if p.is_dir()):
@@ -86,6 +95,10 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
             source = f"run directories under {out}"
             done.report = write_report(records, out / REPORT_DIR, source, stored_pending(out))
     return done
+
+
+def _study_names(db: Path) -> set[str]:
+    return {s.study_name for s in open_storage(f"sqlite:///{db.resolve()}").get_all_studies()}
 
 
 def _copy(src: Path, dst: Path) -> None:
