@@ -126,6 +126,14 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
 
     assert main(["sweep", "worker", "--output-dir", str(tmp_path / "res")]) == 2
     assert "give --study NAME" in capsys.readouterr().err
+    # Commands that read or join a study never create a storage by naming one.
+    ghost = tmp_path / "ghost.db"
+    for argv in (["report", "--study", "x", "--storage", f"sqlite:///{ghost}"],
+                 ["sweep", "status", "--study", "x", "--storage", f"sqlite:///{ghost}"],
+                 ["sweep", "worker", "--study", "x", "--storage", f"sqlite:///{ghost}"]):  # fmt: skip
+        assert main(argv) == 2
+        assert f"There is no study storage at '{ghost}'" in capsys.readouterr().err
+        assert not ghost.exists() and not list(tmp_path.glob("ghost.db*"))
     assert main(["sweep", "worker", "--study", "nope", "--output-dir", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
     assert "No study named 'nope'" in err and "Studies there: sweep-sst2" in err

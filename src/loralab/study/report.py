@@ -28,7 +28,7 @@ from .records import (
     record_identity,
     stored_groups,
 )
-from .storage import storage_url
+from .storage import existing, storage_url
 from .tables import Table, csv_rows, tables
 from .variants import lora_slug
 
@@ -180,7 +180,7 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
     if studies:
         if not storage and not (results_dir and (Path(results_dir) / STUDY_DB).is_file()):
             raise LoralabError("--study needs --storage URL, or a results folder holding study.db.")
-        records = load_study_runs(studies, storage or storage_url(None, results_dir))
+        records = load_study_runs(studies, existing(storage or storage_url(None, results_dir)))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
         # The study storage names the groups of runs that lack their sweep.json. (storage_url

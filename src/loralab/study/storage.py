@@ -46,6 +46,18 @@ def storage_url(storage: str | None, results_dir: str | Path) -> str:
     return f"sqlite:///{(path / STUDY_DB).resolve()}"
 
 
+def existing(url: str) -> str:
+    """`url`, checked to name an existing file when it is SQLite: a command that only reads or
+    joins a study must not create an empty database by looking."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise LoralabError(
+            f"There is no study storage at '{url[len('sqlite:///') :]}' (--storage "
+            f"{masked(url)}): nothing was created. Give the study.db that a sweep or study wrote "
+            "(by default RESULTS/study.db), or its results folder."
+        )
+    return url
+
+
 def masked(url: str) -> str:
     """The URL without its password (or other credentials), for messages."""
     return mask_secrets(url)

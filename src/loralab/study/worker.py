@@ -44,6 +44,7 @@ from .storage import (
     DEFAULT_MAX_RETRY,
     claim_order,
     ensure_enqueued,
+    existing,
     is_final,
     load_study,
     open_storage,
@@ -120,8 +121,7 @@ class Worker:
         elif not self.quiet:
             print(f"[{self.study.study_name}] {text}", file=sys.stderr, flush=True)
 
-    def _finished(self, states: dict[str, str] | None = None) -> int:
-        """Points of this worker's tasks that need no more work (done, or failed for good)."""
+    def _finished(self, states: dict[str, str] | None = None) -> int:  # done or failed for good
         return sum(s in ("done", "failed") for s in (states or self.states()).values())
 
     def run(self) -> WorkerReport:
@@ -387,7 +387,7 @@ def run_worker(study_name: str, storage: str | None = None, tasks: list[str] | N
                grace: int | None = None, max_retry: int = DEFAULT_MAX_RETRY,
                quiet: bool = False, trust_remote_code: bool = False) -> WorkerReport:  # fmt: skip
     """`loralab sweep worker`: run undone points of an existing study until none is left."""
-    url = storage_url(storage, results_dir or "results")
+    url = existing(storage_url(storage, results_dir or "results"))  # joins, never creates
     st = open_storage(url, heartbeat, grace, max_retry)
     return Worker(st, study_name, tasks, results_dir, heartbeat, quiet, trust_remote_code).run()
 
