@@ -319,6 +319,18 @@ def validate(cfg: ExperimentConfig) -> None:
             raise LoralabError(f"train.{key} must be a positive integer, got {getattr(tr, key)}.")
     if tr.eval_steps is not None and tr.eval_steps <= 0:
         raise LoralabError(f"train.eval_steps must be positive or null, got {tr.eval_steps}.")
+    for key in ("weight_decay", "max_grad_norm"):
+        if not (math.isfinite(getattr(tr, key)) and getattr(tr, key) >= 0):
+            raise LoralabError(
+                f"train.{key} must be zero or positive (0 turns it off), got {getattr(tr, key)}."
+            )
+    if cfg.run.name is not None and (
+        not cfg.run.name or Path(cfg.run.name).name != cfg.run.name or cfg.run.name in (".", "..")
+    ):
+        raise LoralabError(
+            f"run.name must be a plain folder name (it is created under run.output_dir), got "
+            f"{cfg.run.name!r}: to put runs elsewhere, set run.output_dir (--output-dir)."
+        )
     if not 0 <= tr.seed < 2**32:  # numpy's seeds, which the Trainer sets from it
         raise LoralabError(f"train.seed must be in [0, 2^32) (default 42), got {tr.seed}.")
     if not math.isfinite(tr.epochs):

@@ -221,6 +221,11 @@ def make_plan(
                  "train.method": "--methods", "data.task": "--tasks"}  # fmt: skip
     for item in [*glob, *(x for v in per_task_items.values() for x in v)]:
         key = item.split("=", 1)[0].strip()
+        if key == "train.method" and kind == "ablation":
+            raise LoralabError(
+                "train.method is set by the ablation: it varies LoRA settings, so every point is "
+                "LoRA. Compare with full fine-tuning in a sweep (`loralab sweep --methods lora,full`)."
+            )
         if key in grid_keys:
             raise LoralabError(f"{key} is set per point by the grid: use {grid_keys[key]} instead.")
     check_honoured(kind, ablation, glob, [f"{t}:{x}" for t, v in per_task_items.items() for x in v])
@@ -269,7 +274,9 @@ def make_plan(
         )
     keys = [p["key"] for p in points]
     if len(set(keys)) != len(keys):
-        raise LoralabError("The grid repeats a point (a learning rate or seed given twice).")
+        raise LoralabError(
+            "The grid repeats a point (a task, learning rate or seed given twice): give each once."
+        )
     for name in {plan.config_for(p).model.name for p in points}:  # a typo fails here, before
         precheck(name)  # a study (which a corrected command would not match) is created
     for p in points:  # fail now, not on some machine hours later
