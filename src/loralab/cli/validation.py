@@ -59,10 +59,12 @@ def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..models import precheck
     from ..validate import as_json, drop_targets, run_checks
 
     refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
+    precheck(cfg.model.name)  # a typo: "did you mean", not the hub's retries and a traceback
     check_out_file(Path(args.out), "--out")
     result = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
     if args.results:
