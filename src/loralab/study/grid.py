@@ -39,6 +39,7 @@ RANKS = (4, 8, 16)  # alpha = 2·r in the rank ablation
 ALPHAS = (8.0, 16.0, 32.0)  # at r = 8
 PLAN_VERSION = 1
 DEFAULT_HEAD = ModelConfig().head  # the head a run key leaves unnamed
+PATH_KEYS = ("data_dir", "train_file", "eval_file")  # the data.* keys that name local paths
 
 
 @dataclass
@@ -277,13 +278,13 @@ def make_plan(
         raise LoralabError(
             "The grid repeats a point (a task, learning rate or seed given twice): give each once."
         )
-    for name in {plan.config_for(p).model.name for p in points}:  # a typo fails here, before
-        precheck(name)  # a study (which a corrected command would not match) is created
-    for p in points:  # fail now, not on some machine hours later
-        cfg = plan.config_for(p)
+    cfgs = [plan.config_for(p) for p in points]
+    for name in {cfg.model.name for cfg in cfgs}:  # a typo fails here, before a study (which
+        precheck(name)  # a corrected command would not match) is created
+    for cfg in cfgs:  # fail now, not on some machine hours later
         validate(cfg)
         check_head(cfg.model.head)
-        for key in ("data_dir", "train_file", "eval_file"):
+        for key in PATH_KEYS:
             path = getattr(cfg.data, key)
             if path and not Path(path).expanduser().exists():
                 raise LoralabError(

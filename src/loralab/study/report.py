@@ -28,7 +28,7 @@ from .records import (
     record_identity,
     stored_groups,
 )
-from .storage import existing, storage_url
+from .storage import existing, storage_url, stored_url
 from .tables import Table, csv_rows, tables
 from .variants import lora_slug
 
@@ -183,10 +183,7 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
         records = load_study_runs(studies, existing(storage or storage_url(None, results_dir)))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
-        # The study storage names the groups of runs that lack their sweep.json. (storage_url
-        # makes its folder: not called for a results folder that is not there.)
-        has_db = storage or (Path(results_dir) / STUDY_DB).is_file()
-        url = has_db and (storage or storage_url(None, results_dir))
+        url = stored_url(results_dir, storage)  # names the groups of runs without sweep.json
         records = load_runs(results_dir, stored_groups(url) if url else None)
         source = f"run directories under {results_dir}"
     else:
@@ -197,7 +194,5 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
 
 def stored_pending(results_dir: str | Path | None, storage: str | None = None) -> dict:
     """The learning rates the study storage (given, or RESULTS_DIR/study.db) has yet to run."""
-    if storage:
-        return pending_lrs(storage)
-    db = Path(results_dir) / STUDY_DB if results_dir else None
-    return pending_lrs(storage_url(None, results_dir)) if db and db.is_file() else {}
+    url = stored_url(results_dir, storage)
+    return pending_lrs(url) if url else {}

@@ -19,6 +19,7 @@ from ..config import LoraSettings as LoraConfig
 from ..config import from_dict, load_yaml, merge_dicts, validate
 from ..errors import LoralabError
 from ..tasks import get_task
+from .grid import PATH_KEYS
 from .phases import Ablation, StudySpec, phases
 
 SELECTIONS = ("grid_on_first_seed", "full_grid")
@@ -37,7 +38,6 @@ TASK_KEYS = {
     "max_steps": "train.max_steps",
 }
 SECTIONS = ("model", "lora", "data", "train", "tracking")
-PATH_KEYS = ("data_dir", "train_file", "eval_file")
 # Set per point by the study itself: a value in the spec could not be honoured.
 FIXED = {
     "data.task": "the task is the key under `tasks:`",

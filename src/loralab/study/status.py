@@ -29,7 +29,7 @@ from .phases import Phase, StudySpec, best_lrs, phases
 from .progress import FINAL, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
-from .storage import existing, is_final, load_study, open_storage
+from .storage import existing, is_final, load_study, open_storage, stored_url
 
 
 @dataclass
@@ -125,10 +125,7 @@ class StudyStatus:
 def _storage(results: str, storage: str | None):
     """(URL, storage) of the given URL or the default SQLite file; (None, None) when that file
     does not exist (looking never creates it)."""
-    url = existing(storage) if storage else None
-    if url is None:
-        db = Path(results) / STUDY_DB
-        url = f"sqlite:///{db.resolve()}" if db.is_file() else None
+    url = existing(storage) if storage else stored_url(results)
     return url, (open_storage(url) if url else None)
 
 

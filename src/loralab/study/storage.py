@@ -46,6 +46,15 @@ def storage_url(storage: str | None, results_dir: str | Path) -> str:
     return f"sqlite:///{(path / STUDY_DB).resolve()}"
 
 
+def stored_url(results_dir: str | Path | None, storage: str | None = None) -> str | None:
+    """The given URL, or RESULTS/study.db's when that file exists; None otherwise (looking
+    never creates a storage)."""
+    if storage:
+        return storage
+    db = Path(results_dir) / STUDY_DB if results_dir else None
+    return f"sqlite:///{db.resolve()}" if db and db.is_file() else None
+
+
 def existing(url: str) -> str:
     """`url`, checked to name an existing file when it is SQLite: a command that only reads or
     joins a study must not create an empty database by looking."""
