@@ -61,6 +61,30 @@ def test_overrides_parse_types_and_win_over_file(tmp_path):
     assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
 
 
+@pytest.mark.parametrize(
+    "override, section, key, expected",
+    [
+        ("run.name=007", "run", "name", "007"),
+        ("run.name=no", "run", "name", "no"),
+        ("run.name=2024-01-05", "run", "name", "2024-01-05"),
+        ("run.name=null", "run", "name", None),
+        ("data.prompt=Text {text_a}. Mood:", "data", "prompt", "Text {text_a}. Mood:"),
+        ("data.prompt=Rate #1 {text_a}", "data", "prompt", "Rate #1 {text_a}"),
+        ('data.prompt="Review: {text_a}"', "data", "prompt", "Review: {text_a}"),
+        ("model.name= 1e3 ", "model", "name", "1e3"),
+        ("tracking.project=true", "tracking", "project", "true"),
+        # not text fields: YAML as before
+        ("lora.target=[q_proj, v_proj]", "lora", "target", ["q_proj", "v_proj"]),
+        ("data.max_length=64", "data", "max_length", 64),
+    ],
+)
+def test_text_fields_keep_the_override_as_typed(override, section, key, expected):
+    # YAML would make 007 an int, no a bool, a date a date and "Mood:" a mapping
+    assert parse_overrides([override]) == {section: {key: expected}}
+    cfg = build_config(None, [override, "lora.r=8"])
+    assert getattr(getattr(cfg, section), key) == expected
+
+
 def test_flags_sit_between_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  task: rte\n")

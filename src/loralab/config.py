@@ -238,8 +238,42 @@ def dump_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _text_field(parts: list[str]) -> str | None:
+    """ "text" / "optional" when the dotted key names a `str` / `str | None` field, else None."""
+    cls: Any = ExperimentConfig
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        tp = _hints(cls).get(part)
+        if tp is None:
+            return None
+        if i == len(parts) - 1:
+            if tp is str:
+                return "text"
+            return "optional" if tp == (str | None) else None
+        cls = tp
+    return None
+
+
+def _text_value(raw: str, optional: bool) -> str | None:
+    """A text field's override, taken as typed: YAML would turn `007` into 7, `no` into False and
+    `Mood: {text_a}` into a mapping. Quotes are still removed; null/~/empty clear an optional one."""
+    text = raw.strip()
+    if not text or (optional and text in ("null", "Null", "NULL", "~")):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            quoted = yaml.safe_load(text)
+        except yaml.YAMLError:
+            quoted = None
+        if isinstance(quoted, str):
+            return quoted
+    return text
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """`["lora.r=16", "train.lr=3e-4"]` -> nested dict; values parsed as YAML scalars/lists."""
+    """`["lora.r=16", "train.lr=3e-4"]` -> nested dict. Values are parsed as YAML scalars/lists,
+    except for text fields (run.name, data.prompt, ...), which keep the text as typed."""
     out: dict = {}
     for item in items:
         if "=" not in item:
@@ -252,10 +286,14 @@ def parse_overrides(items: list[str]) -> dict:
             raise LoralabError(
                 f"Override key '{key}' must name a section and a key, e.g. lora.r or train.lr."
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        text_kind = _text_field(parts)
+        if text_kind:
+            value = _text_value(raw, optional=text_kind == "optional")
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -11,6 +11,7 @@ from . import rundir
 from .cache import cache_dir
 from .config import DataConfig
 from .console import known_warnings_silenced, library_bars_off
+from .errors import LoralabError
 from .tasks import MODEL_COLUMNS, Task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a forward reads
@@ -146,6 +147,19 @@ def eval_split(
         with known_warnings_silenced():
             feats = feats.sort("length")
     return raw, feats
+
+
+def check_max_length(task: Task, cfg: DataConfig, model_config, model_name: str) -> None:
+    """Refuse a `data.max_length` beyond the positions the model was trained with (absolute
+    position embeddings fail mid-run with an index error; rotary ones were never trained there)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    max_length = cfg.max_length or task.default_max_length
+    if isinstance(limit, int) and max_length > limit:
+        source = "data.max_length" if cfg.max_length else f"{task.name}'s default max_length"
+        raise LoralabError(
+            f"{source} is {max_length} tokens, but {model_name} has {limit} positions "
+            f"(max_position_embeddings). Set data.max_length to at most {limit}."
+        )
 
 
 def load_splits(

@@ -20,7 +20,7 @@ from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum, read_training_time
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
-from .data import Splits, load_splits, model_inputs
+from .data import Splits, check_max_length, load_splits, model_inputs
 from .errors import TrainingDiverged
 from .heads import Head, head_for
 from .lora import apply_lora, check_targets
@@ -161,6 +161,7 @@ def train(
     )
     cfg, precision_decision = resolve_precision(cfg, config)
     head.check_model(config, cfg.model.name)
+    check_max_length(task, cfg.data, config, cfg.model.name)
     head.prepare(tokenizer)
     if cfg.train.method == "lora":  # targets vs the model's layers, before weights and data
         check_targets(cfg.lora, config, head.auto_class(), cfg.model.trust_remote_code)

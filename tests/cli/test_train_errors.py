@@ -22,6 +22,7 @@ BAD_INPUTS = [
     (["lora.target=[c_attn]"], "c_attn"),
     (["lora.rank=4"], "Unknown config key 'lora.rank'"),
     (["--method", "lora", "train.precision=fp4"], "train.precision"),
+    (["data.max_length=4096"], "at most 512"),
 ]
 
 
