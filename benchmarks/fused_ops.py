@@ -115,7 +115,6 @@ def masks(rounds: int, shape: tuple[int, ...], p: float = 0.05) -> dict:
     ns = {k: v / like.numel() * 1e9 for k, v in best.items()}
     return {
         "shape": list(shape),
-        "keep_mask_draws": "bernoulli (MKL)" if fused.mkl_bernoulli() else "16-bit lanes",
         "ns_per_element": ns,
         "bernoulli_over_keep_mask": ns["bernoulli"] / ns["keep_mask"],
     }

@@ -27,6 +27,14 @@ def test_an_unfinished_lora_run_says_how_to_finish_it(tmp_path):
         runs.open_lora_run(run, "analyze")
 
 
+def test_a_diverged_run_is_not_sent_to_resume(tmp_path):
+    run = _run_dir(tmp_path)
+    (run / "summary.json").write_text('{"status": "diverged"}')
+    with pytest.raises(LoralabError, match="status: diverged.*lower train.lr") as e:
+        runs.open_lora_run(run, "merge")
+    assert "--resume" not in str(e.value)
+
+
 def test_a_damaged_adapter_file_is_named(tmp_path):
     run = _run_dir(tmp_path)
     (run / "adapter").mkdir()

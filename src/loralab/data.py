@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import rundir
@@ -90,10 +91,12 @@ def cached_features(
     causal: bool,
     max_length: int,
     head=None,
+    progress: bool = True,
 ):
     """Tokenise `raw` once; later runs with the same inputs load the saved features from disk.
 
-    `head` featurises (None: the task's own features, as the classifier head makes them)."""
+    `head` featurises (None: the task's own features, as the classifier head makes them);
+    `progress=False` hides the tokenising bar."""
     from datasets import load_from_disk
 
     key = hashlib.sha256(
@@ -114,10 +117,11 @@ def cached_features(
     path = cache_dir() / "features" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', task.name)}-{split}-{key}"
     if path.is_dir():
         return load_from_disk(str(path))
-    if head is not None:
-        feats = head.featurize(raw, tokenizer, max_length, split, causal)
-    else:
-        feats = task.featurize(raw, tokenizer, max_length, cfg.doc_stride, split, causal)
+    with nullcontext() if progress else library_bars_off():
+        if head is not None:
+            feats = head.featurize(raw, tokenizer, max_length, split, causal)
+        else:
+            feats = task.featurize(raw, tokenizer, max_length, cfg.doc_stride, split, causal)
     try:
         # Another process may win the race; its copy is equal, so ours is then dropped.
         with rundir.atomic_dir(path, replace=False) as tmp, library_bars_off():
@@ -129,7 +133,7 @@ def cached_features(
 
 def eval_split(
     task: Task, cfg: DataConfig, tokenizer, causal: bool, head=None, limit: int | None = None,
-    sort: bool = True, raw=None,
+    sort: bool = True, raw=None, progress: bool = True,
 ):  # fmt: skip
     """The dev examples (the first `limit`, if given) and their features through the feature
     cache, sorted by length unless `sort` is False (then in example order).
@@ -142,7 +146,7 @@ def eval_split(
     if limit and limit < len(raw):
         raw = raw.select(range(limit))
     max_length = cfg.max_length or task.default_max_length
-    feats = cached_features(task, raw, tokenizer, cfg, "eval", causal, max_length, head)
+    feats = cached_features(task, raw, tokenizer, cfg, "eval", causal, max_length, head, progress)
     if sort:
         with known_warnings_silenced():
             feats = feats.sort("length")
@@ -162,9 +166,23 @@ def check_max_length(task: Task, cfg: DataConfig, model_config, model_name: str)
         )
 
 
+def check_accumulation(train_features: int, batch_size: int, grad_accum: int, world: int) -> None:
+    """Refuse a `train.grad_accum` above the batches one epoch holds: the Trainer would take one
+    short step per epoch from fewer batches than asked, with its loss misreported."""
+    batches = -(-train_features // (batch_size * world))
+    if grad_accum > batches:
+        procs = f" per process ({world} processes)" if world > 1 else ""
+        raise LoralabError(
+            f"train.grad_accum is {grad_accum}, but an epoch holds only {batches} batches of "
+            f"{batch_size}{procs} ({train_features} training features). Set train.grad_accum to "
+            f"at most {batches}, or lower train.batch_size."
+        )
+
+
 def load_splits(
-    task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool, head=None
-) -> Splits:
+    task: Task, cfg: DataConfig, tokenizer, seed: int, causal: bool, head=None,
+    progress: bool = True,
+) -> Splits:  # fmt: skip
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
     max_length = cfg.max_length or task.default_max_length
     train_raw = task.load("train", cfg.data_dir, cfg.train_file)
@@ -177,9 +195,11 @@ def load_splits(
     }
     if cfg.max_train_examples and cfg.max_train_examples < len(train_raw):
         train_raw = train_raw.shuffle(seed=seed).select(range(cfg.max_train_examples))
-    train = cached_features(task, train_raw, tokenizer, cfg, "train", causal, max_length, head)
+    train = cached_features(
+        task, train_raw, tokenizer, cfg, "train", causal, max_length, head, progress
+    )
     eval_raw, evals = eval_split(
-        task, cfg, tokenizer, causal, head, cfg.max_eval_examples, raw=eval_all
+        task, cfg, tokenizer, causal, head, cfg.max_eval_examples, raw=eval_all, progress=progress
     )
     return Splits(train_raw, train, eval_raw, evals, max_length, fingerprint)
 

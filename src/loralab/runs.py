@@ -71,10 +71,16 @@ def open_lora_run(
         state = (
             tracking.read_json(summary).get("status") if summary.is_file() else "no summary.json"
         )
+        fix = (  # a diverged run would diverge again on resume
+            "it diverged (a non-finite loss), so it has no adapter to use: train it again with "
+            "a lower train.lr."
+            if state == "diverged"
+            else "the adapter is written when training finishes: finish the run with "
+            f"`loralab train --resume {run_dir}` first."
+        )
         raise LoralabError(
             f"'{run_dir}' has no saved adapter ({tracking.ADAPTER_DIR}/adapter_config.json; run "
-            f"status: {state}). The adapter is written when training finishes: finish the run "
-            f"with `loralab train --resume {run_dir}` first."
+            f"status: {state}): {fix}"
         )
     tracking.read_json(run_dir / tracking.ADAPTER_DIR / "adapter_config.json")
     check_safetensors(run_dir / tracking.ADAPTER_DIR / "adapter_model.safetensors")

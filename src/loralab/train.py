@@ -20,7 +20,7 @@ from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum, read_training_time
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
-from .data import Splits, check_max_length, load_splits, model_inputs
+from .data import Splits, check_accumulation, check_max_length, load_splits, model_inputs
 from .errors import TrainingDiverged
 from .heads import Head, head_for
 from .lora import apply_lora, check_targets
@@ -146,6 +146,8 @@ def train(
     start = time.time()
     task = get_task(cfg.data.task)
     head = head_for(cfg, task)
+    if not resume:  # a run resumes as it started
+        head.check_data(cfg.data)
     console = _console(quiet)
 
     set_seed(cfg.train.seed)
@@ -166,7 +168,10 @@ def train(
     if cfg.train.method == "lora":  # targets vs the model's layers, before weights and data
         check_targets(cfg.lora, config, head.auto_class(), cfg.model.trust_remote_code)
     # Data first: a bad data file should fail before the slower model load.
-    splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, is_causal(config), head)
+    causal = is_causal(config)
+    splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal, head, not quiet)
+    tr = cfg.train
+    check_accumulation(len(splits.train), tr.batch_size, tr.grad_accum, distributed.world_size())
     kernel = choose_attention(cfg, config, splits)
     set_seed(cfg.train.seed)
     built = build_model(

@@ -23,6 +23,9 @@ BAD_INPUTS = [
     (["lora.rank=4"], "Unknown config key 'lora.rank'"),
     (["--method", "lora", "train.precision=fp4"], "train.precision"),
     (["data.max_length=4096"], "at most 512"),
+    (["--max-train-examples", "40", "train.grad_accum=4"], "an epoch holds only 3 batches"),
+    (["--method", "full", "lora.r=16"], "lora.r given with train.method=full"),
+    (["data.verbalizers=[' no', ' yes']"], "the classifier head would ignore it"),
 ]
 
 

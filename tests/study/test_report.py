@@ -469,6 +469,17 @@ def test_cli_three_identities_three_rows_figures_with_reference_line(tmp_path, c
     assert len(body) == 3, out
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Learning curves: dev metric vs training step" in html and "Ablation: rank" in html
+    # Its own earlier report is refreshed; a folder with someone else's report.md is refused.
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("# My notes\n")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--out", str(mine)]) == 2
+    assert "not written by a loralab report" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "# My notes\n" and not (
+        mine / "report.html"
+    ).exists()
     assert html.count("data:image/png;base64,") == 4  # + the paired differences
     assert (tmp_path / "rep" / "figures" / "learning_curves.png").is_file()
 

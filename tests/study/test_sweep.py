@@ -91,6 +91,20 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_config_files_lr_is_not_silently_dropped(tmp_path, sst2_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 5.0e-4\n")
+    for command in (["sweep"], ["ablate", "--type", "rank"]):
+        argv = [*command, "--model", "tiny-llama", "--data-dir", str(sst2_dir), "--config",
+                str(cfg), "--output-dir", str(tmp_path / "res")]  # fmt: skip
+        assert main(argv) == 2
+        assert "sets train.lr=0.0005, which a" in capsys.readouterr().err
+        assert not (tmp_path / "res").exists()
+    # Given the grid's own rates, the file's value is plainly overridden.
+    argv = [*argv, "--lora-lr", "5e-4", "--create-only"]
+    assert main(argv) == 0
+
+
 def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, capsys):
     assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "")) == 2
     assert "The grid is empty: no seeds" in capsys.readouterr().err
@@ -99,6 +113,7 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
     # Names a run would refuse are refused before the study exists, not point by point later.
     for bad, needle in [("lora.target=standrad", "Unknown LoRA target preset 'standrad'"),
                         ("--head=prompt", "model.head='prompt' is not a known head"),
+                        ("data.prompt=Say: {text_a}", "the classifier head would ignore it"),
                         ("--model=tiny-lama", "did you mean tiny-llama?"),
                         ("data.train_file=/nothere.tsv", "'/nothere.tsv', which does not exist")]:  # fmt: skip
         assert main(_sweep_args(tmp_path, sst2_dir, bad)) == 2

@@ -119,6 +119,13 @@ def cmd_train(args) -> int:
             train={"method": args.method},
             run={"output_dir": args.output_dir},
         )
+        lora_keys = [o.split("=", 1)[0] for o in args.overrides if o.startswith("lora.")]
+        if cfg.train.method == "full" and lora_keys:
+            raise LoralabError(
+                f"{', '.join(lora_keys)} given with train.method=full: full fine-tuning trains "
+                "every weight and builds no adapter, so lora.* settings would be ignored. Drop "
+                "them, or train with --method lora."
+            )
         result = train(cfg, quiet=args.quiet)
     if not distributed.is_main():  # under torchrun: rank 0 reports and pushes
         return 0

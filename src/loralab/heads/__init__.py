@@ -31,6 +31,12 @@ def check_head(name: str) -> None:
         )
 
 
+def check_config(cfg: ExperimentConfig) -> None:
+    """`model.head` is registered and takes the run's data settings (before anything runs)."""
+    check_head(cfg.model.head)
+    _HEADS[cfg.model.head].check_data(cfg.data)
+
+
 def head_for(cfg: ExperimentConfig, task: Task) -> Head:
     """The head object of a run's config, bound to its task (not yet to a tokenizer)."""
     check_head(cfg.model.head)
@@ -41,6 +47,6 @@ register_head(ClassifierHead)
 register_head(PromptedLMHead)
 
 __all__ = [
-    "ClassifierHead", "Head", "PromptedLMHead", "check_head", "head_for", "head_names",
+    "ClassifierHead", "Head", "PromptedLMHead", "check_config", "check_head", "head_for", "head_names",
     "register_head",
 ]  # fmt: skip

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..config import DataConfig
+from ..errors import LoralabError
 from ..tasks import Task
 
 
@@ -27,6 +28,8 @@ class Head(ABC):
     name: ClassVar[str]
     evaluates_in_trainer: ClassVar[bool] = True
     """True: the Trainer's own predict loop scores dev features (`evaluate` gets `predict`)."""
+    reads_prompts: ClassVar[bool] = False
+    """True: the head reads `data.prompt` and `data.verbalizers` (others refuse them)."""
 
     def __init__(self, task: Task, data: DataConfig):
         self.task = task
@@ -48,6 +51,18 @@ class Head(ABC):
     def check_model(self, model_config, model_name: str) -> None:
         """Raise LoralabError when this head cannot work with the model (before weights load)."""
         return None
+
+    @classmethod
+    def check_data(cls, data: DataConfig) -> None:
+        """Raise LoralabError for data settings this head would silently ignore."""
+        given = [f"data.{k}" for k in ("prompt", "verbalizers") if getattr(data, k) is not None]
+        if given and not cls.reads_prompts:
+            raise LoralabError(
+                f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for a prompted "
+                f"language model (model.head=lm); the {cls.name} head would ignore "
+                f"{'them' if len(given) > 1 else 'it'}. Remove {'them' if len(given) > 1 else 'it'}"
+                ", or train with model.head=lm."
+            )
 
     def export_labels(self) -> tuple[str, ...]:
         """Label names an exported model's config maps its outputs to (none: no mapping)."""

@@ -17,6 +17,7 @@ from .base import Head
 class PromptedLMHead(Head):
     name = "lm"
     evaluates_in_trainer = False  # scored by its own loop (verbalizers / generation)
+    reads_prompts = True
 
     def __init__(self, task, data):
         super().__init__(task, data)

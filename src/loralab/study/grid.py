@@ -26,7 +26,7 @@ from ..config import (
     validate,
 )
 from ..errors import LoralabError
-from ..heads import check_head
+from ..heads import check_config
 from ..models.registry import precheck
 from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
@@ -231,6 +231,12 @@ def make_plan(
             raise LoralabError(f"{key} is set per point by the grid: use {grid_keys[key]} instead.")
     check_honoured(kind, ablation, glob, [f"{t}:{x}" for t, v in per_task_items.items() for x in v])
     base_cfg = build_config(config, glob, **sections)
+    if base_cfg.train.lr is not None and lora_lr is None and full_lr is None:
+        raise LoralabError(
+            f"The --config file sets train.lr={base_cfg.train.lr:g}, which a {kind} does not use: "
+            "each point's learning rate comes from --lora-lr/--full-lr. Pass "
+            f"--lora-lr {base_cfg.train.lr:g} (or --full-lr), or remove train.lr from the file."
+        )
     task_list = parse_list(tasks, str, "--tasks")
     task_list = [base_cfg.data.task] if task_list is None else task_list
     task_list = [absolute_ref(t) for t in task_list]  # workers may run in another folder
@@ -283,7 +289,7 @@ def make_plan(
         precheck(name)  # a corrected command would not match) is created
     for cfg in cfgs:  # fail now, not on some machine hours later
         validate(cfg)
-        check_head(cfg.model.head)
+        check_config(cfg)
         for key in PATH_KEYS:
             path = getattr(cfg.data, key)
             if path and not Path(path).expanduser().exists():

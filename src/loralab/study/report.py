@@ -80,6 +80,9 @@ STYLE = (
 )
 
 
+MD_TITLE = "# loralab study report"
+
+
 def write_report(records: list[dict], out_dir: str | Path, source: str,
                  pending: dict | None = None) -> Report:  # fmt: skip
     """report.md, report.html (figures embedded), report.csv, runs.csv and figures/*.png;
@@ -99,6 +102,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     )
     tabs = tables(cells, comps)
     out = Path(out_dir)
+    check_not_foreign(out)
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     figures = make_figures(cells, comps, out / FIGURES_DIR)
     # One entry per run folder (a run can hold records of several groups): its machine.
@@ -115,7 +119,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
-    md = ["# loralab study report", "", intro, *warn_md] + [_md_table(t) for t in tabs]
+    md = [MD_TITLE, "", intro, *warn_md] + [_md_table(t) for t in tabs]
     md += ["## Figures", ""] + [f"![{title}]({FIGURES_DIR}/{p.name})\n" for title, p in figures]
     html = [f"<h1>loralab study report</h1><p>{escape(intro)}</p>"]
     html += [f"<p class='warn'>Warning: {escape(w)}</p>" for w in warnings]
@@ -131,6 +135,20 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     _write_csv(files[2], csv_rows(cells, comps))
     _write_csv(files[3], [_flat_run(r) for r in records])
     return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
+
+
+def check_not_foreign(out: Path) -> None:
+    """Refuse to overwrite report files in `out` that an earlier report did not write (a user's
+    own report.md, say): a loralab report.md starts with its title."""
+    md = out / REPORT_FILES[0]
+    ours = md.is_file() and md.read_text(encoding="utf-8", errors="replace").startswith(MD_TITLE)
+    clash = [name for name in REPORT_FILES if (out / name).exists()]
+    if clash and not ours:
+        raise LoralabError(
+            f"{out} already holds {', '.join(clash)}, not written by a loralab report; "
+            "a report would overwrite them. Give --out a new or empty folder, or move those "
+            "files away."
+        )
 
 
 def _hardware_line(machines: list[str | None]) -> str:
