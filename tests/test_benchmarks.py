@@ -4,6 +4,7 @@ measuring code runs here on tiny-llama and data written by the test, and its fig
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -55,3 +56,16 @@ def test_fused_ops_benchmark_compares_the_same_model_with_and_without(monkeypatc
     assert draws["bernoulli_over_keep_mask"] == pytest.approx(
         draws["ns_per_element"]["bernoulli"] / draws["ns_per_element"]["keep_mask"]
     )
+
+
+def test_matmul_shapes_times_each_product_against_the_peak(monkeypatch, capsys):
+    bench = load("matmul_shapes", monkeypatch)
+    monkeypatch.setattr(bench, "timed", lambda fn, seconds=0.3: (fn(), 100.0)[1])  # 100 µs each
+    assert bench.main(["--tokens", "8", "--dtype", "fp32", "--threads", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    down = got["shapes"]["down_proj"]
+    assert down["shape"] == [8, 1536, 576]
+    assert down["gflops"]["forward"] == pytest.approx(2 * 8 * 1536 * 576 / 1e9 / 100e-6)
+    assert got["peak_gflops"] == pytest.approx(2 * 2048 * 576 * 1536 / 1e9 / 100e-6)
+    # 7 frozen products × 2 (forward, input gradient) + 4 LoRA factors × 3, 30 layers, 100 µs
+    assert got["lora_step_products_ms"] == pytest.approx((7 * 2 + 4 * 3) * 30 * 0.1)

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from loralab import tracking
+from loralab.callbacks import TokenCounts
 from loralab.config import build_config
 from loralab.errors import LoralabError
 from loralab.rundir import read_json, write_json
@@ -187,3 +189,29 @@ def test_run_files_are_readable_by_others_under_the_umask(tmp_path, umask, file_
         assert stat.S_IMODE((run / name).stat().st_mode) == file_mode, name
     assert read_json(run / "summary.json") == {"status": "completed", "loss": "nan"}
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "summary.json"]  # no temp left
+
+
+class _DeviceMask:
+    """An attention mask on a (pretend) GPU: its sum stays a tensor there until read."""
+
+    device = torch.device("meta")
+
+    def __init__(self, real: int, size: int):
+        self.real, self.size = real, size
+
+    def numel(self) -> int:
+        return self.size
+
+    def sum(self):
+        return torch.tensor(self.real)
+
+
+def test_token_counts_read_a_device_sum_only_when_asked():
+    tokens = TokenCounts()
+    tokens.count(torch.tensor([[1, 1, 0], [1, 0, 0]]))  # on the CPU: counted at once
+    assert (tokens.real, tokens.padded, tokens._pending) == (3, 6, None)
+    tokens.count(_DeviceMask(5, 8))
+    tokens.count(_DeviceMask(7, 8))
+    tokens.count(None)  # a batch without a mask counts nothing
+    assert tokens._pending is not None and tokens._real == 3  # nothing read back per step
+    assert (tokens.real, tokens.padded, tokens._pending) == (15, 22, None)

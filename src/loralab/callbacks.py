@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -64,17 +63,30 @@ def efficiency_records(params: dict, prefix: str = "efficiency/") -> dict[str, f
     return out
 
 
-@dataclass
 class TokenCounts:
     """Tokens trained on so far (real = not padding). The trainer counts; callbacks read."""
 
-    real: int = 0
-    padded: int = 0
+    def __init__(self) -> None:
+        self.padded = 0
+        self._real = 0
+        self._pending = None  # real tokens of batches on a GPU, summed there and not yet read
+
+    @property
+    def real(self) -> int:
+        if self._pending is not None:  # a host sync per read (log steps), not per step
+            self._real += int(self._pending)
+            self._pending = None
+        return self._real
 
     def count(self, attention_mask) -> None:
-        if attention_mask is not None:
-            self.real += int(attention_mask.sum())
-            self.padded += attention_mask.numel()
+        if attention_mask is None:
+            return
+        self.padded += attention_mask.numel()
+        if attention_mask.device.type == "cpu":
+            self._real += int(attention_mask.sum())
+        else:  # reading a GPU sum every step would stall the queue of work the CPU runs ahead
+            total = attention_mask.sum()
+            self._pending = total if self._pending is None else self._pending + total
 
 
 class TrackingCallback(TrainerCallback):

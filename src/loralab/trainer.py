@@ -230,6 +230,9 @@ def training_args(cfg: ExperimentConfig, run_dir: Path, quiet: bool) -> Training
         save_steps=tr.save_steps,
         save_total_limit=2,
         logging_steps=tr.logging_steps,
+        # A non-finite loss stops the run inside training_step (TrainingDiverged), so the
+        # Trainer's own NaN/inf filter never sees one: off, it costs no second host sync a step.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=quiet,
         train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
