@@ -296,6 +296,10 @@ BAD_SPECS = [
         {"tasks": {"sst2": {"max_length": 8}}},
         "point sst2-lora-tiny-llama-lr0.001-s1: data.max_length must be at least 16",
     ),
+    (
+        {"tasks": {"sst2": {"data": {"verbalizers": [" no", " yes"]}}}},
+        "point sst2-lora-tiny-llama-lr0.001-s1: data.verbalizers is for a prompted language",
+    ),
     ({"base": {"run": {"output_dir": "x"}}}, "'base.run' is not a config section here"),
     ({"base": {"lora": {"r": "x"}}}, "in 'base': Bad value 'x' for 'lora.r'"),
     ({"base": {"data": {"task": "rte"}}}, "'base.data.task' cannot be set in a study"),

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import LoraSettings as LoraConfig
 from ..config import from_dict, load_yaml, merge_dicts, validate
 from ..errors import LoralabError
+from ..heads import check_config
 from ..tasks import get_task
 from .grid import PATH_KEYS
 from .phases import Ablation, StudySpec, phases
@@ -234,7 +235,9 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
         plan = phase.plan(spec, spec.first_lrs(phase.task))
         for p in plan.points():
             try:
-                validate(plan.config_for(p))
+                cfg = plan.config_for(p)
+                validate(cfg)
+                check_config(cfg)
             except LoralabError as e:
                 raise LoralabError(f"Study spec '{path}', point {p['key']}: {e}") from None
     return spec
