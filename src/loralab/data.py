@@ -145,7 +145,7 @@ def eval_split(
         raw = task.load("eval", cfg.data_dir, cfg.eval_file)
     if limit and limit < len(raw):
         raw = raw.select(range(limit))
-    max_length = cfg.max_length or task.default_max_length
+    max_length = task_max_length(task, cfg)
     feats = cached_features(task, raw, tokenizer, cfg, "eval", causal, max_length, head, progress)
     if sort:
         with known_warnings_silenced():
@@ -153,11 +153,16 @@ def eval_split(
     return raw, feats
 
 
+def task_max_length(task: Task, cfg: DataConfig) -> int:
+    """Tokens per example (SQuAD v2: per window): `data.max_length`, else the task's default."""
+    return cfg.max_length or task.default_max_length
+
+
 def check_max_length(task: Task, cfg: DataConfig, model_config, model_name: str) -> None:
     """Refuse a `data.max_length` beyond the positions the model was trained with (absolute
     position embeddings fail mid-run with an index error; rotary ones were never trained there)."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    max_length = cfg.max_length or task.default_max_length
+    max_length = task_max_length(task, cfg)
     if isinstance(limit, int) and max_length > limit:
         source = "data.max_length" if cfg.max_length else f"{task.name}'s default max_length"
         raise LoralabError(
@@ -184,7 +189,7 @@ def load_splits(
     progress: bool = True,
 ) -> Splits:  # fmt: skip
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
-    max_length = cfg.max_length or task.default_max_length
+    max_length = task_max_length(task, cfg)
     train_raw = task.load("train", cfg.data_dir, cfg.train_file)
     eval_all = task.load("eval", cfg.data_dir, cfg.eval_file)
     fingerprint = {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..models.registry import BUILTIN_MODELS
-from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, STUDY_DB, atomic_write
+from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, atomic_write
 from .aggregate import Comparison, aggregate, grid_edge_warnings
 from .caveats import allocator_warnings, hardware_warnings, lent_warnings
 from .plots import make_figures
@@ -28,7 +28,7 @@ from .records import (
     record_identity,
     stored_groups,
 )
-from .storage import existing, storage_url, stored_url
+from .storage import existing, stored_url
 from .tables import Table, csv_rows, tables
 from .variants import lora_slug
 
@@ -141,7 +141,11 @@ def check_not_foreign(out: Path) -> None:
     """Refuse to overwrite report files in `out` that an earlier report did not write (a user's
     own report.md, say): a loralab report.md starts with its title."""
     md = out / REPORT_FILES[0]
-    ours = md.is_file() and md.read_text(encoding="utf-8", errors="replace").startswith(MD_TITLE)
+    title = MD_TITLE.encode()
+    ours = False
+    if md.is_file():
+        with md.open("rb") as fh:  # its first bytes only: a report can be large
+            ours = fh.read(len(title)) == title
     clash = [name for name in REPORT_FILES if (out / name).exists()]
     if clash and not ours:
         raise LoralabError(
@@ -196,9 +200,10 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
            storage: str | None = None, out: str | Path | None = None) -> Report:  # fmt: skip
     """`loralab report`: from a results folder's run directories, or from studies' storage."""
     if studies:
-        if not storage and not (results_dir and (Path(results_dir) / STUDY_DB).is_file()):
+        url = stored_url(results_dir, storage)
+        if not url:
             raise LoralabError("--study needs --storage URL, or a results folder holding study.db.")
-        records = load_study_runs(studies, existing(storage or storage_url(None, results_dir)))
+        records = load_study_runs(studies, existing(url))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
         url = stored_url(results_dir, storage)  # names the groups of runs without sweep.json
