@@ -27,9 +27,10 @@ def build(task_name: str, method: str, model_name: str):
     from transformers import AutoConfig
 
     from loralab.config import build_config
+    from loralab.kernels import resolve_precision
     from loralab.models import load_tokenizer, resolve
     from loralab.tasks import get_task
-    from loralab.train import build_model, resolve_precision
+    from loralab.train import build_model
 
     cfg = build_config(overrides=[f"data.task={task_name}", f"model.name={model_name}",
                                   f"train.method={method}"])  # fmt: skip

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 # Settings that do not change what a run computes (where it writes, how often it logs/saves).
 NOT_IDENTITY = {
-    # (gradient checkpointing recomputes the same activations: it changes memory, not results)
+    # (gradient checkpointing recomputes the same activations: it changes memory, not results;
+    # compiled layers compute the same ops, rounded in another order, dropout drawn elsewhere)
     "train": (
         "seed",
         "save_steps",
@@ -20,6 +21,7 @@ NOT_IDENTITY = {
         "eval_steps",
         "eval_batch_size",
         "gradient_checkpointing",
+        "compile",
     ),
     "data": ("data_dir", "train_file", "eval_file"),  # replaced by the data's fingerprint
     "model": ("trust_remote_code", "attention"),  # attention kernels compute the same thing

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from . import accounting, attention, distributed, fused, precision, residual, rundir, tracking
+from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
 from .checkpoints import read_loss_sum, read_training_time
+from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
 from .data import Splits, check_accumulation, check_max_length, load_splits, model_inputs
@@ -54,11 +55,13 @@ def build_model(
     progress: bool = True,
     attention: str | None = None,
     head: Head | None = None,
+    compile: bool = False,
 ) -> BuiltModel:
     """Load the base with the task head; wrap with LoRA (frozen base) or leave all trainable.
 
     `attention`: the attention kernel (`eager`/`sdpa`); None = `model.attention` when set
     explicitly, else transformers' default. `head`: the run's head (default: from the config).
+    `compile`: compile the repeated layers (`loralab.compiling`) instead of `loralab.fused`.
     """
     head = head or head_for(cfg, task)
     attention = attention or (None if cfg.model.attention == "auto" else cfg.model.attention)
@@ -73,30 +76,14 @@ def build_model(
             precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
             precision.bridge_dtypes(model, heads)  # callable outside the trainer's autocast too
     fused_ops = {}
-    if fused.enabled():  # the same numbers with less memory kept for the backward pass
+    if compile:  # inductor fuses these ops itself (and the fused ones would split its graph)
+        fused_ops = {"compiled_blocks": compile_blocks(model)}
+    elif fused.enabled():  # the same numbers with less memory kept for the backward pass
         fused_ops = {
             "gated_mlps": fused.fuse_gated_mlps(model),
             "dropouts": fused.compact_dropouts(model),
         }
     return BuiltModel(model, tokenizer, heads, causal, fused_ops)
-
-
-def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dict:
-    """The attention kernel for this run: set in the config, or measured at the median length."""
-    if cfg.model.attention != "auto":
-        return {"implementation": cfg.model.attention, "reason": "set in the config"}
-    lengths = sorted(splits.train["length"]) if "length" in splits.train.column_names else [128]
-    median = lengths[len(lengths) // 2] if lengths else 128
-    shape = attention.attention_shape(model_config, cfg.train.batch_size, median)
-    dtype = torch.bfloat16 if precision.uses_bf16(cfg.train.precision) else torch.float32
-    return attention.decide(shape, dtype)
-
-
-def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
-    """A copy of `cfg` with `train.precision` resolved for this model and machine, and why."""
-    decision = precision.decide(cfg.train.precision, precision.model_shape(model_config))
-    train_cfg = dataclasses.replace(cfg.train, precision=decision["precision"])
-    return dataclasses.replace(cfg, train=train_cfg), decision
 
 
 def absolute_data_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -161,7 +148,7 @@ def train(
     config = AutoConfig.from_pretrained(
         resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
     )
-    cfg, precision_decision = resolve_precision(cfg, config)
+    cfg, precision_decision = kernels.resolve_precision(cfg, config)
     head.check_model(config, cfg.model.name)
     check_max_length(task, cfg.data, config, cfg.model.name)
     head.prepare(tokenizer)
@@ -172,11 +159,11 @@ def train(
     splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal, head, not quiet)
     tr = cfg.train
     check_accumulation(len(splits.train), tr.batch_size, tr.grad_accum, distributed.world_size())
-    kernel = choose_attention(cfg, config, splits)
+    kernel = kernels.choose_attention(cfg, config, splits)
+    compiled = kernels.choose_compile(cfg, kernel["implementation"], len(splits.train))
     set_seed(cfg.train.seed)
-    built = build_model(
-        cfg, task, tokenizer, progress=not quiet, attention=kernel["implementation"], head=head
-    )
+    built = build_model(cfg, task, tokenizer, not quiet, kernel["implementation"], head,
+                        compiled["compile"])  # fmt: skip
     if resume:
         run_dir = Path(resume)
     else:  # rank 0 creates the folder; every process writes its checkpoints shards there
@@ -186,8 +173,8 @@ def train(
             lock = rundir.hold_run_lock(created)  # noqa: F841 - held while this process trains
         run_dir = distributed.broadcast(created)
     run = _Run(cfg, task, head, built, splits, run_dir, resume is not None, console, quiet)
-    kernels = {"precision": precision_decision, "attention": kernel}
-    return run.execute(start, callbacks or [], kernels, checkpoint)
+    chosen = {"precision": precision_decision, "attention": kernel, "compile": compiled}
+    return run.execute(start, callbacks or [], chosen, checkpoint)
 
 
 class _Run:
@@ -256,7 +243,7 @@ class _Run:
                 cfg.train.eval_batch_size, not self.quiet, predict,
             )  # fmt: skip
 
-    def execute(self, start: float, extra: list, kernels: dict, checkpoint) -> RunResult:
+    def execute(self, start: float, extra: list, chosen: dict, checkpoint) -> RunResult:
         cfg, model = self.cfg, self.built.model
         params = accounting.parameter_counts(model, self.built.heads)
         lora = cfg.train.method == "lora"
@@ -275,8 +262,10 @@ class _Run:
             cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra)
         )
         summary["resumed_from"] = checkpoint
-        summary["precision_decision"] = kernels.get("precision")
-        summary["attention"] = kernels.get("attention")
+        summary["precision_decision"] = chosen.get("precision")
+        summary["attention"] = chosen.get("attention")
+        compiled = dict(chosen.get("compile") or {})
+        summary["compile"] = {k: v for k, v in compiled.items() if k != "key"}
         summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
         if self.head.reports_zero_shot() and not self.resuming:
@@ -301,6 +290,8 @@ class _Run:
             self.tracker.finish(failed=True)
             raise
         attempt_time = time.time() - t0
+        if compiled.get("compile"):  # inductor's cache now holds this model's kernels
+            remember(compiled["key"])
         # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one). The
         # CPU time, unlike the wall time, is blind to pauses and to other processes' load: CPU
         # seconds over all of this process's threads.

@@ -1,0 +1,49 @@
+"""The kernels a run trains with, each decided for this model and machine and recorded in the
+summary with its reason: precision, attention implementation, and whether layers are compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import attention, compiling, distributed, precision
+from .config import ExperimentConfig
+from .data import Splits
+
+
+def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
+    """A copy of `cfg` with `train.precision` resolved for this model and machine, and why."""
+    decision = precision.decide(cfg.train.precision, precision.model_shape(model_config))
+    train_cfg = dataclasses.replace(cfg.train, precision=decision["precision"])
+    return dataclasses.replace(cfg, train=train_cfg), decision
+
+
+def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dict:
+    """The attention kernel for this run: set in the config, or measured at the median length."""
+    if cfg.model.attention != "auto":
+        return {"implementation": cfg.model.attention, "reason": "set in the config"}
+    lengths = sorted(splits.train["length"]) if "length" in splits.train.column_names else [128]
+    median = lengths[len(lengths) // 2] if lengths else 128
+    shape = attention.attention_shape(model_config, cfg.train.batch_size, median)
+    dtype = torch.bfloat16 if precision.uses_bf16(cfg.train.precision) else torch.float32
+    return attention.decide(shape, dtype)
+
+
+def planned_steps(cfg: ExperimentConfig, train_features: int) -> int:
+    """Optimiser steps the run will take (`train.max_steps`, else from epochs and batches)."""
+    tr = cfg.train
+    if tr.max_steps > 0:
+        return tr.max_steps
+    batches = math.ceil(train_features / (tr.batch_size * distributed.world_size()))
+    return math.ceil(max(batches // tr.grad_accum, 1) * tr.epochs)
+
+
+def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features: int) -> dict:
+    """Whether to compile the model's layers (`loralab.compiling`), and why; with "key", what
+    `compiling.remember` records once the run has compiled."""
+    tr = cfg.train
+    key = compiling.signature(cfg.model.name, tr.method, tr.precision, attention_kernel)
+    steps = planned_steps(cfg, train_features)
+    return {**compiling.decide(tr.compile, steps, key, tr.gradient_checkpointing), "key": key}
