@@ -58,9 +58,13 @@ def test_auto_compiles_long_runs_and_shorter_ones_once_warm(tmp_path, monkeypatc
     assert compiling.decide("auto", cold, key, checkpointing=True)["compile"] is False
     assert compiling.decide(False, 10 * cold, key)["compile"] is False
     assert compiling.decide(True, 1, key) == {"compile": True, "reason": "set in the config"}
-    # inductor's cache gone (e.g. /tmp cleared): the marker alone does not make it warm
-    stored[key]["inductor_cache"] = str(tmp_path / "gone")
-    (tmp_path / "cache" / compiling.CACHE_FILE).write_text(json.dumps(stored))
+    # another inductor cache in use, or the recorded one gone: the marker alone is not warm
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert compiling.decide("auto", warm, key)["compile"] is False
+    (tmp_path / "elsewhere").mkdir()  # inductor makes it when it compiles
+    compiling.remember(key)
+    assert compiling.decide("auto", warm, key)["compile"] is True
+    (tmp_path / "elsewhere").rmdir()
     assert compiling.decide("auto", warm, key)["compile"] is False
 
 
@@ -101,7 +105,7 @@ def test_one_graph_serves_every_layer_and_length_and_generation_runs_eagerly(mon
     counter = _Counter()
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = _model("tiny-llama", "model.head=lm")
     assert compiling.compile_blocks(model) == 2
     model.eval()
@@ -115,13 +119,13 @@ def test_one_graph_serves_every_layer_and_length_and_generation_runs_eagerly(mon
         )
     assert counter.graphs == graphs  # the KV-cache calls of generation did not compile
     assert out.shape == (1, 7)
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_compiled_layers_compute_what_eager_ones_do(method):
     """Inductor's kernels: the same logits and gradients as eager, up to fp32 rounding."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     eager = _model("tiny-llama", f"train.method={method}")
     fast = _model("tiny-llama", f"train.method={method}")
     fast.load_state_dict(eager.state_dict())
@@ -134,18 +138,16 @@ def test_compiled_layers_compute_what_eager_ones_do(method):
     torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-5, atol=1e-5)
     for out in outs:
         out.loss.backward()
-    grads = [
-        {n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (eager, fast)
-    ]
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (eager, fast)]
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def test_a_compiled_run_says_so_and_marks_the_cache(tmp_path, sst2_dir, monkeypatch):
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
-    torch._dynamo.reset()
+    torch.compiler.reset()
     cfg = build_config(
         overrides=[
             "model.name=tiny-llama",
@@ -164,4 +166,16 @@ def test_a_compiled_run_says_so_and_marks_the_cache(tmp_path, sst2_dir, monkeypa
     stored = json.loads((tmp_path / "cache" / compiling.CACHE_FILE).read_text())
     (key,) = stored
     assert "|tiny-llama|lora|fp32|" in key
-    torch._dynamo.reset()
+    torch.compiler.reset()
+
+
+def test_the_warm_cache_key_follows_what_the_layers_graph_depends_on():
+    def key(*overrides):
+        cfg = build_config(overrides=["train.precision=bf16", *overrides])
+        return kernels.choose_compile(cfg, "eager", 100)["key"]
+
+    base = key()
+    assert key("train.seed=7", "train.lr=1e-3", "lora.alpha=32") == base  # same graph
+    for change in ("lora.r=16", "lora.target=all-linear", "lora.dropout=0", "train.method=full"):
+        assert key(change) != base, change
+    assert key("train.method=full", "lora.r=16") == key("train.method=full")  # no adapters

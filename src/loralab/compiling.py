@@ -3,8 +3,10 @@
 Compiling the whole model through the Trainer (`torch_compile`) took 336-467 s per sequence
 length on 2 CPU cores. The layers of a transformer share one code path, so compiling the
 layer's forward once serves all of them, and dynamic shapes let one graph serve every batch
-length: ~30 s the first time on SmolLM2-135M, a few seconds once inductor's on-disk cache
-(TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER by default) holds it. A layer called with a KV cache (generation) runs eagerly.
+length: ~40 s the first time on SmolLM2-135M, 5-10 s once inductor's on-disk cache
+(TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER by default) holds it. A layer called with a
+KV cache (generation) runs eagerly. Inductor's CPU kernels keep the thread count they were
+compiled at.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from . import probecache
 from .errors import LoralabError
 
 CACHE_FILE = "compiled.json"
-# Planned optimiser steps from which `auto` compiles. Measured on SmolLM2-135M, LoRA, SST-2
-# batches of 16, an AMX Xeon (2 cores): a step takes ~0.1 s less compiled; the first compile
-# costs ~35 s more than the eager run's first step, a compile inductor has cached ~8 s.
-MIN_STEPS_COLD = 400
+# Planned optimiser steps from which `auto` compiles. Measured on the README's SST-2 LoRA run
+# (SmolLM2-135M, batch 16, 2-core AMX Xeon): a step took ~0.08 s less compiled; the first 30
+# steps took 43 s longer with an empty inductor cache (break-even ~540 steps), 5 s with a warm one.
+MIN_STEPS_COLD = 500
 MIN_STEPS_WARM = 100
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # by model and version
 
@@ -72,17 +74,19 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
-def signature(model_name: str, method: str, precision: str, attention: str) -> str:
-    """The cache key of `decide`: the same model, method and kernels on this machine."""
-    return (
-        f"{probecache.machine()}|{torch.__version__}|{model_name}|{method}|{precision}|{attention}"
+def signature(model: str, method: str, precision: str, attention: str, graph: str = "") -> str:
+    """The cache key of `decide`: the same model, method, kernels and `graph` (the settings the
+    layers' graph depends on, e.g. LoRA's rank and targets) on this machine."""
+    return "|".join(
+        [probecache.machine(), torch.__version__, model, method, precision, attention, graph]
     )
 
 
 def _inductor_dir() -> str:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    """Inductor's on-disk cache folder (as it resolves it), without creating it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    return cache_dir()
+    return os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
 
 
 def remember(key: str) -> None:
@@ -91,9 +95,10 @@ def remember(key: str) -> None:
 
 
 def compiled_before(key: str) -> bool:
-    """Whether `remember(key)` ran here and inductor's cache from then is still there."""
-    entry = probecache.read(CACHE_FILE).get(key)
-    return bool(entry) and os.path.isdir(entry.get("inductor_cache", ""))
+    """Whether `remember(key)` ran here with the inductor cache in use now, and it is still there
+    (a cleared /tmp or another TORCHINDUCTOR_CACHE_DIR starts cold)."""
+    where = (probecache.read(CACHE_FILE).get(key) or {}).get("inductor_cache")
+    return bool(where) and where == _inductor_dir() and os.path.isdir(where)
 
 
 def _no_kv_cache(module, args, kwargs):
@@ -115,6 +120,9 @@ def compile_blocks(model: nn.Module) -> int:
     blocks = repeated_blocks(model)
     if not blocks:
         return 0
+    # A fresh start for each model: dynamo keeps compiled variants per code object, and runs in
+    # one process (a sweep's trials) would otherwise pile up variants to its recompile limit.
+    torch.compiler.reset()
     compiled = torch.compile(type(blocks[0]).forward, dynamic=True)
     for block in blocks:
         block.forward = types.MethodType(functools.partial(_dispatch, compiled), block)

@@ -137,10 +137,10 @@ class TrainConfig:
     activation memory of a step falls to about one layer's, for ~30% more compute. Same results."""
     compile: bool | Literal["auto"] = "auto"
     """Compile the model's layers with torch.compile (inductor; one graph shared by every layer,
-    any batch length): SmolLM2-135M steps ~1.4× faster on a 2-core CPU, after a first compile of
-    ~30 s (a few seconds once inductor's cache holds it). Numbers differ from eager by rounding.
-    `auto` compiles runs of at least 400 optimiser steps, or 100 once this machine has compiled
-    the same model, method and kernels; never with gradient checkpointing."""
+    any batch length): SmolLM2-135M steps 1.3-1.5× faster on a 2-core CPU, after a first compile
+    of ~40 s (5-10 s once inductor's cache holds it). Numbers differ from eager by rounding and
+    dropout draws. `auto` compiles runs of at least 500 optimiser steps, or 100 once this machine
+    has compiled the same model, method and kernels; never with gradient checkpointing."""
 
 
 @dataclass

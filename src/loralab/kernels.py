@@ -43,7 +43,9 @@ def planned_steps(cfg: ExperimentConfig, train_features: int) -> int:
 def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features: int) -> dict:
     """Whether to compile the model's layers (`loralab.compiling`), and why; with "key", what
     `compiling.remember` records once the run has compiled."""
-    tr = cfg.train
-    key = compiling.signature(cfg.model.name, tr.method, tr.precision, attention_kernel)
+    tr, lo = cfg.train, cfg.lora
+    shape = f"r{lo.r}|{lo.target}|dropout={lo.dropout > 0}|dora={lo.use_dora}|{cfg.model.head}"
+    graph = shape if tr.method == "lora" else cfg.model.head  # what the layers' graph depends on
+    key = compiling.signature(cfg.model.name, tr.method, tr.precision, attention_kernel, graph)
     steps = planned_steps(cfg, train_features)
     return {**compiling.decide(tr.compile, steps, key, tr.gradient_checkpointing), "key": key}
