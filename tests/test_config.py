@@ -76,6 +76,9 @@ def test_overrides_parse_types_and_win_over_file(tmp_path):
         # not text fields: YAML as before
         ("lora.target=[q_proj, v_proj]", "lora", "target", ["q_proj", "v_proj"]),
         ("data.max_length=64", "data", "max_length", 64),
+        ("data.max_length=064", "data", "max_length", 64),  # decimal, not YAML 1.1's octal 52
+        ("train.max_steps=-010", "train", "max_steps", -10),
+        ("lora.r=08", "lora", "r", 8),
     ],
 )
 def test_text_fields_keep_the_override_as_typed(override, section, key, expected):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +137,9 @@ class TrainConfig:
     """Recompute each layer's activations in the backward pass instead of keeping them all: the
     activation memory of a step falls to about one layer's, for ~30% more compute. Same results."""
     compile: bool | Literal["auto"] = "auto"
-    """Compile the model's layers with torch.compile (inductor; one graph shared by every layer,
-    any batch length): SmolLM2-135M steps 1.3-1.5× faster on a 2-core CPU, after a first compile
-    of ~40 s (5-10 s once inductor's cache holds it). Numbers differ from eager by rounding and
-    dropout draws. `auto` compiles runs of at least 500 optimiser steps, or 100 once this machine
-    has compiled the same model, method and kernels; never with gradient checkpointing."""
+    """Compile the layers with torch.compile (inductor): SmolLM2-135M steps 1.3-1.5× faster on 2
+    CPU cores after a ~40 s first compile (5-10 s cached). `auto`: runs of ≥ 500 optimiser steps,
+    or ≥ 100 once compiled here before; never with gradient checkpointing. See the README."""
 
 
 @dataclass
@@ -295,6 +294,8 @@ def parse_overrides(items: list[str]) -> dict:
         text_kind = _text_field(parts)
         if text_kind:
             value = _text_value(raw, optional=text_kind == "optional")
+        elif re.fullmatch(r"[+-]?0[0-9]+", raw.strip()):  # YAML 1.1 would read 064 as octal (52)
+            value = int(raw.strip(), 10)
         else:
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
