@@ -69,3 +69,40 @@ def test_matmul_shapes_times_each_product_against_the_peak(monkeypatch, capsys):
     assert got["peak_gflops"] == pytest.approx(2 * 2048 * 576 * 1536 / 1e9 / 100e-6)
     # 7 frozen products × 2 (forward, input gradient) + 4 LoRA factors × 3, 30 layers, 100 µs
     assert got["lora_step_products_ms"] == pytest.approx((7 * 2 + 4 * 3) * 30 * 0.1)
+
+
+def test_compile_cost_splits_a_run_at_the_compile_and_compares_with_eager(tmp_path, monkeypatch):
+    bench = load("compile_cost", monkeypatch)
+    rows = [{"step": 0, "time": 100.0}, {"step": 1, "time": 101.0}]  # a record without a loss
+    rows += [
+        {"step": s, "time": 100.0 + t, "train/loss": 0.5} for s, t in [(10, 9), (20, 11), (40, 15)]
+    ]
+    assert bench.windows(rows, 10) == {
+        "head_steps": 10,
+        "head_s": 9.0,
+        "steady_steps": 30,
+        "steady_s": 6.0,
+    }
+    assert bench.windows(rows, 15)["head_s"] == 11.0  # the first logged step at or after it
+    with pytest.raises(SystemExit, match="no loss after step 40"):
+        bench.windows(rows, 40)
+    runs = {
+        "eager": {"wall_s": 100.0, "train_time_s": 80.0, "head_s": 10.0, "steady_s": 60.0, "steady_steps": 200},
+        "warm": {"wall_s": 90.0, "train_time_s": 70.0, "head_s": 16.0, "steady_s": 40.0, "steady_steps": 200},
+    }  # fmt: skip
+    got = bench.report(runs)["over_eager"]
+    assert got.keys() == {"warm"}
+    assert got["warm"] == pytest.approx(
+        {"wall": 0.9, "train_time": 0.875, "steady_speedup": 1.5, "head_extra_s": 6.0}
+    )
+    # One real (tiny, eager: test_compiling compiles) run through the CLI, as the benchmark does.
+    data = write_sst2(tmp_path / "sst2", n_train=64)
+    args = bench.argparse.Namespace(
+        method="lora", data_dir=str(data), examples=64, lr="5e-4", head=2,
+        override=["train.logging_steps=1", "train.batch_size=8"],
+    )  # fmt: skip
+    env = {**bench.os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = bench.one_run("eager", args, tmp_path / "runs", env, False)
+    assert run["compile"] == {"compile": False, "reason": "set in the config"}
+    assert run["head_steps"] == 2 and run["steady_steps"] == 6 and run["steady_s"] > 0
+    assert 0 <= run["metrics"]["accuracy"] <= 1
