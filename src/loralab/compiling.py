@@ -26,9 +26,10 @@ from .errors import LoralabError
 
 CACHE_FILE = "compiled.json"
 # Planned optimiser steps from which `auto` compiles. Measured on the README's SST-2 LoRA run
-# (SmolLM2-135M, batch 16, 2-core AMX Xeon): a step took ~0.08 s less compiled; the first 30
-# steps took 43 s longer with an empty inductor cache (break-even ~540 steps), 5 s with a warm one.
-MIN_STEPS_COLD = 500
+# (SmolLM2-135M, batch 16, 2-core AMX Xeon; benchmarks/compile_cost.py): a step took 0.056-0.08 s
+# less compiled; the first 30 steps took 39-43 s longer with an empty inductor cache (break-even
+# at 540-690 steps), 4-5 s longer with a warm one (break-even at 65 steps).
+MIN_STEPS_COLD = 600
 MIN_STEPS_WARM = 100
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # by model and version
 

@@ -138,7 +138,7 @@ class TrainConfig:
     activation memory of a step falls to about one layer's, for ~30% more compute. Same results."""
     compile: bool | Literal["auto"] = "auto"
     """Compile the layers with torch.compile (inductor): SmolLM2-135M steps 1.3-1.5× faster on 2
-    CPU cores after a ~40 s first compile (5-10 s cached). `auto`: runs of ≥ 500 optimiser steps,
+    CPU cores after a ~40 s first compile (5-10 s cached). `auto`: runs of ≥ 600 optimiser steps,
     or ≥ 100 once compiled here before; never with gradient checkpointing. See the README."""
 
 
