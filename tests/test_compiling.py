@@ -55,7 +55,10 @@ def test_auto_compiles_long_runs_and_shorter_ones_once_warm(tmp_path, monkeypatc
     assert compiling.decide("auto", warm - 1, key)["compile"] is False
     other = compiling.signature("smollm2-135m", "full", "bf16", "eager")
     assert compiling.decide("auto", warm, other)["compile"] is False  # another graph
-    assert compiling.decide("auto", cold, key, checkpointing=True)["compile"] is False
+    assert compiling.decide("auto", cold, key, untested="gradient checkpointing is on") == {
+        "compile": False,
+        "reason": "gradient checkpointing is on (not tested compiled)",
+    }
     assert compiling.decide(False, 10 * cold, key)["compile"] is False
     assert compiling.decide(True, 1, key) == {"compile": True, "reason": "set in the config"}
     # another inductor cache in use, or the recorded one gone: the marker alone is not warm
@@ -167,6 +170,22 @@ def test_a_compiled_run_says_so_and_marks_the_cache(tmp_path, sst2_dir, monkeypa
     (key,) = stored
     assert "|tiny-llama|lora|fp32|" in key
     torch.compiler.reset()
+
+
+@pytest.mark.parametrize(
+    "override, why",
+    [
+        ("train.gradient_checkpointing=true", "gradient checkpointing"),
+        ("model.quantization=int8", "quantized"),
+    ],
+)
+def test_auto_stays_eager_where_compiling_is_untested(override, why):
+    cfg = build_config(overrides=["train.max_steps=100000", override])
+    decision = kernels.choose_compile(cfg, "eager", 100)
+    assert decision["compile"] is False and why in decision["reason"]
+    assert kernels.choose_compile(build_config(overrides=["train.max_steps=100000"]), "eager", 100)[
+        "compile"
+    ]
 
 
 def test_the_warm_cache_key_follows_what_the_layers_graph_depends_on():

@@ -44,12 +44,13 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def decide(setting: bool | str, steps: int, key: str, checkpointing: bool = False) -> dict:
+def decide(setting: bool | str, steps: int, key: str, untested: str | None = None) -> dict:
     """{"compile": bool, "reason"} for a run of `steps` optimiser steps.
 
     `setting`: `train.compile` (True, False or "auto"); `key`: what makes a compile reusable
-    (see `signature`); auto compiles long runs, and shorter ones once this machine has compiled
-    the same model before (inductor's cache then holds the kernels).
+    (see `signature`); `untested`: a setting compiled layers are not tested with (auto then
+    stays eager). Auto compiles long runs, and shorter ones once this machine has compiled the
+    same model before (inductor's cache then holds the kernels).
     """
     if setting is not None and setting != "auto":
         if setting and compiler() is None:
@@ -61,8 +62,8 @@ def decide(setting: bool | str, steps: int, key: str, checkpointing: bool = Fals
         return {"compile": bool(setting), "reason": "set in the config"}
     if compiler() is None:
         return {"compile": False, "reason": "no C++ compiler for inductor (g++ or $CXX)"}
-    if checkpointing:
-        return {"compile": False, "reason": "gradient checkpointing is on"}
+    if untested:
+        return {"compile": False, "reason": f"{untested} (not tested compiled)"}
     warm = compiled_before(key)
     need = MIN_STEPS_WARM if warm else MIN_STEPS_COLD
     cached = "compiled before on this machine" if warm else "not compiled before here"

@@ -48,4 +48,9 @@ def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features:
     graph = shape if tr.method == "lora" else cfg.model.head  # what the layers' graph depends on
     key = compiling.signature(cfg.model.name, tr.method, tr.precision, attention_kernel, graph)
     steps = planned_steps(cfg, train_features)
-    return {**compiling.decide(tr.compile, steps, key, tr.gradient_checkpointing), "key": key}
+    untested = None
+    if tr.gradient_checkpointing:
+        untested = "gradient checkpointing is on"
+    elif cfg.model.quantization != "none":
+        untested = f"a quantized base (model.quantization={cfg.model.quantization})"
+    return {**compiling.decide(tr.compile, steps, key, untested), "key": key}
