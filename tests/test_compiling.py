@@ -179,13 +179,15 @@ def test_a_compiled_run_says_so_and_marks_the_cache(tmp_path, sst2_dir, monkeypa
         ("model.quantization=int8", "quantized"),
     ],
 )
-def test_auto_stays_eager_where_compiling_is_untested(override, why):
+def test_auto_stays_eager_where_compiling_is_untested(override, why, monkeypatch):
     cfg = build_config(overrides=["train.max_steps=100000", override])
     decision = kernels.choose_compile(cfg, "eager", 100)
     assert decision["compile"] is False and why in decision["reason"]
-    assert kernels.choose_compile(build_config(overrides=["train.max_steps=100000"]), "eager", 100)[
-        "compile"
-    ]
+    long_run = build_config(overrides=["train.max_steps=100000"])
+    assert kernels.choose_compile(long_run, "eager", 100)["compile"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    decision = kernels.choose_compile(long_run, "eager", 100)
+    assert decision["compile"] is False and "CUDA" in decision["reason"]
 
 
 def test_the_warm_cache_key_follows_what_the_layers_graph_depends_on():

@@ -139,7 +139,7 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"
     """Compile the layers with torch.compile (inductor): SmolLM2-135M steps 1.3-1.5× faster on 2
     CPU cores after a ~40 s first compile (5-10 s cached). `auto`: runs of ≥ 600 optimiser steps,
-    or ≥ 100 once compiled here before; not with checkpointing or a quantized base (README)."""
+    or ≥ 100 once compiled here; not on GPUs, with checkpointing or a quantized base (README)."""
 
 
 @dataclass

@@ -53,4 +53,6 @@ def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features:
         untested = "gradient checkpointing is on"
     elif cfg.model.quantization != "none":
         untested = f"a quantized base (model.quantization={cfg.model.quantization})"
+    elif torch.cuda.is_available():  # the thresholds are CPU measurements
+        untested = "a CUDA GPU"
     return {**compiling.decide(tr.compile, steps, key, untested), "key": key}
