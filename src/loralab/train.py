@@ -55,13 +55,13 @@ def build_model(
     progress: bool = True,
     attention: str | None = None,
     head: Head | None = None,
-    compile: bool = False,
+    compile_layers: bool = False,
 ) -> BuiltModel:
     """Load the base with the task head; wrap with LoRA (frozen base) or leave all trainable.
 
     `attention`: the attention kernel (`eager`/`sdpa`); None = `model.attention` when set
     explicitly, else transformers' default. `head`: the run's head (default: from the config).
-    `compile`: compile the repeated layers (`loralab.compiling`) instead of `loralab.fused`.
+    `compile_layers`: compile the repeated layers (`loralab.compiling`), not `loralab.fused`.
     """
     head = head or head_for(cfg, task)
     attention = attention or (None if cfg.model.attention == "auto" else cfg.model.attention)
@@ -76,7 +76,7 @@ def build_model(
             precision.cast_frozen(model)  # the frozen base needs no fp32 master copy
             precision.bridge_dtypes(model, heads)  # callable outside the trainer's autocast too
     fused_ops = {}
-    if compile:  # inductor fuses these ops itself (and the fused ones would split its graph)
+    if compile_layers:  # inductor fuses these ops itself (and the fused ones would split its graph)
         fused_ops = {"compiled_blocks": compile_blocks(model)}
     elif fused.enabled():  # the same numbers with less memory kept for the backward pass
         fused_ops = {
