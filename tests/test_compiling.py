@@ -107,10 +107,18 @@ class _Counter:
 def test_one_graph_serves_every_layer_and_length_and_generation_runs_eagerly(monkeypatch):
     counter = _Counter()
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    asked = {}
+
+    def compile_(fn, **kw):
+        asked.update(kw)
+        return real_compile(fn, backend=counter, dynamic=kw["dynamic"])
+
+    monkeypatch.setattr(torch, "compile", compile_)
     torch.compiler.reset()
     model = _model("tiny-llama", "model.head=lm")
     assert compiling.compile_blocks(model) == 2
+    # dynamic shapes; CPU kernels that follow the run's thread count (a lent core, a worker's one)
+    assert asked == {"dynamic": True, "options": {"cpp.dynamic_threads": True}}
     model.eval()
     with torch.no_grad():
         for length in (5, 9, 13):  # dynamic shapes: no graph per length
