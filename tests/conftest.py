@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,41 @@ def write_rte(folder: Path, n: int = 16) -> Path:
 @pytest.fixture
 def sst2_dir(tmp_path) -> Path:
     return write_sst2(tmp_path / "sst2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault tests (test_faults*.py): a case's folder, a copy of the shared run, damaged inputs
+
+
+@dataclass
+class Case:
+    """The folder a case works in, with helpers to make damaged inputs inside it."""
+
+    dir: Path
+    shared_run: Path
+    shared_data: Path
+
+    def run(self, status: str | None = None) -> Path:
+        """A private copy of the shared run; `status` rewrites its summary (e.g. killed)."""
+        run = self.dir / "run"
+        if not run.exists():
+            shutil.copytree(self.shared_run, run)
+        if status is not None:
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "status": status}))
+        return run
+
+    def data(self) -> Path:
+        return write_sst2(self.dir / "sst2")
+
+    def file(self, name: str, content: bytes | str = "x") -> Path:
+        path = self.dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def out(self, name: str = "out") -> str:
+        return str(self.dir / name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Issue 18: users' own data, portable adapters, a quiet console, fast failures, sane defaults."""
+"""Issue 18: portable adapters and hub push, a quiet console, fast failures, sane defaults
+(users' own data: test_users_custom_tasks.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -10,20 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import write_sst2
 
-from loralab import __version__, metrics
+from loralab import __version__
 from loralab.cli import main
 from loralab.tasks import get_task
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-FAST = ["train.batch_size=8", "train.save_steps=100"]
-MOODS = {"sad": ["awful", "bad", "grim"], "calm": ["fine", "okay", "plain"],
-         "happy": ["great", "superb", "lovely"]}  # fmt: skip
 
 
 def _env(**extra) -> dict:
@@ -37,189 +33,6 @@ def _loralab(*args, **env):
         [sys.executable, "-m", "loralab.cli", *map(str, args)],
         capture_output=True, text=True, env=_env(**env), timeout=600,
     )  # fmt: skip
-
-
-def write_moods(folder: Path, n_train: int = 48, n_dev: int = 15) -> list[dict]:
-    """A 3-label task as CSV and JSONL (same rows): train + dev; returns the dev rows."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(MOODS)
-    dev = []
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = [
-            {"text": f"the day was {MOODS[names[i % 3]][i % 2]}", "mood": names[i % 3]}
-            for i in range(n)
-        ]
-        with open(folder / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, ["text", "mood"])
-            w.writeheader()
-            w.writerows(rows)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        dev = rows
-    return dev
-
-
-# -- metrics -------------------------------------------------------------------------------------
-
-
-def test_matthews_and_macro_f1_equal_hand_computed_values():
-    # Binary: TP=1, FP=1, TN=2, FN=0 -> (1·2 − 1·0) / sqrt(2·1·3·2) = 2/sqrt(12).
-    assert metrics.matthews([1, 1, 0, 0], [1, 0, 0, 0]) == pytest.approx(2 / 12**0.5)
-    # 3 classes, confusion rows [1,1,0], [0,1,1], [1,0,1]: (3·6 − 12) / sqrt(24·24) = 0.25.
-    y, p = [0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 0]
-    assert metrics.matthews(p, y) == pytest.approx(0.25)
-    assert metrics.f1_macro(p, y) == pytest.approx(0.5)  # each class: 2·1 / (2 + 1 + 1)
-    assert metrics.matthews(y, y) == pytest.approx(1.0)
-    assert metrics.matthews([1, 2, 2, 0, 0, 1], y) == pytest.approx(-0.5)  # none right: -12/24
-    assert metrics.matthews([1] * 6, y) == 0.0  # undefined: one predicted class
-    # A class never predicted nor present still counts in the macro mean (as scikit-learn).
-    assert metrics.f1_macro([0, 1], [0, 1], num_labels=3) == pytest.approx(2 / 3)
-
-
-# -- custom tasks --------------------------------------------------------------------------------
-
-
-def _task_file(tmp_path: Path, **extra) -> Path:
-    spec = {"name": "moods", "path": "moods", "format": "csv", "label": "mood",
-            "labels": ["sad", "calm", "happy"], "metric": "matthews", **extra}  # fmt: skip
-    path = tmp_path / "moods.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def test_csv_task_file_and_jsonl_reference_read_the_same_examples(tmp_path, monkeypatch):
-    write_moods(tmp_path / "moods")
-    monkeypatch.chdir(tmp_path)
-    from_yaml = get_task(str(_task_file(tmp_path)))
-    from_jsonl = get_task("jsonl:moods?label=mood&labels=sad|calm|happy&metric=matthews")
-    for task in (from_yaml, from_jsonl):
-        assert task.num_labels == 3 and task.label_names == ("sad", "calm", "happy")
-        assert task.primary_metric == "matthews" and task.text_columns == ("text",)
-        assert task.verbalizers == (" sad", " calm", " happy")
-    for split in ("train", "eval"):
-        a, b = from_yaml.load(split), from_jsonl.load(split)
-        assert a.to_dict() == b.to_dict()
-    dev = from_yaml.load("eval")
-    assert len(dev) == 15 and dev["label"][:4] == [0, 1, 2, 0]
-    assert dev["text_a"][1] == "the day was okay" and dev["text_b"][0] == ""
-    # Without label names, the sorted distinct labels of the training file are used.
-    assert get_task("csv:moods?label=mood").label_names == ("calm", "happy", "sad")
-    # The classifier scores with the task's metric.
-    scores = from_yaml.label_metrics(np.array([0, 1, 1, 2, 2, 0]), np.array([0, 0, 1, 1, 2, 2]))
-    assert scores == {"accuracy": pytest.approx(0.5), "matthews": pytest.approx(0.25)}
-
-
-@pytest.mark.parametrize(
-    "task, extra, needle",
-    [
-        ("yaml", {"colour": "red"}, "unknown key(s) ['colour']"),
-        ("yaml", {"metric": "auc"}, "metric 'auc' is not one of accuracy, f1, matthews"),
-        ("yaml", {"label": "stars"}, "no column(s) ['stars']"),
-        ("csv:nowhere/train.csv", {}, "does not exist"),
-        ("tsv:moods", {}, "has no train.tsv"),
-        ("parquet:moods", {}, "Unknown task 'parquet:moods'"),
-    ],
-)
-def test_bad_custom_tasks_exit_2_with_a_message(tmp_path, monkeypatch, capsys, task, extra, needle):
-    write_moods(tmp_path / "moods")
-    monkeypatch.chdir(tmp_path)
-    ref = str(_task_file(tmp_path, **extra)) if task == "yaml" else task
-    code = main(["train", "--task", ref, "--model", "tiny-llama", "--quiet"])
-    assert code == 2
-    assert needle in capsys.readouterr().err
-
-
-def test_a_label_outside_the_names_names_file_and_line(tmp_path, monkeypatch, capsys):
-    write_moods(tmp_path / "moods")
-    with open(tmp_path / "moods" / "dev.csv", "a") as fh:
-        fh.write("the day was odd,angry\n")
-    monkeypatch.chdir(tmp_path)
-    task = get_task(str(_task_file(tmp_path)))
-    with pytest.raises(Exception) as err:
-        task.load("eval")
-    assert "dev.csv, line 17" in str(err.value) and "'angry'" in str(err.value)
-
-
-def test_csv_task_trains_classifier_and_lm_head_and_reports(tmp_path, monkeypatch):
-    """Acceptance 1: a 3-label CSV task with Matthews correlation, both heads, then the report;
-    the same task from JSONL."""
-    write_moods(tmp_path / "moods")
-    monkeypatch.chdir(tmp_path)  # relative paths in the reference; run folders store them absolute
-    task_file = _task_file(tmp_path)
-    out = tmp_path / "runs"
-    common = ["--model", "tiny-llama", "--output-dir", str(out), "--quiet", *FAST]
-    assert main(["train", "--task", "moods.yaml", *common, "run.name=cls"]) == 0
-    assert main(["train", "--task", "moods.yaml", "--head", "lm", *common, "run.name=lm"]) == 0
-    ref = "jsonl:moods?label=mood&labels=sad|calm|happy&metric=matthews"
-    assert main(["train", "--task", ref, *common, "run.name=jsonl"]) == 0
-    summaries = {
-        n: json.loads((out / n / "summary.json").read_text()) for n in ("cls", "lm", "jsonl")
-    }
-    for name, s in summaries.items():
-        assert set(s["metrics"]) == {"accuracy", "matthews"}, name
-        assert -1.0 <= s["metrics"]["matthews"] <= 1.0 and s["examples"] == {
-            "train": 48,
-            "eval": 15,
-        }
-    assert "zero_shot" in summaries["lm"]  # verbalizers from the label names
-    cards = {n: (out / n / "adapter" / "README.md").read_text() for n in ("cls", "lm")}
-    assert "AutoModelForSequenceClassification" in cards["cls"] and "num_labels=3" in cards["cls"]
-    assert "AutoModelForCausalLM" in cards["lm"] and "labels: sad, calm, happy" in cards["lm"]
-    assert "main metric | matthews" in cards["cls"]
-    # CSV and JSONL hold the same rows: the same data fingerprint and the same result.
-    assert summaries["cls"]["data_fingerprint"] == summaries["jsonl"]["data_fingerprint"]
-    assert summaries["cls"]["metrics"] == pytest.approx(summaries["jsonl"]["metrics"])
-    saved = yaml.safe_load((out / "cls" / "config.yaml").read_text())
-    assert saved["data"]["task"] == str(task_file)  # absolute: readable from any folder
-    monkeypatch.chdir(out)
-    assert main(["report", str(out)]) == 0
-    table = (out / "report" / "report.csv").read_text()
-    assert "matthews" in table and "accuracy" in table
-    # merge and analyze read the task back from the run folder (from another working folder)
-    assert main(["analyze", str(out / "cls")]) == 0
-    analysis = json.loads((out / "cls" / "analysis" / "analysis.json").read_text())
-    assert analysis["representations"]["probe"] == 15
-    code = main(["merge", str(out / "lm"), "--dtype", "fp32", "--no-benchmark", "--no-export",
-                 "--quiet"])  # fmt: skip
-    assert code == 0
-    merged = json.loads((out / "lm" / "merge" / "merge.json").read_text())
-    assert merged["primary_metric"] == "matthews"
-
-
-def test_sweep_runs_a_custom_task(tmp_path, monkeypatch):
-    write_moods(tmp_path / "moods", n_train=24, n_dev=9)
-    monkeypatch.chdir(tmp_path)
-    _task_file(tmp_path)
-    code = main(["sweep", "--tasks", "moods.yaml", "--methods", "lora", "--lora-lr", "1e-3",
-                 "--seeds", "7", "--model", "tiny-llama", "--output-dir", "sw", "--quiet",
-                 "train.batch_size=8"])  # fmt: skip
-    assert code == 0
-    (run,) = list((tmp_path / "sw" / "runs").iterdir())
-    assert run.name.startswith("moods-") and "/" not in run.name
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["task"] == str(tmp_path / "moods.yaml") and "matthews" in summary["metrics"]
-
-
-def test_hub_dataset_task_uses_class_label_names(monkeypatch):
-    import datasets
-
-    rows = {"sentence": ["dull film", "great film", "bad plot", "fine cast"], "label": [0, 1, 0, 1]}
-    features = datasets.Features(
-        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
-    )
-    asked = []
-
-    def fake_load_dataset(path, name=None, split=None, **kw):
-        asked.append((path, name, split))
-        return datasets.Dataset.from_dict(rows, features=features)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    task = get_task("hub:someone/films?config=v2&eval_split=test&metric=f1")
-    assert task.label_names == ("neg", "pos") and task.text_columns == ("sentence",)
-    assert task.primary_metric == "f1" and task.name == "films"
-    dev = task.load("eval")
-    assert dev["label"] == [0, 1, 0, 1] and dev["text_a"][1] == "great film"
-    assert ("someone/films", "v2", "test") in asked
-    assert task.label_metrics(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 1]))["f1"] == 0.5
 
 
 # -- portable adapters, hub push -----------------------------------------------------------------
@@ -478,25 +291,6 @@ def test_console_is_quiet_and_informative(tmp_path, sst2_dir):
 
 def _acc(run: Path) -> float:
     return json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
-
-
-TASK_FILES = sorted((Path(__file__).parents[1] / "configs" / "tasks").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
-def test_task_files_under_configs_are_valid(path):
-    from loralab.tasks.custom_spec import parse_ref
-
-    spec, base = parse_ref(str(path))
-    data = base / (spec.path or spec.train)
-    if not data.exists():
-        pytest.skip(f"{data} is not on this machine")
-    task = get_task(str(path))
-    assert task.num_labels == len(spec.labels or task.label_names)
-    if "glue/sst2" in str(data):  # read as plain TSV, the dev set equals the GLUE loader's
-        glue = get_task("sst2").load("eval", str(data))
-        mine = task.load("eval")
-        assert mine["text_a"] == glue["text_a"] and mine["label"] == glue["label"]
 
 
 def test_live_line_formats_loss_lr_and_throughput():
