@@ -80,6 +80,27 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
+FAULT_RUN_OPTS = ["--model", "tiny-llama", "--task", "sst2", "--quiet"]
+FAULT_RUN_OVERRIDES = ["train.max_steps=4", "train.save_steps=2", "train.batch_size=8",
+                       "train.logging_steps=2"]  # fmt: skip
+
+
+@pytest.fixture
+def shared(tmp_path_factory):
+    """A finished tiny LoRA run (with checkpoints) and its data, trained once per session; the
+    fault tests copy it before they damage it (`Case.run`)."""
+    from loralab.cli import main
+
+    def build(root: Path) -> None:
+        data = write_sst2(root / "sst2")
+        args = ["train", *FAULT_RUN_OPTS, "--data-dir", str(data), "--output-dir", str(root),
+                *FAULT_RUN_OVERRIDES, "run.name=r"]  # fmt: skip
+        assert main(args) == 0
+
+    root = built_once(tmp_path_factory, "fault-run", build)
+    return root / "r", root / "sst2"
+
+
 def pytest_collection_modifyitems(items):
     """The `long` tests first: handed out one at a time, they spread over the workers instead
     of leaving one of them running alone at the end (longest-first list scheduling)."""

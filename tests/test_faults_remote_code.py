@@ -6,24 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Case, write_sst2
+from conftest import Case
 
 from loralab.cli import main
-
-RUN_OPTS = ["--model", "tiny-llama", "--task", "sst2", "--quiet"]
-RUN_OVERRIDES = ["train.max_steps=4", "train.save_steps=2", "train.batch_size=8",
-                 "train.logging_steps=2"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A finished tiny LoRA run (with checkpoints) and its data, trained once for the module."""
-    root = tmp_path_factory.mktemp("shared")
-    data = write_sst2(root / "sst2")
-    args = ["train", *RUN_OPTS, "--data-dir", str(data), "--output-dir", str(root),
-            *RUN_OVERRIDES, "run.name=r"]  # fmt: skip
-    assert main(args) == 0
-    return root / "r", data
 
 
 @pytest.fixture
