@@ -20,8 +20,6 @@ from conftest import FAULT_RUN_OPTS, FAULT_RUN_OVERRIDES, Case
 
 from loralab.cli import main
 
-RUN_OPTS, RUN_OVERRIDES = FAULT_RUN_OPTS, FAULT_RUN_OVERRIDES  # the shared run's options
-
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
@@ -38,8 +36,8 @@ def _train(c: Case, *extra, out: str | None = None) -> list[str]:
     """A train command line; dotted overrides in `extra` go after the options."""
     overrides = [e for e in extra if re.match(r"^\w+\.\w+=", e)]
     options = [e for e in extra if e not in overrides]
-    return ["train", *RUN_OPTS, "--output-dir", out or c.out("runs"), *options, *RUN_OVERRIDES,
-            *overrides]  # fmt: skip
+    return ["train", *FAULT_RUN_OPTS, "--output-dir", out or c.out("runs"), *options,
+            *FAULT_RUN_OVERRIDES, *overrides]  # fmt: skip
 
 
 def _squad_empty_answer(c: Case) -> list[str]:

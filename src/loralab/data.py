@@ -171,10 +171,15 @@ def check_max_length(task: Task, cfg: DataConfig, model_config, model_name: str)
         )
 
 
+def batches_per_epoch(train_features: int, batch_size: int, world: int) -> int:
+    """Batches each of `world` processes draws in one epoch (the last one may be short)."""
+    return -(-train_features // (batch_size * world))
+
+
 def check_accumulation(train_features: int, batch_size: int, grad_accum: int, world: int) -> None:
     """Refuse a `train.grad_accum` above the batches one epoch holds: the Trainer would take one
     short step per epoch from fewer batches than asked, with its loss misreported."""
-    batches = -(-train_features // (batch_size * world))
+    batches = batches_per_epoch(train_features, batch_size, world)
     if grad_accum > batches:
         procs = f" per process ({world} processes)" if world > 1 else ""
         raise LoralabError(

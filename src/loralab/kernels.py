@@ -10,7 +10,7 @@ import torch
 
 from . import attention, compiling, distributed, precision
 from .config import ExperimentConfig
-from .data import Splits
+from .data import Splits, batches_per_epoch
 
 
 def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
@@ -36,7 +36,7 @@ def planned_steps(cfg: ExperimentConfig, train_features: int) -> int:
     tr = cfg.train
     if tr.max_steps > 0:
         return tr.max_steps
-    batches = math.ceil(train_features / (tr.batch_size * distributed.world_size()))
+    batches = batches_per_epoch(train_features, tr.batch_size, distributed.world_size())
     return math.ceil(max(batches // tr.grad_accum, 1) * tr.epochs)
 
 
