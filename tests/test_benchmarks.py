@@ -106,3 +106,24 @@ def test_compile_cost_splits_a_run_at_the_compile_and_compares_with_eager(tmp_pa
     assert run["compile"] == {"compile": False, "reason": "set in the config"}
     assert run["head_steps"] == 2 and run["steady_steps"] == 6 and run["steady_s"] > 0
     assert 0 <= run["metrics"]["accuracy"] <= 1
+
+
+def test_study_throughput_runs_each_layout_as_a_real_study(tmp_path, monkeypatch, capsys):
+    bench = load("study_throughput", monkeypatch)
+    data = write_sst2(tmp_path / "sst2", n_train=32, n_dev=16)
+    with pytest.raises(SystemExit, match="--runs must be 1..8"):
+        bench.spec(9, str(data), 32, "tiny-llama")
+    argv = ["--data-dir", str(data), "--model", "tiny-llama", "--examples", "32", "--runs", "2"]
+    assert bench.main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    cores = bench.os.cpu_count() or 1
+    assert [r["workers"] for r in got["rows"]] == ([1, cores] if cores > 1 else [1])
+    for r in got["rows"]:
+        # Every point of the study ran (one per learning rate) and its figures add up.
+        assert r["runs"] == 2 and len(r["accuracy"]) == 2
+        assert all(0 <= a <= 1 for a in r["accuracy"])
+        assert r["runs_per_hour"] == pytest.approx(2 * 3600 / r["wall_s"])
+        assert r["over_one_worker"] == pytest.approx(
+            r["runs_per_hour"] / got["rows"][0]["runs_per_hour"]
+        )
+    assert got["fastest"] == max(got["rows"], key=lambda r: r["runs_per_hour"])["layout"]
