@@ -127,3 +127,15 @@ def test_study_throughput_runs_each_layout_as_a_real_study(tmp_path, monkeypatch
             r["runs_per_hour"] / got["rows"][0]["runs_per_hour"]
         )
     assert got["fastest"] == max(got["rows"], key=lambda r: r["runs_per_hour"])["layout"]
+
+
+def test_a_failing_gpu_configuration_comes_back_as_an_error_row(monkeypatch):
+    bench = load("train_throughput", monkeypatch)
+    failed = bench.subprocess.CompletedProcess(
+        [], 1, stdout="", stderr="Traceback\nBackendCompilerFailed: x"
+    )
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
+    spec = {"config": "D", "method": "lora", "device": "cuda"}
+    assert bench._run_child(spec, must=False) == {**spec, "error": ["BackendCompilerFailed: x"]}
+    with pytest.raises(SystemExit, match="configuration D \\(lora\\) failed"):
+        bench._run_child(spec)
