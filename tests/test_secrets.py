@@ -94,3 +94,14 @@ def test_sweep_point_with_a_password_in_storage_writes_it_nowhere(tmp_path):
     loaded = optuna.load_study(study_name=study, storage=open_storage(storage))
     attrs = [loaded.user_attrs] + [t.user_attrs for t in loaded.trials]
     assert loaded.trials and SECRET not in json.dumps(attrs, default=str)
+
+
+def test_postgres_storage_without_a_driver_is_a_user_error_with_the_password_masked(monkeypatch):
+    from loralab.errors import LoralabError
+    from loralab.study import storage
+
+    monkeypatch.setattr(storage.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LoralabError, match=r"needs a PostgreSQL driver.*loralab\[sweep\]") as e:
+        storage.with_driver(f"postgresql://bob:{SECRET}@db.example:5432/x")
+    assert SECRET not in str(e.value) and "postgresql://bob:***@db" in str(e.value)
+    assert storage.with_driver("sqlite:///x.db") == "sqlite:///x.db"  # no driver needed

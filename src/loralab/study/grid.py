@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..config import (
@@ -102,6 +102,16 @@ class Plan:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def with_absolute_paths(self) -> Plan:
+        """This plan with its data paths and results folder resolved against the current folder:
+        a worker started anywhere else (`loralab sweep worker`) then finds them."""
+        return replace(
+            self,
+            base=_absolute_data(self.base),
+            per_task={t: _absolute_data(v) for t, v in self.per_task.items()},
+            results_dir=str(Path(self.results_dir).expanduser().resolve()),
+        )
+
     def config_for(self, point: dict, results_dir: str | Path | None = None) -> ExperimentConfig:
         """The full training config of one point, its run directory RESULTS/runs/<key>."""
         data = merge_dicts(self.base, self.per_task.get(point["task"], {}))
@@ -114,6 +124,16 @@ class Plan:
         if point["lora"]:
             fixed["lora"] = point["lora"]
         return from_dict(merge_dicts(data, fixed))
+
+
+def _absolute_data(section: dict) -> dict:
+    """A config mapping with its data.* paths (`PATH_KEYS`) made absolute."""
+    data = section.get("data")
+    if not isinstance(data, dict):
+        return section
+    fixed = {k: str(Path(v).expanduser().resolve()) if k in PATH_KEYS and isinstance(v, str) and v
+             else v for k, v in data.items()}  # fmt: skip
+    return {**section, "data": fixed}
 
 
 def point_key(point: dict, base: dict, slugged: bool = True) -> str:
@@ -269,7 +289,7 @@ def make_plan(
         seeds=DEFAULT_SEEDS if seed_list is None else seed_list, variants=variants, base=base,
         per_task={t: parse_overrides(v) for t, v in per_task_items.items()},
         results_dir=str(results_dir),
-    )  # fmt: skip
+    ).with_absolute_paths()  # fmt: skip
     points = plan.points()
     if not points:
         empty = [n for n, v in (("tasks (--tasks)", plan.tasks), ("methods (--methods)", plan.methods),

@@ -31,7 +31,8 @@ def _optuna():
         import optuna
     except ImportError:
         raise LoralabError(
-            "Sweeps need Optuna: pip install 'loralab[sweep]' (optuna, psycopg2-binary)."
+            "Sweeps and studies need Optuna, a dependency of loralab that is missing here: "
+            "pip install 'optuna>=4'."
         ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
@@ -145,6 +146,11 @@ def with_driver(url: str) -> str:
         ):
             if importlib.util.find_spec(module):
                 return f"{scheme}://{rest}"
+        raise LoralabError(
+            f"--storage {mask_secrets(url)} needs a PostgreSQL driver and none is installed: pip "
+            "install 'loralab[sweep]' (psycopg2-binary), or use the default SQLite storage in "
+            "the results folder."
+        )
     return url
 
 
@@ -188,7 +194,11 @@ def create_or_check(storage, name: str, plan: Plan):
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         study, stored = load_study(storage, name)
-        if stored.fingerprint() != plan.fingerprint():
+        # A study made before sweeps stored absolute paths matches when its paths resolve the same.
+        if plan.fingerprint() not in (
+            stored.fingerprint(),
+            stored.with_absolute_paths().fingerprint(),
+        ):
             raise LoralabError(
                 f"Study '{name}' already exists in '{masked(storage.url)}' with a different grid "
                 f"({describe_difference(stored, plan)}). It was left untouched. Re-run with the "
