@@ -46,3 +46,24 @@ def test_a_study_stored_with_relative_paths_still_matches_its_command(tmp_path, 
     create_or_check(storage, "old", plan)  # the same command again: accepted, nothing changes
     _, stored = load_study(storage, "old")
     assert stored.base["data"]["data_dir"] == "data"
+
+
+def test_a_point_whose_data_is_gone_stops_the_worker_with_exit_2_naming_its_log(
+    tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    data = write_sst2(tmp_path / "data", n_train=16, n_dev=8)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create = ["sweep", "--create-only", "--study", "s", "--storage", url, "--model", "tiny-llama",
+              "--data-dir", str(data), "--output-dir", str(tmp_path / "res"), "--methods", "lora",
+              "--lora-lr", "1e-3,2e-3", "--seeds", "1", "train.max_steps=2"]  # fmt: skip
+    assert main(create) == 0
+    shutil.rmtree(data)  # e.g. a machine without the data folder
+    capsys.readouterr()
+    assert main(["sweep", "worker", "--study", "s", "--storage", url, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "failed:" in err and "is not a folder" in err and "Traceback" not in err
+    log = next((tmp_path / "res" / "logs").glob("*.log"))
+    assert f"(the point's log: {log})" in err
+    assert len(list((tmp_path / "res" / "logs").glob("*.log"))) == 1  # stopped at the first point
