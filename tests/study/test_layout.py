@@ -85,3 +85,17 @@ def test_siblings_get_their_own_gpu(monkeypatch):
     layout.spawn_siblings(["study", "x.yaml"], workers=2, threads=torch.get_num_threads())
     assert started == ["4"]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # this process, the first worker
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "abc"])
+def test_bad_worker_counts_are_refused_when_parsed_even_for_a_dry_run(bad, capsys):
+    from loralab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        spec = Path(__file__).resolve().parents[2] / "configs" / "studies" / "tiny.yaml"
+        main(["study", str(spec), "--workers", bad, "--dry-run"])
+    assert e.value.code == 2
+    assert (
+        f"expected 'auto' (one 1-thread worker per CPU core, one per GPU) or a whole number >= 1, got '{bad}'"
+        in capsys.readouterr().err
+    )

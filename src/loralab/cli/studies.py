@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -120,10 +121,21 @@ def add_study(sub) -> None:
     p.add_argument(
         "--workers",
         default=None,
+        type=_workers,
         help="worker processes on this machine: auto (default: one 1-thread worker per CPU core, "
         "one per GPU) or a number; they share the study's points",
     )
     _add_storage(p)
+
+
+def _workers(text: str) -> str:
+    """--workers: 'auto' or a whole number >= 1 (checked when parsed, like every number)."""
+    if text == "auto" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected 'auto' (one 1-thread worker per CPU core, one per GPU) or a whole number >= 1, "
+        f"got {text!r}"
+    )
 
 
 def add_report(sub) -> None:
