@@ -75,3 +75,12 @@ def test_the_push_target_is_named_by_the_caller():
     assert str(err.value).startswith("The hub repository needs a repository id")
     with pytest.raises(LoralabError, match="^--push-to-hub needs a repository id"):
         check_push("no-owner", "--push-to-hub")
+
+
+@pytest.mark.parametrize("mode", ["worker", "status"])
+def test_sweep_worker_and_status_have_their_own_help(mode, capsys):
+    assert main(["sweep", mode, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: loralab sweep {mode} [-h] --study STUDY")
+    assert "--lora-lr" not in out and "--max-train-examples" not in out  # the grid's options
+    assert ("--heartbeat" in out) == (mode == "worker")

@@ -27,6 +27,7 @@ from .studies import (
     cmd_report,
     cmd_study,
     cmd_sweep,
+    sweep_mode_help,
 )
 from .training import add_convert, add_models, add_train, cmd_convert, cmd_models, cmd_train
 from .validation import add_validate, cmd_validate
@@ -72,6 +73,13 @@ TRAINING = ("train", "sweep", "ablate", "study")
 def main(argv: list[str] | None = None) -> int:
     entry = argv is None  # the process's own command line, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        argv[:1] == ["sweep"]
+        and argv[1:2] in (["worker"], ["status"])
+        and {"-h", "--help"} & set(argv)
+    ):
+        print(sweep_mode_help(argv[1]), end="")  # not the grid options of `loralab sweep`
+        return 0
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

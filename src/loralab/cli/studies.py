@@ -83,6 +83,34 @@ def add_sweep(sub) -> None:
     _add_study_modes(p)
 
 
+SWEEP_MODES = {
+    "worker": "Run the waiting points of an existing study (made by `loralab sweep` or "
+    "`--create-only`) here until none is left; the grid, config and results folder come from the "
+    "study. Start one per machine against a shared --storage. Exit status 0 when every point of "
+    "its tasks is done, 1 when some crashed or diverged, 2 on a user error.",
+    "status": "Print each point of an existing study (done, running, interrupted, ...), how far "
+    "the unfinished ones got and the training CPU time left; change nothing.",
+}
+
+
+def sweep_mode_help(mode: str) -> str:
+    """The help of `loralab sweep worker|status` (the sweep parser's options are the grid's)."""
+    p = argparse.ArgumentParser(prog=f"loralab sweep {mode}", description=SWEEP_MODES[mode])
+    p.add_argument("--study", required=True, help="the study's name")
+    p.add_argument("--storage", help="Optuna storage URL (default: study.db in --output-dir)")
+    p.add_argument("--tasks", help="comma list: only these tasks' points")
+    p.add_argument(
+        "--output-dir", help="results folder (default: the study's with --storage, else results)"
+    )
+    if mode == "worker":
+        p.add_argument("--heartbeat", help="seconds between heartbeats (20)")
+        p.add_argument("--grace", help="seconds without a heartbeat before a point is retried (3x)")
+        p.add_argument("--max-retries", help="retries of a point whose worker died (3)")
+        p.add_argument("--quiet", action="store_true", help="no per-point progress lines")
+        add_trust(p)
+    return p.format_help()
+
+
 def add_ablate(sub) -> None:
     p = sub.add_parser(
         "ablate",
