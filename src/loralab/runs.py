@@ -71,13 +71,15 @@ def open_lora_run(
         state = (
             tracking.read_json(summary).get("status") if summary.is_file() else "no summary.json"
         )
-        fix = (  # a diverged run would diverge again on resume
-            "it diverged (a non-finite loss), so it has no adapter to use: train it again with "
-            "a lower train.lr."
-            if state == "diverged"
-            else "the adapter is written when training finishes: finish the run with "
-            f"`loralab train --resume {run_dir}` first."
-        )
+        if state == "diverged":  # a diverged run would diverge again on resume
+            fix = ("it diverged (a non-finite loss), so it has no adapter to use: train it again "
+                   "with a lower train.lr.")  # fmt: skip
+        elif state == "completed":  # finished, then its adapter folder was removed or not copied
+            fix = ("the run finished, so the folder was moved or copied without its "
+                   f"{tracking.ADAPTER_DIR}/ folder: point at a copy that has it, or train again.")  # fmt: skip
+        else:
+            fix = ("the adapter is written when training finishes: finish the run with "
+                   f"`loralab train --resume {run_dir}` first.")  # fmt: skip
         raise LoralabError(
             f"'{run_dir}' has no saved adapter ({tracking.ADAPTER_DIR}/adapter_config.json; run "
             f"status: {state}): {fix}"

@@ -105,6 +105,12 @@ def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
     no_adapter.mkdir()
     shutil.copy(runs["r4"] / "config.yaml", no_adapter / "config.yaml")
     fails(no_adapter, needle="has no saved adapter")
+    # A finished run copied without its adapter: resuming it would do nothing, so no such advice.
+    shutil.copy(runs["r4"] / "summary.json", no_adapter / "summary.json")
+    assert main(["analyze", str(no_adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "run status: completed): the run finished, so the folder was moved" in err
+    assert "--resume" not in err
     fails(tmp_path, needle="not a loralab run directory")
     fails(runs["r4"], "--probe", 1000, needle="--probe 1000 is out of range")
     fails(runs["r8"], "--compare", runs["r4"], "--layer", 7, needle="--layer 7 has no adapted")
