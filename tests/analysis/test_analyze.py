@@ -114,6 +114,7 @@ def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
     fails(tmp_path, needle="not a loralab run directory")
     fails(runs["r4"], "--probe", 1000, needle="--probe 1000 is out of range")
     fails(runs["r8"], "--compare", runs["r4"], "--layer", 7, needle="--layer 7 has no adapted")
+    fails(runs["r8"], "--layer", 0, needle="--layer 0 picks the layer of the similarity heat-maps")
 
     other_model = tmp_path / "bert"
     shutil.copytree(

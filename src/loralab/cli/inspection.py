@@ -143,6 +143,11 @@ def cmd_merge(args) -> int:
 def cmd_analyze(args) -> int:
     from ..analysis.analyze import analyze
 
+    if args.layer is not None and args.compare is None:
+        raise LoralabError(
+            f"--layer {args.layer} picks the layer of the similarity heat-maps, which compare two "
+            "runs: give --compare OTHER_RUN_DIR too, or drop --layer."
+        )
     result = analyze(
         args.run_dir,
         compare=args.compare,
