@@ -97,6 +97,19 @@ def test_bad_push_target_fails_before_training(tmp_path, sst2_dir, capsys):
     assert "'user/name'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
+def test_a_push_without_a_token_fails_before_training(tmp_path, sst2_dir, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no login saved either
+    code = main(["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(sst2_dir),
+                 "--output-dir", str(tmp_path / "runs"), "--push-to-hub", "me/x"])  # fmt: skip
+    assert code == 2 and not (tmp_path / "runs").exists()
+    assert "--push-to-hub me/x: no Hugging Face token found" in capsys.readouterr().err
+
+
 def test_merge_pushes_the_merged_export(short_run, monkeypatch, capsys):
     import huggingface_hub
 
@@ -106,6 +119,7 @@ def test_merge_pushes_the_merged_export(short_run, monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_saved_login")  # `hf auth login`
     code = main(["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--quiet",
                  "--out", str(run.parent / "merged"), "--push-to-hub", "me/sst2-merged"])  # fmt: skip
     assert code == 0

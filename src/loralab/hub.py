@@ -102,6 +102,13 @@ def check_push(repo: str, what: str = "The hub repository") -> None:
         )
     if offline():
         raise LoralabError(f"{what} {repo}: offline mode is on (HF_HUB_OFFLINE); unset it to push.")
+    from huggingface_hub import get_token  # HF_TOKEN, else the token `hf auth login` saved
+
+    if not get_token():
+        raise LoralabError(
+            f"{what} {repo}: no Hugging Face token found, and pushing needs one with write access: "
+            "log in with `hf auth login`, or set HF_TOKEN."
+        )
 
 
 def push_folder(folder: str | Path, repo: str, what: str, private: bool = False) -> str:
