@@ -328,7 +328,9 @@ def test_convert_gguf_then_train_on_it(tmp_path, sst2_dir, capsys):
     source = write_llama_gguf(tmp_path / "tiny-q8.gguf")
     out = tmp_path / "converted"
     assert main(["convert", str(tmp_path / "tiny-q8.gguf"), str(out), "--quiet"]) == 0
-    assert "from Q8_0" in capsys.readouterr().out
+    got = capsys.readouterr()
+    assert "from Q8_0" in got.out
+    assert "GGUF tensors" not in got.err and "Failed to load" not in got.err  # --quiet is quiet
     marker = json.loads((out / MARKER).read_text())
     assert marker["dequantized"] and marker["quantization"] == "Q8_0"
     assert marker["tensor_types"] == {"Q8_0": 16, "F32": 5}

@@ -7,6 +7,8 @@ and a marker file that say where it came from and which quantization it was dequ
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -50,11 +52,28 @@ def _supported() -> list[str]:
     return sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
 
 
-def _load(gguf: Path):
+@contextlib.contextmanager
+def _tensor_bar(show: bool):
+    """transformers' GGUF reader draws a bare tqdm bar per file, with no switch of its own:
+    `--quiet` (progress off) swaps in a disabled one for the load."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    if not show:
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
+def _load(gguf: Path, progress: bool = True):
     """(model, tokenizer) dequantised to fp32 by transformers."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from . import quantization  # noqa: F401  (its import filters torchao's import-time noise)
 
     where, name = gguf.parent, gguf.name
     try:
@@ -66,7 +85,8 @@ def _load(gguf: Path):
         ) from exc
     auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModel
     tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
-    model = auto.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    with _tensor_bar(progress):
+        model = auto.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     # The weights are dequantised already; the GGUF entry would make later loads look for the
     # .gguf file again, so the saved config must not carry it.
     if hasattr(model.config, "quantization_config"):
@@ -113,7 +133,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, progress: bool = True) -> Pa
         Console(stderr=True).print(
             f"[bold]loralab[/bold]: dequantising {gguf.name} ({info['quantization']}) to float32"
         )
-    model, tok = _load(gguf)
+    model, tok = _load(gguf, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
