@@ -32,6 +32,13 @@ def _non_utf8(folder: Path, name: str = "train.tsv") -> Path:
     return folder
 
 
+def _huge_field(folder: Path) -> Path:
+    """A sentence longer than the csv module's field limit (e.g. a JSON file given as train.tsv)."""
+    with open(folder / "train.tsv", "a") as fh:
+        fh.write("x" * 200_000 + "\t1\n")
+    return folder
+
+
 def _train(c: Case, *extra, out: str | None = None) -> list[str]:
     """A train command line; dotted overrides in `extra` go after the options."""
     overrides = [e for e in extra if re.match(r"^\w+\.\w+=", e)]
@@ -128,6 +135,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "PEFT refused the LoRA settings (lora.init_lora_weights='foo'"),
     ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
+    ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),
+    ("train-tsv-huge-field", lambda c: _train(c, "--data-dir", str(_huge_field(c.data()))), "not a GLUE TSV (field larger than field limit"),
     ("train-config-not-utf8", lambda c: _train(c, "--config", str(c.file("c.yaml", b"model:\n  name: \xff\xfe"))), "not UTF-8"),
     ("train-dev-tsv-header-only", lambda c: _train(c, "--data-dir", str(_header_only_dev(c))), "no examples"),
     ("train-empty-data-dir", lambda c: _train(c, "--data-dir", str(c.file("e/readme.txt").parent)), "train.tsv"),
@@ -180,7 +189,9 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("ablate-method-full", lambda c: ["ablate", "--type", "rank", "--model", "tiny-llama", "--output-dir", c.out("results"), "train.method=full"], "every point is LoRA. Compare with full fine-tuning in a sweep"),
     ("sweep-task-twice", lambda c: ["sweep", "--tasks", "sst2,sst2", "--model", "tiny-llama", "--output-dir", c.out("results"), "--dry-run"], "a task, learning rate or seed given twice"),
     ("ablate-override-not-honoured", lambda c: ["ablate", "--type", "rank", "--model", "tiny-llama", "--output-dir", c.out("results"), "lora.r=32"], "lora.r=32 cannot be honoured: the rank ablation sets lora.r and lora.alpha"),
-    ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "nope.yaml"),
+    ("study-spec-missing", lambda c: ["study", c.out("nope.yaml"), "--output-dir", c.out("results")], "Study spec '"),
+    ("study-spec-is-folder", lambda c: ["study", str(c.dir), "--output-dir", c.out("results")], "is a folder, not a file. Pass a YAML file, e.g. configs/studies/tiny.yaml"),
+    ("study-empty-seeds", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: []\n")), "--output-dir", c.out("results")], "must be a non-empty list, e.g. [42, 1337]"),
     ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
     ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
     ("study-workers-0", lambda c: ["study", str(_spec(c)), "--output-dir", c.out("results"), "--workers", "0"], "--workers"),

@@ -215,27 +215,24 @@ def from_dict(data: dict | None, cls: type = ExperimentConfig, prefix: str = "")
 # YAML and overrides
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping (safe loader: no code execution)."""
+def load_yaml(
+    path: str | Path, what: str = "Config file", example: str = "configs/sst2.yaml"
+) -> dict:
+    """Read a YAML mapping (safe loader: no code execution); errors call it `what`."""
     path = Path(path)
     if not path.is_file():
-        raise LoralabError(
-            f"Config file '{path}' does not exist. Pass a YAML file, e.g. configs/sst2.yaml."
-        )
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise LoralabError(f"{what} '{path}' {state}. Pass a YAML file, e.g. {example}.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise LoralabError(f"Config file '{path}' is not valid YAML: {e}") from None
+        raise LoralabError(f"{what} '{path}' is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
-        raise LoralabError(
-            f"Config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML."
-        ) from None
+        raise LoralabError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML.") from None  # fmt: skip
     except OSError as e:
-        raise LoralabError(f"Cannot read config file '{path}': {e.strerror or e}.") from None
+        raise LoralabError(f"Cannot read {what.lower()} '{path}': {e.strerror or e}.") from None
     if not isinstance(data, dict):
-        raise LoralabError(
-            f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}."
-        )
+        raise LoralabError(f"{what} '{path}' must hold a mapping of sections, not {type(data).__name__}.")  # fmt: skip
     return data
 
 
@@ -326,6 +323,9 @@ def build_config(
 ) -> ExperimentConfig:
     """Defaults <- YAML file <- keyword sections (from CLI flags) <- dotted overrides; validated."""
     data = load_yaml(config_file) if config_file else {}
+    for name, value in data.items():  # merged with the flags, a scalar section would vanish
+        if name in ExperimentConfig.__dataclass_fields__ and not isinstance(value, dict | None):
+            raise LoralabError(f"Config file '{config_file}': section '{name}' must be a mapping of {name}.* keys (e.g. `{name}: {{...}}`), got {value!r}.")  # fmt: skip
     for name, values in sections.items():
         data = merge_dicts(data, {name: {k: v for k, v in values.items() if v is not None}})
     data = merge_dicts(data, parse_overrides(overrides or []))

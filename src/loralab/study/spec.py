@@ -87,7 +87,8 @@ def _check_sections(path, where: str, data: dict) -> None:
 
 def _numbers(path, key: str, value, kind: type) -> list:
     if not isinstance(value, list) or not value:
-        raise _err(path, key, f"must be a non-empty list, e.g. [1e-4, 3e-4]; got {value!r}.")
+        example = "[42, 1337]" if kind is int else "[1e-4, 3e-4]"
+        raise _err(path, key, f"must be a non-empty list, e.g. {example}; got {value!r}.")
     out = []
     for v in value:
         try:
@@ -188,7 +189,7 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) ->
 
 def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     """Read and validate a study spec; `data_root` replaces the spec's (relative to the CWD)."""
-    raw = load_yaml(path)
+    raw = load_yaml(path, "Study spec", "configs/studies/tiny.yaml")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise _err(path, unknown[0], f"is not a study setting; known: {', '.join(TOP_KEYS)}.")

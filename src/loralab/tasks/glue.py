@@ -82,6 +82,12 @@ class GlueTask(Task):
             ) from None
         except OSError as e:
             raise LoralabError(f"Cannot read {path}: {e.strerror or e}.") from None
+        except csv.Error as e:  # e.g. a field over csv's size limit: a JSON file given by mistake
+            raise LoralabError(
+                f"{path}: not a GLUE TSV ({e}). A GLUE {self.name} file is tab-separated text with "
+                f"the header {'<TAB>'.join((*self.text_columns, self.label_column))} and one "
+                "example per line."
+            ) from None
 
     def _read_tsv(self, path: Path) -> dict[str, list]:
         cols: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
