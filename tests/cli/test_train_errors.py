@@ -6,6 +6,7 @@ also goes through a real process, to check the status the shell sees.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -82,3 +83,36 @@ def test_overrides_on_both_sides_of_an_option_all_count(tmp_path, sst2_dir, caps
         main([*_train_args(tmp_path, sst2_dir), "--bogus"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in err, err
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: OSError(errno.ENOSPC, "No space left on device"),  # no path: a flush
+        lambda: RuntimeError("safetensors: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_full_disk_is_a_user_error_wherever_it_is_raised(failure, monkeypatch, tmp_path, capsys):
+    from loralab import cli
+
+    def report(args):
+        try:
+            raise RuntimeError("PytorchStreamWriter failed writing file: unexpected pos")
+        except RuntimeError as first:
+            raise failure() from first
+
+    monkeypatch.setitem(cli.COMMANDS, "report", report)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralab: error: The disk is full") and "Traceback" not in err
+
+
+def test_other_errors_without_a_path_keep_their_traceback(monkeypatch, tmp_path):
+    from loralab import cli
+
+    def report(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setitem(cli.COMMANDS, "report", report)
+    with pytest.raises(OSError, match="Input/output error"):
+        cli.main(["report", str(tmp_path)])

@@ -7,6 +7,7 @@ shared argument helpers, `flags` the table that turns config keys in errors into
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -119,13 +120,36 @@ def main(argv: list[str] | None = None) -> int:
         # member killed by SIGPIPE would, and keep the exit-time flush from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as e:
-        if e.filename is None:
-            raise  # not a file-boundary failure: a bug, keep the traceback
-        # A file or folder the command had to read or write (read-only disk, no permission, a
-        # file where a folder belongs, disk full): the user's to fix, not a bug.
-        print(f"loralab: error: {os_error_text(e)}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if isinstance(e, OSError) and e.filename is not None:
+            # A file or folder the command had to read or write (read-only disk, no permission, a
+            # file where a folder belongs, disk full): the user's to fix, not a bug.
+            print(f"loralab: error: {os_error_text(e)}", file=sys.stderr)
+            return 2
+        if disk_full(e):  # torch, safetensors and PIL report it without a path, in their words
+            print(f"loralab: error: {DISK_FULL}", file=sys.stderr)
+            return 2
+        raise  # a bug: keep the traceback
+
+
+DISK_FULL = (
+    "The disk is full (No space left on device): the command could not write its files. Free "
+    "some space, or choose an output folder on another disk, and run it again; what it had "
+    "finished writing (checkpoints, run folders) is kept, so `--resume` continues a run."
+)
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it arose from is a full disk (ENOSPC)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(
+            e
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def os_error_text(e: OSError) -> str:
