@@ -177,6 +177,9 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("validate-out-under-file", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.file("f") / "v.json")], "is a file"),
     ("validate-bad-override", lambda c: ["validate", "--model", "tiny-llama", "lora.r=0", "--out", c.out("v.json")], "lora.r"),
     # sweep / study
+    ("sweep-target-fits-no-layer", lambda c: _sweep(c, "lora.target=[foo]"), "foo"),
+    ("study-model-typo", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nbase: {model: {name: tiny-lama}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: [1]\n")), "--output-dir", c.out("results")], "did you mean tiny-llama?"),
+    ("study-target-fits-no-layer", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nbase: {model: {name: tiny-llama}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: [1]\nablations: [{lora.target: [standard, [foo]]}]\n")), "--output-dir", c.out("results")], "foo"),
     ("sweep-output-dir-is-file", lambda c: _sweep(c, out=str(c.file("f"))), "is a file"),
     ("sweep-heartbeat-0", lambda c: _sweep(c, "--heartbeat", "0"), "--heartbeat: must be at least 1"),
     ("sweep-grace-0", lambda c: _sweep(c, "--grace", "0"), "--grace: must be at least 1"),

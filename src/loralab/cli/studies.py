@@ -319,6 +319,10 @@ def cmd_study(args) -> int:
     spec = load_spec(args.spec, args.data_root)
     tasks = parse_list(args.tasks, str, "--tasks")
     if args.dry_run:
+        from ..study.prechecks import check_points
+        from ..study.spec import select_tasks, spec_configs
+
+        check_points(spec_configs(spec, select_tasks(spec, tasks)))
         lines = dry_run(spec, tasks, args.study or spec.name)
         print("\n".join(lines))
         return 0

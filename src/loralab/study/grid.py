@@ -27,9 +27,9 @@ from ..config import (
 )
 from ..errors import LoralabError
 from ..heads import check_config
-from ..models.registry import precheck
 from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
+from .prechecks import check_points
 from .variants import legacy_suffix, slug, variant_slug
 
 DEFAULT_LR = {"lora": [1e-4, 3e-4], "full": [1e-5, 3e-5]}
@@ -305,8 +305,7 @@ def make_plan(
             "The grid repeats a point (a task, learning rate or seed given twice): give each once."
         )
     cfgs = [plan.config_for(p) for p in points]
-    for name in {cfg.model.name for cfg in cfgs}:  # a typo fails here, before a study (which
-        precheck(name)  # a corrected command would not match) is created
+    check_points(cfgs)  # model typos and targets fail here, before the study is created
     for cfg in cfgs:  # fail now, not on some machine hours later
         validate(cfg)
         check_config(cfg)

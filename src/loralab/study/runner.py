@@ -17,10 +17,11 @@ from pathlib import Path
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .bar import PointsBar
 from .phases import Phase, StudySpec, best_lrs, phases
+from .prechecks import check_points
 from .progress import FINAL
 from .records import load_runs
 from .report import stored_pending, write_report
-from .spec import check_data, select_tasks
+from .spec import check_data, select_tasks, spec_configs
 from .status import status_with, totals
 from .storage import (
     DEFAULT_HEARTBEAT,
@@ -158,6 +159,7 @@ def run_study(
     from optuna.exceptions import ExperimentalWarning
 
     check_data(spec, select_tasks(spec, tasks))
+    check_points(spec_configs(spec, select_tasks(spec, tasks)))
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
     runner = Runner(

@@ -287,3 +287,13 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
                 key = with_lr_placeholder(key)
             lines.append(f"  {key}")
     return lines
+
+
+def spec_configs(spec: StudySpec, tasks: list[str]) -> list:
+    """Every point's config of the spec's phases (dependent phases at the grid's first lr: the
+    learning rate changes neither the model nor the targets), for `prechecks.check_points`."""
+    out = []
+    for ph in phases(spec, tasks):
+        plan = ph.plan(spec, spec.first_lrs(ph.task))
+        out += [plan.config_for(p) for p in plan.points()]
+    return out

@@ -343,11 +343,8 @@ class Worker:
                 proc.join()
             raise
         message = err.read_text() if err.is_file() else None
-        if proc.exitcode == 1:
-            message = f"crashed; see {log}"
-        if proc.exitcode == 2:  # a user error: every point would repeat it, so the worker stops
-            return 2, f"{message or 'see its log'} (the point's log: {log})"
-        return proc.exitcode, None
+        # A user error: every point would repeat it, so the worker stops (`_handle`).
+        return proc.exitcode, f"{message} (the point's log: {log})" if proc.exitcode == 2 else None
 
     def _note(self, run_dir: Path, key: str, number: int, action: str, outcome: str,
               exitcode: int | None = None) -> None:  # fmt: skip

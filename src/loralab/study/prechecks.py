@@ -1,0 +1,36 @@
+"""What a study's points would refuse when they start, checked before the study is created.
+
+A model name typo or a LoRA target that fits no layer, found only when a point starts, would
+leave a study (`study.db`) whose corrected spec or command no longer matches it: the user could
+only rename the study or delete it. So `sweep`, `ablate` and `study` check every point's model
+and targets the way `train` does, on a weightless skeleton, before anything is created.
+"""
+
+from __future__ import annotations
+
+from ..config import ExperimentConfig
+
+
+def check_points(cfgs: list[ExperimentConfig]) -> None:
+    """Each model name (`precheck`: typos, an unreachable hub) and each LoRA point's targets
+    against its model's layers; a model that ships its own code is left to its point."""
+    from transformers import AutoConfig
+
+    from ..heads import head_for
+    from ..lora import check_targets
+    from ..models import resolve
+    from ..models.registry import precheck
+    from ..tasks import get_task
+
+    models, targets = set(), set()
+    for cfg in cfgs:
+        name = cfg.model.name
+        if name not in models:
+            precheck(name)
+            models.add(name)
+        key = (name, cfg.model.head, cfg.data.task, repr(cfg.lora))
+        if cfg.train.method != "lora" or cfg.model.trust_remote_code or key in targets:
+            continue  # remote code runs only when a worker is started with --trust-remote-code
+        targets.add(key)
+        config = AutoConfig.from_pretrained(resolve(name))
+        check_targets(cfg.lora, config, head_for(cfg, get_task(cfg.data.task)).auto_class())
