@@ -152,6 +152,13 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("resume-with-new-data", lambda c: ["train", "--resume", str(c.run("failed")), "--data-dir", str(c.data()), "--max-train-examples", "8"], "drop ['--data-dir', '--max-train-examples']"),
     ("resume-config-damaged", _resume_damaged_config, "config.yaml"),
     # merge
+    ("merge-no-export-with-out", lambda c: ["merge", str(c.run()), "--no-export", "--out", c.out("m")], "--out names the folder of the merged export, which --no-export skips"),
+    ("merge-private-without-push", lambda c: ["merge", str(c.run()), "--private"], "--private makes the --push-to-hub repository private"),
+    ("analyze-compare-itself", lambda c: ["analyze", str(c.run()), "--compare", str(c.run())], "is the run being analysed"),
+    ("train-private-without-push", lambda c: _train(c, "--private"), "--private makes the --push-to-hub repository private"),
+    ("sweep-full-lr-without-full", lambda c: _sweep(c, "--full-lr", "1e-5"), "--full-lr given, but --methods is lora"),
+    ("sweep-empty-lora-lr", lambda c: _sweep(c, "--lora-lr", ""), "no lora learning rates"),
+    ("sweep-dry-run-and-create-only", lambda c: _sweep(c, "--dry-run", "--create-only"), "not allowed with argument"),
     ("merge-max-eval-examples-neg", lambda c: ["merge", str(c.run()), "--max-eval-examples", "-5"], "must be at least 0"),
     ("merge-bench-batches-0", lambda c: ["merge", str(c.run()), "--bench-batches", "0"], "--bench-batches: must be at least 1"),
     ("merge-bad-tolerance", lambda c: ["merge", str(c.run()), "--tolerance", "bf16=-1"], "Bad --tolerance"),

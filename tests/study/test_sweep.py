@@ -108,7 +108,7 @@ def test_a_config_files_lr_is_not_silently_dropped(tmp_path, sst2_dir, capsys):
 def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, capsys):
     assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "")) == 2
     assert "The grid is empty: no seeds" in capsys.readouterr().err
-    assert main(_sweep_args(tmp_path, sst2_dir, "--methods", "lora", "--lora-lr", ",")) == 2
+    assert main(_sweep_args(tmp_path, sst2_dir, "--methods", "lora,full", "--lora-lr", ",")) == 2
     assert "no lora learning rates" in capsys.readouterr().err
     # Names a run would refuse are refused before the study exists, not point by point later.
     for bad, needle in [("lora.target=standrad", "Unknown LoRA target preset 'standrad'"),

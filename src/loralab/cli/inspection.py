@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import LoralabError
-from ..hub import check_push
-from .options import add_push, add_trust, int_at_least, push
+from .options import add_push, add_trust, check_push_flags, int_at_least, push
 
 
 def add_merge(sub) -> None:
@@ -113,10 +114,10 @@ def cmd_merge(args) -> int:
 
     from ..merge import MergeOptions, parse_tolerances, render, run_merge
 
-    if args.push_to_hub:
-        if args.no_export:
-            raise LoralabError("--push-to-hub uploads the merged export: drop --no-export.")
-        check_push(args.push_to_hub, "--push-to-hub")
+    if args.no_export and (args.push_to_hub or args.out):
+        flag = "--push-to-hub uploads" if args.push_to_hub else "--out names the folder of"
+        raise LoralabError(f"{flag} the merged export, which --no-export skips: drop one of them.")
+    check_push_flags(args)
     options = MergeOptions(
         dtype=args.dtype,
         tolerances=parse_tolerances(args.tolerance),
@@ -147,6 +148,11 @@ def cmd_analyze(args) -> int:
         raise LoralabError(
             f"--layer {args.layer} picks the layer of the similarity heat-maps, which compare two "
             "runs: give --compare OTHER_RUN_DIR too, or drop --layer."
+        )
+    if args.compare is not None and Path(args.compare).resolve() == Path(args.run_dir).resolve():
+        raise LoralabError(
+            f"--compare {args.compare} is the run being analysed: every similarity would be 1. "
+            "Compare with another run of the same base model (e.g. another rank or seed)."
         )
     result = analyze(
         args.run_dir,

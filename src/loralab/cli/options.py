@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..hub import push_folder
+from ..hub import check_push, push_folder
 from ..rundir import check_writable
 
 
@@ -59,6 +59,17 @@ def add_push(p, what: str) -> None:
         help=f"upload {what} to this hub repository (user/name); token from HF_TOKEN",
     )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+
+
+def check_push_flags(args) -> None:
+    """The push target before any work; --private without a push is a mistake, not a no-op."""
+    if args.private and not args.push_to_hub:
+        raise LoralabError(
+            "--private makes the --push-to-hub repository private: give --push-to-hub user/name "
+            "too, or drop --private."
+        )
+    if args.push_to_hub:
+        check_push(args.push_to_hub, "--push-to-hub")
 
 
 def push(args, folder, what: str) -> None:

@@ -12,10 +12,11 @@ from .options import add_trust, check_results_dir, int_at_least
 
 
 def _add_study_modes(p) -> None:
-    p.add_argument(
+    modes = p.add_mutually_exclusive_group()  # creating only and creating nothing: pick one
+    modes.add_argument(
         "--create-only", action="store_true", help="create the study; leave the points to workers"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
+    modes.add_argument("--dry-run", action="store_true", help="print the grid; create nothing")
 
 
 def _add_grid(p, methods: bool = True) -> None:

@@ -6,9 +6,8 @@ import json
 
 from ..config import build_config
 from ..errors import LoralabError
-from ..hub import check_push
 from ..rundir import ADAPTER_DIR, MODEL_DIR
-from .options import add_push, add_trust, int_at_least, push
+from .options import add_push, add_trust, check_push_flags, int_at_least, push
 
 
 def add_train(sub) -> None:
@@ -73,8 +72,7 @@ def cmd_train(args) -> int:
 
     if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
         precheck(args.model)
-    if args.push_to_hub:
-        check_push(args.push_to_hub, "--push-to-hub")
+    check_push_flags(args)
     from .. import distributed
     from ..resume import resume
     from ..train import train

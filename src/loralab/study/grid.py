@@ -280,6 +280,9 @@ def make_plan(
         "lora": parse_list(lora_lr, float, "--lora-lr"),
         "full": parse_list(full_lr, float, "--full-lr"),
     }
+    unused = [f"--{m}-lr" for m, v in lrs.items() if v is not None and m not in method_list]
+    if unused:
+        raise LoralabError(f"{', '.join(unused)} given, but --methods is {','.join(method_list)}: add the method or drop the rates.")  # fmt: skip
     lrs = {m: DEFAULT_LR[m] if v is None else v for m, v in lrs.items() if m in method_list}
     seed_list = parse_list(seeds, int, "--seeds")
     base = to_dict(base_cfg)
@@ -291,7 +294,7 @@ def make_plan(
         results_dir=str(results_dir),
     ).with_absolute_paths()  # fmt: skip
     points = plan.points()
-    if not points:
+    if not points or not all(plan.lrs.get(m) for m in plan.methods):
         empty = [n for n, v in (("tasks (--tasks)", plan.tasks), ("methods (--methods)", plan.methods),
                  ("seeds (--seeds)", plan.seeds)) if not v]  # fmt: skip
         empty += [f"{m} learning rates (--{m}-lr)" for m in plan.methods if not plan.lrs.get(m)]

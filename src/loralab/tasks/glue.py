@@ -47,7 +47,8 @@ class GlueTask(Task):
 
         require_dataset(
             f"{self.hub_path} ({self.hub_config})",
-            f"Set data.data_dir to a folder with the GLUE files (train.tsv, dev.tsv) of {self.name}.",
+            f"The {split} split has no local file: set data.data_dir to a folder with the GLUE "
+            f"files (train.tsv, dev.tsv) of {self.name}, or data.{split}_file to its file.",
         )
         try:
             ds = load_dataset(

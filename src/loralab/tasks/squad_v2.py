@@ -91,8 +91,9 @@ class SquadV2Task(Task):
 
         require_dataset(
             self.hub_path,
-            "Put the SQuAD v2.0 files (train-v2.0.json, dev-v2.0.json) in a folder and set "
-            "data.data_dir to it.",
+            f"The {split} split has no local file: put the SQuAD v2.0 files (train-v2.0.json, "
+            f"dev-v2.0.json) in a folder and set data.data_dir to it, or data.{split}_file to "
+            "its file.",
         )
         try:
             ds = load_dataset(self.hub_path, self.hub_config, split=hub_split)
