@@ -212,6 +212,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),
     ("report-missing-results", lambda c: ["report", c.out("nothing")], "does not exist"),
+    ("report-results-is-file", lambda c: ["report", str(c.file("f"))], "RESULTS_DIR '"),
     ("report-nothing-given", lambda c: ["report"], "Give a results folder"),
 ]  # fmt: skip
 

@@ -125,7 +125,8 @@ def convert_gguf(gguf: str | Path, out: str | Path, progress: bool = True) -> Pa
     if not gguf.is_file():
         raise LoralabError(f"GGUF file '{gguf}' does not exist; pass the path of a .gguf file.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LoralabError(f"Output folder '{out}' exists and is not empty; choose a new folder.")
+        state = "is not empty" if out.is_dir() else "is a file"
+        raise LoralabError(f"Output folder '{out}' {state}; choose a new folder.")
     info = quantization(gguf)
     if progress:
         from rich.console import Console

@@ -371,8 +371,17 @@ def cmd_report(args) -> int:
     from ..study.report import report
     from ..study.tables import CONSOLE_COLUMNS
 
-    if args.out or args.results_dir:
-        check_writable(args.out or Path(args.results_dir) / "report", "--out")
+    if args.results_dir and not Path(args.results_dir).is_dir():
+        state = "is a file" if Path(args.results_dir).exists() else "does not exist"
+        raise LoralabError(
+            f"RESULTS_DIR '{args.results_dir}' {state}: give the results folder of a sweep or "
+            "study (the one holding runs/), or --study NAME with --storage URL."
+        )
+    if args.out or args.results_dir:  # the report goes to --out, else into RESULTS_DIR
+        check_writable(
+            args.out or Path(args.results_dir) / "report",
+            "--out" if args.out else "RESULTS_DIR/report",
+        )
     rep = report(args.results_dir, args.study, args.storage, args.out)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
