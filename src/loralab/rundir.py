@@ -207,6 +207,18 @@ def open_run_dir(path: str | Path) -> Path:
     return path
 
 
+def is_training(run_dir: Path) -> bool:
+    """Whether a live process holds the folder's training lock (`hold_run_lock`) right now."""
+    try:
+        with open(Path(run_dir) / RUN_LOCK) as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no lock file: never trained by this loralab, or trained and copied
+    return False
+
+
 def hold_run_lock(run_dir: Path):
     """Lock the run folder for the process that trains in it, until that process ends (keep
     the returned file open). A second process, e.g. `--resume` of a run that is still training,

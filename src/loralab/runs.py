@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from . import tracking
+from . import rundir, tracking
 from .config import ExperimentConfig, from_dict, load_yaml
 from .console import known_warnings_silenced
 from .errors import LoralabError
@@ -71,7 +71,9 @@ def open_lora_run(
         state = (
             tracking.read_json(summary).get("status") if summary.is_file() else "no summary.json"
         )
-        if state == "diverged":  # a diverged run would diverge again on resume
+        if rundir.is_training(run_dir):
+            fix = "it is still training (another process holds its lock): wait until it finishes."
+        elif state == "diverged":  # a diverged run would diverge again on resume
             fix = ("it diverged (a non-finite loss), so it has no adapter to use: train it again "
                    "with a lower train.lr.")  # fmt: skip
         elif state == "completed":  # finished, then its adapter folder was removed or not copied

@@ -111,6 +111,16 @@ def test_analyze_bad_inputs_exit_2(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run status: completed): the run finished, so the folder was moved" in err
     assert "--resume" not in err
+    # One still training (its lock held): wait for it, not resume it (resume would refuse).
+    from loralab.rundir import hold_run_lock
+
+    (no_adapter / "summary.json").unlink()
+    lock = hold_run_lock(no_adapter)
+    try:
+        fails(no_adapter, needle="it is still training (another process holds its lock)")
+    finally:
+        lock.close()
+    fails(no_adapter, needle="finish the run with `loralab train --resume")  # lock released
     fails(tmp_path, needle="not a loralab run directory")
     fails(runs["r4"], "--probe", 1000, needle="--probe 1000 is out of range")
     fails(runs["r8"], "--compare", runs["r4"], "--layer", 7, needle="--layer 7 has no adapted")
