@@ -84,3 +84,12 @@ def test_sweep_worker_and_status_have_their_own_help(mode, capsys):
     assert out.startswith(f"usage: loralab sweep {mode} [-h] --study STUDY")
     assert "--lora-lr" not in out and "--max-train-examples" not in out  # the grid's options
     assert ("--heartbeat" in out) == (mode == "worker")
+
+
+def test_a_misspelt_option_gets_a_suggestion_and_the_commands_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--taks", "sst2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --taks (did you mean --task?)" in err
+    assert "See `loralab train --help`" in err

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="loralab", description="Honest, reproducible LoRA studies.")
     parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser (for errors found after parsing)
     add_train(sub)
     add_models(sub)
     add_merge(sub)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.commands[args.command].error(unrecognized(extra, parser.commands[args.command]))
     args._argv = argv  # `study --workers N` starts siblings with the same arguments
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -150,6 +151,18 @@ def disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
+    """'unrecognized arguments: --taks (did you mean --task?)'."""
+    import difflib
+
+    options = [o for a in command._actions for o in a.option_strings]  # argparse has no public list
+    hints = [
+        f"{x} (did you mean {near[0]}?)" if (near := difflib.get_close_matches(x.split("=")[0], options, 1)) else x
+        for x in extra
+    ]  # fmt: skip
+    return f"unrecognized arguments: {' '.join(hints)}"
 
 
 def os_error_text(e: OSError) -> str:
