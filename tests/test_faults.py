@@ -178,6 +178,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("analyze-compare-not-a-run", lambda c: ["analyze", str(c.run()), "--compare", c.out("nothing")], "not a loralab run directory"),
     # validate
     ("validate-model-typo", lambda c: ["validate", "--model", "tiny-lama", "--out", c.out("v.json")], "did you mean tiny-llama?"),
+    ("validate-results-without-full-runs", lambda c: ["validate", "--model", "tiny-llama", "--results", str(c.run().parent), "--out", c.out("v.json")], "no finished LoRA and full fine-tuning runs of tiny-llama"),
     ("validate-steps-1", lambda c: ["validate", "--model", "tiny-llama", "--steps", "1", "--out", c.out("v.json")], "--steps: must be at least 2"),
     ("validate-tolerance-0", lambda c: ["validate", "--model", "tiny-llama", "--tolerance", "0", "--out", c.out("v.json")], "--tolerance: must be a positive number"),
     ("validate-out-is-folder", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.file("d/x").parent)], "is a folder"),

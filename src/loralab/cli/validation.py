@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import build_config
+from ..errors import LoralabError
 from ..rundir import write_json
 from .options import check_out_file, int_at_least, positive_float, refuse_unused
 
@@ -59,6 +60,7 @@ def cmd_validate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..console import known_warnings_silenced, library_bars_off
     from ..models import precheck
     from ..validate import as_json, drop_targets, run_checks
 
@@ -66,9 +68,16 @@ def cmd_validate(args) -> int:
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     precheck(cfg.model.name)  # a typo: "did you mean", not the hub's retries and a traceback
     check_out_file(Path(args.out), "--out")
-    result = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
-    if args.results:
-        result.targets += drop_targets(args.results, cfg.model.name)
+    drops = drop_targets(args.results, cfg.model.name) if args.results else []  # before the probe
+    if args.results and not drops:
+        raise LoralabError(
+            f"--results {args.results}: no finished LoRA and full fine-tuning runs of "
+            f"{cfg.model.name} on one task to compare; the LoRA − full target needs both (e.g. "
+            "the results folder of `loralab sweep --methods lora,full`). Nothing was run."
+        )
+    with known_warnings_silenced(), library_bars_off():
+        result = run_checks(cfg, steps=args.steps, lr=args.lr, tolerance=args.tolerance)
+    result.targets += drops
     report = as_json(result, cfg, strict=args.strict)
     write_json(Path(args.out), report)
     title = f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
