@@ -125,3 +125,18 @@ def test_load_run_overrides_data_in_a_copy(tmp_path, sst2_dir):
     loaded = load_run(run, 4, data_dir=str(moved), quiet=True)
     assert loaded.cfg.data.data_dir == str(moved) and len(loaded.raw) == 4
     assert from_dict(load_yaml(run / "config.yaml")).data.data_dir == str(sst2_dir)
+
+
+def test_an_earlier_merges_files_are_named_as_such(tmp_path):
+    from loralab.merge.run import earlier_outputs
+
+    assert earlier_outputs(tmp_path, benchmarked=False, export_dir=None) == []  # a first merge
+    (tmp_path / "benchmark.json").write_text("{}")
+    (tmp_path / "model").mkdir()
+    notes = earlier_outputs(tmp_path, benchmarked=False, export_dir=tmp_path.parent / "deploy")
+    assert notes == [
+        "benchmark.json here is from an earlier merge: this one ran no benchmark.",
+        f"model/ here is an earlier merge's export: this one exported to {tmp_path.parent / 'deploy'}.",
+    ]
+    assert earlier_outputs(tmp_path, benchmarked=True, export_dir=tmp_path / "model") == []
+    assert earlier_outputs(tmp_path, True, None)[0].endswith("this one exported nothing.")

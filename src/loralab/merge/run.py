@@ -96,6 +96,19 @@ def run_merge(run_dir: str | Path, options: MergeOptions | None = None) -> Merge
             run.head.export_labels(),
         )
         report["export_dir"] = str(export_dir)
+    notes += earlier_outputs(merge_dir, bench_report is not None, export_dir)
     mirror_to_wandb(run.cfg, run.run_dir, report, bench_report, notes)
     tracking.write_json(merge_dir / MERGE_FILE, report)
     return MergeResult(run.run_dir, report["status"], report, bench_report, export_dir, notes)
+
+
+def earlier_outputs(merge_dir: Path, benchmarked: bool, export_dir: Path | None) -> list[str]:
+    """Notes on files an earlier merge left in RUN_DIR/merge/ that this one did not rewrite:
+    kept (they are the user's), but never to be read as this call's."""
+    notes = []
+    if not benchmarked and (merge_dir / BENCH_FILE).is_file():
+        notes.append(f"{BENCH_FILE} here is from an earlier merge: this one ran no benchmark.")
+    if (merge_dir / EXPORT_DIR).is_dir() and export_dir != merge_dir / EXPORT_DIR:
+        notes.append(f"{EXPORT_DIR}/ here is an earlier merge's export: this one "
+                     + (f"exported to {export_dir}." if export_dir else "exported nothing."))  # fmt: skip
+    return notes
