@@ -108,6 +108,8 @@ def test_flags_sit_between_file_and_overrides(tmp_path):
         (["train.precision=fp8"], "train.precision"),
         (["train.lr=0"], "train.lr"),
         (["noequals"], "section.key=value"),
+        # A choice of words echoes the word as typed (YAML 1.1 would have read `yes` as True).
+        (["tracking.wandb=yes"], "Bad value 'yes' for 'tracking.wandb'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

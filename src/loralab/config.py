@@ -224,9 +224,10 @@ def load_yaml(
         state = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise LoralabError(f"{what} '{path}' {state}. Pass a YAML file, e.g. {example}.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LoralabError(f"{what} '{path}' is not valid YAML: {e}") from None
+        with open(path, encoding="utf-8") as fh:  # a stream: YAML's error marks name the file
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:  # PyYAML's lines, joined into the one paragraph of an error
+        raise LoralabError(f"{what} '{path}' is not valid YAML: {' '.join(str(e).split())}") from None  # fmt: skip
     except UnicodeDecodeError as e:
         raise LoralabError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML.") from None  # fmt: skip
     except OSError as e:
@@ -250,8 +251,8 @@ def _text_field(parts: list[str]) -> str | None:
         if tp is None:
             return None
         if i == len(parts) - 1:
-            if tp is str:
-                return "text"
+            if tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):  # fmt: skip
+                return "text"  # a choice of words too: `yes` must not become True
             return "optional" if tp == (str | None) else None
         cls = tp
     return None
@@ -381,9 +382,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if not math.isfinite(tr.epochs):
         raise LoralabError(f"train.epochs must be a finite number (e.g. 1 or 3), got {tr.epochs}.")
     if not tr.epochs > 0 and tr.max_steps <= 0:
-        raise LoralabError(
-            f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}."
-        )
+        raise LoralabError(f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}.")  # fmt: skip
     if not 0 <= tr.warmup_ratio < 1:
         raise LoralabError(
             f"train.warmup_ratio must be in [0, 1) (default 0.06), got {tr.warmup_ratio}."
