@@ -132,7 +132,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-max-grad-norm-negative", lambda c: _train(c, "train.max_grad_norm=-1"), "train.max_grad_norm must be zero or positive"),
     ("train-run-name-escapes", lambda c: _train(c, "run.name=../escaped"), "run.name must be a plain folder name"),
     ("train-alpha-inf", lambda c: _train(c, "lora.alpha=inf"), "lora.alpha must be positive"),
-    ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "PEFT refused the LoRA settings (lora.init_lora_weights='foo'"),
+    ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "lora.init_lora_weights takes one of: true, false, gaussian"),
     ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
     ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),

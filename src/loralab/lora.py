@@ -303,10 +303,25 @@ def apply_lora(
         try:
             peft_model = get_peft_model(model, cfg)
         except ValueError as e:  # options PEFT checks only when it builds the layers
+            known = ", ".join(["true", "false", *peft_initialisations()])
             raise LoralabError(
                 f"PEFT refused the LoRA settings (lora.init_lora_weights="
-                f"{spec.init_lora_weights!r}, lora.extra={spec.extra}): {e}"
+                f"{spec.init_lora_weights!r}, lora.extra={spec.extra}): {e}. "
+                f"lora.init_lora_weights takes one of: {known}."
             ) from None
     if before is not None:
         residual.record(peft_model, cfg.init_lora_weights, before)
     return peft_model
+
+
+def peft_initialisations() -> list[str]:
+    """The named initialisations this PEFT's `LoraConfig.init_lora_weights` accepts (its type
+    annotation lists them), for the error that refuses another."""
+    import typing
+
+    from peft import LoraConfig
+
+    names = []
+    for arg in typing.get_args(typing.get_type_hints(LoraConfig).get("init_lora_weights")):
+        names += [a for a in typing.get_args(arg) if isinstance(a, str)]
+    return names
