@@ -200,9 +200,13 @@ def open_run_dir(path: str | Path) -> Path:
     """An existing run directory (to resume, merge or analyze)."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
+        run = next((p for p in path.parents if (p / CONFIG_FILE).is_file()), None)
+        if run is not None and path.exists():  # e.g. RUN/checkpoints/checkpoint-40
+            raise LoralabError(f"'{path}' is inside run directory '{run}': pass that folder (a resume picks its newest good checkpoint).")  # fmt: skip
+        why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
         raise LoralabError(
-            f"'{path}' is not a loralab run directory: it has no {CONFIG_FILE}. Pass the folder "
-            "that `loralab train` created (it holds config.yaml, metrics.jsonl, summary.json)."
+            f"'{path}' is not a loralab run directory: it {why}. Pass the folder that `loralab "
+            "train` created (it holds config.yaml, metrics.jsonl, summary.json)."
         )
     return path
 
