@@ -39,6 +39,12 @@ def _huge_field(folder: Path) -> Path:
     return folder
 
 
+def _csv_task(c: Case) -> str:
+    """A task of the user's own CSV files (train.csv in a folder)."""
+    rows = chr(10).join(["text,label", "good,1", "bad,0", ""])
+    return f"csv:{c.file('t/train.csv', rows).parent}"
+
+
 def _train(c: Case, *extra, out: str | None = None) -> list[str]:
     """A train command line; dotted overrides in `extra` go after the options."""
     overrides = [e for e in extra if re.match(r"^\w+\.\w+=", e)]
@@ -137,6 +143,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
     ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),
     ("train-tsv-huge-field", lambda c: _train(c, "--data-dir", str(_huge_field(c.data()))), "not a GLUE TSV (field larger than field limit"),
+    ("train-own-task-and-data-dir", lambda c: _train(c, "--task", _csv_task(c), "--data-dir", str(c.data())), "replaces the data that task 'csv:"),
     ("train-config-not-utf8", lambda c: _train(c, "--config", str(c.file("c.yaml", b"model:\n  name: \xff\xfe"))), "not UTF-8"),
     ("train-dev-tsv-header-only", lambda c: _train(c, "--data-dir", str(_header_only_dev(c))), "no examples"),
     ("train-empty-data-dir", lambda c: _train(c, "--data-dir", str(c.file("e/readme.txt").parent)), "train.tsv"),

@@ -85,7 +85,12 @@ class CustomTask(GlueTask):
         names = [f"train.{self.spec.format}"] if split == "train" else [
             f"{stem}.{self.spec.format}" for stem in EVAL_STEMS
         ]  # fmt: skip
-        path = find_file(self.name, data_dir, file, names, split) or self.default_file(split)
+        try:
+            path = find_file(self.name, data_dir, file, names, split) or self.default_file(split)
+        except LoralabError as e:
+            if not data_dir or file:
+                raise
+            raise LoralabError(f"{e} data.data_dir replaces the data that task '{self.reference}' names; drop it to read the task's own files.") from None  # fmt: skip
         if path is None:
             raise LoralabError(
                 f"Task '{self.reference}' has no evaluation file: put a dev.{self.spec.format} "
