@@ -339,6 +339,24 @@ def test_output_dir_failing_the_write_probe_exits_2(tmp_path, capsys, monkeypatc
     assert list(locked.iterdir()) == []
 
 
+def test_a_read_only_run_folder_says_to_analyse_a_copy(shared, tmp_path, monkeypatch, capsys):
+    """analyze writes into RUN/analysis/ (no option moves it): the advice is a writable copy."""
+    from loralab import rundir
+
+    run = Case(tmp_path, *shared).run()
+    real_mkdtemp = rundir.tempfile.mkdtemp
+
+    def refuse_in_run(suffix=None, prefix=None, dir=None):
+        if dir is not None and Path(dir) == run:
+            raise OSError(30, "Read-only file system", str(run))
+        return real_mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(rundir.tempfile, "mkdtemp", refuse_in_run)
+    assert main(["analyze", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "copy the run folder somewhere writable" in err
+
+
 def test_checkpoint_check_finds_each_kind_of_damage(shared, tmp_path):
     from loralab.checkpoints import checkpoint_problem, newest_good_checkpoint
 

@@ -167,7 +167,15 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def check_writable(path: str | Path, what: str) -> Path:
+# Where the unwritable folder is part of a run (its merge/ or analysis/): no option moves it.
+IN_RUN_FIX = (
+    "It lives in the run folder: copy the run folder somewhere writable and run this on the copy."
+)
+
+
+def check_writable(
+    path: str | Path, what: str, fix: str = "Choose a folder you can write to."
+) -> Path:
     """Fail now, before any slow work, when folder `path` cannot be created and written.
 
     Walks up to the nearest existing ancestor: a file on the way, no write permission or a
@@ -190,8 +198,7 @@ def check_writable(path: str | Path, what: str) -> Path:
         os.rmdir(probe)
     except OSError as e:
         raise LoralabError(
-            f"{what} '{path}' is not writable: cannot write in '{parent}' ({e.strerror}). "
-            "Choose a folder you can write to."
+            f"{what} '{path}' is not writable: cannot write in '{parent}' ({e.strerror}). {fix}"
         ) from None
     return path
 

@@ -19,7 +19,7 @@ from ..data import eval_split, pad_batches
 from ..errors import LoralabError
 from ..heads import head_for
 from ..models import is_causal, load_tokenizer
-from ..rundir import ADAPTER_DIR, ANALYSIS_DIR, ANALYSIS_FILE, HIDDEN_FILE, atomic_dir
+from ..rundir import ADAPTER_DIR, ANALYSIS_DIR, ANALYSIS_FILE, HIDDEN_FILE, IN_RUN_FIX, atomic_dir
 from ..runs import load_adapter_model, open_lora_run
 from ..tasks import get_task
 from . import plots
@@ -141,7 +141,7 @@ def analyze(
     """
     run_dir, cfg, mods = _open_adapter_run(run_dir, trust_remote_code)
     _check_variant(run_dir, cfg)
-    tracking.check_writable(run_dir / ANALYSIS_DIR, "The analysis folder")
+    tracking.check_writable(run_dir / ANALYSIS_DIR, "The analysis folder", IN_RUN_FIX)
     other_dir = other_cfg = None
     if compare is not None:
         other_dir, other_cfg, other_mods = _open_adapter_run(compare, trust_remote_code)

@@ -11,7 +11,7 @@ import torch
 
 from .. import tracking
 from ..errors import LoralabError
-from ..rundir import BENCH_FILE, EXPORT_DIR, MERGE_DIR, MERGE_FILE, SUMMARY_FILE
+from ..rundir import BENCH_FILE, EXPORT_DIR, IN_RUN_FIX, MERGE_DIR, MERGE_FILE, SUMMARY_FILE
 from . import equivalence
 from .benchmark import run_benchmark
 from .equivalence import DTYPES, check_equivalence
@@ -40,7 +40,9 @@ def check_inputs(run_dir: str | Path, options: MergeOptions) -> None:
         tracking.check_writable(out, "--out")
         if Path(out).exists() and any(Path(out).iterdir()):
             raise LoralabError(f"--out '{out}' exists and is not empty; choose a new folder.")
-    tracking.check_writable(tracking.open_run_dir(run_dir) / MERGE_DIR, "The merge folder")
+    tracking.check_writable(
+        tracking.open_run_dir(run_dir) / MERGE_DIR, "The merge folder", IN_RUN_FIX
+    )
     summary = Path(run_dir) / SUMMARY_FILE
     if summary.is_file():
         tracking.read_json(summary)
