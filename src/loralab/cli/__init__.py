@@ -145,9 +145,9 @@ def disk_full(e: BaseException | None) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(
-            e
-        ):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):  # safetensors and others: only in the text
             return True
         e = e.__cause__ or e.__context__
     return False
