@@ -41,6 +41,25 @@ def test_wrong_merge_is_caught(tmp_path, sst2_dir, monkeypatch, model):
     assert any("Not exported" in n for n in result.notes)
 
 
+def test_merge_json_says_whether_the_merge_finished(tmp_path, sst2_dir, monkeypatch):
+    import json
+
+    from loralab.merge import run as merge_run_module
+
+    run = make_run(tmp_path / "runs", sst2_dir)
+    merge_run(run, dtype="fp32", bench=False, quiet=True)
+    assert json.loads((run / "merge" / "merge.json").read_text())["finished"] is True
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge_run_module, "export_model", full_disk)
+    with pytest.raises(OSError):
+        merge_run(run, dtype="fp32", bench=False, quiet=True, out=str(tmp_path / "deploy"))
+    report = json.loads((run / "merge" / "merge.json").read_text())
+    assert report["finished"] is False and report["status"] == "passed"  # verdict kept, not done
+
+
 def test_cli_exit_1_on_a_wrong_merge(tmp_path, sst2_dir, monkeypatch, capsys):
     run = make_run(tmp_path / "runs", sst2_dir)
     monkeypatch.setattr(equivalence, "merge", _doubled_scaling_merge)

@@ -61,6 +61,7 @@ def run_merge(run_dir: str | Path, options: MergeOptions | None = None) -> Merge
         )
         merge_dir = run.run_dir / MERGE_DIR
         report = check_equivalence(run, o.dtype, o.all_tolerances())
+        report["finished"] = False  # the verdict is kept even if the benchmark or export dies
         tracking.write_json(merge_dir / MERGE_FILE, report)
         notes = report["notes"]
 
@@ -100,6 +101,7 @@ def run_merge(run_dir: str | Path, options: MergeOptions | None = None) -> Merge
         report["export_dir"] = str(export_dir)
     notes += earlier_outputs(merge_dir, bench_report is not None, export_dir)
     mirror_to_wandb(run.cfg, run.run_dir, report, bench_report, notes)
+    report["finished"] = True
     tracking.write_json(merge_dir / MERGE_FILE, report)
     return MergeResult(run.run_dir, report["status"], report, bench_report, export_dir, notes)
 
