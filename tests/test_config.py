@@ -110,6 +110,8 @@ def test_flags_sit_between_file_and_overrides(tmp_path):
         (["noequals"], "section.key=value"),
         # A choice of words echoes the word as typed (YAML 1.1 would have read `yes` as True).
         (["tracking.wandb=yes"], "Bad value 'yes' for 'tracking.wandb'"),
+        # null clears optional settings only; a number is refused with what it needs.
+        (["train.max_steps=null"], "'train.max_steps' cannot be null: it is not an optional"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -12,6 +12,11 @@ from .errors import LoralabError
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert `value` to type `tp`; raise LoralabError naming `key` otherwise."""
     origin = get_origin(tp)
+    if value is None and not (origin in (Union, types.UnionType) and type(None) in get_args(tp)):
+        raise LoralabError(
+            f"'{key}' cannot be null: it is not an optional setting (null clears only those "
+            f"whose default is null). Give a value ({_type_name(tp)}), or leave the key out for its default."
+        )
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
