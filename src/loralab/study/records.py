@@ -131,8 +131,7 @@ def load_runs(results_dir: str | Path, stored: dict[str, list[str]] | None = Non
     if not root.is_dir():
         raise LoralabError(
             f"Results folder '{root}' does not exist. Give the folder that holds the run "
-            "directories (where a sweep or study wrote them, e.g. results/smollm2-cpu), or "
-            "report a stored study by its name."
+            "directories (where a sweep or study wrote them, e.g. results/smollm2-cpu)."
         )
     out = []
     for path in sorted(root.rglob(SUMMARY_FILE)):
