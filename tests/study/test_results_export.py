@@ -75,6 +75,9 @@ def test_export_mistakes_exit_2(tmp_path, capsys):
     assert "lies inside the results folder" in capsys.readouterr().err
     assert not (src / "copy").exists()
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "d")]) == 2
+    assert "nothing' does not exist: give the results folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "d")]) == 2
     assert "has no runs/ folder" in capsys.readouterr().err
 
 

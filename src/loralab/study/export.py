@@ -53,9 +53,10 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
     `dest`, then write the report of `dest`."""
     src, out = Path(results_dir), Path(dest)
     if not (src / RUNS_DIR).is_dir():
+        state = "is a file" if src.is_file() else "does not exist" if not src.exists() else f"has no {RUNS_DIR}/ folder"  # fmt: skip
         raise LoralabError(
-            f"'{src}' has no {RUNS_DIR}/ folder: give the results folder of a sweep or study "
-            "(the one holding runs/ and study.db)."
+            f"'{src}' {state}: give the results folder of a sweep or study (the one holding "
+            "runs/ and study.db)."
         )
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise LoralabError(
