@@ -22,15 +22,16 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
     from ..models.registry import precheck
     from ..tasks import get_task
 
-    models, targets = set(), set()
+    checked, targets, configs = set(), set(), {}  # configs: model name -> its AutoConfig, read once
     for cfg in cfgs:
         name = cfg.model.name
-        if name not in models:
+        if name not in checked:
             precheck(name)
-            models.add(name)
+            checked.add(name)
         key = (name, cfg.model.head, cfg.data.task, repr(cfg.lora))
         if cfg.train.method != "lora" or cfg.model.trust_remote_code or key in targets:
             continue  # remote code runs only when a worker is started with --trust-remote-code
         targets.add(key)
-        config = AutoConfig.from_pretrained(resolve(name))
-        check_targets(cfg.lora, config, head_for(cfg, get_task(cfg.data.task)).auto_class())
+        if name not in configs:
+            configs[name] = AutoConfig.from_pretrained(resolve(name))
+        check_targets(cfg.lora, configs[name], head_for(cfg, get_task(cfg.data.task)).auto_class())

@@ -158,8 +158,9 @@ def run_study(
     is left; then write the report of every run under the results folder."""
     from optuna.exceptions import ExperimentalWarning
 
-    check_data(spec, select_tasks(spec, tasks))
-    check_points(spec_configs(spec, select_tasks(spec, tasks)))
+    selected = select_tasks(spec, tasks)
+    check_data(spec, selected)
+    check_points(spec_configs(spec, selected))
     results = str(output_dir or spec.output_dir)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
     runner = Runner(
