@@ -77,7 +77,7 @@ def test_overrides_parse_types_and_win_over_file(tmp_path):
         ("lora.target=[q_proj, v_proj]", "lora", "target", ["q_proj", "v_proj"]),
         ("data.max_length=64", "data", "max_length", 64),
         ("data.max_length=064", "data", "max_length", 64),  # decimal, not YAML 1.1's octal 52
-        ("train.max_steps=-010", "train", "max_steps", -10),
+        ("train.max_steps=010", "train", "max_steps", 10),
         ("lora.r=08", "lora", "r", 8),
     ],
 )
@@ -107,6 +107,9 @@ def test_flags_sit_between_file_and_overrides(tmp_path):
         (["train.method=half"], "lora, full"),
         (["train.precision=fp8"], "train.precision"),
         (["train.lr=0"], "train.lr"),
+        # 0 and -5 used to mean "no cap" silently, as -1 does
+        (["train.max_steps=0"], "train.max_steps must be a positive number of optimiser steps, or -1"),
+        (["train.max_steps=-5"], "got -5"),
         (["noequals"], "section.key=value"),
         # A choice of words echoes the word as typed (YAML 1.1 would have read `yes` as True).
         (["tracking.wandb=yes"], "Bad value 'yes' for 'tracking.wandb'"),

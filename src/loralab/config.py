@@ -108,7 +108,7 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training set."""
     max_steps: int = -1
-    """Stop after this many optimiser steps (overrides epochs when > 0)."""
+    """Stop after this many optimiser steps (overrides epochs); -1: train for `epochs`."""
     batch_size: int = 16
     """Examples per optimiser step and device (same for both methods)."""
     grad_accum: int = 1
@@ -344,13 +344,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise LoralabError(f"lora.alpha must be positive (default 16 = 2·r), got {lo.alpha}.")
     if not 0 <= lo.dropout < 1:
         raise LoralabError(f"lora.dropout must be in [0, 1) (default 0.05), got {lo.dropout}.")
-    if lo.loraplus_lr_ratio is not None and not (
-        math.isfinite(lo.loraplus_lr_ratio) and lo.loraplus_lr_ratio > 0
-    ):
-        raise LoralabError(
-            f"lora.loraplus_lr_ratio must be a positive number (LoRA+ suggests 16) or null, got "
-            f"{lo.loraplus_lr_ratio}."
-        )
+    if (lp := lo.loraplus_lr_ratio) is not None and not (math.isfinite(lp) and lp > 0):
+        raise LoralabError(f"lora.loraplus_lr_ratio must be a positive number (LoRA+ suggests 16) or null, got {lp}.")  # fmt: skip
     if isinstance(lo.target, list) and not lo.target:
         raise LoralabError("lora.target is an empty list: name a preset or at least one module.")
     if isinstance(lo.target, str) and lo.target not in LORA_PRESETS:
@@ -381,6 +376,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise LoralabError(f"train.seed must be in [0, 2^32) (default 42), got {tr.seed}.")
     if not math.isfinite(tr.epochs):
         raise LoralabError(f"train.epochs must be a finite number (e.g. 1 or 3), got {tr.epochs}.")
+    if tr.max_steps == 0 or tr.max_steps < -1:  # both used to mean "no cap", silently
+        raise LoralabError(f"train.max_steps must be a positive number of optimiser steps, or -1 (the default) to train for train.epochs, got {tr.max_steps}.")  # fmt: skip
     if not tr.epochs > 0 and tr.max_steps <= 0:
         raise LoralabError(f"train.epochs must be positive (or set train.max_steps), got {tr.epochs}.")  # fmt: skip
     if not 0 <= tr.warmup_ratio < 1:
