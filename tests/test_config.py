@@ -108,7 +108,10 @@ def test_flags_sit_between_file_and_overrides(tmp_path):
         (["train.precision=fp8"], "train.precision"),
         (["train.lr=0"], "train.lr"),
         # 0 and -5 used to mean "no cap" silently, as -1 does
-        (["train.max_steps=0"], "train.max_steps must be a positive number of optimiser steps, or -1"),
+        (
+            ["train.max_steps=0"],
+            "train.max_steps must be a positive number of optimiser steps, or -1",
+        ),
         (["train.max_steps=-5"], "got -5"),
         (["noequals"], "section.key=value"),
         # A choice of words echoes the word as typed (YAML 1.1 would have read `yes` as True).
