@@ -131,3 +131,29 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(runs, tmp_path):
     assert a["steps"] == b["steps"] and a["metrics"] == b["metrics"]
     assert abs(a["train_loss"] - b["train_loss"]) < 1e-6  # the whole run, all processes
     assert _max_adapter_diff(run, runs["ddp"] / "r") < ADAPTER_TOL
+
+
+LEAVER = textwrap.dedent(
+    """
+    import atexit
+    import torch.distributed as dist
+    from loralab import distributed
+
+    # registered first, so it runs after loralab's own exit handler (atexit is last-in first-out)
+    atexit.register(lambda: print(f"rank {distributed.rank()} joined={dist.is_initialized()}"))
+    distributed.init()
+    print(f"rank {distributed.rank()} total={distributed.total([1.0])}", flush=True)
+    """
+)
+
+
+def test_processes_leave_the_group_before_the_interpreter_exits(tmp_path):
+    # A gloo group left to interpreter teardown can abort a rank with SIGABRT
+    # ("terminate called without an active exception"), after the run folder is complete.
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    done = _torchrun(str(script), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} total=[2.0]" in done.stdout
+        assert f"rank {rank} joined=False" in done.stdout

@@ -4,6 +4,7 @@ and evaluate beside it. Every function is a no-op in a single process."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -32,6 +33,15 @@ def init() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Left to interpreter teardown, gloo's worker threads can free tensors after Python is
+        # gone and abort the rank ("terminate called without an active exception", SIGABRT).
+        atexit.register(leave)
+
+
+def leave() -> None:
+    """Leave the process group (a no-op when none was joined or it was already left)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def broadcast(value):
