@@ -63,8 +63,10 @@ def test_minilm_counts_by_hand(monkeypatch):
     assert base_total == embeddings + L * layer + pooler + head == 22_713_216 + head
     lora = L * (8 * (h + h) + 8 * (h + h))  # query and value, 384 -> 384
     assert counts["lora"] == lora == 73_728
-    assert counts["head"] == head == 770
-    assert counts["trainable"] == lora + head
+    # the shipped pooler never trained (sentence-transformer): trained with the classifier, as
+    # the LoRA paper's RoBERTa trains its classification head's dense layer, and counted with it
+    assert counts["head"] == head + pooler == 770 + 147_840
+    assert counts["trainable"] == lora + head + pooler
     assert counts["trainable_share_without_head_pct"] == pytest.approx(
         100 * lora / (base_total + lora)
     )

@@ -320,3 +320,40 @@ def test_the_evaluation_bar_is_named_from_its_first_draw(tmp_path, sst2_dir, cap
     draws = [d.strip() for d in re.split(r"[\r\n]", capfd.readouterr().err) if "it/s]" in d]
     assert any(d.startswith("Evaluating:") for d in draws)
     assert all(d.startswith(("Training:", "Evaluating:", "Tokenising")) for d in draws), draws
+
+
+def test_a_builtins_untrained_module_trains_under_lora_and_marks_the_identity(
+    tmp_path, sst2_dir, monkeypatch
+):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from loralab import models
+
+    def run(name):
+        status = _cli(
+            "train", "--task", "sst2", "--model", "tiny-bert", "--data-dir", str(sst2_dir),
+            "--output-dir", str(tmp_path), "--quiet", "train.max_steps=4", "train.lr=1e-2",
+            f"run.name={name}", *TINY_ARGS,
+        )  # fmt: skip
+        assert status == 0
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    before = run("frozen")  # as the built-in MiniLM's pooler was before: left frozen
+    bert = models.BUILTIN_MODELS["tiny-bert"]
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-bert", replace(bert, untrained=("pooler",)))
+    after = run("trained")
+    assert (
+        before["new_modules"] == ["classifier"] and "retrained" not in before["identity"]["model"]
+    )
+    assert after["new_modules"] == ["classifier", "pooler"]
+    assert after["identity"]["model"]["retrained"] == ["pooler"]  # never pools with `before`
+    assert after["verification"]["base_unchanged"] is True  # the original pooler stays as it was
+    saved = load_file(tmp_path / "trained" / "adapter" / "adapter_model.safetensors")
+    trained = [k for k in saved if "pooler" in k]
+    assert trained, sorted(saved)
+    base = models.load_model("tiny-bert", AutoModel, progress=False)[0]
+    weight = next(saved[k] for k in trained if k.endswith("dense.weight"))
+    assert not torch.equal(weight.float(), base.pooler.dense.weight.float())  # it learned

@@ -28,11 +28,18 @@ NOT_IDENTITY = {
 }
 
 
-def identity(cfg: ExperimentConfig, splits: Splits, precision: str, processes: int = 1) -> dict:
+def identity(
+    cfg: ExperimentConfig, splits: Splits, precision: str, processes: int = 1,
+    retrained: list[str] | tuple = (),
+) -> dict:  # fmt: skip
     """The config with data paths replaced by content fingerprints, `auto` values resolved
     (`precision`: 'bf16' or 'fp32', as the run computes), and the run/tracking sections and
     bookkeeping intervals dropped. LoRA settings are absent for full fine-tuning (they do not
     apply); `processes` > 1 (data parallel: each step sees processes × batch_size) is recorded.
+    `retrained`: checkpoint modules a LoRA run trains in full because their shipped weights never
+    trained (`models.untrained_modules`: the built-in MiniLM's pooler), recorded as
+    model.retrained; LoRA runs from before loralab trained them keep them frozen and never pool
+    with these.
     """
     d = to_dict(cfg)
     d.pop("run", None)
@@ -50,6 +57,8 @@ def identity(cfg: ExperimentConfig, splits: Splits, precision: str, processes: i
     d["train"]["precision"] = precision
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
+    if retrained and cfg.train.method == "lora":  # full fine-tuning trains them anyway
+        d["model"]["retrained"] = sorted(retrained)
     if processes > 1:
         d["train"]["processes"] = processes
     return d

@@ -12,7 +12,7 @@ from . import allocator, distributed, precision, quantization, tracking
 from .config import ExperimentConfig, to_dict
 from .data import FEATURES_VERSION, Splits
 from .identity import identity
-from .models import canonical
+from .models import canonical, untrained_modules
 from .redact import mask_secrets
 from .tasks import Task
 
@@ -39,11 +39,13 @@ def process_layout(callbacks: list | None = None) -> dict:
 
 def base_summary(
     cfg: ExperimentConfig, run_dir: Path, params: dict, splits: Splits, model, task: Task,
-    layout: dict | None = None,
+    layout: dict | None = None, heads: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """The summary.json of a run as it starts (status `running`); `train` completes it.
-    `layout`: `process_layout` of the run's callbacks (default: of none)."""
+    `layout`: `process_layout` of the run's callbacks (default: of none). `heads`: the modules
+    trained in full beside the adapters (`load_model`'s new_modules)."""
     ran, processes = _precision_name(cfg), distributed.world_size()
+    retrained = [m for m in heads or () if m in untrained_modules(cfg.model.name)]
     return {
         "status": "running",
         "run_dir": str(run_dir),
@@ -61,7 +63,7 @@ def base_summary(
         "features_version": FEATURES_VERSION,
         "data_fingerprint": splits.fingerprint,
         "majority_baseline": task.majority_baseline(splits.eval_raw),
-        "identity": identity(cfg, splits, ran, processes),
+        "identity": identity(cfg, splits, ran, processes, retrained),
         "params": params,
         "precision": ran,
         "processes": processes,  # under torchrun: data-parallel processes

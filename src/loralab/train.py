@@ -259,8 +259,9 @@ class _Run:
             trainer.time_before = read_training_time(Path(checkpoint)) or (0.0, 0.0)
         self.extra = extra  # the callbacks: a core lender adds to the layout record
         summary = base_summary(
-            cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra)
-        )
+            cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra),
+            self.built.heads,
+        )  # fmt: skip
         summary["resumed_from"] = checkpoint
         summary["precision_decision"] = chosen.get("precision")
         summary["attention"] = chosen.get("attention")

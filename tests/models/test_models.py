@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,21 @@ def test_tiny_bert_heads(shared_cache):
     assert torch.equal(
         qa.bert.embeddings.word_embeddings.weight, cls.bert.embeddings.word_embeddings.weight
     )
+
+
+def test_untrained_modules_of_a_builtin_train_like_new_heads(shared_cache, monkeypatch):
+    bert = models.BUILTIN_MODELS["tiny-bert"]
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-bert", replace(bert, untrained=("pooler",)))
+    _, new = models.load_model(
+        "tiny-bert", tf.AutoModelForSequenceClassification, progress=False, num_labels=2
+    )
+    assert new == ["classifier", "pooler"]
+    _, new = models.load_model("tiny-bert", tf.AutoModelForQuestionAnswering, progress=False)
+    assert new == ["qa_outputs"]  # a head without the module has nothing to train
+    _, new = models.load_model(
+        "tiny-llama", tf.AutoModelForSequenceClassification, progress=False, num_labels=2
+    )
+    assert new == ["score"]  # other models are untouched
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
@@ -287,6 +303,9 @@ def test_real_builtin_models(monkeypatch):
 
     path = models.resolve("minilm-l6")
     bert, new = models.load_model("minilm-l6", tf.AutoModel)
-    assert new == [] and abs(sum(p.numel() for p in bert.parameters()) - 22.7e6) < 0.1e6
-    _, new = models.load_model("minilm-l6", tf.AutoModelForSequenceClassification, num_labels=2)
-    assert new == ["classifier"]  # this checkpoint does ship pooler weights
+    assert new == ["pooler"] and abs(sum(p.numel() for p in bert.parameters()) - 22.7e6) < 0.1e6
+    cls, new = models.load_model("minilm-l6", tf.AutoModelForSequenceClassification, num_labels=2)
+    assert new == ["classifier", "pooler"]  # shipped, but never trained: trained as a head
+    assert not cls.bert.pooler.dense.bias.any()  # why: a trained bias is never all zeros
+    _, new = models.load_model("minilm-l6", tf.AutoModelForQuestionAnswering)
+    assert new == ["qa_outputs"]  # the span head has no pooler

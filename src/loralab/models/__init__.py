@@ -19,6 +19,7 @@ from .registry import (
     check_model_name,
     list_models,
     precheck,
+    untrained_modules,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "new_module_names",
     "precheck",
     "resolve",
+    "untrained_modules",
 ]

@@ -13,7 +13,7 @@ from ..quantization import check as check_quantization
 from ..quantization import load_kwargs as quantized_load_kwargs
 from ..quantization import quantize_base
 from .build import resolve
-from .registry import builtin_names, check_hub_model
+from .registry import builtin_names, check_hub_model, untrained_modules
 
 
 def _load_error(name: str, where: Path | str, exc: Exception) -> LoralabError:
@@ -93,7 +93,8 @@ def load_model(
     """Load `name` with `auto_class` (e.g. AutoModelForSequenceClassification).
 
     Returns (model, new_modules): new_modules are the modules whose weights were not in the
-    checkpoint (freshly initialised heads), to be trained via PEFT modules_to_save.
+    checkpoint (freshly initialised heads), or whose weights there never trained (a built-in's
+    `untrained`), to be trained via PEFT modules_to_save.
     """
     where = resolve(name, progress)
     if isinstance(where, str):
@@ -135,6 +136,8 @@ def load_model(
     order = list(model.state_dict())  # sets are unordered: report in the model's order
     missing_ordered = sorted(missing, key=lambda k: order.index(k) if k in order else len(order))
     new_modules = new_module_names(missing_ordered, prefix)
+    present = new_module_names(order, prefix)  # top-level modules holding weights
+    new_modules += [m for m in untrained_modules(name) if m in present and m not in new_modules]
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, progress=progress)
         model.config.pad_token_id = tok.pad_token_id

