@@ -13,6 +13,7 @@ import yaml
 
 from loralab import metrics
 from loralab.cli import main
+from loralab.errors import LoralabError
 from loralab.tasks import get_task
 
 FAST = ["train.batch_size=8", "train.save_steps=100"]
@@ -118,6 +119,31 @@ def test_a_label_outside_the_names_names_file_and_line(tmp_path, monkeypatch, ca
     with pytest.raises(Exception) as err:
         task.load("eval")
     assert "dev.csv, line 17" in str(err.value) and "'angry'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "fmt, row, needle",
+    [
+        ("csv", "it was great,really,happy", "line 15: 3 fields, but the header names 2"),
+        ("csv", 'it was "great,really,happy,extra', "line 15: 4 fields"),
+        ("csv", "it was fine,", "line 15: the label (column 'label') is empty"),
+        (
+            "tsv",
+            "it was\tfine\thappy",
+            "line 15: 3 fields, but the header names 2 (text, label); a TSV",
+        ),
+    ],
+)
+def test_a_malformed_row_names_file_and_line(tmp_path, fmt, row, needle):
+    # Were: an extra field or an empty label became a label class of its own.
+    sep = "\t" if fmt == "tsv" else ","
+    rows = ["text" + sep + "label"] + [
+        f"day {i} was ok{sep}{('sad', 'happy')[i % 2]}" for i in range(13)
+    ]
+    (tmp_path / f"train.{fmt}").write_text("\n".join([*rows, row, ""]))
+    with pytest.raises(LoralabError) as err:
+        get_task(f"{fmt}:{tmp_path / f'train.{fmt}'}").load("train")
+    assert f"train.{fmt}, line 15" in str(err.value) and needle in str(err.value)
 
 
 def test_csv_task_trains_classifier_and_lm_head_and_reports(tmp_path, monkeypatch):

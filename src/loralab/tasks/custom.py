@@ -119,6 +119,11 @@ class CustomTask(GlueTask):
             cols["text_b"].append(
                 str(row[self.text_columns[1]]) if len(self.text_columns) > 1 else ""
             )
+            if not str(row[self.spec.label]).strip():
+                raise LoralabError(
+                    f"{path}, line {lineno}: the label (column '{self.spec.label}') is empty; "
+                    "every example needs one of the task's labels."
+                )
             cols["label"].append(self._label(str(row[self.spec.label]), path, lineno))
         return cols
 
@@ -186,7 +191,7 @@ def _infer(spec: TaskSpec, task: CustomTask) -> tuple[list[str], list[str]]:
         if not rows:
             raise LoralabError(f"{path} holds no examples.")
         columns, where, names = list(rows[0][1]), path, None
-        values = {str(r[spec.label]) for _, r in rows if r.get(spec.label) is not None}
+        values = {str(r[spec.label]) for _, r in rows if str(r.get(spec.label) or "").strip()}
     text = spec.text or guess_text(columns, where)
     missing = [c for c in (*text, spec.label) if c not in columns]
     if missing:

@@ -187,7 +187,20 @@ def read_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
             # TSV: no quoting (as GLUE's files: a text may start with a quote character).
             tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else {}
             reader = csv.DictReader(fh, **tsv)
-            return [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader keeps fields past the header's under None
+                    fix = (
+                        "a TSV text cannot hold a tab" if fmt == "tsv"
+                        else 'a text that holds a comma needs quotes ("like, this")'
+                    )  # fmt: skip
+                    raise LoralabError(
+                        f"{path}, line {reader.line_num}: {len(row) - 1 + len(row[None])} "
+                        f"fields, but the header names {len(reader.fieldnames)} "
+                        f"({', '.join(reader.fieldnames)}); {fix}."
+                    )
+                rows.append((reader.line_num, row))
+            return rows
     except UnicodeDecodeError as e:
         raise LoralabError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
     except csv.Error as e:
