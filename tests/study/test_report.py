@@ -405,6 +405,8 @@ def test_uninformative_rule(tmp_path):
         "aa": (0.505, 0.509),  # both within 1 point of 50: uninformative
         "bb": (0.505, 0.60),  # full learned something: an honest FAIL
         "cc": (0.515, 0.508),  # LoRA 1.5 points above the baseline: informative, PASS
+        "dd": (0.40, 0.45),  # both under the baseline: nothing learned (was a PASS at +...)
+        "ee": (0.40, 0.52),  # full 2 points above: an honest FAIL
     }
     for i, (data, (lo, fu)) in enumerate(cases.items()):
         fp = fingerprint(train=data)
@@ -418,6 +420,9 @@ def test_uninformative_rule(tmp_path):
     assert verdicts["bb"].verdict == "FAIL: -9.50 (1 seed, no interval)"
     assert not verdicts["cc"].uninformative
     assert verdicts["cc"].verdict.startswith("PASS: +0.70")
+    assert verdicts["dd"].uninformative
+    assert verdicts["dd"].verdict.startswith("uninformative (neither > 1 pt above majority): -5.00")
+    assert not verdicts["ee"].uninformative and verdicts["ee"].verdict.startswith("FAIL: -12.00")
 
 
 def test_old_summaries_get_an_identity_from_their_config(tmp_path):

@@ -20,7 +20,7 @@ from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
 SHARE_TARGET_PCT = 0.3  # ... with at most 0.3% of the weights trainable (adapters, no head)
-UNINFORMATIVE_POINTS = 1.0  # both methods this close to the majority baseline: nothing learned
+UNINFORMATIVE_POINTS = 1.0  # neither method this far above the majority baseline: nothing learned
 
 
 @dataclass
@@ -185,7 +185,8 @@ class Comparison:
 
     @property
     def uninformative(self) -> bool:
-        """Both methods within 1 point of always answering the majority class: no signal."""
+        """Neither method more than 1 point above always answering the majority class (below
+        it counts too: a method under the baseline learned nothing usable): no signal."""
         if self.full is None:
             return False
         k = points_per_unit(self.task)
@@ -193,7 +194,7 @@ class Comparison:
         if math.isnan(base):
             base = self.full.reference("majority")
         means = [c.stat(c.metric)[0] for c in (self.lora, self.full)]
-        return not math.isnan(base) and all(abs(k * (m - base)) <= UNINFORMATIVE_POINTS for m in means)  # fmt: skip
+        return not math.isnan(base) and all(k * (m - base) <= UNINFORMATIVE_POINTS for m in means)  # fmt: skip
 
     @property
     def drop_ok(self) -> bool | None:
@@ -215,9 +216,7 @@ class Comparison:
         mean, lo, hi = self.interval
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:
-            return (
-                f"uninformative (both ≤ {UNINFORMATIVE_POINTS:g} pt from majority): {mean:+.2f}{ci}"
-            )
+            return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}"
         return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
 
 
