@@ -23,7 +23,7 @@ from .errors import LoralabError
 from .heads import Head, head_for
 from .lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
 from .merge import DEFAULT_TOLERANCES, equivalence_bound
-from .models import is_causal, load_for_task, load_tokenizer, resolve
+from .models import canonical, is_causal, load_for_task, load_tokenizer, resolve
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
 
@@ -329,6 +329,7 @@ def as_json(result: Validation, cfg: ExperimentConfig, strict: bool = False) -> 
     checks = result.checks
     return {
         "model": cfg.model.name,
+        "model_source": canonical(cfg.model.name),
         "passed": result.passed,
         "n_checks": len(checks),
         "n_failed": sum(not c.passed for c in checks),

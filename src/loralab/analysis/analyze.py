@@ -18,7 +18,7 @@ from ..config import ExperimentConfig
 from ..data import eval_split, pad_batches
 from ..errors import LoralabError
 from ..heads import head_for
-from ..models import is_causal, load_tokenizer
+from ..models import canonical, is_causal, load_tokenizer
 from ..rundir import ADAPTER_DIR, ANALYSIS_DIR, ANALYSIS_FILE, HIDDEN_FILE, IN_RUN_FIX, atomic_dir
 from ..runs import load_adapter_model, open_lora_run
 from ..tasks import get_task
@@ -172,6 +172,7 @@ def analyze(
         "schema_version": SCHEMA_VERSION,
         "run_dir": str(run_dir),
         "model": cfg.model.name,
+        "model_source": canonical(cfg.model.name),
         "task": cfg.data.task,
         "lora": lora_info(cfg, factors),
         "modules": modules,

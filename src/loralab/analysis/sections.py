@@ -12,6 +12,7 @@ import torch
 from .. import residual
 from ..config import ExperimentConfig
 from ..errors import LoralabError
+from ..models import caveat
 from ..rundir import ANALYSIS_DIR
 from .amplification import amplification, svd_amplification
 from .factors import UPDATES, LoraFactors
@@ -172,6 +173,8 @@ def format_summary(data: dict) -> str:
     lines = [
         f"{data['run_dir']}: {lora['modules']} adapted modules, r={lora['r']}, alpha={lora['alpha']}"
     ]
+    if note := caveat(data.get("model") or ""):
+        lines.append(f"  ({note})")
     if lora.get("variant", "lora") != "lora":
         lines.append(f"  variant {lora['variant']}: {lora['update']}")
     for kind, k in data["by_kind"].items():

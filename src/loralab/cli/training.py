@@ -129,6 +129,10 @@ def cmd_train(args) -> int:
         return 0
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"{result.run_dir}: {shown}")
+    from ..models import caveat
+
+    if note := caveat(result.summary.get("model") or ""):
+        print(f"({note})")
     lora = (result.summary.get("method") or "lora") == "lora"
     push(
         args, result.run_dir / (ADAPTER_DIR if lora else MODEL_DIR), "adapter" if lora else "model"

@@ -61,7 +61,7 @@ def cmd_validate(args) -> int:
     from rich.table import Table
 
     from ..console import known_warnings_silenced, library_bars_off
-    from ..models import precheck
+    from ..models import caveat, precheck
     from ..validate import as_json, drop_targets, run_checks
 
     refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
@@ -81,6 +81,8 @@ def cmd_validate(args) -> int:
     report = as_json(result, cfg, strict=args.strict)
     write_json(Path(args.out), report)
     title = f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
+    if note := caveat(cfg.model.name):
+        title += f"\n({note})"
     table = Table(title=f"{title}\ninvariants (they set the exit status)")
     for col in ("check", "result", "detail"):
         table.add_column(col, overflow="fold")

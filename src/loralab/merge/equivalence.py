@@ -17,6 +17,7 @@ from .. import precision, tracking
 from ..analysis import lora_factors
 from ..data import FEATURES_VERSION
 from ..heads import Head
+from ..models import canonical
 from ..runs import load_adapter_model
 from .bounds import INFORMATIVE_FACTOR, equivalence_bound, overall_status, verdict
 from .inputs import Loaded, device
@@ -184,6 +185,7 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
         "run_dir": str(run.run_dir),
         "task": task.name,
         "model": run.cfg.model.name,
+        "model_source": canonical(run.cfg.model.name),
         "primary_metric": task.primary_metric,
         "examples": len(run.raw),
         "features": len(run.feats),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import tracking
+from ..models import caveat
 from ..rundir import MERGE_DIR
 from .options import MergeResult
 
@@ -48,6 +49,8 @@ def render(result: MergeResult, console) -> None:
 
     r = result.report
     eff = r["lora_effect"]
+    if note := caveat(r.get("model") or ""):
+        console.print(f"({note})")
     if not console.is_terminal:
         console.width = max(console.width, 120)  # piped output: no 80-column squeeze
     table = Table(

