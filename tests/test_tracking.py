@@ -101,6 +101,9 @@ def test_offline_wandb_run_has_all_namespaces(tmp_path, sst2_dir, monkeypatch):
     # Live per-module statistics: q and v of both layers.
     assert "lora_rank/model.layers.0.self_attn.q_proj/effective_rank" in jsonl
     assert "verification/base_unchanged" in jsonl
+    # Every key sits in a namespace but the axes (the Trainer's closing figures were bare).
+    assert {k for k in jsonl if "/" not in k} == {"step", "epoch", "time"}, jsonl
+    assert {"train/mean_loss", "train/runtime", "train/total_flos"} <= jsonl
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(
         r["verification/base_unchanged"] is True

@@ -169,6 +169,10 @@ class TrackingCallback(TrainerCallback):
                 record[f"eval/{k[5:]}"] = v
             elif k in ("loss", "learning_rate", "grad_norm"):
                 record[f"train/{k}"] = v
+            elif k == "train_loss":  # the Trainer's mean over the run, not one step's loss
+                record["train/mean_loss"] = v
+            elif k.startswith("train_") or k == "total_flos":  # the Trainer's closing figures
+                record[f"train/{k.removeprefix('train_')}"] = v
             else:
                 record[k] = v
         if "loss" in logs:
