@@ -392,3 +392,32 @@ def test_convert_refuses_what_is_not_a_gguf(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_all_linear_says_what_it_leaves_out_of_a_mixture_of_experts():
+    config = tf.MixtralConfig(**SIZE, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, **IDS)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with pytest.warns(UserWarning, match="stacked expert weights") as caught:
+        keys = resolve_targets(LoraConfig(target="all-linear"), model)
+    message = str(caught[0].message)
+    assert "mlp.experts.gate_up_proj" in message and "mlp.experts.down_proj" in message
+    # every linear layer it can reach: the attention projections (the router is no Linear)
+    assert {x.local for x in linear_layers(model) if x.name in adapted_modules(model, keys)} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+    }  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the others say nothing: they select what they name
+        resolve_targets(LoraConfig(target="extended"), model)
+    conv = torch.nn.Module()  # a convolution inside a block has a 3-d kernel, but is no stack
+    conv.config, conv.blocks = (
+        tf.PretrainedConfig(),
+        torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"conv": torch.nn.Conv1d(4, 4, 3), "proj": torch.nn.Linear(4, 4)})]
+        ),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_targets(LoraConfig(target="all-linear"), conv)

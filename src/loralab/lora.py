@@ -9,6 +9,7 @@ and PEFT's own default target table is the fallback for `standard` when no layer
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -109,6 +110,20 @@ def linear_layers(model: nn.Module) -> list[Layer]:
     return [layer for layer in layers if layer is not None]
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # a convolution's kernel is 3-d or more: not a stack
+
+
+def stacked_weights(model: nn.Module) -> list[str]:
+    """Block-local names of weights inside the blocks that hold a stack of matrices (ndim >= 3,
+    e.g. a mixture of experts' `mlp.experts.gate_up_proj`): no preset reaches them."""
+    names: dict[str, None] = {}
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if p.ndim >= 3 and block_local(name) and not isinstance(owner, _CONVS):
+            names[block_local(name)] = None
+    return list(names)
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Full names of the Linear / Conv1D layers that LoRA can adapt."""
     return [layer.name for layer in linear_layers(model)]
@@ -197,6 +212,14 @@ def resolve_targets(
     target = spec.target
     if isinstance(target, str) and target in PRESETS:
         keys = _preset_keys(target, model_type, layers)
+        if target == "all-linear" and (stacked := stacked_weights(model)):
+            warnings.warn(
+                f"lora.target=all-linear adapts the linear layers of this {model_type} model's "
+                f"blocks; its stacked expert weights ({', '.join(stacked)}: one tensor per block "
+                "holding every expert) are not linear layers and stay frozen. PEFT adapts such "
+                'weights through lora.extra={"target_parameters": [...]}.',
+                stacklevel=2,
+            )
     elif isinstance(target, str):
         raise LoralabError(
             f"Unknown LoRA target preset '{target}'. Use one of {', '.join(PRESETS)} or a list of "
