@@ -357,3 +357,32 @@ def test_a_builtins_untrained_module_trains_under_lora_and_marks_the_identity(
     base = models.load_model("tiny-bert", AutoModel, progress=False)[0]
     weight = next(saved[k] for k in trained if k.endswith("dense.weight"))
     assert not torch.equal(weight.float(), base.pooler.dense.weight.float())  # it learned
+
+
+def test_a_base_weight_changed_during_training_is_reported(tmp_path, sst2_dir):
+    # The frozen-base verification must be able to say no: a callback nudges one base weight.
+    from transformers import TrainerCallback
+
+    from loralab import accounting
+    from loralab.train import train
+
+    class Nudge(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                name, weight = next(iter(accounting.base_parameters(model).items()))
+                self.name = name
+                with torch.no_grad():
+                    weight.view(-1)[0] += 1.0
+
+    nudge = Nudge()
+    cfg = build_config(overrides=[
+        "model.name=tiny-llama", "data.task=sst2", f"data.data_dir={sst2_dir}", "run.name=r",
+        f"run.output_dir={tmp_path}", "train.max_steps=6", "tracking.log_every=2", *TINY_ARGS,
+    ])  # fmt: skip
+    result = train(cfg, quiet=True, callbacks=[nudge])
+    check = result.summary["verification"]
+    assert check["base_unchanged"] is False and nudge.name
+    assert check["base_checksum_before"] != check["base_checksum_after"]
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    live = [x["verification/base_unchanged"] for x in lines if "verification/base_unchanged" in x]
+    assert live[0] is True and live[-1] is False  # the live record turns at the change
