@@ -39,6 +39,8 @@ def test_tiny_llama_counts_by_hand():
     assert counts["trainable_share_without_head_pct"] == pytest.approx(
         100 * lora / (base_total + lora)
     )
+    # the LoRA paper's share: adapter weights only (the golden test skips "_s"-named figures)
+    assert counts["lora_share_pct"] == pytest.approx(100 * lora / (base_total + lora))
 
 
 def test_full_fine_tuning_is_all_trainable():
