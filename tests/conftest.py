@@ -86,6 +86,19 @@ FAULT_RUN_OVERRIDES = ["train.max_steps=4", "train.save_steps=2", "train.batch_s
 
 
 @pytest.fixture
+def pg_url() -> str:
+    """The throwaway PostgreSQL server's URL (.ci/run starts one; by hand: `. .ci/postgres.sh
+    && pg_start`). Without one the test skips, except under CI, where that is a failure: the
+    PostgreSQL paths would otherwise go untested without anyone noticing."""
+    url = os.environ.get("LORALAB_TEST_PG_URL")
+    if not url and os.environ.get("CI"):
+        pytest.fail("CI is set but LORALAB_TEST_PG_URL is not: .ci/run starts PostgreSQL for this")
+    if not url:
+        pytest.skip("LORALAB_TEST_PG_URL is not set: no PostgreSQL server (see .ci/postgres.sh)")
+    return url
+
+
+@pytest.fixture
 def shared(tmp_path_factory):
     """A finished tiny LoRA run (with checkpoints) and its data, trained once per session; the
     fault tests copy it before they damage it (`Case.run`)."""

@@ -714,16 +714,11 @@ def test_a_grid_extended_under_a_new_name_trains_only_the_new_points(tmp_path, d
         "sst2-lora-tiny-llama-lr0.3-s1", "sst2-lora-tiny-llama-lr0.3-s2"}  # fmt: skip
 
 
-PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
-
-
-@pytest.mark.skipif(not PG_URL, reason="LORALAB_TEST_PG_URL is not set: no PostgreSQL server "
-                    "(.ci/run starts one; by hand: `. .ci/postgres.sh && pg_start`)")  # fmt: skip
 @pytest.mark.long
-def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
+def test_tiny_study_workers_share_a_postgres_storage(pg_url, tmp_path, data_root):
     res, prefix = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
     common = [str(TINY), "--data-root", str(data_root), "--output-dir", str(res), "--storage",
-              PG_URL, "--study", prefix, *FAST]  # fmt: skip
+              pg_url, "--study", prefix, *FAST]  # fmt: skip
     # Split by task, and a third worker on both: it races the others to create the dependent
     # studies and to claim their points.
     procs = {name: start_cli(["study", *common, "--tasks", tasks], tmp_path / f"{name}.log")
@@ -731,4 +726,4 @@ def test_tiny_study_workers_share_a_postgres_storage(tmp_path, data_root):
     for name, p in procs.items():
         assert p.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     keys = _expected_keys(res)
-    _check_exactly_once(res, PG_URL, prefix, keys)
+    _check_exactly_once(res, pg_url, prefix, keys)

@@ -300,18 +300,13 @@ def test_sweep_then_ablation_reuses_runs_then_report(tmp_path, sst2_dir, capsys)
     assert _snapshot(res / "runs") == before
 
 
-PG_URL = os.environ.get("LORALAB_TEST_PG_URL")
-
-
-@pytest.mark.skipif(not PG_URL, reason="LORALAB_TEST_PG_URL is not set: no PostgreSQL server "
-                    "(.ci/run starts one; by hand: `. .ci/postgres.sh && pg_start`)")  # fmt: skip
-def test_three_workers_share_a_postgres_study(tmp_path):
+def test_three_workers_share_a_postgres_study(pg_url, tmp_path):
     glue = tmp_path / "glue"
     write_sst2(glue / "sst2")
     write_mrpc(glue / "mrpc", n=32)
     write_rte(glue / "rte", n=32)
     res, study = tmp_path / "res", f"pg-{uuid.uuid4().hex[:8]}"
-    common = ["--study", study, "--storage", PG_URL, "--output-dir", str(res), *FAST]
+    common = ["--study", study, "--storage", pg_url, "--output-dir", str(res), *FAST]
     create = ["sweep", "--create-only", "--model", "tiny-llama", "--data-dir", str(glue),
               "--tasks", "sst2,mrpc,rte", "--methods", "lora", "--lora-lr", "1e-3", "--seeds", "1,2",
               *common, "train.max_steps=60", *TINY]  # fmt: skip
@@ -331,7 +326,7 @@ def test_three_workers_share_a_postgres_study(tmp_path):
 
     from optuna.trial import TrialState
 
-    trials = _trials(PG_URL, study)
+    trials = _trials(pg_url, study)
     keys = {t.user_attrs["point"] for t in trials}
     assert len(keys) == 6
     _check_exactly_once(res, trials, keys)
@@ -346,7 +341,7 @@ def test_three_workers_share_a_postgres_study(tmp_path):
     assert json.loads((killed_run / "summary.json").read_text())["resumed_from"]
 
     out = tmp_path / "rep"
-    assert main(["report", "--study", study, "--storage", PG_URL, "--out", str(out)]) == 0
+    assert main(["report", "--study", study, "--storage", pg_url, "--out", str(out)]) == 0
     with open(out / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 6
     assert "data:image/png;base64," in (out / "report.html").read_text()
