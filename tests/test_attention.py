@@ -75,3 +75,25 @@ def test_explicit_attention_reaches_the_model_and_the_summary(tmp_path, sst2_dir
     assert seen["impl"] == setting
     assert result.summary["attention"] == {"implementation": setting, "reason": "set in the config"}
     assert "attention" not in result.summary["identity"]["model"]
+
+
+@pytest.mark.parametrize("measured", ["eager", "sdpa"])
+def test_a_measured_attention_reaches_the_model(tmp_path, sst2_dir, monkeypatch, measured):
+    # `auto`: the probe's verdict must be what the model runs, not only what the summary says.
+    seen = {}
+    from transformers import TrainerCallback
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["impl"] = model.config._attn_implementation
+
+    verdict = {"implementation": measured, "reason": "measured"}
+    monkeypatch.setattr(attention, "decide", lambda shape, dtype: dict(verdict))
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama", f"data.data_dir={sst2_dir}", f"run.output_dir={tmp_path}",
+            "train.max_steps=2", "train.batch_size=8", "model.attention=auto",
+        ]
+    )  # fmt: skip
+    result = train(cfg, quiet=True, callbacks=[Spy()])
+    assert seen["impl"] == measured and result.summary["attention"] == verdict
