@@ -425,6 +425,14 @@ def test_uninformative_rule(tmp_path):
     assert not verdicts["ee"].uninformative and verdicts["ee"].verdict.startswith("FAIL: -12.00")
 
 
+def test_uninformative_takes_the_baseline_from_full_when_lora_lacks_it(tmp_path):
+    # A LoRA run written before summaries had majority_baseline still compares to full's.
+    write_run(tmp_path, "l", 1, {"accuracy": 0.505})
+    write_run(tmp_path, "f", 1, {"accuracy": 0.509}, majority={"accuracy": 0.5}, method="full")
+    (comp,) = aggregate(load_runs(tmp_path))[1]
+    assert comp.uninformative and comp.verdict.startswith("uninformative")
+
+
 def test_old_summaries_get_an_identity_from_their_config(tmp_path):
     for i, cap in enumerate((100, 100, 200)):
         run = write_run(tmp_path, f"old{i}", i, {"accuracy": 0.7})
