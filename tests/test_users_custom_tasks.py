@@ -248,3 +248,12 @@ def test_task_files_under_configs_are_valid(path):
         glue = get_task("sst2").load("eval", str(data))
         mine = task.load("eval")
         assert mine["text_a"] == glue["text_a"] and mine["label"] == glue["label"]
+
+
+def test_numeric_labels_keep_their_numeric_order(tmp_path):
+    # "10" after "9" (a string sort would put it second): label ids follow the numbers.
+    rows = ["text,label", *(f"review number {i},{i % 11}" for i in range(33)), ""]
+    (tmp_path / "train.csv").write_text("\n".join(rows))
+    task = get_task(f"csv:{tmp_path / 'train.csv'}")
+    assert list(task.label_names) == [str(i) for i in range(11)]
+    assert task.load("train")["label"][:11] == list(range(11))
