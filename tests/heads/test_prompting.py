@@ -103,6 +103,39 @@ def test_generation_maps_unanswerable_to_empty(tok):
     assert set(out) == {"a", "b"} and all(isinstance(v, str) for v in out.values())
 
 
+def test_generated_answers_are_the_new_tokens_of_left_padded_prompts(tok):
+    # A stub that "generates" known continuations: the answers must be exactly those (not the
+    # prompt), from prompts padded on the left so every row continues from its last real token.
+    answers = {"a": " the Normans\nand more", "b": " unanswerable."}
+    prompts = {
+        "a": tok("Q: who?")["input_ids"],
+        "b": tok("Q: a much longer question?")["input_ids"],
+    }
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.masks = []
+
+        def generate(self, input_ids, attention_mask, **kw):
+            self.masks.append(attention_mask)
+            rows = []
+            for ids, mask in zip(input_ids, attention_mask, strict=True):
+                real = ids[mask.bool()].tolist()
+                key = next(k for k, p in prompts.items() if p == real)
+                rows.append(ids.tolist() + tok(answers[key], add_special_tokens=False)["input_ids"])
+            width = max(map(len, rows))
+            return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+
+    stub = Stub()
+    feats = {"input_ids": list(prompts.values()), "example_id": list(prompts)}
+    out = lm.generate_answers(stub, tok, feats, batch_size=2, progress=False)
+    assert out == {"a": "the Normans", "b": ""}
+    (mask,) = stub.masks
+    assert mask[:, -1].all() and not mask[0, 0]  # left padding: the shorter prompt's pads lead
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
