@@ -129,6 +129,23 @@ def test_merge_pushes_the_merged_export(short_run, monkeypatch, capsys):
     assert "pushed" not in capsys.readouterr().out  # --quiet
 
 
+def test_private_push_creates_a_private_repo(short_run, monkeypatch):
+    import huggingface_hub
+
+    run, _, _ = short_run
+    FakeHub.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    code = main(["merge", str(run), "--dtype", "fp32", "--no-benchmark", "--quiet",
+                 "--out", str(run.parent / "merged-private"), "--push-to-hub", "me/sst2-private",
+                 "--private"])  # fmt: skip
+    assert code == 0
+    assert ("create_repo", "me/sst2-private", True, True) in FakeHub.calls
+    assert [c[1] for c in FakeHub.calls if c[0] == "upload_folder"] == ["me/sst2-private"]
+
+
 def test_adapter_loads_with_plain_peft_after_the_cache_moved(short_run, tmp_path, monkeypatch):
     """Acceptance 2: the adapter names its base canonically; a new cache rebuilds it."""
     from peft import PeftModel

@@ -249,3 +249,106 @@ def test_lm_head_on_an_encoder_is_a_user_error(tmp_path, capsys):
         == 2
     )
     assert "causal" in capsys.readouterr().err
+
+
+def _failed(checks):
+    return {name for name, c in checks.items() if not c["passed"]}
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # the layer left out
+def test_target_module_left_unwrapped_is_caught(tmp_path, monkeypatch):
+    real = validate.wrap
+
+    def skipping(cfg, model, heads):
+        peft_model = real(cfg, model, heads)
+        name, layer = next((n, m) for n, m in peft_model.named_modules() if hasattr(m, "lora_A"))
+        parent, _, child = name.rpartition(".")
+        setattr(peft_model.get_submodule(parent), child, layer.base_layer)  # one target missed
+        return peft_model
+
+    monkeypatch.setattr(validate, "wrap", skipping)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    # tiny-llama: 2 layers x (q, v) = 4 expected, 3 wrapped.
+    assert checks["adapted_module_count"]["detail"].startswith("3 adapted, expected 4")
+    # The LoRA weights are one layer short of r·(in+out) summed as well; the rest still hold.
+    assert _failed(checks) == {"adapted_module_count", "parameter_accounting_adds_up"}
+
+
+def test_gradient_not_reaching_a_lora_b_is_caught(tmp_path, monkeypatch):
+    real = validate.wrap
+
+    def cut(cfg, model, heads):
+        peft_model = real(cfg, model, heads)
+        lora_b = next(m for n, m in peft_model.named_modules() if n.endswith("lora_B.default"))
+
+        def detach_once(module, args, output):
+            handle.remove()  # only the first forward: the training probe itself is healthy
+            return output.detach()
+
+        handle = lora_b.register_forward_hook(detach_once)
+        return peft_model
+
+    monkeypatch.setattr(validate, "wrap", cut)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert _failed(checks) == {"forward_backward_runs"}
+
+
+def test_dead_adapter_module_is_caught_by_the_analysis(tmp_path, monkeypatch):
+    real = validate.train_steps
+
+    def killing(model, batch, steps, lr):
+        losses = real(model, batch, steps, lr)
+        with torch.no_grad():  # one module's update ΔW = B·A is zero: effective rank 0
+            next(p for n, p in model.named_parameters() if ".lora_B." in n).zero_()
+        return losses
+
+    monkeypatch.setattr(validate, "train_steps", killing)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert _failed(checks) == {"analysis_utilities_run"}
+
+
+def test_adapter_that_barely_moves_is_caught(tmp_path, monkeypatch):
+    real = validate.train_steps
+
+    def timid(model, batch, steps, lr):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trainable]
+        losses = real(model, batch, steps, lr)
+        with torch.no_grad():  # keep a trace of the training: same directions, 1e-7 the size
+            for p, p0 in zip(trainable, before, strict=True):
+                p.copy_(p0 + 1e-7 * (p - p0))
+        return losses
+
+    monkeypatch.setattr(validate, "train_steps", timid)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert _failed(checks) == {"adapter_is_informative"}
+
+
+def test_merged_export_that_loads_differently_is_caught(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    real = validate.merge
+
+    def corrupting_export(model):
+        merged = real(model)
+        save = merged.save_pretrained
+
+        def save_corrupted(path, *args, **kwargs):
+            save(path, *args, **kwargs)
+            f = Path(path) / "model.safetensors"
+            weights = load_file(f)
+            key = next(k for k in weights if "q_proj" in k)
+            weights[key] = weights[key] * 1.5
+            save_file(weights, f, metadata={"format": "pt"})
+
+        merged.save_pretrained = save_corrupted
+        return merged
+
+    monkeypatch.setattr(validate, "merge", corrupting_export)
+    rc, checks = _run(tmp_path)
+    assert rc == 1
+    assert _failed(checks) == {"merged_export_loads"}
