@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from tokenizers.processors import TemplateProcessing
 
 from loralab.config import build_config
@@ -62,3 +64,44 @@ def test_second_run_reuses_both_splits(sst2_dir, monkeypatch):
     assert set((cache_dir() / "features").iterdir()) == folders  # nothing tokenised again
     assert second.train["input_ids"] == first.train["input_ids"]
     assert second.eval["input_ids"] == first.eval["input_ids"]
+
+
+def test_a_new_max_length_tokenises_anew(tmp_path, monkeypatch):
+    """The cache key holds data.max_length: features cut at 48 tokens are not reused at 16."""
+    words = "the film was a long and winding story with many good and bad parts in it".split()
+    words.append(uuid.uuid4().hex)  # new data, even for a cache kept from an earlier session
+    folder = tmp_path / "long-sst2"
+    folder.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        rows = [f"{' '.join(words[i % 3 :] + words)}\t{i % 2}" for i in range(8)]
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    task = get_task("sst2")
+    tokenised = []
+    real = task.featurize
+
+    def counting(raw, *args, **kwargs):
+        tokenised.append(len(raw))
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(task, "featurize", counting)
+
+    def run(max_length):
+        cfg = build_config(
+            overrides=[
+                "model.name=tiny-llama",
+                f"data.data_dir={folder}",
+                f"data.max_length={max_length}",
+            ]
+        )
+        tok = load_tokenizer("tiny-llama")
+        tok.padding_side = "right"
+        return load_splits(task, cfg.data, tok, seed=7, causal=True)
+
+    long = run(48)
+    assert tokenised == [8, 8]  # train and dev
+    assert max(map(len, long.train["input_ids"])) > 16  # the texts are longer than the cut
+    short = run(16)
+    assert tokenised == [8, 8, 8, 8]  # tokenised again, not read from the 48-token cache
+    for split in (short.train, short.eval):
+        assert max(map(len, split["input_ids"])) <= 16
+    assert short.max_length == 16

@@ -90,6 +90,41 @@ def test_csv_task_file_and_jsonl_reference_read_the_same_examples(tmp_path, monk
     assert scores == {"accuracy": pytest.approx(0.5), "matthews": pytest.approx(0.25)}
 
 
+def _write_csv(folder: Path, header: list[str], rows: list[list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev"):
+        with open(folder / f"{split}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+
+
+def test_sentence_pair_csv_reads_both_columns(tmp_path):
+    """premise,hypothesis is found as a pair; an explicit text=a|b names any two columns."""
+    pairs = [
+        (f"a man walks, {i} steps", f"someone moves {i}", ("yes", "no")[i % 2]) for i in range(6)
+    ]
+    _write_csv(tmp_path / "nli", ["premise", "hypothesis", "label"], [list(p) for p in pairs])
+    task = get_task(f"csv:{tmp_path / 'nli'}")
+    assert task.text_columns == ("premise", "hypothesis")
+    for split in ("train", "eval"):
+        data = task.load(split)
+        assert data["text_a"] == [p[0] for p in pairs]
+        assert data["text_b"] == [p[1] for p in pairs]
+        assert data["label"] == [1, 0] * 3  # sorted names: no, yes
+
+    # Columns no guess would pick (and a `text` column it would): named in the reference.
+    rows = [
+        [str(i), f"claim {i}", f"evidence {i}", f"note {i}", lab]
+        for i, (*_, lab) in enumerate(pairs)
+    ]
+    _write_csv(tmp_path / "facts", ["id", "claim", "evidence", "text", "label"], rows)
+    task = get_task(f"csv:{tmp_path / 'facts'}?text=claim|evidence")
+    assert task.text_columns == ("claim", "evidence")
+    data = task.load("train")
+    assert data["text_a"] == [r[1] for r in rows] and data["text_b"] == [r[2] for r in rows]
+
+
 @pytest.mark.parametrize(
     "task, extra, needle",
     [

@@ -73,6 +73,16 @@ def test_analyze_compare_writes_json_plots_and_hidden_states(runs, capsys):
     sim = data["compare"]["similarity"][names[0]]
     assert len(sim["phi"]) == 8 and len(sim["phi"][0]) == 4 and 0 <= sim["phi_top1"] <= 1
     assert len(sim["phi_out"]) == 8 and 0 <= sim["phi_out_top1"] <= 1
+    for name in names:  # the summary numbers are read off each module's φ matrix
+        s = data["compare"]["similarity"][name]
+        assert s["phi_top1"] == s["phi"][0][0] and s["phi_out_top1"] == s["phi_out"][0][0]
+        assert s["phi_diag"] == [s["phi"][i][i] for i in range(4)]  # min(r1, r2) = 4 entries
+    # φ at the smaller rank: per kind, the mean of each module's last diagonal entry.
+    for kind, means in data["compare"]["similarity_by_kind"].items():
+        last = [s["phi_diag"][-1] for n, s in data["compare"]["similarity"].items()
+                if s["kind"] == kind]  # fmt: skip
+        assert len(last) == 2 and means["phi_min_rank"] == pytest.approx(sum(last) / 2)
+        assert means["phi_min_rank"] != pytest.approx(means["phi_top1"])
     assert data["compare"]["heatmap_layer"] == 1 and len(data["compare"]["heatmap_modules"]) == 2
     cka = data["representations"]["cka"]
     assert set(cka) == {"base_vs_adapted", "base_vs_compare", "adapted_vs_compare"}
@@ -88,6 +98,11 @@ def test_analyze_compare_writes_json_plots_and_hidden_states(runs, capsys):
     hidden = load_file(folder / "hidden_states.safetensors")
     assert hidden["base.mean"].shape == (3, 16, 64) and hidden["compare.token"].shape == (3, 16, 64)
     assert not torch.equal(hidden["base.mean"][-1], hidden["adapted.mean"][-1])
+    # The compared run's states are its own (another adapter), not the analysed run's again.
+    for pool in ("mean", "token"):
+        assert not torch.equal(hidden[f"compare.{pool}"][-1], hidden[f"adapted.{pool}"][-1])
+        assert not torch.equal(hidden[f"compare.{pool}"][-1], hidden[f"base.{pool}"][-1])
+    assert torch.equal(hidden["compare.mean"][0], hidden["base.mean"][0])  # same embeddings
 
     # Without --compare the folder is replaced: no stale heat-map survives.
     assert main(["analyze", str(runs["r8"]), "--probe", "8"]) == 0
