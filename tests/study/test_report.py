@@ -425,6 +425,18 @@ def test_uninformative_rule(tmp_path):
     assert not verdicts["ee"].uninformative and verdicts["ee"].verdict.startswith("FAIL: -12.00")
 
 
+def test_lora_that_retrains_an_untrained_module_still_pairs_with_full(tmp_path):
+    # The built-in MiniLM's LoRA runs train its never-trained pooler (identity.model.retrained);
+    # full fine-tuning trains it anyway, so the two still compare (they read "n/a" for a while).
+    lora = write_run(tmp_path, "l", 1, {"accuracy": 0.80}, majority={"accuracy": 0.5})
+    write_run(tmp_path, "f", 1, {"accuracy": 0.81}, majority={"accuracy": 0.5}, method="full")
+    summary = json.loads((lora / "summary.json").read_text())
+    summary["identity"]["model"]["retrained"] = ["pooler"]
+    (lora / "summary.json").write_text(json.dumps(summary))
+    (comp,) = aggregate(load_runs(tmp_path))[1]
+    assert comp.full is not None and comp.verdict.startswith("PASS: -1.00")
+
+
 def test_uninformative_takes_the_baseline_from_full_when_lora_lacks_it(tmp_path):
     # A LoRA run written before summaries had majority_baseline still compares to full's.
     write_run(tmp_path, "l", 1, {"accuracy": 0.505})

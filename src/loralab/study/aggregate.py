@@ -97,9 +97,11 @@ class Cell:
 
     @property
     def counterpart(self) -> tuple:
-        """What LoRA and full fine-tuning must share to be compared: all but method, lr, LoRA
-        and the base's storage (QLoRA is compared with full fine-tuning of the same model)."""
-        base = without(self.identity, "train.lr", "train.method", "lora", "model.quantization")
+        """What LoRA and full fine-tuning must share to be compared: all but method, lr, LoRA,
+        the base's storage (QLoRA is compared with full fine-tuning of the same model) and the
+        untrained modules LoRA trains beside its adapters (full fine-tuning trains them anyway)."""
+        base = without(self.identity, "train.lr", "train.method", "lora", "model.quantization",
+                       "model.retrained")  # fmt: skip
         if not self.identity:
             base = {k: self.first.get(k) for k in ("task", "model", "head")}
         return (self.group, identity_hash(base))
