@@ -117,10 +117,12 @@ def stacked_weights(model: nn.Module) -> list[str]:
     """Block-local names of weights inside the blocks that hold a stack of matrices (ndim >= 3,
     e.g. a mixture of experts' `mlp.experts.gate_up_proj`): no preset reaches them."""
     names: dict[str, None] = {}
-    for name, p in model.named_parameters():
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if p.ndim >= 3 and block_local(name) and not isinstance(owner, _CONVS):
-            names[block_local(name)] = None
+    for owner, module in model.named_modules():
+        if isinstance(module, _CONVS):
+            continue
+        for name, p in module.named_parameters(prefix=owner, recurse=False):
+            if p.ndim >= 3 and block_local(name):
+                names[block_local(name)] = None
     return list(names)
 
 

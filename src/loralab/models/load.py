@@ -136,8 +136,9 @@ def load_model(
     order = list(model.state_dict())  # sets are unordered: report in the model's order
     missing_ordered = sorted(missing, key=lambda k: order.index(k) if k in order else len(order))
     new_modules = new_module_names(missing_ordered, prefix)
-    present = new_module_names(order, prefix)  # top-level modules holding weights
-    new_modules += [m for m in untrained_modules(name) if m in present and m not in new_modules]
+    if untrained := untrained_modules(name):  # shipped but never trained: new heads too
+        present = new_module_names(order, prefix)  # top-level modules holding weights
+        new_modules += [m for m in untrained if m in present and m not in new_modules]
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, progress=progress)
         model.config.pad_token_id = tok.pad_token_id
