@@ -128,6 +128,11 @@ def test_untrained_modules_of_a_builtin_train_like_new_heads(shared_cache, monke
         "tiny-llama", tf.AutoModelForSequenceClassification, progress=False, num_labels=2
     )
     assert new == ["score"]  # other models are untouched
+    # Predicted from the config alone (no weights), as a study's reuse check needs it.
+    seq = tf.AutoModelForSequenceClassification
+    assert models.retrained_modules("tiny-bert", seq, num_labels=2) == ("pooler",)
+    assert models.retrained_modules("tiny-bert", tf.AutoModelForQuestionAnswering) == ()
+    assert models.retrained_modules("tiny-llama", seq, num_labels=2) == ()
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])

@@ -8,7 +8,14 @@ built in memory. Each is materialised once as an ordinary transformers folder un
 
 from ..cache import cache_dir
 from .build import resolve
-from .load import is_causal, load_for_task, load_model, load_tokenizer, new_module_names
+from .load import (
+    is_causal,
+    load_for_task,
+    load_model,
+    load_tokenizer,
+    new_module_names,
+    retrained_modules,
+)
 from .registry import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
@@ -41,5 +48,6 @@ __all__ = [
     "new_module_names",
     "precheck",
     "resolve",
+    "retrained_modules",
     "untrained_modules",
 ]

@@ -136,9 +136,7 @@ def load_model(
     order = list(model.state_dict())  # sets are unordered: report in the model's order
     missing_ordered = sorted(missing, key=lambda k: order.index(k) if k in order else len(order))
     new_modules = new_module_names(missing_ordered, prefix)
-    if untrained := untrained_modules(name):  # shipped but never trained: new heads too
-        present = new_module_names(order, prefix)  # top-level modules holding weights
-        new_modules += [m for m in untrained if m in present and m not in new_modules]
+    new_modules += [m for m in _untrained_in(name, order, prefix) if m not in new_modules]
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, progress=progress)
         model.config.pad_token_id = tok.pad_token_id
@@ -146,6 +144,30 @@ def load_model(
             if model.generation_config.pad_token_id is None:
                 model.generation_config.pad_token_id = tok.pad_token_id
     return model, new_modules
+
+
+def _untrained_in(name: str, keys: list[str], prefix: str) -> list[str]:
+    """The built-in `name`'s never-trained modules (`untrained_modules`) that hold weights among
+    state-dict `keys` (a head class may not have them: BERT's QA class has no pooler)."""
+    untrained = untrained_modules(name)
+    present = new_module_names(keys, prefix) if untrained else []  # top-level weight holders
+    return [m for m in untrained if m in present]
+
+
+def retrained_modules(name: str, auto_class, **kwargs) -> tuple[str, ...]:
+    """The modules a run of `name` loaded with `auto_class` (`kwargs`: a head's model_kwargs)
+    trains in full because their shipped weights never trained, as `load_model` adds them:
+    decided from the model's config on the meta device (no weights read)."""
+    if not untrained_modules(name):
+        return ()
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve(name, progress=False), **kwargs)
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    keys = list(model.state_dict())
+    return tuple(_untrained_in(name, keys, getattr(model, "base_model_prefix", "")))
 
 
 def is_causal(config) -> bool:

@@ -107,10 +107,36 @@ def decide(run_dir: Path, cfg) -> str:
             "are kept: use another --output-dir for this study."
         )
     if finished(run_dir):
+        if frozen := _kept_frozen(run_dir, cfg):
+            raise LoralabError(
+                f"Run directory '{run_dir}' holds a LoRA run from before loralab trained "
+                f"{cfg.model.name}'s {', '.join(frozen)} (shipped untrained; that run kept it "
+                "frozen), so it is not this study's point. Its results are kept: move that "
+                "model's LoRA run folders out of the results folder (or use another "
+                "--output-dir) and run the study again."
+            )
         return "reuse"
     if resume_broke(read_note(run_dir).get("attempts", [])):
         return "train"
     return "resume" if _usable_checkpoints(run_dir) else "train"
+
+
+def _kept_frozen(run_dir: Path, cfg) -> list[str]:
+    """Modules a LoRA run of `cfg` trains because their shipped weights never trained (the
+    built-in MiniLM's pooler) that the finished run in `run_dir` kept frozen (it predates that)."""
+    from ..models import retrained_modules, untrained_modules
+
+    if cfg.train.method != "lora" or not untrained_modules(cfg.model.name):
+        return []
+    summary = tracking.read_json(run_dir / SUMMARY_FILE)
+    had = set((summary.get("identity") or {}).get("model", {}).get("retrained") or ())
+    if had >= set(untrained_modules(cfg.model.name)):
+        return []
+    from ..heads import head_for
+
+    head = head_for(cfg, get_task(cfg.data.task))
+    wanted = retrained_modules(cfg.model.name, head.auto_class(), **head.model_kwargs())
+    return [m for m in wanted if m not in had]
 
 
 def resume_broke(attempts: list[dict]) -> bool:
