@@ -396,7 +396,10 @@ def test_paired_differences_and_t_interval_equal_independent_values(tmp_path):
     assert comp.lora.stat("accuracy") == pytest.approx(
         (statistics.mean(lora.values()), statistics.stdev(lora.values())), abs=1e-9
     )
-    assert comp.verdict == f"PASS: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    assert comp.verdict == (  # the interval reaches below -3: more seeds could flip the PASS
+        f"PASS: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]; unsettled (the interval "
+        "spans -3)"
+    )
 
 
 def test_uninformative_rule(tmp_path):
@@ -423,6 +426,30 @@ def test_uninformative_rule(tmp_path):
     assert verdicts["dd"].uninformative
     assert verdicts["dd"].verdict.startswith("uninformative (neither > 1 pt above majority): -5.00")
     assert not verdicts["ee"].uninformative and verdicts["ee"].verdict.startswith("FAIL: -12.00")
+
+
+@pytest.mark.parametrize(
+    "lora, verdict",
+    [
+        ((0.795, 0.805, 0.80), "PASS: -1.00 [-2.24, +0.24]"),  # wholly above -3: settled
+        ((0.78, 0.82, 0.80), "PASS: -1.00 [-5.97, +3.97]; unsettled (the interval spans -3)"),
+        ((0.74, 0.78, 0.76), "FAIL: -5.00 [-9.97, -0.03]; unsettled (the interval spans -3)"),
+        ((0.745, 0.755, 0.75), "FAIL: -6.00 [-7.24, -4.76]"),  # wholly below -3: settled
+        ((0.70, 0.84, 0.77), "FAIL: -4.00 [-21.39, +13.39]; unsettled (the interval spans -3)"),
+    ],
+)
+def test_a_verdict_whose_interval_spans_the_target_is_unsettled(tmp_path, lora, verdict):
+    """Full scores 0.81 on seeds 1-3; LoRA's three seeds give the paired interval."""
+    majority = {"accuracy": 0.5}
+    for seed, acc in enumerate(lora, start=1):
+        write_run(tmp_path, f"l{seed}", seed, {"accuracy": acc}, majority=majority)
+        write_run(tmp_path, f"f{seed}", seed, {"accuracy": 0.81}, majority=majority, method="full")
+    (comp,) = aggregate(load_runs(tmp_path))[1]
+    assert comp.verdict == verdict
+    report(tmp_path, out=tmp_path / "rep")
+    (row,) = [r for r in _rows(tmp_path / "rep" / "report.csv") if r["method"] == "lora"]
+    assert row["unsettled"] == str("unsettled" in verdict)  # a column for scripts
+    assert verdict in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_lora_that_retrains_an_untrained_module_still_pairs_with_full(tmp_path):
@@ -661,7 +688,7 @@ def test_at_a_glance_table_pairs_the_methods_per_task(tmp_path):
     half = t_quantile(0.975, 1) * statistics.stdev([-2.0, 1.0]) / math.sqrt(2)
     assert (
         sst2["LoRA − full (mean [95% CI])"]
-        == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]"
+        == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]; unsettled (the interval spans -3)"
     )
     assert sst2["training CPU (min), LoRA / full"] == "0.5 / 2.0 (0.25×)"  # 30 s vs 120 s
     assert sst2["peak memory (MB), LoRA / full"] == "100 / 400 (0.25×)"

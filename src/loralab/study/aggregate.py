@@ -210,7 +210,8 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """e.g. 'PASS: −1.20 [−2.90, +0.50]'; 'uninformative: …'; 'n/a: …'."""
+        """e.g. 'PASS: −1.20 [−2.90, +0.50]'; 'FAIL: −4.10 [−6.00, −1.20]; unsettled (…)';
+        'uninformative: …'; 'n/a: …'."""
         if self.full is None:
             return "n/a: no comparable full run"
         if not self.diffs:
@@ -219,7 +220,16 @@ class Comparison:
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:
             return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}"
-        return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
+        return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}" + (
+            f"; unsettled (the interval spans -{DROP_TARGET_POINTS:g})" if self.unsettled else ""
+        )
+
+    @property
+    def unsettled(self) -> bool:
+        """The 95% interval reaches both sides of the drop target: more seeds could flip the
+        verdict the mean gives."""
+        _, lo, hi = self.interval
+        return lo < -DROP_TARGET_POINTS < hi
 
 
 def _shared_seeds(cells: list[Cell]) -> frozenset:

@@ -103,7 +103,8 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         f"mean and 95% Student-t interval over seeds. Targets: LoRA loses at most "
         f"{DROP_TARGET_POINTS:g} points to full fine-tuning (a row where neither method is more than "
         f"{UNINFORMATIVE_POINTS:g} point above the majority baseline is uninformative, not a "
-        "pass), "
+        f"pass; unsettled: the interval reaches both sides of -{DROP_TARGET_POINTS:g}, so more "
+        "seeds could flip the verdict of the mean), "
         f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
         "the freshly initialised task head). Wall time counts whatever the machine did meanwhile "
         "(other work, pauses, idle cores lent to the run: lent_share in runs.csv); training CPU "
@@ -242,6 +243,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                    held_out_n=len(held) if comp else "",
                    uninformative=comp.uninformative if comp else "",
                    drop_target_pass=comp.drop_ok if comp else "",
+                   unsettled=comp.unsettled if comp else "",
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
         rows.append(row)
     return rows
