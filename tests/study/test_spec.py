@@ -59,7 +59,7 @@ def _spec_file(tmp_path, **changes) -> Path:
 def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
     spec = load_spec(TINY, str(data_root))
     assert spec.name == "tiny" and spec.output_dir == str(Path("results") / "tiny")
-    assert spec.seeds == [1, 2] and spec.grid_seeds == [1]
+    assert spec.seeds == [1, 2] and spec.grid_seeds("sst2") == [1]
     names = [ph.study_name("tiny") for ph in phases(spec)]
     assert names == ["tiny-sst2-grid", "tiny-sst2-seeds", "tiny-sst2-ablate-rank",
                      "tiny-mrpc-grid", "tiny-mrpc-seeds", "tiny-mrpc-ablate-rank"]  # fmt: skip
@@ -200,6 +200,25 @@ def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path,
     assert seeds.plan(spec, spec.first_lrs("sst2")).lrs == {"lora": [3e-3], "full": [1e-4]}
 
 
+def test_a_tasks_own_seeds_replace_the_spec_seeds_for_that_task_only(tmp_path, data_root):
+    tasks = yaml.safe_load(TINY.read_text())["tasks"]
+    tasks["mrpc"]["seeds"] = [1, 2, 3, 4]  # more seeds for a noisy small dev set
+    tasks["sst2"]["seeds"] = [5]  # one seed: no seeds phase
+    spec = load_spec(_spec_file(tmp_path, tasks=tasks), str(data_root))
+    assert spec.seeds_for("mrpc") == [1, 2, 3, 4] and spec.seeds_for("sst2") == [5]
+    kinds = [(ph.task, ph.kind) for ph in phases(spec)]
+    assert kinds == [("sst2", "grid"), ("sst2", "ablation"),
+                     ("mrpc", "grid"), ("mrpc", "seeds"), ("mrpc", "ablation")]  # fmt: skip
+    plans = {(ph.task, ph.kind): ph.plan(spec, spec.first_lrs(ph.task)) for ph in phases(spec)}
+    assert plans["sst2", "grid"].seeds == [5] and plans["sst2", "ablation"].seeds == [5]
+    assert plans["mrpc", "grid"].seeds == [1] and plans["mrpc", "seeds"].seeds == [2, 3, 4]
+    assert plans["mrpc", "ablation"].seeds == [1]
+    keys = {p["key"] for p in plans["mrpc", "seeds"].points()}
+    assert "mrpc-full-tiny-llama-lr0.0001-s4" in keys and len(keys) == 2 * 3  # methods × seeds
+    cfg = plans["sst2", "grid"].config_for(plans["sst2", "grid"].points()[0])
+    assert cfg.train.seed == 5
+
+
 def test_variant_slugs_and_axes(tmp_path):
     assert variant_slug({}) == ""
     assert variant_slug({"alpha": 32.0, "r": 16}) == "-r16-a32"
@@ -239,7 +258,7 @@ def test_variant_slugs_and_axes(tmp_path):
 
 def test_full_grid_has_no_seed_phase(tmp_path):
     spec = load_spec(_spec_file(tmp_path, lr_selection="full_grid", ablations=None), str(tmp_path))
-    assert spec.grid_seeds == [1, 2]
+    assert spec.grid_seeds("sst2") == [1, 2]
     assert [ph.kind for ph in phases(spec)] == ["grid", "grid"]
     assert len(phases(spec)[0].plan(spec, None).points()) == 2 * 2 * 2  # methods × lrs × seeds
 
@@ -309,6 +328,9 @@ BAD_SPECS = [
     ({"lr": {"lora": ["fast"], "full": [1e-4]}}, "'lr.lora' holds 'fast', which is not a float"),
     ({"lr": {"lora": [1e-3, 1e-3], "full": [1e-4]}}, "'lr.lora' repeats a value"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"tasks": {"sst2": {"seeds": 7}}}, "'tasks.sst2.seeds' must be a non-empty list"),
+    ({"tasks": {"sst2": {"seeds": [1, 1]}}}, "'tasks.sst2.seeds' repeats a value"),
+    ({"tasks": {"sst2": {"seeds": [1.5]}}}, "'tasks.sst2.seeds' holds 1.5, which is not a int"),
     ({"tasks": {"sst2": {"lr": {"adam": [1e-3]}}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": [1e-3]}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": {"lora": []}}}}, "'tasks.sst2.lr.lora' must be a non-empty list"),

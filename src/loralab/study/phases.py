@@ -31,7 +31,7 @@ class Ablation:
     values: list
     name: str
     scale_alpha: bool = False
-    seeds: list[int] | None = None  # None = the study's first seed
+    seeds: list[int] | None = None  # None = the task's first seed
     lr: float | None = None  # None = the grid's best LoRA lr per task
     tasks: list[str] | None = None  # None = every task
 
@@ -51,6 +51,7 @@ class StudySpec:
     lr_selection: str = "grid_on_first_seed"
     ablations: list[Ablation] = field(default_factory=list)
     task_lrs: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # a task's `lr:`
+    task_seeds: dict[str, list[int]] = field(default_factory=dict)  # a task's `seeds:`
 
     def lrs_for(self, task: str) -> dict[str, list[float]]:
         """The task's lr grid per method: its own `lr:` lists where it has them, else the spec's."""
@@ -60,9 +61,15 @@ class StudySpec:
         """Each method's first lr for the task (a stand-in for the grid's best before it is known)."""
         return {m: v[0] for m, v in self.lrs_for(task).items()}
 
-    @property
-    def grid_seeds(self) -> list[int]:
-        return self.seeds[:1] if self.lr_selection == "grid_on_first_seed" else list(self.seeds)
+    def seeds_for(self, task: str) -> list[int]:
+        """The task's seeds: its own `seeds:` where it has them (e.g. more for a noisy small
+        dev set), else the spec's."""
+        return list(self.task_seeds.get(task, self.seeds))
+
+    def grid_seeds(self, task: str) -> list[int]:
+        """The seeds the task's lr grid runs on: its first with grid_on_first_seed, else all."""
+        seeds = self.seeds_for(task)
+        return seeds[:1] if self.lr_selection == "grid_on_first_seed" else seeds
 
 
 def lora_of(spec: StudySpec, task: str) -> dict:
@@ -113,17 +120,17 @@ class Phase:
             methods, lrs, seeds, variants = (
                 spec.methods,
                 spec.lrs_for(self.task),
-                spec.grid_seeds,
+                spec.grid_seeds(self.task),
                 [{}],
             )
             kind, abl_name = "sweep", None
         elif self.kind == "seeds":
-            methods, seeds, variants = spec.methods, spec.seeds[1:], [{}]
+            methods, seeds, variants = spec.methods, spec.seeds_for(self.task)[1:], [{}]
             lrs = {m: [best[m]] for m in methods}
             kind, abl_name = "sweep", None
         else:
             a = self.ablation
-            methods, seeds = ["lora"], a.seeds or spec.seeds[:1]
+            methods, seeds = ["lora"], a.seeds or spec.seeds_for(self.task)[:1]
             lrs = {"lora": [a.lr if a.lr is not None else best["lora"]]}
             variants = ablation_variants(spec, self.task, a)
             kind, abl_name = "ablation", a.name
@@ -143,7 +150,7 @@ def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
     out = []
     for t in (t for t in spec.tasks if not tasks or t in tasks):
         out.append(Phase(t, "grid"))
-        if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds) > 1:
+        if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds_for(t)) > 1:
             out.append(Phase(t, "seeds"))
         out += [Phase(t, "ablation", a) for a in spec.ablations if not a.tasks or t in a.tasks]
     return out

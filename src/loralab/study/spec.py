@@ -45,7 +45,8 @@ FIXED = {
     "train.method": "methods are listed under `methods:`",
     "train.lr": "learning rates are listed under `lr:` (per method; a task's own `lr:` replaces "
     "it for that task) or an ablation's `lr:`",
-    "train.seed": "seeds are listed under `seeds:` (or an ablation's `seeds:`)",
+    "train.seed": "seeds are listed under `seeds:` (a task's own `seeds:` replaces it for that "
+    "task; an ablation has its own `seeds:`)",
 }
 ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "tasks", "name")
 AXIS_NAMES = {"lora.r": "rank", "lora.alpha": "alpha", "lora.target": "modules", "lora": "variants"}
@@ -206,6 +207,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     if not isinstance(tasks, dict) or not tasks:
         raise _err(path, "tasks", "must map at least one task name to its settings (sst2: {data_dir: ...}).")  # fmt: skip
     task_lr = {t: e.pop("lr") for t, e in tasks.items() if isinstance(e, dict) and "lr" in e}
+    task_seed = {t: e.pop("seeds") for t, e in tasks.items() if isinstance(e, dict) and "seeds" in e}  # fmt: skip
     per_task = {t: _task_config(path, t, e, None if root is None else str(root)) for t, e in tasks.items()}  # fmt: skip
     methods = raw.get("methods", list(METHODS))
     if not isinstance(methods, list) or not methods or set(methods) - set(METHODS) or len(set(methods)) != len(methods):  # fmt: skip
@@ -220,6 +222,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
             raise _err(path, f"tasks.{t}.lr", f"must map some of the methods ({', '.join(methods)}) to learning-rate lists, e.g. lr: {{lora: [3e-4, 1e-3, 3e-3]}}; got {v!r}.")  # fmt: skip
         task_lrs[t] = {m: _numbers(path, f"tasks.{t}.lr.{m}", v[m], float) for m in v}
     seeds = _numbers(path, "seeds", raw.get("seeds"), int)
+    task_seeds = {t: _numbers(path, f"tasks.{t}.seeds", v, int) for t, v in task_seed.items()}
     selection = raw.get("lr_selection", SELECTIONS[0])
     if selection not in SELECTIONS:
         raise _err(path, "lr_selection", f"must be {' or '.join(SELECTIONS)}, got {selection!r}.")
@@ -231,7 +234,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     if len(set(names)) != len(names):
         raise _err(path, "ablations", f"has two axes named alike ({names}): give one a `name:`.")
     out = raw.get("output_dir") or str(Path("results") / name)
-    spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations, task_lrs)  # fmt: skip
+    spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations, task_lrs, task_seeds)  # fmt: skip
     for phase in phases(spec):  # every config valid now, not on some machine hours later
         plan = phase.plan(spec, spec.first_lrs(phase.task))
         for p in plan.points():
