@@ -104,6 +104,19 @@ def test_lora_minus_full_target_from_a_results_folder(tmp_path):
         "trainable_share", "lora_minus_full:sst2:classifier"]  # fmt: skip
 
 
+def test_the_probe_lr_comes_from_lr_then_train_lr_then_the_default(tmp_path):
+    """--lr wins; else train.lr from an override or --config (as the help says); else 1e-3."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: 0.004}\n")
+    out = tmp_path / "v.json"
+    cases = [([], 1e-3), (["train.lr=5e-3"], 5e-3), (["--config", str(config)], 4e-3),
+             (["--config", str(config), "--lr", "2e-3", "train.lr=5e-3"], 2e-3)]  # fmt: skip
+    for extra, lr in cases:
+        argv = ["validate", "--model", "tiny-llama", "--out", str(out), "--steps", "2", *extra]
+        assert cli.main(argv) in (0, 1), extra  # 2 steps may not lower the loss: not the point
+        assert json.loads(out.read_text())["probe"]["lr"] == lr, extra
+
+
 def test_tiny_bert_extended_preset(tmp_path):
     out = tmp_path / "v.json"
     rc = cli.main(["validate", "--model", "tiny-bert", "--out", str(out), "lora.target=extended"])

@@ -99,6 +99,6 @@ def refuse_unused(overrides: list[str], used: tuple[str, ...], command: str) -> 
             raise LoralabError(
                 f"{item} cannot be honoured: `loralab {command}` uses only "
                 f"{', '.join(u.rstrip('=') + ('*' if u.endswith('.') else '') for u in used)} "
-                "from the config (its probe data, steps and learning rate are its own options). "
+                "from the config (its probe data and steps are its own options). "
                 "Drop it."
             )

@@ -88,7 +88,8 @@ SWEEP_MODES = {
     "worker": "Run the waiting points of an existing study (made by `loralab sweep` or "
     "`--create-only`) here until none is left; the grid, config and results folder come from the "
     "study. Start one per machine against a shared --storage. Exit status 0 when every point of "
-    "its tasks is done, 1 when some crashed or diverged, 2 on a user error.",
+    "its tasks is done (a diverged point is done: its divergence is its result), 1 when some "
+    "crashed or could not finish, 2 on a user error.",
     "status": "Print each point of an existing study (done, running, interrupted, ...), how far "
     "the unfinished ones got and the training CPU time left; change nothing.",
 }

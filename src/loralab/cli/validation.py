@@ -43,7 +43,8 @@ def add_validate(sub) -> None:
     p.add_argument(
         "--lr",
         type=positive_float,
-        help="the probe's learning rate (default: train.lr if set, else 1e-3)",
+        help="the probe's learning rate (default: train.lr if set in --config or an override, "
+        "else 1e-3)",
     )
     p.add_argument(
         "--tolerance",
@@ -64,7 +65,7 @@ def cmd_validate(args) -> int:
     from ..models import caveat, precheck
     from ..validate import as_json, drop_targets, run_checks
 
-    refuse_unused(args.overrides, ("model.", "lora.", "train.seed="), "validate")
+    refuse_unused(args.overrides, ("model.", "lora.", "train.seed=", "train.lr="), "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     precheck(cfg.model.name)  # a typo: "did you mean", not the hub's retries and a traceback
     check_out_file(Path(args.out), "--out")
