@@ -122,10 +122,17 @@ def test_sweep_points_carry_the_lora_section_and_keep_their_names(tmp_path, sst2
     lora_point, full_point = plan.points()
     assert lora_point["lora"] == {"r": 8, "alpha": 16.0, "target": "standard"}
     assert full_point["lora"] == {}
-    # Names (and so the run directories of existing results) are those of before.
-    assert lora_point["key"].endswith("-lr0.0001-s42-r8-a16-standard")
-    assert lora_point["key"].endswith(legacy_suffix(lora_point["lora"]))
-    assert full_point["key"].endswith("-lr1e-05-s42")
+    # The legacy suffix, then the settings beyond r, alpha and target (plain sweeps' names,
+    # and so existing results' run directories, stay as they were).
+    assert lora_point["key"].endswith("-lr0.0001-s42-r8-a16-standard-dora")
+    assert lora_point["key"].removesuffix("-dora").endswith(legacy_suffix(lora_point["lora"]))
+    assert full_point["key"].endswith("-lr1e-05-s42")  # full fine-tuning has no LoRA settings
+    plain = make_plan(tasks="sst2", seeds="42", lora_lr="1e-4", full_lr="1e-5",
+                      overrides=[f"data.data_dir={sst2_dir}"], results_dir=str(tmp_path))  # fmt: skip
+    assert [p["key"] for p in plain.points()] == [
+        lora_point["key"].removesuffix("-dora"),
+        full_point["key"],
+    ]
     cfg = plan.config_for(lora_point)
     assert cfg.lora.use_dora is True and cfg.lora.r == 8  # the rest of the section from the base
 

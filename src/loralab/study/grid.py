@@ -30,7 +30,7 @@ from ..heads import check_config
 from ..rundir import RUNS_DIR
 from ..tasks import absolute_ref, get_task, task_label
 from .prechecks import check_points
-from .variants import legacy_suffix, slug, variant_slug
+from .variants import LORA_DEFAULTS, legacy_suffix, slug, variant_slug
 
 DEFAULT_LR = {"lora": [1e-4, 3e-4], "full": [1e-5, 3e-5]}
 DEFAULT_SEEDS = [42, 1337, 2024]
@@ -146,7 +146,13 @@ def point_key(point: dict, base: dict, slugged: bool = True) -> str:
     key = f"{task}-{point['method']}-{model}{head}-lr{point['lr']:g}-s{point['seed']}"
     if slugged:
         return key + variant_slug(point["lora"])
-    return key + (legacy_suffix(point["lora"]) if point["method"] == "lora" else "")
+    if point["method"] != "lora":
+        return key
+    # Settings beyond r, alpha and target (a DoRA sweep, another dropout) name themselves too,
+    # so such a sweep and the plain one can share a results folder; plain keys stay as they were.
+    lora = {**(base.get("lora") or {}), **point["lora"]}
+    other = {k: v for k, v in lora.items() if k in LORA_DEFAULTS and k != "target" and v != LORA_DEFAULTS[k]}  # fmt: skip
+    return key + legacy_suffix(point["lora"]) + variant_slug(other)
 
 
 def ablation_variants(kind: str, base_lora: dict) -> list[dict]:

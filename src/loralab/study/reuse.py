@@ -34,6 +34,8 @@ def _same_config(run_dir: Path, cfg) -> str | None:
     def norm(d: dict) -> dict:
         d = json.loads(json.dumps(d))
         d.pop("run", None)
+        if d["train"]["method"] == "full":
+            d.pop("lora", None)  # unused: a DoRA sweep reuses the plain sweep's full runs
         d["model"].pop("trust_remote_code", None)  # taken from the command line, not the folder
         for k in ("data_dir", "train_file", "eval_file"):
             if d["data"].get(k):
