@@ -417,8 +417,9 @@ def test_uninformative_rule(tmp_path):
         write_run(tmp_path, f"f{i}", 1, {"accuracy": fu}, fp=fp, majority=majority, method="full")
     _, comps = aggregate(load_runs(tmp_path))
     verdicts = {c.lora.identity["data"]["fingerprint"]["train_sha256"][:2]: c for c in comps}
-    assert verdicts["aa"].uninformative
+    assert verdicts["aa"].uninformative and verdicts["aa"].unsettled is None  # no PASS/FAIL
     assert verdicts["aa"].verdict.startswith("uninformative")
+    assert verdicts["bb"].unsettled is None  # one seed: no interval to settle anything
     assert not verdicts["bb"].uninformative
     assert verdicts["bb"].verdict == "FAIL: -9.50 (1 seed, no interval)"
     assert not verdicts["cc"].uninformative

@@ -135,6 +135,11 @@ def test_sweep_points_carry_the_lora_section_and_keep_their_names(tmp_path, sst2
     ]
     cfg = plan.config_for(lora_point)
     assert cfg.lora.use_dora is True and cfg.lora.r == 8  # the rest of the section from the base
+    # A task's own settings name its points alone.
+    per_task = make_plan(tasks="sst2,mrpc", seeds="42", methods="lora", lora_lr="1e-4",
+                         overrides=["sst2:lora.dropout=0.1"], results_dir=str(tmp_path))  # fmt: skip
+    suffixes = [p["key"].split("-s42")[1] for p in per_task.points()]
+    assert suffixes == ["-r8-a16-standard-d0.1", "-r8-a16-standard"]
 
 
 def test_a_file_task_is_named_by_its_file_in_the_figures(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -158,16 +159,24 @@ def retrained_modules(name: str, auto_class, **kwargs) -> tuple[str, ...]:
     """The modules a run of `name` loaded with `auto_class` (`kwargs`: a head's model_kwargs)
     trains in full because their shipped weights never trained, as `load_model` adds them:
     decided from the model's config on the meta device (no weights read)."""
-    if not untrained_modules(name):
-        return ()
+    untrained = untrained_modules(name)
+    return (
+        _retrained(name, untrained, auto_class, tuple(sorted(kwargs.items()))) if untrained else ()
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _retrained(name: str, untrained: tuple, auto_class, kwargs: tuple) -> tuple[str, ...]:
+    """`retrained_modules`, once per model, declaration, class and arguments (a study's worker
+    asks for every finished point it reuses)."""
     import torch
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve(name, progress=False), **kwargs)
+    config = AutoConfig.from_pretrained(resolve(name, progress=False), **dict(kwargs))
     with torch.device("meta"):
         model = auto_class.from_config(config)
-    keys = list(model.state_dict())
-    return tuple(_untrained_in(name, keys, getattr(model, "base_model_prefix", "")))
+    present = new_module_names(list(model.state_dict()), getattr(model, "base_model_prefix", ""))
+    return tuple(m for m in untrained if m in present)
 
 
 def is_causal(config) -> bool:

@@ -225,10 +225,13 @@ class Comparison:
         )
 
     @property
-    def unsettled(self) -> bool:
+    def unsettled(self) -> bool | None:
         """The 95% interval reaches both sides of the drop target: more seeds could flip the
-        verdict the mean gives."""
+        verdict the mean gives. None where no PASS/FAIL stands: no interval (one seed, or no
+        comparable full run) or an uninformative task."""
         _, lo, hi = self.interval
+        if math.isnan(lo) or self.uninformative:
+            return None
         return lo < -DROP_TARGET_POINTS < hi
 
 

@@ -57,8 +57,12 @@ class Plan:
     per_task: dict = field(default_factory=dict)  # task -> partial config mapping
     results_dir: str = "results"
     # Variants as any lora.* settings (the diff from the base), named by `variant_slug` in the
-    # keys; else {r, alpha, target}, named by `legacy_suffix` (the keys of `loralab sweep`).
+    # keys; else {r, alpha, target}, named by `legacy_suffix` (the keys of `loralab sweep`), then
+    # with `names_settings` the other non-default settings of the task's LoRA section.
     slugged: bool = False
+    # Legacy keys also name the LoRA settings beyond r, alpha and target (`-dora`): plans made by
+    # `make_plan` since then; a stored plan from before keeps its keys (False).
+    names_settings: bool = False
 
     @property
     def group(self) -> str:
@@ -69,13 +73,15 @@ class Plan:
         """The grid, seed-major, so that a stopped sweep already has whole seeds."""
         out = []
         for task in self.tasks:
+            # The task's LoRA settings (base <- per task) name a legacy key's extra settings.
+            named = merge_dicts(self.base.get("lora") or {}, self.per_task.get(task, {}).get("lora") or {}) if self.names_settings else None  # fmt: skip
             for seed in self.seeds:
                 for method in self.methods:
                     for lr in self.lrs.get(method, []):
                         for v in self.variants if method == "lora" else [{}]:
                             p = {"task": task, "method": method, "lr": lr, "seed": seed,
                                  "lora": dict(v)}  # fmt: skip
-                            p["key"] = point_key(p, self.base, self.slugged)
+                            p["key"] = point_key(p, self.base, self.slugged, named)
                             out.append(p)
         return out
 
@@ -136,9 +142,11 @@ def _absolute_data(section: dict) -> dict:
     return {**section, "data": fixed}
 
 
-def point_key(point: dict, base: dict, slugged: bool = True) -> str:
+def point_key(point: dict, base: dict, slugged: bool = True, named: dict | None = None) -> str:
     """Deterministic run-directory name, e.g. sst2-lora-smollm2-135m-lr0.0003-s42-r8-a16-standard
-    (`slugged`: the variant named by `variant_slug`, else by `legacy_suffix`)."""
+    (`slugged`: the variant named by `variant_slug`; else by `legacy_suffix`, followed, when
+    `named` holds the run's LoRA section, by the `variant_slug` of its settings beyond r, alpha
+    and target that differ from the defaults, e.g. `-dora`)."""
     model = slug(Path(base["model"]["name"]).name or base["model"]["name"])
     head = base["model"].get("head", DEFAULT_HEAD)
     head = "" if head == DEFAULT_HEAD else f"-{slug(head)}"  # e.g. "-lm"
@@ -148,9 +156,11 @@ def point_key(point: dict, base: dict, slugged: bool = True) -> str:
         return key + variant_slug(point["lora"])
     if point["method"] != "lora":
         return key
+    if named is None:
+        return key + legacy_suffix(point["lora"])
     # Settings beyond r, alpha and target (a DoRA sweep, another dropout) name themselves too,
     # so such a sweep and the plain one can share a results folder; plain keys stay as they were.
-    lora = {**(base.get("lora") or {}), **point["lora"]}
+    lora = {**named, **point["lora"]}
     other = {k: v for k, v in lora.items() if k in LORA_DEFAULTS and k != "target" and v != LORA_DEFAULTS[k]}  # fmt: skip
     return key + legacy_suffix(point["lora"]) + variant_slug(other)
 
@@ -297,7 +307,7 @@ def make_plan(
         kind=kind, ablation=ablation, tasks=task_list, methods=method_list, lrs=lrs,
         seeds=DEFAULT_SEEDS if seed_list is None else seed_list, variants=variants, base=base,
         per_task={t: parse_overrides(v) for t, v in per_task_items.items()},
-        results_dir=str(results_dir),
+        results_dir=str(results_dir), names_settings=True,
     ).with_absolute_paths()  # fmt: skip
     points = plan.points()
     if not points or not all(plan.lrs.get(m) for m in plan.methods):

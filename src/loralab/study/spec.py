@@ -1,6 +1,6 @@
 """Studies described in YAML (`loralab study SPEC.yaml`): reading and validating a spec.
 
-A spec names tasks (data, caps, epochs, length; optionally their own lr grids), methods, a
+A spec names tasks (data, caps, epochs, length; optionally their own lr grids and seeds), methods, a
 learning-rate grid per method, seeds, how the learning rate is chosen, and ablation axes over
 any `lora.*` key. It becomes
 Optuna studies of ordinary sweep plans, one per phase (`phases.py`); `runner.py` runs them.
@@ -129,7 +129,7 @@ def _task_config(path, name: str, entry, data_root: str | None) -> dict:
         elif k in SECTIONS:
             sections[k] = v
         else:
-            raise _err(path, f"tasks.{name}.{k}", f"is not a task setting: use {', '.join(TASK_KEYS)}, lr, or a config section ({', '.join(SECTIONS)}).")  # fmt: skip
+            raise _err(path, f"tasks.{name}.{k}", f"is not a task setting: use {', '.join(TASK_KEYS)}, lr, seeds, or a config section ({', '.join(SECTIONS)}).")  # fmt: skip
     _check_sections(path, f"tasks.{name}", sections)
     cfg = merge_dicts(sections, short)
     _check_sections(path, f"tasks.{name}", cfg)

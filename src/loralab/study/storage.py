@@ -14,6 +14,7 @@ import inspect
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import LoralabError
@@ -194,6 +195,8 @@ def create_or_check(storage, name: str, plan: Plan):
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         study, stored = load_study(storage, name)
+        # A sweep stored before keys named LoRA settings beyond r, alpha and target keeps its keys.
+        plan = replace(plan, names_settings=stored.names_settings)
         # A study made before sweeps stored absolute paths matches when its paths resolve the same.
         if plan.fingerprint() not in (
             stored.fingerprint(),

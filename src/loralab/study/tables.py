@@ -243,7 +243,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                    held_out_n=len(held) if comp else "",
                    uninformative=comp.uninformative if comp else "",
                    drop_target_pass=comp.drop_ok if comp else "",
-                   unsettled=comp.unsettled if comp else "",
+                   unsettled="" if comp is None or comp.unsettled is None else comp.unsettled,
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
         rows.append(row)
     return rows

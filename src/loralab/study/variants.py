@@ -2,8 +2,9 @@
 
 Two names, both deterministic:
 - `variant_slug`: the run-key suffix of a study spec's point (the settings that differ from the
-  base), e.g. `-r16-a32` or `-dora`; `legacy_suffix`: the suffix of a `loralab sweep`/`ablate`
-  point, `-r8-a16-standard`. Run-directory names, so they never change.
+  base), e.g. `-r16-a32` or `-dora`; `legacy_suffix`: the start of a `loralab sweep`/`ablate`
+  point's suffix, `-r8-a16-standard`, followed by the `variant_slug` of any other setting that
+  differs from `LORA_DEFAULTS` (`grid.point_key`). Run-directory names, so they never change.
 - `lora_slug`: the readable name in the report and on the plots, `r=8 α=16 dora`.
 """
 
@@ -60,7 +61,8 @@ def variant_slug(diff: dict) -> str:
 
 
 def legacy_suffix(lora: dict) -> str:
-    """The run-key suffix of a `loralab sweep`/`ablate` LoRA point: '-r8-a16-standard'."""
+    """The r/alpha/target part of a `loralab sweep`/`ablate` LoRA point's key: '-r8-a16-standard'
+    (other settings follow it, `grid.point_key`)."""
     return f"-r{lora['r']}-a{slug(float(lora['alpha']))}-{slug(lora['target'])}"
 
 
