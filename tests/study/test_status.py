@@ -267,3 +267,34 @@ def test_a_task_with_no_run_gets_a_rough_cost_from_its_training_text(tmp_path, s
     assert status.rough() == {("mrpc", "lora"), ("mrpc", "full")}
     mrpc_points = sum(p.task == "mrpc" for p in status.points)
     assert f"({mrpc_points} of them roughly" in render(status)[-1]
+
+
+def test_a_grid_finished_only_in_run_folders_names_the_dependent_points(tmp_path, spec):
+    """A spec extended under a new name has no stored grid yet, but its grid's run folders are
+    finished: the lr a worker will pick from them names the dependent points, and those whose
+    folders are finished too show as reused, not as training left."""
+    res = tmp_path / "res"
+    grid = phases(spec, ["sst2"])[0].plan(spec, None, str(res))
+    values = {
+        ("lora", 1e-3): 0.70,
+        ("lora", 3e-3): 0.80,
+        ("full", 1e-4): 0.75,
+        ("full", 3e-4): None,
+    }
+    for p in grid.points():  # full 3e-4 diverged: the worst, so full's best is 1e-4
+        acc = values[p["method"], p["lr"]]
+        run = res / "runs" / p["key"]
+        run.mkdir(parents=True)
+        summary = {"status": "completed" if acc else "diverged", "task": "sst2",
+                   "metrics": {"accuracy": acc} if acc else {}, "train_cpu_time_s": 60.0}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+    _run_dir(res, "sst2-lora-tiny-llama-lr0.003-s2", cpu_s=50.0)
+    status = study_status(spec, str(res), tasks=["sst2"])
+    assert not res.joinpath("study.db").exists()  # looking created nothing
+    grid_status, seeds = status.phases
+    assert grid_status.best == {"lora": 3e-3, "full": 1e-4} and not seeds.waits_for_grid
+    assert [(p.key, p.reusable) for p in seeds.points] == [
+        ("sst2-lora-tiny-llama-lr0.003-s2", True),
+        ("sst2-full-tiny-llama-lr0.0001-s2", False),
+    ]
+    assert render(status)[-1].startswith("total: 0/6 points done (+5 to be reused")

@@ -159,12 +159,23 @@ def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
 def best_lrs(study, plan: Plan) -> dict[str, float] | None:
     """Each method's lr with the best mean dev value over the grid seeds; None until every
     grid point is final. A diverged point counts as the worst value; ties go to the first lr."""
+    return best_of(plan, grid_values(study, plan))
+
+
+def grid_values(study, plan: Plan) -> dict[str, float | None]:
+    """Point key -> the dev value of its final trial (-inf: diverged or no value); None: not
+    final (or no trial)."""
     values: dict[str, float | None] = {p["key"]: None for p in plan.points()}
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False) if study is not None else []:
         key = t.user_attrs.get("point")
         if key in values and is_final(t):
             v = t.values[0] if t.values else None
             values[key] = v if v is not None and math.isfinite(v) else -math.inf
+    return values
+
+
+def best_of(plan: Plan, values: dict[str, float | None]) -> dict[str, float] | None:
+    """`best_lrs` from point values (`grid_values`); None while any of them is None."""
     if any(v is None for v in values.values()):
         return None
     best = {}

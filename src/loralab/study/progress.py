@@ -5,6 +5,7 @@ CPU time up to it), and whether the worker that holds the point on this host is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,11 +20,30 @@ from ..rundir import (
     SUMMARY_FILE,
 )
 from .leases import lock_here
+from .records import main_metric_value, record_from_summary
 
 # A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
 # `--status` reads the last one.
 LENT_LOG = "loralab: spare cores: "
 FINAL = ("done", "diverged")  # the point states that need no more training
+
+
+def finished_value(results: Path, key: str) -> float | None:
+    """The dev value a worker would record for the finished run folder RUNS_DIR/`key` when it
+    reuses it (its task's main metric; -inf: diverged or no value); None: not finished."""
+    try:
+        summary = json.loads((results / RUNS_DIR / key / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") not in ("completed", "diverged"):
+        return None
+    value = main_metric_value(record_from_summary(summary)) if summary.get("task") else None
+    ok = (
+        summary["status"] == "completed"
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+    )
+    return float(value) if ok else -math.inf
 
 
 def read_run(ps, results: Path, key: str, cfg) -> None:
@@ -35,7 +55,10 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         summary = json.loads((run / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
-    if ps.state in FINAL or summary.get("status") == "completed":
+    if ps.state in FINAL or summary.get("status") in (
+        "completed",
+        "diverged",
+    ):  # reused when claimed
         ps.cpu_s = summary.get("train_cpu_time_s")
         if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
             ps.reusable = True

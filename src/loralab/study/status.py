@@ -25,8 +25,8 @@ from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
 from .estimate import point_costs, training_chars
-from .phases import Phase, StudySpec, best_lrs, phases
-from .progress import FINAL, read_run
+from .phases import Phase, StudySpec, best_lrs, best_of, grid_values, phases
+from .progress import FINAL, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
 from .storage import existing, is_final, load_study, open_storage, stored_url
@@ -172,9 +172,14 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         name = ph.study_name(prefix)
         best = None
         grid_name = Phase(ph.task, "grid").study_name(prefix)
-        if grid_name in names:
+        if ph.needs_grid or ph.kind == "grid":
+            # The grid's stored results, else its finished run folders (a grid extended under a
+            # new name reuses them): the lr a worker will pick, so the points it will reuse show.
             grid_plan = Phase(ph.task, "grid").plan(spec, None, results)
-            best = best_lrs(trials_of(grid_name)[0], grid_plan)
+            values = grid_values(trials_of(grid_name)[0] if grid_name in names else None, grid_plan)
+            for key, v in values.items():
+                values[key] = finished_value(Path(results), key) if v is None else v
+            best = best_of(grid_plan, values)
         waits = ph.needs_grid and best is None
         plan = ph.plan(spec, best or spec.first_lrs(ph.task), results)
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
