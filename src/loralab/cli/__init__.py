@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if disk_full(e):  # torch, safetensors and PIL report it without a path, in their words
             print(f"loralab: error: {DISK_FULL}", file=sys.stderr)
             return 2
+        if _in_chain(e, "attempt to write a readonly database"):  # SQLite, under Optuna
+            print(f"loralab: error: {STORAGE_UNWRITABLE}", file=sys.stderr)
+            return 2
         raise  # a bug: keep the traceback
 
 
@@ -140,17 +143,33 @@ DISK_FULL = (
 )
 
 
+STORAGE_UNWRITABLE = (
+    "The study's SQLite storage could not be written (attempt to write a readonly database): its "
+    "file was replaced, moved or deleted while the command ran (e.g. by `git stash` or `git "
+    "checkout` of a committed study.db), or the file or its folder is read-only. Finished run "
+    "folders are kept: run the command again on a writable storage, and finished points are "
+    "reused, not retrained."
+)
+
+
 def disk_full(e: BaseException | None) -> bool:
     """Whether `e` or an exception it arose from is a full disk (ENOSPC)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e):  # safetensors and others: only in the text
-            return True
+    if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in _chain(e)):
+        return True
+    return _in_chain(e, "No space left on device")  # safetensors and others: only in the text
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """`e` and the exceptions it arose from (causes, then contexts)."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not x for x in out):
+        out.append(e)
         e = e.__cause__ or e.__context__
-    return False
+    return out
+
+
+def _in_chain(e: BaseException | None, text: str) -> bool:
+    return any(text in str(x) for x in _chain(e))
 
 
 def unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
