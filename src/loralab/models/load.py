@@ -137,7 +137,8 @@ def load_model(
     order = list(model.state_dict())  # sets are unordered: report in the model's order
     missing_ordered = sorted(missing, key=lambda k: order.index(k) if k in order else len(order))
     new_modules = new_module_names(missing_ordered, prefix)
-    new_modules += [m for m in _untrained_in(name, order, prefix) if m not in new_modules]
+    shipped = _untrained_in(untrained_modules(name), order, prefix)
+    new_modules += [m for m in shipped if m not in new_modules]
     if getattr(model.config, "pad_token_id", None) is None:
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code, progress=progress)
         model.config.pad_token_id = tok.pad_token_id
@@ -147,10 +148,9 @@ def load_model(
     return model, new_modules
 
 
-def _untrained_in(name: str, keys: list[str], prefix: str) -> list[str]:
-    """The built-in `name`'s never-trained modules (`untrained_modules`) that hold weights among
-    state-dict `keys` (a head class may not have them: BERT's QA class has no pooler)."""
-    untrained = untrained_modules(name)
+def _untrained_in(untrained: tuple[str, ...], keys: list[str], prefix: str) -> list[str]:
+    """The never-trained modules `untrained` (a built-in's `untrained_modules`) that hold weights
+    among state-dict `keys` (a head class may not have them: BERT's QA class has no pooler)."""
     present = new_module_names(keys, prefix) if untrained else []  # top-level weight holders
     return [m for m in untrained if m in present]
 
@@ -175,8 +175,8 @@ def _retrained(name: str, untrained: tuple, auto_class, kwargs: tuple) -> tuple[
     config = AutoConfig.from_pretrained(resolve(name, progress=False), **dict(kwargs))
     with torch.device("meta"):
         model = auto_class.from_config(config)
-    present = new_module_names(list(model.state_dict()), getattr(model, "base_model_prefix", ""))
-    return tuple(m for m in untrained if m in present)
+    keys = list(model.state_dict())
+    return tuple(_untrained_in(untrained, keys, getattr(model, "base_model_prefix", "")))
 
 
 def is_causal(config) -> bool:

@@ -21,6 +21,7 @@ from ..rundir import (
 )
 from .leases import lock_here
 from .records import main_metric_value, record_from_summary
+from .reuse import FINISHED
 
 # A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
 # `--status` reads the last one.
@@ -35,7 +36,7 @@ def finished_value(results: Path, key: str) -> float | None:
         summary = json.loads((results / RUNS_DIR / key / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("status") not in ("completed", "diverged"):
+    if summary.get("status") not in FINISHED:
         return None
     value = main_metric_value(record_from_summary(summary)) if summary.get("task") else None
     ok = (
@@ -55,10 +56,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         summary = json.loads((run / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
-    if ps.state in FINAL or summary.get("status") in (
-        "completed",
-        "diverged",
-    ):  # reused when claimed
+    if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
         if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
             ps.reusable = True

@@ -167,19 +167,23 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             studies[name] = (study, study.get_trials(deepcopy=False))
         return studies[name]
 
-    out = []
-    for ph in phases(spec, select_tasks(spec, tasks)):
-        name = ph.study_name(prefix)
-        best = None
-        grid_name = Phase(ph.task, "grid").study_name(prefix)
-        if ph.needs_grid or ph.kind == "grid":
-            # The grid's stored results, else its finished run folders (a grid extended under a
-            # new name reuses them): the lr a worker will pick, so the points it will reuse show.
-            grid_plan = Phase(ph.task, "grid").plan(spec, None, results)
+    def grid_best(task: str) -> dict[str, float] | None:
+        """The grid's stored results, else its finished run folders (a grid extended under a
+        new name reuses them): the lr a worker will pick, so the points it will reuse show."""
+        if task not in bests:
+            grid_name = Phase(task, "grid").study_name(prefix)
+            grid_plan = Phase(task, "grid").plan(spec, None, results)
             values = grid_values(trials_of(grid_name)[0] if grid_name in names else None, grid_plan)
             for key, v in values.items():
                 values[key] = finished_value(Path(results), key) if v is None else v
-            best = best_of(grid_plan, values)
+            bests[task] = best_of(grid_plan, values)
+        return bests[task]
+
+    bests: dict[str, dict[str, float] | None] = {}  # per task: its grid's phases share one
+    out = []
+    for ph in phases(spec, select_tasks(spec, tasks)):
+        name = ph.study_name(prefix)
+        best = grid_best(ph.task) if ph.needs_grid or ph.kind == "grid" else None
         waits = ph.needs_grid and best is None
         plan = ph.plan(spec, best or spec.first_lrs(ph.task), results)
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
