@@ -298,3 +298,45 @@ def test_a_grid_finished_only_in_run_folders_names_the_dependent_points(tmp_path
         ("sst2-full-tiny-llama-lr0.0001-s2", False),
     ]
     assert render(status)[-1].startswith("total: 0/6 points done (+5 to be reused")
+
+
+def test_an_unfinished_grid_counts_the_dependent_points_at_its_best_lr_so_far(tmp_path, spec):
+    """A grid extended by an lr that has not run yet: the dependent points wait, but the best
+    lr among the finished ones tells which of their finished run folders would be reused, and
+    the estimate leaves those out (the keys keep `lr<best>`: the choice is not made)."""
+    res = tmp_path / "res"
+    grid = phases(spec, ["sst2"])[0].plan(spec, None, str(res))
+    values = {("lora", 1e-3): 0.70, ("lora", 3e-3): 0.80, ("full", 1e-4): 0.75}
+    for p in grid.points():  # full 3e-4 has not run: the grid is unfinished
+        if (acc := values.get((p["method"], p["lr"]))) is not None:
+            run = res / "runs" / p["key"]
+            run.mkdir(parents=True)
+            summary = {"status": "completed", "task": "sst2", "metrics": {"accuracy": acc},
+                       "train_cpu_time_s": 60.0}  # fmt: skip
+            (run / "summary.json").write_text(json.dumps(summary))
+    _run_dir(res, "sst2-lora-tiny-llama-lr0.003-s2", cpu_s=50.0)
+    _run_dir(res, "sst2-full-tiny-llama-lr0.0003-s2", cpu_s=70.0)  # not the best so far
+    status = study_status(spec, str(res), tasks=["sst2"])
+    grid_status, seeds = status.phases
+    assert grid_status.best is None and seeds.waits_for_grid and seeds.best is None
+    assert seeds.so_far == {"lora": 3e-3, "full": 1e-4}
+    assert [(p.key, p.reusable) for p in seeds.points] == [
+        ("sst2-lora-tiny-llama-lr<best>-s2", True),
+        ("sst2-full-tiny-llama-lr<best>-s2", False),
+    ]
+    assert seeds.points[0].detail == "reused if the grid's best lr stays 0.003 (its run folder is finished)"  # fmt: skip
+    # spent: 3 x 60 (grid) + 50 (the reusable seed point); left: full 3e-4 and full's seed
+    # point at full's 60 s; lora's seed point costs nothing more
+    assert status.estimate() == (pytest.approx(230.0), pytest.approx(120.0), 0)
+    lines = render(status)
+    assert "tiny-sst2-seeds: 0/2 done (waits for the grid's best lr; best so far lora 0.003, full 0.0001)" in lines  # fmt: skip
+    assert lines[-1].startswith(
+        "total: 0/6 points done (+4 to be reused from finished run folders) (where a grid is "
+        "unfinished, at its best lr so far); training CPU time 4 min spent, ~2 min left for 2 points"
+    )
+    # With no finished lr for a method there is no best so far: nothing is counted as reused.
+    for key in [p["key"] for p in grid.points() if p["method"] == "full"]:
+        if (res / "runs" / key).exists():
+            (res / "runs" / key / "summary.json").unlink()
+    seeds = study_status(spec, str(res), tasks=["sst2"]).phases[1]
+    assert seeds.so_far is None and not any(p.reusable for p in seeds.points)

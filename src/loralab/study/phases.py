@@ -178,11 +178,20 @@ def best_of(plan: Plan, values: dict[str, float | None]) -> dict[str, float] | N
     """`best_lrs` from point values (`grid_values`); None while any of them is None."""
     if any(v is None for v in values.values()):
         return None
+    return best_so_far(plan, values)
+
+
+def best_so_far(plan: Plan, values: dict[str, float | None]) -> dict[str, float] | None:
+    """Each method's best lr among the lrs whose grid points are all final (`best_of` once
+    the grid is complete); None while some method has no such lr."""
     best = {}
     for m in plan.methods:
         scores = []
         for lr in plan.lrs[m]:
             vals = [values[p["key"]] for p in plan.points() if p["method"] == m and p["lr"] == lr]
-            scores.append((sum(vals) / len(vals), lr))
+            if None not in vals:
+                scores.append((sum(vals) / len(vals), lr))
+        if not scores:
+            return None
         best[m] = max(scores, key=lambda s: s[0])[1]  # max keeps the first of equal scores
     return best

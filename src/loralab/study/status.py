@@ -25,7 +25,7 @@ from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
 from .estimate import point_costs, training_chars
-from .phases import Phase, StudySpec, best_lrs, best_of, grid_values, phases
+from .phases import Phase, StudySpec, best_lrs, best_of, best_so_far, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
@@ -67,6 +67,7 @@ class PhaseStatus:
     created: bool
     waits_for_grid: bool = False
     best: dict | None = None  # the grid's best lr per method (grid phases: once complete)
+    so_far: dict | None = None  # waiting: the best lr per method among the grid's finished lrs
     points: list[PointStatus] = field(default_factory=list)
     config: object = None  # one point's ExperimentConfig (its task's data, caps, schedule)
 
@@ -130,7 +131,8 @@ def _storage(results: str, storage: str | None):
 
 
 def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
-    """Fill `status.points` with the plan's points (keys with `lr<best>` while it waits)."""
+    """Fill `status.points` with the plan's points (keys with `lr<best>` while it waits; then
+    a plan at the grid's best lr so far tells which finished run folders it would reuse)."""
     for p in plan.points():
         if status.config is None:
             status.config = plan.config_for(p, results)
@@ -140,7 +142,10 @@ def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
         ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
         if not status.waits_for_grid:
             _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
+        if not status.waits_for_grid or status.so_far:
             read_run(ps, Path(results), p["key"], plan.config_for(p, results))
+        if ps.reusable and status.waits_for_grid:
+            ps.detail = f"reused if the grid's best lr stays {p['lr']:g} (its run folder is finished)"  # fmt: skip
         status.points.append(ps)
 
 
@@ -167,27 +172,31 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             studies[name] = (study, study.get_trials(deepcopy=False))
         return studies[name]
 
-    def grid_best(task: str) -> dict[str, float] | None:
-        """The grid's stored results, else its finished run folders (a grid extended under a
-        new name reuses them): the lr a worker will pick, so the points it will reuse show."""
+    def grid_best(task: str) -> tuple[dict | None, dict | None]:
+        """(The grid's best lr per method, else None; the best so far among its finished lrs)
+        from its stored results, else its finished run folders (a grid extended under a new
+        name reuses them): the lr a worker will pick, so the points it will reuse show."""
         if task not in bests:
             grid_name = Phase(task, "grid").study_name(prefix)
             grid_plan = Phase(task, "grid").plan(spec, None, results)
             values = grid_values(trials_of(grid_name)[0] if grid_name in names else None, grid_plan)
             for key, v in values.items():
                 values[key] = finished_value(Path(results), key) if v is None else v
-            bests[task] = best_of(grid_plan, values)
+            bests[task] = (best_of(grid_plan, values), best_so_far(grid_plan, values))
         return bests[task]
 
-    bests: dict[str, dict[str, float] | None] = {}  # per task: its grid's phases share one
+    bests: dict[str, tuple] = {}  # per task: its grid's phases share one
     out = []
     for ph in phases(spec, select_tasks(spec, tasks)):
         name = ph.study_name(prefix)
-        best = grid_best(ph.task) if ph.needs_grid or ph.kind == "grid" else None
+        best, so_far = grid_best(ph.task) if ph.needs_grid or ph.kind == "grid" else (None, None)
         waits = ph.needs_grid and best is None
-        plan = ph.plan(spec, best or spec.first_lrs(ph.task), results)
+        plan = ph.plan(
+            spec, best or (so_far if waits else None) or spec.first_lrs(ph.task), results
+        )
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
-                             best if ph.kind == "grid" or not waits else None)  # fmt: skip
+                             best if ph.kind == "grid" or not waits else None,
+                             so_far if waits else None)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         out.append(status)
     if st is not None:
@@ -272,7 +281,10 @@ def render(status: StudyStatus) -> list[str]:
         done = sum(p.state in FINAL for p in ph.points)
         head = f"{ph.name}: {done}/{len(ph.points)} done"
         if ph.waits_for_grid:
-            head += " (waits for the grid's best lr)"
+            head += " (waits for the grid's best lr"
+            if ph.so_far:
+                head += "; best so far " + ", ".join(f"{m} {lr:g}" for m, lr in ph.so_far.items())
+            head += ")"
         elif ph.best:
             head += " · best lr " + ", ".join(f"{m} {lr:g}" for m, lr in ph.best.items())
         lines.append(head)
@@ -294,6 +306,8 @@ def totals(status: StudyStatus) -> str:
     text = f"total: {done}/{len(pts)} points done"
     if reused:
         text += f" (+{reused} to be reused from finished run folders)"
+    if any(p.reusable for ph in status.phases if ph.so_far for p in ph.points):
+        text += " (where a grid is unfinished, at its best lr so far)"
     text += f"; training CPU time {_hours(spent)} spent"
     if done + reused < len(pts):
         known = len(pts) - done - reused - unknown
