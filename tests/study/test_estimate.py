@@ -10,15 +10,33 @@ import pytest
 from loralab.study.estimate import MIN_SHARE, point_costs, training_chars
 
 
-def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None):
+def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None, at=None):
     return SimpleNamespace(task=task, method=method, finished=cpu_s is not None, cpu_s=cpu_s,
-                           resumes_at=share, resumes_cpu_s=cpu_at)  # fmt: skip
+                           started_at=at, resumes_at=share, resumes_cpu_s=cpu_at)  # fmt: skip
 
 
 def test_finished_points_give_the_mean_and_win_over_checkpoints():
     costs = point_costs([_pt("sst2", "lora", cpu_s=100.0), _pt("sst2", "lora", cpu_s=140.0),
                          _pt("sst2", "lora", share=0.5, cpu_at=500.0)])  # fmt: skip
     assert costs == {("sst2", "lora"): pytest.approx(120.0)}
+
+
+def test_finished_points_count_from_the_newest_day_on():
+    """Points that started over a day before the newest one ran on older code or machines;
+    points that do not record their start count only where none does."""
+    day = 86400.0
+    costs = point_costs([
+        _pt("mrpc", "full", cpu_s=3200.0, at=1000.0), _pt("mrpc", "full", cpu_s=3300.0),
+        _pt("mrpc", "full", cpu_s=1100.0, at=1000.0 + 2 * day),
+        _pt("mrpc", "full", cpu_s=1200.0, at=1000.0 + 1.5 * day),  # within a day of the newest
+        _pt("sst2", "lora", cpu_s=100.0), _pt("sst2", "lora", cpu_s=140.0),  # none recorded
+        _pt("rte", "lora", cpu_s=900.0, at=5.0),
+    ])  # fmt: skip
+    assert costs == {
+        ("mrpc", "full"): pytest.approx(1150.0),
+        ("sst2", "lora"): pytest.approx(120.0),
+        ("rte", "lora"): pytest.approx(900.0),
+    }
 
 
 def test_a_checkpoint_is_scaled_to_the_whole_run_unless_too_early():

@@ -340,3 +340,19 @@ def test_an_unfinished_grid_counts_the_dependent_points_at_its_best_lr_so_far(tm
             (res / "runs" / key / "summary.json").unlink()
     seeds = study_status(spec, str(res), tasks=["sst2"]).phases[1]
     assert seeds.so_far is None and not any(p.reusable for p in seeds.points)
+
+
+def test_a_finished_points_start_time_comes_from_its_summary(tmp_path, spec):
+    """`first_step_at` in summary.json dates a finished point, so the estimate can prefer the
+    newest points (`estimate.newest`); a summary without it leaves the point undated."""
+    res = tmp_path / "res"
+    grid = phases(spec, ["sst2"])[0].plan(spec, None, str(res))
+    keys = [p["key"] for p in grid.points()]
+    for i, key in enumerate(keys[:2]):
+        run = res / "runs" / key
+        run.mkdir(parents=True)
+        summary = {"status": "completed", "train_cpu_time_s": 60.0, "task": "sst2",
+                   "metrics": {"accuracy": 0.5}, "first_step_at": 1.7e9 if i else "garbled"}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+    by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}
+    assert (by[keys[0]].started_at, by[keys[1]].started_at) == (None, 1.7e9)

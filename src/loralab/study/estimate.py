@@ -1,6 +1,10 @@
 """What one point of a study costs in training CPU time, for `--status` and the running study's
 progress line. A (task, method)'s cost is, in order of preference:
-  1. the mean training CPU time (`train_cpu_time_s`) of its finished points;
+  1. the mean training CPU time (`train_cpu_time_s`) of its newest finished points: those that
+     started within `RECENT_S` of the newest one (summary.json's `first_step_at`; points that
+     do not record it count only when none does). A study outlives code versions and machines
+     (SmolLM2's MRPC points cost ~53 training CPU minutes on 2026-12-02, ~19 on 12-04), and
+     the next point costs what the latest ones did;
   2. the CPU time its unfinished points spent up to their checkpoints, scaled to the whole run
      (checkpoints at `MIN_SHARE` of training or more);
   3. the other method's cost on the same task times the mean ratio between the two methods on
@@ -20,23 +24,26 @@ from ..errors import LoralabError
 from ..tasks import get_task
 
 MIN_SHARE = 0.05  # an earlier checkpoint says too little about the whole run's cost
+RECENT_S = 86400.0  # finished points this close to the newest one share its code and machine
 TEXT_COLUMNS = ("text_a", "text_b", "question", "context")  # the canonical text columns
 
 
 def point_costs(points, chars: dict[str, float] | None = None) -> dict[tuple[str, str], float]:
     """{(task, method): training CPU s of one point} from `points`, objects with `task`,
-    `method`, `finished`, `cpu_s` (finished), `resumes_at` and `resumes_cpu_s` (the newest
-    checkpoint's share of training and CPU s); `chars`: {task: training text of one run} for
-    the rough fourth tier (see `rough`)."""
-    done: dict[tuple[str, str], list[float]] = {}
+    `method`, `finished`, `cpu_s` and `started_at` (finished; Unix time or None),
+    `resumes_at` and `resumes_cpu_s` (the newest checkpoint's share of training and CPU s);
+    `chars`: {task: training text of one run} for the rough fourth tier (see `rough`)."""
+    done: dict[tuple[str, str], list[tuple[float | None, float]]] = {}
     partial: dict[tuple[str, str], list[float]] = {}
     for p in points:
         if p.finished and p.cpu_s is not None:
-            done.setdefault((p.task, p.method), []).append(p.cpu_s)
+            done.setdefault((p.task, p.method), []).append((p.started_at, p.cpu_s))
         elif p.resumes_cpu_s is not None and (p.resumes_at or 0.0) >= MIN_SHARE:
             partial.setdefault((p.task, p.method), []).append(p.resumes_cpu_s / p.resumes_at)
     known = {k: sum(v) / len(v) for k, v in partial.items()}
-    known.update({k: sum(v) / len(v) for k, v in done.items()})  # finished points win
+    for k, timed in done.items():  # finished points win
+        recent = newest(timed)
+        known[k] = sum(recent) / len(recent)
     costs = dict(known)
     tasks, methods = {p.task for p in points}, {p.method for p in points}
     for task, m, o in ((t, m, o) for t in tasks for m in methods for o in methods if o != m):
@@ -47,6 +54,15 @@ def point_costs(points, chars: dict[str, float] | None = None) -> dict[tuple[str
     for (task, m), cost in rough(costs, chars or {}, tasks, methods).items():
         costs.setdefault((task, m), cost)
     return costs
+
+
+def newest(timed: list[tuple[float | None, float]]) -> list[float]:
+    """The costs of (start time, cost) pairs that started within `RECENT_S` of the newest
+    start; all of them when none has a start time."""
+    times = [t for t, _ in timed if t is not None]
+    if not times:
+        return [c for _, c in timed]
+    return [c for t, c in timed if t is not None and t >= max(times) - RECENT_S]
 
 
 def rough(costs: dict, chars: dict[str, float], tasks, methods) -> dict[tuple[str, str], float]:

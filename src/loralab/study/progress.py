@@ -58,6 +58,8 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
+        start = summary.get("first_step_at")
+        ps.started_at = float(start) if isinstance(start, (int, float)) else None
         if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name
             ps.reusable = True
             ps.detail = "its run folder is finished: reused, not retrained, when claimed"

@@ -44,6 +44,7 @@ class PointStatus:
     metric: str  # the task's main metric
     value: float | None = None  # its dev value (done)
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
+    started_at: float | None = None  # Unix time its training started (done; None: unrecorded)
     progress: float | None = None  # share of training logged so far (0..1)
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
     resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
