@@ -139,7 +139,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-max-grad-norm-negative", lambda c: _train(c, "train.max_grad_norm=-1"), "train.max_grad_norm must be zero or positive"),
     ("train-run-name-escapes", lambda c: _train(c, "run.name=../escaped"), "run.name must be a plain folder name"),
     ("train-alpha-inf", lambda c: _train(c, "lora.alpha=inf"), "lora.alpha must be positive"),
-    ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "lora.init_lora_weights takes one of: true, false, gaussian"),
+    ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "lora.init_lora_weights='foo' is not an initialisation this PEFT knows: use true"),
     ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
     ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),
@@ -196,6 +196,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("validate-bad-override", lambda c: ["validate", "--model", "tiny-llama", "lora.r=0", "--out", c.out("v.json")], "lora.r"),
     # sweep / study
     ("sweep-target-fits-no-layer", lambda c: _sweep(c, "lora.target=[foo]"), "foo"),
+    ("sweep-unknown-lora-init", lambda c: _sweep(c, "lora.init_lora_weights=foo"), "one of gaussian"),
     ("study-model-typo", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nbase: {model: {name: tiny-lama}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: [1]\n")), "--output-dir", c.out("results")], "did you mean tiny-llama?"),
     ("study-target-fits-no-layer", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nbase: {model: {name: tiny-llama}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: [1]\nablations: [{lora.target: [standard, [foo]]}]\n")), "--output-dir", c.out("results")], "foo"),
     ("sweep-output-dir-is-file", lambda c: _sweep(c, out=str(c.file("f"))), "is a file"),

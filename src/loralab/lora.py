@@ -238,6 +238,17 @@ def resolve_targets(
     return keys
 
 
+def check_init(spec: LoraSpec) -> None:
+    """Refuse an `init_lora_weights` name this PEFT does not know, before any data or weights
+    load (PEFT's LoraConfig takes any string and fails only when it builds the layers)."""
+    init = spec.init_lora_weights
+    if isinstance(init, str) and init not in (known := peft_initialisations()):
+        raise LoralabError(
+            f"lora.init_lora_weights={init!r} is not an initialisation this PEFT knows: use "
+            f"true (the default: Kaiming-uniform A, zero B), false, or one of {', '.join(known)}."
+        )
+
+
 def check_targets(
     spec: LoraSpec, config, auto_class, trust_remote_code: bool = False
 ) -> list[str] | None:

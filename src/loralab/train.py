@@ -24,7 +24,7 @@ from .console import library_bars_off
 from .data import Splits, check_accumulation, check_max_length, load_splits, model_inputs
 from .errors import TrainingDiverged
 from .heads import Head, head_for
-from .lora import apply_lora, check_targets
+from .lora import apply_lora, check_init, check_targets
 from .models import is_causal, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
 from .summary import base_summary, process_layout, resolved_config
@@ -153,6 +153,7 @@ def train(
     check_max_length(task, cfg.data, config, cfg.model.name)
     head.prepare(tokenizer)
     if cfg.train.method == "lora":  # targets vs the model's layers, before weights and data
+        check_init(cfg.lora)
         check_targets(cfg.lora, config, head.auto_class(), cfg.model.trust_remote_code)
     # Data first: a bad data file should fail before the slower model load.
     causal = is_causal(config)

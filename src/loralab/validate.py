@@ -21,7 +21,14 @@ from .console import library_bars_off
 from .data import model_inputs
 from .errors import LoralabError
 from .heads import Head, head_for
-from .lora import adapted_modules, apply_lora, check_targets, linear_layers, resolve_targets
+from .lora import (
+    adapted_modules,
+    apply_lora,
+    check_init,
+    check_targets,
+    linear_layers,
+    resolve_targets,
+)
 from .merge import DEFAULT_TOLERANCES, equivalence_bound
 from .models import canonical, is_causal, load_for_task, load_tokenizer, resolve
 from .study.aggregate import SHARE_TARGET_PCT
@@ -177,6 +184,7 @@ def run_checks(
     trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
     head.check_model(config, cfg.model.name)
+    check_init(cfg.lora)
     check_targets(cfg.lora, config, head.auto_class(), trust)  # before any weights load
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)

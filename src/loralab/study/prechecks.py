@@ -3,7 +3,7 @@
 A model name typo or a LoRA target that fits no layer, found only when a point starts, would
 leave a study (`study.db`) whose corrected spec or command no longer matches it: the user could
 only rename the study or delete it. So `sweep`, `ablate` and `study` check every point's model
-and targets the way `train` does, on a weightless skeleton, before anything is created.
+targets and initialisation the way `train` does, on a weightless skeleton, before anything is created.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
     from transformers import AutoConfig
 
     from ..heads import head_for
-    from ..lora import check_targets
+    from ..lora import check_init, check_targets
     from ..models import resolve
     from ..models.registry import precheck
     from ..tasks import get_task
@@ -32,6 +32,7 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
         if cfg.train.method != "lora" or cfg.model.trust_remote_code or key in targets:
             continue  # remote code runs only when a worker is started with --trust-remote-code
         targets.add(key)
+        check_init(cfg.lora)
         if name not in configs:
             configs[name] = AutoConfig.from_pretrained(resolve(name))
         check_targets(cfg.lora, configs[name], head_for(cfg, get_task(cfg.data.task)).auto_class())
