@@ -83,6 +83,13 @@ def test_share_target_figures():
     gpt2 = {"lora": 294_912, "total": 124_734_720 + 294_912, "trainable_share_pct": 0.24,
             "lora_share_pct": 100 * 294_912 / (124_734_720 + 294_912)}  # fmt: skip
     assert validate.share_target(gpt2).met is True
+    # The target is set for the standard preset: another gets the figure, no verdict, and a
+    # --strict run does not fail on it.
+    wide = validate.share_target(counts, "all-linear")
+    assert (wide.met, wide.figure) == (None, "0.341%") and wide.detail.startswith("not judged")
+    result = validate.Validation([], [wide])
+    assert result.targets_met and result.exit_status(strict=True) == 0
+    assert not validate.Validation([], [t]).targets_met
 
 
 def test_lora_minus_full_target_from_a_results_folder(tmp_path):

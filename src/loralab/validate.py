@@ -75,7 +75,7 @@ class Target:
     """A goal of the study, reported as met/missed with its figure; fails only with --strict."""
 
     name: str
-    met: bool
+    met: bool | None  # None: not judged (e.g. the share target on a preset it is not set for)
     figure: str
     detail: str
 
@@ -91,7 +91,7 @@ class Validation:
 
     @property
     def targets_met(self) -> bool:
-        return all(t.met for t in self.targets)
+        return all(t.met is not False for t in self.targets)
 
     def exit_status(self, strict: bool = False) -> int:
         """1 when an invariant fails, or (with `strict`) when a target is missed; else 0."""
@@ -210,7 +210,7 @@ def run_checks(
     add("adapted_module_count", len(factors) == len(expected),
         f"{len(factors)} adapted, expected {len(expected)} ({', '.join(keys)})")  # fmt: skip
     counts = accounting.parameter_counts(model, heads)
-    targets = [share_target(counts)]
+    targets = [share_target(counts, cfg.lora.target)]
     add("parameter_accounting_adds_up",
         counts["lora"] == expected_lora
         and counts["trainable"] == counts["lora"] + _trainable_head(model)
@@ -288,16 +288,19 @@ def run_checks(
     return Validation(checks, targets)
 
 
-def share_target(counts: dict) -> Target:
-    """LoRA weights as a share of the model, against the ≤0.3% target."""
+def share_target(counts: dict, target: str | list[str] = "standard") -> Target:
+    """LoRA weights as a share of the model, against the ≤0.3% target: set for the standard
+    preset (SPEC §4), so another `lora.target` gets the figure but no verdict."""
     share = counts["lora_share_pct"]
     detail = (
         f"{counts['lora']:,} LoRA weights of {counts['total']:,} "
         f"(with the task head: {counts['trainable_share_pct']:.3f}% trainable); the target is "
-        f"≤ {SHARE_TARGET_PCT}%, from {SHARE_TARGET_SOURCE}"
+        f"≤ {SHARE_TARGET_PCT}% for the standard preset, from {SHARE_TARGET_SOURCE}"
     )
     if counts["total"] < SHARE_TARGET_MIN_PARAMS:
         detail += "; a test model this small is mostly adapter, so the figure says little"
+    if target != "standard":
+        return Target("trainable_share", None, f"{share:.3f}%", f"not judged (lora.target={target}): {detail}")  # fmt: skip
     return Target("trainable_share", share <= SHARE_TARGET_PCT, f"{share:.3f}%", detail)
 
 

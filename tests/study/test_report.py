@@ -887,3 +887,24 @@ def test_runs_without_their_sweep_json_take_their_groups_from_the_stored_study(t
         json.dumps({"groups": ["g"]})
     )
     assert sorted(groups().values()) == ["ablation-rank", "ablation-rank", "g"]
+
+
+def test_the_share_target_judges_the_standard_preset_only(tmp_path):
+    """SPEC §4 sets ≤0.3% for the standard preset: a comparison at another target gets its
+    share shown but no verdict (an all-linear row always "failing" it says nothing)."""
+    for target, root in (("standard", "std"), ("all-linear", "wide")):
+        for s in (1, 2):
+            write_run(tmp_path / root / "runs", f"l{s}", s, {"accuracy": 0.8}, share=(1.2, 1.0),
+                      lora={"target": target})  # fmt: skip
+            write_run(tmp_path / root / "runs", f"f{s}", s, {"accuracy": 0.81}, method="full", lr=3e-5)  # fmt: skip
+    (std,) = aggregate(load_runs(tmp_path / "std"))[1]
+    (wide,) = aggregate(load_runs(tmp_path / "wide"))[1]
+    assert (std.share_ok, wide.share_ok) == (False, None)
+    report(tmp_path / "wide", out=tmp_path / "wide-report")
+    md = (tmp_path / "wide-report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if "| lora | r=8 α=16 all-linear |" in line)
+    assert "| 1.000 | n/a |" in row and "FAIL: 1.000%" not in md
+    lora = next(r for r in _rows(tmp_path / "wide-report" / "report.csv") if r["method"] == "lora")
+    assert (
+        lora["share_target_pass"] == "" and float(lora["trainable_share_without_head_pct"]) == 1.0
+    )

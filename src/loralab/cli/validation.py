@@ -93,15 +93,16 @@ def cmd_validate(args) -> int:
     for col in ("target", "result", "figure", "detail"):
         targets.add_column(col, overflow="fold")
     for t in result.targets:
-        mark = "[green]met[/]" if t.met else "[yellow]target missed[/]"
+        mark = "[dim]not judged[/]" if t.met is None else "[green]met[/]" if t.met else "[yellow]target missed[/]"  # fmt: skip
         targets.add_row(t.name, mark, t.figure, t.detail)
     console = Console(width=max(Console().width, 120))
     console.print(table)
     console.print(targets)
-    n_met = sum(t.met for t in result.targets)
+    n_met = sum(t.met is True for t in result.targets)
+    judged = sum(t.met is not None for t in result.targets)
     console.print(
         f"{len(result.checks) - report['n_failed']}/{len(result.checks)} invariants hold; "
-        f"{n_met}/{len(result.targets)} targets met"
+        f"{n_met}/{judged} targets met"
         + (" (--strict: a missed target fails)" if args.strict else "")
         + f"; report: {args.out}"
     )

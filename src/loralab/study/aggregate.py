@@ -205,8 +205,12 @@ class Comparison:
 
     @property
     def share_ok(self) -> bool | None:
+        """The share target (set for the standard preset, SPEC §4); None: another preset, or
+        no share recorded."""
         s = self.lora.avg("trainable_share_without_head_pct")
-        return None if math.isnan(s) else s <= SHARE_TARGET_PCT
+        if math.isnan(s) or (self.lora.lora or {}).get("target", "standard") != "standard":
+            return None
+        return s <= SHARE_TARGET_PCT
 
     @property
     def verdict(self) -> str:

@@ -106,7 +106,8 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         f"pass; unsettled: the interval reaches both sides of -{DROP_TARGET_POINTS:g}, so more "
         "seeds could flip the verdict of the mean), "
         f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
-        "the freshly initialised task head). Wall time counts whatever the machine did meanwhile "
+        "the freshly initialised task head; a target for the standard preset, n/a for "
+        "others). Wall time counts whatever the machine did meanwhile "
         "(other work, pauses, idle cores lent to the run: lent_share in runs.csv); training CPU "
         "time is the training's own, over all its threads "
         "(— for runs from before it was recorded).",
