@@ -356,6 +356,21 @@ def test_convert_gguf_then_train_on_it(tmp_path, sst2_dir, capsys):
     summary = json.loads(next(runs.glob("*/summary.json")).read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["verification"]["base_unchanged"]
+    # The run names its base as the GGUF file it came from, not as a hub id, and the adapter's
+    # card loads it through loralab's converter (transformers cannot read the path alone).
+    gguf_path = str((tmp_path / "tiny-q8.gguf").resolve())
+    assert summary["model_source"]["kind"] == "gguf" and summary["model_source"]["id"] == gguf_path
+    adapter = next(runs.glob("*/adapter"))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == gguf_path  # fmt: skip
+    card = (adapter / "README.md").read_text()
+    assert f'from_pretrained(resolve("{gguf_path}")' in card and "base_model:" not in card
+    from peft import PeftModel
+
+    from loralab.models import resolve
+
+    base = tf.AutoModelForSequenceClassification.from_pretrained(resolve(gguf_path), num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, str(adapter))  # the card's snippet works
+    assert peft_model.peft_config["default"].base_model_name_or_path == gguf_path
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,9 @@ def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict)
     labels = list(getattr(task, "label_names", ()) or ())
     auto = _AUTO_CLASS.get(adapter_config.get("task_type"), "AutoModelForQuestionAnswering")
     num_labels = f", num_labels={task.num_labels}" if auto.endswith("Classification") else ""
-    load_base = f'resolve("{base["id"]}")' if base["kind"] == "builtin" else f'"{base["id"]}"'
+    # loralab builds a built-in and dequantises a GGUF file into a transformers folder
+    converted = base["kind"] in ("builtin", "gguf")
+    load_base = f'resolve("{base["id"]}")' if converted else f'"{base["id"]}"'
     front = ["---", "library_name: peft", "tags: [loralab, lora]"]
     if base["origin"]:
         front.append(f"base_model: {base['origin']}")
@@ -97,8 +99,8 @@ def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict)
         "from peft import PeftModel",
         f"from transformers import {auto}",
     ]
-    if base["kind"] == "builtin":
-        lines.append("from loralab.models import resolve  # builds/fetches the built-in base once")
+    if converted:
+        lines.append("from loralab.models import resolve  # builds or converts the base once")
     lines += [
         "",
         f"base = {auto}.from_pretrained({load_base}{num_labels})",

@@ -31,18 +31,25 @@ def known_warnings_silenced() -> Iterator[None]:
 @contextmanager
 def library_bars_off() -> Iterator[None]:
     """No transformers ("Loading weights", "Writing model shards") or datasets ("Saving the
-    dataset") progress bars inside the block; their previous state is restored afterwards."""
+    dataset") progress bars inside the block; their previous state is restored afterwards.
+    The hub's download bars stay as they were: a download takes minutes and is worth showing
+    (transformers' switch turns them off too; --quiet turns them off for the whole command)."""
     import datasets
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     hf_on = hf_logging.is_progress_bar_enabled()
     ds_on = datasets.is_progress_bar_enabled()
+    hub_on = not hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
+    if hub_on:
+        hub_utils.enable_progress_bars()
     datasets.disable_progress_bars()
     try:
         yield
     finally:
         if hf_on:
             hf_logging.enable_progress_bar()
+        (hub_utils.enable_progress_bars if hub_on else hub_utils.disable_progress_bars)()
         if ds_on:
             datasets.enable_progress_bars()

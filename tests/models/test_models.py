@@ -314,3 +314,32 @@ def test_real_builtin_models(monkeypatch):
     assert not cls.bert.pooler.dense.bias.any()  # why: a trained bias is never all zeros
     _, new = models.load_model("minilm-l6", tf.AutoModelForQuestionAnswering)
     assert new == ["qa_outputs"]  # the span head has no pooler
+
+
+def test_loading_hides_transformers_bars_but_keeps_the_hubs_download_bars():
+    """`library_bars_off` wraps from_pretrained, which also downloads a hub model: its
+    "Loading weights" bar goes, the hub's download bars stay unless the command is --quiet,
+    and every switch is as it was afterwards."""
+    import datasets
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from loralab.console import library_bars_off
+
+    was = (hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled(),
+           datasets.is_progress_bar_enabled())  # fmt: skip
+    try:
+        for quiet in (False, True):
+            hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
+            datasets.enable_progress_bars()
+            with library_bars_off():
+                assert not hf_logging.is_progress_bar_enabled()
+                assert not datasets.is_progress_bar_enabled()
+                assert hub_utils.are_progress_bars_disabled() is quiet
+            assert hf_logging.is_progress_bar_enabled() is not quiet
+            assert hub_utils.are_progress_bars_disabled() is quiet
+            assert datasets.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar() if was[0] else hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars() if was[1] else hub_utils.enable_progress_bars()
+        datasets.enable_progress_bars() if was[2] else datasets.disable_progress_bars()

@@ -394,5 +394,11 @@ def cmd_report(args) -> int:
     for row in main_table.rows:
         table.add_row(*[row[i] for i in shown])
     Console(width=max(Console().width, 200)).print(table)
+    from ..models import caveat
+
+    model_col = main_table.headers.index("model")
+    for model in sorted({row[model_col] for row in main_table.rows}):
+        if note := caveat(model):  # as train prints it: results must say what was trained
+            print(f"({note})")
     print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
     return 0

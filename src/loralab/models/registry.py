@@ -164,7 +164,7 @@ def canonical(name: str) -> dict:
     """Where a model name comes from, independent of this machine's cache.
 
     {"id": what to pass as --model / base_model_name_or_path elsewhere, "kind": builtin | hub |
-    folder, "source": how the weights were obtained, "description": one honest line}.
+    folder | gguf, "source": how the weights were obtained, "description": one honest line}.
     """
     if name in BUILTIN_MODELS:
         m = BUILTIN_MODELS[name]
@@ -179,6 +179,10 @@ def canonical(name: str) -> dict:
     if path.is_dir():
         return {"id": str(path.resolve()), "kind": "folder", "source": "local folder",
                 "origin": None, "description": f"local folder {path.resolve()}"}  # fmt: skip
+    if path.is_file() and path.suffix.lower() == ".gguf":  # build.py dequantises it
+        return {"id": str(path.resolve()), "kind": "gguf",
+                "source": "local GGUF file, dequantised to full precision by loralab",
+                "origin": None, "description": f"GGUF checkpoint {path.resolve()} (dequantised)"}  # fmt: skip
     return {"id": name, "kind": "hub", "source": "Hugging Face hub", "origin": name,
             "description": f"hub model {name}"}  # fmt: skip
 

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from ..models.registry import caveat
 from ..rundir import METRICS_FILE
 from ..tasks import task_label  # a file reference by its file's name: a tick label, not a path
 from .aggregate import DROP_TARGET_POINTS, full_reference, is_ablation
@@ -217,24 +218,36 @@ def ablation(cells, kind: str, reference):
     return fig
 
 
+def _caveats(fig, models: set[str]) -> None:
+    """The shown models' caveats (SmolLM2: dequantised weights) above the figure's legend: a
+    figure copied out of the report must still say what was trained."""
+    import textwrap
+
+    notes = [textwrap.fill(note, 100) for m in sorted(models) if (note := caveat(m))]
+    if notes and fig.legends:
+        fig.legends[0].set_title("\n".join(notes), prop={"size": 7})
+
+
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     """(title, path) of every figure the data allow."""
-    figures = []  # (title, file name, figure or None)
+    figures = []  # (title, file name, figure or None, the models it shows)
     if comps:
+        shown = {c.model for c in comps}
         figures += [
-            ("LoRA vs full fine-tuning", "lora_vs_full.png", lora_vs_full_figure(comps)),
-            ("LoRA − full fine-tuning, paired by seed", "paired_differences.png", paired_differences(comps)),
-            ("Learning curves: dev metric vs training step", "learning_curves.png", learning_curves(comps)),
+            ("LoRA vs full fine-tuning", "lora_vs_full.png", lora_vs_full_figure(comps), shown),
+            ("LoRA − full fine-tuning, paired by seed", "paired_differences.png", paired_differences(comps), shown),
+            ("Learning curves: dev metric vs training step", "learning_curves.png", learning_curves(comps), shown),
         ]  # fmt: skip
     best = [c for c in cells if c.best and c.lora]
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         kind = group.removeprefix("ablation-")
         mine = [c for c in best if c.group == group]
         fig = ablation(mine, kind, lambda c: full_reference(c, cells))
-        figures.append((f"Ablation: {kind}", f"ablation_{kind}.png", fig))
+        figures.append((f"Ablation: {kind}", f"ablation_{kind}.png", fig, {c.model for c in mine}))
     out = []
-    for title, name, fig in figures:
+    for title, name, fig, models in figures:
         if fig is not None:
+            _caveats(fig, models)
             fig.savefig(folder / name, dpi=110)
             out.append((title, folder / name))
     return out
