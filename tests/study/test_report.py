@@ -396,10 +396,30 @@ def test_paired_differences_and_t_interval_equal_independent_values(tmp_path):
     assert comp.lora.stat("accuracy") == pytest.approx(
         (statistics.mean(lora.values()), statistics.stdev(lora.values())), abs=1e-9
     )
-    assert comp.verdict == (  # the interval reaches below -3: more seeds could flip the PASS
+    # The interval reaches below -3: more seeds could flip the PASS. At this mean (-1.13) and
+    # spread (1.52), five seeds give a half-width of t(4)·sd/√5 = 1.89 > 1.87 = |mean + 3|,
+    # six give t(5)·sd/√6 = 1.59: six would settle it.
+    assert t_quantile(0.975, 4) * sd / math.sqrt(5) > mean + 3 > t_quantile(0.975, 5) * sd / math.sqrt(6)  # fmt: skip
+    assert comp.seeds_to_settle == 6
+    assert comp.verdict == (
         f"PASS: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]; unsettled (the interval "
-        "spans -3)"
+        "spans -3; ~6 seeds at this mean and spread would settle it)"
     )
+
+
+def test_seeds_to_settle_projects_the_same_mean_and_spread():
+    from loralab.study.stats import seeds_to_settle
+
+    assert seeds_to_settle([-1.0, -1.2, -0.8], -3.0) == 3  # settled already: as many as given
+    assert seeds_to_settle([-2.0, -2.0], -3.0) is None  # no spread to project from
+    assert seeds_to_settle([-2.0, -4.0], -3.0) is None  # the mean sits on the target
+    # mean -2.77, sd 0.81: |mean + 3| = 0.23 needs t·0.81/√n < 0.23, i.e. n ≈ 50
+    far = [-2.9, -3.5, -1.9]
+    assert seeds_to_settle(far, -3.0, most=10) is None
+    n = seeds_to_settle(far, -3.0)
+    mean, sd = statistics.mean(far), statistics.stdev(far)
+    assert n is not None and 40 <= n <= 50
+    assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) < abs(mean + 3) <= t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1)  # fmt: skip
 
 
 def test_uninformative_rule(tmp_path):
@@ -433,10 +453,19 @@ def test_uninformative_rule(tmp_path):
     "lora, verdict",
     [
         ((0.795, 0.805, 0.80), "PASS: -1.00 [-2.24, +0.24]"),  # wholly above -3: settled
-        ((0.78, 0.82, 0.80), "PASS: -1.00 [-5.97, +3.97]; unsettled (the interval spans -3)"),
-        ((0.74, 0.78, 0.76), "FAIL: -5.00 [-9.97, -0.03]; unsettled (the interval spans -3)"),
+        (
+            (0.78, 0.82, 0.80),
+            "PASS: -1.00 [-5.97, +3.97]; unsettled (the interval spans -3; ~7 seeds at this mean and spread would settle it)",
+        ),  # sd 2: t(6)·2/√7 = 1.85 < 2 ≤ t(5)·2/√6 = 2.10
+        (
+            (0.74, 0.78, 0.76),
+            "FAIL: -5.00 [-9.97, -0.03]; unsettled (the interval spans -3; ~7 seeds at this mean and spread would settle it)",
+        ),
         ((0.745, 0.755, 0.75), "FAIL: -6.00 [-7.24, -4.76]"),  # wholly below -3: settled
-        ((0.70, 0.84, 0.77), "FAIL: -4.00 [-21.39, +13.39]; unsettled (the interval spans -3)"),
+        (
+            (0.70, 0.84, 0.77),
+            "FAIL: -4.00 [-21.39, +13.39]; unsettled (the interval spans -3; over 50 seeds at this mean and spread would settle it)",
+        ),  # sd 7, 1 point from -3: ~200
     ],
 )
 def test_a_verdict_whose_interval_spans_the_target_is_unsettled(tmp_path, lora, verdict):
@@ -450,6 +479,8 @@ def test_a_verdict_whose_interval_spans_the_target_is_unsettled(tmp_path, lora, 
     report(tmp_path, out=tmp_path / "rep")
     (row,) = [r for r in _rows(tmp_path / "rep" / "report.csv") if r["method"] == "lora"]
     assert row["unsettled"] == str("unsettled" in verdict)  # a column for scripts
+    settle = {"~7 seeds": "7", "over 50": ""}
+    assert row["seeds_to_settle"] == next((n for k, n in settle.items() if k in verdict), "")
     assert verdict in (tmp_path / "rep" / "report.md").read_text()
 
 
@@ -689,7 +720,7 @@ def test_at_a_glance_table_pairs_the_methods_per_task(tmp_path):
     half = t_quantile(0.975, 1) * statistics.stdev([-2.0, 1.0]) / math.sqrt(2)
     assert (
         sst2["LoRA − full (mean [95% CI])"]
-        == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]; unsettled (the interval spans -3)"
+        == f"PASS: -0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}]; unsettled (the interval spans -3; ~6 seeds at this mean and spread would settle it)"
     )
     assert sst2["training CPU (min), LoRA / full"] == "0.5 / 2.0 (0.25×)"  # 30 s vs 120 s
     assert sst2["peak memory (MB), LoRA / full"] == "100 / 400 (0.25×)"

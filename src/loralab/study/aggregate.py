@@ -15,12 +15,13 @@ import math
 from dataclasses import dataclass, field
 
 from .records import identity_hash, main_metric, points_per_unit, record_identity, without
-from .stats import mean_std, t_interval
+from .stats import mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
 SHARE_TARGET_PCT = 0.3  # ... with at most 0.3% of the weights trainable (adapters, no head)
 UNINFORMATIVE_POINTS = 1.0  # neither method this far above the majority baseline: nothing learned
+SETTLE_MOST = 50  # an unsettled verdict's projection stops here (more says: a tie with the target)
 
 
 @dataclass
@@ -224,9 +225,20 @@ class Comparison:
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:
             return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}"
-        return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}" + (
-            f"; unsettled (the interval spans -{DROP_TARGET_POINTS:g})" if self.unsettled else ""
-        )
+        if not self.unsettled:
+            return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
+        n = self.seeds_to_settle
+        more = f"~{n} seeds" if n else f"over {SETTLE_MOST} seeds"
+        return (f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}; unsettled (the interval "
+                f"spans -{DROP_TARGET_POINTS:g}; {more} at this mean and spread would settle it)")  # fmt: skip
+
+    @property
+    def seeds_to_settle(self) -> int | None:
+        """Unsettled: how many paired seeds would clear the target at the same mean and spread
+        (`stats.seeds_to_settle`; None: over `SETTLE_MOST`); None where it is settled."""
+        if not self.unsettled:
+            return None
+        return seeds_to_settle(self.diffs, -DROP_TARGET_POINTS, most=SETTLE_MOST)
 
     @property
     def unsettled(self) -> bool | None:

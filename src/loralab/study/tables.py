@@ -104,7 +104,8 @@ def main_table(cells: list[Cell], comps: list[Comparison]) -> Table:
         f"{DROP_TARGET_POINTS:g} points to full fine-tuning (a row where neither method is more than "
         f"{UNINFORMATIVE_POINTS:g} point above the majority baseline is uninformative, not a "
         f"pass; unsettled: the interval reaches both sides of -{DROP_TARGET_POINTS:g}, so more "
-        "seeds could flip the verdict of the mean), "
+        "seeds could flip the verdict of the mean; the seeds that would settle it are projected "
+        "at the same mean and spread of the paired differences), "
         f"with at most {SHARE_TARGET_PCT:g}% of the weights trainable (adapters only, without "
         "the freshly initialised task head; a target for the standard preset, n/a for "
         "others). Wall time counts whatever the machine did meanwhile "
@@ -245,6 +246,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                    uninformative=comp.uninformative if comp else "",
                    drop_target_pass=comp.drop_ok if comp else "",
                    unsettled="" if comp is None or comp.unsettled is None else comp.unsettled,
+                   seeds_to_settle=comp.seeds_to_settle if comp else "",
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
         rows.append(row)
     return rows
