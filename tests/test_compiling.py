@@ -139,6 +139,12 @@ def test_compiled_layers_compute_what_eager_ones_do(method):
     torch.compiler.reset()
     eager = _model("tiny-llama", f"train.method={method}")
     fast = _model("tiny-llama", f"train.method={method}")
+    if method == "lora":  # B = 0 at init: the branch would add nothing and A's gradient be 0
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in eager.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     fast.load_state_dict(eager.state_dict())
     assert compiling.compile_blocks(fast) == 2
     ids = torch.randint(3, 200, (4, 11))
@@ -151,6 +157,9 @@ def test_compiled_layers_compute_what_eager_ones_do(method):
         out.loss.backward()
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (eager, fast)]
     assert grads[0].keys() == grads[1].keys() and grads[0]
+    lora_a = [n for n in grads[0] if "lora_A" in n]
+    assert (method == "lora") == bool(lora_a)
+    assert all(grads[0][n].abs().max() > 0 for n in lora_a)  # the compiled branch is exercised
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
     torch.compiler.reset()

@@ -343,6 +343,16 @@ def test_convert_gguf_then_train_on_it(tmp_path, sst2_dir, capsys):
     with torch.no_grad():
         ref, got = source(ids).logits, converted(ids).logits
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    # Weight by weight, within Q8_0's rounding: blocks of 32 share a scale absmax/127 (stored
+    # in fp16), so no weight moves by more than one step of the largest. The logits above
+    # barely see attention at this init (weights ~0.02); a q/k layout left permuted moves
+    # weights by about their own size and fails here.
+    src, conv = source.state_dict(), converted.state_dict()
+    for i in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            key = f"model.layers.{i}.self_attn.{proj}.weight"
+            step = src[key].abs().max() / 127
+            assert (conv[key] - src[key]).abs().max() <= step, key
     assert converted.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     # A second convert into the same (now full) folder is refused.
     assert main(["convert", str(tmp_path / "tiny-q8.gguf"), str(out), "--quiet"]) == 2

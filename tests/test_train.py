@@ -88,8 +88,11 @@ def test_cli_train_writes_the_run_directory(tmp_path, sst2_dir, method):
         assert (run / f).is_file(), f
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
-    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     assert summary["examples"] == {"train": 64, "eval": 32}
+    acc = summary["metrics"]["accuracy"]  # a share of the 32 dev examples, as last logged
+    assert 0.0 <= acc <= 1.0 and acc * 32 == pytest.approx(round(acc * 32))
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/accuracy"] for r in logged if "eval/accuracy" in r][-1] == acc
     assert (
         summary["tokens"]["real"] > 0 and summary["tokens"]["padded"] >= summary["tokens"]["real"]
     )

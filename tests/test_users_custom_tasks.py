@@ -151,7 +151,7 @@ def test_a_label_outside_the_names_names_file_and_line(tmp_path, monkeypatch, ca
         fh.write("the day was odd,angry\n")
     monkeypatch.chdir(tmp_path)
     task = get_task(str(_task_file(tmp_path)))
-    with pytest.raises(Exception) as err:
+    with pytest.raises(LoralabError) as err:
         task.load("eval")
     assert "dev.csv, line 17" in str(err.value) and "'angry'" in str(err.value)
 

@@ -69,7 +69,7 @@ def test_bf16_reports_both_merge_orders(tmp_path, sst2_dir, monkeypatch, native)
 
 
 def test_verdict_needs_one_informative_pass(tmp_path, sst2_dir):
-    """Tiny Llama's update (~0.3) is below 10× the default bf16 tolerance (0.25): the bf16 rows
+    """Tiny Llama's update (~0.3) is below 10× the default bf16 tolerance (10 × 0.05): the bf16 rows
     prove nothing alone; the fp32 row, through the same merge code, does."""
     run = make_run(tmp_path / "runs", sst2_dir)
     both = merge_run(run, dtype="both", **FAST)
