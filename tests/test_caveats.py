@@ -69,3 +69,21 @@ def test_the_report_says_the_caveat_on_screen_and_in_its_figures(tmp_path, sst2_
     monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-llama", llama)
     assert main(["report", str(tmp_path)]) == 0
     assert "(tiny-llama" not in capsys.readouterr().out and legends["lora_vs_full.png"] == [""]
+
+
+def test_a_figure_without_a_legend_carries_the_caveat_under_its_panels(monkeypatch):
+    from matplotlib.figure import Figure
+
+    from loralab.study import plots
+
+    llama = models.BUILTIN_MODELS["tiny-llama"]
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-llama", replace(llama, caveat=CAVEAT))
+    bare, labelled = Figure(), Figure()
+    bare.add_subplot().plot([0, 1])
+    labelled.add_subplot().plot([0, 1], label="LoRA")
+    labelled.legend()
+    for fig in (bare, labelled):
+        plots._caveats(fig, {"tiny-llama", "tiny-bert"})  # tiny-bert has no caveat
+    assert bare._supxlabel.get_text() == f"tiny-llama: {CAVEAT}"
+    assert labelled.legends[0].get_title().get_text() == f"tiny-llama: {CAVEAT}"
+    assert labelled._supxlabel is None

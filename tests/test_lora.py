@@ -84,3 +84,22 @@ def test_unknown_preset_names_the_presets():
 def test_a_module_list_that_matches_nothing_lists_the_layers():
     with pytest.raises(LoralabError, match=r"\['c_attn'\] match no linear layer.*q_proj"):
         resolve_targets(spec("lora.target=[c_attn]"), tiny_llama())
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "OLoRA", "pissa", "pissa_niter_16", "loftq"])  # fmt: skip
+def test_check_init_takes_every_name_peft_takes(init):
+    """PEFT's own spellings pass (its annotation writes `pissa_niter_[number of iters]`, and it
+    compares some names case-blind); `loftq` needs its config from lora.extra, which only the
+    real build has: left to it, not refused here."""
+    from loralab.config import LoraSettings
+    from loralab.lora import check_init
+
+    check_init(LoraSettings(init_lora_weights=init))
+
+
+def test_check_init_refuses_an_unknown_name_and_lists_the_known():
+    from loralab.config import LoraSettings
+    from loralab.lora import check_init
+
+    with pytest.raises(LoralabError, match=r"'pisa' is not an initialisation .* pissa_niter_N"):
+        check_init(LoraSettings(init_lora_weights="pisa"))

@@ -241,6 +241,18 @@ def test_validate_smollm2(tmp_path, monkeypatch):
     assert rc == 0 and report["exit_status"] == 0 and not report["targets_met"]
 
 
+def test_another_preset_gets_its_share_shown_but_not_judged(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    argv = ["validate", "--model", "tiny-llama", "--out", str(out), "--strict", "lora.target=all-linear"]  # fmt: skip
+    assert cli.main(argv) == 0  # --strict: a target not judged is not a missed one
+    (share,) = json.loads(out.read_text())["targets"]
+    assert share["met"] is None and share["detail"].startswith(
+        "not judged (lora.target=all-linear)"
+    )
+    text = capsys.readouterr().out
+    assert "not judged" in text and "0/0 targets met (1 not judged)" in text
+
+
 def test_all_checks_pass_on_tiny_llama_lm_head(tmp_path):
     out = tmp_path / "v.json"
     assert cli.main(["validate", "--model", "tiny-llama", "--out", str(out), "model.head=lm"]) == 0

@@ -62,7 +62,7 @@ def model_card(cfg: ExperimentConfig, task, summary: dict, adapter_config: dict)
     num_labels = f", num_labels={task.num_labels}" if auto.endswith("Classification") else ""
     # loralab builds a built-in and dequantises a GGUF file into a transformers folder
     converted = base["kind"] in ("builtin", "gguf")
-    load_base = f'resolve("{base["id"]}")' if converted else f'"{base["id"]}"'
+    load_base = f"resolve({base['id']!r})" if converted else repr(base["id"])  # any path quotes
     front = ["---", "library_name: peft", "tags: [loralab, lora]"]
     if base["origin"]:
         front.append(f"base_model: {base['origin']}")

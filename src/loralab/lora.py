@@ -239,14 +239,31 @@ def resolve_targets(
 
 
 def check_init(spec: LoraSpec) -> None:
-    """Refuse an `init_lora_weights` name this PEFT does not know, before any data or weights
-    load (PEFT's LoraConfig takes any string and fails only when it builds the layers)."""
+    """Refuse an `init_lora_weights` name this PEFT does not know, before the model or data
+    load: PEFT's LoraConfig takes any string and fails only when it builds the layers, so one
+    layer of 8 is built here. Other refusals (e.g. `loftq` without its config in `lora.extra`)
+    are left to the real build, which has the whole LoRA section."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .console import known_warnings_silenced
+
     init = spec.init_lora_weights
-    if isinstance(init, str) and init not in (known := peft_initialisations()):
-        raise LoralabError(
-            f"lora.init_lora_weights={init!r} is not an initialisation this PEFT knows: use "
-            f"true (the default: Kaiming-uniform A, zero B), false, or one of {', '.join(known)}."
-        )
+    if not isinstance(init, str):
+        return
+    probe = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    try:
+        with known_warnings_silenced():
+            get_peft_model(probe, LoraConfig(r=2, target_modules=["0"], init_lora_weights=init))
+    except ValueError as e:
+        if "unknown initialization" in str(e).lower():
+            known = [re.sub(r"\[.*?\]", "N", n) for n in peft_initialisations()]  # pissa_niter_N
+            raise LoralabError(
+                f"lora.init_lora_weights={init!r} is not an initialisation this PEFT knows: use "
+                f"true (the default: Kaiming-uniform A, zero B), false, or one of {', '.join(known)}."
+            ) from None
+    except Exception:  # noqa: BLE001 - whatever else the probe trips on, the real build reports
+        pass
 
 
 def check_targets(

@@ -123,6 +123,8 @@ def train(
     from transformers import AutoConfig
 
     validate(cfg)
+    if cfg.train.method == "lora":  # a typo must not wait for a download or a conversion
+        check_init(cfg.lora)
     distributed.init()  # under torchrun / accelerate launch: one run, several processes
     quiet = quiet or not distributed.is_main()  # one process speaks
     tracking.preflight(cfg)
@@ -153,7 +155,6 @@ def train(
     check_max_length(task, cfg.data, config, cfg.model.name)
     head.prepare(tokenizer)
     if cfg.train.method == "lora":  # targets vs the model's layers, before weights and data
-        check_init(cfg.lora)
         check_targets(cfg.lora, config, head.auto_class(), cfg.model.trust_remote_code)
     # Data first: a bad data file should fail before the slower model load.
     causal = is_causal(config)

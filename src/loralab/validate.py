@@ -178,13 +178,13 @@ def run_checks(
 
     if steps < 2:
         raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")
+    check_init(cfg.lora)  # before the model is fetched or converted
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
     head = head_for(cfg, get_task(PROBE_TASK))
     trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
     head.check_model(config, cfg.model.name)
-    check_init(cfg.lora)
     check_targets(cfg.lora, config, head.auto_class(), trust)  # before any weights load
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)

@@ -316,6 +316,8 @@ def test_an_unfinished_grid_counts_the_dependent_points_at_its_best_lr_so_far(tm
             (run / "summary.json").write_text(json.dumps(summary))
     _run_dir(res, "sst2-lora-tiny-llama-lr0.003-s2", cpu_s=50.0)
     _run_dir(res, "sst2-full-tiny-llama-lr0.0003-s2", cpu_s=70.0)  # not the best so far
+    # Unfinished at the best so far: its checkpoint does not count while the lr is not chosen.
+    _run_dir(res, "sst2-full-tiny-llama-lr0.0001-s2", logged_step=20, checkpoint=20, checkpoint_cpu_s=30.0)  # fmt: skip
     status = study_status(spec, str(res), tasks=["sst2"])
     grid_status, seeds = status.phases
     assert grid_status.best is None and seeds.waits_for_grid and seeds.best is None
@@ -325,6 +327,7 @@ def test_an_unfinished_grid_counts_the_dependent_points_at_its_best_lr_so_far(tm
         ("sst2-full-tiny-llama-lr<best>-s2", False),
     ]
     assert seeds.points[0].detail == "reused if the grid's best lr stays 0.003 (its run folder is finished)"  # fmt: skip
+    assert (seeds.points[1].resumes_at, seeds.points[1].progress) == (None, None)
     # spent: 3 x 60 (grid) + 50 (the reusable seed point); left: full 3e-4 and full's seed
     # point at full's 60 s; lora's seed point costs nothing more
     assert status.estimate() == (pytest.approx(230.0), pytest.approx(120.0), 0)

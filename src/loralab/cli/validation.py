@@ -100,9 +100,11 @@ def cmd_validate(args) -> int:
     console.print(targets)
     n_met = sum(t.met is True for t in result.targets)
     judged = sum(t.met is not None for t in result.targets)
+    unjudged = len(result.targets) - judged
     console.print(
         f"{len(result.checks) - report['n_failed']}/{len(result.checks)} invariants hold; "
         f"{n_met}/{judged} targets met"
+        + (f" ({unjudged} not judged)" if unjudged else "")
         + (" (--strict: a missed target fails)" if args.strict else "")
         + f"; report: {args.out}"
     )

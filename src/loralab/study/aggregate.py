@@ -228,7 +228,7 @@ class Comparison:
         if not self.unsettled:
             return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
         n = self.seeds_to_settle
-        more = f"~{n} seeds" if n else f"over {SETTLE_MOST} seeds"
+        more = f"~{n} seeds in all" if n else f"over {max(SETTLE_MOST, len(self.diffs))} seeds"
         return (f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}; unsettled (the interval "
                 f"spans -{DROP_TARGET_POINTS:g}; {more} at this mean and spread would settle it)")  # fmt: skip
 

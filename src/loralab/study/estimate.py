@@ -4,7 +4,8 @@ progress line. A (task, method)'s cost is, in order of preference:
      started within `RECENT_S` of the newest one (summary.json's `first_step_at`; points that
      do not record it count only when none does). A study outlives code versions and machines
      (SmolLM2's MRPC points cost ~53 training CPU minutes on 2026-12-02, ~19 on 12-04), and
-     the next point costs what the latest ones did;
+     the next point costs what the latest ones did (a resumed point is dated by its last
+     attempt);
   2. the CPU time its unfinished points spent up to their checkpoints, scaled to the whole run
      (checkpoints at `MIN_SHARE` of training or more);
   3. the other method's cost on the same task times the mean ratio between the two methods on

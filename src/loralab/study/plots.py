@@ -219,13 +219,15 @@ def ablation(cells, kind: str, reference):
 
 
 def _caveats(fig, models: set[str]) -> None:
-    """The shown models' caveats (SmolLM2: dequantised weights) above the figure's legend: a
-    figure copied out of the report must still say what was trained."""
+    """The shown models' caveats (SmolLM2: dequantised weights) above the figure's legend, or
+    under its panels: a figure copied out of the report must still say what was trained."""
     import textwrap
 
-    notes = [textwrap.fill(note, 100) for m in sorted(models) if (note := caveat(m))]
+    notes = "\n".join(textwrap.fill(note, 100) for m in sorted(models) if (note := caveat(m)))
     if notes and fig.legends:
-        fig.legends[0].set_title("\n".join(notes), prop={"size": 7})
+        fig.legends[0].set_title(notes, prop={"size": 7})
+    elif notes:  # nothing labelled, so no legend: a line under the panels instead
+        fig.supxlabel(notes, fontsize=7)
 
 
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:

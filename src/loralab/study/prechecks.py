@@ -29,10 +29,12 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
             precheck(name)
             checked.add(name)
         key = (name, cfg.model.head, cfg.data.task, repr(cfg.lora))
-        if cfg.train.method != "lora" or cfg.model.trust_remote_code or key in targets:
-            continue  # remote code runs only when a worker is started with --trust-remote-code
+        if cfg.train.method != "lora" or key in targets:
+            continue
         targets.add(key)
         check_init(cfg.lora)
+        if cfg.model.trust_remote_code:
+            continue  # remote code runs only when a worker is started with --trust-remote-code
         if name not in configs:
             configs[name] = AutoConfig.from_pretrained(resolve(name))
         check_targets(cfg.lora, configs[name], head_for(cfg, get_task(cfg.data.task)).auto_class())

@@ -68,13 +68,14 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
 
 def seeds_to_settle(values: list[float], target: float, level: float = 0.95, most: int = 50) -> int | None:  # fmt: skip
     """The fewest values whose `level` interval would clear `target` if their mean and sample
-    std stayed those of `values` (a plug-in projection, not a guarantee); None when even `most`
-    would not, or when the values do not spread (std 0 or NaN) or their mean sits on `target`."""
+    std stayed those of `values` (a plug-in projection, not a guarantee); None when even
+    max(`most`, len(values)) would not, or when the values do not spread (std 0 or NaN) or
+    their mean sits on `target`."""
     mean, std = mean_std(values)
     margin = abs(mean - target)
     if not (std > 0 and margin > 0):
         return None
-    for n in range(max(2, len(values)), most + 1):
+    for n in range(max(2, len(values)), max(most, len(values)) + 1):
         if t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n) < margin:
             return n
     return None

@@ -143,10 +143,13 @@ def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
         ps = PointStatus(status.name, key, p["task"], p["method"], "not enqueued", main_metric(p["task"]))  # fmt: skip
         if not status.waits_for_grid:
             _fill(ps, [t for t in trials if t.user_attrs.get("point") == p["key"]])
-        if not status.waits_for_grid or status.so_far:
             read_run(ps, Path(results), p["key"], plan.config_for(p, results))
-        if ps.reusable and status.waits_for_grid:
-            ps.detail = f"reused if the grid's best lr stays {p['lr']:g} (its run folder is finished)"  # fmt: skip
+        elif status.so_far:  # only a finished folder counts: an lr not chosen yet has no progress
+            seen = PointStatus(ps.phase, ps.key, ps.task, ps.method, ps.state, ps.metric)
+            read_run(seen, Path(results), p["key"], plan.config_for(p, results))
+            if seen.reusable:
+                ps.reusable, ps.cpu_s, ps.started_at = True, seen.cpu_s, seen.started_at
+                ps.detail = f"reused if the grid's best lr stays {p['lr']:g} (its run folder is finished)"  # fmt: skip
         status.points.append(ps)
 
 

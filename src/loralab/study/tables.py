@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .aggregate import (
     DROP_TARGET_POINTS,
+    SETTLE_MOST,
     SHARE_TARGET_PCT,
     UNINFORMATIVE_POINTS,
     Cell,
@@ -213,6 +214,14 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
     return out
 
 
+def _to_settle(comp: Comparison | None) -> int | str:
+    """report.csv's seeds_to_settle: the projected count, '>N' past the projection's reach,
+    '' where nothing is unsettled."""
+    if comp is None or not comp.unsettled:
+        return ""
+    return comp.seeds_to_settle or f">{max(SETTLE_MOST, len(comp.diffs))}"
+
+
 def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
     """One row per cell, raw units (GLUE metrics as fractions); LoRA rows carry the deltas."""
     by_lora = {id(c.lora): c for c in comps}
@@ -246,7 +255,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                    uninformative=comp.uninformative if comp else "",
                    drop_target_pass=comp.drop_ok if comp else "",
                    unsettled="" if comp is None or comp.unsettled is None else comp.unsettled,
-                   seeds_to_settle=comp.seeds_to_settle if comp else "",
+                   seeds_to_settle=_to_settle(comp),
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
         rows.append(row)
     return rows
