@@ -369,6 +369,7 @@ def cmd_report(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..models import caveat
     from ..study.report import report
     from ..study.tables import CONSOLE_COLUMNS
 
@@ -379,10 +380,8 @@ def cmd_report(args) -> int:
             "study (the one holding runs/), or --study NAME with --storage URL."
         )
     if args.out or args.results_dir:  # the report goes to --out, else into RESULTS_DIR
-        check_writable(
-            args.out or Path(args.results_dir) / "report",
-            "--out" if args.out else "RESULTS_DIR/report",
-        )
+        where = "--out" if args.out else "RESULTS_DIR/report"
+        check_writable(args.out or Path(args.results_dir) / "report", where)
     rep = report(args.results_dir, args.study, args.storage, args.out)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -394,11 +393,8 @@ def cmd_report(args) -> int:
     for row in main_table.rows:
         table.add_row(*[row[i] for i in shown])
     Console(width=max(Console().width, 200)).print(table)
-    from ..models import caveat
-
-    model_col = main_table.headers.index("model")
-    for model in sorted({row[model_col] for row in main_table.rows}):
-        if note := caveat(model):  # as train prints it: results must say what was trained
-            print(f"({note})")
+    col = main_table.headers.index("model")  # each model's caveat, as train prints it
+    for note in filter(None, map(caveat, sorted({r[col] for r in main_table.rows}))):
+        print(f"({note})")
     print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
     return 0
