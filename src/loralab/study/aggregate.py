@@ -228,17 +228,22 @@ class Comparison:
         if not self.unsettled:
             return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
         n = self.seeds_to_settle
-        more = f"~{n} seeds in all" if n else f"over {max(SETTLE_MOST, len(self.diffs))} seeds"
+        more = f"~{n} seeds in all" if n else f"over {self.settle_reach} seeds"
         return (f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}; unsettled (the interval "
                 f"spans -{DROP_TARGET_POINTS:g}; {more} at this mean and spread would settle it)")  # fmt: skip
 
     @property
     def seeds_to_settle(self) -> int | None:
         """Unsettled: how many paired seeds would clear the target at the same mean and spread
-        (`stats.seeds_to_settle`; None: over `SETTLE_MOST`); None where it is settled."""
+        (`stats.seeds_to_settle`; None: over `settle_reach`); None where it is settled."""
         if not self.unsettled:
             return None
-        return seeds_to_settle(self.diffs, -DROP_TARGET_POINTS, most=SETTLE_MOST)
+        return seeds_to_settle(self.diffs, -DROP_TARGET_POINTS, most=self.settle_reach)
+
+    @property
+    def settle_reach(self) -> int:
+        """How far the projection looks: `SETTLE_MOST` seeds, or the seeds in hand if more."""
+        return max(SETTLE_MOST, len(self.diffs))
 
     @property
     def unsettled(self) -> bool | None:

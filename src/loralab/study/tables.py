@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from .aggregate import (
     DROP_TARGET_POINTS,
-    SETTLE_MOST,
     SHARE_TARGET_PCT,
     UNINFORMATIVE_POINTS,
     Cell,
@@ -219,7 +218,7 @@ def _to_settle(comp: Comparison | None) -> int | str:
     '' where nothing is unsettled."""
     if comp is None or not comp.unsettled:
         return ""
-    return comp.seeds_to_settle or f">{max(SETTLE_MOST, len(comp.diffs))}"
+    return comp.seeds_to_settle or f">{comp.settle_reach}"
 
 
 def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
