@@ -39,3 +39,43 @@ def test_a_study_db_replaced_under_a_sweep_is_a_clear_error(tmp_path, monkeypatc
     monkeypatch.setattr(Worker, "_run_point", real)
     assert main(argv) == 0  # the same command continues: the finished point is reused
     assert "1 reused" in capsys.readouterr().out
+
+
+def _idle_worker(monkeypatch, tmp_path, seen: list[dict]):
+    """A worker with nothing to claim whose points' states come from `seen` in turn (the last
+    repeats); returns it with the list of states it was shown."""
+    from types import SimpleNamespace
+
+    from loralab.study import worker as w
+
+    shown: list[dict] = []
+
+    class Idle:
+        study, plan, tasks, storage = SimpleNamespace(study_name="s"), None, None, None
+        results_dir, poll, quiet, bar = tmp_path, 0.0, True, None
+        report = w.WorkerReport("s", tmp_path)
+        _finished = w.Worker._finished
+
+        def states(self):
+            shown.append(seen[min(len(shown), len(seen) - 1)])
+            return shown[-1]
+
+        def _claim(self):
+            return None
+
+    for name in ("ensure_enqueued", "fail_dead"):
+        monkeypatch.setattr(w, name, lambda *a: None)
+    monkeypatch.setattr(w, "point_states", lambda *a: shown[-1])
+    return w.Worker.run(Idle()), shown
+
+
+def test_a_worker_looks_again_at_a_point_it_saw_failed_before_leaving(monkeypatch, tmp_path):
+    """Optuna fails a dead worker's trial, then enqueues its retry: a worker that reads the
+    states between the two must not leave with the point unfinished (a flake under load)."""
+    # Two looks set up the progress bar; then the point is seen failed, its retry, its end.
+    seen = [{"p": "active"}] * 2 + [{"p": "failed"}, {"p": "active"}, {"p": "done"}]
+    report, shown = _idle_worker(monkeypatch, tmp_path, seen)
+    assert len(shown) == 5 and report.unfinished == []
+    # A point failed for good: one more look, then the worker leaves and says so.
+    report, shown = _idle_worker(monkeypatch, tmp_path, [{"p": "failed"}])
+    assert len(shown) == 4 and report.unfinished == ["p"]

@@ -1,13 +1,10 @@
 """Workers: claim the next undone grid point of a study, run it as a `train` run, record it.
-
 Exactly once: a point is an Optuna trial, and claiming moves it WAITING -> RUNNING in one
 row-locked transaction, so two workers never claim the same trial. A worker beats a heartbeat
 while its point runs; when the worker dies, another one marks the trial failed after the grace
 period and Optuna's retry callback re-enqueues the point; whoever claims it resumes the run
 directory from its last checkpoint (same results folder) or starts it afresh. A completed run
-directory is never trained again: a later claim reuses it.
-
-Each run trains in a child process forked from a server that has torch already imported (fast
+directory is never trained again: a later claim reuses it. Each run trains in a child process forked from a server that has torch already imported (fast
 starts), so that peak memory is the run's own and a killed worker takes its run down with it.
 
 Layers: `leases` (heartbeats, the point's lock), `reuse` (reuse/resume/train a run directory),
@@ -71,10 +68,9 @@ class WorkerReport:
         text = (f"study '{self.study}': {done}/{len(self.states)} points done ({ran} run by this "
                 f"worker, {reused} reused); run directories in {self.results_dir / RUNS_DIR}")  # fmt: skip
         if self.unfinished:
-            text += f"; not finished: {', '.join(self.unfinished[:5])}" + (
-                " ..." if len(self.unfinished) > 5 else ""
-            )
-            text += f" (logs in {self.results_dir / LOGS_DIR}; re-run to retry)"
+            more = " ..." if len(self.unfinished) > 5 else ""
+            text += (f"; not finished: {', '.join(self.unfinished[:5])}{more} (logs in "
+                     f"{self.results_dir / LOGS_DIR}; re-run to retry)")  # fmt: skip
         return text
 
 
@@ -136,6 +132,7 @@ class Worker:
             total = len(self.states())
             self.bar = PointsBar(self.study.study_name, total, self._finished(), self.quiet)
             try:
+                looked_again = False
                 while True:
                     fail_dead(self.storage, self.study, self.results_dir / LOCKS_DIR)
                     trial = self._claim()
@@ -145,8 +142,12 @@ class Worker:
                         continue
                     states = self.states()
                     self.bar.update(self._finished(states))  # points other workers finished
-                    if "active" not in states.values():
+                    # Optuna fails a dead worker's trial, then enqueues its retry: a point seen
+                    # failed between the two is looked at once more before leaving.
+                    idle = "active" not in states.values()
+                    if idle and ("failed" not in states.values() or looked_again):
                         break
+                    looked_again = idle
                     time.sleep(self.poll)  # others run the rest: wait for them, or their death
             finally:
                 self.bar.close()
