@@ -102,7 +102,7 @@ def test_cpu_specs_follow_issue_14(name, model):
     # Issue 14's grid, and a third, higher lr for full fine-tuning (as many as LoRA's).
     full_lrs = [1e-5, 3e-5, 1e-4]
     assert spec.lrs == {"lora": [1e-4, 3e-4, 1e-3], "full": full_lrs}
-    assert spec.lr_selection == "grid_on_first_seed" and not spec.ablations
+    assert spec.lr_selection == "grid_on_first_seed"
     data = Path("../shared/data")
     want = {  # task: (data_dir or train/eval files, train cap, eval cap, epochs)
         "sst2": (str(data / "glue/sst2"), None, 4000, None, 1.0),
@@ -110,9 +110,12 @@ def test_cpu_specs_follow_issue_14(name, model):
         "rte": (str(data / "glue/rte"), None, None, None, 3.0),
         "squad_v2": (None, str(data / "squad_v2/train-offline.json"), 2000, 1000, 1.0),
     }
-    points = 0
+    points, ablated = 0, {}
     for ph in phases(spec):
         plan = ph.plan(spec, {"lora": 3e-4, "full": 1e-5})
+        if plan.group.startswith("ablation-"):  # checked below
+            ablated[plan.group] = [(p, plan.config_for(p)) for p in plan.points()]
+            continue
         for p in plan.points():
             points += 1
             c = plan.config_for(p)
@@ -169,6 +172,27 @@ def test_cpu_specs_follow_issue_14(name, model):
         for t in want
     )
     assert points == {"smollm2-cpu": 73, "minilm-cpu": 59}[name]
+    # smollm2-cpu v10: rank, alpha and module ablations on SST-2 alone, LoRA at the grid's best
+    # lr, on the first three seeds; each axis's base value is the seeds phase's run (same key).
+    want_axes = {
+        "smollm2-cpu": {
+            "ablation-rank": [(4, 8.0, "standard"), (8, 16.0, "standard"), (16, 32.0, "standard")],
+            "ablation-alpha": [(8, 8.0, "standard"), (8, 16.0, "standard"), (8, 32.0, "standard")],
+            "ablation-modules": [(8, 16.0, t) for t in ("standard", "extended", "all-linear")],
+        },
+        "minilm-cpu": {},
+    }[name]
+    assert set(ablated) == set(want_axes)
+    for group, settings in want_axes.items():
+        got = [
+            (c.data.task, c.train.method, c.train.lr, c.train.seed, (c.lora.r, c.lora.alpha, c.lora.target))
+            for _, c in ablated[group]
+        ]  # fmt: skip
+        assert got == [("sst2", "lora", 3e-4, s, v) for s in (42, 1337, 2024) for v in settings], (
+            group
+        )
+        base = [p["key"] for p, c in ablated[group] if (c.lora.r, c.lora.alpha, c.lora.target) == (8, 16.0, "standard")]  # fmt: skip
+        assert base == [f"sst2-lora-smollm2-135m-lr0.0003-s{s}" for s in (42, 1337, 2024)]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -195,8 +219,9 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
             pairs += 1
     # SST-2 wider: LoRA +1 lr (v2), full +2 (v2, v3); full 1e-4 elsewhere (v4); MRPC full 3e-4 (v5);
     # RTE LoRA 3e-3 (v6); seeds 7 and 123 on SST-2 (v7), MRPC and RTE (v8); v9: MRPC full 1e-3,
-    # seeds 99 and 555 on MRPC and RTE, those and 2718, 31415 on SST-2
-    assert pairs == 73
+    # seeds 99 and 555 on MRPC and RTE, those and 2718, 31415 on SST-2; v10: SST-2's rank, alpha
+    # and module ablations (3 axes x 3 values x 3 seeds, each axis's base value a reused run)
+    assert pairs == 73 + 27
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
