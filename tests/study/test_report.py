@@ -179,6 +179,37 @@ def test_t_quantiles_equal_closed_forms():
         assert t_quantile(0.975, df) == pytest.approx(table, abs=5e-5)
 
 
+def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
+    """The base's runs are the sweep's, filed under the ablation too (as a study reuses them);
+    each other setting is compared with them on the seeds both ran."""
+    runs = [("sweep", 8, 16, 1, 0.85), ("sweep", 8, 16, 2, 0.87), ("sweep", 8, 16, 3, 0.89),
+            ("sweep", 8, 16, 4, 0.90),  # a seed the ablation did not run: not paired
+            ("ablation-rank", 4, 8, 1, 0.80), ("ablation-rank", 4, 8, 2, 0.86),
+            ("ablation-rank", 4, 8, 3, 0.85), ("ablation-rank", 16, 32, 1, 0.88),
+            ("ablation-rank", 16, 32, 2, 0.86)]  # fmt: skip
+    for i, (group, r, alpha, seed, acc) in enumerate(runs):
+        run = write_run(tmp_path / "runs", f"{i:02d}", seed, {"accuracy": acc}, group=group,
+                        lora={"r": r, "alpha": float(alpha)})  # fmt: skip
+        if group == "sweep" and seed < 4:
+            (run / "sweep.json").write_text(json.dumps({"groups": ["sweep", "ablation-rank"]}))
+    report(tmp_path, out=tmp_path / "out")
+    rows = _rows(tmp_path / "out" / "report.csv")
+    md = (tmp_path / "out" / "report.md").read_text()
+    # r = 4 − r = 8 per seed: (80−85, 86−87, 85−89) = (−5, −1, −4) points.
+    mean, lo, hi = -10 / 3, *(-10 / 3 + s * t_quantile(0.975, 2) * statistics.stdev([-5, -1, -4]) / math.sqrt(3) for s in (-1, 1))  # fmt: skip
+    r4 = _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 4)
+    got = [float(r4[k]) for k in ("minus_base_points", "minus_base_ci95_low", "minus_base_ci95_high")]  # fmt: skip
+    assert got == pytest.approx([mean, lo, hi], abs=1e-9)
+    assert f"| accuracy: 83.67 ± 3.21 | {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] (3 seeds) |" in md
+    # r = 16 ran seeds 1 and 2 only: (88−85, 86−87) = (+3, −1).
+    half = t_quantile(0.975, 1) * statistics.stdev([3, -1]) / math.sqrt(2)
+    assert f"| +1.00 [{1 - half:+.2f}, {1 + half:+.2f}] (2 seeds) |" in md
+    assert float(_row(rows, "ablation-rank", "sst2", "lora", 3e-4, 16)["minus_base_points"]) == pytest.approx(1.0)  # fmt: skip
+    # The base's own row says so; in the sweep nothing is an ablation.
+    assert "| r=8 α=16 | abababab/efefefef uncapped | 0.0003 | 3 | accuracy: 87.00 ± 2.00 | base |" in md  # fmt: skip
+    assert _row(rows, "sweep", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
+
+
 def test_t_quantiles_equal_scipy():
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 3, 7, 29, 120):
@@ -249,7 +280,9 @@ def test_aggregates_match_hand_computed_values(tmp_path):
     assert "| mrpc | classifier | tiny-llama | lora | r=8 α=16 | abababab/efefefef uncapped | 1 ep (10 steps) | 0.0003 | 2 (+1 diverged) |" in md  # fmt: skip
     assert "ddof = 1" in md
     assert "## Ablation: rank" in md
-    assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab/efefefef uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | 92.00 ± 1.00 |" in md  # fmt: skip
+    # This axis left its base (r = 8) out: nothing to pair with ("—"); full FT's 3e-5 beside it.
+    assert "| sst2 | classifier | tiny-llama | r=4 α=8 | abababab/efefefef uncapped | 0.0003 | 2 | accuracy: 68.00 ± 2.83 | — | 92.00 ± 1.00 |" in md  # fmt: skip
+    assert r4["minus_base_points"] == ""
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # LoRA vs full, paired, rank ablation
     assert "src='figures" not in html and "87.00 ± 2.00" in html

@@ -151,12 +151,7 @@ class Comparison:
     @property
     def pairs(self) -> list[tuple]:
         """(seed, LoRA value, full value) of the main metric for each seed both methods ran."""
-        if self.full is None:
-            return []
-        m = self.lora.metric
-        full = {r["seed"]: r["metrics"][m] for r in self.full.done if m in r["metrics"]}
-        return [(r["seed"], r["metrics"][m], full[r["seed"]])
-                for r in self.lora.done if m in r["metrics"] and r["seed"] in full]  # fmt: skip
+        return paired(self.lora, self.full) if self.full is not None else []
 
     @property
     def diffs(self) -> list[float]:
@@ -254,6 +249,14 @@ class Comparison:
         if math.isnan(lo) or self.uninformative:
             return None
         return lo < -DROP_TARGET_POINTS < hi
+
+
+def paired(a: Cell, b: Cell) -> list[tuple]:
+    """(seed, a's value, b's value) of the main metric for each seed both cells finished."""
+    m = a.metric
+    other = {r["seed"]: r["metrics"][m] for r in b.done if m in r["metrics"]}
+    return [(r["seed"], r["metrics"][m], other[r["seed"]])
+            for r in a.done if m in r["metrics"] and r["seed"] in other]  # fmt: skip
 
 
 def _shared_seeds(cells: list[Cell]) -> frozenset:
@@ -359,6 +362,15 @@ def is_ablation(group: str) -> bool:
 def _order(c: Cell) -> tuple:
     return (is_ablation(c.group), c.group, c.task, c.model, c.head, c.data, c.method != "lora",
             c.lora.get("r", 0) if c.lora else 0, c.variant, c.lr)  # fmt: skip
+
+
+def ablation_base(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The base setting of `cell`'s ablation axis: the cell of the same group and counterpart
+    whose runs are also runs of a non-ablation group (the grid's run at that lr and seed,
+    reused: the study's own LoRA settings). None when the axis left the base out."""
+    outside = {c.identity_id for c in cells if not is_ablation(c.group)}
+    return next((c for c in cells if c.best and c.group == cell.group and c.method == "lora"
+                 and c.counterpart == cell.counterpart and c.identity_id in outside), None)  # fmt: skip
 
 
 def full_reference(cell: Cell, cells: list[Cell]) -> Cell | None:

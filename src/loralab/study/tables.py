@@ -12,8 +12,10 @@ from .aggregate import (
     UNINFORMATIVE_POINTS,
     Cell,
     Comparison,
+    ablation_base,
     full_reference,
     is_ablation,
+    paired,
 )
 from .records import points_per_unit
 from .stats import t_interval
@@ -172,6 +174,20 @@ def glance_table(comps: list[Comparison]) -> Table:
     )  # fmt: skip
 
 
+def _minus_base(cell: Cell, base: Cell | None) -> str:
+    """'+0.35 [-1.20, +1.90] (3 seeds)': `cell` − the axis's base, paired by seed; 'base' on
+    the base's own row, a dash when the axis has no base or no seed in common."""
+    if base is None or base is cell:
+        return "—" if base is None else "base"
+    pairs = paired(cell, base)
+    if not pairs:
+        return "—"
+    k = points_per_unit(cell.task)
+    mean, lo, hi = t_interval([k * (a - b) for _, a, b in pairs])
+    ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
+    return f"{mean:+.2f}{ci} ({len(pairs)} seed{'s' * (len(pairs) > 1)})"
+
+
 def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
     out = [main_table(cells, comps), glance_table(comps)]
     best = [c for c in cells if c.best]
@@ -199,16 +215,23 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         for c in (c for c in best if c.group == group and c.lora):
             ref = full_reference(c, cells)
             rows.append([c.task, c.head, c.model, c.variant, c.data, f"{c.lr:g}", _n(c),
-                         f"{c.metric}: {_pm(c, c.metric)}", _pm(ref, ref.metric) if ref else "—",
+                         f"{c.metric}: {_pm(c, c.metric)}", _minus_base(c, ablation_base(c, cells)),
+                         _pm(ref, ref.metric) if ref else "—",
                          _f(c.avg("trainable_share_without_head_pct"), ".3f"),
                          _f(c.avg("wall_time_s")), _f(c.avg("train_cpu_time_s"), ".0f"),
                          _f(c.avg("peak_memory_mb"), ".0f")])  # fmt: skip
         out.append(Table(
             f"Ablation: {group.removeprefix('ablation-')} (best learning rate per setting)",
             ["task", "head", "model", "LoRA", "data", "best lr", "seeds", "main metric",
-             "full fine-tuning", "trainable % (without head)", "wall time (s)", "training CPU (s)",
+             "− base, paired by seed (mean [95% CI])", "full fine-tuning",
+             "trainable % (without head)", "wall time (s)", "training CPU (s)",
              "peak memory (MB)"],
             rows,
+            "− base: this setting's main metric minus the axis's base setting (the study's own "
+            "LoRA settings, the grid's runs reused) on the seeds both ran, in points; mean and "
+            "95% Student-t interval over those seeds. An interval that spans 0 does not tell "
+            "the two settings apart at these seeds. Full fine-tuning: its best learning rate, "
+            "all its seeds (not paired: the ablation keeps LoRA's lr, tuned for the base).",
         ))  # fmt: skip
     return out
 
@@ -245,6 +268,11 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                   "train_cpu_time_s", "peak_memory_mb"):  # fmt: skip
             row[k] = c.avg(k)
         row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
+        base = ablation_base(c, cells) if is_ablation(c.group) and c.best else None
+        diffs = [points_per_unit(c.task) * (a - b) for _, a, b in paired(c, base)] if base else []
+        row["minus_base_points"], row["minus_base_ci95_low"], row["minus_base_ci95_high"] = (
+            t_interval(diffs) if diffs else ("", "", "")
+        )
         mean, lo, hi = comp.interval if comp else ("", "", "")
         held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
