@@ -83,7 +83,7 @@ def test_a_figure_without_a_legend_carries_the_caveat_under_its_panels(monkeypat
     labelled.add_subplot().plot([0, 1], label="LoRA")
     labelled.legend()
     for fig in (bare, labelled):
-        plots._caveats(fig, {"tiny-llama", "tiny-bert"})  # tiny-bert has no caveat
+        plots.add_caveats(fig, {"tiny-llama", "tiny-bert"})  # tiny-bert has no caveat
     assert bare._supxlabel.get_text() == f"tiny-llama: {CAVEAT}"
     assert labelled.legends[0].get_title().get_text() == f"tiny-llama: {CAVEAT}"
     assert labelled._supxlabel is None

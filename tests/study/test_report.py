@@ -669,6 +669,28 @@ def test_majority_baselines_of_the_tasks():
     assert (points_per_unit("sst2"), points_per_unit("squad_v2")) == (100.0, 1.0)
 
 
+def test_preset_ablation_ticks_run_by_size_and_the_caveat_fits_the_figure(tmp_path):
+    """Presets read standard, extended, all-linear (smallest trainable share first, not the
+    slugs' alphabetical order); the base's tick names its preset; SmolLM2's caveat under a
+    one-panel figure is wrapped to the figure's width, not clipped at its edges."""
+    from loralab.models import caveat
+
+    for name, share in (("all-linear", 1.78), ("extended", 0.68), ("standard", 0.34)):
+        write_run(tmp_path, name, 1, {"accuracy": 0.8 + share / 100}, group="ablation-modules",
+                  lora={"target": name}, share=(share + 0.1, share))  # fmt: skip
+    cells, _ = aggregate(load_runs(tmp_path))
+    fig = plots.ablation([c for c in cells if c.best], "modules", lambda c: None)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["standard", "extended", "all-linear"]
+    assert ax.get_xlabel() == "LoRA variant (target)"
+    plots.add_caveats(fig, {"smollm2-135m"})
+    title = fig.legends[0].get_title()
+    assert title.get_text().replace("\n", " ") == caveat("smollm2-135m")
+    fig.canvas.draw()
+    box, edge = title.get_window_extent(), fig.bbox
+    assert edge.x0 <= box.x0 and box.x1 <= edge.x1, (box, edge)
+
+
 def test_records_do_not_share_state(tmp_path):
     write_run(tmp_path, "a", 1, {"accuracy": 0.5})
     records = load_runs(tmp_path)

@@ -170,6 +170,18 @@ def _axis(cells) -> tuple[str | None, list[str]]:
     return x, [k for k in varying if k != x]
 
 
+def _share_key(cell) -> float:
+    share = cell.avg("trainable_share_without_head_pct")
+    return math.inf if math.isnan(share) else share
+
+
+def _base_label(lora: dict, others: list[str]) -> str:
+    """The tick of a setting whose slug is empty (every ablated key at its default): the value
+    itself where one text-valued key varies ('standard' among presets), else 'defaults'."""
+    value = lora.get(others[0]) if len(others) == 1 else None
+    return value if isinstance(value, str) else "defaults"
+
+
 def ablation(cells, kind: str, reference):
     """Main metric vs the ablated LoRA setting; one panel per (task, model, head), best lr per
     setting; the comparable full fine-tuning level as a horizontal reference line. Lines and
@@ -199,11 +211,13 @@ def ablation(cells, kind: str, reference):
             ax.minorticks_off()
             ax.set_xlabel({"r": "rank r", "alpha": "alpha"}.get(x, x) + (f" ({', '.join(tied)} moving with it)" if tied else ""))  # fmt: skip
         else:  # categorical: presets, DoRA/rsLoRA, init, ...
+            # Smallest trainable share first (standard, extended, all-linear), ties as they came.
+            mine.sort(key=lambda c: _share_key(c))
             stats = [_ms(c) for c in mine]
             ax.errorbar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
                         fmt="o", capsize=4, color=COLORS["lora"], label="LoRA")  # fmt: skip
             keys = others or list(LORA_DEFAULTS)  # what tells them apart, else all but r and α
-            names = [variant_label(c.lora, keys) or "defaults" for c in mine]
+            names = [variant_label(c.lora, keys) or _base_label(c.lora, others) for c in mine]
             ax.set_xticks(range(len(mine)), names, fontsize=8, rotation=20)
             ax.set_xlim(-0.6, len(mine) - 0.4)
             ax.set_xlabel("LoRA variant (" + ", ".join(others) + ")" if others else "LoRA variant")
@@ -218,12 +232,14 @@ def ablation(cells, kind: str, reference):
     return fig
 
 
-def _caveats(fig, models: set[str]) -> None:
+def add_caveats(fig, models: set[str]) -> None:
     """The shown models' caveats (SmolLM2: dequantised weights) above the figure's legend, or
     under its panels: a figure copied out of the report must still say what was trained."""
     import textwrap
 
-    notes = "\n".join(textwrap.fill(note, 100) for m in sorted(models) if (note := caveat(m)))
+    # ~14 characters per inch of figure at 7 pt: a one-panel figure's line must not be clipped.
+    width = max(40, int(fig.get_size_inches()[0] * 14))
+    notes = "\n".join(textwrap.fill(note, width) for m in sorted(models) if (note := caveat(m)))
     if notes and fig.legends:
         fig.legends[0].set_title(notes, prop={"size": 7})
     elif notes:  # nothing labelled, so no legend: a line under the panels instead
@@ -249,7 +265,7 @@ def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     out = []
     for title, name, fig, models in figures:
         if fig is not None:
-            _caveats(fig, models)
+            add_caveats(fig, models)
             fig.savefig(folder / name, dpi=110)
             out.append((title, folder / name))
     return out
