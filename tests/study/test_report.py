@@ -208,6 +208,7 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
     # The base's own row says so; in the sweep nothing is an ablation.
     assert "| r=8 α=16 | abababab/efefefef uncapped | 0.0003 | 3 | accuracy: 87.00 ± 2.00 | base |" in md  # fmt: skip
     assert _row(rows, "sweep", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
+    assert _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
 
 
 def test_t_quantiles_equal_scipy():

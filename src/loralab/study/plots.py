@@ -212,7 +212,7 @@ def ablation(cells, kind: str, reference):
             ax.set_xlabel({"r": "rank r", "alpha": "alpha"}.get(x, x) + (f" ({', '.join(tied)} moving with it)" if tied else ""))  # fmt: skip
         else:  # categorical: presets, DoRA/rsLoRA, init, ...
             # Smallest trainable share first (standard, extended, all-linear), ties as they came.
-            mine.sort(key=lambda c: _share_key(c))
+            mine.sort(key=_share_key)
             stats = [_ms(c) for c in mine]
             ax.errorbar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
                         fmt="o", capsize=4, color=COLORS["lora"], label="LoRA")  # fmt: skip

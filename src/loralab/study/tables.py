@@ -269,7 +269,8 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
             row[k] = c.avg(k)
         row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
         base = ablation_base(c, cells) if is_ablation(c.group) and c.best else None
-        diffs = [points_per_unit(c.task) * (a - b) for _, a, b in paired(c, base)] if base else []
+        pairs = paired(c, base) if base is not None and base is not c else []
+        diffs = [points_per_unit(c.task) * (a - b) for _, a, b in pairs]
         row["minus_base_points"], row["minus_base_ci95_low"], row["minus_base_ci95_high"] = (
             t_interval(diffs) if diffs else ("", "", "")
         )
