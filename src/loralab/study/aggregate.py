@@ -156,8 +156,7 @@ class Comparison:
     @property
     def diffs(self) -> list[float]:
         """LoRA − full per seed, in points."""
-        k = points_per_unit(self.task)
-        return [k * (a - b) for _, a, b in self.pairs]
+        return paired_diffs(self.lora, self.full) if self.full is not None else []
 
     @property
     def interval(self) -> tuple[float, float, float]:
@@ -257,6 +256,12 @@ def paired(a: Cell, b: Cell) -> list[tuple]:
     other = {r["seed"]: r["metrics"][m] for r in b.done if m in r["metrics"]}
     return [(r["seed"], r["metrics"][m], other[r["seed"]])
             for r in a.done if m in r["metrics"] and r["seed"] in other]  # fmt: skip
+
+
+def paired_diffs(a: Cell, b: Cell) -> list[float]:
+    """a − b per seed both cells finished (`paired`), in points."""
+    k = points_per_unit(a.task)
+    return [k * (x - y) for _, x, y in paired(a, b)]
 
 
 def _shared_seeds(cells: list[Cell]) -> frozenset:

@@ -15,7 +15,7 @@ from .aggregate import (
     ablation_base,
     full_reference,
     is_ablation,
-    paired,
+    paired_diffs,
 )
 from .records import points_per_unit
 from .stats import t_interval
@@ -179,13 +179,12 @@ def _minus_base(cell: Cell, base: Cell | None) -> str:
     the base's own row, a dash when the axis has no base or no seed in common."""
     if base is None or base is cell:
         return "—" if base is None else "base"
-    pairs = paired(cell, base)
-    if not pairs:
+    diffs = paired_diffs(cell, base)
+    if not diffs:
         return "—"
-    k = points_per_unit(cell.task)
-    mean, lo, hi = t_interval([k * (a - b) for _, a, b in pairs])
+    mean, lo, hi = t_interval(diffs)
     ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
-    return f"{mean:+.2f}{ci} ({len(pairs)} seed{'s' * (len(pairs) > 1)})"
+    return f"{mean:+.2f}{ci} ({len(diffs)} seed{'s' * (len(diffs) > 1)})"
 
 
 def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
@@ -269,8 +268,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
             row[k] = c.avg(k)
         row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
         base = ablation_base(c, cells) if is_ablation(c.group) and c.best else None
-        pairs = paired(c, base) if base is not None and base is not c else []
-        diffs = [points_per_unit(c.task) * (a - b) for _, a, b in pairs]
+        diffs = paired_diffs(c, base) if base is not None and base is not c else []
         row["minus_base_points"], row["minus_base_ci95_low"], row["minus_base_ci95_high"] = (
             t_interval(diffs) if diffs else ("", "", "")
         )
