@@ -209,6 +209,34 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
     assert "| r=8 α=16 | abababab/efefefef uncapped | 0.0003 | 3 | accuracy: 87.00 ± 2.00 | base |" in md  # fmt: skip
     assert _row(rows, "sweep", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
     assert _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
+    assert "Best lr: the ablation keeps LoRA's, tuned for the base." in md
+
+
+def test_an_axis_with_its_own_lr_grid_scores_each_setting_at_its_best_rate(tmp_path):
+    """An alpha axis run at two rates: alpha = 32 wins at the lower one, the base at the
+    higher; each row is its own best, and − base pairs the two bests by seed."""
+    # (groups, alpha, lr, seed, accuracy); the base at 1e-3 and its seed 1 at 3e-4 are grid runs.
+    both = ("sweep", "ablation-alpha")
+    runs = [(both, 16, 1e-3, 1, 0.85), (both, 16, 1e-3, 2, 0.87), (both, 16, 3e-4, 1, 0.84),
+            (("ablation-alpha",), 16, 3e-4, 2, 0.84),
+            (("ablation-alpha",), 32, 3e-4, 1, 0.88), (("ablation-alpha",), 32, 3e-4, 2, 0.91),
+            (("ablation-alpha",), 32, 1e-3, 1, 0.80), (("ablation-alpha",), 32, 1e-3, 2, 0.82)]  # fmt: skip
+    for i, (groups, alpha, lr, seed, acc) in enumerate(runs):
+        run = write_run(tmp_path / "runs", f"{i:02d}", seed, {"accuracy": acc}, lr=lr,
+                        lora={"alpha": float(alpha)})  # fmt: skip
+        (run / "sweep.json").write_text(json.dumps({"groups": list(groups)}))
+    report(tmp_path, out=tmp_path / "out")
+    rows = _rows(tmp_path / "out" / "report.csv")
+    md = (tmp_path / "out" / "report.md").read_text()
+    best = {(r["alpha"], float(r["lr"])): r["best_lr"] for r in rows if r["group"] == "ablation-alpha"}  # fmt: skip
+    assert best == {("16.0", 1e-3): "True", ("16.0", 3e-4): "False",
+                    ("32.0", 3e-4): "True", ("32.0", 1e-3): "False"}  # fmt: skip
+    # alpha 32 at 3e-4 minus the base at 1e-3, per seed: (88−85, 91−87) = (+3, +4) points.
+    half = t_quantile(0.975, 1) * statistics.stdev([3, 4]) / math.sqrt(2)
+    assert f"| 0.0003 | 2 | accuracy: 89.50 ± 2.12 | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (2 seeds) |" in md  # fmt: skip
+    assert "Best lr: each setting's own, from the axis's lr grid" in md
+    # 3e-4 is the lowest rate of alpha 32's grid and beats the other: it may be under-tuned.
+    assert "sst2 lora r=8 α=32 (tiny-llama, ablation-alpha): the best learning rate, 0.0003, is the lowest" in md  # fmt: skip
 
 
 def test_t_quantiles_equal_scipy():
@@ -332,7 +360,10 @@ def test_a_best_lr_at_the_edge_of_its_grid_is_warned_about(tmp_path):
     # sweep sst2: LoRA 3e-4 and full 3e-5 are the highest of their grids; rank 4 wins at its
     # highest lr, rank 16 at its lowest; mrpc has one lr per method (no grid): no warning.
     assert len(warned) == 4
-    assert sum(w.startswith("sst2 lora (tiny-llama, ") for w in warned) == 3
+    assert sum(w.startswith("sst2 lora (tiny-llama, sweep)") for w in warned) == 1
+    # An ablation's warning names its setting: each setting of an axis has its own grid.
+    assert sum(w.startswith("sst2 lora r=4 α=8 (tiny-llama, ablation-rank)") for w in warned) == 1
+    assert sum(w.startswith("sst2 lora r=16 α=32 (tiny-llama, ablation-rank)") for w in warned) == 1
     assert sum("is the highest of its grid (1e-05, 3e-05)" in w for w in warned) == 1
     assert sum("0.0003, is the highest of its grid (0.0001, 0.0003)" in w for w in warned) == 2
     assert sum("0.0001, is the lowest of its grid (0.0001, 0.0003)" in w for w in warned) == 1

@@ -174,25 +174,27 @@ def test_cpu_specs_follow_issue_14(name, model):
     assert points == {"smollm2-cpu": 73, "minilm-cpu": 59}[name]
     # smollm2-cpu v10: rank, alpha and module ablations on SST-2 alone, LoRA at the grid's best
     # lr, on the first three seeds; each axis's base value is the seeds phase's run (same key).
-    want_axes = {
+    # v11: the module and rank axes on all nine seeds; alpha on its own lr grid (3 seeds).
+    nine = (42, 1337, 2024, 7, 123, 99, 555, 2718, 31415)
+    want_axes = {  # group: (settings (r, alpha, target), lrs, seeds)
         "smollm2-cpu": {
-            "ablation-rank": [(4, 8.0, "standard"), (8, 16.0, "standard"), (16, 32.0, "standard")],
-            "ablation-alpha": [(8, 8.0, "standard"), (8, 16.0, "standard"), (8, 32.0, "standard")],
-            "ablation-modules": [(8, 16.0, t) for t in ("standard", "extended", "all-linear")],
+            "ablation-modules": ([(8, 16.0, t) for t in ("standard", "extended", "all-linear")], [3e-4], nine),
+            "ablation-rank": ([(4, 8.0, "standard"), (8, 16.0, "standard"), (16, 32.0, "standard")], [3e-4], nine),
+            "ablation-alpha": ([(8, a, "standard") for a in (8.0, 16.0, 32.0)], [3e-4, 1e-3, 3e-3], (42, 1337, 2024)),
         },
         "minilm-cpu": {},
-    }[name]
+    }[name]  # fmt: skip
     assert set(ablated) == set(want_axes)
-    for group, settings in want_axes.items():
+    for group, (settings, lrs, seeds) in want_axes.items():
         got = [
             (c.data.task, c.train.method, c.train.lr, c.train.seed, (c.lora.r, c.lora.alpha, c.lora.target))
             for _, c in ablated[group]
         ]  # fmt: skip
-        assert got == [("sst2", "lora", 3e-4, s, v) for s in (42, 1337, 2024) for v in settings], (
+        assert got == [("sst2", "lora", lr, s, v) for s in seeds for lr in lrs for v in settings], (
             group
         )
         base = [p["key"] for p, c in ablated[group] if (c.lora.r, c.lora.alpha, c.lora.target) == (8, 16.0, "standard")]  # fmt: skip
-        assert base == [f"sst2-lora-smollm2-135m-lr0.0003-s{s}" for s in (42, 1337, 2024)]
+        assert base == [f"sst2-lora-smollm2-135m-lr{lr:g}-s{s}" for s in seeds for lr in lrs]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -220,8 +222,9 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
     # SST-2 wider: LoRA +1 lr (v2), full +2 (v2, v3); full 1e-4 elsewhere (v4); MRPC full 3e-4 (v5);
     # RTE LoRA 3e-3 (v6); seeds 7 and 123 on SST-2 (v7), MRPC and RTE (v8); v9: MRPC full 1e-3,
     # seeds 99 and 555 on MRPC and RTE, those and 2718, 31415 on SST-2; v10: SST-2's rank, alpha
-    # and module ablations (3 axes x 3 values x 3 seeds, each axis's base value a reused run)
-    assert pairs == 73 + 27
+    # and module ablations (3 axes x 3 values x 3 seeds, each axis's base value a reused run);
+    # v11: modules and rank on nine seeds (2 x 3 x 9), alpha on three rates (3 x 3 x 3)
+    assert pairs == 73 + 54 + 27
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
@@ -290,6 +293,22 @@ def test_variant_slugs_and_axes(tmp_path):
                     "mrpc-lora-tiny-llama-lr0.0005-s2", "mrpc-lora-tiny-llama-lr0.0005-s2-dora"]  # fmt: skip
     cfg = dora[0].plan(spec, None).config_for(dora[0].plan(spec, None).points()[1])
     assert cfg.lora.use_dora is True and cfg.lora.r == 8 and cfg.train.seed == 1
+
+
+def test_an_axis_with_an_lr_list_runs_every_value_at_every_rate(tmp_path):
+    """`lr: [...]` on an axis: its own grid (value × lr × seed), needing nothing from the
+    task's grid; the base value at a rate and seed of the grid is that grid point's key."""
+    axes = [{"lora.alpha": [16, 32], "lr": [3e-4, 1e-3], "seeds": [1, 2]}]
+    spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
+    assert spec.ablations[0].lr == [3e-4, 1e-3]
+    (ph,) = [ph for ph in phases(spec) if ph.kind == "ablation" and ph.task == "sst2"]
+    assert not ph.needs_grid
+    plan = ph.plan(spec, None)
+    got = {(p["lr"], p["seed"], p["lora"].get("alpha", 16.0)) for p in plan.points()}
+    assert got == {(lr, s, a) for lr in (3e-4, 1e-3) for s in (1, 2) for a in (16.0, 32.0)}
+    grid_keys = {p["key"] for p in phases(spec)[0].plan(spec, None).points()}
+    base_keys = {p["key"] for p in plan.points() if not p["lora"]}
+    assert base_keys & grid_keys == {"sst2-lora-tiny-llama-lr0.001-s1"}  # the grid: 1e-3, 3e-3
 
 
 def test_full_grid_has_no_seed_phase(tmp_path):
@@ -390,6 +409,9 @@ BAD_SPECS = [
         "'ablations[0].tasks' must be a non-empty list of the study's tasks",
     ),
     ({"ablations": [{"lora.r": [4]}, {"lora.r": [16]}]}, "has two axes named alike"),
+    ({"ablations": [{"lora.r": [4], "lr": [1e-3, 1e-3]}]}, "'ablations[0].lr' repeats a value"),
+    ({"ablations": [{"lora.r": [4], "lr": []}]}, "'ablations[0].lr' must be a non-empty list"),
+    ({"ablations": [{"lora.r": [4], "lr": "fast"}]}, "'ablations[0].lr' holds 'fast'"),
     (
         {"methods": ["full"], "lr": {"full": [1e-4]}},
         "'ablations[0].lr' is 'best' (the default), but the study has no LoRA grid",

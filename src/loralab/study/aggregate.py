@@ -339,6 +339,8 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
         others = [score(c) for c in scored if c is not best]
         grid = ", ".join(f"{lr:g}" for lr in lrs)
         where = f"{best.task} {best.method} ({best.model}, {best.group})"
+        if is_ablation(best.group):  # an axis with its own grid: one family per setting
+            where = f"{best.task} {best.method} {best.variant} ({best.model}, {best.group})"
         if len(scored) == len(lrs) and all(v == score(best) for v in others):
             value = f"{best.metric} {points_per_unit(best.task) * score(best):.2f} points"
             out.append(

@@ -6,7 +6,10 @@ study per ablation axis; each phase is an ordinary sweep plan (`grid.Plan`).
 - `<name>-<task>-seeds` (grid_on_first_seed): the other seeds at each method's best lr, made
   once the grid is complete;
 - `<name>-<task>-ablate-<axis>`: LoRA at each value of the axis (any `lora.*` key: a variant
-  is data), at the grid's best LoRA lr (made once the grid is complete) or at an explicit lr.
+  is data), at the grid's best LoRA lr (made once the grid is complete), at an explicit lr, or
+  at each lr of the axis's own grid (every value × lr × seed; the report keeps each value's
+  best, so a setting that shifts the effective step size, such as alpha, is not judged at a
+  rate tuned for the base).
 
 Dependent studies are deterministic functions of the stored grid results, so any worker may
 create them and all of them create the same ones.
@@ -32,7 +35,7 @@ class Ablation:
     name: str
     scale_alpha: bool = False
     seeds: list[int] | None = None  # None = the task's first seed
-    lr: float | None = None  # None = the grid's best LoRA lr per task
+    lr: list[float] | None = None  # None = the grid's best LoRA lr per task; 2+: a grid
     tasks: list[str] | None = None  # None = every task
 
 
@@ -131,7 +134,7 @@ class Phase:
         else:
             a = self.ablation
             methods, seeds = ["lora"], a.seeds or spec.seeds_for(self.task)[:1]
-            lrs = {"lora": [a.lr if a.lr is not None else best["lora"]]}
+            lrs = {"lora": list(a.lr) if a.lr is not None else [best["lora"]]}
             variants = ablation_variants(spec, self.task, a)
             kind, abl_name = "ablation", a.name
         return Plan(

@@ -176,8 +176,8 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) ->
         lr = None
         if "lora" not in methods:
             raise _err(path, f"{where}.lr", "is 'best' (the default), but the study has no LoRA grid to take it from: give a number, or add lora to methods.")  # fmt: skip
-    else:
-        lr = _numbers(path, f"{where}.lr", [lr], float)[0]
+    else:  # one rate, or a grid: every value runs at each, and keeps its own best (on dev)
+        lr = _numbers(path, f"{where}.lr", lr if isinstance(lr, list) else [lr], float)
     tasks = entry.get("tasks")
     if tasks is not None:
         if not isinstance(tasks, list) or not tasks or set(tasks) - set(spec_tasks):

@@ -210,6 +210,8 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         "`ablation-<axis>` for an ablation's runs.",
     ))  # fmt: skip
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
+        # An axis with its own lr grid picks each setting's rate; one without keeps the base's.
+        own_lr = len({c.lr for c in cells if c.group == group}) > 1
         rows = []
         for c in (c for c in best if c.group == group and c.lora):
             ref = full_reference(c, cells)
@@ -230,7 +232,14 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             "LoRA settings, the grid's runs reused) on the seeds both ran, in points; mean and "
             "95% Student-t interval over those seeds. An interval that spans 0 does not tell "
             "the two settings apart at these seeds. Full fine-tuning: its best learning rate, "
-            "all its seeds (not paired: the ablation keeps LoRA's lr, tuned for the base).",
+            "all its seeds (not paired). "
+            + (
+                "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds "
+                "every rate ran, which are also the seeds it is scored on (optimistic alike "
+                "for every setting, the base included)."
+                if own_lr
+                else "Best lr: the ablation keeps LoRA's, tuned for the base."
+            ),
         ))  # fmt: skip
     return out
 
