@@ -368,6 +368,10 @@ def test_a_best_lr_at_the_edge_of_its_grid_is_warned_about(tmp_path):
     assert sum("0.0003, is the highest of its grid (0.0001, 0.0003)" in w for w in warned) == 2
     assert sum("0.0001, is the lowest of its grid (0.0001, 0.0003)" in w for w in warned) == 1
     assert not any("mrpc" in w for w in warned)
+    # Drawn from the best cells (as the report does), each point names the rate it won at.
+    abl = [c for c in cells if c.group == "ablation-rank" and c.best]
+    (ax,) = plots.ablation(abl, "rank", lambda c: None).axes
+    assert sorted(t.get_text() for t in ax.texts) == ["lr 0.0001", "lr 0.0003"]
     # A grid whose best is inside it: no warning.
     for i, (lr, acc) in enumerate([(1e-4, 0.70), (3e-4, 0.80), (1e-3, 0.75)]):
         write_run(tmp_path / "inner", f"r{i}", 1, {"accuracy": acc}, lr=lr)
@@ -663,6 +667,7 @@ def test_cli_three_identities_three_rows_figures_with_reference_line(tmp_path, c
     flat = [ln for ln in ax.lines if len(set(ln.get_ydata())) == 1 and ln.get_linestyle() == "--"]
     assert [ln.get_ydata()[0] for ln in flat] == [pytest.approx(82.5)]  # mean of 82, 83
     assert ax.get_ylabel() == "dev accuracy (points)" and ax.get_xlabel().startswith("rank r")
+    assert list(ax.texts) == []  # one rate on the axis: no per-point rates
 
 
 def test_cli_report_and_empty_folder(tmp_path, capsys):

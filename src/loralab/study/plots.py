@@ -182,6 +182,15 @@ def _base_label(lora: dict, others: list[str]) -> str:
     return value if isinstance(value, str) else "defaults"
 
 
+def _rates(ax, xs: list, cells: list, stats: list) -> None:
+    """Each point's learning rate beside it, where an axis with its own lr grid chose several:
+    a setting that won at another rate than the base must say so on the figure too."""
+    if len({c.lr for c in cells}) < 2:
+        return
+    for x, c, (mean, _) in zip(xs, cells, stats, strict=True):
+        ax.annotate(f"lr {c.lr:g}", (x, mean), textcoords="offset points", xytext=(6, -3), fontsize=7)  # fmt: skip
+
+
 def ablation(cells, kind: str, reference):
     """Main metric vs the ablated LoRA setting; one panel per (task, model, head), best lr per
     setting; the comparable full fine-tuning level as a horizontal reference line. Lines and
@@ -204,6 +213,7 @@ def ablation(cells, kind: str, reference):
                 stats = [_ms(c) for c in group]
                 ax.errorbar([c.lora[x] for c in group], [s[0] for s in stats],
                             yerr=[s[1] for s in stats], marker="o", capsize=4, label=label)  # fmt: skip
+                _rates(ax, [c.lora[x] for c in group], group, stats)
             xs = sorted({c.lora[x] for c in mine})
             if x in ("r", "alpha") and min(xs) > 0:
                 ax.set_xscale("log", base=2)
@@ -216,6 +226,7 @@ def ablation(cells, kind: str, reference):
             stats = [_ms(c) for c in mine]
             ax.errorbar(range(len(mine)), [s[0] for s in stats], yerr=[s[1] for s in stats],
                         fmt="o", capsize=4, color=COLORS["lora"], label="LoRA")  # fmt: skip
+            _rates(ax, list(range(len(mine))), mine, stats)
             keys = others or list(LORA_DEFAULTS)  # what tells them apart, else all but r and α
             names = [variant_label(c.lora, keys) or _base_label(c.lora, others) for c in mine]
             ax.set_xticks(range(len(mine)), names, fontsize=8, rotation=20)
