@@ -200,10 +200,14 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
     r4 = _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 4)
     got = [float(r4[k]) for k in ("minus_base_points", "minus_base_ci95_low", "minus_base_ci95_high")]  # fmt: skip
     assert got == pytest.approx([mean, lo, hi], abs=1e-9)
-    assert f"| accuracy: 83.67 ± 3.21 | {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] (3 seeds) |" in md
+    # The interval spans 0; at this mean and spread 4 seeds would not: t(3) 3.182 x 2.082 / 2
+    # = 3.31 < 3.33, while 3 give 4.303 x 2.082 / 1.732 = 5.17.
+    assert f"| accuracy: 83.67 ± 3.21 | {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] (3 seeds; ~4 to tell apart) |" in md  # fmt: skip
+    assert r4["minus_base_seeds_to_tell_apart"] == "4"
     # r = 16 ran seeds 1 and 2 only: (88−85, 86−87) = (+3, −1).
     half = t_quantile(0.975, 1) * statistics.stdev([3, -1]) / math.sqrt(2)
-    assert f"| +1.00 [{1 - half:+.2f}, {1 + half:+.2f}] (2 seeds) |" in md
+    # (+3, −1): mean 1, std 2.83; 34 seeds would be the first whose interval clears 0.
+    assert f"| +1.00 [{1 - half:+.2f}, {1 + half:+.2f}] (2 seeds; ~34 to tell apart) |" in md  # fmt: skip
     assert float(_row(rows, "ablation-rank", "sst2", "lora", 3e-4, 16)["minus_base_points"]) == pytest.approx(1.0)  # fmt: skip
     # The base's own row says so; in the sweep nothing is an ablation.
     assert "| r=8 α=16 | abababab/efefefef uncapped | 0.0003 | 3 | accuracy: 87.00 ± 2.00 | base |" in md  # fmt: skip
@@ -233,10 +237,19 @@ def test_an_axis_with_its_own_lr_grid_scores_each_setting_at_its_best_rate(tmp_p
                     ("32.0", 3e-4): "True", ("32.0", 1e-3): "False"}  # fmt: skip
     # alpha 32 at 3e-4 minus the base at 1e-3, per seed: (88−85, 91−87) = (+3, +4) points.
     half = t_quantile(0.975, 1) * statistics.stdev([3, 4]) / math.sqrt(2)
-    assert f"| 0.0003 | 2 | accuracy: 89.50 ± 2.12 | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (2 seeds) |" in md  # fmt: skip
+    assert f"| 0.0003 | 2 | accuracy: 89.50 ± 2.12 | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (2 seeds; ~3 to tell apart) |" in md  # fmt: skip
     assert "Best lr: each setting's own, from the axis's lr grid" in md
     # 3e-4 is the lowest rate of alpha 32's grid and beats the other: it may be under-tuned.
     assert "sst2 lora r=8 α=32 (tiny-llama, ablation-alpha): the best learning rate, 0.0003, is the lowest" in md  # fmt: skip
+
+
+def test_the_seeds_to_tell_two_settings_apart():
+    from loralab.study.tables import _to_tell_apart
+
+    assert _to_tell_apart([2.0, 2.1, 1.9]) == ""  # the interval already excludes 0
+    assert _to_tell_apart([1.0]) == ""  # one seed: no interval, no projection
+    assert _to_tell_apart([1.0, -1.0, 0.1]) == ">50"  # mean 0.03, std 1: a tie at any count
+    assert _to_tell_apart([-5.0, -1.0, -4.0]) == 4
 
 
 def test_t_quantiles_equal_scipy():

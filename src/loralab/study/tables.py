@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .aggregate import (
     DROP_TARGET_POINTS,
+    SETTLE_MOST,
     SHARE_TARGET_PCT,
     UNINFORMATIVE_POINTS,
     Cell,
@@ -18,7 +19,7 @@ from .aggregate import (
     paired_diffs,
 )
 from .records import points_per_unit
-from .stats import t_interval
+from .stats import seeds_to_settle, t_interval
 
 
 @dataclass
@@ -184,7 +185,19 @@ def _minus_base(cell: Cell, base: Cell | None) -> str:
         return "—"
     mean, lo, hi = t_interval(diffs)
     ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
-    return f"{mean:+.2f}{ci} ({len(diffs)} seed{'s' * (len(diffs) > 1)})"
+    apart = _to_tell_apart(diffs)
+    more = f"; {'~' * isinstance(apart, int)}{apart} to tell apart" if apart else ""
+    return f"{mean:+.2f}{ci} ({len(diffs)} seed{'s' * (len(diffs) > 1)}{more})"
+
+
+def _to_tell_apart(diffs: list[float]) -> int | str:
+    """Where the paired interval spans 0: the seeds whose interval would exclude it at the
+    same mean and spread ('>50' past the projection's reach); '' where it already does."""
+    _, lo, hi = t_interval(diffs)
+    if math.isnan(lo) or not lo < 0 < hi:
+        return ""
+    reach = max(SETTLE_MOST, len(diffs))
+    return seeds_to_settle(diffs, 0.0, most=reach) or f">{reach}"
 
 
 def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
@@ -231,7 +244,9 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             "− base: this setting's main metric minus the axis's base setting (the study's own "
             "LoRA settings, the grid's runs reused) on the seeds both ran, in points; mean and "
             "95% Student-t interval over those seeds. An interval that spans 0 does not tell "
-            "the two settings apart at these seeds. Full fine-tuning: its best learning rate, "
+            "the two settings apart at these seeds; the seeds that would are projected at the "
+            "same mean and spread of the differences (a plug-in estimate; "
+            f"'>{SETTLE_MOST}': the two are as good as tied). Full fine-tuning: its best learning rate, "
             "all its seeds (not paired). "
             + (
                 "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds "
@@ -281,6 +296,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
         row["minus_base_points"], row["minus_base_ci95_low"], row["minus_base_ci95_high"] = (
             t_interval(diffs) if diffs else ("", "", "")
         )
+        row["minus_base_seeds_to_tell_apart"] = _to_tell_apart(diffs) if diffs else ""
         mean, lo, hi = comp.interval if comp else ("", "", "")
         held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
