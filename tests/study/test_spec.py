@@ -3,6 +3,7 @@ tiny spec run by real worker processes (split by task, one SIGKILLed and restart
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -627,6 +628,36 @@ def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(t
         ], run
         # A completed point's checkpoints are gone (they were only there to resume it).
         assert not (res / "runs" / run / "checkpoints").exists(), run
+
+
+def test_a_study_runs_an_axis_on_its_own_lr_grid_and_reports_each_value_at_its_best(tmp_path, data_root):  # fmt: skip
+    """End to end: the base value's runs at both rates are the grid's (reused, not retrained),
+    the other value trains at both, and the report keeps one best rate per value."""
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    axes = [{"lora.alpha": [16, 64], "lr": [1e-3, 3e-3]}]
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3, 3e-3]},
+                      seeds=[1], ablations=axes)  # fmt: skip
+    res = tmp_path / "res"
+    argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res), "--workers", "1"]  # fmt: skip
+    assert main([*argv, *FAST]) == 0
+    runs = sorted(r.name for r in (res / "runs").iterdir())
+    assert runs == ["sst2-lora-tiny-llama-lr0.001-s1", "sst2-lora-tiny-llama-lr0.001-s1-a64",
+                    "sst2-lora-tiny-llama-lr0.003-s1", "sst2-lora-tiny-llama-lr0.003-s1-a64"]  # fmt: skip
+    for run in runs:  # each trained once; the grid's two are the axis's base, reused
+        meta = json.loads((res / "runs" / run / "sweep.json").read_text())
+        want = ["train"] if run.endswith("-a64") else ["train", "reuse"]
+        assert [a["action"] for a in meta["attempts"]] == want, run
+        assert "ablation-alpha" in meta["groups"], run
+    with open(res / "report" / "report.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha"]
+    assert sorted((r["alpha"], float(r["lr"])) for r in rows) == [
+        ("16.0", 1e-3), ("16.0", 3e-3), ("64.0", 1e-3), ("64.0", 3e-3)]  # fmt: skip
+    for alpha in ("16.0", "64.0"):  # one best rate per value, the higher score (ties: the lower)
+        mine = sorted((r for r in rows if r["alpha"] == alpha), key=lambda r: float(r["lr"]))
+        assert [r["best_lr"] for r in mine].count("True") == 1
+        scores = [float(r["accuracy_mean"]) for r in mine]
+        assert mine[scores.index(max(scores))]["best_lr"] == "True"
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
