@@ -931,6 +931,27 @@ def _set_hardware(run_dir, hardware: dict) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": hardware}))
 
 
+def test_an_ablation_axis_whose_settings_ran_on_different_machines_is_flagged(tmp_path):
+    """The base value's runs are the study's own (often older, made elsewhere): an axis whose
+    settings ran on different machines gets a warning naming each setting's machines."""
+    for r, alpha in ((8, 16.0), (4, 8.0)):
+        for seed in (1, 2):
+            write_run(tmp_path, f"r{r}-{seed}", seed, {"accuracy": 0.8}, group="ablation-rank",
+                      lora={"r": r, "alpha": alpha})  # fmt: skip
+    epyc, xeon = ({"cpu": c, "accelerator": None} for c in ("AMD EPYC[avx2]", "Intel Xeon[amx_bf16]"))  # fmt: skip
+    for name in ("r8-1", "r8-2", "r4-1", "r4-2"):
+        _set_hardware(tmp_path / name, epyc)
+    assert report(tmp_path).warnings == []  # one machine: comparable
+    for name in ("r8-1", "r8-2"):
+        _set_hardware(tmp_path / name, xeon)
+    (warning,) = report(tmp_path).warnings
+    assert warning == (
+        "sst2 (tiny-llama), ablation-rank: times are not comparable between its settings: their "
+        "runs ran on different machines (r=4 α=8: AMD EPYC[avx2] ×2; r=8 α=16: Intel Xeon[amx_bf16] "
+        "×2; hardware in runs.csv). Compare times on runs from one machine."
+    )
+
+
 def test_times_from_different_machines_are_flagged_and_the_hardware_named(tmp_path):
     """The report names the machines its runs recorded (tracking.hardware) and warns when the
     two methods of a comparison ran on different ones; runs that recorded none are left out."""

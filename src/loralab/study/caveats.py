@@ -1,12 +1,13 @@
-"""Caveats on a comparison's time and memory columns: the two methods' runs were made
-differently (heap allocator, cores lent, machine), so the ratio would measure that, not the
-methods. One warning per comparison, for the report's header."""
+"""Caveats on a comparison's time and memory columns: the two methods' runs (or an ablation
+axis's settings) were made differently (heap allocator, cores lent, machine), so the ratio
+would measure that, not the methods. One warning per comparison or axis, for the report's
+header."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from .aggregate import Comparison
+from .aggregate import Cell, Comparison, is_ablation
 
 
 def _mixed(comp: Comparison, label) -> str | None:
@@ -15,9 +16,13 @@ def _mixed(comp: Comparison, label) -> str | None:
     (unknown) are left out."""
     if comp.full is None:
         return None
+    return _split([("LoRA", comp.lora), ("full fine-tuning", comp.full)], label)
+
+
+def _split(named: list[tuple[str, Cell]], label) -> str | None:
+    """`_mixed` for any named cells."""
     used = {
-        name: Counter(x for r in cell.done if (x := label(r)) is not None)
-        for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full))
+        name: Counter(x for r in cell.done if (x := label(r)) is not None) for name, cell in named
     }
     if len(set().union(*used.values())) < 2:
         return None
@@ -53,6 +58,24 @@ def hardware_warnings(comps: list[Comparison]) -> list[str]:
         if (ran := _mixed(comp, lambda r: r.get("hardware"))) is not None:
             out.append(
                 f"{comp.task} ({comp.model}): times are not comparable between the methods: "
+                f"their runs ran on different machines ({ran}; hardware in runs.csv). Compare "
+                f"times on runs from one machine."
+            )
+    return out
+
+
+def ablation_hardware_warnings(cells: list[Cell]) -> list[str]:
+    """One warning per ablation axis (and task, model) whose settings' runs ran on different
+    machines: an axis's base value reuses the study's own runs, often made earlier elsewhere
+    (SmolLM2's q/v runs on an AMX Xeon took ~2.3 training-CPU minutes, the same settings on an
+    AMD EPYC ~6), so its time columns would compare machines, not settings."""
+    out = []
+    best = [c for c in cells if c.best and c.lora and is_ablation(c.group)]
+    for group, task, model in sorted({(c.group, c.task, c.model) for c in best}):
+        mine = [c for c in best if (c.group, c.task, c.model) == (group, task, model)]
+        if (ran := _split([(c.variant, c) for c in mine], lambda r: r.get("hardware"))) is not None:  # fmt: skip
+            out.append(
+                f"{task} ({model}), {group}: times are not comparable between its settings: "
                 f"their runs ran on different machines ({ran}; hardware in runs.csv). Compare "
                 f"times on runs from one machine."
             )

@@ -16,7 +16,12 @@ from ..errors import LoralabError
 from ..models.registry import BUILTIN_MODELS
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, atomic_write
 from .aggregate import Comparison, aggregate, grid_edge_warnings
-from .caveats import allocator_warnings, hardware_warnings, lent_warnings
+from .caveats import (
+    ablation_hardware_warnings,
+    allocator_warnings,
+    hardware_warnings,
+    lent_warnings,
+)
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -99,6 +104,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         + allocator_warnings(comps)
         + lent_warnings(comps)
         + hardware_warnings(comps)
+        + ablation_hardware_warnings(cells)
     )
     tabs = tables(cells, comps)
     out = Path(out_dir)
