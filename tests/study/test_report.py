@@ -238,9 +238,31 @@ def test_an_axis_with_its_own_lr_grid_scores_each_setting_at_its_best_rate(tmp_p
     # alpha 32 at 3e-4 minus the base at 1e-3, per seed: (88−85, 91−87) = (+3, +4) points.
     half = t_quantile(0.975, 1) * statistics.stdev([3, 4]) / math.sqrt(2)
     assert f"| 0.0003 | 2 | accuracy: 89.50 ± 2.12 | +3.50 [{3.5 - half:+.2f}, {3.5 + half:+.2f}] (2 seeds; ~3 to tell apart) |" in md  # fmt: skip
-    assert "Best lr: each setting's own, from the axis's lr grid" in md
+    assert "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds every rate ran, which are also the seeds it is scored on" in md  # fmt: skip
     # 3e-4 is the lowest rate of alpha 32's grid and beats the other: it may be under-tuned.
     assert "sst2 lora r=8 α=32 (tiny-llama, ablation-alpha): the best learning rate, 0.0003, is the lowest" in md  # fmt: skip
+
+
+def test_an_axis_grid_on_the_first_seed_is_scored_on_every_seed(tmp_path):
+    """`grid_on_first_seed` on an axis: seed 1 ran both rates, seed 2 each value at its best
+    only; the best is chosen on seed 1 and scored on both, and the caption says so."""
+    both = ("sweep", "ablation-alpha")
+    runs = [(both, 16, 1e-3, 1, 0.85), (both, 16, 3e-4, 1, 0.84), (both, 16, 1e-3, 2, 0.87),
+            (("ablation-alpha",), 32, 3e-4, 1, 0.88), (("ablation-alpha",), 32, 1e-3, 1, 0.80),
+            (("ablation-alpha",), 32, 3e-4, 2, 0.91)]  # fmt: skip
+    for i, (groups, alpha, lr, seed, acc) in enumerate(runs):
+        run = write_run(tmp_path / "runs", f"{i:02d}", seed, {"accuracy": acc}, lr=lr,
+                        lora={"alpha": float(alpha)})  # fmt: skip
+        (run / "sweep.json").write_text(json.dumps({"groups": list(groups)}))
+    report(tmp_path, out=tmp_path / "out")
+    rows = [r for r in _rows(tmp_path / "out" / "report.csv") if r["group"] == "ablation-alpha" and r["best_lr"] == "True"]  # fmt: skip
+    got = {(r["alpha"], float(r["lr"]), r["seeds"], r["lr_chosen_on_seeds"]) for r in rows}
+    assert got == {("16.0", 1e-3, "1 2", "1"), ("32.0", 3e-4, "1 2", "1")}
+    (a32,) = [r for r in rows if r["alpha"] == "32.0"]
+    assert float(a32["minus_base_points"]) == pytest.approx(3.5)  # (88−85, 91−87)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "chosen on the seeds every rate ran (`lr_chosen_on_seeds` in report.csv); its scores on the other seeds are free of that choice" in md  # fmt: skip
+    assert "which are also the seeds it is scored on" not in md
 
 
 def test_the_seeds_to_tell_two_settings_apart():

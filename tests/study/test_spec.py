@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from optuna.trial import TrialState, create_trial
 
 from loralab.cli import main
 from loralab.errors import LoralabError
-from loralab.study.grid import make_plan
+from loralab.study.grid import Plan, make_plan
 from loralab.study.phases import ablation_variants, best_lrs, phases
 from loralab.study.spec import load_spec
 from loralab.study.status import study_status
@@ -115,7 +116,9 @@ def test_cpu_specs_follow_issue_14(name, model):
     for ph in phases(spec):
         plan = ph.plan(spec, {"lora": 3e-4, "full": 1e-5})
         if plan.group.startswith("ablation-"):  # checked below
-            ablated[plan.group] = [(p, plan.config_for(p)) for p in plan.points()]
+            ablated.setdefault(plan.group, []).extend(
+                (p, plan.config_for(p)) for p in plan.points()
+            )
             continue
         for p in plan.points():
             points += 1
@@ -176,26 +179,30 @@ def test_cpu_specs_follow_issue_14(name, model):
     # smollm2-cpu v10: rank, alpha and module ablations on SST-2 alone, LoRA at the grid's best
     # lr, on the first three seeds; each axis's base value is the seeds phase's run (same key).
     # v11: the module and rank axes on all nine seeds; alpha on its own lr grid (3 seeds).
-    nine = (42, 1337, 2024, 7, 123, 99, 555, 2718, 31415)
-    want_axes = {  # group: (settings (r, alpha, target), lrs, seeds)
+    # v12: q/v against q/k/v/o on MRPC and RTE, their seven seeds (the grid's best lr stands in).
+    nine, seven = (42, 1337, 2024, 7, 123, 99, 555, 2718, 31415), (42, 1337, 2024, 7, 123, 99, 555)
+    want_axes = {  # group: (tasks, settings (r, alpha, target), lrs, seeds)
         "smollm2-cpu": {
-            "ablation-modules": ([(8, 16.0, t) for t in ("standard", "extended", "all-linear")], [3e-4], nine),
-            "ablation-rank": ([(4, 8.0, "standard"), (8, 16.0, "standard"), (16, 32.0, "standard")], [3e-4], nine),
-            "ablation-alpha": ([(8, a, "standard") for a in (8.0, 16.0, 32.0)], [3e-4, 1e-3, 3e-3], (42, 1337, 2024)),
+            "ablation-modules": (["sst2"], [(8, 16.0, t) for t in ("standard", "extended", "all-linear")], [3e-4], nine),
+            "ablation-rank": (["sst2"], [(4, 8.0, "standard"), (8, 16.0, "standard"), (16, 32.0, "standard")], [3e-4], nine),
+            "ablation-alpha": (["sst2"], [(8, a, "standard") for a in (8.0, 16.0, 32.0)], [3e-4, 1e-3, 3e-3], (42, 1337, 2024)),
+            "ablation-modules-pairs": (["mrpc", "rte"], [(8, 16.0, t) for t in ("standard", "extended")], [3e-4], seven),
         },
         "minilm-cpu": {},
     }[name]  # fmt: skip
     assert set(ablated) == set(want_axes)
-    for group, (settings, lrs, seeds) in want_axes.items():
+    for group, (tasks, settings, lrs, seeds) in want_axes.items():
         got = [
             (c.data.task, c.train.method, c.train.lr, c.train.seed, (c.lora.r, c.lora.alpha, c.lora.target))
             for _, c in ablated[group]
         ]  # fmt: skip
-        assert got == [("sst2", "lora", lr, s, v) for s in seeds for lr in lrs for v in settings], (
-            group
-        )
+        assert got == [
+            (t, "lora", lr, s, v) for t in tasks for s in seeds for lr in lrs for v in settings
+        ], group
         base = [p["key"] for p, c in ablated[group] if (c.lora.r, c.lora.alpha, c.lora.target) == (8, 16.0, "standard")]  # fmt: skip
-        assert base == [f"sst2-lora-smollm2-135m-lr{lr:g}-s{s}" for s in seeds for lr in lrs]
+        assert base == [
+            f"{t}-lora-smollm2-135m-lr{lr:g}-s{s}" for t in tasks for s in seeds for lr in lrs
+        ]
 
 
 def test_gpu_spec_is_the_cpu_study_on_whole_sets():
@@ -224,8 +231,49 @@ def test_gpu_spec_is_the_cpu_study_on_whole_sets():
     # RTE LoRA 3e-3 (v6); seeds 7 and 123 on SST-2 (v7), MRPC and RTE (v8); v9: MRPC full 1e-3,
     # seeds 99 and 555 on MRPC and RTE, those and 2718, 31415 on SST-2; v10: SST-2's rank, alpha
     # and module ablations (3 axes x 3 values x 3 seeds, each axis's base value a reused run);
-    # v11: modules and rank on nine seeds (2 x 3 x 9), alpha on three rates (3 x 3 x 3)
-    assert pairs == 73 + 54 + 27
+    # v11: modules and rank on nine seeds (2 x 3 x 9), alpha on three rates (3 x 3 x 3);
+    # v12: modules on MRPC and RTE (2 tasks x 2 settings x 7 seeds)
+    assert pairs == 73 + 54 + 27 + 28
+
+
+def test_an_axis_grid_on_its_first_seed_then_each_value_at_its_own_best(tmp_path):
+    """`lr_selection: grid_on_first_seed` on an axis (the spec's default): value × lr on the
+    axis's first seed, then a dependent phase with the other seeds, each value at its own best
+    (its base value's keys those of the task's seeds phase where the two bests agree)."""
+    axes = [{"lora.alpha": [16, 32], "lr": [3e-4, 1e-3], "seeds": [1, 2, 3]}]
+    spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
+    assert spec.ablations[0].lr_selection == "grid_on_first_seed"  # the spec's own
+    grid, seeds = [ph for ph in phases(spec) if ph.ablation and ph.task == "sst2"]
+    assert (grid.kind, seeds.kind, seeds.depends_on) == ("ablation", "ablation-seeds", grid)
+    assert seeds.study_name("t") == "t-sst2-ablate-alpha-seeds" and grid.depends_on is None
+    plan = grid.plan(spec)
+    assert [(p["lr"], p["seed"], p["lora"]) for p in plan.points()] == [
+        (3e-4, 1, {}), (3e-4, 1, {"alpha": 32.0}), (1e-3, 1, {}), (1e-3, 1, {"alpha": 32.0})]  # fmt: skip
+    keys = [p["key"] for p in plan.points()]
+    # Each value's best from its own points: alpha 32 scores more at 3e-4, the base at 1e-3.
+    values = dict(zip(keys, [0.70, 0.80, 0.75, 0.60], strict=True))
+    assert grid.bests(plan, values) == {"base": 1e-3, "a32": 3e-4}
+    assert grid.bests(plan, {**values, keys[3]: None}) is None  # not complete
+    # So far: the base has both rates final; alpha 32 only 3e-4 (3e-3's point is unfinished).
+    assert grid.bests(plan, {**values, keys[3]: None}, complete=False) == {"base": 1e-3, "a32": 3e-4}  # fmt: skip
+    assert grid.bests(plan, {**values, keys[1]: None, keys[3]: None}, complete=False) is None
+    # A diverged point is the worst value: alpha 32 then keeps 1e-3.
+    assert grid.bests(plan, {**values, keys[1]: -math.inf})["a32"] == 1e-3
+    later = seeds.plan(spec, {"base": 1e-3, "a32": 3e-4})
+    assert [(p["lr"], p["seed"], p["lora"]) for p in later.points()] == [
+        (3e-4, 2, {"alpha": 32.0}), (1e-3, 2, {}), (3e-4, 3, {"alpha": 32.0}), (1e-3, 3, {})]  # fmt: skip
+    assert later.group == plan.group == "ablation-alpha"  # one report section
+    task_seeds = next(ph for ph in phases(spec) if ph.kind == "seeds" and ph.task == "sst2")
+    main_keys = {p["key"] for p in task_seeds.plan(spec, {"lora": 1e-3, "full": 1e-4}).points()}
+    shared = {p["key"] for p in later.points() if not p["lora"]} & main_keys
+    assert shared == {"sst2-lora-tiny-llama-lr0.001-s2"}  # the task's seeds are 1 and 2
+    # A stored plan reads back with its per-value rates and the same fingerprint.
+    assert Plan.from_json(later.to_json()).fingerprint() == later.fingerprint()
+    assert Plan.from_json(later.to_json()).variant_lrs == [1e-3, 3e-4]
+    # One seed: no dependent phase; `full_grid`: every rate on every seed, no dependent phase.
+    for axis in ({**axes[0], "seeds": [1]}, {**axes[0], "lr_selection": "full_grid"}):
+        spec = load_spec(_spec_file(tmp_path, ablations=[axis]), str(tmp_path))
+        assert [ph.kind for ph in phases(spec) if ph.ablation] == ["ablation", "ablation"]
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
@@ -288,7 +336,7 @@ def test_variant_slugs_and_axes(tmp_path):
     assert variants["init_lora_weights"] == [{}, {"init_lora_weights": "pissa"}]
     assert variants["rank-fixed-alpha"] == [{"r": 4}, {"r": 16}]
     dora = [ph for ph in phases(spec) if ph.ablation is by["use_dora"]]
-    assert [ph.task for ph in dora] == ["mrpc"] and not dora[0].needs_grid
+    assert [ph.task for ph in dora] == ["mrpc"] and dora[0].depends_on is None
     keys = [p["key"] for p in dora[0].plan(spec, None).points()]
     assert keys == ["mrpc-lora-tiny-llama-lr0.0005-s1", "mrpc-lora-tiny-llama-lr0.0005-s1-dora",
                     "mrpc-lora-tiny-llama-lr0.0005-s2", "mrpc-lora-tiny-llama-lr0.0005-s2-dora"]  # fmt: skip
@@ -299,11 +347,11 @@ def test_variant_slugs_and_axes(tmp_path):
 def test_an_axis_with_an_lr_list_runs_every_value_at_every_rate(tmp_path):
     """`lr: [...]` on an axis: its own grid (value × lr × seed), needing nothing from the
     task's grid; the base value at a rate and seed of the grid is that grid point's key."""
-    axes = [{"lora.alpha": [16, 32], "lr": [3e-4, 1e-3], "seeds": [1, 2]}]
+    axes = [{"lora.alpha": [16, 32], "lr": [3e-4, 1e-3], "seeds": [1, 2], "lr_selection": "full_grid"}]  # fmt: skip
     spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
     assert spec.ablations[0].lr == [3e-4, 1e-3]
-    (ph,) = [ph for ph in phases(spec) if ph.kind == "ablation" and ph.task == "sst2"]
-    assert not ph.needs_grid
+    (ph,) = [ph for ph in phases(spec) if ph.ablation and ph.task == "sst2"]
+    assert ph.kind == "ablation" and ph.depends_on is None
     plan = ph.plan(spec, None)
     got = {(p["lr"], p["seed"], p["lora"].get("alpha", 16.0)) for p in plan.points()}
     assert got == {(lr, s, a) for lr in (3e-4, 1e-3) for s in (1, 2) for a in (16.0, 32.0)}
@@ -411,6 +459,18 @@ BAD_SPECS = [
     ),
     ({"ablations": [{"lora.r": [4]}, {"lora.r": [16]}]}, "has two axes named alike"),
     ({"ablations": [{"lora.r": [4], "lr": [1e-3, 1e-3]}]}, "'ablations[0].lr' repeats a value"),
+    (
+        {"ablations": [{"lora.r": [4], "lr": 1e-3, "lr_selection": "full_grid"}]},
+        "'ablations[0].lr_selection' must be grid_on_first_seed or full_grid, and goes with an lr grid",
+    ),
+    (
+        {"ablations": [{"lora.r": [4], "lr": [1e-3, 3e-3], "lr_selection": "first"}]},
+        "'ablations[0].lr_selection' must be grid_on_first_seed or full_grid",
+    ),
+    (
+        {"ablations": [{"lora.r": [4], "name": "rank-seeds"}]},
+        "'ablations[0].name' must be letters, digits and _.+- only, not ending in '-seeds'",
+    ),
     ({"ablations": [{"lora.r": [4], "lr": []}]}, "'ablations[0].lr' must be a non-empty list"),
     ({"ablations": [{"lora.r": [4], "lr": "fast"}]}, "'ablations[0].lr' holds 'fast'"),
     (
@@ -658,6 +718,37 @@ def test_a_study_runs_an_axis_on_its_own_lr_grid_and_reports_each_value_at_its_b
         assert [r["best_lr"] for r in mine].count("True") == 1
         scores = [float(r["accuracy_mean"]) for r in mine]
         assert mine[scores.index(max(scores))]["best_lr"] == "True"
+
+
+def test_a_study_runs_an_axis_grid_on_its_first_seed_then_each_value_at_its_best(tmp_path, data_root):  # fmt: skip
+    """End to end, `lr_selection: grid_on_first_seed` on an axis: seed 1 runs every value at
+    both rates; seed 2 runs each value at the rate that won on seed 1 (the base's at the task's
+    best: the seeds phase's run, reused); the report scores each value at that rate on both."""
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    axes = [{"lora.alpha": [16, 64], "lr": [1e-3, 3e-3], "seeds": [1, 2]}]
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3, 3e-3]},
+                      seeds=[1, 2], ablations=axes)  # fmt: skip
+    res = tmp_path / "res"
+    argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res), "--workers", "1"]  # fmt: skip
+    assert main([*argv, *FAST]) == 0
+    with open(res / "report" / "runs.csv") as fh:
+        runs = {(r["seed"], r["lr"], r["run_dir"].endswith("-a64")): r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha"}  # fmt: skip
+    score = {k: float(r["metric_accuracy"]) for k, r in runs.items()}
+    seed1 = {a64: max((1e-3, 3e-3), key=lambda lr: (score[("1", f"{lr:g}", a64)], -lr)) for a64 in (False, True)}  # fmt: skip
+    # Seed 2: one run per value, at its own seed-1 winner (ties: the lower rate).
+    assert sorted(k for k in runs if k[0] == "2") == sorted(("2", f"{seed1[a]:g}", a) for a in (False, True))  # fmt: skip
+    names = sorted(r.name for r in (res / "runs").iterdir())
+    assert len(names) == 6 and f"sst2-lora-tiny-llama-lr{seed1[True]:g}-s2-a64" in names
+    for run in names:  # each trained once: the axis's base runs are the task's, reused
+        meta = json.loads((res / "runs" / run / "sweep.json").read_text())
+        want = ["train"] if run.endswith("-a64") else ["train", "reuse"]
+        assert [a["action"] for a in meta["attempts"]] == want, run
+        assert "ablation-alpha" in meta["groups"], run
+    with open(res / "report" / "report.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha" and r["best_lr"] == "True"]  # fmt: skip
+    assert sorted((r["alpha"], float(r["lr"]), r["seeds"]) for r in rows) == sorted(
+        (alpha, seed1[a64], "1 2") for alpha, a64 in (("16.0", False), ("64.0", True)))  # fmt: skip
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):

@@ -359,3 +359,34 @@ def test_a_finished_points_start_time_comes_from_its_summary(tmp_path, spec):
         (run / "summary.json").write_text(json.dumps(summary))
     by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}
     assert (by[keys[0]].started_at, by[keys[1]].started_at) == (None, 1.7e9)
+
+
+def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_path):
+    """An axis grid on its first seed (`grid_on_first_seed`): its other seeds wait for each
+    value's best lr, shown so far from the finished run folders, then run each at its own."""
+    axes = [{"lora.alpha": [16, 64], "lr": [1e-3, 3e-3], "seeds": [1, 2]}]
+    spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
+    res = tmp_path / "res"
+
+    def finished(key: str, acc: float) -> None:
+        (res / "runs" / key).mkdir(parents=True)
+        summary = {"status": "completed", "task": "sst2", "metrics": {"accuracy": acc}, "train_cpu_time_s": 60.0}  # fmt: skip
+        (res / "runs" / key / "summary.json").write_text(json.dumps(summary))
+
+    finished("sst2-lora-tiny-llama-lr0.001-s1", 0.70)  # the base: the task's grid runs
+    finished("sst2-lora-tiny-llama-lr0.003-s1", 0.80)
+    finished("sst2-lora-tiny-llama-lr0.001-s1-a64", 0.75)  # 3e-3 has not run
+    status = study_status(spec, str(res), tasks=["sst2"])
+    names = [ph.name for ph in status.phases]
+    assert names == ["tiny-sst2-grid", "tiny-sst2-seeds", "tiny-sst2-ablate-alpha", "tiny-sst2-ablate-alpha-seeds"]  # fmt: skip
+    axis, later = status.phases[2:]
+    assert (
+        axis.best is None and later.waits_for_grid and later.so_far == {"base": 3e-3, "a64": 1e-3}
+    )
+    assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr<best>-s2-a64", "sst2-lora-tiny-llama-lr<best>-s2"]  # fmt: skip
+    line = "tiny-sst2-ablate-alpha-seeds: 0/2 done (waits for each setting's best lr on the axis's first seed; best so far base 0.003, a64 0.001)"  # fmt: skip
+    assert line in render(status)
+    finished("sst2-lora-tiny-llama-lr0.003-s1-a64", 0.60)  # the axis grid is complete
+    axis, later = study_status(spec, str(res), tasks=["sst2"]).phases[2:]
+    assert axis.best == {"base": 3e-3, "a64": 1e-3} and not later.waits_for_grid
+    assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr0.001-s2-a64", "sst2-lora-tiny-llama-lr0.003-s2"]  # fmt: skip

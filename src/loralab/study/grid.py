@@ -63,6 +63,9 @@ class Plan:
     # Legacy keys also name the LoRA settings beyond r, alpha and target (`-dora`): plans made by
     # `make_plan` since then; a stored plan from before keeps its keys (False).
     names_settings: bool = False
+    # Per variant, the one lr it runs at (an axis's other seeds, each value at its own best);
+    # None: every variant at every lr of `lrs`.
+    variant_lrs: list[float] | None = None
 
     @property
     def group(self) -> str:
@@ -78,7 +81,9 @@ class Plan:
             for seed in self.seeds:
                 for method in self.methods:
                     for lr in self.lrs.get(method, []):
-                        for v in self.variants if method == "lora" else [{}]:
+                        for i, v in enumerate(self.variants if method == "lora" else [{}]):
+                            if method == "lora" and self.variant_lrs and self.variant_lrs[i] != lr:
+                                continue
                             p = {"task": task, "method": method, "lr": lr, "seed": seed,
                                  "lora": dict(v)}  # fmt: skip
                             p["key"] = point_key(p, self.base, self.slugged, named)

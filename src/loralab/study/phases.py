@@ -7,9 +7,11 @@ study per ablation axis; each phase is an ordinary sweep plan (`grid.Plan`).
   once the grid is complete;
 - `<name>-<task>-ablate-<axis>`: LoRA at each value of the axis (any `lora.*` key: a variant
   is data), at the grid's best LoRA lr (made once the grid is complete), at an explicit lr, or
-  at each lr of the axis's own grid (every value × lr × seed; the report keeps each value's
-  best, so a setting that shifts the effective step size, such as alpha, is not judged at a
-  rate tuned for the base).
+  at each lr of the axis's own grid (the report keeps each value's best, so a setting that
+  shifts the effective step size, such as alpha, is not judged at a rate tuned for the base):
+  every value × lr × seed with `full_grid`, the axis's first seed with `grid_on_first_seed`;
+- `<name>-<task>-ablate-<axis>-seeds` (an axis grid on its first seed): the axis's other seeds,
+  each value at its own best lr, made once the axis's grid is complete.
 
 Dependent studies are deterministic functions of the stored grid results, so any worker may
 create them and all of them create the same ones.
@@ -18,11 +20,12 @@ create them and all of them create the same ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
 from .storage import is_final
+from .variants import variant_slug
 
 
 @dataclass
@@ -37,6 +40,15 @@ class Ablation:
     seeds: list[int] | None = None  # None = the task's first seed
     lr: list[float] | None = None  # None = the grid's best LoRA lr per task; 2+: a grid
     tasks: list[str] | None = None  # None = every task
+    # With an lr grid: `full_grid` runs it on every seed, `grid_on_first_seed` on the first
+    # (the others then run each value at its own best lr).
+    lr_selection: str = "full_grid"
+
+    @property
+    def grid_on_first_seed(self) -> bool:
+        return (
+            self.lr is not None and len(self.lr) > 1 and self.lr_selection == "grid_on_first_seed"
+        )
 
 
 @dataclass
@@ -97,28 +109,76 @@ def ablation_variants(spec: StudySpec, task: str, abl: Ablation) -> list[dict]:
     return out
 
 
+def variant_name(diff: dict) -> str:
+    """A variant's name in an axis's best-lr mapping: its key suffix ('a8', 'r4-a8'), or
+    'base' for the task's own LoRA settings."""
+    return variant_slug(diff).lstrip("-") or "base"
+
+
+def axis_seeds(spec: StudySpec, task: str, abl: Ablation) -> list[int]:
+    return list(abl.seeds or spec.seeds_for(task)[:1])
+
+
 @dataclass
 class Phase:
-    """One Optuna study of the spec: a task's grid, its other seeds, or one ablation."""
+    """One Optuna study of the spec: a task's grid, its other seeds, one ablation, or an
+    ablation's other seeds (`ablation-seeds`)."""
 
     task: str
-    kind: str  # grid / seeds / ablation
+    kind: str  # grid / seeds / ablation / ablation-seeds
     ablation: Ablation | None = None
 
     def study_name(self, prefix: str) -> str:
         tail = f"ablate-{self.ablation.name}" if self.ablation else self.kind
-        return f"{prefix}-{self.task}-{tail}"
+        return f"{prefix}-{self.task}-{tail}" + ("-seeds" if self.kind == "ablation-seeds" else "")
 
     @property
-    def needs_grid(self) -> bool:
-        return self.kind == "seeds" or (self.ablation is not None and self.ablation.lr is None)
+    def depends_on(self) -> Phase | None:
+        """The phase whose results choose this one's learning rates (None: known from the start)."""
+        if self.kind == "seeds" or (self.kind == "ablation" and self.ablation.lr is None):
+            return Phase(self.task, "grid")
+        if self.kind == "ablation-seeds":
+            return Phase(self.task, "ablation", self.ablation)
+        return None
 
-    def plan(self, spec: StudySpec, best: dict[str, float] | None, results_dir: str | None = None) -> Plan:  # fmt: skip
-        """The phase's sweep plan; `best` = the grid's best lr per method (dependent phases)."""
+    @property
+    def chooses(self) -> bool:
+        """Whether other phases wait on this one's choice of learning rates (`bests`)."""
+        return self.kind == "grid" or (self.kind == "ablation" and self.ablation.grid_on_first_seed)
+
+    @property
+    def waits_on(self) -> str:
+        """What a dependent phase waits for, in words."""
+        if self.kind == "ablation-seeds":
+            return "each setting's best lr on the axis's first seed"
+        return "the grid's best lr"
+
+    def bests(self, plan: Plan, values: dict[str, float | None], complete: bool = True) -> dict | None:  # fmt: skip
+        """What this phase chooses for the phases that depend on it, from its points' values
+        (`grid_values`): the task's grid, each method's best lr; an axis grid, each value's
+        ({variant_name: lr}). `complete`: None until every point is final; else the best among
+        the lrs whose points are all final so far."""
+        if complete and any(v is None for v in values.values()):
+            return None
+        if self.kind == "grid":
+            return best_so_far(plan, values)
+        out = {}
+        for v in plan.variants:  # each value's points alone: its own best
+            best = best_so_far(replace(plan, variants=[v]), values)
+            if best is None:
+                return None
+            out[variant_name(v)] = best["lora"]
+        return out
+
+    def plan(self, spec: StudySpec, best: dict | None = None, results_dir: str | None = None) -> Plan:  # fmt: skip
+        """The phase's sweep plan; `best` = what its dependency chose (`bests`): the grid's best
+        lr per method, or an axis grid's per value; without it, the first lr of each stands in
+        (a dry run, a status while the choice is not made)."""
         # The spec's own keys, not every config default: a later loralab that adds a config key
         # must still recognise the stored study. The model is spelt out: the keys name it.
         model = from_dict(merge_dicts(spec.base, spec.tasks[self.task])).model
         base = merge_dicts(spec.base, {"model": {"name": model.name, "head": model.head}})
+        variant_lrs = None
         if self.kind == "grid":
             methods, lrs, seeds, variants = (
                 spec.methods,
@@ -128,34 +188,48 @@ class Phase:
             )
             kind, abl_name = "sweep", None
         elif self.kind == "seeds":
+            best = best or spec.first_lrs(self.task)
             methods, seeds, variants = spec.methods, spec.seeds_for(self.task)[1:], [{}]
             lrs = {m: [best[m]] for m in methods}
             kind, abl_name = "sweep", None
         else:
             a = self.ablation
-            methods, seeds = ["lora"], a.seeds or spec.seeds_for(self.task)[:1]
-            lrs = {"lora": list(a.lr) if a.lr is not None else [best["lora"]]}
+            methods, seeds = ["lora"], axis_seeds(spec, self.task, a)
             variants = ablation_variants(spec, self.task, a)
+            if self.kind == "ablation-seeds":  # each value at its own best, the other seeds
+                best = best or {variant_name(v): a.lr[0] for v in variants}
+                variant_lrs = [best[variant_name(v)] for v in variants]
+                lrs, seeds = {"lora": sorted(set(variant_lrs))}, seeds[1:]
+            elif a.lr is not None:
+                lrs = {"lora": list(a.lr)}
+                seeds = seeds[:1] if a.grid_on_first_seed else seeds
+            else:
+                lrs = {"lora": [(best or spec.first_lrs(self.task))["lora"]]}
             kind, abl_name = "ablation", a.name
         return Plan(
             kind=kind, ablation=abl_name, tasks=[self.task], methods=list(methods), lrs=lrs,
             seeds=list(seeds), variants=variants, base=base,
             per_task={self.task: spec.tasks[self.task]},
-            results_dir=str(results_dir or spec.output_dir), slugged=True,
+            results_dir=str(results_dir or spec.output_dir), slugged=True, variant_lrs=variant_lrs,
         )  # fmt: skip
 
 
 def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
-    """Task by task: its grid, then its other seeds, then its ablations. A worker takes the
-    first phase with a point to run, so a long study completes whole tasks early (every seed,
-    paired intervals) instead of every grid first; a phase that waits on a grid still being
-    run elsewhere is skipped meanwhile, so no worker idles while there is work."""
+    """Task by task: its grid, then its other seeds, then its ablations (each axis grid on its
+    first seed followed by its other seeds). A worker takes the first phase with a point to
+    run, so a long study completes whole tasks early (every seed, paired intervals) instead of
+    every grid first; a phase that waits on a grid still being run elsewhere is skipped
+    meanwhile, so no worker idles while there is work."""
     out = []
     for t in (t for t in spec.tasks if not tasks or t in tasks):
         out.append(Phase(t, "grid"))
         if spec.lr_selection == "grid_on_first_seed" and len(spec.seeds_for(t)) > 1:
             out.append(Phase(t, "seeds"))
-        out += [Phase(t, "ablation", a) for a in spec.ablations if not a.tasks or t in a.tasks]
+        for a in spec.ablations:
+            if not a.tasks or t in a.tasks:
+                out.append(Phase(t, "ablation", a))
+                if a.grid_on_first_seed and len(axis_seeds(spec, t, a)) > 1:
+                    out.append(Phase(t, "ablation-seeds", a))
     return out
 
 

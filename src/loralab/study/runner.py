@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .bar import PointsBar
-from .phases import Phase, StudySpec, best_lrs, phases
+from .phases import Phase, StudySpec, grid_values, phases
 from .prechecks import check_points
 from .progress import FINAL
 from .records import load_runs
@@ -65,13 +65,14 @@ class Runner:
         name = ph.study_name(self.prefix)
         if name in self.workers:
             return self.workers[name]
-        best = None
-        if ph.needs_grid:
-            grid = self.worker(Phase(ph.task, "grid"))
-            best = best_lrs(grid.study, grid.plan)
+        best, dep = None, ph.depends_on
+        if dep is not None:
+            d = self.worker(dep)
+            best = None if d is None else dep.bests(d.plan, grid_values(d.study, d.plan))
             if best is None:
                 return None
-            self.say(f"{ph.task}: best lr from the grid {best}; enqueuing {name}")
+            source = "the grid" if dep.kind == "grid" else dep.study_name(self.prefix)
+            self.say(f"{ph.task}: best lr from {source} {best}; enqueuing {name}")
         plan = ph.plan(self.spec, best, self.results_dir)
         create_or_check(self.storage, name, plan)
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
@@ -96,8 +97,7 @@ class Runner:
             for ph in self.phases:
                 w = self.worker(ph)
                 if w is None:
-                    grid = self.worker(Phase(ph.task, "grid"))
-                    waiting |= "active" in grid.states().values()
+                    waiting |= self._dependency_runs(ph)
                     continue
                 if w.step():
                     ran = True
@@ -110,6 +110,12 @@ class Runner:
                 break
             time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
         return self.summary()
+
+    def _dependency_runs(self, ph: Phase) -> bool:
+        """Whether a point that `ph` waits for (its dependency's, or theirs) runs elsewhere."""
+        dep = ph.depends_on
+        w = self.worker(dep)
+        return self._dependency_runs(dep) if w is None else "active" in w.states().values()
 
     def _status(self):
         return status_with(self.spec, self.results_dir, self.storage, None, self.tasks, self.prefix)

@@ -48,7 +48,7 @@ FIXED = {
     "train.seed": "seeds are listed under `seeds:` (a task's own `seeds:` replaces it for that "
     "task; an ablation has its own `seeds:`)",
 }
-ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "tasks", "name")
+ABLATION_OPTIONS = ("scale_alpha", "seeds", "lr", "lr_selection", "tasks", "name")
 AXIS_NAMES = {"lora.r": "rank", "lora.alpha": "alpha", "lora.target": "modules", "lora": "variants"}
 
 
@@ -145,7 +145,7 @@ def _join_paths(cfg: dict, data_root: str | None) -> None:
             data[k] = _join(data_root, str(data[k]))
 
 
-def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) -> Ablation:
+def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str], selection: str) -> Ablation:  # fmt: skip
     where = f"ablations[{i}]"
     if not isinstance(entry, dict):
         raise _err(path, where, f"must be a mapping like {{lora.r: [4, 8, 16], scale_alpha: true}}, got {entry!r}.")  # fmt: skip
@@ -182,10 +182,14 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str]) ->
     if tasks is not None:
         if not isinstance(tasks, list) or not tasks or set(tasks) - set(spec_tasks):
             raise _err(path, f"{where}.tasks", f"must be a non-empty list of the study's tasks ({', '.join(spec_tasks)}), got {tasks!r}.")  # fmt: skip
+    # An axis with its own lr grid chooses rates as the spec does, unless it says otherwise.
+    own = entry.get("lr_selection", selection)
+    if own not in SELECTIONS or ("lr_selection" in entry and (lr is None or len(lr) < 2)):
+        raise _err(path, f"{where}.lr_selection", f"must be {' or '.join(SELECTIONS)}, and goes with an lr grid of two or more rates on the axis (lr: [3.0e-4, 1.0e-3]); got {own!r} with lr {entry.get('lr', 'best')!r}.")  # fmt: skip
     name = str(entry.get("name") or AXIS_NAMES.get(key, field_name))
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-        raise _err(path, f"{where}.name", f"must be letters, digits and _.+- only, got {name!r}.")
-    return Ablation(key, values, name, scale, seeds, lr, tasks)
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name.endswith("-seeds"):
+        raise _err(path, f"{where}.name", f"must be letters, digits and _.+- only, not ending in '-seeds' (an axis's other seeds are the study '<axis>-seeds'), got {name!r}.")  # fmt: skip
+    return Ablation(key, values, name, scale, seeds, lr, tasks, own)
 
 
 def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
@@ -229,14 +233,14 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     abl = raw.get("ablations") or []
     if not isinstance(abl, list):
         raise _err(path, "ablations", f"must be a list of axes, got {abl!r}.")
-    ablations = [_ablation(path, i, e, list(per_task), methods) for i, e in enumerate(abl)]
+    ablations = [_ablation(path, i, e, list(per_task), methods, selection) for i, e in enumerate(abl)]  # fmt: skip
     names = [a.name for a in ablations]
     if len(set(names)) != len(names):
         raise _err(path, "ablations", f"has two axes named alike ({names}): give one a `name:`.")
     out = raw.get("output_dir") or str(Path("results") / name)
     spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations, task_lrs, task_seeds)  # fmt: skip
     for phase in phases(spec):  # every config valid now, not on some machine hours later
-        plan = phase.plan(spec, spec.first_lrs(phase.task))
+        plan = phase.plan(spec)
         for p in plan.points():
             try:
                 cfg = plan.config_for(p)
@@ -281,12 +285,12 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     """The points of every phase; dependent ones shown with the lr they will wait for."""
     lines = []
     for ph in phases(spec, select_tasks(spec, tasks)):
-        pts = ph.plan(spec, spec.first_lrs(ph.task)).points()
-        when = " (lr: the grid's best per method, once the grid is complete)" if ph.needs_grid else ""  # fmt: skip
+        pts = ph.plan(spec).points()
+        when = f" (lr: {ph.waits_on}, once chosen)" if ph.depends_on else ""
         lines.append(f"{ph.study_name(prefix)}: {len(pts)} points{when}")
         for p in pts:
             key = p["key"]
-            if ph.needs_grid:
+            if ph.depends_on:
                 key = with_lr_placeholder(key)
             lines.append(f"  {key}")
     return lines
@@ -297,6 +301,6 @@ def spec_configs(spec: StudySpec, tasks: list[str]) -> list:
     learning rate changes neither the model nor the targets), for `prechecks.check_points`."""
     out = []
     for ph in phases(spec, tasks):
-        plan = ph.plan(spec, spec.first_lrs(ph.task))
+        plan = ph.plan(spec)
         out += [plan.config_for(p) for p in plan.points()]
     return out

@@ -25,7 +25,7 @@ from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
 from .estimate import point_costs, training_chars
-from .phases import Phase, StudySpec, best_lrs, best_of, best_so_far, grid_values, phases
+from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
@@ -64,13 +64,15 @@ class PointStatus:
 class PhaseStatus:
     name: str
     task: str
-    kind: str  # grid / seeds / ablation
+    kind: str  # grid / seeds / ablation / ablation-seeds
     created: bool
     waits_for_grid: bool = False
-    best: dict | None = None  # the grid's best lr per method (grid phases: once complete)
-    so_far: dict | None = None  # waiting: the best lr per method among the grid's finished lrs
+    # The grid's best lr per method (grid phases: once complete); an axis grid's per value.
+    best: dict | None = None
+    so_far: dict | None = None  # waiting: the best lr so far among the grid's finished lrs
     points: list[PointStatus] = field(default_factory=list)
     config: object = None  # one point's ExperimentConfig (its task's data, caps, schedule)
+    waits_on: str = "the grid's best lr"  # what waits_for_grid waits for, in words
 
 
 @dataclass
@@ -176,31 +178,32 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             studies[name] = (study, study.get_trials(deepcopy=False))
         return studies[name]
 
-    def grid_best(task: str) -> tuple[dict | None, dict | None]:
-        """(The grid's best lr per method, else None; the best so far among its finished lrs)
-        from its stored results, else its finished run folders (a grid extended under a new
-        name reuses them): the lr a worker will pick, so the points it will reuse show."""
-        if task not in bests:
-            grid_name = Phase(task, "grid").study_name(prefix)
-            grid_plan = Phase(task, "grid").plan(spec, None, results)
+    def chosen(chooser: Phase) -> tuple[dict | None, dict | None]:
+        """(What a grid phase chose (`Phase.bests`), else None; the best so far among its
+        finished lrs) from its stored results, else its finished run folders (a grid extended
+        under a new name reuses them): the lr a worker will pick, so the points it will reuse
+        show."""
+        grid_name = chooser.study_name(prefix)
+        if grid_name not in bests:
+            grid_plan = chooser.plan(spec, None, results)
             values = grid_values(trials_of(grid_name)[0] if grid_name in names else None, grid_plan)
             for key, v in values.items():
                 values[key] = finished_value(Path(results), key) if v is None else v
-            bests[task] = (best_of(grid_plan, values), best_so_far(grid_plan, values))
-        return bests[task]
+            bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False))  # fmt: skip
+        return bests[grid_name]
 
-    bests: dict[str, tuple] = {}  # per task: its grid's phases share one
+    bests: dict[str, tuple] = {}  # per grid: the phases that wait on it share one
     out = []
     for ph in phases(spec, select_tasks(spec, tasks)):
         name = ph.study_name(prefix)
-        best, so_far = grid_best(ph.task) if ph.needs_grid or ph.kind == "grid" else (None, None)
-        waits = ph.needs_grid and best is None
-        plan = ph.plan(
-            spec, best or (so_far if waits else None) or spec.first_lrs(ph.task), results
-        )
+        chooses = ph.chooses
+        dep = ph.depends_on
+        best, so_far = chosen(dep) if dep else chosen(ph) if chooses else (None, None)
+        waits = dep is not None and best is None
+        plan = ph.plan(spec, best or (so_far if waits else None), results)
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
-                             best if ph.kind == "grid" or not waits else None,
-                             so_far if waits else None)  # fmt: skip
+                             best if chooses or not waits else None,
+                             so_far if waits else None, waits_on=ph.waits_on)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         out.append(status)
     if st is not None:
@@ -285,7 +288,7 @@ def render(status: StudyStatus) -> list[str]:
         done = sum(p.state in FINAL for p in ph.points)
         head = f"{ph.name}: {done}/{len(ph.points)} done"
         if ph.waits_for_grid:
-            head += " (waits for the grid's best lr"
+            head += f" (waits for {ph.waits_on}"
             if ph.so_far:
                 head += "; best so far " + ", ".join(f"{m} {lr:g}" for m, lr in ph.so_far.items())
             head += ")"

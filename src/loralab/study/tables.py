@@ -225,6 +225,8 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         # An axis with its own lr grid picks each setting's rate; one without keeps the base's.
         own_lr = len({c.lr for c in cells if c.group == group}) > 1
+        # Chosen on the first seed alone (`grid_on_first_seed`): the other seeds are free of it.
+        on_first = any(c.chose_lr_on and c.chose_lr_on != {r["seed"] for r in c.done} for c in best if c.group == group)  # fmt: skip
         rows = []
         for c in (c for c in best if c.group == group and c.lora):
             ref = full_reference(c, cells)
@@ -250,8 +252,13 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             "all its seeds (not paired). "
             + (
                 "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds "
-                "every rate ran, which are also the seeds it is scored on (optimistic alike "
-                "for every setting, the base included)."
+                + (
+                    "every rate ran (`lr_chosen_on_seeds` in report.csv); its scores on the "
+                    "other seeds are free of that choice."
+                    if on_first
+                    else "every rate ran, which are also the seeds it is scored on (optimistic "
+                    "alike for every setting, the base included)."
+                )
                 if own_lr
                 else "Best lr: the ablation keeps LoRA's, tuned for the base."
             ),
