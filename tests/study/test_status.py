@@ -364,7 +364,7 @@ def test_a_finished_points_start_time_comes_from_its_summary(tmp_path, spec):
 def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_path):
     """An axis grid on its first seed (`grid_on_first_seed`): its other seeds wait for each
     value's best lr, shown so far from the finished run folders, then run each at its own."""
-    axes = [{"lora.alpha": [16, 64], "lr": [1e-3, 3e-3], "seeds": [1, 2]}]
+    axes = [{"lora.alpha": [16, 64], "lr": [1e-3, 3e-3], "seeds": [1, 2]}, {"lora.r": [4, 8]}]
     spec = load_spec(_spec_file(tmp_path, ablations=axes), str(tmp_path))
     res = tmp_path / "res"
 
@@ -375,11 +375,16 @@ def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_pat
 
     finished("sst2-lora-tiny-llama-lr0.001-s1", 0.70)  # the base: the task's grid runs
     finished("sst2-lora-tiny-llama-lr0.003-s1", 0.80)
+    finished("sst2-full-tiny-llama-lr0.0001-s1", 0.75)
+    finished("sst2-full-tiny-llama-lr0.0003-s1", 0.72)
     finished("sst2-lora-tiny-llama-lr0.001-s1-a64", 0.75)  # 3e-3 has not run
     status = study_status(spec, str(res), tasks=["sst2"])
     names = [ph.name for ph in status.phases]
-    assert names == ["tiny-sst2-grid", "tiny-sst2-seeds", "tiny-sst2-ablate-alpha", "tiny-sst2-ablate-alpha-seeds"]  # fmt: skip
-    axis, later = status.phases[2:]
+    assert names == ["tiny-sst2-grid", "tiny-sst2-seeds", "tiny-sst2-ablate-alpha", "tiny-sst2-ablate-alpha-seeds", "tiny-sst2-ablate-rank"]  # fmt: skip
+    # The task's seeds run both methods at their best; the rank axis, LoRA only, shows LoRA's.
+    assert status.phases[1].best == {"lora": 3e-3, "full": 1e-4}
+    assert status.phases[4].best == {"lora": 3e-3}
+    axis, later = status.phases[2:4]
     assert (
         axis.best is None and later.waits_for_grid and later.so_far == {"base": 3e-3, "a64": 1e-3}
     )
@@ -387,6 +392,6 @@ def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_pat
     line = "tiny-sst2-ablate-alpha-seeds: 0/2 done (waits for each setting's best lr on the axis's first seed; best so far base 0.003, a64 0.001)"  # fmt: skip
     assert line in render(status)
     finished("sst2-lora-tiny-llama-lr0.003-s1-a64", 0.60)  # the axis grid is complete
-    axis, later = study_status(spec, str(res), tasks=["sst2"]).phases[2:]
+    axis, later = study_status(spec, str(res), tasks=["sst2"]).phases[2:4]
     assert axis.best == {"base": 3e-3, "a64": 1e-3} and not later.waits_for_grid
     assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr0.001-s2-a64", "sst2-lora-tiny-llama-lr0.003-s2"]  # fmt: skip

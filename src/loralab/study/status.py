@@ -201,6 +201,8 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         best, so_far = chosen(dep) if dep else chosen(ph) if chooses else (None, None)
         waits = dep is not None and best is None
         plan = ph.plan(spec, best or (so_far if waits else None), results)
+        if dep is not None and dep.kind == "grid":  # an ablation shows LoRA's rate alone
+            best, so_far = (_methods(x, plan.methods) for x in (best, so_far))
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
                              best if chooses or not waits else None,
                              so_far if waits else None, waits_on=ph.waits_on)  # fmt: skip
@@ -209,6 +211,10 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
     if st is not None:
         _memory_waits([p for ph in out for p in ph.points], st)
     return StudyStatus(results, url, out)
+
+
+def _methods(best: dict | None, methods: list[str]) -> dict | None:
+    return None if best is None else {m: lr for m, lr in best.items() if m in methods}
 
 
 def _memory_waits(points: list[PointStatus], st) -> None:
