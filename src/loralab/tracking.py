@@ -125,6 +125,12 @@ def hardware() -> dict:
     }
 
 
+def machine_name(hw: dict) -> str | None:
+    """The name a run's records give its machine (a `hardware` dict): its GPU, else its CPU;
+    None for a summary from before it was recorded."""
+    return hw.get("accelerator") or hw.get("cpu")
+
+
 def _wandb_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

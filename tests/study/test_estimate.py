@@ -10,9 +10,35 @@ import pytest
 from loralab.study.estimate import MIN_SHARE, point_costs, training_chars
 
 
-def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None, at=None):
+def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None, at=None, on=None):
     return SimpleNamespace(task=task, method=method, finished=cpu_s is not None, cpu_s=cpu_s,
-                           started_at=at, resumes_at=share, resumes_cpu_s=cpu_at)  # fmt: skip
+                           started_at=at, resumes_at=share, resumes_cpu_s=cpu_at, machine=on)  # fmt: skip
+
+
+def test_points_from_another_machine_count_at_this_ones_speed():
+    """Here's own points of a (task, method) win; else another machine's count times how much
+    slower here ran the (task, method)s both ran (the mean of those ratios)."""
+    xeon, epyc = "Xeon[amx_bf16]", "AMD EPYC[avx2]"
+    points = [
+        _pt("sst2", "lora", cpu_s=140.0, on=xeon), _pt("sst2", "lora", cpu_s=360.0, on=epyc),
+        _pt("sst2", "full", cpu_s=300.0, on=xeon), _pt("sst2", "full", cpu_s=900.0, on=epyc),
+        _pt("mrpc", "lora", cpu_s=900.0, on=xeon),  # the EPYC has not run it
+        _pt("rte", "lora", cpu_s=1000.0, on=xeon), _pt("rte", "lora", cpu_s=2000.0, on=epyc),
+        _pt("rte", "full", cpu_s=1500.0, on=None),  # unrecorded machine: as it is
+    ]  # fmt: skip
+    # EPYC/Xeon: sst2 lora 360/140, sst2 full 3, rte lora 2: mean (18/7 + 3 + 2) / 3
+    ratio = (360 / 140 + 3 + 2) / 3
+    costs = point_costs(points, here=epyc)
+    assert costs[("mrpc", "lora")] == pytest.approx(900.0 * ratio)
+    assert costs[("sst2", "lora")] == pytest.approx(360.0)  # its own points only
+    assert costs[("rte", "full")] == pytest.approx(1500.0)
+    costs = point_costs(points, here=xeon)
+    assert costs[("mrpc", "lora")] == pytest.approx(900.0) and costs[("rte", "lora")] == pytest.approx(1000.0)  # fmt: skip
+    # No machine given, or one that ran nothing: every point as it is (the mean).
+    for here in (None, "GPU"):
+        costs = point_costs(points, here=here)
+        assert costs[("mrpc", "lora")] == pytest.approx(900.0)
+        assert costs[("sst2", "lora")] == pytest.approx(250.0)
 
 
 def test_finished_points_give_the_mean_and_win_over_checkpoints():

@@ -395,3 +395,25 @@ def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_pat
     axis, later = study_status(spec, str(res), tasks=["sst2"]).phases[2:4]
     assert axis.best == {"base": 3e-3, "a64": 1e-3} and not later.waits_for_grid
     assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr0.001-s2-a64", "sst2-lora-tiny-llama-lr0.003-s2"]  # fmt: skip
+
+
+def test_the_estimate_counts_other_machines_points_at_this_ones_speed(tmp_path, spec):
+    """Each finished point's machine comes from its summary; a (task, method) that this machine
+    has not run costs the others' time times how much slower it ran what both ran."""
+    from loralab.tracking import hardware, machine_name
+
+    here = machine_name(hardware())
+    res = tmp_path / "res"
+    for key, cpu, machine in (("sst2-lora-tiny-llama-lr0.001-s1", 100.0, "Other[avx2]"),
+                              ("sst2-lora-tiny-llama-lr0.003-s1", 300.0, here),
+                              ("sst2-full-tiny-llama-lr0.0001-s1", 200.0, "Other[avx2]")):  # fmt: skip
+        (res / "runs" / key).mkdir(parents=True)
+        summary = {"status": "completed", "task": "sst2", "metrics": {"accuracy": 0.7},
+                   "train_cpu_time_s": cpu, "hardware": {"cpu": machine, "accelerator": None}}  # fmt: skip
+        (res / "runs" / key / "summary.json").write_text(json.dumps(summary))
+    status = study_status(spec, str(res), tasks=["sst2"])
+    assert status.here == here
+    ran = {p.key: p.machine for p in status.points if p.machine}
+    assert ran["sst2-full-tiny-llama-lr0.0001-s1"] == "Other[avx2]"
+    # Here ran sst2 LoRA 3x slower than Other did (300 against 100): full's 200 s count 600.
+    assert status._costs() == {("sst2", "lora"): pytest.approx(300.0), ("sst2", "full"): pytest.approx(600.0)}  # fmt: skip

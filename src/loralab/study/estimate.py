@@ -5,7 +5,10 @@ progress line. A (task, method)'s cost is, in order of preference:
      do not record it count only when none does). A study outlives code versions and machines
      (SmolLM2's MRPC points cost ~53 training CPU minutes on 2026-12-02, ~19 on 12-04), and
      the next point costs what the latest ones did (a resumed point is dated by its last
-     attempt);
+     attempt). Given the machine that asks (`here`), the newest of those run on it; where none
+     did, each point's cost times how much slower `here` ran the (task, method)s both machines
+     ran (`machine_ratio`: SmolLM2's SST-2 LoRA points took ~2.6x the training CPU on an AMD
+     EPYC that they took on an AMX Xeon);
   2. the CPU time its unfinished points spent up to their checkpoints, scaled to the whole run
      (checkpoints at `MIN_SHARE` of training or more);
   3. the other method's cost on the same task times the mean ratio between the two methods on
@@ -29,21 +32,23 @@ RECENT_S = 86400.0  # finished points this close to the newest one share its cod
 TEXT_COLUMNS = ("text_a", "text_b", "question", "context")  # the canonical text columns
 
 
-def point_costs(points, chars: dict[str, float] | None = None) -> dict[tuple[str, str], float]:
+def point_costs(points, chars: dict[str, float] | None = None, here: str | None = None) -> dict[tuple[str, str], float]:  # fmt: skip
     """{(task, method): training CPU s of one point} from `points`, objects with `task`,
-    `method`, `finished`, `cpu_s` and `started_at` (finished; Unix time or None),
-    `resumes_at` and `resumes_cpu_s` (the newest checkpoint's share of training and CPU s);
-    `chars`: {task: training text of one run} for the rough fourth tier (see `rough`)."""
-    done: dict[tuple[str, str], list[tuple[float | None, float]]] = {}
+    `method`, `finished`, `cpu_s`, `started_at` (finished; Unix time or None) and `machine`
+    (the one it ran on, or None), `resumes_at` and `resumes_cpu_s` (the newest checkpoint's
+    share of training and CPU s); `chars`: {task: training text of one run} for the rough
+    fourth tier (see `rough`); `here`: the machine the estimate is for (None: any)."""
+    done: dict[tuple[str, str], list[tuple[float | None, float, str | None]]] = {}
     partial: dict[tuple[str, str], list[float]] = {}
     for p in points:
         if p.finished and p.cpu_s is not None:
-            done.setdefault((p.task, p.method), []).append((p.started_at, p.cpu_s))
+            done.setdefault((p.task, p.method), []).append((p.started_at, p.cpu_s, getattr(p, "machine", None)))  # fmt: skip
         elif p.resumes_cpu_s is not None and (p.resumes_at or 0.0) >= MIN_SHARE:
             partial.setdefault((p.task, p.method), []).append(p.resumes_cpu_s / p.resumes_at)
     known = {k: sum(v) / len(v) for k, v in partial.items()}
     for k, timed in done.items():  # finished points win
-        recent = newest(timed)
+        mine = [t for t in timed if here is not None and t[2] == here]
+        recent = [c * (1.0 if mine else machine_ratio(done, here, m)) for _, c, m in newest(mine or timed)]  # fmt: skip
         known[k] = sum(recent) / len(recent)
     costs = dict(known)
     tasks, methods = {p.task for p in points}, {p.method for p in points}
@@ -57,13 +62,29 @@ def point_costs(points, chars: dict[str, float] | None = None) -> dict[tuple[str
     return costs
 
 
-def newest(timed: list[tuple[float | None, float]]) -> list[float]:
-    """The costs of (start time, cost) pairs that started within `RECENT_S` of the newest
-    start; all of them when none has a start time."""
-    times = [t for t, _ in timed if t is not None]
+def newest(timed: list[tuple]) -> list[tuple]:
+    """The (start time, cost, ...) tuples that started within `RECENT_S` of the newest start;
+    all of them when none has a start time."""
+    times = [t[0] for t in timed if t[0] is not None]
     if not times:
-        return [c for _, c in timed]
-    return [c for t, c in timed if t is not None and t >= max(times) - RECENT_S]
+        return list(timed)
+    return [t for t in timed if t[0] is not None and t[0] >= max(times) - RECENT_S]
+
+
+def machine_ratio(done: dict, here: str | None, there: str | None) -> float:
+    """How many times the training CPU of a point on `there` one on `here` takes: the mean, over
+    the (task, method)s both ran, of their newest points' mean costs (1 where unknown)."""
+    if here is None or there is None or here == there:
+        return 1.0
+    ratios = []
+    for timed in done.values():
+        mean = {}
+        for m in (here, there):
+            costs = [c for _, c, _ in newest([t for t in timed if t[2] == m])]
+            mean[m] = sum(costs) / len(costs) if costs else None
+        if mean[here] and mean[there]:
+            ratios.append(mean[here] / mean[there])
+    return sum(ratios) / len(ratios) if ratios else 1.0
 
 
 def rough(costs: dict, chars: dict[str, float], tasks, methods) -> dict[tuple[str, str], float]:

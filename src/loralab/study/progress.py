@@ -19,6 +19,7 @@ from ..rundir import (
     RUNS_DIR,
     SUMMARY_FILE,
 )
+from ..tracking import machine_name
 from .leases import lock_here
 from .records import main_metric_value, record_from_summary
 from .reuse import FINISHED
@@ -58,6 +59,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
+        ps.machine = machine_name(summary.get("hardware") or {})
         start = summary.get("first_step_at")
         ps.started_at = float(start) if isinstance(start, (int, float)) else None
         if ps.state not in FINAL:  # an ablation's base point, a grid extended under a new name

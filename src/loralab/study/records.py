@@ -42,8 +42,7 @@ def record_from_summary(summary: dict) -> dict:
     layout = summary.get("layout") or {}
     rec["allocator"] = layout.get("allocator")  # None: from before it was recorded
     rec["lent_share"] = layout.get("lent_share")  # idle cores lent (study.spare_cores)
-    hw = summary.get("hardware") or {}
-    rec["hardware"] = hw.get("accelerator") or hw.get("cpu")  # None: from before it was recorded
+    rec["hardware"] = tracking.machine_name(summary.get("hardware") or {})
     rec["lora"] = summary.get("lora") if summary.get("method") == "lora" else None
     rec["metrics"] = _numbers(summary.get("metrics"))
     rec["majority"] = _numbers(summary.get("majority_baseline"))

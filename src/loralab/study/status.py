@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import tracking
 from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
@@ -45,6 +46,7 @@ class PointStatus:
     value: float | None = None  # its dev value (done)
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
     started_at: float | None = None  # Unix time its training started (done; None: unrecorded)
+    machine: str | None = None  # the machine it ran on (done; `tracking.machine_name`)
     progress: float | None = None  # share of training logged so far (0..1)
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
     resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
@@ -80,6 +82,9 @@ class StudyStatus:
     results_dir: str
     storage: str | None  # None: no storage yet (nothing has run)
     phases: list[PhaseStatus]
+    # The machine the estimate is for (`tracking.machine_name`): this one, which a worker
+    # asking runs its points on; None: any.
+    here: str | None = None
 
     _cost_cache: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -97,13 +102,13 @@ class StudyStatus:
 
     def _cost_tiers(self) -> tuple[dict, set]:
         if self._cost_cache is None:
-            costs = point_costs(self.points)
+            costs = point_costs(self.points, here=self.here)
             lacking = {p.task for p in self.points if not p.finished and (p.task, p.method) not in costs}  # fmt: skip
             chars = {}
             if lacking:  # reading the training files costs seconds: only when they are needed
                 configs = {ph.task: ph.config for ph in self.phases if ph.config is not None}
                 chars = {t: c for t, cfg in configs.items() if (c := training_chars(cfg))}
-            full = point_costs(self.points, chars)
+            full = point_costs(self.points, chars, self.here)
             self._cost_cache = (full, set(full) - set(costs))
         return self._cost_cache
 
@@ -210,7 +215,7 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         out.append(status)
     if st is not None:
         _memory_waits([p for ph in out for p in ph.points], st)
-    return StudyStatus(results, url, out)
+    return StudyStatus(results, url, out, tracking.machine_name(tracking.hardware()))
 
 
 def _methods(best: dict | None, methods: list[str]) -> dict | None:
@@ -248,7 +253,7 @@ def sweep_status(study_name: str, storage: str | None = None, results_dir: str |
     _plan_points(status, plan, study.get_trials(deepcopy=False), results)
     if tasks:
         status.points = [p for p in status.points if p.task in tasks]
-    return StudyStatus(results, url, [status])
+    return StudyStatus(results, url, [status], tracking.machine_name(tracking.hardware()))
 
 
 def _fill(ps: PointStatus, trials: list) -> None:
