@@ -192,9 +192,20 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
                         lora={"r": r, "alpha": float(alpha)})  # fmt: skip
         if group == "sweep" and seed < 4:
             (run / "sweep.json").write_text(json.dumps({"groups": ["sweep", "ablation-rank"]}))
+    for seed, acc in ((1, 0.90), (2, 0.91)):  # full fine-tuning, seeds 1 and 2
+        write_run(tmp_path / "runs", f"full{seed}", seed, {"accuracy": acc}, group="sweep", method="full", lr=1e-5)  # fmt: skip
     report(tmp_path, out=tmp_path / "out")
     rows = _rows(tmp_path / "out" / "report.csv")
     md = (tmp_path / "out" / "report.md").read_text()
+    # − full on the seeds both ran: r = 4 (80−90, 86−91) = (−10, −5); r = 16 (88−90, 86−91).
+    half = t_quantile(0.975, 1) * statistics.stdev([-10, -5]) / math.sqrt(2)
+    r4 = _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 4)
+    got = [float(r4[k]) for k in ("minus_full_points", "minus_full_ci95_low", "minus_full_ci95_high")]  # fmt: skip
+    assert got == pytest.approx([-7.5, -7.5 - half, -7.5 + half], abs=1e-9)
+    assert f"| 90.50 ± 0.71 | -7.50 [{-7.5 - half:+.2f}, {-7.5 + half:+.2f}] (2 seeds; ~" in md
+    # The base row too (85−90, 87−91): the LoRA − full of the study's own settings.
+    assert float(_row(rows, "ablation-rank", "sst2", "lora", 3e-4, 8)["minus_full_points"]) == pytest.approx(-4.5)  # fmt: skip
+    assert _row(rows, "sweep", "sst2", "lora", 3e-4, 8)["minus_full_points"] == ""
     # r = 4 − r = 8 per seed: (80−85, 86−87, 85−89) = (−5, −1, −4) points.
     mean, lo, hi = -10 / 3, *(-10 / 3 + s * t_quantile(0.975, 2) * statistics.stdev([-5, -1, -4]) / math.sqrt(3) for s in (-1, 1))  # fmt: skip
     r4 = _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 4)

@@ -180,7 +180,13 @@ def _minus_base(cell: Cell, base: Cell | None) -> str:
     the base's own row, a dash when the axis has no base or no seed in common."""
     if base is None or base is cell:
         return "—" if base is None else "base"
-    diffs = paired_diffs(cell, base)
+    return _minus(cell, base)
+
+
+def _minus(cell: Cell, other: Cell | None) -> str:
+    """`cell` − `other` paired by seed, as `_minus_base` writes it; a dash without a seed in
+    common."""
+    diffs = paired_diffs(cell, other) if other is not None else []
     if not diffs:
         return "—"
     mean, lo, hi = t_interval(diffs)
@@ -232,7 +238,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             ref = full_reference(c, cells)
             rows.append([c.task, c.head, c.model, c.variant, c.data, f"{c.lr:g}", _n(c),
                          f"{c.metric}: {_pm(c, c.metric)}", _minus_base(c, ablation_base(c, cells)),
-                         _pm(ref, ref.metric) if ref else "—",
+                         _pm(ref, ref.metric) if ref else "—", _minus(c, ref),
                          _f(c.avg("trainable_share_without_head_pct"), ".3f"),
                          _f(c.avg("wall_time_s")), _f(c.avg("train_cpu_time_s"), ".0f"),
                          _f(c.avg("peak_memory_mb"), ".0f")])  # fmt: skip
@@ -240,6 +246,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             f"Ablation: {group.removeprefix('ablation-')} (best learning rate per setting)",
             ["task", "head", "model", "LoRA", "data", "best lr", "seeds", "main metric",
              "− base, paired by seed (mean [95% CI])", "full fine-tuning",
+             "− full, paired by seed (mean [95% CI])",
              "trainable % (without head)", "wall time (s)", "training CPU (s)",
              "peak memory (MB)"],
             rows,
@@ -249,7 +256,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             "the two settings apart at these seeds; the seeds that would are projected at the "
             "same mean and spread of the differences (a plug-in estimate; "
             f"'>{SETTLE_MOST}': the two are as good as tied). Full fine-tuning: its best learning rate, "
-            "all its seeds (not paired). "
+            "all its seeds; − full: this setting minus it on the seeds both ran, likewise. "
             + (
                 "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds "
                 + (
@@ -304,6 +311,11 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
             t_interval(diffs) if diffs else ("", "", "")
         )
         row["minus_base_seeds_to_tell_apart"] = _to_tell_apart(diffs) if diffs else ""
+        ref = full_reference(c, cells) if is_ablation(c.group) and c.best and c.lora else None
+        diffs = paired_diffs(c, ref) if ref is not None else []
+        row["minus_full_points"], row["minus_full_ci95_low"], row["minus_full_ci95_high"] = (
+            t_interval(diffs) if diffs else ("", "", "")
+        )
         mean, lo, hi = comp.interval if comp else ("", "", "")
         held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
