@@ -287,7 +287,7 @@ def dry_run(spec: StudySpec, tasks: list[str] | None, prefix: str) -> list[str]:
     for ph in phases(spec, select_tasks(spec, tasks)):
         pts = ph.plan(spec).points()
         when = f" (lr: {ph.waits_on}, once chosen)" if ph.depends_on else ""
-        lines.append(f"{ph.study_name(prefix)}: {len(pts)} points{when}")
+        lines.append(f"{ph.study_name(prefix)}: {len(pts)} point{'s' * (len(pts) != 1)}{when}")
         for p in pts:
             key = p["key"]
             if ph.depends_on:
