@@ -41,6 +41,21 @@ def test_points_from_another_machine_count_at_this_ones_speed():
         assert costs[("sst2", "lora")] == pytest.approx(250.0)
 
 
+def test_this_machines_points_count_only_among_the_newest_and_ratios_compare_one_window():
+    """An old point of this machine (older code) loses to newer ones from another machine,
+    scaled; the machines' ratio comes from points of one window, not a code change."""
+    xeon, epyc, day = "Xeon[amx_bf16]", "AMD EPYC[avx2]", 86400.0
+    points = [
+        _pt("mrpc", "lora", cpu_s=3000.0, at=0.0, on=epyc),  # two days older: older code
+        _pt("mrpc", "lora", cpu_s=900.0, at=2 * day, on=xeon),
+        _pt("sst2", "lora", cpu_s=420.0, at=0.0, on=xeon),  # older code, left out of the ratio
+        _pt("sst2", "lora", cpu_s=140.0, at=2 * day, on=xeon),
+        _pt("sst2", "lora", cpu_s=360.0, at=2 * day + 60, on=epyc),
+    ]  # fmt: skip
+    costs = point_costs(points, here=epyc)
+    assert costs[("mrpc", "lora")] == pytest.approx(900.0 * 360 / 140)
+
+
 def test_finished_points_give_the_mean_and_win_over_checkpoints():
     costs = point_costs([_pt("sst2", "lora", cpu_s=100.0), _pt("sst2", "lora", cpu_s=140.0),
                          _pt("sst2", "lora", share=0.5, cpu_at=500.0)])  # fmt: skip

@@ -202,6 +202,8 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
     r4 = _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 4)
     got = [float(r4[k]) for k in ("minus_full_points", "minus_full_ci95_low", "minus_full_ci95_high")]  # fmt: skip
     assert got == pytest.approx([-7.5, -7.5 - half, -7.5 + half], abs=1e-9)
+    # 3 seeds: t(2) 4.303 x 3.54 / 1.73 = 8.78 > 7.5; 4 seeds: t(3) 3.182 x 3.54 / 2 = 5.63 < 7.5
+    assert r4["minus_full_seeds_to_tell_apart"] == "4"
     assert f"| 90.50 ± 0.71 | -7.50 [{-7.5 - half:+.2f}, {-7.5 + half:+.2f}] (2 seeds; ~" in md
     # The base row too (85−90, 87−91): the LoRA − full of the study's own settings.
     assert float(_row(rows, "ablation-rank", "sst2", "lora", 3e-4, 8)["minus_full_points"]) == pytest.approx(-4.5)  # fmt: skip

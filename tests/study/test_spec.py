@@ -259,6 +259,13 @@ def test_an_axis_grid_on_its_first_seed_then_each_value_at_its_own_best(tmp_path
     assert grid.bests(plan, {**values, keys[1]: None, keys[3]: None}, complete=False) is None
     # A diverged point is the worst value: alpha 32 then keeps 1e-3.
     assert grid.bests(plan, {**values, keys[1]: -math.inf})["a32"] == 1e-3
+    # A tie goes to the smaller rate, as in the report, whatever order the axis lists them in.
+    tied = {**values, keys[2]: 0.70}
+    assert grid.bests(plan, tied)["base"] == 3e-4
+    spec_down = load_spec(_spec_file(tmp_path, ablations=[{**axes[0], "lr": [1e-3, 3e-4]}]), str(tmp_path))  # fmt: skip
+    down = next(ph for ph in phases(spec_down) if ph.kind == "ablation" and ph.task == "sst2")
+    down_plan = down.plan(spec_down)
+    assert down.bests(down_plan, dict.fromkeys((p["key"] for p in down_plan.points()), 0.5)) == {"base": 3e-4, "a32": 3e-4}  # fmt: skip
     later = seeds.plan(spec, {"base": 1e-3, "a32": 3e-4})
     assert [(p["lr"], p["seed"], p["lora"]) for p in later.points()] == [
         (3e-4, 2, {"alpha": 32.0}), (1e-3, 2, {}), (3e-4, 3, {"alpha": 32.0}), (1e-3, 3, {})]  # fmt: skip
@@ -267,13 +274,41 @@ def test_an_axis_grid_on_its_first_seed_then_each_value_at_its_own_best(tmp_path
     main_keys = {p["key"] for p in task_seeds.plan(spec, {"lora": 1e-3, "full": 1e-4}).points()}
     shared = {p["key"] for p in later.points() if not p["lora"]} & main_keys
     assert shared == {"sst2-lora-tiny-llama-lr0.001-s2"}  # the task's seeds are 1 and 2
-    # A stored plan reads back with its per-value rates and the same fingerprint.
+    # A stored plan reads back with its per-value rates and the same fingerprint; it is stored
+    # as version 2 (a loralab that predates per-value rates refuses it rather than drop them),
+    # a plan without them as version 1, its JSON and fingerprint as before they existed.
     assert Plan.from_json(later.to_json()).fingerprint() == later.fingerprint()
     assert Plan.from_json(later.to_json()).variant_lrs == [1e-3, 3e-4]
+    assert (later.to_json()["version"], plan.to_json()["version"]) == (2, 1)
+    before = {k: v for k, v in plan.to_json().items() if k != "variant_lrs"}
+    assert Plan.from_json(before).fingerprint() == plan.fingerprint() == before["fingerprint"]
     # One seed: no dependent phase; `full_grid`: every rate on every seed, no dependent phase.
     for axis in ({**axes[0], "seeds": [1]}, {**axes[0], "lr_selection": "full_grid"}):
         spec = load_spec(_spec_file(tmp_path, ablations=[axis]), str(tmp_path))
         assert [ph.kind for ph in phases(spec) if ph.ablation] == ["ablation", "ablation"]
+
+
+def test_an_axis_stored_with_its_grid_on_every_seed_names_the_setting_that_continues_it(tmp_path):
+    """An axis with an lr grid stored when it ran every rate on every seed: read with today's
+    default (its first seed), the refusal says which setting continues it; with that setting
+    the stored study is continued."""
+    from loralab.study.runner import Runner
+    from loralab.study.storage import create_or_check, storage_url
+
+    axis = {"lora.alpha": [16, 32], "lr": [3e-4, 1e-3], "seeds": [1, 2]}
+    res = tmp_path / "res"
+    old = load_spec(_spec_file(tmp_path, ablations=[{**axis, "lr_selection": "full_grid"}]), str(tmp_path))  # fmt: skip
+    (ph,) = [ph for ph in phases(old) if ph.ablation and ph.task == "sst2"]
+    st = open_storage(storage_url(None, res))
+    create_or_check(st, ph.study_name("tiny"), ph.plan(old, None, str(res)))
+    new = load_spec(_spec_file(tmp_path, ablations=[axis]), str(tmp_path))
+    runner = Runner(new, st, "tiny", ["sst2"], str(res), 1, True)
+    with pytest.raises(LoralabError) as e:
+        runner.worker(next(ph for ph in phases(new) if ph.kind == "ablation" and ph.task == "sst2"))
+    assert "different grid" in str(e.value)
+    assert "continues with `lr_selection: full_grid` on axis 'alpha'" in str(e.value)
+    runner = Runner(old, st, "tiny", ["sst2"], str(res), 1, True)
+    assert runner.worker(ph) is not None
 
 
 def test_a_tasks_own_lr_grid_replaces_the_spec_grid_for_that_task_only(tmp_path, data_root):
@@ -396,7 +431,7 @@ def test_best_lr_per_method_from_the_grid(tmp_path):
               k["full", 1e-4, 1]: None, k["full", 1e-4, 2]: 0.99,  # diverged: worst
               k["full", 3e-4, 1]: 0.5, k["full", 3e-4, 2]: 0.5}  # fmt: skip
     assert best_lrs(_study_with(plan, values), plan) == {"lora": 1e-3, "full": 3e-4}
-    values[k["lora", 3e-3, 2]] = 0.8  # mean 0.70: a tie goes to the first lr of the list
+    values[k["lora", 3e-3, 2]] = 0.8  # mean 0.70: a tie goes to the smaller lr
     assert best_lrs(_study_with(plan, values), plan)["lora"] == 1e-3
     values[k["lora", 3e-3, 2]] = 0.81
     assert best_lrs(_study_with(plan, values), plan)["lora"] == 3e-3
@@ -468,8 +503,13 @@ BAD_SPECS = [
         "'ablations[0].lr_selection' must be grid_on_first_seed or full_grid",
     ),
     (
-        {"ablations": [{"lora.r": [4], "name": "rank-seeds"}]},
-        "'ablations[0].name' must be letters, digits and _.+- only, not ending in '-seeds'",
+        {
+            "ablations": [
+                {"lora.alpha": [8, 16], "lr": [1e-3, 3e-3], "seeds": [1, 2]},
+                {"lora.r": [4], "name": "alpha-seeds"},
+            ]
+        },  # fmt: skip
+        "'ablations' names two studies alike (tiny-mrpc-ablate-alpha-seeds): an axis whose lr grid",
     ),
     ({"ablations": [{"lora.r": [4], "lr": []}]}, "'ablations[0].lr' must be a non-empty list"),
     ({"ablations": [{"lora.r": [4], "lr": "fast"}]}, "'ablations[0].lr' holds 'fast'"),

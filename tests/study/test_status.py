@@ -417,3 +417,23 @@ def test_the_estimate_counts_other_machines_points_at_this_ones_speed(tmp_path, 
     assert ran["sst2-full-tiny-llama-lr0.0001-s1"] == "Other[avx2]"
     # Here ran sst2 LoRA 3x slower than Other did (300 against 100): full's 200 s count 600.
     assert status._costs() == {("sst2", "lora"): pytest.approx(300.0), ("sst2", "full"): pytest.approx(600.0)}  # fmt: skip
+
+
+def test_a_point_running_on_another_host_is_not_costed_at_this_machines_speed():
+    from loralab.study.status import PhaseStatus, PointStatus, StudyStatus
+
+    def pt(key, state, machine=None, worker=None, cpu_s=None, progress=None, task="sst2"):
+        return PointStatus("p", key, task, "lora", state, "accuracy", cpu_s=cpu_s, machine=machine,
+                           worker=worker, progress=progress)  # fmt: skip
+
+    points = [pt("a", "done", "Other", cpu_s=100.0), pt("b", "done", "Here", cpu_s=300.0),
+              pt("c", "done", "Other", cpu_s=900.0, task="mrpc"),
+              pt("d", "running", worker=f"elsewhere-{os.getpid()}:1", progress=0.5, task="mrpc"),
+              pt("e", "running", worker=f"{socket.gethostname()}:1", progress=0.5, task="mrpc")]  # fmt: skip
+    status = StudyStatus(
+        "res", None, [PhaseStatus("p", "sst2", "grid", True, points=points)], "Here"
+    )
+    # Here ran sst2 3x slower than Other: MRPC's 900 s count 2,700 here. A point running on
+    # another host costs what any machine's points did (900), whatever this machine's speed.
+    assert status.left_of(points[4]) == pytest.approx(2700.0 * 0.5)
+    assert status.left_of(points[3]) == pytest.approx(900.0 * 0.5)

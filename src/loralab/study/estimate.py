@@ -5,10 +5,10 @@ progress line. A (task, method)'s cost is, in order of preference:
      do not record it count only when none does). A study outlives code versions and machines
      (SmolLM2's MRPC points cost ~53 training CPU minutes on 2026-12-02, ~19 on 12-04), and
      the next point costs what the latest ones did (a resumed point is dated by its last
-     attempt). Given the machine that asks (`here`), the newest of those run on it; where none
-     did, each point's cost times how much slower `here` ran the (task, method)s both machines
-     ran (`machine_ratio`: SmolLM2's SST-2 LoRA points took ~2.6x the training CPU on an AMD
-     EPYC that they took on an AMX Xeon);
+     attempt). Given the machine that asks (`here`), those of them run on it; where none was,
+     each point's cost times how much slower `here` ran the (task, method)s both machines ran
+     in the same window (`machine_ratio`: SmolLM2's SST-2 LoRA points took ~2.6x the training
+     CPU on an AMD EPYC that they took on an AMX Xeon);
   2. the CPU time its unfinished points spent up to their checkpoints, scaled to the whole run
      (checkpoints at `MIN_SHARE` of training or more);
   3. the other method's cost on the same task times the mean ratio between the two methods on
@@ -47,9 +47,10 @@ def point_costs(points, chars: dict[str, float] | None = None, here: str | None 
             partial.setdefault((p.task, p.method), []).append(p.resumes_cpu_s / p.resumes_at)
     known = {k: sum(v) / len(v) for k, v in partial.items()}
     for k, timed in done.items():  # finished points win
-        mine = [t for t in timed if here is not None and t[2] == here]
-        recent = [c * (1.0 if mine else machine_ratio(done, here, m)) for _, c, m in newest(mine or timed)]  # fmt: skip
-        known[k] = sum(recent) / len(recent)
+        recent = newest(timed)  # the newest code; then this machine's points among them
+        mine = [c for _, c, m in recent if here is not None and m == here]
+        costs = mine or [c * machine_ratio(done, here, m) for _, c, m in recent]
+        known[k] = sum(costs) / len(costs)
     costs = dict(known)
     tasks, methods = {p.task for p in points}, {p.method for p in points}
     for task, m, o in ((t, m, o) for t in tasks for m in methods for o in methods if o != m):
@@ -73,14 +74,15 @@ def newest(timed: list[tuple]) -> list[tuple]:
 
 def machine_ratio(done: dict, here: str | None, there: str | None) -> float:
     """How many times the training CPU of a point on `there` one on `here` takes: the mean, over
-    the (task, method)s both ran, of their newest points' mean costs (1 where unknown)."""
+    the (task, method)s both ran among their newest points (one code version), of the ratio of
+    their mean costs (1 where unknown)."""
     if here is None or there is None or here == there:
         return 1.0
     ratios = []
     for timed in done.values():
-        mean = {}
+        recent, mean = newest(timed), {}
         for m in (here, there):
-            costs = [c for _, c, _ in newest([t for t in timed if t[2] == m])]
+            costs = [c for _, c, on in recent if on == m]
             mean[m] = sum(costs) / len(costs) if costs else None
         if mean[here] and mean[there]:
             ratios.append(mean[here] / mean[there])

@@ -37,7 +37,10 @@ DEFAULT_SEEDS = [42, 1337, 2024]
 ABLATIONS = ("rank", "alpha", "modules", "all")
 RANKS = (4, 8, 16)  # alpha = 2·r in the rank ablation
 ALPHAS = (8.0, 16.0, 32.0)  # at r = 8
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # in every plan's fingerprint
+# Stored by a plan with per-value rates (`variant_lrs`): a loralab that predates them refuses
+# it rather than drop them and train every value at every rate.
+PER_VALUE_LRS = 2
 DEFAULT_HEAD = ModelConfig().head  # the head a run key leaves unnamed
 PATH_KEYS = ("data_dir", "train_file", "eval_file")  # the data.* keys that name local paths
 
@@ -101,14 +104,15 @@ class Plan:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"version": PLAN_VERSION, **asdict(self), "fingerprint": self.fingerprint()}
+        version = PER_VALUE_LRS if self.variant_lrs else PLAN_VERSION
+        return {"version": version, **asdict(self), "fingerprint": self.fingerprint()}
 
     @classmethod
     def from_json(cls, data: dict) -> Plan:
-        if data.get("version") != PLAN_VERSION:
+        if data.get("version") not in (PLAN_VERSION, PER_VALUE_LRS):
             raise LoralabError(
                 f"The study was made by another loralab version (plan version {data.get('version')}, "
-                f"this one reads {PLAN_VERSION}): run it with that version."
+                f"this one reads {PLAN_VERSION} and {PER_VALUE_LRS}): run it with that version."
             )
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})

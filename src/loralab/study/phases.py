@@ -235,7 +235,8 @@ def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
 
 def best_lrs(study, plan: Plan) -> dict[str, float] | None:
     """Each method's lr with the best mean dev value over the grid seeds; None until every
-    grid point is final. A diverged point counts as the worst value; ties go to the first lr."""
+    grid point is final. A diverged point counts as the worst value; ties go to the smaller lr
+    (as in the report's choice, whatever order the spec lists them in)."""
     return best_of(plan, grid_values(study, plan))
 
 
@@ -270,5 +271,5 @@ def best_so_far(plan: Plan, values: dict[str, float | None]) -> dict[str, float]
                 scores.append((sum(vals) / len(vals), lr))
         if not scores:
             return None
-        best[m] = max(scores, key=lambda s: s[0])[1]  # max keeps the first of equal scores
+        best[m] = max(scores, key=lambda s: (s[0], -s[1]))[1]  # ties: the smaller lr
     return best

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .bar import PointsBar
 from .phases import Phase, StudySpec, grid_values, phases
@@ -27,6 +28,7 @@ from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
     create_or_check,
+    load_study,
     open_storage,
     storage_url,
 )
@@ -74,7 +76,18 @@ class Runner:
             source = "the grid" if dep.kind == "grid" else dep.study_name(self.prefix)
             self.say(f"{ph.task}: best lr from {source} {best}; enqueuing {name}")
         plan = ph.plan(self.spec, best, self.results_dir)
-        create_or_check(self.storage, name, plan)
+        try:
+            create_or_check(self.storage, name, plan)
+        except LoralabError as e:
+            if ph.kind == "ablation" and ph.ablation.grid_on_first_seed and set(plan.seeds) < set(load_study(self.storage, name)[1].seeds):  # fmt: skip
+                # Before loralab chose an axis's rates on its first seed, its grid ran on all.
+                raise LoralabError(
+                    f"{e} An axis with its own lr grid follows lr_selection, the spec's "
+                    f"({self.spec.lr_selection}) unless it sets its own; a study stored when "
+                    "such an axis ran every rate on every seed continues with "
+                    f"`lr_selection: full_grid` on axis '{ph.ablation.name}'."
+                ) from None
+            raise
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
                    self.trust_remote_code)  # fmt: skip
         w.bar = self.bar  # its lines go above the study's bar

@@ -187,8 +187,8 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str], se
     if own not in SELECTIONS or ("lr_selection" in entry and (lr is None or len(lr) < 2)):
         raise _err(path, f"{where}.lr_selection", f"must be {' or '.join(SELECTIONS)}, and goes with an lr grid of two or more rates on the axis (lr: [3.0e-4, 1.0e-3]); got {own!r} with lr {entry.get('lr', 'best')!r}.")  # fmt: skip
     name = str(entry.get("name") or AXIS_NAMES.get(key, field_name))
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name.endswith("-seeds"):
-        raise _err(path, f"{where}.name", f"must be letters, digits and _.+- only, not ending in '-seeds' (an axis's other seeds are the study '<axis>-seeds'), got {name!r}.")  # fmt: skip
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise _err(path, f"{where}.name", f"must be letters, digits and _.+- only, got {name!r}.")
     return Ablation(key, values, name, scale, seeds, lr, tasks, own)
 
 
@@ -239,6 +239,9 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
         raise _err(path, "ablations", f"has two axes named alike ({names}): give one a `name:`.")
     out = raw.get("output_dir") or str(Path("results") / name)
     spec = StudySpec(name, str(path), str(out), base, per_task, methods, lrs, seeds, selection, ablations, task_lrs, task_seeds)  # fmt: skip
+    studies = [ph.study_name(name) for ph in phases(spec)]
+    if alike := sorted({s for s in studies if studies.count(s) > 1}):
+        raise _err(path, "ablations", f"names two studies alike ({alike[0]}): an axis whose lr grid runs on its first seed has its other seeds in the study '<axis>-seeds'; give the axis named like that another `name:`.")  # fmt: skip
     for phase in phases(spec):  # every config valid now, not on some machine hours later
         plan = phase.plan(spec)
         for p in plan.points():

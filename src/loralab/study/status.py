@@ -18,6 +18,7 @@ The estimate: an unfinished point costs what a point of its task and method cost
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,13 +110,17 @@ class StudyStatus:
                 configs = {ph.task: ph.config for ph in self.phases if ph.config is not None}
                 chars = {t: c for t, cfg in configs.items() if (c := training_chars(cfg))}
             full = point_costs(self.points, chars, self.here)
-            self._cost_cache = (full, set(full) - set(costs))
+            anywhere = point_costs(self.points, chars) if self.here else full
+            self._cost_cache = (full, set(full) - set(costs), anywhere)
         return self._cost_cache
 
     def left_of(self, p: PointStatus, costs: dict | None = None) -> float | None:
-        """Training CPU s point `p` still needs (0 when finished); None when nothing to go by."""
+        """Training CPU s point `p` still needs (0 when finished); None when nothing to go by.
+        A point running on another host costs what any machine's points did, not this one's."""
         if p.finished:
             return 0.0
+        if p.state == "running" and p.worker and p.worker.rsplit(":", 1)[0] != socket.gethostname():
+            costs = self._cost_tiers()[2]
         cost = (costs if costs is not None else self._costs()).get((p.task, p.method))
         if cost is None:
             return None
@@ -156,7 +161,8 @@ def _plan_points(status: PhaseStatus, plan, trials: list, results: str) -> None:
             read_run(seen, Path(results), p["key"], plan.config_for(p, results))
             if seen.reusable:
                 ps.reusable, ps.cpu_s, ps.started_at = True, seen.cpu_s, seen.started_at
-                ps.detail = f"reused if the grid's best lr stays {p['lr']:g} (its run folder is finished)"  # fmt: skip
+                chooser = "this setting's" if status.kind == "ablation-seeds" else "the grid's"
+                ps.detail = f"reused if {chooser} best lr stays {p['lr']:g} (its run folder is finished)"  # fmt: skip
         status.points.append(ps)
 
 

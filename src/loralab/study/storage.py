@@ -158,7 +158,7 @@ def with_driver(url: str) -> str:
 def describe_difference(old: Plan, new: Plan) -> str:
     """What changed between two plans, in a few words."""
     diffs = []
-    for name in ("tasks", "methods", "lrs", "seeds", "variants", "per_task"):
+    for name in ("tasks", "methods", "lrs", "seeds", "variants", "variant_lrs", "per_task"):
         a, b = getattr(old, name), getattr(new, name)
         if a != b:
             diffs.append(f"{name}: {a} in the study, {b} now")

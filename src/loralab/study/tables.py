@@ -316,6 +316,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
         row["minus_full_points"], row["minus_full_ci95_low"], row["minus_full_ci95_high"] = (
             t_interval(diffs) if diffs else ("", "", "")
         )
+        row["minus_full_seeds_to_tell_apart"] = _to_tell_apart(diffs) if diffs else ""
         mean, lo, hi = comp.interval if comp else ("", "", "")
         held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
