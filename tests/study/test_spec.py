@@ -259,6 +259,15 @@ def test_an_axis_grid_on_its_first_seed_then_each_value_at_its_own_best(tmp_path
     assert grid.bests(plan, {**values, keys[1]: None, keys[3]: None}, complete=False) is None
     # A diverged point is the worst value: alpha 32 then keeps 1e-3.
     assert grid.bests(plan, {**values, keys[1]: -math.inf})["a32"] == 1e-3
+    # A value that diverged at every rate is not run on the other seeds (its best is None).
+    lost = {**values, keys[1]: -math.inf, keys[3]: -math.inf}
+    assert grid.bests(plan, lost) == {"base": 1e-3, "a32": None}
+    assert grid.bests(plan, {**lost, keys[2]: None}, complete=False) == {"base": 3e-4, "a32": 3e-4}
+    skipped = seeds.plan(spec, grid.bests(plan, lost))
+    assert [(p["lr"], p["seed"], p["lora"]) for p in skipped.points()] == [
+        (1e-3, 2, {}),
+        (1e-3, 3, {}),
+    ]
     # A tie goes to the smaller rate, as in the report, whatever order the axis lists them in.
     tied = {**values, keys[2]: 0.70}
     assert grid.bests(plan, tied)["base"] == 3e-4

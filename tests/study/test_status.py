@@ -391,6 +391,22 @@ def test_an_axis_seeds_phase_waits_for_each_values_best_on_the_axis_grid(tmp_pat
     assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr<best>-s2-a64", "sst2-lora-tiny-llama-lr<best>-s2"]  # fmt: skip
     line = "tiny-sst2-ablate-alpha-seeds: 0/2 done (waits for each setting's best lr on the axis's first seed; best so far base 0.003, a64 0.001)"  # fmt: skip
     assert line in render(status)
+    # Had alpha 64 diverged at both rates, its other seed would not run, and status says so.
+    (res / "runs" / "sst2-lora-tiny-llama-lr0.001-s1-a64" / "summary.json").write_text(json.dumps({"status": "diverged", "task": "sst2", "metrics": {}}))  # fmt: skip
+    diverged = {"status": "diverged", "task": "sst2", "metrics": {}}
+    (res / "runs" / "sst2-lora-tiny-llama-lr0.003-s1-a64").mkdir()
+    (res / "runs" / "sst2-lora-tiny-llama-lr0.003-s1-a64" / "summary.json").write_text(
+        json.dumps(diverged)
+    )
+    status = study_status(spec, str(res), tasks=["sst2"])
+    axis, later = status.phases[2:4]
+    assert axis.best == {"base": 3e-3, "a64": None}
+    assert [p.key for p in later.points] == ["sst2-lora-tiny-llama-lr0.003-s2"]
+    assert "tiny-sst2-ablate-alpha: 0/4 done · best lr base 0.003, a64 diverged at every rate" in render(status)  # fmt: skip
+    for rate in ("0.001", "0.003"):
+        (res / "runs" / f"sst2-lora-tiny-llama-lr{rate}-s1-a64" / "summary.json").unlink()
+        (res / "runs" / f"sst2-lora-tiny-llama-lr{rate}-s1-a64").rmdir()
+    finished("sst2-lora-tiny-llama-lr0.001-s1-a64", 0.75)
     finished("sst2-lora-tiny-llama-lr0.003-s1-a64", 0.60)  # the axis grid is complete
     axis, later = study_status(spec, str(res), tasks=["sst2"]).phases[2:4]
     assert axis.best == {"base": 3e-3, "a64": 1e-3} and not later.waits_for_grid

@@ -66,8 +66,8 @@ class Plan:
     # Legacy keys also name the LoRA settings beyond r, alpha and target (`-dora`): plans made by
     # `make_plan` since then; a stored plan from before keeps its keys (False).
     names_settings: bool = False
-    # Per variant, the one lr it runs at (an axis's other seeds, each value at its own best);
-    # None: every variant at every lr of `lrs`.
+    # Per variant, the one lr it runs at (an axis's other seeds, each value at its own best;
+    # None for a value not run); None: every variant at every lr of `lrs`.
     variant_lrs: list[float] | None = None
 
     @property

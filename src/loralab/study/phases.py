@@ -156,18 +156,21 @@ class Phase:
     def bests(self, plan: Plan, values: dict[str, float | None], complete: bool = True) -> dict | None:  # fmt: skip
         """What this phase chooses for the phases that depend on it, from its points' values
         (`grid_values`): the task's grid, each method's best lr; an axis grid, each value's
-        ({variant_name: lr}). `complete`: None until every point is final; else the best among
-        the lrs whose points are all final so far."""
+        ({variant_name: lr}; None for a value that diverged at every rate: its other seeds
+        are not run). `complete`: None until every point is final; else the best among the lrs
+        whose points are all final so far."""
         if complete and any(v is None for v in values.values()):
             return None
         if self.kind == "grid":
             return best_so_far(plan, values)
         out = {}
         for v in plan.variants:  # each value's points alone: its own best
-            best = best_so_far(replace(plan, variants=[v]), values)
+            mine = replace(plan, variants=[v])
+            best = best_so_far(mine, values)
             if best is None:
                 return None
-            out[variant_name(v)] = best["lora"]
+            lost = complete and all(values[p["key"]] == -math.inf for p in mine.points())
+            out[variant_name(v)] = None if lost else best["lora"]
         return out
 
     def plan(self, spec: StudySpec, best: dict | None = None, results_dir: str | None = None) -> Plan:  # fmt: skip
@@ -198,8 +201,8 @@ class Phase:
             variants = ablation_variants(spec, self.task, a)
             if self.kind == "ablation-seeds":  # each value at its own best, the other seeds
                 best = best or {variant_name(v): a.lr[0] for v in variants}
-                variant_lrs = [best[variant_name(v)] for v in variants]
-                lrs, seeds = {"lora": sorted(set(variant_lrs))}, seeds[1:]
+                variant_lrs = [best[variant_name(v)] for v in variants]  # None: not run
+                lrs, seeds = {"lora": sorted({x for x in variant_lrs if x is not None})}, seeds[1:]
             elif a.lr is not None:
                 lrs = {"lora": list(a.lr)}
                 seeds = seeds[:1] if a.grid_on_first_seed else seeds

@@ -75,6 +75,8 @@ class Runner:
                 return None
             source = "the grid" if dep.kind == "grid" else dep.study_name(self.prefix)
             self.say(f"{ph.task}: best lr from {source} {best}; enqueuing {name}")
+            if lost := [v for v, lr in best.items() if lr is None]:
+                self.say(f"{ph.task}: {', '.join(lost)} diverged at every rate of {source}: not run on its other seeds")  # fmt: skip
         plan = ph.plan(self.spec, best, self.results_dir)
         try:
             create_or_check(self.storage, name, plan)

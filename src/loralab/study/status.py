@@ -307,10 +307,10 @@ def render(status: StudyStatus) -> list[str]:
         if ph.waits_for_grid:
             head += f" (waits for {ph.waits_on}"
             if ph.so_far:
-                head += "; best so far " + ", ".join(f"{m} {lr:g}" for m, lr in ph.so_far.items())
+                head += "; best so far " + _rates(ph.so_far)
             head += ")"
         elif ph.best:
-            head += " · best lr " + ", ".join(f"{m} {lr:g}" for m, lr in ph.best.items())
+            head += " · best lr " + _rates(ph.best)
         lines.append(head)
         width = max(len(p.key) for p in ph.points) if ph.points else 0
         for p in ph.points:
@@ -319,6 +319,11 @@ def render(status: StudyStatus) -> list[str]:
             lines.append(f"  {p.state:<12} {p.key:<{width}}  {detail}".rstrip())
     lines.append(totals(status))
     return lines
+
+
+def _rates(best: dict) -> str:
+    """'lora 0.001, full 0.0001'; an axis value that diverged at every rate says so."""
+    return ", ".join(f"{k} {lr:g}" if lr is not None else f"{k} diverged at every rate" for k, lr in best.items())  # fmt: skip
 
 
 def totals(status: StudyStatus) -> str:
