@@ -453,3 +453,24 @@ def test_a_point_running_on_another_host_is_not_costed_at_this_machines_speed():
     # another host costs what any machine's points did (900), whatever this machine's speed.
     assert status.left_of(points[4]) == pytest.approx(2700.0 * 0.5)
     assert status.left_of(points[3]) == pytest.approx(900.0 * 0.5)
+
+
+def test_a_status_of_some_tasks_takes_machine_speeds_from_the_others_too(tmp_path, spec):
+    """`--tasks mrpc`: this machine's speed against another's shows on SST-2 alone; the MRPC
+    points are still costed at this machine's speed, and only MRPC's phases are shown."""
+    from loralab.tracking import hardware, machine_name
+
+    here = machine_name(hardware())
+    res = tmp_path / "res"
+    for key, task, cpu, machine in (("sst2-lora-tiny-llama-lr0.001-s1", "sst2", 100.0, "Other[avx2]"),
+                                    ("sst2-lora-tiny-llama-lr0.003-s1", "sst2", 300.0, here),
+                                    ("mrpc-lora-tiny-llama-lr0.001-s1", "mrpc", 200.0, "Other[avx2]")):  # fmt: skip
+        (res / "runs" / key).mkdir(parents=True)
+        summary = {"status": "completed", "task": task, "metrics": {"accuracy": 0.7},
+                   "train_cpu_time_s": cpu, "hardware": {"cpu": machine, "accelerator": None}}  # fmt: skip
+        (res / "runs" / key / "summary.json").write_text(json.dumps(summary))
+    status = study_status(spec, str(res), tasks=["mrpc"])
+    assert {ph.task for ph in status.phases} == {"mrpc"} and {p.task for p in status.points} == {
+        "mrpc"
+    }
+    assert status._costs()[("mrpc", "lora")] == pytest.approx(600.0)  # 200 s x (300 / 100)

@@ -86,6 +86,8 @@ class StudyStatus:
     # The machine the estimate is for (`tracking.machine_name`): this one, which a worker
     # asking runs its points on; None: any.
     here: str | None = None
+    # The tasks not selected (`--tasks`): their points only tell how fast the machines ran.
+    others: list[PointStatus] = field(default_factory=list)
 
     _cost_cache: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -103,14 +105,16 @@ class StudyStatus:
 
     def _cost_tiers(self) -> tuple[dict, set]:
         if self._cost_cache is None:
-            costs = point_costs(self.points, here=self.here)
+            # The other tasks' finished points: a machine's speed shows on any task.
+            pts = self.points + [p for p in self.others if p.finished]
+            costs = point_costs(pts, here=self.here)
             lacking = {p.task for p in self.points if not p.finished and (p.task, p.method) not in costs}  # fmt: skip
             chars = {}
             if lacking:  # reading the training files costs seconds: only when they are needed
                 configs = {ph.task: ph.config for ph in self.phases if ph.config is not None}
                 chars = {t: c for t, cfg in configs.items() if (c := training_chars(cfg))}
-            full = point_costs(self.points, chars, self.here)
-            anywhere = point_costs(self.points, chars) if self.here else full
+            full = point_costs(pts, chars, self.here)
+            anywhere = point_costs(pts, chars) if self.here else full
             self._cost_cache = (full, set(full) - set(costs), anywhere)
         return self._cost_cache
 
@@ -204,8 +208,8 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         return bests[grid_name]
 
     bests: dict[str, tuple] = {}  # per grid: the phases that wait on it share one
-    out = []
-    for ph in phases(spec, select_tasks(spec, tasks)):
+    out, others, selected = [], [], select_tasks(spec, tasks)
+    for ph in phases(spec):
         name = ph.study_name(prefix)
         chooses = ph.chooses
         dep = ph.depends_on
@@ -218,10 +222,11 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
                              best if chooses or not waits else None,
                              so_far if waits else None, waits_on=ph.waits_on)  # fmt: skip
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
-        out.append(status)
+        (out if ph.task in selected else others).append(status)
     if st is not None:
         _memory_waits([p for ph in out for p in ph.points], st)
-    return StudyStatus(results, url, out, tracking.machine_name(tracking.hardware()))
+    here = tracking.machine_name(tracking.hardware())
+    return StudyStatus(results, url, out, here, [p for ph in others for p in ph.points])
 
 
 def _methods(best: dict | None, methods: list[str]) -> dict | None:
