@@ -81,15 +81,7 @@ class Runner:
         try:
             create_or_check(self.storage, name, plan)
         except LoralabError as e:
-            if ph.kind == "ablation" and ph.ablation.grid_on_first_seed and set(plan.seeds) < set(load_study(self.storage, name)[1].seeds):  # fmt: skip
-                # Before loralab chose an axis's rates on its first seed, its grid ran on all.
-                raise LoralabError(
-                    f"{e} An axis with its own lr grid follows lr_selection, the spec's "
-                    f"({self.spec.lr_selection}) unless it sets its own; a study stored when "
-                    "such an axis ran every rate on every seed continues with "
-                    f"`lr_selection: full_grid` on axis '{ph.ablation.name}'."
-                ) from None
-            raise
+            raise self._refusal(ph, name, plan, e) from None
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
                    self.trust_remote_code)  # fmt: skip
         w.bar = self.bar  # its lines go above the study's bar
@@ -125,6 +117,24 @@ class Runner:
                 break
             time.sleep(self.poll)  # others hold the rest, or a grid is still being finished
         return self.summary()
+
+    def _refusal(self, ph: Phase, name: str, plan, e: LoralabError) -> LoralabError:
+        """`e`, naming the setting that continues an axis stored when its lr grid ran on every
+        seed (before an axis followed lr_selection) where that is what differs."""
+        if ph.kind != "ablation" or not ph.ablation.grid_on_first_seed:
+            return e
+        try:
+            stored = load_study(self.storage, name)[1]
+        except LoralabError:
+            return e
+        if not set(plan.seeds) < set(stored.seeds):
+            return e
+        return LoralabError(
+            f"{e} An axis with its own lr grid follows lr_selection, the spec's "
+            f"({self.spec.lr_selection}) unless it sets its own; a study stored when such an "
+            f"axis ran every rate on every seed continues with `lr_selection: full_grid` on "
+            f"axis '{ph.ablation.name}'."
+        )
 
     def _dependency_runs(self, ph: Phase) -> bool:
         """Whether a point that `ph` waits for (its dependency's, or theirs) runs elsewhere."""
