@@ -131,6 +131,11 @@ def machine_name(hw: dict) -> str | None:
     return hw.get("accelerator") or hw.get("cpu")
 
 
+def this_machine() -> str | None:
+    """This machine's name as its runs' records give it (`machine_name`)."""
+    return machine_name(hardware())
+
+
 def _wandb_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True

@@ -46,10 +46,12 @@ def point_costs(points, chars: dict[str, float] | None = None, here: str | None 
         elif p.resumes_cpu_s is not None and (p.resumes_at or 0.0) >= MIN_SHARE:
             partial.setdefault((p.task, p.method), []).append(p.resumes_cpu_s / p.resumes_at)
     known = {k: sum(v) / len(v) for k, v in partial.items()}
+    machines = {m for timed in done.values() for _, _, m in timed}
+    ratio = {m: machine_ratio(done, here, m) for m in machines}  # once per machine
     for k, timed in done.items():  # finished points win
         recent = newest(timed)  # the newest code; then this machine's points among them
         mine = [c for _, c, m in recent if here is not None and m == here]
-        costs = mine or [c * machine_ratio(done, here, m) for _, c, m in recent]
+        costs = mine or [c * ratio[m] for _, c, m in recent]
         known[k] = sum(costs) / len(costs)
     costs = dict(known)
     tasks, methods = {p.task for p in points}, {p.method for p in points}

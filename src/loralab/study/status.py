@@ -225,8 +225,7 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         (out if ph.task in selected else others).append(status)
     if st is not None:
         _memory_waits([p for ph in out for p in ph.points], st)
-    here = tracking.machine_name(tracking.hardware())
-    return StudyStatus(results, url, out, here, [p for ph in others for p in ph.points])
+    return StudyStatus(results, url, out, tracking.this_machine(), [p for ph in others for p in ph.points])  # fmt: skip
 
 
 def _methods(best: dict | None, methods: list[str]) -> dict | None:
@@ -264,7 +263,7 @@ def sweep_status(study_name: str, storage: str | None = None, results_dir: str |
     _plan_points(status, plan, study.get_trials(deepcopy=False), results)
     if tasks:
         status.points = [p for p in status.points if p.task in tasks]
-    return StudyStatus(results, url, [status], tracking.machine_name(tracking.hardware()))
+    return StudyStatus(results, url, [status], tracking.this_machine())
 
 
 def _fill(ps: PointStatus, trials: list) -> None:

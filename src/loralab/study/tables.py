@@ -281,6 +281,15 @@ def _to_settle(comp: Comparison | None) -> int | str:
     return comp.seeds_to_settle or f">{comp.settle_reach}"
 
 
+def _paired_columns(name: str, cell: Cell, other: Cell | None) -> dict:
+    """report.csv's NAME_points, _ci95_low, _ci95_high and _seeds_to_tell_apart: `cell` −
+    `other` paired by seed ('' without `other` or a seed in common)."""
+    diffs = paired_diffs(cell, other) if other is not None else []
+    mean, lo, hi = t_interval(diffs) if diffs else ("", "", "")
+    return {f"{name}_points": mean, f"{name}_ci95_low": lo, f"{name}_ci95_high": hi,
+            f"{name}_seeds_to_tell_apart": _to_tell_apart(diffs) if diffs else ""}  # fmt: skip
+
+
 def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
     """One row per cell, raw units (GLUE metrics as fractions); LoRA rows carry the deltas."""
     by_lora = {id(c.lora): c for c in comps}
@@ -306,17 +315,9 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
             row[k] = c.avg(k)
         row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
         base = ablation_base(c, cells) if is_ablation(c.group) and c.best else None
-        diffs = paired_diffs(c, base) if base is not None and base is not c else []
-        row["minus_base_points"], row["minus_base_ci95_low"], row["minus_base_ci95_high"] = (
-            t_interval(diffs) if diffs else ("", "", "")
-        )
-        row["minus_base_seeds_to_tell_apart"] = _to_tell_apart(diffs) if diffs else ""
+        row.update(_paired_columns("minus_base", c, base if base is not c else None))
         ref = full_reference(c, cells) if is_ablation(c.group) and c.best and c.lora else None
-        diffs = paired_diffs(c, ref) if ref is not None else []
-        row["minus_full_points"], row["minus_full_ci95_low"], row["minus_full_ci95_high"] = (
-            t_interval(diffs) if diffs else ("", "", "")
-        )
-        row["minus_full_seeds_to_tell_apart"] = _to_tell_apart(diffs) if diffs else ""
+        row.update(_paired_columns("minus_full", c, ref))
         mean, lo, hi = comp.interval if comp else ("", "", "")
         held = comp.held_out_diffs if comp else []
         row.update(lora_minus_full_points=mean, ci95_low=lo, ci95_high=hi,
