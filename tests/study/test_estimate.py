@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from loralab.study.estimate import MIN_SHARE, point_costs, training_chars
+from loralab.study.estimate import MIN_SHARE, makespan, point_costs, training_chars, wall_per_cpu
 
 
-def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None, at=None, on=None):
+def _pt(task, method, *, cpu_s=None, share=None, cpu_at=None, at=None, on=None, wall_s=None):
     return SimpleNamespace(task=task, method=method, finished=cpu_s is not None, cpu_s=cpu_s,
-                           started_at=at, resumes_at=share, resumes_cpu_s=cpu_at, machine=on)  # fmt: skip
+                           started_at=at, resumes_at=share, resumes_cpu_s=cpu_at, machine=on,
+                           wall_s=wall_s)  # fmt: skip
 
 
 def test_points_from_another_machine_count_at_this_ones_speed():
@@ -132,3 +133,28 @@ def test_training_chars_counts_the_text_a_run_sees(tmp_path):
     assert training_chars(build_config(overrides=["data.task=sst2"])) is None  # the hub: no
     gone = build_config(overrides=["data.task=sst2", f"data.data_dir={tmp_path / 'nowhere'}"])
     assert training_chars(gone) is None
+
+
+def test_makespan_gives_each_job_to_the_first_worker_free():
+    assert makespan([], [100.0]) == 0.0  # no worker: no schedule
+    assert makespan([30.0], [10.0, 20.0]) == pytest.approx(60.0)  # one worker: everything
+    # Two workers free at 10 and 40: 50 goes to the first (60), 20 to the second (60), 5 to
+    # either: 65; the last jobs cannot be split, so it is not the sum / 2 (62.5).
+    assert makespan([40.0, 10.0], [50.0, 20.0, 5.0]) == pytest.approx(65.0)
+    assert makespan([40.0, 10.0], []) == pytest.approx(40.0)
+
+
+def test_wall_per_cpu_is_the_newest_points_mean_preferring_this_machines():
+    day, xeon, epyc = 86400.0, "Xeon", "EPYC"
+    points = [
+        _pt("sst2", "lora", cpu_s=100.0, wall_s=400.0, at=0.0, on=epyc),  # older window
+        _pt("mrpc", "lora", cpu_s=100.0, wall_s=110.0, at=2 * day, on=epyc),
+        _pt("mrpc", "lora", cpu_s=100.0, wall_s=130.0, at=2 * day, on=epyc),
+        _pt("rte", "lora", cpu_s=100.0, wall_s=60.0, at=2 * day, on=xeon),  # two threads
+        _pt("rte", "full", cpu_s=100.0, at=2 * day, on=xeon),  # wall time unrecorded
+        _pt("rte", "full", share=0.5, cpu_at=50.0),  # unfinished
+    ]  # fmt: skip
+    assert wall_per_cpu(points, here=epyc) == pytest.approx(1.2)
+    assert wall_per_cpu(points, here=xeon) == pytest.approx(0.6)
+    assert wall_per_cpu(points) == pytest.approx((1.1 + 1.3 + 0.6) / 3)
+    assert wall_per_cpu(points[-2:]) is None

@@ -141,6 +141,28 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
         os.close(fd)
 
 
+def test_wall_time_left_is_the_running_workers_schedule_at_the_finished_points_pace(tmp_path, spec):  # fmt: skip
+    """With a live worker, the line adds the wall time its queue takes: the running point's
+    rest, then the interrupted point, then the others, at the finished points' wall s per
+    training CPU s. A stale worker (or none) adds nothing."""
+    res = tmp_path / "res"
+    keys, lock = _grid(spec, res)
+    for key, wall_s in ((keys["lora", 1e-3], 150.0), (keys["full", 1e-4], 450.0)):  # CPU 100, 300
+        path = res / "runs" / key / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_time_s": wall_s}))
+    stale = study_status(spec, str(res), tasks=["sst2"])
+    assert stale.wall_left() is None and "wall time" not in "\n".join(render(stale))
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        status = study_status(spec, str(res), tasks=["sst2"])
+    finally:
+        os.close(fd)
+    # One worker: 50 s of its point left, then 75 + 100 + 300; 1.5 wall s per CPU s.
+    assert status.wall_left() == (pytest.approx(525.0 * 1.5), 1)
+    assert "~9 min left for 4 points (~13 min of wall time for the worker running now)" in render(status)[-1]  # fmt: skip
+
+
 def test_a_point_that_would_not_fit_in_memory_says_so_and_nothing_changes(tmp_path, spec, monkeypatch):  # fmt: skip
     import optuna
     from optuna.trial import create_trial

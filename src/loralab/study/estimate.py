@@ -74,6 +74,31 @@ def newest(timed: list[tuple]) -> list[tuple]:
     return [t for t in timed if t[0] is not None and t[0] >= max(times) - RECENT_S]
 
 
+def wall_per_cpu(points, here: str | None = None) -> float | None:
+    """Wall s of training per training CPU s over the newest finished points (`here`'s, where
+    it ran any; `points` as for `point_costs`, plus `wall_s`): above 1 where workers shared
+    cores, below 1 for points that trained on several threads. None: no finished point timed."""
+    timed = [(p.started_at, p.wall_s / p.cpu_s, p.machine) for p in points
+             if p.finished and p.cpu_s and getattr(p, "wall_s", None)]  # fmt: skip
+    recent = newest(timed)
+    ratios = [r for _, r, m in recent if here is not None and m == here] or [
+        r for _, r, _ in recent
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def makespan(busy: list[float], queued: list[float]) -> float:
+    """Seconds until workers busy for `busy` s each have also run the `queued` jobs (s each),
+    every job in order going to the first worker free; 0 with no worker."""
+    free = sorted(busy)
+    if not free:
+        return 0.0
+    for cost in queued:  # a list of a few workers: keeping it sorted is as cheap as a heap
+        free[0] += cost
+        free.sort()
+    return free[-1]
+
+
 def machine_ratio(done: dict, here: str | None, there: str | None) -> float:
     """How many times the training CPU of a point on `there` one on `here` takes: the mean, over
     the (task, method)s both ran among their newest points (one code version), of the ratio of

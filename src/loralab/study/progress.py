@@ -59,6 +59,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         summary = {}  # not finished, a reused point from elsewhere, or a summary being written
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
+        ps.wall_s = summary.get("train_time_s")
         ps.machine = machine_name(summary.get("hardware") or {})
         start = summary.get("first_step_at")
         ps.started_at = float(start) if isinstance(start, (int, float)) else None

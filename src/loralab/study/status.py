@@ -26,7 +26,7 @@ from .. import tracking
 from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
-from .estimate import point_costs, training_chars
+from .estimate import makespan, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
@@ -46,6 +46,7 @@ class PointStatus:
     metric: str  # the task's main metric
     value: float | None = None  # its dev value (done)
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
+    wall_s: float | None = None  # training wall seconds (done, from summary.json)
     started_at: float | None = None  # Unix time its training started (done; None: unrecorded)
     machine: str | None = None  # the machine it ran on (done; `tracking.machine_name`)
     progress: float | None = None  # share of training logged so far (0..1)
@@ -138,6 +139,22 @@ class StudyStatus:
         costs = self._costs()
         lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
         return spent, sum(x for x in lefts if x is not None), lefts.count(None)
+
+    def wall_left(self) -> tuple[float, int] | None:
+        """(wall s until the estimable unfinished points are done, workers): the workers running
+        points now, each taking the next point when it frees (interrupted ones first), at the
+        wall s per training CPU s of the newest finished points. None: no worker is running."""
+        costs, busy, queued = self._costs(), {}, []
+        for p in sorted((p for p in self.points if not p.finished), key=lambda p: p.state != "interrupted"):  # fmt: skip
+            left = self.left_of(p, costs)
+            if p.state == "running" and p.worker and not p.detail.startswith("stale"):
+                busy[p.worker] = busy.get(p.worker, 0.0) + (left or 0.0)
+            elif left is not None:
+                queued.append(left)
+        ratio = wall_per_cpu(self.points + [p for p in self.others if p.finished], self.here)
+        if not busy or ratio is None:
+            return None
+        return makespan(list(busy.values()), queued) * ratio, len(busy)
 
 
 def _storage(results: str, storage: str | None):
@@ -346,6 +363,9 @@ def totals(status: StudyStatus) -> str:
         known = len(pts) - done - reused - unknown
         if known:
             text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
+            if wall := status.wall_left():
+                workers = "worker" if wall[1] == 1 else f"{wall[1]} workers"
+                text += f" (~{_hours(wall[0])} of wall time for the {workers} running now)"
             rough = sum(not p.finished and (p.task, p.method) in status.rough() for p in pts)
             if rough:
                 text += (f" ({rough} of them roughly, from the other tasks' cost per character "
