@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from loralab.cli import main
 from loralab.study import plots
-from loralab.study.aggregate import aggregate, full_reference, grid_edge_warnings
+from loralab.study.aggregate import ablation_base, aggregate, full_reference, grid_edge_warnings
 from loralab.study.grid import make_plan
 from loralab.study.records import (
     deduplicate,
@@ -227,6 +227,24 @@ def test_an_ablation_setting_is_paired_by_seed_with_the_axis_base(tmp_path):
     assert _row(rows, "sweep", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
     assert _row(rows, "ablation-rank", "sst2", "lora", 3e-4, 8)["minus_base_points"] == ""
     assert "Best lr: the ablation keeps LoRA's, tuned for the base." in md
+
+    # The paired figure: one row per setting (r = 4 on top), its seeds' differences as dots,
+    # their mean; zero and full fine-tuning − base on the base's seeds (85−90, 87−91: +4.5).
+    assert "![Ablation: rank, paired with the base by seed](figures/ablation_rank_paired.png)" in md
+    cells, _ = aggregate(load_runs(tmp_path / "runs"))
+    abl = [c for c in cells if c.group == "ablation-rank" and c.best]
+    fig = plots.ablation_paired(abl, "rank", lambda c: ablation_base(c, cells), lambda c: full_reference(c, cells))  # fmt: skip
+    (ax,) = fig.axes
+    dots = {ln.get_ydata()[0]: sorted(ln.get_xdata()) for ln in ax.lines if ln.get_marker() == "o"}
+    assert dots == {1: pytest.approx([-5, -4, -1]), 0: pytest.approx([-1, 3])}
+    means = {ln.get_ydata()[0]: ln.get_xdata()[0] for ln in ax.lines if ln.get_marker() == "D"}
+    assert means == {1: pytest.approx(-10 / 3), 0: pytest.approx(1.0)}
+    vertical = sorted(ln.get_xdata()[0] for ln in ax.lines if ln.get_marker() in ("None", "", None))  # fmt: skip
+    assert vertical == pytest.approx([0.0, 4.5])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["r=16 α=32", "r=4 α=8"]
+    assert ax.get_xlabel() == "− r=8 α=16 (points of dev accuracy), paired by seed"
+    # An axis without its base in the results pairs nothing: no figure.
+    assert plots.ablation_paired(abl, "rank", lambda c: None, lambda c: None) is None
 
 
 def test_an_axis_with_its_own_lr_grid_scores_each_setting_at_its_best_rate(tmp_path):

@@ -6,6 +6,7 @@ variant is labelled by its readable slug (`variants.lora_slug`: `r=8 α=16 dora`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 from ..models.registry import caveat
 from ..rundir import METRICS_FILE
 from ..tasks import task_label  # a file reference by its file's name: a tick label, not a path
-from .aggregate import DROP_TARGET_POINTS, full_reference, is_ablation
+from .aggregate import DROP_TARGET_POINTS, ablation_base, full_reference, is_ablation, paired_diffs
 from .records import points_per_unit
+from .stats import t_interval
 from .variants import LORA_DEFAULTS, variant_label
 
 COLORS = {"lora": "#1f77b4", "full": "#555555"}
@@ -243,6 +245,53 @@ def ablation(cells, kind: str, reference):
     return fig
 
 
+def _setting_name(cell, keys: list[str], others: list[str]) -> str:
+    return variant_label(cell.lora, keys) or _base_label(cell.lora, others)
+
+
+def ablation_paired(cells, kind: str, base, reference):
+    """Each setting minus the axis's base (`base(cell)`), paired by seed: one row per setting
+    with a seed in common, its seeds' differences as dots and their mean with its 95% interval;
+    zero, and where full fine-tuning sits against the base on the base's seeds (the mean of
+    full − base), marked. One panel per (task, model, head); None when no setting pairs."""
+    panels: dict[tuple, list] = {}
+    for c in cells:
+        b = base(c)
+        if b is not None and b is not c and paired_diffs(c, b):
+            panels.setdefault((c.task, c.model, c.head), []).append((c, b))
+    if not panels:
+        return None
+    rows = max(len(v) for v in panels.values())
+    fig, axes = _figure(len(panels), width=5.2, height=0.6 * rows + 1.6, cols=2)
+    for ax, (key, pairs) in zip(axes, sorted(panels.items()), strict=True):
+        x, others = _axis([c for pair in pairs for c in pair])
+        keys = ([x] if x else []) + others or list(LORA_DEFAULTS)
+        name = functools.partial(_setting_name, keys=keys, others=others)
+        pairs.sort(key=lambda p: (p[0].lora[x], p[0].variant) if x else (_share_key(p[0]), p[0].variant))  # fmt: skip
+        several_lrs = len({c.lr for pair in pairs for c in pair}) > 1
+        for i, (c, b) in enumerate(pairs):
+            y, diffs = len(pairs) - 1 - i, paired_diffs(c, b)  # the first setting on top
+            ax.plot(diffs, [y] * len(diffs), "o", ms=4, color="#9ab7d8", label="one seed")
+            mean, lo, hi = t_interval(diffs)
+            err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
+            ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
+                        label="mean, 95% interval")  # fmt: skip
+        labels = [name(c) + (f", lr {c.lr:g}" if several_lrs else "") for c, _ in pairs]
+        ax.set_yticks(range(len(pairs)), labels[::-1], fontsize=7)
+        ax.set_ylim(-0.7, len(pairs) - 0.3)
+        ax.axvline(0.0, color="#555555", lw=0.8)
+        b = pairs[0][1]
+        ref = reference(b)
+        if ref is not None and (gap := paired_diffs(ref, b)):
+            ax.axvline(sum(gap) / len(gap), color=COLORS["full"], ls="--",
+                       label=f"full fine-tuning − base (lr {ref.lr:g}, mean)")  # fmt: skip
+        ax.set_xlabel(f"− {name(b)} (points of dev {b.metric}), paired by seed")
+        ax.set_title(f"{task_label(key[0])} · {key[2]} · {key[1]}", fontsize=9)
+    fig.suptitle(f"Ablation: {kind}, each setting − the base, paired by seed")
+    _legend_outside(fig, axes)
+    return fig
+
+
 def add_caveats(fig, models: set[str]) -> None:
     """The shown models' caveats (SmolLM2: dequantised weights) above the figure's legend, or
     under its panels: a figure copied out of the report must still say what was trained."""
@@ -271,8 +320,11 @@ def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         kind = group.removeprefix("ablation-")
         mine = [c for c in best if c.group == group]
-        fig = ablation(mine, kind, lambda c: full_reference(c, cells))
+        ref = lambda c: full_reference(c, cells)  # noqa: E731
+        fig = ablation(mine, kind, ref)
         figures.append((f"Ablation: {kind}", f"ablation_{kind}.png", fig, {c.model for c in mine}))
+        fig = ablation_paired(mine, kind, lambda c: ablation_base(c, cells), ref)
+        figures.append((f"Ablation: {kind}, paired with the base by seed", f"ablation_{kind}_paired.png", fig, {c.model for c in mine}))  # fmt: skip
     out = []
     for title, name, fig, models in figures:
         if fig is not None:
