@@ -18,6 +18,7 @@ from loralab.cli import main
 from loralab.study import plots
 from loralab.study.aggregate import ablation_base, aggregate, full_reference, grid_edge_warnings
 from loralab.study.grid import make_plan
+from loralab.study.phases import best_so_far
 from loralab.study.records import (
     deduplicate,
     load_runs,
@@ -839,6 +840,26 @@ def test_best_lr_is_chosen_on_the_seeds_every_lr_has(tmp_path):
     (best,) = [c for c in cells if c.best]
     assert best.lr == 1e-4 and len(best.done) == 3
     assert best.stat("accuracy")[0] == pytest.approx(2.0 / 3)  # reported over all its seeds
+
+
+def test_a_run_that_diverged_keeps_its_seed_in_the_choice_and_its_rate_out(tmp_path):
+    """Every rate on seeds 1-3; 1e-3 diverged on seed 3. The study scores that point -inf
+    (`best_so_far`) and compares the others on all three seeds: 3e-4 (mean 0.903) beats 1e-4
+    (0.867). Dropping seed 3 from the comparison would pick 1e-4 (0.90 against 0.88)."""
+    for seed, a, b, c in ((1, 0.90, 0.88, 0.70), (2, 0.90, 0.88, 0.70), (3, 0.80, 0.95, None)):
+        write_run(tmp_path, f"a-s{seed}", seed, {"accuracy": a}, lr=1e-4)
+        write_run(tmp_path, f"b-s{seed}", seed, {"accuracy": b}, lr=3e-4)
+        write_run(tmp_path, f"c-s{seed}", seed, {} if c is None else {"accuracy": c}, lr=1e-3,
+                  status="diverged" if c is None else "completed")  # fmt: skip
+    cells, _ = aggregate(load_runs(tmp_path))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 3e-4 and best.chose_lr_on == {1, 2, 3}
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,3e-4,1e-3", seeds="1,2,3",
+                     results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip
+    scores = {1: (0.9, 0.88, 0.7), 2: (0.9, 0.88, 0.7), 3: (0.8, 0.95, -math.inf)}
+    lrs = {1e-4: 0, 3e-4: 1, 1e-3: 2}
+    values = {p["key"]: scores[p["seed"]][lrs[p["lr"]]] for p in plan.points()}
+    assert best_so_far(plan, values) == {"lora": 3e-4}  # the study's choice: the same
 
 
 def test_a_quantized_base_is_its_own_row_named_by_its_base_and_pairs_with_full(tmp_path):

@@ -265,8 +265,9 @@ def paired_diffs(a: Cell, b: Cell) -> list[float]:
 
 
 def _shared_seeds(cells: list[Cell]) -> frozenset:
-    """The seeds every cell has finished (empty when they share none)."""
-    return frozenset(set.intersection(*({r["seed"] for r in c.done} for c in cells)))
+    """The seeds every cell has run to the end, completed or diverged (empty when they share
+    none): a run that diverged took part in the choice, as it does in the study's."""
+    return frozenset(set.intersection(*({r["seed"] for r in c.runs} for c in cells)))
 
 
 def _selection_score(cells: list[Cell]):
@@ -279,8 +280,14 @@ def _selection_score(cells: list[Cell]):
     shared = _shared_seeds(cells)
 
     def score(c: Cell) -> float:
-        vals = [r["metrics"][c.metric] for r in c.done
-                if r["seed"] in shared and c.metric in r["metrics"]]  # fmt: skip
+        vals = []
+        for r in c.runs:
+            if r["seed"] not in shared:
+                continue
+            if r["status"] != "completed":  # diverged: its rate cannot win (`best_so_far`)
+                vals.append(-math.inf)
+            elif c.metric in r["metrics"]:
+                vals.append(r["metrics"][c.metric])
         return sum(vals) / len(vals) if vals else c.stat(c.metric)[0]
 
     return score
