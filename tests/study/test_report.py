@@ -275,6 +275,29 @@ def test_an_axis_with_its_own_lr_grid_scores_each_setting_at_its_best_rate(tmp_p
     assert "sst2 lora r=8 α=32 (tiny-llama, ablation-alpha): the best learning rate, 0.0003, is the lowest" in md  # fmt: skip
 
 
+def test_an_axis_whose_own_rates_miss_the_grids_still_finds_its_base(tmp_path):
+    """The sweep ran the base (alpha 16) at 3e-4 only; the axis ran alpha 16 and 32 at 1e-4
+    and 1e-3, none of its runs shared with the sweep: the base is still the alpha = 16 row."""
+    runs = [("sweep", 16, 3e-4, 1, 0.86), ("sweep", 16, 3e-4, 2, 0.86)]
+    for seed in (1, 2):
+        runs += [("ablation-alpha", 16, 1e-4, seed, 0.80 + seed / 100),
+                 ("ablation-alpha", 16, 1e-3, seed, 0.84 + seed / 100),
+                 ("ablation-alpha", 32, 1e-4, seed, 0.85 + seed / 100),
+                 ("ablation-alpha", 32, 1e-3, seed, 0.83)]  # fmt: skip
+    for i, (group, alpha, lr, seed, acc) in enumerate(runs):
+        write_run(tmp_path / "runs", f"{i:02d}", seed, {"accuracy": acc}, group=group, lr=lr,
+                  lora={"alpha": float(alpha)})  # fmt: skip
+    report(tmp_path, out=tmp_path / "out")
+    rows = [r for r in _rows(tmp_path / "out" / "report.csv") if r["group"] == "ablation-alpha" and r["best_lr"] == "True"]  # fmt: skip
+    by = {r["alpha"]: r for r in rows}
+    assert float(by["16.0"]["lr"]) == 1e-3 and float(by["32.0"]["lr"]) == 1e-4
+    # alpha 32 at 1e-4 minus alpha 16 at 1e-3, per seed: (86−85, 87−86) = (+1, +1) points.
+    assert float(by["32.0"]["minus_base_points"]) == pytest.approx(1.0)
+    assert by["16.0"]["minus_base_points"] == ""  # the base itself
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| accuracy: 85.50 ± 0.71 | base |" in md
+
+
 def test_an_axis_grid_on_the_first_seed_is_scored_on_every_seed(tmp_path):
     """`grid_on_first_seed` on an axis: seed 1 ran both rates, seed 2 each value at its best
     only; the best is chosen on seed 1 and scored on both, and the caption says so."""
@@ -586,6 +609,11 @@ def test_uninformative_rule(tmp_path):
     assert verdicts["dd"].uninformative
     assert verdicts["dd"].verdict.startswith("uninformative (neither > 1 pt above majority): -5.00")
     assert not verdicts["ee"].uninformative and verdicts["ee"].verdict.startswith("FAIL: -12.00")
+    # report.csv: an uninformative row is neither a pass nor a fail of the drop target.
+    report(tmp_path, out=tmp_path / "out")
+    rows = [r for r in _rows(tmp_path / "out" / "report.csv") if r["method"] == "lora"]
+    got = sorted((r["uninformative"], r["drop_target_pass"]) for r in rows)
+    assert got == [("False", "False"), ("False", "False"), ("False", "True"), ("True", ""), ("True", "")]  # fmt: skip
 
 
 @pytest.mark.parametrize(

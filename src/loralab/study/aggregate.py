@@ -379,12 +379,13 @@ def _order(c: Cell) -> tuple:
 
 
 def ablation_base(cell: Cell, cells: list[Cell]) -> Cell | None:
-    """The base setting of `cell`'s ablation axis: the cell of the same group and counterpart
-    whose runs are also runs of a non-ablation group (the grid's run at that lr and seed,
-    reused: the study's own LoRA settings). None when the axis left the base out."""
-    outside = {c.identity_id for c in cells if not is_ablation(c.group)}
+    """The base setting of `cell`'s ablation axis: the best cell of the same group and
+    counterpart whose settings but the lr are those of a non-ablation group's cell (the study's
+    own LoRA settings: the grid's runs reused, or the axis's own rates for them). None when the
+    axis left the base out."""
+    outside = {c.family[1] for c in cells if not is_ablation(c.group)}
     return next((c for c in cells if c.best and c.group == cell.group and c.method == "lora"
-                 and c.counterpart == cell.counterpart and c.identity_id in outside), None)  # fmt: skip
+                 and c.counterpart == cell.counterpart and c.family[1] in outside), None)  # fmt: skip
 
 
 def full_reference(cell: Cell, cells: list[Cell]) -> Cell | None:

@@ -325,7 +325,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                    held_out_minus_full_points=t_interval(held)[0] if held else "",
                    held_out_n=len(held) if comp else "",
                    uninformative=comp.uninformative if comp else "",
-                   drop_target_pass=comp.drop_ok if comp else "",
+                   drop_target_pass="" if comp is None or comp.uninformative else comp.drop_ok,
                    unsettled="" if comp is None or comp.unsettled is None else comp.unsettled,
                    seeds_to_settle=_to_settle(comp),
                    share_target_pass=comp.share_ok if comp else "")  # fmt: skip
