@@ -144,17 +144,18 @@ def test_makespan_gives_each_job_to_the_first_worker_free():
     assert makespan([40.0, 10.0], []) == pytest.approx(40.0)
 
 
-def test_wall_per_cpu_is_the_newest_points_mean_preferring_this_machines():
+def test_wall_per_cpu_is_the_newest_points_ratio_preferring_this_machines():
     day, xeon, epyc = 86400.0, "Xeon", "EPYC"
     points = [
         _pt("sst2", "lora", cpu_s=100.0, wall_s=400.0, at=0.0, on=epyc),  # older window
         _pt("mrpc", "lora", cpu_s=100.0, wall_s=110.0, at=2 * day, on=epyc),
         _pt("mrpc", "lora", cpu_s=100.0, wall_s=130.0, at=2 * day, on=epyc),
-        _pt("rte", "lora", cpu_s=100.0, wall_s=60.0, at=2 * day, on=xeon),  # two threads
+        _pt("rte", "lora", cpu_s=200.0, wall_s=120.0, at=2 * day, on=xeon),  # two threads
         _pt("rte", "full", cpu_s=100.0, at=2 * day, on=xeon),  # wall time unrecorded
         _pt("rte", "full", share=0.5, cpu_at=50.0),  # unfinished
     ]  # fmt: skip
     assert wall_per_cpu(points, here=epyc) == pytest.approx(1.2)
     assert wall_per_cpu(points, here=xeon) == pytest.approx(0.6)
-    assert wall_per_cpu(points) == pytest.approx((1.1 + 1.3 + 0.6) / 3)
+    # Summed, not a mean of ratios ((1.1 + 1.3 + 0.6) / 3 = 1.0): the longer point weighs more.
+    assert wall_per_cpu(points) == pytest.approx((110 + 130 + 120) / 400)
     assert wall_per_cpu(points[-2:]) is None

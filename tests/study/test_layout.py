@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,12 @@ def test_workers_are_pinned_round_robin_to_the_visible_gpus():
 
 
 def test_siblings_get_their_own_gpu(monkeypatch):
-    started = []
+    started, commands = [], []
 
     class FakePopen:
         def __init__(self, cmd, env, **kw):
             started.append(env.get("CUDA_VISIBLE_DEVICES"))
+            commands.append(cmd[3:])
 
     monkeypatch.setattr(layout.subprocess, "Popen", FakePopen)
     for name, value in (("CUDA_VISIBLE_DEVICES", "3,4"), ("OMP_NUM_THREADS", "1"),
@@ -82,8 +84,9 @@ def test_siblings_get_their_own_gpu(monkeypatch):
         monkeypatch.setenv(name, value)  # restored after the test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    layout.spawn_siblings(["study", "x.yaml"], workers=2, threads=torch.get_num_threads())
+    layout.spawn_siblings(["study", "x.yaml", "--workers=auto"], workers=2, threads=torch.get_num_threads())  # fmt: skip
     assert started == ["4"]
+    assert commands == [["study", "x.yaml", "--workers", "1"]]  # a sibling starts no more
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # this process, the first worker
 
 
@@ -99,3 +102,27 @@ def test_bad_worker_counts_are_refused_when_parsed_even_for_a_dry_run(bad, capsy
         f"expected 'auto' (one 1-thread worker per CPU core, one per GPU) or a whole number >= 1, got '{bad}'"
         in capsys.readouterr().err
     )
+
+
+def test_a_stopping_worker_stops_its_siblings_and_a_finishing_one_leaves_them(tmp_path):
+    """SIGTERM (or an error) in the first worker: each sibling gets SIGTERM too, to hand its
+    point back, and is waited for; without an exception they are left to finish."""
+    code = ("import signal, sys, time, pathlib\n"
+            "def stop(*_):\n    pathlib.Path(sys.argv[1]).write_text('stopped'); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "pathlib.Path(sys.argv[1] + '.up').touch()\ntime.sleep(60)\n")  # fmt: skip
+    marks = [tmp_path / f"s{i}" for i in range(2)]
+    siblings = [subprocess.Popen([sys.executable, "-c", code, str(m)]) for m in marks]
+    try:
+        while not all(Path(f"{m}.up").exists() for m in marks):  # their handlers are set
+            time.sleep(0.05)
+        with layout.stopping_siblings(siblings):
+            pass  # nothing raised: nothing to stop
+        assert all(p.poll() is None for p in siblings)
+        with pytest.raises(KeyboardInterrupt), layout.stopping_siblings(siblings, grace_s=30):
+            raise KeyboardInterrupt
+        assert [p.returncode for p in siblings] == [0, 0]
+        assert [m.read_text() for m in marks] == ["stopped", "stopped"]
+    finally:
+        for p in siblings:
+            p.kill()

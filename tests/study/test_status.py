@@ -161,6 +161,13 @@ def test_wall_time_left_is_the_running_workers_schedule_at_the_finished_points_p
     # One worker: 50 s of its point left, then 75 + 100 + 300; 1.5 wall s per CPU s.
     assert status.wall_left() == (pytest.approx(525.0 * 1.5), 1)
     assert "~9 min left for 4 points (~13 min of wall time for the worker running now)" in render(status)[-1]  # fmt: skip
+    # A worker between points (the running study's own, printing its progress) takes the next:
+    # free at 0 and 50, the queue 75, 100, 300 ends at 75 + 300 = 375 s.
+    assert status.wall_left(idle=1) == (pytest.approx(375.0 * 1.5), 2)
+    # A point failed for good is not taken by anyone: the queue loses it.
+    failed = next(p for p in status.points if p.state == "interrupted")
+    failed.state = "failed"
+    assert status.wall_left() == (pytest.approx((525.0 - 75.0) * 1.5), 1)
 
 
 def test_a_point_that_would_not_fit_in_memory_says_so_and_nothing_changes(tmp_path, spec, monkeypatch):  # fmt: skip

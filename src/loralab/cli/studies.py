@@ -314,6 +314,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from ..study import layout
     from ..study.grid import parse_list
     from ..study.runner import run_study
     from ..study.spec import dry_run, load_spec
@@ -335,34 +336,17 @@ def cmd_study(args) -> int:
         print("\n".join(render(st)))
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
-    from ..study import layout
-
     workers, threads = layout.choose(args.workers)
-    siblings = []
-    if workers > 1:
-        siblings = layout.spawn_siblings(_argv_with(args._argv, "--workers", "1"), workers, threads)
-    out = run_study(spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args))
+    siblings = layout.spawn_siblings(args._argv, workers, threads) if workers > 1 else []
+    with layout.stopping_siblings(siblings):
+        out = run_study(
+            spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args)
+        )
     codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
         print(f"report: {out.report.files[0]} (also .html, .csv)")
     return 1 if out.unfinished or any(codes) else 0
-
-
-def _argv_with(argv: list[str], flag: str, value: str) -> list[str]:
-    """`argv` with `flag` set to `value` (replaced if present)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == flag:
-            skip = True
-            continue
-        if a.startswith(flag + "="):
-            continue
-        out.append(a)
-    return [*out, flag, value]
 
 
 def cmd_report(args) -> int:

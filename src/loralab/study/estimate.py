@@ -76,15 +76,16 @@ def newest(timed: list[tuple]) -> list[tuple]:
 
 def wall_per_cpu(points, here: str | None = None) -> float | None:
     """Wall s of training per training CPU s over the newest finished points (`here`'s, where
-    it ran any; `points` as for `point_costs`, plus `wall_s`): above 1 where workers shared
-    cores, below 1 for points that trained on several threads. None: no finished point timed."""
-    timed = [(p.started_at, p.wall_s / p.cpu_s, p.machine) for p in points
+    it ran any; `points` as for `point_costs`, plus `wall_s`), summed before dividing so that
+    a point weighs by its length (a short one paused for an hour does not dominate): above 1
+    where workers shared cores, below 1 for points that trained on several threads. None: no
+    finished point timed."""
+    timed = [(p.started_at, (p.wall_s, p.cpu_s), p.machine) for p in points
              if p.finished and p.cpu_s and getattr(p, "wall_s", None)]  # fmt: skip
     recent = newest(timed)
-    ratios = [r for _, r, m in recent if here is not None and m == here] or [
-        r for _, r, _ in recent
-    ]
-    return sum(ratios) / len(ratios) if ratios else None
+    mine = [t for _, t, m in recent if here is not None and m == here]
+    pairs = mine or [t for _, t, _ in recent]
+    return sum(w for w, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
 
 def makespan(busy: list[float], queued: list[float]) -> float:

@@ -11,10 +11,12 @@ GPU. `benchmarks/study_throughput.py` measures the layouts on the machine at han
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 
 from ..errors import LoralabError
 from ..summary import ENV_WORKERS  # set in each worker: how many run side by side
@@ -60,9 +62,26 @@ def gpu_for_workers(workers: int, visible: str | None = None, count: int = 0) ->
     return [ids[i % len(ids)] if ids else None for i in range(workers)]
 
 
+def argv_with(argv: list[str], flag: str, value: str) -> list[str]:
+    """`argv` with `flag` set to `value` (replaced if present)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return [*out, flag, value]
+
+
 def spawn_siblings(argv: list[str], workers: int, threads: int) -> list[subprocess.Popen]:
-    """Start `workers - 1` more `loralab` processes with `argv`, each with `threads` threads
-    and, on a GPU machine, its own GPU (so one machine runs several points side by side).
+    """Start `workers - 1` more `loralab` processes with `argv` (at `--workers 1`), each with
+    `threads` threads and, on a GPU machine, its own GPU (so one machine runs several points
+    side by side).
 
     This process becomes the first worker: it gets the same thread count. Siblings die with it.
     """
@@ -77,9 +96,30 @@ def spawn_siblings(argv: list[str], workers: int, threads: int) -> list[subproce
     if gpus[0] is not None:  # the point processes this worker starts use the first GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     torch.set_num_threads(threads)
-    cmd = [sys.executable, "-m", "loralab.cli", *argv]
+    cmd = [sys.executable, "-m", "loralab.cli", *argv_with(argv, "--workers", "1")]
     kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
     return [
         subprocess.Popen(cmd, env={**env, **({"CUDA_VISIBLE_DEVICES": g} if g else {})}, **kw)
         for g in gpus[1:]
     ]
+
+
+@contextlib.contextmanager
+def stopping_siblings(siblings: list[subprocess.Popen], grace_s: float = 120.0):
+    """Stop `siblings` as this worker stops when its body raises (SIGTERM, Ctrl-C, an error):
+    each gets SIGTERM, so it hands its running point back at once, and up to `grace_s` in all to
+    exit; one still running then dies with this process (`_die_with_parent`). A `kill PID` of
+    the first worker otherwise reached only it, and the siblings' points waited out the grace."""
+    try:
+        yield
+    except BaseException:
+        for p in siblings:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for p in siblings:
+            try:
+                p.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        raise

@@ -155,7 +155,7 @@ class Runner:
         if not self.quiet:
             st = self._status()
             self.bar.update(sum(p.state in FINAL for p in st.points))
-            self.say(totals(st).replace("total:", "progress:", 1))
+            self.say(totals(st, idle=1).replace("total:", "progress:", 1))  # this worker
 
     def summary(self) -> list[str]:
         lines, self.unfinished = [], []

@@ -140,21 +140,23 @@ class StudyStatus:
         lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
         return spent, sum(x for x in lefts if x is not None), lefts.count(None)
 
-    def wall_left(self) -> tuple[float, int] | None:
+    def wall_left(self, idle: int = 0) -> tuple[float, int] | None:
         """(wall s until the estimable unfinished points are done, workers): the workers running
-        points now, each taking the next point when it frees (interrupted ones first), at the
-        wall s per training CPU s of the newest finished points. None: no worker is running."""
+        points now and `idle` ones between points (the one asking), each taking the next point
+        when it frees (interrupted ones first; failed ones are left), at the wall s per
+        training CPU s of the newest finished points. None: no worker."""
         costs, busy, queued = self._costs(), {}, []
-        for p in sorted((p for p in self.points if not p.finished), key=lambda p: p.state != "interrupted"):  # fmt: skip
+        left = (p for p in self.points if not p.finished and p.state != "failed")
+        for p in sorted(left, key=lambda p: p.state != "interrupted"):
             left = self.left_of(p, costs)
             if p.state == "running" and p.worker and not p.detail.startswith("stale"):
                 busy[p.worker] = busy.get(p.worker, 0.0) + (left or 0.0)
             elif left is not None:
                 queued.append(left)
         ratio = wall_per_cpu(self.points + [p for p in self.others if p.finished], self.here)
-        if not busy or ratio is None:
+        if not busy and not idle or ratio is None:
             return None
-        return makespan(list(busy.values()), queued) * ratio, len(busy)
+        return makespan([*busy.values(), *[0.0] * idle], queued) * ratio, len(busy) + idle
 
 
 def _storage(results: str, storage: str | None):
@@ -347,8 +349,9 @@ def _rates(best: dict) -> str:
     return ", ".join(f"{k} {lr:g}" if lr is not None else f"{k} diverged at every rate" for k, lr in best.items())  # fmt: skip
 
 
-def totals(status: StudyStatus) -> str:
-    """One line: points done (and to be reused), training CPU time spent and left."""
+def totals(status: StudyStatus, idle: int = 0) -> str:
+    """One line: points done (and to be reused), training CPU time spent and left; the wall
+    time left for the workers running now and `idle` more (see `StudyStatus.wall_left`)."""
     spent, left, unknown = status.estimate()
     pts = status.points
     done = sum(p.state in FINAL for p in pts)
@@ -363,7 +366,7 @@ def totals(status: StudyStatus) -> str:
         known = len(pts) - done - reused - unknown
         if known:
             text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
-            if wall := status.wall_left():
+            if wall := status.wall_left(idle):
                 workers = "worker" if wall[1] == 1 else f"{wall[1]} workers"
                 text += f" (~{_hours(wall[0])} of wall time for the {workers} running now)"
             rough = sum(not p.finished and (p.task, p.method) in status.rough() for p in pts)
