@@ -31,15 +31,14 @@ from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
-from . import memory
 from .bar import PointsBar
+from .claims import claim
 from .leases import Lease, PointLock, fail_dead
 from .records import main_metric_value, record_from_summary
-from .reuse import decide, drop_checkpoints, finished, read_note
+from .reuse import decide, drop_checkpoints, read_note
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
-    claim_order,
     ensure_enqueued,
     existing,
     is_final,
@@ -174,31 +173,7 @@ class Worker:
         return point_states(self.study, self.plan, self.tasks)
 
     def _claim(self):
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))  # fmt: skip
-        budget, held = memory.budget_mb(), None  # held: read once, only if a point is a candidate
-        for t in sorted(waiting, key=claim_order):
-            if "point" not in t.user_attrs or (
-                self.tasks and t.user_attrs.get("task") not in self.tasks
-            ):
-                continue
-            held = held or (
-                memory.state(self.storage, self.results_dir / LOCKS_DIR) if budget else ({}, [])
-            )
-            # Reusing a finished run folder (a grid extended under a new name) takes no memory.
-            run = self.results_dir / RUNS_DIR / t.user_attrs["point"]
-            if budget and not finished(run) and memory.waits(self, t.user_attrs, *held, budget):
-                continue
-            # Beat first: a claimed trial must never look stale through an old heartbeat row.
-            self.storage.record_heartbeat(t._trial_id)
-            try:
-                if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    return t
-            except UpdateFinishedTrialError:
-                continue
-        return None
+        return claim(self)
 
     def _duplicate_of(self, trial) -> int | None:
         """Another trial that owns this point (finished, or active with a lower number)."""
