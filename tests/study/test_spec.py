@@ -24,6 +24,7 @@ from loralab.cli import main
 from loralab.errors import LoralabError
 from loralab.study.grid import Plan, make_plan
 from loralab.study.phases import ablation_variants, best_lrs, phases
+from loralab.study.runner import Runner
 from loralab.study.spec import load_spec
 from loralab.study.status import study_status
 from loralab.study.storage import load_study, open_storage
@@ -291,6 +292,14 @@ def test_an_axis_grid_on_its_first_seed_then_each_value_at_its_own_best(tmp_path
     assert (later.to_json()["version"], plan.to_json()["version"]) == (2, 1)
     before = {k: v for k, v in plan.to_json().items() if k != "variant_lrs"}
     assert Plan.from_json(before).fingerprint() == plan.fingerprint() == before["fingerprint"]
+    # A study stopped before the axis's grid finished names what each waiting phase waits for.
+    lines = Runner(spec, None, "t", ["sst2"], str(tmp_path), 60, True).summary()
+    assert lines == [
+        "study 't-sst2-grid': not started",
+        "study 't-sst2-seeds': not started (it waits for the grid's best lr: 't-sst2-grid' has unfinished points)",
+        "study 't-sst2-ablate-alpha': not started",  # its own rates: it waits for nothing
+        "study 't-sst2-ablate-alpha-seeds': not started (it waits for each setting's best lr on the axis's first seed: 't-sst2-ablate-alpha' has unfinished points)",
+    ]  # fmt: skip
     # One seed: no dependent phase; `full_grid`: every rate on every seed, no dependent phase.
     for axis in ({**axes[0], "seeds": [1]}, {**axes[0], "lr_selection": "full_grid"}):
         spec = load_spec(_spec_file(tmp_path, ablations=[axis]), str(tmp_path))

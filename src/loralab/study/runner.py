@@ -163,7 +163,9 @@ class Runner:
             name = ph.study_name(self.prefix)
             w = self.workers.get(name)
             if w is None:
-                lines.append(f"study '{name}': not started (its task's grid has unfinished points)")  # fmt: skip
+                dep = ph.depends_on
+                why = f" (it waits for {ph.waits_on}: '{dep.study_name(self.prefix)}' has unfinished points)" if dep else ""  # fmt: skip
+                lines.append(f"study '{name}': not started{why}")
                 self.unfinished.append(name)
                 continue
             w.report.states = w.states()
