@@ -690,6 +690,29 @@ def test_old_summaries_get_an_identity_from_their_config(tmp_path):
     assert all(c.identity["train"]["precision"] == "unknown" for c in cells)  # not measured here
 
 
+def test_old_configs_this_version_cannot_read_still_keep_different_runs_apart(tmp_path):
+    """A key since removed is dropped and the rest read (epochs, caps, files tell runs apart);
+    a value this version rejects leaves a hash of the config, its seed aside, in the identity."""
+    configs = [
+        {"train": {"epochs": 1, "gone": 1, "seed": 1}, "data": {"train_file": "a.csv"}},
+        {"train": {"epochs": 1, "gone": 2, "seed": 2}, "data": {"train_file": "a.csv"}},
+        {"train": {"epochs": 5, "gone": 1, "seed": 3}, "data": {"train_file": "b.csv"}},
+        {"train": {"epochs": "many", "seed": 4}}, {"train": {"epochs": "many", "seed": 5}},
+        {"train": {"epochs": "lots", "seed": 6}},
+    ]  # fmt: skip
+    for i, cfg in enumerate(configs):
+        run = write_run(tmp_path, f"old{i}", cfg["train"]["seed"], {"accuracy": 0.7})
+        summary = json.loads((run / "summary.json").read_text())
+        del summary["identity"], summary["data_fingerprint"]
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "config.yaml").write_text(json.dumps(cfg))
+    cells, _ = aggregate(load_runs(tmp_path))
+    seeds = sorted(sorted(r["seed"] for r in c.done) for c in cells)
+    assert seeds == [[1, 2], [3], [4, 5], [6]]  # the removed key's value does not split 1 and 2
+    read = {c.identity["train"]["epochs"] for c in cells if "unread_config" not in c.identity}
+    assert read == {1, 5}
+
+
 def test_lora_slug_shows_what_differs_from_the_defaults():
     assert lora_slug(LORA) == "r=8 α=16"
     changed = {**LORA, "r": 16, "alpha": 32, "target": "extended", "use_dora": True}

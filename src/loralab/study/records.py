@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,10 +95,7 @@ def derived_identity(config: dict, summary: dict) -> dict:
     the config's. Without a data fingerprint the data paths stay in, so runs on other files
     still never pool.
     """
-    try:
-        cfg = from_dict(config)
-    except LoralabError:
-        cfg = ExperimentConfig()  # a config from an older version: the summary's fields decide
+    cfg, unread = _read_old_config(config)
     cfg.data.task = summary.get("task") or cfg.data.task
     cfg.model.name = summary.get("model") or cfg.model.name
     cfg.model.head = summary.get("head") or cfg.model.head
@@ -115,7 +113,30 @@ def derived_identity(config: dict, summary: dict) -> dict:
     d = identity(cfg, splits, ran or "unknown")
     if not d["data"]["fingerprint"]:
         d["data"]["paths"] = paths
+    if unread:  # what could not be read still tells runs apart
+        d["unread_config"] = unread
     return d
+
+
+def _read_old_config(config: dict) -> tuple[ExperimentConfig, str | None]:
+    """An older version's config.yaml as this version reads it: keys since removed are dropped;
+    where a value still fails, the defaults, and a hash of the config but its seed and
+    run/tracking sections (None when it read)."""
+    try:
+        return from_dict(_known_keys(config, ExperimentConfig)), None
+    except LoralabError:
+        kept = without(config if isinstance(config, dict) else {}, "train.seed", "run", "tracking")
+        return ExperimentConfig(), identity_hash(kept)
+
+
+def _known_keys(data, cls):
+    """`data` without the keys that `cls` (a config dataclass, nested) does not have."""
+    if not isinstance(data, dict):
+        return data
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    return {k: _known_keys(v, hints[k]) if dataclasses.is_dataclass(hints[k]) else v
+            for k, v in data.items() if k in fields}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
