@@ -713,6 +713,20 @@ def test_old_configs_this_version_cannot_read_still_keep_different_runs_apart(tm
     assert read == {1, 5}
 
 
+def test_a_setting_whose_every_run_diverged_is_warned_about(tmp_path):
+    """Full fine-tuning diverged at both its rates: no row, and LoRA's verdict has nothing to
+    compare with; the report says why instead of leaving the row out silently."""
+    write_run(tmp_path, "l1", 1, {"accuracy": 0.8}, group="sweep")
+    for i, lr in enumerate((1e-4, 1e-3)):
+        write_run(tmp_path, f"f{i}", 1, {}, group="sweep", method="full", lr=lr, status="diverged")
+    rep = report(tmp_path, out=tmp_path / "out")
+    (comp,) = rep.comparisons
+    assert comp.verdict == "n/a: no comparable full run"
+    (warning,) = [w for w in rep.warnings if "diverged" in w]
+    assert warning.startswith("sst2 full (tiny-llama, sweep): every one of its 2 runs diverged (lr 0.0001, 0.001)")  # fmt: skip
+    assert warning in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_lora_slug_shows_what_differs_from_the_defaults():
     assert lora_slug(LORA) == "r=8 α=16"
     changed = {**LORA, "r": 16, "alpha": 32, "target": "extended", "use_dora": True}

@@ -103,3 +103,25 @@ def lent_warnings(comps: list[Comparison]) -> list[str]:
                 f"made alike (LORALAB_LEND_CORES=0 turns lending off)."
             )
     return out
+
+
+def diverged_warnings(cells: list[Cell]) -> list[str]:
+    """One warning per setting (a cell family: equal but for the lr) whose every run diverged:
+    it has no best lr, so no row in the tables, and a comparison it belonged to reads 'no
+    comparable full run' or is missing; the warning says why."""
+    families: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        families.setdefault(c.family, []).append(c)
+    out = []
+    for fam in families.values():
+        if any(c.done for c in fam):
+            continue
+        c, n = fam[0], sum(len(c.runs) for c in fam)
+        lrs = ", ".join(f"{x.lr:g}" for x in fam)
+        name = f"{c.task} {c.method}" + (f" {c.variant}" if c.method == "lora" else "")
+        out.append(
+            f"{name} ({c.model}, {c.group}): every one of its {n} run{'s' * (n != 1)} diverged "
+            f"(lr {lrs}): it has no row in the tables. Lower learning rates (or a check of the "
+            "data and the model's precision) would give it one."
+        )
+    return out

@@ -19,6 +19,7 @@ from .aggregate import Comparison, aggregate, grid_edge_warnings
 from .caveats import (
     ablation_hardware_warnings,
     allocator_warnings,
+    diverged_warnings,
     hardware_warnings,
     lent_warnings,
 )
@@ -101,6 +102,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     cells, comps = aggregate(records)
     warnings += (
         grid_edge_warnings(cells, pending)
+        + diverged_warnings(cells)
         + allocator_warnings(comps)
         + lent_warnings(comps)
         + hardware_warnings(comps)
