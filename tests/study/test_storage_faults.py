@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
 from conftest import write_sst2
 
 from loralab.cli import main
+from loralab.errors import LoralabError
 
 
 def test_a_study_db_replaced_under_a_sweep_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -79,3 +81,27 @@ def test_a_worker_looks_again_at_a_point_it_saw_failed_before_leaving(monkeypatc
     # A point failed for good: one more look, then the worker leaves and says so.
     report, shown = _idle_worker(monkeypatch, tmp_path, [{"p": "failed"}])
     assert len(shown) == 4 and report.unfinished == ["p"]
+
+
+def test_a_study_left_without_its_grid_by_a_killed_creator_is_taken_by_the_next(tmp_path, monkeypatch):  # fmt: skip
+    """Killed between `create_study` and storing the grid: the empty study is the next creator's
+    to take; one that holds trials but no grid is another tool's, and is refused."""
+    import optuna
+
+    from loralab.study import storage as storage_mod
+    from loralab.study.grid import make_plan
+    from loralab.study.storage import create_or_check, load_study, open_storage
+
+    monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)  # the wait for a slow creator
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4", seeds="1,2",
+                     results_dir=str(tmp_path), model={"name": "tiny-llama"})  # fmt: skip
+    optuna.create_study(study_name="killed", storage=st)  # no grid stored, no trial
+    study = create_or_check(st, "killed", plan)
+    assert load_study(st, "killed")[1].fingerprint() == plan.fingerprint()
+    assert len(study.get_trials()) == 2
+    other = optuna.create_study(study_name="foreign", storage=st)
+    other.enqueue_trial({"x": 1})
+    with pytest.raises(LoralabError, match="was not made by loralab"):
+        create_or_check(st, "foreign", plan)
+    assert len(other.get_trials()) == 1 and storage_mod.STUDY_ATTR not in other.user_attrs

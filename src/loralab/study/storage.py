@@ -185,7 +185,11 @@ def load_study(storage, name: str):
             return study, Plan.from_json(data)
         time.sleep(0.5)
         study = optuna.load_study(study_name=name, storage=storage)
-    raise LoralabError(f"Study '{name}' was not made by loralab (it has no stored grid).")
+    raise NoStoredGrid(f"Study '{name}' was not made by loralab (it has no stored grid).")
+
+
+class NoStoredGrid(LoralabError):
+    """A study without loralab's stored grid: another tool's, or a creator killed at once."""
 
 
 def create_or_check(storage, name: str, plan: Plan):
@@ -194,7 +198,17 @@ def create_or_check(storage, name: str, plan: Plan):
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
-        study, stored = load_study(storage, name)
+        try:
+            study, stored = load_study(storage, name)
+        except NoStoredGrid:
+            # A creator killed between making the study and storing its grid left it empty:
+            # it is this plan's to take. One with trials is someone else's.
+            study = optuna.load_study(study_name=name, storage=storage)
+            if study.get_trials(deepcopy=False):
+                raise
+            study.set_user_attr(STUDY_ATTR, plan.to_json())
+            ensure_enqueued(study, plan)
+            return study
         # A sweep stored before keys named LoRA settings beyond r, alpha and target keeps its keys.
         plan = replace(plan, names_settings=stored.names_settings)
         # A study made before sweeps stored absolute paths matches when its paths resolve the same.
