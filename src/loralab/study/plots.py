@@ -80,6 +80,14 @@ def lora_vs_full_figure(comps):
     return fig
 
 
+def _mean_with_interval(ax, y: float, interval: tuple[float, float, float]) -> None:
+    """A paired row's (mean, low, high) at height `y`: a diamond with its 95% interval."""
+    mean, lo, hi = interval
+    err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
+    ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
+                label="mean, 95% interval")  # fmt: skip
+
+
 def paired_differences(comps):
     """LoRA − full fine-tuning per comparison with seeds in common (one row each): the seeds'
     paired differences as dots (hollow on the seeds that picked a learning rate), their mean with
@@ -97,10 +105,7 @@ def paired_differences(comps):
         if picked:  # hollow: each method's score there is its grid's maximum
             ax.plot(picked, [y] * len(picked), "o", ms=5, mfc="none", color="#9ab7d8",
                     label="a seed that picked the lr")  # fmt: skip
-        mean, lo, hi = c.interval
-        err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
-        ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
-                    label="mean, 95% interval")  # fmt: skip
+        _mean_with_interval(ax, y, c.interval)
     ax.axvline(0.0, color="#555555", lw=0.8)
     ax.axvline(-DROP_TARGET_POINTS, color="#cf222e", ls=":", label=f"target: −{DROP_TARGET_POINTS:g}")  # fmt: skip
     labels = [f"{task_label(c.task)} ({c.lora.metric})\n{c.model} {c.lora.variant}" for c in rows]
@@ -239,10 +244,15 @@ def ablation(cells, kind: str, reference):
             ax.axhline(_ms(ref)[0], color=COLORS["full"], ls="--",
                        label=f"full fine-tuning (lr {ref.lr:g})")  # fmt: skip
         ax.set_ylabel(f"dev {mine[0].metric} (points)")
-        ax.set_title(f"{task_label(key[0])} · {key[2]} · {key[1]}", fontsize=9)
+        _panel_title(ax, key)
     fig.suptitle(f"Ablation: {kind} (best lr per setting)")
     _legend_outside(fig, axes)
     return fig
+
+
+def _panel_title(ax, key: tuple) -> None:
+    """An ablation panel's (task, model, head) as its title."""
+    ax.set_title(f"{task_label(key[0])} · {key[2]} · {key[1]}", fontsize=9)
 
 
 def _setting_name(cell, keys: list[str], others: list[str]) -> str:
@@ -272,10 +282,7 @@ def ablation_paired(cells, kind: str, base, reference):
         for i, (c, b) in enumerate(pairs):
             y, diffs = len(pairs) - 1 - i, paired_diffs(c, b)  # the first setting on top
             ax.plot(diffs, [y] * len(diffs), "o", ms=4, color="#9ab7d8", label="one seed")
-            mean, lo, hi = t_interval(diffs)
-            err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
-            ax.errorbar([mean], [y], xerr=err, fmt="D", ms=6, capsize=4, color=COLORS["lora"],
-                        label="mean, 95% interval")  # fmt: skip
+            _mean_with_interval(ax, y, t_interval(diffs))
         labels = [name(c) + (f", lr {c.lr:g}" if several_lrs else "") for c, _ in pairs]
         ax.set_yticks(range(len(pairs)), labels[::-1], fontsize=7)
         ax.set_ylim(-0.7, len(pairs) - 0.3)
@@ -286,7 +293,7 @@ def ablation_paired(cells, kind: str, base, reference):
             ax.axvline(sum(gap) / len(gap), color=COLORS["full"], ls="--",
                        label=f"full fine-tuning − base (lr {ref.lr:g}, mean)")  # fmt: skip
         ax.set_xlabel(f"− {name(b)} (points of dev {b.metric}), paired by seed")
-        ax.set_title(f"{task_label(key[0])} · {key[2]} · {key[1]}", fontsize=9)
+        _panel_title(ax, key)
     fig.suptitle(f"Ablation: {kind}, each setting − the base, paired by seed")
     _legend_outside(fig, axes)
     return fig
