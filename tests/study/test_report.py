@@ -298,6 +298,22 @@ def test_an_axis_whose_own_rates_miss_the_grids_still_finds_its_base(tmp_path):
     assert "| accuracy: 85.50 ± 0.71 | base |" in md
 
 
+def test_an_axis_over_tasks_with_their_own_base_rates_keeps_the_bases(tmp_path):
+    """One module axis on SST-2 (base rate 3e-4) and MRPC (1e-3): two rates in the group, but
+    one per setting, so the caption says the axis keeps the base's rate."""
+    for task, lr in (("sst2", 3e-4), ("mrpc", 1e-3)):
+        for seed in (1, 2):
+            base = write_run(tmp_path / "runs", f"{task}-{seed}", seed, {"accuracy": 0.8}, task=task, lr=lr)  # fmt: skip
+            (base / "sweep.json").write_text(json.dumps({"groups": ["sweep", "ablation-modules"]}))
+            write_run(tmp_path / "runs", f"{task}-{seed}-ext", seed, {"accuracy": 0.82}, task=task, lr=lr,
+                      group="ablation-modules", lora={"target": "extended"})  # fmt: skip
+    report(tmp_path, out=tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md[md.index("## Ablation: modules") :]
+    assert "Best lr: the ablation keeps LoRA's, tuned for the base." in section
+    assert "from the axis's lr grid" not in section
+
+
 def test_an_axis_grid_on_the_first_seed_is_scored_on_every_seed(tmp_path):
     """`grid_on_first_seed` on an axis: seed 1 ran both rates, seed 2 each value at its best
     only; the best is chosen on seed 1 and scored on both, and the caption says so."""
