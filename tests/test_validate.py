@@ -395,3 +395,30 @@ def test_merged_export_that_loads_differently_is_caught(tmp_path, monkeypatch):
     rc, checks = _run(tmp_path)
     assert rc == 1
     assert _failed(checks) == {"merged_export_loads"}
+
+
+def test_a_merge_that_drops_the_lora_update_is_caught_even_at_a_loose_tolerance(tmp_path, monkeypatch):  # fmt: skip
+    """`unload()` keeps the trained head and drops ΔW. At --tolerance 1e-2 and a small lr the
+    dropped update sits inside the merge bound, so the merge check alone passes: the
+    informative check, which measures the LoRA update alone (head kept) against 10× that
+    bound, fails instead."""
+    monkeypatch.setattr(validate, "merge", lambda model: model.unload())
+    rc, checks = _run(tmp_path, "--lr", "1e-5", "--tolerance", "1e-2")
+    assert rc == 1
+    assert _failed(checks) == {"adapter_is_informative"}
+
+
+def test_dora_counts_its_magnitude_vectors(tmp_path):
+    """DoRA adds one magnitude weight per output of each adapted module: the accounting check
+    expects them (it failed a healthy DoRA setup before)."""
+    from transformers import AutoConfig
+
+    from loralab.models import resolve
+
+    rc, checks = _run(tmp_path, "lora.use_dora=true")
+    assert rc == 0, _failed(checks)
+    config = AutoConfig.from_pretrained(resolve("tiny-llama"))
+    outputs = config.num_hidden_layers * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim  # fmt: skip
+    lora = _tiny_llama_counts()[0] + outputs  # q and v: one magnitude per output
+    detail = checks["parameter_accounting_adds_up"]["detail"]
+    assert f"lora={lora:,} (expected r·(in+out) + out (DoRA) summed = {lora:,})" in detail

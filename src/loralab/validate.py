@@ -29,7 +29,7 @@ from .lora import (
     linear_layers,
     resolve_targets,
 )
-from .merge import DEFAULT_TOLERANCES, equivalence_bound
+from .merge import DEFAULT_TOLERANCES, INFORMATIVE_FACTOR, equivalence_bound, lora_disabled
 from .models import canonical, is_causal, load_for_task, load_tokenizer, resolve
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
@@ -196,10 +196,13 @@ def run_checks(
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike
+    # r·(in + out) per adapted module, and DoRA's magnitude vector (one weight per output).
+    dora = cfg.lora.use_dora
     expected_lora = sum(
-        cfg.lora.r * (shapes[n].in_features + shapes[n].out_features) for n in expected
+        cfg.lora.r * (shapes[n].in_features + shapes[n].out_features)
+        + dora * shapes[n].out_features
+        for n in expected
     )
-    base_logits = _logits(base, batch)
     checks: list[Check] = []
     add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
 
@@ -215,7 +218,7 @@ def run_checks(
         counts["lora"] == expected_lora
         and counts["trainable"] == counts["lora"] + _trainable_head(model)
         and counts["total"] == sum(p.numel() for n, p in model.named_parameters() if ".original_module." not in n),
-        f"lora={counts['lora']:,} (expected r·(in+out) summed = {expected_lora:,}), head={counts['head']:,}, "
+        f"lora={counts['lora']:,} (expected r·(in+out){' + out (DoRA)' * dora} summed = {expected_lora:,}), head={counts['head']:,}, "
         f"trainable={counts['trainable']:,}, total={counts['total']:,}")  # fmt: skip
     frozen = accounting.frozen_base_report(model)
     add("base_frozen_requires_grad", frozen["base_frozen"],
@@ -255,9 +258,13 @@ def run_checks(
         f"{len(stats)} modules, mean rank utilisation {sum(s['rank_utilisation'] for s in stats) / max(len(stats), 1):.3f}")  # fmt: skip
 
     adapted = _logits(model, batch)
-    change = _max_diff(adapted, base_logits)[0]
-    add("adapter_is_informative", change > 1e-3,
-        f"trained adapter moves logits by up to {change:.4f} (an identity adapter proves nothing)")  # fmt: skip
+    # The rule `loralab merge` applies (merge.equivalence_bound): relative to the logits.
+    bound = equivalence_bound("fp32", tolerance, adapted.abs().max().item())
+    with lora_disabled(model):  # the trained head kept: the LoRA update's own effect
+        effect = _max_diff(adapted, _logits(model, batch))[0]
+    add("adapter_is_informative", effect >= INFORMATIVE_FACTOR * bound,
+        f"the LoRA update moves logits by up to {effect:.2e} (head kept), ≥ {INFORMATIVE_FACTOR:g}× "
+        f"the merge bound {bound:.2g}: a merge that lost it would fail")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp) / "adapter")
@@ -273,8 +280,6 @@ def run_checks(
         merged = merge(copy.deepcopy(model))
         merged_logits = _logits(merged, batch)
         d, rel = _max_diff(merged_logits, adapted)
-        # The rule `loralab merge` applies (merge.equivalence_bound): relative to the logits.
-        bound = equivalence_bound("fp32", tolerance, adapted.abs().max().item())
         add("merge_equivalence", d <= bound,
             f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, bound {bound:.2g} "
             f"= {tolerance:g} × max(1, max |logit|)")  # fmt: skip

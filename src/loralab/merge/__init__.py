@@ -13,11 +13,12 @@ from .bounds import (
     equivalence_bound,
     parse_tolerances,
 )
+from .equivalence import lora_disabled
 from .options import MergeOptions, MergeResult
 from .present import render
 from .run import run_merge
 
 __all__ = [
     "BF16_ADAPTER_FACTOR", "DEFAULT_TOLERANCES", "INFORMATIVE_FACTOR", "MergeOptions",
-    "MergeResult", "equivalence_bound", "parse_tolerances", "render", "run_merge",
+    "MergeResult", "equivalence_bound", "lora_disabled", "parse_tolerances", "render", "run_merge",
 ]  # fmt: skip
