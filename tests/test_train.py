@@ -389,3 +389,34 @@ def test_a_base_weight_changed_during_training_is_reported(tmp_path, sst2_dir):
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     live = [x["verification/base_unchanged"] for x in lines if "verification/base_unchanged" in x]
     assert live[0] is True and live[-1] is False  # the live record turns at the change
+
+
+def test_gradient_accumulation_averages_the_loss_over_its_batches(tmp_path, sst2_dir):
+    """Batch 8 and batch 4 × 2 accumulation report the same training loss (at a learning rate
+    too small to move the weights): the loss of each micro-batch is divided by the accumulation
+    steps. transformers 5 leaves it undivided for models whose forward takes **kwargs (Llama),
+    expecting a loss summed over `num_items_in_batch`, which the classifier's mean is not: the
+    loss (and the gradient) came out 2x and 4x as large."""
+    from loralab.train import train
+
+    losses = {}
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        cfg = build_config(
+            overrides=[
+                "model.name=tiny-llama",
+                f"data.data_dir={sst2_dir}",
+                f"run.output_dir={tmp_path}",
+                f"run.name=b{batch}",
+                "train.max_steps=3",
+                f"train.batch_size={batch}",
+                f"train.grad_accum={accum}",
+                "train.lr=1e-12",
+                "train.precision=fp32",
+                "train.eval_steps=1000",
+                "lora.dropout=0",
+            ]  # fmt: skip
+        )
+        run = train(cfg, quiet=True).run_dir
+        losses[batch] = json.loads((run / "summary.json").read_text())["train_loss"]
+    assert losses[4] == pytest.approx(losses[8], rel=0.15)
+    assert losses[2] == pytest.approx(losses[8], rel=0.15)

@@ -46,6 +46,11 @@ class LoralabTrainer(Trainer):
     def __init__(self, *args, loss_fn=None, tokens: TokenCounts | None = None,
                  loraplus_lr_ratio: float | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
+        # Every loss here is a mean over its micro-batch (the models' classification and span
+        # losses ignore `num_items_in_batch`, and so do the heads' own): the Trainer must divide
+        # it by the accumulation steps. For a model whose forward takes **kwargs (Llama) it
+        # would not, and the loss and gradient came out `grad_accum` times too large.
+        self.model_accepts_loss_kwargs = False
         self.loraplus_lr_ratio = loraplus_lr_ratio  # None: one learning rate for every parameter
         self.tokens = tokens if tokens is not None else TokenCounts()
         self.loss_fn = loss_fn  # the head's loss; None: the model's own
