@@ -237,6 +237,22 @@ def test_pad_token_fallback(cache, tmp_path):
     assert model.config.pad_token_id == tok.eos_token_id
 
 
+def test_a_checkpoint_stored_in_bf16_loads_with_fp32_master_weights(cache, tmp_path):
+    """Most hub checkpoints are stored in bf16; transformers 5 would load them so, head
+    included. Training keeps fp32 master weights (the LoRA base's bf16 copy comes later)."""
+    folder = tmp_path / "bf16"
+    model, _ = models.load_model("tiny-llama", tf.AutoModelForCausalLM)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    shutil.copy(Path(models.resolve("tiny-llama", progress=False)) / "tokenizer.json", folder)
+    loaded, new = models.load_model(str(folder), tf.AutoModelForSequenceClassification, num_labels=2)  # fmt: skip
+    assert new == ["score"]
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    # The stored values, only widened.
+    stored = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    got = dict(loaded.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(got, stored.float())
+
+
 def _fail_pip(*args, **kwargs):
     return subprocess.CompletedProcess(args[0], 1, "", "ERROR: Could not find a version\n")
 

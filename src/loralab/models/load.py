@@ -88,6 +88,12 @@ class _Hold(logging.Filter):
         return False
 
 
+def _float32():
+    import torch
+
+    return torch.float32
+
+
 def load_model(
     name: str, auto_class, trust_remote_code: bool = False, progress: bool = True, **kwargs
 ):
@@ -102,6 +108,10 @@ def load_model(
         check_hub_model(where)
     if isinstance(where, Path) and any(where.glob("*.safetensors")):
         kwargs.setdefault("use_safetensors", True)  # never unpickle when safetensors exist
+    # fp32 master weights whatever the checkpoint stores: transformers 5 loads a bf16 checkpoint
+    # (most hub models) in bf16, where full fine-tuning's small updates round away and the new
+    # head trains in bf16. A LoRA base's bf16 copy is made afterwards (`precision.cast_frozen`).
+    kwargs.setdefault("dtype", _float32())
 
     def load(**extra):
         try:
