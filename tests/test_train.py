@@ -420,3 +420,36 @@ def test_gradient_accumulation_averages_the_loss_over_its_batches(tmp_path, sst2
         losses[batch] = json.loads((run / "summary.json").read_text())["train_loss"]
     assert losses[4] == pytest.approx(losses[8], rel=0.15)
     assert losses[2] == pytest.approx(losses[8], rel=0.15)
+
+
+def test_a_failed_final_evaluation_keeps_the_weights_and_the_resume_finishes_it(tmp_path, sst2_dir, monkeypatch):  # fmt: skip
+    """The final evaluation dies after training: the adapter is saved before it and the summary
+    says failed (not a folder that looks unfinished). `--resume` from the last checkpoint trains
+    no step (the stock loop trained a fifth one in an epoch it resumed mid-way) and reports the
+    whole run's loss from the checkpoint (the Trainer's figure for no step was 0.0)."""
+    from loralab import train as train_mod
+
+    real = train_mod._Run.evaluate
+    calls = []
+
+    def dying(self, trainer):
+        calls.append(trainer.state.global_step)
+        if len(calls) == 1:
+            raise MemoryError("killed in the final evaluation")
+        return real(self, trainer)
+
+    monkeypatch.setattr(train_mod._Run, "evaluate", dying)
+    args = ["--quiet", "--model", "tiny-llama", "--data-dir", str(sst2_dir), "--output-dir",
+            str(tmp_path), "run.name=r", "train.max_steps=4", "train.save_steps=2",
+            "train.eval_steps=1000", "train.batch_size=8", "train.precision=fp32"]  # fmt: skip
+    with pytest.raises(MemoryError):
+        main(["train", *args])
+    run = tmp_path / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "final evaluation" in summary["error"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "loralab_state.json").read_text())
+    assert _cli("train", "--resume", str(run), "--quiet") == 0
+    done = json.loads((run / "summary.json").read_text())
+    assert done["status"] == "completed" and done["steps"] == 4
+    assert done["train_loss"] == pytest.approx(state["loss_sum"] / 4) and done["train_loss"] > 0

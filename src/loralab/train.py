@@ -282,7 +282,19 @@ class _Run:
         trainer.clock0 = (t0, time.process_time())
         try:
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
+            attempt_time = time.time() - t0
+            if compiled.get("compile"):  # inductor's cache now holds this model's kernels
+                remember(compiled["key"])
+            # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one).
+            # The CPU time, unlike the wall time, is blind to pauses and to other processes'
+            # load: CPU seconds over all of this process's threads.
+            train_time, summary["train_cpu_time_s"] = trainer.training_time()
+            # Inside the try: a final evaluation that fails (or is killed) leaves a failed
+            # summary beside the weights saved before it, not a folder that looks unfinished.
+            return self._finish(trainer, train_out, summary, checksum_before, start, train_time, attempt_time)  # fmt: skip
         except BaseException as e:
+            if summary.get("status") == "completed" and (self.run_dir / rundir.SUMMARY_FILE).is_file():  # fmt: skip
+                raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
             summary.update(
@@ -292,17 +304,11 @@ class _Run:
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)
             raise
-        attempt_time = time.time() - t0
-        if compiled.get("compile"):  # inductor's cache now holds this model's kernels
-            remember(compiled["key"])
-        # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one). The
-        # CPU time, unlike the wall time, is blind to pauses and to other processes' load: CPU
-        # seconds over all of this process's threads.
-        train_time, summary["train_cpu_time_s"] = trainer.training_time()
-        return self._finish(trainer, train_out, summary, checksum_before, start, train_time, attempt_time)  # fmt: skip
 
     def _finish(self, trainer, train_out, summary, checksum_before, start, train_time, attempt_time):  # fmt: skip
         cfg, model = self.cfg, self.built.model
+        if distributed.is_main():  # first: an evaluation that fails must not take them along
+            self._save_weights(trainer)
         t1 = time.time()
         metrics = self.evaluate(trainer)
         eval_time = time.time() - t1
@@ -315,8 +321,6 @@ class _Run:
             [self.tokens.real, self.tokens.padded, trainer.whole_run_loss() or float("nan")]
         )
         loss = loss / distributed.world_size()
-        if distributed.is_main():
-            self._save_weights(trainer)
         verification = {}
         if cfg.train.method == "lora":
             checksum_after = accounting.checksum(accounting.base_parameters(model))

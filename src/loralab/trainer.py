@@ -127,9 +127,11 @@ class LoralabTrainer(Trainer):
 
     def whole_run_loss(self) -> float | None:
         """Mean training loss over every step of the run (including those before a resume)."""
-        if self.loss_sum is None or not self.state.global_step:
+        # No step this attempt (resumed from the last checkpoint): the sum it saved.
+        total = self.loss_sum if self.loss_sum is not None else self.loss_sum_start
+        if not self.state.global_step:
             return None
-        mean = float(self.loss_sum) / self.state.global_step
+        mean = float(total) / self.state.global_step
         return mean if math.isfinite(mean) else None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -164,6 +166,14 @@ class LoralabTrainer(Trainer):
         return (
             torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
         )
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the last checkpoint (the final evaluation died): the stock loop would
+        # train one step past max_steps in an epoch it resumes mid-way, checking only after it.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.first_step_at is None:  # start-up ends here (benchmarks/startup.py reads it)
