@@ -234,6 +234,11 @@ def test_short_run_logs_efficiency_and_resolved_config(short_run):
         assert decision["precision"] == "fp32"
     assert summary["model_source"]["id"] == "tiny-llama"
     assert summary["model_source"]["kind"] == "builtin"
+    # The kernels `auto` chose are saved too: a resume keeps them (a new probe, or a cold
+    # compile cache, could choose otherwise, and compiled layers round differently).
+    assert saved["model"]["attention"] == summary["attention"]["implementation"]
+    assert saved["model"]["attention"] in ("sdpa", "eager")
+    assert saved["train"]["compile"] is summary["compile"]["compile"]
 
 
 def test_analyze_with_default_flags_on_a_16_example_dev_set(short_run, capsys):

@@ -87,8 +87,16 @@ def _precision_name(cfg: ExperimentConfig) -> str:
     return "bf16" if precision.uses_bf16(cfg.train.precision) else "fp32"
 
 
-def resolved_config(cfg: ExperimentConfig, max_length: int) -> ExperimentConfig:
-    """A copy of `cfg` with the values left to defaults (lr, max_length, precision) filled in,
-    as the run folder's config.yaml records them; loading it back gives the same run."""
+def resolved_config(cfg: ExperimentConfig, max_length: int, attention: str | None = None,
+                    compile: bool | None = None) -> ExperimentConfig:  # fmt: skip
+    """A copy of `cfg` with the values left to defaults (lr, max_length, precision) and the
+    kernels chosen for `auto` (`attention`, `compile`; None: left as they are) filled in, as the
+    run folder's config.yaml records them; loading it back (a resume: a new probe or a cold
+    compile cache would choose again, and compiled layers round differently) gives the same run."""
     train_cfg = replace(cfg.train, lr=cfg.lr, precision=_precision_name(cfg))
-    return replace(cfg, train=train_cfg, data=replace(cfg.data, max_length=max_length))
+    if compile is not None and cfg.train.compile == "auto":
+        train_cfg = replace(train_cfg, compile=bool(compile))
+    model = cfg.model
+    if attention in ("sdpa", "eager") and model.attention == "auto":
+        model = replace(model, attention=attention)
+    return replace(cfg, model=model, train=train_cfg, data=replace(cfg.data, max_length=max_length))

@@ -171,7 +171,8 @@ def train(
     else:  # rank 0 creates the folder; every process writes its checkpoints shards there
         created = None
         if distributed.is_main():
-            created = tracking.create_run_dir(resolved_config(cfg, splits.max_length))
+            resolved = resolved_config(cfg, splits.max_length, kernel["implementation"], compiled["compile"])  # fmt: skip
+            created = tracking.create_run_dir(resolved)
             lock = rundir.hold_run_lock(created)  # noqa: F841 - held while this process trains
         run_dir = distributed.broadcast(created)
     run = _Run(cfg, task, head, built, splits, run_dir, resume is not None, console, quiet)

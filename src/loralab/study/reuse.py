@@ -50,8 +50,9 @@ def _same_config(run_dir: Path, cfg) -> str | None:
             have[k] = want.get(k)
     _resolve_defaults(have, cfg)
     _resolve_defaults(want, cfg)
-    if want.get("train.precision") == "auto":  # decided per machine when the run started
-        want["train.precision"] = have.get("train.precision")
+    for k in ("train.precision", "model.attention", "train.compile"):
+        if want.get(k) == "auto":  # decided per machine when the run started
+            want[k] = have.get(k)
     for k in sorted(have.keys() | want.keys()):
         if have.get(k) != want.get(k):
             return f"{k}: {have.get(k)!r} there, {want.get(k)!r} in this study"
