@@ -109,6 +109,24 @@ def trim_metrics(run_dir: Path, step: int | None) -> None:
     tracking.atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
+def logged(run_dir: Path, prefix: str) -> dict | None:
+    """The values metrics.jsonl holds under `prefix` (e.g. 'zero_shot/'), the prefix dropped,
+    from the last record that has them; None when none does."""
+    path = Path(run_dir) / tracking.METRICS_FILE
+    found = None
+    lines = (
+        path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    )
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        mine = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)} if isinstance(record, dict) else {}  # fmt: skip
+        found = mine or found
+    return found
+
+
 def warn(lines: list[str]) -> None:
     for line in lines:
         print(f"loralab: warning: {line}", file=sys.stderr)

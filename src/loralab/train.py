@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import read_loss_sum, read_training_time
+from .checkpoints import logged, read_loss_sum, read_training_time
 from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
@@ -272,7 +272,9 @@ class _Run:
         summary["compile"] = {k: v for k, v in compiled.items() if k != "key"}
         summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
-        if self.head.reports_zero_shot() and not self.resuming:
+        if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
+            summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
+        elif self.head.reports_zero_shot():
             # The untrained model's score: the reference line fine-tuning must beat.
             summary["zero_shot"] = self.evaluate(trainer)
             self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)

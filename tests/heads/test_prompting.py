@@ -164,6 +164,7 @@ def test_lm_head_training_run(tmp_path, sst2_dir):
             "train.batch_size=8",
             "train.lr=1e-2",
             "train.eval_steps=3",  # scored by the head's own loop, not the Trainer's
+            "train.save_steps=3",
         ]  # fmt: skip
     )
     result = train(cfg, quiet=True)
@@ -180,6 +181,19 @@ def test_lm_head_training_run(tmp_path, sst2_dir):
         json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())["task_type"]
         == "CAUSAL_LM"
     )
+    # Interrupted after its step-3 checkpoint (its summary and later files gone): the resume
+    # measures nothing at step 0 again and keeps the zero-shot score logged there.
+    import shutil
+
+    from loralab.cli import main
+
+    run = result.run_dir
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert resumed["zero_shot"] == summary["zero_shot"]
 
 
 def test_target_loss_uses_only_target_positions(tok):
