@@ -160,3 +160,29 @@ def test_missing_backend_is_a_user_error(monkeypatch):
     monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LoralabError, match=r"needs the `torchao` package.*loralab\[quant\]"):
         quantization.check("int8")
+
+
+def test_dequantizing_drops_the_marks_of_a_bitsandbytes_model(tmp_path):
+    """An NF4 load (bitsandbytes, GPU) leaves transformers' quantizer on the model and the
+    quantization entry in its config: casts are refused ("cannot cast a bitsandbytes model")
+    and an export would carry the entry. Set here by hand, as such a load sets them."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    from loralab import models
+    from loralab.quantization import dequantize_
+
+    model, _ = models.load_model("tiny-llama", AutoModelForCausalLM)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model.hf_quantizer = AutoHfQuantizer.from_config(config)
+    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+    model.config.quantization_config = config
+    with pytest.raises(ValueError, match="cannot cast a bitsandbytes model"):
+        model.to(torch.bfloat16)
+    dequantize_(model)
+    assert model.to(torch.bfloat16).dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "export")
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "export" / "config.json").read_text()
+    )

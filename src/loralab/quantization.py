@@ -173,6 +173,12 @@ def dequantize_(model: nn.Module) -> int:
             linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
+    # An NF4 load leaves transformers' marks of a bitsandbytes model (its quantizer, the config's
+    # quantization entry): casts of it are refused and an export would carry the entry. The
+    # quantizer's own remover drops them, as for a model loaded dequantized.
+    for m in list(model.modules()):
+        if (quantizer := getattr(m, "hf_quantizer", None)) is not None:
+            quantizer.remove_quantization_config(m)
     return len(quantized)
 
 
