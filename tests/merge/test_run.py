@@ -41,6 +41,28 @@ def test_wrong_merge_is_caught(tmp_path, sst2_dir, monkeypatch, model):
     assert any("Not exported" in n for n in result.notes)
 
 
+def test_the_export_is_gated_on_the_variant_it_exports(tmp_path, sst2_dir, monkeypatch):
+    """With --dtype bf16 the export is the fp32 merge cast to bf16: a failed merge done in bf16
+    (another variant) fails the verdict but does not block it; a failed fp32-then-cast does.
+    (A tiny run's bf16 rows are too coarse to see its update: the verdicts are set here.)"""
+    run = make_run(tmp_path / "runs", sst2_dir)
+
+    def failing(bad):
+        def verdict(name, row, bound, effect):
+            return "reference" if "unmerged" in name else "failed" if name == bad else "passed"
+
+        return verdict
+
+    monkeypatch.setattr(equivalence, "verdict", failing("bf16 merge in bf16"))
+    result = merge_run(run, dtype="bf16", bench=False, quiet=True, out=str(tmp_path / "a"))
+    assert result.status == "failed"
+    assert result.export_dir is not None and (tmp_path / "a" / "config.json").is_file()
+    monkeypatch.setattr(equivalence, "verdict", failing("bf16 merge in fp32, then cast"))
+    result = merge_run(run, dtype="bf16", bench=False, quiet=True, out=str(tmp_path / "b"))
+    assert result.export_dir is None and not (tmp_path / "b").exists()
+    assert any("Not exported: the merge it would export (bf16 merge in fp32, then cast)" in n for n in result.notes)  # fmt: skip
+
+
 def test_merge_json_says_whether_the_merge_finished(tmp_path, sst2_dir, monkeypatch):
     import json
 
