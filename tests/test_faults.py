@@ -178,6 +178,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("merge-out-is-file", lambda c: ["merge", str(c.run()), "--out", str(c.file("f"))], "is a file"),
     ("merge-out-under-file", lambda c: ["merge", str(c.run()), "--out", str(c.file("f") / "m")], "is a file"),
     ("merge-out-not-empty", lambda c: ["merge", str(c.run()), "--out", str(c.file("o/x").parent)], "not empty"),
+    ("merge-out-is-the-merge-folder", lambda c: ["merge", str(c.run()), "--out", str(c.run() / "merge")], "would hold the run's merge folder"),
     ("merge-no-adapter", lambda c: ["merge", str(_without_adapter(c))], "no saved adapter"),
     ("merge-not-a-run", lambda c: ["merge", c.out("nothing")], "not a loralab run directory"),
     # analyze

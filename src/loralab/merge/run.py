@@ -40,6 +40,13 @@ def check_inputs(run_dir: str | Path, options: MergeOptions) -> None:
         tracking.check_writable(out, "--out")
         if Path(out).exists() and any(Path(out).iterdir()):
             raise LoralabError(f"--out '{out}' exists and is not empty; choose a new folder.")
+        merge_dir = (Path(run_dir) / MERGE_DIR).resolve()
+        if merge_dir == Path(out).resolve() or Path(out).resolve() in merge_dir.parents:
+            raise LoralabError(
+                f"--out '{out}' would hold the run's merge folder ({merge_dir}), whose "
+                "merge.json and benchmark.json the export would replace; choose a folder outside "
+                f"it, or leave --out out to export into {MERGE_DIR}/{EXPORT_DIR}."
+            )
     tracking.check_writable(
         tracking.open_run_dir(run_dir) / MERGE_DIR, "The merge folder", IN_RUN_FIX
     )
