@@ -88,12 +88,6 @@ class _Hold(logging.Filter):
         return False
 
 
-def _float32():
-    import torch
-
-    return torch.float32
-
-
 def load_model(
     name: str, auto_class, trust_remote_code: bool = False, progress: bool = True, **kwargs
 ):
@@ -111,7 +105,9 @@ def load_model(
     # fp32 master weights whatever the checkpoint stores: transformers 5 loads a bf16 checkpoint
     # (most hub models) in bf16, where full fine-tuning's small updates round away and the new
     # head trains in bf16. A LoRA base's bf16 copy is made afterwards (`precision.cast_frozen`).
-    kwargs.setdefault("dtype", _float32())
+    import torch
+
+    kwargs.setdefault("dtype", torch.float32)
 
     def load(**extra):
         try:

@@ -293,7 +293,7 @@ def _selection_score(cells: list[Cell]):
     return score
 
 
-def _families(cells: list[Cell]) -> list[list[Cell]]:
+def families(cells: list[Cell]) -> list[list[Cell]]:
     """The cells grouped by `Cell.family` (equal but for the learning rate), in their order."""
     families: dict[tuple, list[Cell]] = {}
     for c in cells:
@@ -308,7 +308,7 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
         key = (r["group"], record_identity(r))
         cells.setdefault(key, Cell(*key)).runs.append(r)
     ordered = sorted(cells.values(), key=_order)
-    for fam in _families(ordered):
+    for fam in families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
         if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
             winner = max(scored, key=_selection_score(scored))
@@ -334,7 +334,7 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
     `pending`: (task, method) -> learning rates a stored study still has to run. A grid with one
     of them missing is not complete yet (its edge may move): no warning for it until it is."""
     out = []
-    for fam in _families(cells):
+    for fam in families(cells):
         lrs = sorted({c.lr for c in fam})
         best = next((c for c in fam if c.best), None)
         if best is None or len(lrs) < 2:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .aggregate import Cell, Comparison, is_ablation
+from .aggregate import Cell, Comparison, families, is_ablation
 
 
 def _mixed(comp: Comparison, label) -> str | None:
@@ -109,11 +109,8 @@ def diverged_warnings(cells: list[Cell]) -> list[str]:
     """One warning per setting (a cell family: equal but for the lr) whose every run diverged:
     it has no best lr, so no row in the tables, and a comparison it belonged to reads 'no
     comparable full run' or is missing; the warning says why."""
-    families: dict[tuple, list[Cell]] = {}
-    for c in cells:
-        families.setdefault(c.family, []).append(c)
     out = []
-    for fam in families.values():
+    for fam in families(cells):
         if any(c.done for c in fam):
             continue
         c, n = fam[0], sum(len(c.runs) for c in fam)

@@ -146,8 +146,8 @@ class StudyStatus:
         when it frees (interrupted ones first; failed ones are left), at the wall s per
         training CPU s of the newest finished points. None: no worker."""
         costs, busy, queued = self._costs(), {}, []
-        left = (p for p in self.points if not p.finished and p.state != "failed")
-        for p in sorted(left, key=lambda p: p.state != "interrupted"):
+        pending = (p for p in self.points if not p.finished and p.state != "failed")
+        for p in sorted(pending, key=lambda p: p.state != "interrupted"):
             left = self.left_of(p, costs)
             if p.state == "running" and p.worker and not p.detail.startswith("stale"):
                 busy[p.worker] = busy.get(p.worker, 0.0) + (left or 0.0)

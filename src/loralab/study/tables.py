@@ -4,7 +4,6 @@ grid, one table per ablation, and the rows of report.csv."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 from .aggregate import (
@@ -15,6 +14,7 @@ from .aggregate import (
     Cell,
     Comparison,
     ablation_base,
+    families,
     full_reference,
     is_ablation,
     paired_diffs,
@@ -232,8 +232,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         # An axis with its own lr grid picks each setting's rate; one without keeps the base's
         # (per setting: the tasks of one axis have their own base rates).
-        families = Counter(c.family for c in cells if c.group == group)
-        own_lr = any(n > 1 for n in families.values())
+        own_lr = any(len(fam) > 1 for fam in families([c for c in cells if c.group == group]))
         # Chosen on the first seed alone (`grid_on_first_seed`): the other seeds are free of it.
         on_first = any(c.chose_lr_on and c.chose_lr_on != {r["seed"] for r in c.done} for c in best if c.group == group)  # fmt: skip
         rows = []
