@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import Case
 
+from loralab import validate
 from loralab.cli import main
 
 
@@ -29,7 +30,11 @@ def trust_spy(monkeypatch):
         return wrapper
 
     # Every model load goes through models.load.load_model; every tokenizer through transformers.
-    monkeypatch.setattr(model_load, "load_model", spy(model_load.load_model, 2))
+    loads = spy(model_load.load_model, 2)
+    monkeypatch.setattr(model_load, "load_model", loads)
+    monkeypatch.setattr(
+        validate, "load_model", loads
+    )  # its exported merge, by the name it imported
     tokenizer = staticmethod(spy(AutoTokenizer.from_pretrained, 99))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer)
     return seen
@@ -92,3 +97,15 @@ def test_study_cannot_switch_remote_code_on_for_a_worker(shared, tmp_path, capsy
     assert "--trust-remote-code" in capsys.readouterr().err  # the warning
     (run,) = (results / "runs").iterdir()
     assert "trust_remote_code: false" in (run / "config.yaml").read_text()
+
+
+def test_validate_loads_every_model_with_the_trust_it_was_given(tmp_path, trust_spy):
+    """validate's own loads (tokenizer, base, a fresh base for the reload, the exported merge) all
+    follow model.trust_remote_code: a remote-code model's export cannot load without it."""
+    out = tmp_path / "v.json"
+    args = ["validate", "--model", "tiny-llama", "--out", str(out)]
+    assert main([*args, "model.trust_remote_code=true"]) == 0
+    assert len(trust_spy) == 4 and all(trust_spy), trust_spy
+    trust_spy.clear()
+    assert main(args) == 0
+    assert len(trust_spy) == 4 and not any(trust_spy), trust_spy

@@ -218,3 +218,34 @@ def test_token_counts_read_a_device_sum_only_when_asked():
     tokens.count(None)  # a batch without a mask counts nothing
     assert tokens._pending is not None and tokens._real == 3  # nothing read back per step
     assert (tokens.real, tokens.padded, tokens._pending) == (15, 22, None)
+
+
+def test_each_run_reports_its_own_accelerator_peak(tmp_path, sst2_dir, monkeypatch):
+    """torch.cuda's peak counter spans the process: a second run in a notebook would report the
+    first run's peak unless each run resets it before it builds its model."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    tracking.reset_peak_memory()
+    assert calls == ["reset"]
+    monkeypatch.undo()
+
+    order = []
+    monkeypatch.setattr(tracking, "reset_peak_memory", lambda: order.append("reset"))
+    import loralab.train as train_module
+
+    built = train_module.build_model
+    monkeypatch.setattr(
+        train_module, "build_model", lambda *a, **k: order.append("build") or built(*a, **k)
+    )
+    cfg = build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={sst2_dir}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "train.max_steps=1",
+            "train.batch_size=8",
+        ]  # fmt: skip
+    )
+    train(cfg, quiet=True)
+    assert order == ["reset", "build"]

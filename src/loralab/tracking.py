@@ -67,8 +67,19 @@ class MetricsLog:
             fh.flush()
 
 
+def reset_peak_memory() -> None:
+    """Start the accelerator's peak-memory counter afresh, so that a second run in the same
+    process (a notebook, a sweep in one process) reports its own peak. The CPU's peak RSS
+    cannot be reset: it stays the process's, which is why a study runs each point in a child."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_mb() -> float:
-    """Peak accelerator memory allocated, or the process's peak RSS on CPU (MB)."""
+    """Peak accelerator memory allocated since `reset_peak_memory`, or the process's peak RSS
+    on CPU (MB)."""
     import resource
 
     import torch

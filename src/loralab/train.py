@@ -164,6 +164,7 @@ def train(
     kernel = kernels.choose_attention(cfg, config, splits)
     compiled = kernels.choose_compile(cfg, kernel["implementation"], len(splits.train))
     set_seed(cfg.train.seed)
+    tracking.reset_peak_memory()  # this run's peak, not an earlier run's in this process
     built = build_model(cfg, task, tokenizer, not quiet, kernel["implementation"], head,
                         compiled["compile"])  # fmt: skip
     if resume:

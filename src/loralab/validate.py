@@ -30,7 +30,7 @@ from .lora import (
     resolve_targets,
 )
 from .merge import DEFAULT_TOLERANCES, equivalence_bound, lora_disabled
-from .models import canonical, is_causal, load_for_task, load_tokenizer, resolve
+from .models import canonical, is_causal, load_for_task, load_model, load_tokenizer, resolve
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
 
@@ -290,9 +290,12 @@ def run_checks(
             f"= {tolerance:g} × max(1, max |logit|)")  # fmt: skip
 
         merged.save_pretrained(str(Path(tmp) / "merged"))
-        exported = head.auto_class().from_pretrained(str(Path(tmp) / "merged"))
+        # As a user would load it: the model's own remote code needs the same trust.
+        exported, untrained = load_model(
+            str(Path(tmp) / "merged"), head.auto_class(), trust, progress=False
+        )
         d, _ = _max_diff(_logits(exported, batch), merged_logits)
-        plain = not any("lora" in n for n, _ in exported.named_parameters())
+        plain = not untrained and not any("lora" in n for n, _ in exported.named_parameters())
         add("merged_export_loads", plain and d <= 1e-6,
             f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
     return Validation(checks, targets)

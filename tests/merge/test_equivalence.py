@@ -188,3 +188,22 @@ def test_bf16_merge_is_judged_against_the_bf16_adapter(tmp_path, sst2_dir, monke
     assert merge.equivalence_bound("bf16", 0.1, 40.0, adapter_error=0.625) == 4.0
     assert merge.equivalence_bound("bf16", 0.01, 40.0, adapter_error=0.625) == 2.5
     assert merge.equivalence_bound("fp32", 1e-4, 0.2, adapter_error=5.0) == 1e-4
+
+
+def test_dora_with_zero_b_adds_nothing_only_at_its_initial_magnitudes():
+    """DoRA's output is magnitude · (W + sBA) / ‖W + sBA‖: with B = 0 it still rescales W's rows
+    once the magnitudes have moved, so B = 0 alone must not call it an identity."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    before = base(x)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    assert torch.allclose(model(x), before, atol=1e-6)  # fresh DoRA: an identity
+    assert equivalence.lora_update_norms(model) == {"layers": 2, "zero_B_layers": 2, "heads": []}
+    with torch.no_grad():  # a trained magnitude, B still 0: the output changes
+        model.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.5)
+    assert not torch.allclose(model(x), before, atol=1e-3)
+    assert equivalence.lora_update_norms(model)["zero_B_layers"] == 1

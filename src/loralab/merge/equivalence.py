@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import precision, tracking
-from ..analysis import lora_factors
+from ..analysis import base_weight
 from ..data import FEATURES_VERSION
 from ..heads import Head
 from ..models import canonical
@@ -99,18 +99,37 @@ def variants(dtype: str, native: bool = True) -> dict[str, tuple[str, Callable]]
     return out
 
 
-def lora_update_norms(model: nn.Module) -> dict:
-    """How many adapted layers have a non-zero update (B = 0 means ΔW = 0); trained heads."""
+def lora_update_norms(model: nn.Module, adapter: str = "default") -> dict:
+    """How many adapted layers compute no update, and the trained heads.
+
+    A LoRA layer with B = 0 adds nothing. A DoRA layer with B = 0 still rescales W's rows by
+    magnitude / ‖W‖, so it is an identity only while its magnitudes are the initial ‖W‖ rows.
+    """
     from peft.utils import ModulesToSaveWrapper
 
-    factors = lora_factors(model, check_variant=False)  # counts layers, reads B only
-    zero = [f.name for f in factors if not torch.any(f.B)]
+    layers = [
+        m for m in model.modules()
+        if isinstance(getattr(m, "lora_B", None), nn.ModuleDict) and adapter in m.lora_B
+    ]  # fmt: skip
+    zero = [m for m in layers if _adds_nothing(m, adapter)]
     heads = [
         n.removeprefix("base_model.model.")
         for n, m in model.named_modules()
         if isinstance(m, ModulesToSaveWrapper)
     ]
-    return {"layers": len(factors), "zero_B_layers": len(zero), "heads": heads}
+    return {"layers": len(layers), "zero_B_layers": len(zero), "heads": heads}
+
+
+def _adds_nothing(module: nn.Module, adapter: str) -> bool:
+    """B = 0 and, for DoRA, magnitudes still ‖W‖ per output row (PEFT's initial value)."""
+    if torch.any(module.lora_B[adapter].weight):
+        return False
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    if not magnitudes or adapter not in magnitudes:
+        return True
+    m = magnitudes[adapter].weight.detach().float().flatten()
+    norms = torch.linalg.norm(base_weight(module), dim=1)
+    return m.shape == norms.shape and torch.allclose(m, norms, rtol=1e-4, atol=1e-6)
 
 
 def quantized_base(run: Loaded, ref_out: list[torch.Tensor]) -> dict | None:
