@@ -743,6 +743,23 @@ def test_a_setting_whose_every_run_diverged_is_warned_about(tmp_path):
     assert warning in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_a_completed_run_without_the_main_metric_is_not_counted_as_a_seed(tmp_path):
+    """Seed 3 completed but its summary lacks accuracy (an eval that reported other keys): the
+    mean stands on seeds 1 and 2, and every place that counts seeds says so."""
+    write_run(tmp_path, "a", 1, {"accuracy": 0.80}, group="sweep")
+    write_run(tmp_path, "b", 2, {"accuracy": 0.90}, group="sweep")
+    write_run(tmp_path, "c", 3, {"loss": 0.5}, group="sweep")
+    report(tmp_path, out=tmp_path / "out")
+    with open(tmp_path / "out" / "report.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["n"], row["seeds"]) == ("2", "1 2")
+    assert float(row["accuracy_mean"]) == pytest.approx(0.85)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| 2 (+1 without accuracy) |" in md
+    (cell,), _ = aggregate(load_runs(tmp_path))
+    assert [r["seed"] for r in cell.scored] == [1, 2] and len(cell.done) == 3
+
+
 def test_lora_slug_shows_what_differs_from_the_defaults():
     assert lora_slug(LORA) == "r=8 α=16"
     changed = {**LORA, "r": 16, "alpha": 32, "target": "extended", "use_dora": True}

@@ -66,6 +66,11 @@ class Cell:
         return sorted((r for r in self.runs if r["status"] == "completed"), key=_seed_key)
 
     @property
+    def scored(self) -> list[dict]:
+        """The completed runs that report the main metric: the seeds its mean stands on."""
+        return [r for r in self.done if self.metric in (r.get("metrics") or {})]
+
+    @property
     def metric(self) -> str:
         return main_metric(self.task)
 
@@ -252,10 +257,8 @@ class Comparison:
 
 def paired(a: Cell, b: Cell) -> list[tuple]:
     """(seed, a's value, b's value) of the main metric for each seed both cells finished."""
-    m = a.metric
-    other = {r["seed"]: r["metrics"][m] for r in b.done if m in r["metrics"]}
-    return [(r["seed"], r["metrics"][m], other[r["seed"]])
-            for r in a.done if m in r["metrics"] and r["seed"] in other]  # fmt: skip
+    m, other = a.metric, {r["seed"]: r["metrics"][b.metric] for r in b.scored}
+    return [(r["seed"], r["metrics"][m], other[r["seed"]]) for r in a.scored if r["seed"] in other]
 
 
 def paired_diffs(a: Cell, b: Cell) -> list[float]:

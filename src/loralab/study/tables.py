@@ -56,8 +56,14 @@ def _diverged(cell: Cell) -> int:
 
 
 def _n(cell: Cell) -> str:
-    div = _diverged(cell)
-    return f"{len(cell.done)}" + (f" (+{div} diverged)" if div else "")
+    """'3 (+1 diverged)': the seeds the main metric's mean stands on, and the others."""
+    return f"{len(cell.scored)}" + "".join(f" (+{n} {why})" for why, n in _unscored(cell) if n)
+
+
+def _unscored(cell: Cell) -> list[tuple[str, int]]:
+    """Runs outside the mean: diverged, and completed without the main metric."""
+    missing = len(cell.done) - len(cell.scored)
+    return [("diverged", _diverged(cell)), (f"without {cell.metric}", missing)]
 
 
 def _per_seed(comp: Comparison | None) -> str:
@@ -124,12 +130,10 @@ def _at(cell: Cell | None) -> str:
     if cell is None:
         return "—"
     mean, std = cell.stat(cell.metric)
-    k, n = points_per_unit(cell.task), len(cell.done)
+    k, n = points_per_unit(cell.task), len(cell.scored)
     value = f"{k * mean:.2f}" + ("" if math.isnan(std) else f" ± {k * std:.2f}")
-    div = _diverged(cell)
-    return (
-        f"{value} (lr {cell.lr:g}, {n} seed{'s' * (n != 1)}{f', +{div} diverged' if div else ''})"
-    )
+    others = "".join(f", +{m} {why}" for why, m in _unscored(cell) if m)
+    return f"{value} (lr {cell.lr:g}, {n} seed{'s' * (n != 1)}{others})"
 
 
 def _both(comp: Comparison, key: str, scale: float = 1.0, fmt: str = ".0f") -> str:
@@ -306,8 +310,8 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
                "r": lora.get("r", ""), "alpha": lora.get("alpha", ""),
                "target": "+".join(target) if isinstance(target, list) else target,
                "data": c.data, "schedule": c.schedule, "lr": c.lr, "best_lr": c.best,
-               "n": len(c.done), "n_diverged": _diverged(c),
-               "seeds": " ".join(str(r["seed"]) for r in c.done), "main_metric": c.metric,
+               "n": len(c.scored), "n_diverged": _diverged(c),
+               "seeds": " ".join(str(r["seed"]) for r in c.scored), "main_metric": c.metric,
                "majority_baseline": c.reference("majority"), "zero_shot": c.reference("zero_shot")}  # fmt: skip
         for m in metrics:
             mean, std = c.stat(m)
