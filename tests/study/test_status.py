@@ -17,9 +17,10 @@ from test_spec import _spec_file
 
 from loralab.cli import main
 from loralab.study.phases import phases
-from loralab.study.progress import LENT_LOG, lent_threads
+from loralab.study.progress import LENT_LOG, lent_threads, outside_training
 from loralab.study.spec import load_spec
-from loralab.study.status import render, study_status, sweep_status
+from loralab.study.status import study_status, sweep_status
+from loralab.study.status_text import render
 from loralab.study.storage import create_or_check, open_storage, storage_url
 
 
@@ -168,6 +169,32 @@ def test_wall_time_left_is_the_running_workers_schedule_at_the_finished_points_p
     failed = next(p for p in status.points if p.state == "interrupted")
     failed.state = "failed"
     assert status.wall_left() == (pytest.approx((525.0 - 75.0) * 1.5), 1)
+
+
+def test_wall_time_left_adds_each_points_start_up_and_final_evaluation(tmp_path, spec):
+    """Finished points that record them: LoRA 10 s start-up and 20 s final evaluation, full
+    30 s and 40 s. The running point pays its final evaluation; the others start anew and pay
+    both. A resumed run's start-up is unknown (its wall time is its last attempt's)."""
+    res = tmp_path / "res"
+    keys, lock = _grid(spec, res)
+    times = {keys["lora", 1e-3]: (150.0, 10.0, 20.0), keys["full", 1e-4]: (450.0, 30.0, 40.0)}
+    for key, (train_s, setup, final) in times.items():  # CPU 100 and 300
+        path = res / "runs" / key / "summary.json"
+        timed = {"train_time_s": train_s, "eval_time_s": final, "wall_time_s": train_s + setup + final}  # fmt: skip
+        path.write_text(json.dumps({**json.loads(path.read_text()), **timed}))
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        status = study_status(spec, str(res), tasks=["sst2"])
+    finally:
+        os.close(fd)
+    # At 1.5 wall s per CPU s: running LoRA 50 x 1.5 + 20, interrupted full 75 x 1.5 + 30 + 40,
+    # then the seeds: LoRA 100 x 1.5 + 10 + 20 and full 300 x 1.5 + 30 + 40.
+    assert status.wall_left() == (pytest.approx(525.0 * 1.5 + 20 + 70 + 30 + 70), 1)
+    summary = {"wall_time_s": 100.0, "train_time_s": 60.0, "eval_time_s": 15.0}
+    assert outside_training(summary) == (25.0, 15.0)
+    assert outside_training({**summary, "resumed_from": "checkpoint-50"}) == (None, 15.0)
+    assert outside_training({"eval_time_s": 15.0}) == (None, 15.0)
 
 
 def test_a_point_that_would_not_fit_in_memory_says_so_and_nothing_changes(tmp_path, spec, monkeypatch):  # fmt: skip

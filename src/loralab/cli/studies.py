@@ -277,7 +277,8 @@ def cmd_sweep(args) -> int:
                 "URL, or --output-dir holding study.db), optionally --tasks T,...; nothing else."
             )
         from ..study.grid import parse_list
-        from ..study.status import render, sweep_status
+        from ..study.status import sweep_status
+        from ..study.status_text import render
 
         output = args.output_dir if args.output_dir != "results" or not args.storage else None
         st = sweep_status(args.study, args.storage, output, parse_list(args.tasks, str, "--tasks"))
@@ -330,7 +331,8 @@ def cmd_study(args) -> int:
         print("\n".join(lines))
         return 0
     if args.status:
-        from ..study.status import render, study_status
+        from ..study.status import study_status
+        from ..study.status_text import render
 
         st = study_status(spec, args.output_dir, args.storage, tasks, args.study or spec.name)
         print("\n".join(render(st)))

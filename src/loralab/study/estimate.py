@@ -82,10 +82,34 @@ def wall_per_cpu(points, here: str | None = None) -> float | None:
     finished point timed."""
     timed = [(p.started_at, (p.wall_s, p.cpu_s), p.machine) for p in points
              if p.finished and p.cpu_s and getattr(p, "wall_s", None)]  # fmt: skip
-    recent = newest(timed)
-    mine = [t for _, t, m in recent if here is not None and m == here]
-    pairs = mine or [t for _, t, _ in recent]
+    pairs = newest_here(timed, here)
     return sum(w for w, _ in pairs) / sum(c for _, c in pairs) if pairs else None
+
+
+def overheads(points, here: str | None = None) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(task, method): (start-up, final evaluation)}: wall s of one point outside training,
+    the means over its newest finished points (`here`'s, where it ran any). `points` as for
+    `point_costs`, plus `setup_s` (model, data and zero-shot evaluation before the first step;
+    known for points trained in one attempt, else None) and `eval_s` (None: unrecorded).
+    SQuAD v2's final evaluation is ~10% of a point's wall time; GLUE's start-up a few s."""
+    timed: dict[tuple[str, str], list[tuple]] = {}
+    for p in points:
+        if p.finished and getattr(p, "eval_s", None) is not None:
+            timed.setdefault((p.task, p.method), []).append((p.started_at, (p.setup_s, p.eval_s), p.machine))  # fmt: skip
+    out = {}
+    for key, ts in timed.items():
+        pairs = newest_here(ts, here)
+        setups = [s for s, _ in pairs if s is not None]
+        out[key] = (sum(setups) / len(setups) if setups else 0.0, sum(e for _, e in pairs) / len(pairs))  # fmt: skip
+    return out
+
+
+def newest_here(timed: list[tuple], here: str | None) -> list:
+    """The values of (start time, value, machine) tuples among the `newest`: `here`'s where it
+    ran any, else every machine's."""
+    recent = newest(timed)
+    mine = [v for _, v, m in recent if here is not None and m == here]
+    return mine or [v for _, v, _ in recent]
 
 
 def makespan(busy: list[float], queued: list[float]) -> float:

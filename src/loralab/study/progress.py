@@ -48,6 +48,17 @@ def finished_value(results: Path, key: str) -> float | None:
     return float(value) if ok else -math.inf
 
 
+def outside_training(summary: dict) -> tuple[float | None, float | None]:
+    """(wall s before the first step, wall s of the final evaluation) of a finished run. The
+    first is what its wall time leaves beside training and that evaluation, known only for a
+    run trained in one attempt (a resumed one's wall time is its last attempt's)."""
+    wall, train, final = (summary.get(k) for k in ("wall_time_s", "train_time_s", "eval_time_s"))
+    if not all(isinstance(x, (int, float)) for x in (wall, train, final)):
+        return None, final if isinstance(final, (int, float)) else None
+    setup = wall - train - final
+    return (setup if setup >= 0 and not summary.get("resumed_from") else None), final
+
+
 def read_run(ps, results: Path, key: str, cfg) -> None:
     """Fill point status `ps` (see status.PointStatus) from its run folder: training CPU time
     (finished), else logged progress, the last checkpoint and its CPU time, and whether its
@@ -60,6 +71,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
         ps.wall_s = summary.get("train_time_s")
+        ps.setup_s, ps.eval_s = outside_training(summary)
         ps.machine = machine_name(summary.get("hardware") or {})
         start = summary.get("first_step_at")
         ps.started_at = float(start) if isinstance(start, (int, float)) else None

@@ -23,7 +23,8 @@ from .progress import FINAL
 from .records import load_runs
 from .report import stored_pending, write_report
 from .spec import check_data, select_tasks, spec_configs
-from .status import status_with, totals
+from .status import status_with
+from .status_text import totals
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,

@@ -26,7 +26,7 @@ from .. import tracking
 from ..errors import LoralabError
 from ..rundir import STUDY_DB
 from . import memory
-from .estimate import makespan, point_costs, training_chars, wall_per_cpu
+from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
@@ -47,6 +47,8 @@ class PointStatus:
     value: float | None = None  # its dev value (done)
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
     wall_s: float | None = None  # training wall seconds (done, from summary.json)
+    setup_s: float | None = None  # wall s before the first step (done in one attempt)
+    eval_s: float | None = None  # wall s of the final evaluation (done)
     started_at: float | None = None  # Unix time its training started (done; None: unrecorded)
     machine: str | None = None  # the machine it ran on (done; `tracking.machine_name`)
     progress: float | None = None  # share of training logged so far (0..1)
@@ -144,19 +146,21 @@ class StudyStatus:
         """(wall s until the estimable unfinished points are done, workers): the workers running
         points now and `idle` ones between points (the one asking), each taking the next point
         when it frees (interrupted ones first; failed ones are left), at the wall s per
-        training CPU s of the newest finished points. None: no worker."""
+        training CPU s of the newest finished points, plus their start-up (a point started
+        anew) and final evaluation (`estimate.overheads`). None: no worker."""
         costs, busy, queued = self._costs(), {}, []
+        known = self.points + [p for p in self.others if p.finished]
+        ratio, extra = wall_per_cpu(known, self.here), overheads(known, self.here)
         pending = (p for p in self.points if not p.finished and p.state != "failed")
         for p in sorted(pending, key=lambda p: p.state != "interrupted"):
-            left = self.left_of(p, costs)
+            left, (setup, final) = self.left_of(p, costs), extra.get((p.task, p.method), (0, 0))
             if p.state == "running" and p.worker and not p.detail.startswith("stale"):
-                busy[p.worker] = busy.get(p.worker, 0.0) + (left or 0.0)
+                busy[p.worker] = busy.get(p.worker, 0.0) + (left or 0.0) * (ratio or 0) + final
             elif left is not None:
-                queued.append(left)
-        ratio = wall_per_cpu(self.points + [p for p in self.others if p.finished], self.here)
+                queued.append(left * (ratio or 0) + setup + final)
         if not busy and not idle or ratio is None:
             return None
-        return makespan([*busy.values(), *[0.0] * idle], queued) * ratio, len(busy) + idle
+        return makespan([*busy.values(), *[0.0] * idle], queued), len(busy) + idle
 
 
 def _storage(results: str, storage: str | None):
@@ -309,91 +313,3 @@ def _fill(ps: PointStatus, trials: list) -> None:
             ps.detail = f"last attempt: {outcome}" if s == "failed" and outcome else ""
             who = t.user_attrs.get("worker") or {}
             ps.worker = f"{who.get('host')}:{who.get('pid')}" if s == "running" and who else None
-
-
-def _hours(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
-
-
-def _ago(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
-def render(status: StudyStatus) -> list[str]:
-    """Text lines: per phase a header and its points, then the totals."""
-    lines, costs = [], status._costs()
-    if status.storage is None:
-        lines.append(f"no study storage in {status.results_dir} yet: nothing has run")
-    for ph in status.phases:
-        done = sum(p.state in FINAL for p in ph.points)
-        head = f"{ph.name}: {done}/{len(ph.points)} done"
-        if ph.waits_for_grid:
-            head += f" (waits for {ph.waits_on}"
-            if ph.so_far:
-                head += "; best so far " + _rates(ph.so_far)
-            head += ")"
-        elif ph.best:
-            head += " · best lr " + _rates(ph.best)
-        lines.append(head)
-        width = max(len(p.key) for p in ph.points) if ph.points else 0
-        for p in ph.points:
-            left = status.left_of(p, costs) if p.state in ("running", "interrupted") else None
-            detail = _point_detail(p) + (f"; ~{_hours(left)} of training CPU left" if left else "")
-            lines.append(f"  {p.state:<12} {p.key:<{width}}  {detail}".rstrip())
-    lines.append(totals(status))
-    return lines
-
-
-def _rates(best: dict) -> str:
-    """'lora 0.001, full 0.0001'; an axis value that diverged at every rate says so."""
-    return ", ".join(f"{k} {lr:g}" if lr is not None else f"{k} diverged at every rate" for k, lr in best.items())  # fmt: skip
-
-
-def totals(status: StudyStatus, idle: int = 0) -> str:
-    """One line: points done (and to be reused), training CPU time spent and left; the wall
-    time left for the workers running now and `idle` more (see `StudyStatus.wall_left`)."""
-    spent, left, unknown = status.estimate()
-    pts = status.points
-    done = sum(p.state in FINAL for p in pts)
-    reused = sum(p.reusable for p in pts)
-    text = f"total: {done}/{len(pts)} points done"
-    if reused:
-        text += f" (+{reused} to be reused from finished run folders)"
-    if any(p.reusable for ph in status.phases if ph.so_far for p in ph.points):
-        text += " (where a grid is unfinished, at its best lr so far)"
-    text += f"; training CPU time {_hours(spent)} spent"
-    if done + reused < len(pts):
-        known = len(pts) - done - reused - unknown
-        if known:
-            text += f", ~{_hours(left)} left for {known} point{'s' * (known != 1)}"
-            if wall := status.wall_left(idle):
-                workers = "worker" if wall[1] == 1 else f"{wall[1]} workers"
-                text += f" (~{_hours(wall[0])} of wall time for the {workers} running now)"
-            rough = sum(not p.finished and (p.task, p.method) in status.rough() for p in pts)
-            if rough:
-                text += (f" ({rough} of them roughly, from the other tasks' cost per character "
-                         "of training text)")  # fmt: skip
-        if unknown:
-            text += (f"{' (+' if known else '; '}{unknown} point{'s' * (unknown != 1)} with no "
-                     f"cost yet for their task and method{')' if known else ''}")  # fmt: skip
-    return text
-
-
-def _point_detail(p: PointStatus) -> str:
-    bits = []
-    if p.value is not None:
-        bits.append(f"{p.metric} {p.value:.4f}")
-    if p.cpu_s is not None:
-        bits.append(f"training CPU {_hours(p.cpu_s)}")
-    if p.worker:
-        bits.append(f"on {p.worker}")
-    if not p.finished:
-        if p.progress is not None:
-            bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
-        if p.resumes_at is not None:
-            bits.append(f"checkpoint at {p.resumes_at:.0%}")
-        if p.lent_threads:
-            bits.append(f"{p.lent_threads} threads (idle cores lent)")
-    if p.detail:
-        bits.append(p.detail)
-    return "; ".join(bits)
