@@ -91,6 +91,15 @@ def test_tiny_spec_phases_points_and_configs(tmp_path, data_root):
     r4 = abl_plan.config_for(abl_plan.points()[0])
     assert (r4.lora.r, r4.lora.alpha, r4.lora.target, r4.train.lr) == (4, 8.0, "standard", 3e-3)
 
+    # Full fine-tuning diverged at both rates: no rate to run its other seeds at (it used to
+    # take the smallest). LoRA losing every rate also leaves the rank axis, at its rate, empty.
+    values = dict(zip(keys, [0.7, 0.8, -math.inf, -math.inf], strict=True))
+    assert grid.bests(grid_plan, values) == {"lora": 3e-3, "full": None}
+    assert grid.bests(grid_plan, values, complete=False) == {"lora": 3e-3, "full": 1e-4}
+    lost = grid.bests(grid_plan, values)
+    assert [p["key"] for p in seeds.plan(spec, lost).points()] == ["sst2-lora-tiny-llama-lr0.003-s2"]  # fmt: skip
+    assert abl.plan(spec, {"lora": None, "full": 1e-4}).points() == []
+
     # The spec's own data_root (relative paths stay relative to the current folder).
     own = load_spec(TINY).tasks["mrpc"]["data"]["data_dir"]
     assert own == str(Path("../shared/data") / "glue" / "mrpc")
@@ -807,6 +816,32 @@ def test_a_study_runs_an_axis_grid_on_its_first_seed_then_each_value_at_its_best
         rows = [r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha" and r["best_lr"] == "True"]  # fmt: skip
     assert sorted((r["alpha"], float(r["lr"]), r["seeds"]) for r in rows) == sorted(
         (alpha, seed1[a64], "1 2") for alpha, a64 in (("16.0", False), ("64.0", True)))  # fmt: skip
+
+
+def test_a_method_that_diverged_at_every_rate_is_not_run_on_the_other_seeds(tmp_path, data_root, monkeypatch, capsys):  # fmt: skip
+    """The grid's choice says full fine-tuning diverged at both of its rates (`Phase.bests`:
+    None; forcing a real divergence on the tiny model is not reliable): the seeds phase runs
+    LoRA's second seed alone, and the study ends cleanly."""
+    from loralab.study.phases import Phase
+
+    chose = Phase.bests
+
+    def diverged_full(self, plan, values, complete=True):
+        best = chose(self, plan, values, complete)
+        return {**best, "full": None} if best and self.kind == "grid" and complete else best
+
+    monkeypatch.setattr(Phase, "bests", diverged_full)
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, lr={"lora": [1e-3], "full": [1e-4]},
+                      seeds=[1, 2], ablations=None)  # fmt: skip
+    res = tmp_path / "res"
+    argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res)]
+    assert main([*argv, "--workers", "1", "--heartbeat", "1"]) == 0
+    assert sorted(r.name for r in (res / "runs").iterdir()) == [
+        "sst2-full-tiny-llama-lr0.0001-s1", "sst2-lora-tiny-llama-lr0.001-s1",
+        "sst2-lora-tiny-llama-lr0.001-s2"]  # fmt: skip
+    assert "full diverged at every rate of the grid: not run on its other seeds" in capsys.readouterr().err  # fmt: skip
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):

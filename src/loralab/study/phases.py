@@ -156,13 +156,19 @@ class Phase:
     def bests(self, plan: Plan, values: dict[str, float | None], complete: bool = True) -> dict | None:  # fmt: skip
         """What this phase chooses for the phases that depend on it, from its points' values
         (`grid_values`): the task's grid, each method's best lr; an axis grid, each value's
-        ({variant_name: lr}; None for a value that diverged at every rate: its other seeds
-        are not run). `complete`: None until every point is final; else the best among the lrs
-        whose points are all final so far."""
+        ({variant_name: lr}). None for a method or value that diverged at every rate: it is not
+        run on its other seeds (nor, for LoRA, on the axes that take the grid's rate).
+        `complete`: None until every point is final; else the best among the lrs whose points
+        are all final so far."""
         if complete and any(v is None for v in values.values()):
             return None
         if self.kind == "grid":
-            return best_so_far(plan, values)
+            best = best_so_far(plan, values)
+            if best is None or not complete:
+                return best
+            points = plan.points()
+            return {m: None if all(values[p["key"]] == -math.inf for p in points if p["method"] == m)
+                    else lr for m, lr in best.items()}  # fmt: skip
         out = {}
         for v in plan.variants:  # each value's points alone: its own best
             mine = replace(plan, variants=[v])
@@ -193,7 +199,7 @@ class Phase:
         elif self.kind == "seeds":
             best = best or spec.first_lrs(self.task)
             methods, seeds, variants = spec.methods, spec.seeds_for(self.task)[1:], [{}]
-            lrs = {m: [best[m]] for m in methods}
+            lrs = {m: [best[m]] for m in methods if best[m] is not None}
             kind, abl_name = "sweep", None
         else:
             a = self.ablation
@@ -207,7 +213,8 @@ class Phase:
                 lrs = {"lora": list(a.lr)}
                 seeds = seeds[:1] if a.grid_on_first_seed else seeds
             else:
-                lrs = {"lora": [(best or spec.first_lrs(self.task))["lora"]]}
+                lr = (best or spec.first_lrs(self.task))["lora"]
+                lrs = {"lora": [] if lr is None else [lr]}  # None: diverged at every rate
             kind, abl_name = "ablation", a.name
         return Plan(
             kind=kind, ablation=abl_name, tasks=[self.task], methods=list(methods), lrs=lrs,
