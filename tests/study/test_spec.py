@@ -718,6 +718,37 @@ def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path, monkeypatch
     assert claimed == ["a", "b", "c"] and Worker._claim(worker) is None
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+def test_a_point_enqueued_again_after_a_failure_keeps_the_retrys_priority(tmp_path, monkeypatch):
+    """A worker's attempt at "a" fails; before Optuna enqueues its retry, another worker's
+    `ensure_enqueued` finds "a" without a live trial and enqueues it too. That earlier trial
+    is then the one that trains, and it goes before fresh points like a retry (it used to be
+    a plain point: the retry was pruned as its duplicate, and "a" waited behind "b")."""
+    monkeypatch.setenv("LORALAB_MEMORY_BUDGET_MB", "0")
+    from types import SimpleNamespace
+
+    from loralab.study.storage import ensure_enqueued
+    from loralab.study.worker import Worker
+
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=1)
+    study = optuna.create_study(storage=st, study_name="s")
+    points = [{"key": k, "task": "sst2", "method": "lora"} for k in ("a", "b")]
+    plan = SimpleNamespace(points=lambda: points)
+    assert ensure_enqueued(study, plan) == 2
+    a = study.get_trials()[0]
+    assert st.set_trial_state_values(a._trial_id, TrialState.RUNNING)
+    assert st.set_trial_state_values(a._trial_id, TrialState.FAIL)  # the attempt failed
+    assert ensure_enqueued(study, plan) == 1  # another worker, in between
+    st.failed_trial_callback(study, st.get_trial(a._trial_id))  # Optuna's retry, after it
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, results_dir=tmp_path)
+    first = Worker._claim(worker)
+    assert first.user_attrs["point"] == "a" and first.user_attrs["retry_of"] == a.number
+    assert Worker._duplicate_of(worker, first) is None  # it trains
+    second = Worker._claim(worker)
+    assert second.user_attrs["point"] == "a" and Worker._duplicate_of(worker, second) == first.number  # fmt: skip
+    assert Worker._claim(worker).user_attrs["point"] == "b"
+
+
 @pytest.mark.long
 def test_duplicate_trials_pruned_and_a_worker_waits_for_a_point_held_elsewhere(tmp_path, data_root):
     """A second enqueue of a point (two workers creating a study at once) trains it once; a

@@ -31,7 +31,7 @@ from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
-from .storage import existing, is_final, load_study, open_storage, stored_url
+from .storage import existing, is_final, is_retry, load_study, open_storage, stored_url
 
 
 @dataclass
@@ -302,7 +302,7 @@ def _fill(ps: PointStatus, trials: list) -> None:
         elif t.state == TrialState.RUNNING:
             s = "running"
         elif t.state == TrialState.WAITING:
-            s = "interrupted" if "failed_trial" in t.system_attrs else "waiting"
+            s = "interrupted" if is_retry(t) else "waiting"
         elif t.state == TrialState.FAIL:
             s = "failed"
         else:

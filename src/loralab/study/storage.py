@@ -229,20 +229,30 @@ def create_or_check(storage, name: str, plan: Plan):
 
 
 def ensure_enqueued(study, plan: Plan, tasks: list[str] | None = None) -> int:
-    """Enqueue every point (of `tasks`) that has no waiting, running or finished trial."""
+    """Enqueue every point (of `tasks`) that has no waiting, running or finished trial. A point
+    whose last attempt failed is enqueued as a retry of it (`is_retry`): it may be enqueued
+    here just before Optuna's own retry of the same attempt, which is then the duplicate."""
     from optuna.trial import TrialState
 
     live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    covered = {t.user_attrs.get("point") for t in study.get_trials(deepcopy=False)
-               if t.state in live or is_final(t)}  # fmt: skip
+    trials = study.get_trials(deepcopy=False)
+    covered = {t.user_attrs.get("point") for t in trials if t.state in live or is_final(t)}
+    failed = {t.user_attrs.get("point"): t.number for t in trials if t.state == TrialState.FAIL}
     n = 0
     for p in plan.points():
         if p["key"] not in covered and (not tasks or p["task"] in tasks):
-            study.enqueue_trial(
-                {}, user_attrs={"point": p["key"], "task": p["task"], "method": p["method"]}
-            )
+            attrs = {"point": p["key"], "task": p["task"], "method": p["method"]}
+            if p["key"] in failed:
+                attrs["retry_of"] = failed[p["key"]]
+            study.enqueue_trial({}, user_attrs=attrs)
             n += 1
     return n
+
+
+def is_retry(trial) -> bool:
+    """A trial enqueued after a failed attempt at its point: by Optuna (`failed_trial`, a dead
+    or interrupted worker) or by `ensure_enqueued` (`retry_of`)."""
+    return "failed_trial" in trial.system_attrs or "retry_of" in trial.user_attrs
 
 
 def claim_order(trial) -> tuple[bool, int]:
@@ -250,7 +260,7 @@ def claim_order(trial) -> tuple[bool, int]:
     directory may hold a checkpoint to resume), then by trial number. Retries are enqueued at
     the end; claimed in plain order they would wait behind every fresh point, so a study
     restarted after a machine went away would leave its half-trained points for last."""
-    return ("failed_trial" not in trial.system_attrs, trial.number)
+    return (not is_retry(trial), trial.number)
 
 
 def is_final(trial) -> bool:
