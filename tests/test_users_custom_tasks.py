@@ -134,6 +134,22 @@ def test_sentence_pair_csv_reads_both_columns(tmp_path):
         ("csv:nowhere/train.csv", {}, "does not exist"),
         ("tsv:moods", {}, "has no train.tsv"),
         ("parquet:moods", {}, "Unknown task 'parquet:moods'"),
+        # Were tracebacks (TypeError) or silently wrong values:
+        ("yaml", {"text": None}, "`text` must be a list (or one text), got None"),
+        ("yaml", {"text": 5}, "`text` must be a list (or one text), got 5"),
+        ("yaml", {"label": ["mood"]}, "`label` must be text, got ['mood']"),
+        (
+            "yaml",
+            {"verbalizers": [False, True, True]},
+            "YAML reads yes/no/true/false unquoted as booleans",
+        ),  # fmt: skip
+        ("yaml", {"labels": ["sad", "calm", "calm"]}, "names a label twice"),
+        (
+            "yaml",
+            {"max_length": 0},
+            "max_length must be a whole number of tokens, at least 16; got 0",
+        ),  # fmt: skip
+        ("yaml", {"max_length": -1}, "at least 16; got -1"),
     ],
 )
 def test_bad_custom_tasks_exit_2_with_a_message(tmp_path, monkeypatch, capsys, task, extra, needle):
@@ -292,3 +308,64 @@ def test_numeric_labels_keep_their_numeric_order(tmp_path):
     task = get_task(f"csv:{tmp_path / 'train.csv'}")
     assert list(task.label_names) == [str(i) for i in range(11)]
     assert task.load("train")["label"][:11] == list(range(11))
+
+
+def test_labels_read_from_the_data_are_the_values_the_rows_hold(tmp_path):
+    """Integer JSONL labels keep 0 (it was dropped as falsy: classes 0 and 1 merged); names are
+    stripped as the rows are (a trailing space made a phantom class)."""
+    rows = [{"text": f"item {i}", "label": i % 3} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{tmp_path / 'train.jsonl'}")
+    assert task.label_names == ("0", "1", "2")
+    assert task.load("train")["label"] == [i % 3 for i in range(12)]
+
+    spaced = ["text,label", *(f"item {i},{('pos ', 'neg', 'pos')[i % 3]}" for i in range(12)), ""]
+    (tmp_path / "s.csv").write_text("\n".join(spaced))
+    task = get_task(f"csv:{tmp_path / 's.csv'}?metric=f1")
+    assert task.label_names == ("neg", "pos") and task.num_labels == 2
+    labels = task.load("train")["label"]
+    assert labels == [(1, 0, 1)[i % 3] for i in range(12)]
+    assert task.label_metrics(np.array(labels), np.array(labels))["f1"] == 1.0
+
+
+def test_numeric_label_names_are_never_read_as_indices(tmp_path):
+    """With names that are numbers, an unseen number is an error (it used to become the class
+    at that index), and labels=+1|-1 keeps its '+' (a form decoding made it a space)."""
+    (tmp_path / "train.csv").write_text("text,stars\n" + "".join(f"t{i},{2 + i % 2}\n" for i in range(8)))  # fmt: skip
+    (tmp_path / "dev.csv").write_text("text,stars\nfine,3\nunseen,1\n")
+    task = get_task(f"csv:{tmp_path}?label=stars")
+    assert task.label_names == ("2", "3")
+    with pytest.raises(LoralabError, match=r"dev.csv, line 3: label '1' is out of range"):
+        task.load("eval")
+
+    (tmp_path / "pm").mkdir()
+    (tmp_path / "pm" / "train.csv").write_text("text,label\n" + "".join(f"t{i},{('+1', '-1')[i % 2]}\n" for i in range(8)))  # fmt: skip
+    task = get_task(f"csv:{tmp_path / 'pm' / 'train.csv'}?labels=+1|-1")
+    assert task.label_names == ("+1", "-1")
+    assert task.load("train")["label"] == [0, 1] * 4
+
+
+def test_a_custom_tasks_majority_baseline_uses_its_own_metric():
+    """3 labels with metric f1: the baseline's F1 is the macro F1 the model is scored by (it
+    was the binary F1 of class 1); matthews gets a baseline too (0 for a constant guess)."""
+    from datasets import Dataset
+
+    from loralab.tasks.custom import CustomTask
+    from loralab.tasks.custom_spec import TaskSpec
+
+    raw = Dataset.from_dict({"label": [0] * 2 + [1] * 5 + [2] * 3})
+    for metric, want in (("f1", 2 * (5 / 10) / (1 + 5 / 10) / 3), ("matthews", 0.0)):
+        task = CustomTask(name="t", spec=TaskSpec(metric=metric))
+        task.label_names, task.primary_metric = ("a", "b", "c"), metric
+        base = task.majority_baseline(raw)
+        assert base["accuracy"] == 0.5 and base[metric] == pytest.approx(want)
+
+
+def test_the_features_cache_tells_the_truncation_side_apart():
+    from loralab.data import _tokenizer_fingerprint
+    from loralab.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama", progress=False)
+    right = _tokenizer_fingerprint(tok)
+    tok.truncation_side = "left"
+    assert _tokenizer_fingerprint(tok) != right

@@ -62,6 +62,11 @@ def _tokenizer_fingerprint(tokenizer) -> str:
         h = hashlib.sha256(repr(tokenizer.get_vocab()).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update(tokenizer.padding_side.encode())
+    # Which end a too-long text loses (the backend's truncation state is dropped above); the
+    # default adds nothing, so that caches made before it counted stay valid.
+    side = getattr(tokenizer, "truncation_side", "right")
+    if side != "right":
+        h.update(f"truncation_side={side}".encode())
     return h.hexdigest()[:16]
 
 

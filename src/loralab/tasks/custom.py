@@ -178,9 +178,7 @@ def _infer(spec: TaskSpec, task: CustomTask) -> tuple[list[str], list[str]]:
         ds = _hub_split(spec, "train")
         columns, where = list(ds.column_names), spec.hub
         names = _hub_label_names(ds, spec.label)
-        values = (
-            None if names else {str(v) for v in ds[spec.label]} if spec.label in columns else set()
-        )
+        values = None if names else _label_values(ds[spec.label] if spec.label in columns else [])
     else:
         path = task.default_file("train")
         if not path.is_file():
@@ -191,7 +189,7 @@ def _infer(spec: TaskSpec, task: CustomTask) -> tuple[list[str], list[str]]:
         if not rows:
             raise LoralabError(f"{path} holds no examples.")
         columns, where, names = list(rows[0][1]), path, None
-        values = {str(r[spec.label]) for _, r in rows if str(r.get(spec.label) or "").strip()}
+        values = _label_values(r.get(spec.label) for _, r in rows)
     text = spec.text or guess_text(columns, where)
     missing = [c for c in (*text, spec.label) if c not in columns]
     if missing:
@@ -203,6 +201,12 @@ def _infer(spec: TaskSpec, task: CustomTask) -> tuple[list[str], list[str]]:
             f"{labels}; a classification task needs at least two (or list them with `labels`)."
         )
     return text, labels
+
+
+def _label_values(values) -> set[str]:
+    """The distinct labels of a column as the loader reads them (stripped text); a missing or
+    blank one is left out (it is reported when that row loads), a 0 or false is not."""
+    return {text for v in values if v is not None and (text := str(v).strip())}
 
 
 def _default_prompt(text: list[str], labels: list[str]) -> str:

@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from ..errors import LoralabError
 
@@ -103,9 +103,19 @@ def parse_ref(ref: str) -> tuple[TaskSpec, Path]:
         raise LoralabError(f"Task '{ref}' names no {kind} source: write {kind}:PATH.")
     values: dict = {"format": kind}
     values["hub" if kind == "hub" else "path"] = source
-    for key, value in parse_qsl(query, keep_blank_values=True):
+    for key, value in _query_pairs(query):
         values[key] = _split_list(value) if key in ("text", "labels", "verbalizers") else value
     return _spec(values, ref), Path.cwd()
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """key=value pairs of a reference's options, %-escapes decoded. A '+' stays a '+' (a form
+    encoding would read it as a space: labels=+1|-1 must stay two labels)."""
+    pairs = []
+    for part in (p for p in query.split("&") if p):
+        key, _, value = part.partition("=")
+        pairs.append((unquote(key), unquote(value)))
+    return pairs
 
 
 def _split_list(value: str) -> list[str]:
@@ -134,18 +144,11 @@ def _spec(values: dict, where: str) -> TaskSpec:
         raise LoralabError(
             f"Task '{where}': unknown key(s) {unknown}; a task knows {', '.join(known)}."
         )
-    for key in ("text", "labels", "verbalizers"):
-        value = values.get(key)
-        if isinstance(value, str):
-            values[key] = _split_list(value)
-        elif value is not None:
-            values[key] = [str(v) for v in value]
-    if "max_length" in values:
-        try:
-            values["max_length"] = int(values["max_length"])
-        except (TypeError, ValueError):
-            raise LoralabError(f"Task '{where}': max_length must be an integer.") from None
+    for key in [k for k in known if k in values]:
+        values[key] = _checked(key, values[key], where)
     spec = TaskSpec(**values)
+    if len(set(spec.labels)) != len(spec.labels):
+        raise LoralabError(f"Task '{where}': `labels` names a label twice: {spec.labels}.")
     if not spec.format:  # a folder's format is read from its files in load_custom
         spec.format = "hub" if spec.hub else Path(spec.train or spec.path or "").suffix[1:].lower()
     if spec.format and spec.format not in (*FORMATS, "hub"):
@@ -163,6 +166,37 @@ def _spec(values: dict, where: str) -> TaskSpec:
     if spec.format != "hub" and not (spec.train or spec.path):
         raise LoralabError(f"Task '{where}' names no data: give `path` or `train` (and `eval`).")
     return spec
+
+
+LISTS = ("text", "labels", "verbalizers")
+OPTIONAL = ("path", "train", "eval", "hub", "config", "name", "prompt")
+
+
+def _checked(key: str, value, where: str):
+    """A task key's value as TaskSpec holds it, or a LoralabError naming the key. YAML reads
+    yes/no/on/off as booleans: a label or verbalizer written so must be quoted."""
+
+    def text(v, what: str) -> str:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            quoted = " (YAML reads yes/no/true/false unquoted as booleans: quote it)" if isinstance(v, bool) else ""  # fmt: skip
+            raise LoralabError(f"Task '{where}': {what} must be text, got {v!r}{quoted}.")
+        return str(v)
+
+    if key == "max_length":
+        if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(value) < 16:
+            raise LoralabError(f"Task '{where}': max_length must be a whole number of tokens, at least 16; got {value!r}.")  # fmt: skip
+        return int(value)
+    if value is None and key in OPTIONAL:
+        return None
+    if key not in LISTS:
+        return text(value, f"`{key}`")
+    if isinstance(value, str):
+        value = _split_list(value)
+    if not isinstance(value, list):
+        raise LoralabError(f"Task '{where}': `{key}` must be a list (or one text), got {value!r}.")
+    items = [text(v, f"each item of `{key}`") for v in value]
+    # Verbalizers keep their spaces (" positive" is one token of many tokenizers); names do not.
+    return items if key == "verbalizers" else [v.strip() for v in items]
 
 
 def format_of_folder(folder: Path, where: str) -> str:

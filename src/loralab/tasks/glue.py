@@ -128,10 +128,10 @@ class GlueTask(Task):
         raw = raw.strip()
         if raw in self.label_aliases:
             return self.label_aliases[raw]
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
+        # A class index stands for its name (GLUE's 0/1), unless the names are numbers
+        # themselves: then an unknown number is a label the task lacks, not an index.
+        numeric_names = any(_is_int(name) for name in self.label_aliases)
+        value = int(raw) if _is_int(raw) and not numeric_names else -1
         if not 0 <= value < self.num_labels:
             allowed = list(self.label_aliases) or [str(i) for i in range(self.num_labels)]
             raise LoralabError(
@@ -173,14 +173,20 @@ class GlueTask(Task):
         return out
 
     def majority_baseline(self, raw) -> dict[str, float]:
+        """The task's own metrics (`label_metrics`) of always predicting the commonest label."""
         labels = np.asarray(raw["label"], dtype=int)
         if labels.size == 0:
             return {}
         preds = np.full_like(labels, np.bincount(labels).argmax())  # a tie goes to the lower label
-        out = {"accuracy": metrics.accuracy(preds, labels)}
-        if "f1" in self.metric_names:
-            out["f1"] = metrics.f1_binary(preds, labels, positive=1)
-        return out
+        return self.label_metrics(preds, labels)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def glue_tasks() -> dict[str, GlueTask]:
