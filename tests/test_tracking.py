@@ -8,6 +8,7 @@ import stat
 import struct
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -149,15 +150,27 @@ def test_online_without_key_is_a_user_error(tmp_path, sst2_dir, monkeypatch):
 
 
 def test_auto_is_online_with_a_key_and_offline_without(tmp_path, sst2_dir, monkeypatch):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE")  # the suite's conftest sets it to disabled
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
     assert tracking.wandb_mode("auto") == "online"
     assert tracking.wandb_mode("offline") == "offline"  # an explicit mode stays itself
+    # WANDB_MODE saying offline or disabled wins over a key (wandb.init's mode would not).
+    for env, want in (("disabled", "disabled"), ("offline", "offline"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", env)
+        assert tracking.wandb_mode("auto") == want, env
+    monkeypatch.delenv("WANDB_MODE")
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("NETRC", str(netrc))  # `wandb login` keeps the key there
-    assert tracking.wandb_mode("auto") == "online"
+    # The server this wandb logs in to (0.31: a coreweave host), and the classic one.
+    for host in {"api.wandb.ai", urlparse(wandb.Settings().base_url).hostname}:
+        netrc.write_text(f"machine {host}\n  login user\n  password abc\n")
+        assert tracking.wandb_mode("auto") == "online", host
+    netrc.write_text("machine example.com\n  login user\n  password abc\n")
+    assert tracking.wandb_mode("auto") == "offline"
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert tracking.wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -249,3 +262,31 @@ def test_each_run_reports_its_own_accelerator_peak(tmp_path, sst2_dir, monkeypat
     )
     train(cfg, quiet=True)
     assert order == ["reset", "build"]
+
+
+def test_wandb_gets_a_masked_command_line_and_an_id_of_its_own(tmp_path, sst2_dir, monkeypatch):
+    """A study worker's argv holds its storage URL with a password: W&B's metadata must get it
+    masked. Two run folders of one name (two studies' points) get different W&B ids; a resume
+    keeps its own (and a folder from before the id was kept, its name)."""
+    import sys
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["loralab", "sweep", "worker", "--storage",
+                                      "postgresql://bob:hunter2pw@db.example/optuna"])  # fmt: skip
+    ids = []
+    for out in ("a", "b"):
+        cfg = build_config(overrides=[
+            "model.name=tiny-llama", f"data.data_dir={sst2_dir}", f"run.output_dir={tmp_path / out}",
+            "run.name=same", "train.max_steps=1", "train.batch_size=8", "tracking.wandb=offline",
+        ])  # fmt: skip
+        run = train(cfg, quiet=True).run_dir
+        ids.append((run / tracking.WANDB_ID_FILE).read_text().strip())
+        for f in run.rglob("*"):
+            if f.is_file():
+                assert b"hunter2pw" not in f.read_bytes(), f
+    assert sys.argv[-1].endswith("hunter2pw@db.example/optuna")  # put back
+    assert ids[0] != ids[1] and all(i.startswith("same-") for i in ids)
+    assert tracking.wandb_run_id(tmp_path / "a" / "same", resuming=True) == ids[0]
+    old = tmp_path / "old.run"
+    old.mkdir()
+    assert tracking.wandb_run_id(old, resuming=True) == "old-run"

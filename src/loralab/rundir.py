@@ -36,6 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SWEEP_FILE = "sweep.json"  # which studies and workers used this run
 RUN_LOCK = ".training.lock"  # flock-ed by the process that trains in the folder
+WANDB_ID_FILE = "wandb_id.txt"  # the run's W&B id, drawn once, kept for its resumes
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"

@@ -7,11 +7,12 @@ import os
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ExperimentConfig, dump_yaml, to_dict
 from .errors import LoralabError
-from .redact import mask_tree
+from .redact import mask_secrets, mask_tree
 
 # The run directory's file layer (names, atomic and JSON writes, writability, opening a run)
 # lives in rundir. Only CONFIG_FILE, METRICS_FILE, atomic_write and jsonable are used here; the
@@ -24,6 +25,7 @@ from .rundir import (  # noqa: F401
     METRICS_FILE,
     MODEL_DIR,
     SUMMARY_FILE,
+    WANDB_ID_FILE,
     atomic_write,
     check_writable,
     jsonable,
@@ -148,21 +150,73 @@ def this_machine() -> str | None:
 
 
 def _wandb_key_available() -> bool:
+    """An API key in the environment, or a netrc entry for the W&B server this wandb logs in
+    to (`WANDB_BASE_URL`, its settings; wandb 0.31 defaults to a coreweave host)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not netrc.is_file():
+        return False
+    words = netrc.read_text(errors="ignore").split()
+    return any(host in words for host in _wandb_hosts())
+
+
+def _wandb_hosts() -> set[str]:
+    from urllib.parse import urlparse
+
+    hosts = {"api.wandb.ai"}
+    try:
+        import wandb
+
+        hosts.add(urlparse(wandb.Settings().base_url).hostname or "api.wandb.ai")
+    except Exception:  # no wandb (preflight says so), or settings it cannot read
+        pass
+    return hosts
 
 
 _WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 
 
 def wandb_mode(mode: str) -> str:
-    """The W&B mode a `tracking.wandb` value runs in: `auto` is online with an API key,
-    offline without one; the others are themselves."""
+    """The W&B mode a `tracking.wandb` value runs in: `auto` follows WANDB_MODE when that says
+    offline or disabled, else is online with an API key and offline without one; the others
+    are themselves."""
     if mode == "auto":
+        env = (os.environ.get("WANDB_MODE") or "").strip().lower()
+        if env in ("offline", "dryrun", "disabled"):
+            return "disabled" if env == "disabled" else "offline"
         return "online" if _wandb_key_available() else "offline"
     return mode
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The run's W&B id: drawn at random the first time and kept in the run folder, so that
+    folders of the same name (every study names its points alike) never share a W&B run,
+    and a resume continues its own. A folder from before the id was kept resumes under the
+    id it had then (its name)."""
+    import secrets
+
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    slug = re.sub(r"[^A-Za-z0-9_-]", "-", Path(run_dir).name)
+    run_id = slug[-64:] if resuming else f"{slug[-55:]}-{secrets.token_hex(4)}"
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+@contextmanager
+def masked_argv():
+    """sys.argv with its credentials masked, while W&B reads it into the run's metadata (a
+    study worker's `--storage postgresql://user:password@...`)."""
+    import sys
+
+    argv = sys.argv
+    sys.argv = [mask_secrets(a) for a in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -209,16 +263,17 @@ class Tracker:
         preflight(cfg)
         import wandb
 
-        self.wandb_run = wandb.init(
-            project=cfg.tracking.project,
-            name=self.run_dir.name,
-            id=re.sub(r"[^A-Za-z0-9_-]", "-", self.run_dir.name)[-64:],
-            dir=str(self.run_dir),
-            mode=mode,
-            config=mask_tree(to_dict(cfg)),
-            resume="allow" if resuming else None,
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        with masked_argv():
+            self.wandb_run = wandb.init(
+                project=cfg.tracking.project,
+                name=self.run_dir.name,
+                id=wandb_run_id(self.run_dir, resuming),
+                dir=str(self.run_dir),
+                mode=mode,
+                config=mask_tree(to_dict(cfg)),
+                resume="allow" if resuming else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
 
     def log(self, record: dict, step: int | None = None) -> None:
         """One record (flat keys like `train/loss`, `lora_rank/q/mean`) at an optimiser step."""
