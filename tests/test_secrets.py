@@ -32,8 +32,17 @@ def test_mask_secrets(text, kept):
     assert SECRET not in out and kept in out
 
 
-def test_mask_keeps_ordinary_text():
-    text = "train --output-dir /data/tokens/x data.max_tokens=5 sqlite:////tmp/study.db lr=3e-4"
+@pytest.mark.parametrize(
+    "text",
+    [
+        "train --output-dir /data/tokens/x data.max_tokens=5 sqlite:////tmp/study.db lr=3e-4",
+        # Were masked: a word ending in "key" before a space read as a flag and its value
+        # (two prompts then shared one identity; a command lost its lr).
+        "Is the key idea of {text_a} positive?",
+        "train data.task=csv:/data/monkey train.lr=3e-4 --passkey-free",
+    ],
+)
+def test_mask_keeps_ordinary_text(text):
     assert mask_secrets(text) == text
 
 

@@ -15,10 +15,12 @@ _PATTERNS = [
     (re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@"), r"\1" + MASK + "@"),
     # Hugging Face access tokens
     (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), "hf_" + MASK),
-    # NAME=value and --name value / --name=value where the name says it is a secret
+    # --name value / --name=value / NAME=value where the name ends in a secret's word. A plain
+    # word before a space is text, not a flag ("the key idea", ".../monkey train.lr=3e-4").
     (
         re.compile(
-            r"((?:--)?[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)(?:=|\s+))(?!-)\S+",
+            r"((?<![A-Za-z0-9_.-])(?:--[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)(?:=|\s+)"
+            r"|[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)=))(?!-)\S+",
             re.IGNORECASE,
         ),
         r"\1" + MASK,
