@@ -159,3 +159,31 @@ def test_a_run_still_training_is_not_resumed_beside_itself(killed, capsys):
     err = capsys.readouterr().err
     assert "is being trained by another process right now" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_on_other_data_or_processes_is_refused(killed, tmp_path, capsys):
+    """The checkpoint records the data's fingerprint and the process count: a resume whose data
+    changed (here: another training file) would pool two setups under one config, and one with
+    another number of processes another global batch. Both are user errors that train nothing."""
+    from loralab.checkpoints import check_same_run
+    from loralab.errors import LoralabError
+
+    run = killed
+    state = json.loads((run / "checkpoints" / "checkpoint-12" / "loralab_state.json").read_text())
+    assert state["processes"] == 1 and state["data_fingerprint"]["train_rows"] == 64
+    other = write_sst2(tmp_path / "other", seed=1)  # same size, other sentences
+    config = (run / "config.yaml").read_text()
+    data_dir = next(line.split(":", 1)[1].strip() for line in config.splitlines() if "data_dir:" in line)  # fmt: skip
+    (run / "config.yaml").write_text(config.replace(data_dir, str(other)))
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the run has changed since, in its data" in err and "Traceback" not in err
+    assert not (run / "summary.json").exists() or json.loads((run / "summary.json").read_text())["status"] != "completed"  # fmt: skip
+    assert {
+        p.name: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()
+    } == before
+    ckpt = run / "checkpoints" / "checkpoint-12"
+    with pytest.raises(LoralabError, match="it trained on 1, this resume has 2"):
+        check_same_run(ckpt, state["data_fingerprint"], processes=2)
+    check_same_run(ckpt, state["data_fingerprint"], processes=1)  # unchanged: no complaint

@@ -86,6 +86,41 @@ def read_training_time(ckpt: Path) -> tuple[float, float] | None:
     return None
 
 
+def run_facts(fingerprint: dict | None, processes: int) -> dict:
+    """What each checkpoint records of how its run was trained, for `check_same_run`."""
+    return {"data_fingerprint": fingerprint, "processes": processes}
+
+
+def check_same_run(ckpt: Path, fingerprint: dict | None, processes: int) -> None:
+    """A resume must train on what the checkpoint's steps trained on: the same data (the
+    fingerprint of the train and eval rows) and the same number of processes (the global
+    batch). Else the run would pool two setups under one config; a user error. Checkpoints
+    from before these were recorded are not checked."""
+    then, changed = _state(ckpt), []
+    if then.get("data_fingerprint") not in (None, fingerprint):
+        changed.append(
+            f"its data: the rows it trained on hash to {_short(then['data_fingerprint'])}, "
+            f"the data given now to {_short(fingerprint)}"
+        )
+    if then.get("processes") not in (None, processes):
+        changed.append(
+            f"its processes: it trained on {then['processes']}, this resume has {processes} "
+            "(each process takes its own batch, so the global batch would change)"
+        )
+    if changed:
+        raise LoralabError(
+            f"Cannot resume from '{ckpt}': the run has changed since, in {'; and in '.join(changed)}. "
+            "Nothing was trained. Resume with the data and the process count it started with, or "
+            "start a new run."
+        )
+
+
+def _short(fp) -> str:
+    if isinstance(fp, dict):
+        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
+    return str(fp)
+
+
 def _state(ckpt: Path) -> dict:
     path = Path(ckpt) / LOSS_FILE
     return tracking.read_json(path) if path.is_file() else {}

@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import logged, read_loss_sum, read_training_time
+from .checkpoints import check_same_run, logged, read_loss_sum, read_training_time, run_facts
 from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
@@ -159,6 +159,8 @@ def train(
     # Data first: a bad data file should fail before the slower model load.
     causal = is_causal(config)
     splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal, head, not quiet)
+    if checkpoint:  # before the model: a resume on other data or processes is refused
+        check_same_run(Path(checkpoint), splits.fingerprint, distributed.world_size())
     tr = cfg.train
     check_accumulation(len(splits.train), tr.batch_size, tr.grad_accum, distributed.world_size())
     kernel = kernels.choose_attention(cfg, config, splits)
@@ -253,6 +255,7 @@ class _Run:
         lora = cfg.train.method == "lora"
         checksum_before = accounting.checksum(accounting.base_parameters(model)) if lora else None
         trainer = self._trainer(params, checksum_before, extra)
+        trainer.run_facts = run_facts(self.splits.fingerprint, distributed.world_size())
         checkpoint = str(checkpoint) if checkpoint else None
         if checkpoint:
             loss_sum = read_loss_sum(Path(checkpoint))

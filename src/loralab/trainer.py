@@ -62,6 +62,8 @@ class LoralabTrainer(Trainer):
         # the clocks when this attempt began: each checkpoint records the whole run's times.
         self.time_before = (0.0, 0.0)
         self.clock0 = (time.time(), time.process_time())
+        # What a resume must find unchanged (`checkpoints.check_same_run`), in every checkpoint.
+        self.run_facts: dict = {}
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
         self.first_step_at = None  # Unix time at which this process began its first step
         # A head that scores the dev set with its own loop (generation, verbalizers) sets this:
@@ -114,7 +116,7 @@ class LoralabTrainer(Trainer):
             tracking.write_json(
                 folder / rundir.LOSS_FILE,
                 {"global_step": self.state.global_step, "loss_sum": total,
-                 "train_time_s": wall, "train_cpu_time_s": cpu},
+                 "train_time_s": wall, "train_cpu_time_s": cpu, **self.run_facts},
             )  # fmt: skip
         super()._save_checkpoint(model, trial)
 
