@@ -187,3 +187,27 @@ def test_a_resume_on_other_data_or_processes_is_refused(killed, tmp_path, capsys
     with pytest.raises(LoralabError, match="it trained on 1, this resume has 2"):
         check_same_run(ckpt, state["data_fingerprint"], processes=2)
     check_same_run(ckpt, state["data_fingerprint"], processes=1)  # unchanged: no complaint
+
+
+@pytest.mark.long
+def test_sigterm_to_loralab_train_leaves_a_failed_summary_and_its_checkpoints(tmp_path):
+    """`kill PID` stops a training like Ctrl-C: exit 130, the checkpoints kept, and a summary
+    saying why it stopped (a folder without one looked unfinished: still training, or lost)."""
+    import signal
+    import time
+
+    from conftest import start_cli
+
+    data = write_sst2(tmp_path / "sst2")
+    args = ["train", "--quiet", *COMMON, "train.epochs=200", "train.save_steps=2",
+            f"data.data_dir={data}", f"run.output_dir={tmp_path}"]  # fmt: skip
+    proc = start_cli(args, tmp_path / "log.txt")
+    run, deadline = tmp_path / "r", time.time() + 300
+    while not list(run.glob("checkpoints/checkpoint-*/trainer_state.json")):  # older ones rotate
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "log.txt").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("KeyboardInterrupt")
+    assert list(run.glob("checkpoints/checkpoint-*/adapter_model.safetensors"))

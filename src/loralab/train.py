@@ -276,18 +276,17 @@ class _Run:
         summary["compile"] = {k: v for k, v in compiled.items() if k != "key"}
         summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
-        if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
-            summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
-        elif self.head.reports_zero_shot():
-            # The untrained model's score: the reference line fine-tuning must beat.
-            summary["zero_shot"] = self.evaluate(trainer)
-            self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)
-            if self.console is not None:
-                self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
-
-        t0 = time.time()
-        trainer.clock0 = (t0, time.process_time())
-        try:
+        try:  # from here on, a failure leaves a failed summary
+            if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
+                summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
+            elif self.head.reports_zero_shot():
+                # The untrained model's score: the reference line fine-tuning must beat.
+                summary["zero_shot"] = self.evaluate(trainer)
+                self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)  # fmt: skip
+                if self.console is not None:
+                    self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
+            t0 = time.time()
+            trainer.clock0 = (t0, time.process_time())
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
             attempt_time = time.time() - t0
             if compiled.get("compile"):  # inductor's cache now holds this model's kernels

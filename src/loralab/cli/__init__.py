@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 
 from .. import __version__, allocator
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if entry:  # a `kill` stops like Ctrl-C: a failed summary beside the checkpoints, exit 130
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if entry and args.command in TRAINING:
             restart = allocator.restart_command(sys.argv[0], argv)
