@@ -103,3 +103,26 @@ def test_check_init_refuses_an_unknown_name_and_lists_the_known():
 
     with pytest.raises(LoralabError, match=r"'pisa' is not an initialisation .* pissa_niter_N"):
         check_init(LoraSettings(init_lora_weights="pisa"))
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (
+            "{r: 2, lora_alpha: 64}",
+            "lora.extra sets r, lora_alpha, which loralab sets from its own keys",
+        ),  # fmt: skip
+        ("{use_dora: true}", "use_dora -> lora.use_dora"),
+        ("{task_type: SEQ_CLS}", "task_type (set from the model)"),
+        ("{modules_to_save: 5}", "modules_to_save must be a module name or a list of them, got 5"),
+    ],
+)
+def test_lora_extra_cannot_shadow_loralabs_own_keys(tmp_path, capsys, extra, needle):
+    """lora.extra={r: 2} trained an r=2 adapter that config, summary and report called r=8; now
+    a user error, before any data or model loads."""
+    from loralab.cli import main
+
+    code = main(["train", "--model", "tiny-llama", "--output-dir", str(tmp_path), "--quiet",
+                 f"lora.extra={extra}"])  # fmt: skip
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started

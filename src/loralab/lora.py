@@ -18,6 +18,7 @@ from . import residual
 from .config import LORA_PRESETS as PRESETS
 from .config import LoraSettings as LoraSpec
 from .errors import LoralabError
+from .lora_extra import check_extra
 
 # Per-`model_type` overrides: {model_type: {preset: [module-name suffixes]}}. Empty on purpose:
 # every family tested (Llama, Gemma 2 and 3, Qwen2, Mistral, Phi-3, GPT-NeoX, BERT, GPT-2) is
@@ -248,6 +249,7 @@ def check_init(spec: LoraSpec) -> None:
 
     from .console import known_warnings_silenced
 
+    check_extra(spec)
     init = spec.init_lora_weights
     if not isinstance(init, str):
         return
