@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -143,10 +144,15 @@ def test_generated_answers_are_the_new_tokens_of_left_padded_prompts(tok):
         ('data.verbalizers=[" good", " good"]', "share a verbalizer"),
         ('data.verbalizers=[" good"]', "2 labels"),
         ("data.prompt='Say {text_b}:'", "{text_a}"),
+        # Were tracebacks (ValueError) inside the tokenising, after the model loaded:
+        ("data.prompt='Review {text_a} {'", "not a valid template (Single '{' encountered"),
+        ("data.prompt='Review {text_a} }'", "literal braces are written twice"),
+        ("data.prompt='Review {text_a!x}'", "not a valid template"),
+        ("data.prompt='Review {text_a:d}'", "not a valid template"),
     ],
 )
 def test_bad_prompting_is_a_user_error(tok, override, needle):
-    with pytest.raises(LoralabError, match=needle.replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(LoralabError, match=re.escape(needle)):
         _prompting(get_task("sst2"), tok, override)
 
 

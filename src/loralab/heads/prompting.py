@@ -37,8 +37,16 @@ class Prompting:
 def prompting_for(task, cfg: DataConfig, tokenizer) -> Prompting:
     """The task's prompt and verbalizers, with config overrides, checked against the tokenizer."""
     template = cfg.prompt or task.prompt
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
     required = set(task.prompt_fields)
+    try:  # as each example will be rendered: stray braces or a format spec fail here, not later
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+        template.format(**dict.fromkeys(fields | required, "x"))
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise LoralabError(
+            f"Prompt template {template!r} for {task.name} is not a valid template ({e}): it "
+            f"takes the fields {', '.join('{' + f + '}' for f in sorted(required))} as they are, "
+            "and literal braces are written twice ({{ and }})."
+        ) from None
     if not required <= fields or not fields <= required:
         raise LoralabError(
             f"Prompt template {template!r} for {task.name} must use exactly the fields "
