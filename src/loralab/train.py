@@ -6,9 +6,9 @@ task's formulation (classifier/span head or prompted LM) is the run's head objec
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,8 +94,7 @@ def absolute_data_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         for key in ("data_dir", "train_file", "eval_file")
         if (value := getattr(cfg.data, key))
     }
-    data = dataclasses.replace(cfg.data, task=absolute_ref(cfg.data.task), **paths)
-    return dataclasses.replace(cfg, data=data)
+    return replace(cfg, data=replace(cfg.data, task=absolute_ref(cfg.data.task), **paths))
 
 
 def _console(quiet: bool):
@@ -280,8 +279,11 @@ class _Run:
             if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
                 summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
             elif self.head.reports_zero_shot():
-                # The untrained model's score: the reference line fine-tuning must beat.
-                summary["zero_shot"] = self.evaluate(trainer)
+                # The untrained model's score: the reference line fine-tuning must beat. A LoRA
+                # init with B != 0 (init_lora_weights=false) is no identity: it is left out.
+                off = cfg.train.method == "lora" and cfg.lora.init_lora_weights is False
+                with model.disable_adapter() if off else nullcontext():
+                    summary["zero_shot"] = self.evaluate(trainer)
                 self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)  # fmt: skip
                 if self.console is not None:
                     self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")

@@ -214,3 +214,23 @@ def test_target_loss_uses_only_target_positions(tok):
     )
     ref = model(input_ids=ids, labels=labels).loss  # HF's full-vocabulary loss on the same targets
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_shot_scores_the_base_whatever_the_lora_init(tmp_path):
+    """init_lora_weights=false starts B non-zero: the wrapped model is not the base, so its
+    score was no zero-shot score (0.505 vs 0.43 in a review's run). Both inits now report the
+    base's, as an init that starts at the identity does."""
+    from conftest import write_sst2
+
+    from loralab.train import train
+
+    data = write_sst2(tmp_path / "sst2", n_train=16, n_dev=200)
+    scores = {}
+    for init in ("true", "false"):
+        cfg = build_config(overrides=[
+            "model.name=tiny-llama", "model.head=lm", f"data.data_dir={data}",
+            f"run.output_dir={tmp_path / init}", "train.max_steps=1", "train.batch_size=8",
+            f"lora.init_lora_weights={init}", "train.precision=fp32",
+        ])  # fmt: skip
+        scores[init] = train(cfg, quiet=True).summary["zero_shot"]
+    assert scores["true"] == scores["false"]
