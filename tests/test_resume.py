@@ -211,3 +211,19 @@ def test_sigterm_to_loralab_train_leaves_a_failed_summary_and_its_checkpoints(tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("KeyboardInterrupt")
     assert list(run.glob("checkpoints/checkpoint-*/adapter_model.safetensors"))
+
+
+def test_a_damaged_per_process_rng_state_marks_the_checkpoint_damaged(killed):
+    """A multi-process checkpoint holds rng_state_0.pth, rng_state_1.pth, ...; a truncated one
+    passed the check and the resume then crashed on it (rank 1) instead of skipping it."""
+    from loralab.checkpoints import checkpoint_problem, newest_good_checkpoint
+
+    ckpt = killed / "checkpoints" / "checkpoint-12"
+    one = (ckpt / "rng_state.pth").read_bytes()
+    for rank in (0, 1):  # as two processes would have saved them
+        (ckpt / f"rng_state_{rank}.pth").write_bytes(one)
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "rng_state_1.pth").write_bytes(one[: len(one) // 2])
+    assert "rng_state_1.pth is truncated or damaged" in checkpoint_problem(ckpt)
+    good, skipped = newest_good_checkpoint(killed)
+    assert good.name == "checkpoint-8" and "checkpoint-12" in skipped[0]

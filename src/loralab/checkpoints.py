@@ -44,7 +44,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         check_safetensors(weights[0])
     except LoralabError as e:
         return str(e)
-    for name in _TORCH_FILES:
+    # Several processes save one RNG state each (rng_state_0.pth, ...), one process rng_state.pth.
+    per_process = sorted(p.name for p in ckpt.glob("rng_state_*.pth"))
+    for name in (*_TORCH_FILES, *per_process):
         path = ckpt / name
         if not path.is_file():
             if name == "rng_state.pth":
