@@ -89,7 +89,17 @@ def _assert_same_result(resumed, full):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k}: max |Δ| {(wa[k] - wb[k]).abs().max()}"
     assert _losses(resumed) == _losses(full)
+    # The log as an uninterrupted run's: the whole run's mean loss (it was the steps after the
+    # resume), and each record once (the step-0 records came again at the checkpoint's step).
+    assert _logged(resumed, "train/mean_loss") == _logged(full, "train/mean_loss")
+    for key in ("efficiency/total", "verification/base_unchanged"):
+        assert [s for s, _ in _logged(resumed, key)] == [s for s, _ in _logged(full, key)], key
     return sa
+
+
+def _logged(run, key: str) -> list[tuple[int, object]]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r.get("step"), r[key]) for r in lines if key in r]
 
 
 @pytest.mark.long

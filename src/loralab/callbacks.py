@@ -119,6 +119,8 @@ class TrackingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._last = (time.time(), state.global_step, *self._tokens())
+        if state.global_step > 0:  # resumed: these were logged before the checkpoint, and kept
+            return
         record = efficiency_records(self.efficiency)
         self.tracker.log(
             {**record, **self._verification(model), **self._adapter(model)}, state.global_step

@@ -169,6 +169,14 @@ class LoralabTrainer(Trainer):
             torch.utils.data.SequentialSampler(eval_dataset) if eval_dataset is not None else None
         )
 
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        # The stock closing `train_loss` covers only the steps since a resume; the run's own
+        # covers all (under several processes the summary's figure, summed over them, is it).
+        if "train_loss" in logs and distributed.world_size() == 1:
+            whole = self.whole_run_loss()
+            logs = {**logs, "train_loss": whole} if whole is not None else logs
+        super().log(logs, start_time)
+
     def _run_epoch(self, *args, **kwargs):
         # Resumed from the last checkpoint (the final evaluation died): the stock loop would
         # train one step past max_steps in an epoch it resumes mid-way, checking only after it.
