@@ -49,8 +49,20 @@ class Head(ABC):
         return {}
 
     def check_model(self, model_config, model_name: str) -> None:
-        """Raise LoralabError when this head cannot work with the model (before weights load)."""
-        return None
+        """Raise LoralabError when this head cannot work with the model (before weights load):
+        here, when transformers has no class of the head's kind for the model's type (Cohere
+        has no sequence classifier, T5 no causal LM). A model with its own code is its own."""
+        auto = self.auto_class()
+        try:
+            known = type(model_config) in auto._model_mapping  # transformers' registry
+        except Exception:  # noqa: BLE001 - a registry this transformers lays out otherwise
+            return
+        if not known and not getattr(model_config, "auto_map", None):
+            raise LoralabError(
+                f"{model_name} is a {model_config.model_type} model, for which transformers has "
+                f"no {auto.__name__.removeprefix('AutoModelFor')} class: model.head={self.name} "
+                f"on {self.task.name} needs one. Use another head (model.head=) or another model."
+            )
 
     @classmethod
     def check_data(cls, data: DataConfig) -> None:

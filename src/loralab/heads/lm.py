@@ -32,6 +32,7 @@ class PromptedLMHead(Head):
         return "CAUSAL_LM"
 
     def check_model(self, model_config, model_name: str) -> None:
+        super().check_model(model_config, model_name)
         if not is_causal(model_config):
             raise LoralabError(
                 f"model.head=lm needs a causal (decoder) language model; {model_name} is a "

@@ -12,8 +12,9 @@ from ..config import ExperimentConfig
 
 
 def check_points(cfgs: list[ExperimentConfig]) -> None:
-    """Each model name (`precheck`: typos, an unreachable hub) and each LoRA point's targets
-    against its model's layers; a model that ships its own code is left to its point."""
+    """Each model name (`precheck`: typos, an unreachable hub), each point's head against its
+    model, and each LoRA point's targets against its layers; a model that ships its own code
+    is left to its point."""
     from transformers import AutoConfig
 
     from ..heads import head_for
@@ -28,13 +29,17 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
         if name not in checked:
             precheck(name)
             checked.add(name)
-        key = (name, cfg.model.head, cfg.data.task, repr(cfg.lora))
-        if cfg.train.method != "lora" or key in targets:
+        key = (name, cfg.model.head, cfg.data.task, cfg.train.method, repr(cfg.lora))
+        if key in targets:
             continue
         targets.add(key)
-        check_init(cfg.lora)
+        if cfg.train.method == "lora":
+            check_init(cfg.lora)
         if cfg.model.trust_remote_code:
             continue  # remote code runs only when a worker is started with --trust-remote-code
         if name not in configs:
             configs[name] = AutoConfig.from_pretrained(resolve(name))
-        check_targets(cfg.lora, configs[name], head_for(cfg, get_task(cfg.data.task)).auto_class())
+        head = head_for(cfg, get_task(cfg.data.task))
+        head.check_model(configs[name], name)  # every method: the head must fit the model
+        if cfg.train.method == "lora":
+            check_targets(cfg.lora, configs[name], head.auto_class())
