@@ -25,7 +25,7 @@ from .data import Splits, check_accumulation, check_max_length, load_splits, mod
 from .errors import TrainingDiverged
 from .heads import Head, head_for
 from .lora import apply_lora, check_init, check_targets
-from .models import is_causal, load_for_task, load_tokenizer, resolve
+from .models import is_causal, load_config, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
 from .summary import base_summary, process_layout, resolved_config
 from .tasks import Task, absolute_ref, get_task
@@ -119,7 +119,6 @@ def train(
     with a `trainer` attribute is given the Trainer, one with a `tokens` attribute set to None
     the run's `TokenCounts` (for benchmarks).
     """
-    from transformers import AutoConfig
 
     validate(cfg)
     if cfg.train.method == "lora":  # a typo must not wait for a download or a conversion
@@ -146,9 +145,7 @@ def train(
     )
     # Labels (QA span positions, the null index) are absolute positions: pad on the right.
     tokenizer.padding_side = "right"
-    config = AutoConfig.from_pretrained(
-        resolve(cfg.model.name), trust_remote_code=cfg.model.trust_remote_code
-    )
+    config = load_config(cfg.model.name, cfg.model.trust_remote_code, progress=not quiet)
     cfg, precision_decision = kernels.resolve_precision(cfg, config)
     head.check_model(config, cfg.model.name)
     check_max_length(task, cfg.data, config, cfg.model.name)

@@ -30,7 +30,14 @@ from .lora import (
     resolve_targets,
 )
 from .merge import DEFAULT_TOLERANCES, equivalence_bound, lora_disabled
-from .models import canonical, is_causal, load_for_task, load_model, load_tokenizer, resolve
+from .models import (
+    canonical,
+    is_causal,
+    load_config,
+    load_for_task,
+    load_model,
+    load_tokenizer,
+)
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
 
@@ -179,7 +186,7 @@ def run_checks(
     fp32 merge tolerance per unit of max |logit| (default: merge's).
     """
     from peft import PeftModel
-    from transformers import AutoConfig, set_seed
+    from transformers import set_seed
 
     if steps < 2:
         raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")
@@ -188,7 +195,7 @@ def run_checks(
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
     head = head_for(cfg, get_task(PROBE_TASK))
     trust = cfg.model.trust_remote_code
-    config = AutoConfig.from_pretrained(resolve(cfg.model.name), trust_remote_code=trust)
+    config = load_config(cfg.model.name, trust)
     head.check_model(config, cfg.model.name)
     check_targets(cfg.lora, config, head.auto_class(), trust)  # before any weights load
     set_seed(cfg.train.seed)

@@ -360,3 +360,40 @@ def test_loading_hides_transformers_bars_but_keeps_the_hubs_download_bars():
         hf_logging.enable_progress_bar() if was[0] else hf_logging.disable_progress_bar()
         hub_utils.disable_progress_bars() if was[1] else hub_utils.enable_progress_bars()
         datasets.enable_progress_bars() if was[2] else datasets.disable_progress_bars()
+
+
+def _break_no_model_type(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("model_type")
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _break_no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+
+
+def _break_truncated_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (_break_no_model_type, "Could not load model"),
+        (_break_no_tokenizer, "Could not load model"),
+        (_break_truncated_weights, "Could not load model"),
+    ],
+)
+def test_a_broken_model_folder_is_a_user_error(cache, tmp_path, sst2_dir, capsys, damage, needle):
+    """Were ValueError / SafetensorError tracebacks (exit 1) from transformers."""
+    from loralab.cli import main
+
+    folder = tmp_path / "mine"
+    shutil.copytree(models.resolve("tiny-llama", progress=False), folder)
+    damage(folder)
+    code = main(["train", "--model", str(folder), "--output-dir", str(tmp_path / "runs"),
+                 "--data-dir", str(sst2_dir), "--quiet", "train.max_steps=1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "check the folder's files" in err, err

@@ -10,6 +10,7 @@ from ..cache import cache_dir
 from .build import resolve
 from .load import (
     is_causal,
+    load_config,
     load_for_task,
     load_model,
     load_tokenizer,
@@ -43,6 +44,7 @@ __all__ = [
     "is_causal",
     "list_models",
     "load_for_task",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "new_module_names",

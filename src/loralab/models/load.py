@@ -19,13 +19,41 @@ from .registry import builtin_names, check_hub_model, untrained_modules
 
 def _load_error(name: str, where: Path | str, exc: Exception) -> LoralabError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = (
-        "check the folder's files"
-        if isinstance(where, Path)
-        else "hub ids need network access to huggingface.co (or a filled Hugging Face cache); "
-        f"offline, use a local folder or a built-in model: {builtin_names()}"
-    )
+    if "trust_remote_code" in str(exc):
+        hint = "the model ships its own code: add --trust-remote-code if you trust it"
+    elif isinstance(where, Path):
+        hint = ("check the folder's files (a model folder holds config.json with its "
+                "model_type, the weights, and the tokenizer's files)")  # fmt: skip
+    else:
+        hint = ("hub ids need network access to huggingface.co (or a filled Hugging Face "
+                f"cache); offline, use a local folder or a built-in model: {builtin_names()}")  # fmt: skip
     return LoralabError(f"Could not load model '{name}' ({first}); {hint}.")
+
+
+# What transformers raises for a model folder or hub id it cannot read: missing or damaged
+# files (OSError; safetensors' own error), a config without a known model_type or a tokenizer
+# it cannot build (ValueError), custom code without trust (ValueError).
+LOAD_ERRORS = (OSError, ValueError)
+
+
+def _safetensors_error() -> tuple:
+    try:
+        from safetensors import SafetensorError
+
+        return (SafetensorError,)
+    except ImportError:
+        return ()
+
+
+def load_config(name: str, trust_remote_code: bool = False, progress: bool = True):
+    """The model's transformers config, a folder or hub id that cannot give one a user error."""
+    from transformers import AutoConfig
+
+    where = resolve(name, progress)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise _load_error(name, where, exc) from exc
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, progress: bool = True):
@@ -37,7 +65,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, progress: bool = 
         check_hub_model(where)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except LOAD_ERRORS as exc:
         raise _load_error(name, where, exc) from exc
     if tok.pad_token is None:
         fallback = tok.eos_token or tok.unk_token
@@ -115,7 +143,7 @@ def load_model(
                 return auto_class.from_pretrained(
                     where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
                 )
-        except OSError as exc:
+        except (*LOAD_ERRORS, *_safetensors_error()) as exc:
             raise _load_error(name, where, exc) from exc
 
     # transformers logs a load report (missing/unexpected keys); hold it back until we know

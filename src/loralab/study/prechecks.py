@@ -15,11 +15,9 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
     """Each model name (`precheck`: typos, an unreachable hub), each point's head against its
     model, and each LoRA point's targets against its layers; a model that ships its own code
     is left to its point."""
-    from transformers import AutoConfig
-
     from ..heads import head_for
     from ..lora import check_init, check_targets
-    from ..models import resolve
+    from ..models import load_config
     from ..models.registry import precheck
     from ..tasks import get_task
 
@@ -38,7 +36,7 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
         if cfg.model.trust_remote_code:
             continue  # remote code runs only when a worker is started with --trust-remote-code
         if name not in configs:
-            configs[name] = AutoConfig.from_pretrained(resolve(name))
+            configs[name] = load_config(name)
         head = head_for(cfg, get_task(cfg.data.task))
         head.check_model(configs[name], name)  # every method: the head must fit the model
         if cfg.train.method == "lora":
