@@ -422,3 +422,12 @@ def test_dora_counts_its_magnitude_vectors(tmp_path):
     lora = _tiny_llama_counts()[0] + outputs  # q and v: one magnitude per output
     detail = checks["parameter_accounting_adds_up"]["detail"]
     assert f"lora={lora:,} (expected r·(in+out) + out (DoRA) summed = {lora:,})" in detail
+
+
+def test_a_quantized_base_is_refused_with_where_to_check_it(tmp_path, capsys):
+    """Its merge check crashed (PEFT's int8 layer cannot merge without a dequantized base)."""
+    out = tmp_path / "v.json"
+    code = cli.main(["validate", "--model", "tiny-llama", "--out", str(out), "model.quantization=int8"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "model.quantization=int8 is not covered" in err and "loralab merge" in err
+    assert not out.exists()

@@ -190,6 +190,13 @@ def run_checks(
 
     if steps < 2:
         raise LoralabError(f"The training probe needs at least 2 steps (--steps), got {steps}.")
+    if cfg.model.quantization != "none":  # its merge would need the dequantized base (merge's)
+        raise LoralabError(
+            f"validate checks LoRA on an unquantized base; model.quantization={cfg.model.quantization} "
+            "is not covered (its merge check needs the base dequantized first). Validate without "
+            "it, and check a trained quantized run with `loralab merge RUN_DIR`, which states the "
+            "equivalence against the dequantized base."
+        )
     check_init(cfg.lora)  # before the model is fetched or converted
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
