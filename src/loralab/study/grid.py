@@ -305,6 +305,13 @@ def make_plan(
         "lora": parse_list(lora_lr, float, "--lora-lr"),
         "full": parse_list(full_lr, float, "--full-lr"),
     }
+    lora_keys = [x.split("=", 1)[0].split(":")[-1].strip() for x in overrides or [] if x.split(":")[-1].strip().startswith("lora.")]  # fmt: skip
+    if lora_keys and "lora" not in method_list:
+        raise LoralabError(
+            f"{', '.join(lora_keys)} given, but --methods is {','.join(method_list)}: full "
+            "fine-tuning builds no adapter, so lora.* settings would be ignored. Drop them, or "
+            "add lora to --methods."
+        )
     unused = [f"--{m}-lr" for m, v in lrs.items() if v is not None and m not in method_list]
     if unused:
         raise LoralabError(f"{', '.join(unused)} given, but --methods is {','.join(method_list)}: add the method or drop the rates.")  # fmt: skip
