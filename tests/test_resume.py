@@ -117,6 +117,9 @@ def test_sigkill_in_second_epoch_resumes_bit_identical(killed, uninterrupted):
     assert summary["train_time_s"] > state["train_time_s"]
     assert summary["train_cpu_time_s"] > state["train_cpu_time_s"]
     assert (
+        summary["wall_time_s"] >= summary["train_time_s"]
+    )  # the wall time too (was this attempt's)
+    assert (
         summary["tokens"]["real"]
         < json.loads((full / "summary.json").read_text())["tokens"]["real"]
     )

@@ -342,7 +342,9 @@ class _Run:
             metrics=metrics,
             train_loss=loss if loss == loss else train_out.training_loss,
             steps=trainer.state.global_step,
-            wall_time_s=time.time() - start,
+            wall_time_s=time.time()
+            - start
+            + trainer.time_before[0],  # + earlier attempts' training
             train_time_s=train_time,
             eval_time_s=eval_time,
             # This attempt's tokens (a resumed run counts from its checkpoint) over its time.
