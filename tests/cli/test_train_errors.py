@@ -27,6 +27,8 @@ BAD_INPUTS = [
     (["--max-train-examples", "40", "train.grad_accum=4"], "an epoch holds only 3 batches"),
     (["--method", "full", "lora.r=16"], "lora.r given with train.method=full"),
     (["data.verbalizers=[' no', ' yes']"], "the classifier head would ignore it"),
+    (["data.chat_template=false"], "data.chat_template is for a prompted language model"),
+    (["--task", "squad_v2", "--head", "lm", "data.verbalizers=[' a']"], "squad_v2 has no labels"),
 ]
 
 

@@ -68,6 +68,7 @@ class Head(ABC):
     def check_data(cls, data: DataConfig) -> None:
         """Raise LoralabError for data settings this head would silently ignore."""
         given = [f"data.{k}" for k in ("prompt", "verbalizers") if getattr(data, k) is not None]
+        given += ["data.chat_template"] if data.chat_template is False else []
         if given and not cls.reads_prompts:
             raise LoralabError(
                 f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for a prompted "

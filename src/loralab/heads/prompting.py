@@ -54,6 +54,11 @@ def prompting_for(task, cfg: DataConfig, tokenizer) -> Prompting:
         )
     chat = bool(cfg.chat_template and getattr(tokenizer, "chat_template", None))
     verbalizers = tuple(cfg.verbalizers or task.verbalizers)
+    if cfg.verbalizers and task.kind != "classification":
+        raise LoralabError(
+            f"data.verbalizers name an answer word per label; {task.name} has no labels (its "
+            "answers are generated), so they would be ignored. Drop them."
+        )
     if task.kind == "classification":
         if len(verbalizers) != task.num_labels:
             raise LoralabError(
