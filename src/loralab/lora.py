@@ -234,7 +234,8 @@ def resolve_targets(
     if unmatched:
         raise LoralabError(
             f"LoRA target module(s) {unmatched} match no linear layer of this {model_type} model. "
-            f"Its linear layers are named: {', '.join(layer_names(layers))}."
+            f"Its linear layers are named: {', '.join(layer_names(layers))} (N: the block "
+            "number). A target is a name's ending, e.g. q_proj or self_attn.q_proj."
         )
     return keys
 
@@ -361,8 +362,12 @@ def apply_lora(
             known = ", ".join(["true", "false", *peft_initialisations()])
             raise LoralabError(
                 f"PEFT refused the LoRA settings (lora.init_lora_weights="
-                f"{spec.init_lora_weights!r}, lora.extra={spec.extra}): {e}. "
-                f"lora.init_lora_weights takes one of: {known}."
+                f"{spec.init_lora_weights!r}, lora.extra={spec.extra}): {e}"
+                + (
+                    f". lora.init_lora_weights takes one of: {known}."
+                    if "init" in str(e).lower()
+                    else ""
+                )
             ) from None
     if before is not None:
         residual.record(peft_model, cfg.init_lora_weights, before)
