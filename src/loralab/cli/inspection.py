@@ -118,6 +118,14 @@ def cmd_merge(args) -> int:
         flag = "--push-to-hub uploads" if args.push_to_hub else "--out names the folder of"
         raise LoralabError(f"{flag} the merged export, which --no-export skips: drop one of them.")
     check_push_flags(args)
+    # fp32's tolerance also bounds other comparisons (the PEFT wrapper's); bf16's only bf16 rows.
+    unchecked = [t.partition("=")[0] for t in args.tolerance or []]
+    unchecked = [d for d in unchecked if d == "bf16" and args.dtype == "fp32"]
+    if unchecked:
+        raise LoralabError(
+            f"--tolerance {', '.join(unchecked)}=... given, but --dtype {args.dtype} checks no "
+            f"{'/'.join(unchecked)} merge: drop it, or use --dtype both."
+        )
     options = MergeOptions(
         dtype=args.dtype,
         tolerances=parse_tolerances(args.tolerance),

@@ -46,12 +46,6 @@ class MergeOptions:
                 "The benchmark needs --bench-batch-size, --bench-seq-len, --bench-batches ≥ 1 "
                 "and --bench-warmup ≥ 0."
             )
-        unchecked = [d for d in self.tolerances or {} if self.dtype not in (d, "both")]
-        if unchecked:
-            raise LoralabError(
-                f"--tolerance {', '.join(unchecked)}=... given, but --dtype {self.dtype} checks no "
-                f"{'/'.join(unchecked)} merge: drop it, or add --dtype both."
-            )
         if self.max_eval_examples is not None and self.max_eval_examples < 1:
             raise LoralabError(
                 f"--max-eval-examples must be at least 1 (or 0 = all), got {self.max_eval_examples}."
