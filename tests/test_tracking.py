@@ -68,6 +68,20 @@ def history_keys(path: Path) -> set[str]:
     return keys
 
 
+def _one_step(data_dir, out, *extra):
+    """A one-step tiny-llama run's config (batch 8) writing under `out`."""
+    return build_config(
+        overrides=[
+            "model.name=tiny-llama",
+            f"data.data_dir={data_dir}",
+            f"run.output_dir={out}",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            *extra,
+        ]  # fmt: skip
+    )
+
+
 def test_offline_wandb_run_has_all_namespaces(tmp_path, sst2_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -174,16 +188,7 @@ def test_auto_is_online_with_a_key_and_offline_without(tmp_path, sst2_dir, monke
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     assert tracking.wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = build_config(
-        overrides=[
-            "model.name=tiny-llama",
-            f"data.data_dir={sst2_dir}",
-            f"run.output_dir={tmp_path / 'runs'}",
-            "train.max_steps=1",
-            "train.batch_size=8",
-            "tracking.wandb=auto",
-        ]  # fmt: skip
-    )
+    cfg = _one_step(sst2_dir, tmp_path / "runs", "tracking.wandb=auto")
     result = train(cfg, quiet=True)  # no key: an offline W&B run beside the metrics
     assert list(result.run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
@@ -251,16 +256,7 @@ def test_each_run_reports_its_own_accelerator_peak(tmp_path, sst2_dir, monkeypat
     monkeypatch.setattr(
         train_module, "build_model", lambda *a, **k: order.append("build") or built(*a, **k)
     )
-    cfg = build_config(
-        overrides=[
-            "model.name=tiny-llama",
-            f"data.data_dir={sst2_dir}",
-            f"run.output_dir={tmp_path / 'runs'}",
-            "train.max_steps=1",
-            "train.batch_size=8",
-        ]  # fmt: skip
-    )
-    train(cfg, quiet=True)
+    train(_one_step(sst2_dir, tmp_path / "runs"), quiet=True)
     assert order == ["reset", "build"]
 
 

@@ -142,6 +142,16 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
         os.close(fd)
 
 
+def _with_live_worker(spec, res, lock):
+    """The status while a live worker holds the running point's lock (not stale)."""
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        return study_status(spec, str(res), tasks=["sst2"])
+    finally:
+        os.close(fd)
+
+
 def test_wall_time_left_is_the_running_workers_schedule_at_the_finished_points_pace(tmp_path, spec):  # fmt: skip
     """With a live worker, the line adds the wall time its queue takes: the running point's
     rest, then the interrupted point, then the others, at the finished points' wall s per
@@ -153,12 +163,7 @@ def test_wall_time_left_is_the_running_workers_schedule_at_the_finished_points_p
         path.write_text(json.dumps({**json.loads(path.read_text()), "train_time_s": wall_s}))
     stale = study_status(spec, str(res), tasks=["sst2"])
     assert stale.wall_left() is None and "wall time" not in "\n".join(render(stale))
-    fd = os.open(lock, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        status = study_status(spec, str(res), tasks=["sst2"])
-    finally:
-        os.close(fd)
+    status = _with_live_worker(spec, res, lock)
     # One worker: 50 s of its point left, then 75 + 100 + 300; 1.5 wall s per CPU s.
     assert status.wall_left() == (pytest.approx(525.0 * 1.5), 1)
     assert "~9 min left for 4 points (~13 min of wall time for the worker running now)" in render(status)[-1]  # fmt: skip
@@ -182,12 +187,7 @@ def test_wall_time_left_adds_each_points_start_up_and_final_evaluation(tmp_path,
         path = res / "runs" / key / "summary.json"
         timed = {"train_time_s": train_s, "eval_time_s": final, "wall_time_s": train_s + setup + final}  # fmt: skip
         path.write_text(json.dumps({**json.loads(path.read_text()), **timed}))
-    fd = os.open(lock, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        status = study_status(spec, str(res), tasks=["sst2"])
-    finally:
-        os.close(fd)
+    status = _with_live_worker(spec, res, lock)
     # At 1.5 wall s per CPU s: running LoRA 50 x 1.5 + 20, interrupted full 75 x 1.5 + 30 + 40,
     # then the seeds: LoRA 100 x 1.5 + 10 + 20 and full 300 x 1.5 + 30 + 40.
     assert status.wall_left() == (pytest.approx(525.0 * 1.5 + 20 + 70 + 30 + 70), 1)
