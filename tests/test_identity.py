@@ -23,3 +23,16 @@ def test_identity_fills_the_default_learning_rate(method, default):
         overrides=["model.name=tiny-llama", f"train.method={method}", "train.lr=1e-3"]
     )
     assert identity(cfg, SPLITS, "fp32")["train"]["lr"] == 1e-3
+
+
+def test_a_file_task_is_identified_by_its_rows_not_where_they_lie(tmp_path):
+    """The same CSV in two folders (the fingerprint is the rows') pools; another option does not."""
+    from dataclasses import replace
+
+    cfg = build_config(overrides=["model.name=tiny-llama"])
+    ids = [identity(replace(cfg, data=replace(cfg.data, task=t)), SPLITS, "fp32")
+           for t in ("csv:/a/moods?label=y", "csv:/b/moods?label=y", "csv:/b/moods?label=z")]  # fmt: skip
+    assert ids[0] == ids[1] != ids[2]
+    assert ids[0]["data"]["task"] == "csv:moods?label=y"
+    builtin = identity(cfg, SPLITS, "fp32")["data"]["task"]
+    assert builtin == cfg.data.task  # built-in tasks are their names

@@ -57,8 +57,23 @@ def identity(
     d["train"]["precision"] = precision
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
+    d["data"]["task"] = _without_path(cfg.data.task)
     if retrained and cfg.train.method == "lora":  # full fine-tuning trains them anyway
         d["model"]["retrained"] = sorted(retrained)
     if processes > 1:
         d["train"]["processes"] = processes
     return d
+
+
+def _without_path(task: str) -> str:
+    """A file task's reference without where its files lie ("csv:/data/m1?label=y" ->
+    "csv:m1?label=y"): the fingerprint stands for the rows, so the same files in two folders
+    pool. The options (labels, metric, columns) stay. Built-in and hub tasks, and task files
+    (whose other keys the path stands for), are themselves."""
+    from .tasks.custom_spec import FORMATS, short_name
+
+    kind, _, rest = task.partition(":")
+    if kind not in FORMATS:
+        return task
+    _, q, query = rest.partition("?")
+    return f"{kind}:{short_name(task)}{q}{query}"
