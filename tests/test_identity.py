@@ -36,3 +36,20 @@ def test_a_file_task_is_identified_by_its_rows_not_where_they_lie(tmp_path):
     assert ids[0]["data"]["task"] == "csv:moods?label=y"
     builtin = identity(cfg, SPLITS, "fp32")["data"]["task"]
     assert builtin == cfg.data.task  # built-in tasks are their names
+
+
+def test_runs_from_before_pool_with_new_ones_only_with_a_fingerprint():
+    """A stored identity that kept the folder pools with today's (the report normalises it);
+    one without a data fingerprint keeps its path, so other files never pool."""
+    from dataclasses import replace
+
+    from loralab.study.records import pooled_identity
+
+    cfg = build_config(overrides=["model.name=tiny-llama"])
+    cfg = replace(cfg, data=replace(cfg.data, task="csv:/home/u/data/moods?label=mood"))
+    new = identity(cfg, SPLITS, "fp32")
+    old = {**new, "data": {**new["data"], "task": "csv:/home/u/data/moods?label=mood"}}
+    assert pooled_identity(old) == new
+    blind = identity(cfg, SimpleNamespace(max_length=32, fingerprint=None), "fp32")
+    assert blind["data"]["task"] == "csv:/home/u/data/moods?label=mood"
+    assert pooled_identity(blind) == blind

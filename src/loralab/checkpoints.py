@@ -117,6 +117,18 @@ def check_same_run(ckpt: Path, fingerprint: dict | None, processes: int) -> None
         )
 
 
+def continue_from(ckpt: Path, fingerprint: dict | None, processes: int) -> None:
+    """Before a resume trains from `ckpt`: `check_same_run`, then (one process) drop the
+    metrics.jsonl records after its step, which the resume logs again. A refused resume
+    leaves the folder as it was."""
+    from . import distributed
+
+    check_same_run(ckpt, fingerprint, processes)
+    if distributed.is_main():
+        trim_metrics(ckpt.parent.parent, _step(ckpt))
+    distributed.barrier()
+
+
 def _short(fp) -> str:
     if isinstance(fp, dict):
         return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))

@@ -57,7 +57,8 @@ def identity(
     d["train"]["precision"] = precision
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
-    d["data"]["task"] = _without_path(cfg.data.task)
+    if splits.fingerprint:  # the rows stand for the files: where they lie does not count
+        d["data"]["task"] = without_path(cfg.data.task)
     if retrained and cfg.train.method == "lora":  # full fine-tuning trains them anyway
         d["model"]["retrained"] = sorted(retrained)
     if processes > 1:
@@ -65,7 +66,7 @@ def identity(
     return d
 
 
-def _without_path(task: str) -> str:
+def without_path(task: str) -> str:
     """A file task's reference without where its files lie ("csv:/data/m1?label=y" ->
     "csv:m1?label=y"): the fingerprint stands for the rows, so the same files in two folders
     pool. The options (labels, metric, columns) stay. Built-in and hub tasks, and task files

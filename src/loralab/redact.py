@@ -19,7 +19,7 @@ _PATTERNS = [
     # word before a space is text, not a flag ("the key idea", ".../monkey train.lr=3e-4").
     (
         re.compile(
-            r"((?<![A-Za-z0-9_.-])(?:--[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)(?:=|\s+)"
+            r"((?<![A-Za-z0-9_.-])(?:--?[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)(?:=|\s+)"
             r"|[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd)=))(?!-)\S+",
             re.IGNORECASE,
         ),

@@ -48,7 +48,7 @@ def resume(
                 [f"restarting '{run_dir}' from step 0 (--restart): its metrics.jsonl starts afresh"]
             )
             shutil.rmtree(run_dir / tracking.CHECKPOINT_DIR, ignore_errors=True)  # none usable
-        trim_metrics(run_dir, None if checkpoint is None else int(checkpoint.name.split("-")[-1]))
+            trim_metrics(run_dir, None)  # from a checkpoint: `train` trims once it is checked
     distributed.init()
     distributed.barrier()
     return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint, callbacks=callbacks)

@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import check_same_run, logged, read_loss_sum, read_training_time, run_facts
+from .checkpoints import continue_from, logged, read_loss_sum, read_training_time, run_facts
 from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
@@ -156,7 +156,7 @@ def train(
     causal = is_causal(config)
     splits = load_splits(task, cfg.data, tokenizer, cfg.train.seed, causal, head, not quiet)
     if checkpoint:  # before the model: a resume on other data or processes is refused
-        check_same_run(Path(checkpoint), splits.fingerprint, distributed.world_size())
+        continue_from(Path(checkpoint), splits.fingerprint, distributed.world_size())
     tr = cfg.train
     check_accumulation(len(splits.train), tr.batch_size, tr.grad_accum, distributed.world_size())
     kernel = kernels.choose_attention(cfg, config, splits)
@@ -302,9 +302,7 @@ class _Run:
                 raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            summary.update(
-                status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start
-            )
+            summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start + trainer.time_before[0])  # fmt: skip
             if distributed.is_main():
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)

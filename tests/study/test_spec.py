@@ -875,6 +875,33 @@ def test_a_method_that_diverged_at_every_rate_is_not_run_on_the_other_seeds(tmp_
     assert "full diverged at every rate of the grid: not run on its other seeds" in capsys.readouterr().err  # fmt: skip
 
 
+def test_a_seeds_study_stored_before_lost_rates_were_left_out_goes_on_as_it_began(tmp_path, data_root):  # fmt: skip
+    """Full fine-tuning diverged at both grid rates. A seeds study stored by a loralab that ran
+    it at the smallest rate holds that plan: today's plan (full left out) differs, and the study
+    goes on with the stored one instead of refusing to continue."""
+    from types import SimpleNamespace
+
+    spec = load_spec(TINY, str(data_root))
+    grid, seeds, *_ = phases(spec)
+    res = str(tmp_path / "res")
+    grid_plan = grid.plan(spec, None, res)
+    values = dict(zip([p["key"] for p in grid_plan.points()], [0.7, 0.8, -math.inf, -math.inf], strict=True))  # fmt: skip
+    best = grid.bests(grid_plan, values)
+    assert best == {"lora": 3e-3, "full": None}
+    from loralab.study.storage import create_or_check
+
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
+
+    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
+    kept = runner._made_before_lost_rates(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
+    assert kept is not None and [p["method"] for p in kept.points()] == ["lora", "full"]
+    # A study stored with another plan altogether (LoRA at another rate) is still refused.
+    create_or_check(st, "u-sst2-seeds", seeds.plan(spec, {"lora": 1e-3, "full": 1e-4}, res))
+    other = Runner(spec, st, "u", ["sst2"], res, 60, True)
+    assert other._made_before_lost_rates(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
+
+
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
     small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
              "max_eval_examples": 8, "max_length": 32}  # fmt: skip

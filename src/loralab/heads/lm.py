@@ -32,13 +32,13 @@ class PromptedLMHead(Head):
         return "CAUSAL_LM"
 
     def check_model(self, model_config, model_name: str) -> None:
-        super().check_model(model_config, model_name)
         if not is_causal(model_config):
             raise LoralabError(
                 f"model.head=lm needs a causal (decoder) language model; {model_name} is a "
                 f"{model_config.model_type} encoder. Use model.head=classifier, or a "
                 "Llama-family model."
             )
+        super().check_model(model_config, model_name)  # e.g. T5: no causal LM class
 
     def prepare(self, tokenizer) -> None:
         self.prompting = prompting.prompting_for(self.task, self.data, tokenizer)

@@ -305,7 +305,8 @@ def make_plan(
         "lora": parse_list(lora_lr, float, "--lora-lr"),
         "full": parse_list(full_lr, float, "--full-lr"),
     }
-    lora_keys = [x.split("=", 1)[0].split(":")[-1].strip() for x in overrides or [] if x.split(":")[-1].strip().startswith("lora.")]  # fmt: skip
+    keys = [x.split("=", 1)[0].split(":")[-1].strip() for x in overrides or []]  # task: prefix off
+    lora_keys = [k for k in keys if k.startswith("lora.")]
     if lora_keys and "lora" not in method_list:
         raise LoralabError(
             f"{', '.join(lora_keys)} given, but --methods is {','.join(method_list)}: full "

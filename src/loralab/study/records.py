@@ -22,7 +22,7 @@ import yaml
 from .. import tracking
 from ..config import ExperimentConfig, from_dict
 from ..errors import LoralabError
-from ..identity import identity
+from ..identity import identity, without_path
 from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
 from ..tasks import get_task
 from .grid import Plan
@@ -48,7 +48,7 @@ def record_from_summary(summary: dict) -> dict:
     rec["metrics"] = _numbers(summary.get("metrics"))
     rec["majority"] = _numbers(summary.get("majority_baseline"))
     rec["zero_shot"] = _numbers(summary.get("zero_shot"))
-    rec["identity"] = summary.get("identity")
+    rec["identity"] = pooled_identity(summary.get("identity"))
     rec["data_known"] = bool((summary.get("identity") or {}).get("data", {}).get("fingerprint"))
     return rec
 
@@ -244,6 +244,16 @@ def deduplicate(records: list[dict]) -> tuple[list[dict], list[str]]:
         )
     kept = {id(r) for r in newest.values()}
     return [r for r in records if id(r) in kept], warnings
+
+
+def pooled_identity(ident: dict | None) -> dict | None:
+    """A stored identity as runs pool on it now: a file task with a data fingerprint is named
+    without the folder its files lay in (`identity.without_path`; runs from before kept it)."""
+    data = (ident or {}).get("data") or {}
+    if not data.get("fingerprint") or not isinstance(data.get("task"), str):
+        return ident
+    task = without_path(data["task"])
+    return ident if task == data["task"] else {**ident, "data": {**data, "task": task}}
 
 
 def record_identity(rec: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .bar import PointsBar
-from .phases import Phase, StudySpec, grid_values, phases
+from .phases import Phase, StudySpec, best_so_far, grid_values, phases
 from .prechecks import check_points
 from .progress import FINAL
 from .records import load_runs
@@ -68,10 +68,11 @@ class Runner:
         name = ph.study_name(self.prefix)
         if name in self.workers:
             return self.workers[name]
-        best, dep = None, ph.depends_on
+        best, dep, d, values = None, ph.depends_on, None, None
         if dep is not None:
             d = self.worker(dep)
-            best = None if d is None else dep.bests(d.plan, grid_values(d.study, d.plan))
+            values = None if d is None else grid_values(d.study, d.plan)
+            best = None if d is None else dep.bests(d.plan, values)
             if best is None:
                 return None
             source = "the grid" if dep.kind == "grid" else dep.study_name(self.prefix)
@@ -82,12 +83,30 @@ class Runner:
         try:
             create_or_check(self.storage, name, plan)
         except LoralabError as e:
-            raise self._refusal(ph, name, plan, e) from None
+            older = self._made_before_lost_rates(ph, best, d, values, name)
+            if older is None:
+                raise self._refusal(ph, name, plan, e) from None
+            plan = older
         w = Worker(self.storage, name, [ph.task], self.results_dir, self.heartbeat, self.quiet,
                    self.trust_remote_code)  # fmt: skip
         w.bar = self.bar  # its lines go above the study's bar
         self.workers[name] = w
         return w
+
+    def _made_before_lost_rates(self, ph: Phase, best: dict | None, d, values, name: str):
+        """The plan of a study stored before a method that diverged at every rate of its task's
+        grid was left out of the seeds (it ran at the grid's smallest rate then), when that is
+        the stored one: it goes on as it began. None otherwise."""
+        if d is None or ph.depends_on.kind != "grid" or None not in (best or {}).values():
+            return None
+        older = ph.plan(self.spec, best_so_far(d.plan, values), self.results_dir)
+        try:
+            create_or_check(self.storage, name, older)
+        except LoralabError:
+            return None
+        lost = [m for m, lr in best.items() if lr is None]
+        self.say(f"{name}: made before a method that diverged at every rate was left out: it keeps running {', '.join(lost)} at the smallest rate")  # fmt: skip
+        return older
 
     def run(self) -> list[str]:
         done, total = self._counts()

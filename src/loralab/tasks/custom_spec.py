@@ -183,7 +183,8 @@ def _checked(key: str, value, where: str):
         return str(v)
 
     if key == "max_length":
-        if isinstance(value, bool) or not re.fullmatch(r"\s*\d+\s*", str(value)) or int(value) < 16:
+        whole = isinstance(value, float) and value.is_integer() or re.fullmatch(r"\s*\d+\s*", str(value))  # fmt: skip
+        if isinstance(value, bool) or not whole or int(value) < 16:
             raise LoralabError(f"Task '{where}': max_length must be a whole number of tokens, at least 16; got {value!r}.")  # fmt: skip
         return int(value)
     if value is None and key in OPTIONAL:
