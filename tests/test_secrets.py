@@ -24,6 +24,7 @@ SECRET = "s3cret-Pa55word"
         (f"use hf_{SECRET.replace('-', '')}abc", "use hf_***"),
         (f"WANDB_API_KEY={SECRET} loralab train", "WANDB_API_KEY=*** loralab train"),
         (f"--hub-token {SECRET} --quiet", "--hub-token *** --quiet"),
+        (f"tool -password {SECRET} -v", "-password *** -v"),
         (f"sqlite:////tmp/x.db?password={SECRET}", "password=***"),
     ],
 )
