@@ -241,3 +241,21 @@ def test_a_damaged_per_process_rng_state_marks_the_checkpoint_damaged(killed):
     assert "rng_state_1.pth is truncated or damaged" in checkpoint_problem(ckpt)
     good, skipped = newest_good_checkpoint(killed)
     assert good.name == "checkpoint-8" and "checkpoint-12" in skipped[0]
+
+
+def test_a_sharded_models_checkpoint_is_checked_shard_by_shard(killed):
+    """Full fine-tuning of a model past save_pretrained's max_shard_size saves shards and an
+    index, no model.safetensors: such a checkpoint was "damaged" and never resumed."""
+    from loralab.checkpoints import checkpoint_problem
+
+    ckpt = killed / "checkpoints" / "checkpoint-12"
+    weights = (ckpt / "adapter_model.safetensors").read_bytes()
+    (ckpt / "adapter_model.safetensors").unlink()
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for name in shards:
+        (ckpt / name).write_bytes(weights)
+    index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / shards[1]).write_bytes(weights[:100])
+    assert shards[1] in checkpoint_problem(ckpt)

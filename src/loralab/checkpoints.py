@@ -38,10 +38,14 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         state = tracking.read_json(ckpt / "trainer_state.json")
         if not isinstance(state.get("global_step"), int):
             return "trainer_state.json has no global_step"
-        weights = [ckpt / w for w in _WEIGHTS if (ckpt / w).is_file()]
+        weights = [ckpt / w for w in _WEIGHTS if (ckpt / w).is_file()][:1]
+        index = ckpt / "model.safetensors.index.json"  # a model past max_shard_size: its shards
+        if not weights and index.is_file():
+            weights = [ckpt / f for f in sorted(set((tracking.read_json(index).get("weight_map") or {}).values()))]  # fmt: skip
         if not weights:
-            return f"it holds neither {' nor '.join(_WEIGHTS)}"
-        check_safetensors(weights[0])
+            return f"it holds neither {' nor '.join(_WEIGHTS)} (nor a sharded model's index)"
+        for w in weights:
+            check_safetensors(w)
     except LoralabError as e:
         return str(e)
     # Several processes save one RNG state each (rng_state_0.pth, ...), one process rng_state.pth.
