@@ -324,8 +324,9 @@ def cmd_study(args) -> int:
     tasks = parse_list(args.tasks, str, "--tasks")
     if args.dry_run:
         from ..study.prechecks import check_points
-        from ..study.spec import select_tasks, spec_configs
+        from ..study.spec import check_data, select_tasks, spec_configs
 
+        check_data(spec, select_tasks(spec, tasks))  # as the real run does, before its plan
         check_points(spec_configs(spec, select_tasks(spec, tasks)))
         lines = dry_run(spec, tasks, args.study or spec.name)
         print("\n".join(lines))
