@@ -149,6 +149,7 @@ def test_generated_answers_are_the_new_tokens_of_left_padded_prompts(tok):
         ("data.prompt='Review {text_a} }'", "literal braces are written twice"),
         ("data.prompt='Review {text_a!x}'", "not a valid template"),
         ("data.prompt='Review {text_a:d}'", "not a valid template"),
+        ("data.prompt=''", "data.prompt is empty"),
     ],
 )
 def test_bad_prompting_is_a_user_error(tok, override, needle):

@@ -36,6 +36,11 @@ class Prompting:
 
 def prompting_for(task, cfg: DataConfig, tokenizer) -> Prompting:
     """The task's prompt and verbalizers, with config overrides, checked against the tokenizer."""
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise LoralabError(
+            f"data.prompt is empty; drop it to use {task.name}'s own prompt ({task.prompt!r}), "
+            "or give a template with its fields."
+        )
     template = cfg.prompt or task.prompt
     required = set(task.prompt_fields)
     try:  # as each example will be rendered: stray braces or a format spec fail here, not later
