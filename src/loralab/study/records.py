@@ -149,8 +149,9 @@ def load_runs(results_dir: str | Path, stored: dict[str, list[str]] | None = Non
     name (runs exported or copied without their sweep.json), else "sweep"."""
     root = Path(results_dir)
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise LoralabError(
-            f"Results folder '{root}' does not exist. Give the folder that holds the run "
+            f"Results folder '{root}' {what}. Give the folder that holds the run "
             "directories (where a sweep or study wrote them, e.g. results/smollm2-cpu)."
         )
     out = []
