@@ -320,9 +320,9 @@ class _Run:
             n = len(self.splits.eval_raw)
             self.console.print(f"[bold green]final eval[/] ({n} examples): {_fmt(metrics)}")
         # Every process trained on its share of the batches: the run's figures are the sums.
-        real, padded, loss = distributed.total(
-            [self.tokens.real, self.tokens.padded, trainer.whole_run_loss() or float("nan")]
-        )
+        real, padded, loss, summary["train_cpu_time_s"] = distributed.total(
+            [self.tokens.real, self.tokens.padded, trainer.whole_run_loss() or float("nan"), summary["train_cpu_time_s"]]
+        )  # fmt: skip
         loss = loss / distributed.world_size()
         verification = {}
         if cfg.train.method == "lora":
