@@ -239,6 +239,11 @@ def test_a_damaged_per_process_rng_state_marks_the_checkpoint_damaged(killed):
     assert checkpoint_problem(ckpt) is None
     (ckpt / "rng_state_1.pth").write_bytes(one[: len(one) // 2])
     assert "rng_state_1.pth is truncated or damaged" in checkpoint_problem(ckpt)
+    # A checkpoint of 3 processes lacking the third's state is incomplete too.
+    state = json.loads((ckpt / "loralab_state.json").read_text())
+    (ckpt / "loralab_state.json").write_text(json.dumps({**state, "processes": 3}))
+    (ckpt / "rng_state_1.pth").write_bytes(one)
+    assert checkpoint_problem(ckpt) == "rng_state_2.pth is missing"
     good, skipped = newest_good_checkpoint(killed)
     assert good.name == "checkpoint-8" and "checkpoint-12" in skipped[0]
 

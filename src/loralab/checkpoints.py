@@ -50,6 +50,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return str(e)
     # Several processes save one RNG state each (rng_state_0.pth, ...), one process rng_state.pth.
     per_process = sorted(p.name for p in ckpt.glob("rng_state_*.pth"))
+    try:
+        processes = _state(ckpt).get("processes")
+    except LoralabError:
+        processes = None  # a damaged loralab_state.json: the resume's own read reports it
+    if isinstance(processes, int) and processes > 1:  # each must be there
+        per_process = [f"rng_state_{i}.pth" for i in range(processes)]
     for name in (*_TORCH_FILES, *per_process):
         path = ckpt / name
         if not path.is_file():
