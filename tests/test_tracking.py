@@ -286,3 +286,14 @@ def test_wandb_gets_a_masked_command_line_and_an_id_of_its_own(tmp_path, sst2_di
     old = tmp_path / "old.run"
     old.mkdir()
     assert tracking.wandb_run_id(old, resuming=True) == "old-run"
+
+
+def test_runs_of_one_name_starting_at_once_each_get_a_folder(tmp_path, monkeypatch):
+    """Two processes may both see `r` free: the folder a run gets is the one its mkdir made
+    (it crashed on FileExistsError when another process made `r` in between)."""
+    cfg = build_config(overrides=[f"run.output_dir={tmp_path}", "run.name=r"])
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self.name.startswith("r") else real_exists(self))  # fmt: skip
+    (tmp_path / "r").mkdir()  # another process's, made after this one looked
+    assert create_run_dir(cfg) == tmp_path / "r-2"
+    assert create_run_dir(cfg) == tmp_path / "r-3"

@@ -46,12 +46,15 @@ def create_run_dir(cfg: ExperimentConfig) -> Path:
     """A fresh folder for this run under run.output_dir; never reuses one that has results."""
     root = Path(cfg.run.output_dir)
     name = cfg.run.name or default_run_name(cfg)
-    path = root / name
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{n}"
-    path.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    path, n = root / name, 1
+    while True:  # mkdir is the claim: two runs starting at once never share a folder
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            path = root / f"{name}-{n}"
     atomic_write(path / CONFIG_FILE, dump_yaml(cfg))
     return path
 
