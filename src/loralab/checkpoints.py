@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import tracking
 from .errors import LoralabError
+from .identity import short_fingerprint
 from .rundir import LOSS_FILE
 from .runs import check_safetensors
 
@@ -111,8 +112,8 @@ def check_same_run(ckpt: Path, fingerprint: dict | None, processes: int) -> None
     then, changed = _state(ckpt), []
     if then.get("data_fingerprint") not in (None, fingerprint):
         changed.append(
-            f"its data: the rows it trained on hash to {_short(then['data_fingerprint'])}, "
-            f"the data given now to {_short(fingerprint)}"
+            f"its data: the rows it trained on hash to {short_fingerprint(then['data_fingerprint'])}, "
+            f"the data given now to {short_fingerprint(fingerprint)}"
         )
     if then.get("processes") not in (None, processes):
         changed.append(
@@ -137,12 +138,6 @@ def continue_from(ckpt: Path, fingerprint: dict | None, processes: int) -> None:
     if distributed.is_main():
         trim_metrics(ckpt.parent.parent, _step(ckpt))
     distributed.barrier()
-
-
-def _short(fp) -> str:
-    if isinstance(fp, dict):
-        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
-    return str(fp)
 
 
 def _state(ckpt: Path) -> dict:

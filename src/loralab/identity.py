@@ -78,3 +78,10 @@ def without_path(task: str) -> str:
         return task
     _, q, query = rest.partition("?")
     return f"{kind}:{short_name(task)}{q}{query}"
+
+
+def short_fingerprint(fp: dict | str) -> str:
+    """'1a2b3c4d/5e6f7a8b': the first hex digits of the train and eval rows' SHA-256."""
+    if isinstance(fp, dict):
+        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
+    return str(fp)[:8]

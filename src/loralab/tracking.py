@@ -200,8 +200,9 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     import secrets
 
     path = Path(run_dir) / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    kept = path.read_text().strip() if path.is_file() else ""
+    if kept:
+        return kept
     slug = re.sub(r"[^A-Za-z0-9_-]", "-", Path(run_dir).name)
     run_id = slug[-64:] if resuming else f"{slug[-55:]}-{secrets.token_hex(4)}"
     path.write_text(run_id + "\n")

@@ -340,9 +340,8 @@ class _Run:
             metrics=metrics,
             train_loss=loss if loss == loss else train_out.training_loss,
             steps=trainer.state.global_step,
-            wall_time_s=time.time()
-            - start
-            + trainer.time_before[0],  # + earlier attempts' training
+            # This attempt's wall time, and the earlier attempts' training up to the checkpoint.
+            wall_time_s=trainer.time_before[0] + time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
             # This attempt's tokens (a resumed run counts from its checkpoint) over its time.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..identity import short_fingerprint
 from .records import identity_hash, main_metric, points_per_unit, record_identity, without
 from .stats import mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
@@ -129,13 +130,6 @@ class Cell:
             f"{t['epochs']:g} ep" if is_number(t.get("epochs")) else "—")  # fmt: skip
         steps = {r.get("steps") for r in self.done if r.get("steps")}
         return plan + (f" ({'/'.join(map(str, sorted(steps)))} steps)" if steps and "steps" not in plan else "")  # fmt: skip
-
-
-def short_fingerprint(fp: dict | str) -> str:
-    """'1a2b3c4d/5e6f7a8b': the first hex digits of the train and eval rows' SHA-256."""
-    if isinstance(fp, dict):
-        return "/".join(str(fp.get(f"{s}_sha256", "?"))[:8] for s in ("train", "eval"))
-    return str(fp)[:8]
 
 
 def _seed_key(r: dict):

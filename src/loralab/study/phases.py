@@ -167,15 +167,15 @@ class Phase:
             if best is None or not complete:
                 return best
             points = plan.points()
-            return {m: None if all(values[p["key"]] == -math.inf for p in points if p["method"] == m)
-                    else lr for m, lr in best.items()}  # fmt: skip
+            return {m: None if _all_diverged([p for p in points if p["method"] == m], values) else lr
+                    for m, lr in best.items()}  # fmt: skip
         out = {}
         for v in plan.variants:  # each value's points alone: its own best
             mine = replace(plan, variants=[v])
             best = best_so_far(mine, values)
             if best is None:
                 return None
-            lost = complete and all(values[p["key"]] == -math.inf for p in mine.points())
+            lost = complete and _all_diverged(mine.points(), values)
             out[variant_name(v)] = None if lost else best["lora"]
         return out
 
@@ -222,6 +222,11 @@ class Phase:
             per_task={self.task: spec.tasks[self.task]},
             results_dir=str(results_dir or spec.output_dir), slugged=True, variant_lrs=variant_lrs,
         )  # fmt: skip
+
+
+def _all_diverged(points: list[dict], values: dict[str, float | None]) -> bool:
+    """Every one of `points` diverged (its value -inf, `grid_values`): no rate to run it at."""
+    return all(values[p["key"]] == -math.inf for p in points)
 
 
 def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:

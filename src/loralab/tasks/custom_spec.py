@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import parse_qsl
 
 from ..errors import LoralabError
 
@@ -111,11 +111,7 @@ def parse_ref(ref: str) -> tuple[TaskSpec, Path]:
 def _query_pairs(query: str) -> list[tuple[str, str]]:
     """key=value pairs of a reference's options, %-escapes decoded. A '+' stays a '+' (a form
     encoding would read it as a space: labels=+1|-1 must stay two labels)."""
-    pairs = []
-    for part in (p for p in query.split("&") if p):
-        key, _, value = part.partition("=")
-        pairs.append((unquote(key), unquote(value)))
-    return pairs
+    return parse_qsl(query.replace("+", "%2B"), keep_blank_values=True)
 
 
 def _split_list(value: str) -> list[str]:
