@@ -116,9 +116,9 @@ def test_sigkill_in_second_epoch_resumes_bit_identical(killed, uninterrupted):
     # Training time covers the whole run: the killed attempt up to its checkpoint, then this one.
     assert summary["train_time_s"] > state["train_time_s"]
     assert summary["train_cpu_time_s"] > state["train_cpu_time_s"]
-    assert (
-        summary["wall_time_s"] >= summary["train_time_s"]
-    )  # the wall time too (was this attempt's)
+    # The wall time too (was this attempt's), with the killed attempt's start-up (was left out).
+    assert state["setup_time_s"] > 0
+    assert summary["wall_time_s"] >= summary["train_time_s"] + state["setup_time_s"]
     assert (
         summary["tokens"]["real"]
         < json.loads((full / "summary.json").read_text())["tokens"]["real"]

@@ -99,6 +99,13 @@ def read_training_time(ckpt: Path) -> tuple[float, float] | None:
     return None
 
 
+def read_setup_time(ckpt: Path) -> float:
+    """Wall s outside training (start-up, zero-shot) of the attempts up to `ckpt`; 0 for
+    checkpoints written without it."""
+    value = _state(ckpt).get("setup_time_s")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def run_facts(fingerprint: dict | None, processes: int) -> dict:
     """What each checkpoint records of how its run was trained, for `check_same_run`."""
     return {"data_fingerprint": fingerprint, "processes": processes}

@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import continue_from, logged, read_loss_sum, read_training_time, run_facts
+from .checkpoints import continue_from, logged, read_loss_sum, run_facts
 from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
@@ -258,8 +258,7 @@ class _Run:
             # A checkpoint from an older loralab has no loss sum: train_loss then covers the
             # steps after the resume only (the Trainer's own figure).
             trainer.loss_sum_start = loss_sum if loss_sum is not None else float("nan")
-            # Without recorded times (an older checkpoint) the figures cover this attempt only.
-            trainer.time_before = read_training_time(Path(checkpoint)) or (0.0, 0.0)
+            trainer.resume_clocks(Path(checkpoint))
         self.extra = extra  # the callbacks: a core lender adds to the layout record
         summary = base_summary(
             cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra),
@@ -286,6 +285,7 @@ class _Run:
                     self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
             t0 = time.time()
             trainer.clock0 = (t0, time.process_time())
+            trainer.setup_s = t0 - start
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
             attempt_time = time.time() - t0
             if compiled.get("compile"):  # inductor's cache now holds this model's kernels
@@ -302,7 +302,7 @@ class _Run:
                 raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start + trainer.time_before[0])  # fmt: skip
+            summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
             if distributed.is_main():
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)
@@ -340,8 +340,8 @@ class _Run:
             metrics=metrics,
             train_loss=loss if loss == loss else train_out.training_loss,
             steps=trainer.state.global_step,
-            # This attempt's wall time, and the earlier attempts' training up to the checkpoint.
-            wall_time_s=trainer.time_before[0] + time.time() - start,
+            # This attempt's wall time, and the earlier attempts' up to the checkpoint.
+            wall_time_s=trainer.earlier_wall() + time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
             # This attempt's tokens (a resumed run counts from its checkpoint) over its time.

@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import distributed, precision, rundir, tracking
 from .callbacks import TokenCounts
+from .checkpoints import read_setup_time, read_training_time
 from .config import ExperimentConfig
 from .errors import TrainingDiverged
 
@@ -62,6 +63,10 @@ class LoralabTrainer(Trainer):
         # the clocks when this attempt began: each checkpoint records the whole run's times.
         self.time_before = (0.0, 0.0)
         self.clock0 = (time.time(), time.process_time())
+        # Wall time outside training (start-up, zero-shot) of this attempt and of the earlier
+        # attempts up to the checkpoint resumed from: a resumed run's wall time counts them all.
+        self.setup_s = 0.0
+        self.setup_before = 0.0
         # What a resume must find unchanged (`checkpoints.check_same_run`), in every checkpoint.
         self.run_facts: dict = {}
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
@@ -116,7 +121,8 @@ class LoralabTrainer(Trainer):
             tracking.write_json(
                 folder / rundir.LOSS_FILE,
                 {"global_step": self.state.global_step, "loss_sum": total,
-                 "train_time_s": wall, "train_cpu_time_s": cpu, **self.run_facts},
+                 "train_time_s": wall, "train_cpu_time_s": cpu,
+                 "setup_time_s": self.setup_before + self.setup_s, **self.run_facts},
             )  # fmt: skip
         super()._save_checkpoint(model, trial)
 
@@ -126,6 +132,17 @@ class LoralabTrainer(Trainer):
         and is not counted), plus this attempt."""
         return (self.time_before[0] + time.time() - self.clock0[0],
                 self.time_before[1] + time.process_time() - self.clock0[1])  # fmt: skip
+
+    def resume_clocks(self, checkpoint: Path) -> None:
+        """Take the earlier attempts' times from the checkpoint this attempt resumes from;
+        without them (an older checkpoint) the figures cover this attempt only."""
+        self.time_before = read_training_time(checkpoint) or (0.0, 0.0)
+        self.setup_before = read_setup_time(checkpoint)
+
+    def earlier_wall(self) -> float:
+        """Wall s of the attempts before this one, up to the checkpoint resumed from: their
+        training and their start-up (what they did after that checkpoint is lost)."""
+        return self.time_before[0] + self.setup_before
 
     def whole_run_loss(self) -> float | None:
         """Mean training loss over every step of the run (including those before a resume)."""

@@ -397,3 +397,17 @@ def test_a_broken_model_folder_is_a_user_error(cache, tmp_path, sst2_dir, capsys
                  "--data-dir", str(sst2_dir), "--quiet", "train.max_steps=1"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "check the folder's files" in err, err
+
+
+def test_a_load_error_from_a_setting_names_the_settings(cache):
+    """A ValueError from from_pretrained may be about what loralab passed (here an attention
+    kernel transformers does not know), not the folder: the message names those settings, and
+    leaves out the arguments loralab always passes."""
+    import transformers as tf
+
+    with pytest.raises(LoralabError) as info:
+        models.load_model("tiny-llama", tf.AutoModelForSequenceClassification, progress=False,
+                          attn_implementation="bogus", num_labels=2)  # fmt: skip
+    text = str(info.value)
+    assert "attn_implementation='bogus', num_labels=2" in text, text
+    assert "dtype" not in text and "output_loading_info" not in text, text

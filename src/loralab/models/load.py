@@ -17,7 +17,11 @@ from .build import resolve
 from .registry import builtin_names, check_hub_model, untrained_modules
 
 
-def _load_error(name: str, where: Path | str, exc: Exception) -> LoralabError:
+def _load_error(
+    name: str, where: Path | str, exc: Exception, settings: dict | None = None
+) -> LoralabError:
+    """`settings`: what loralab passed to from_pretrained besides the model; a ValueError may be
+    about one of them rather than the folder, so the message names them too."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "trust_remote_code" in str(exc):
         hint = "the model ships its own code: add --trust-remote-code if you trust it"
@@ -27,7 +31,20 @@ def _load_error(name: str, where: Path | str, exc: Exception) -> LoralabError:
     else:
         hint = ("hub ids need network access to huggingface.co (or a filled Hugging Face "
                 f"cache); offline, use a local folder or a built-in model: {builtin_names()}")  # fmt: skip
+    shown = {k: v for k, v in (settings or {}).items() if k not in _PLUMBING}
+    if isinstance(exc, ValueError) and shown:
+        listed = ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
+        hint += f"; or one of the settings it was loaded with does not suit it ({listed})"
     return LoralabError(f"Could not load model '{name}' ({first}); {hint}.")
+
+
+# from_pretrained arguments loralab always passes: not settings a user could change.
+_PLUMBING = ("dtype", "use_safetensors", "output_loading_info", "key_mapping")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # What transformers raises for a model folder or hub id it cannot read: missing or damaged
@@ -144,7 +161,7 @@ def load_model(
                     where, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
                 )
         except (*LOAD_ERRORS, *_safetensors_error()) as exc:
-            raise _load_error(name, where, exc) from exc
+            raise _load_error(name, where, exc, kwargs | extra) from exc
 
     # transformers logs a load report (missing/unexpected keys); hold it back until we know
     # whether this load is kept, so a discarded attempt does not print a misleading report.
