@@ -255,6 +255,7 @@ def test_variants_spec_is_one_ablation_with_readable_names(tmp_path):
     spec = load_spec(Path(__file__).parents[1] / "configs" / "studies" / "smollm2-variants.yaml")
     (abl,) = spec.ablations
     assert abl.key == "lora" and abl.name == "variants"
+    assert spec.seeds == [42] and abl.seeds == [42, 1337, 2024, 7, 123]  # v2: the axis on 5 seeds
     variants = ablation_variants(spec, "sst2", abl)
     assert variants == [{}, {"use_dora": True}, {"use_rslora": True},
                         {"init_lora_weights": "pissa"}, {"loraplus_lr_ratio": 16.0}]  # fmt: skip
