@@ -37,6 +37,11 @@ def test_verdicts_need_an_informative_effect():
     assert verdict("fp32 merge", row, 1e-4, INFORMATIVE_FACTOR * 1e-4 * 0.99) == "uninformative"
     assert verdict("fp32 merge", row, 1e-4, 1.0) == "passed"
     assert verdict("fp32 merge", {"max_abs_diff": 2e-4}, 1e-4, 1.0) == "failed"
+    # Over the bound fails even when the effect is too small to prove a pass (was uninformative,
+    # exit 0 and exported), and a NaN difference or effect never passes.
+    assert verdict("fp32 merge", {"max_abs_diff": 5e-4}, 1e-4, 9e-4) == "failed"
+    assert verdict("fp32 merge", {"max_abs_diff": float("nan")}, 1e-4, 1.0) == "failed"
+    assert verdict("fp32 merge", row, 1e-4, float("nan")) == "uninformative"
 
 
 def test_overall_status():

@@ -207,3 +207,34 @@ def test_dora_with_zero_b_adds_nothing_only_at_its_initial_magnitudes():
         model.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.5)
     assert not torch.allclose(model(x), before, atol=1e-3)
     assert equivalence.lora_update_norms(model)["zero_B_layers"] == 1
+
+
+def test_compare_keeps_a_nan():
+    """Python's max(0.0, nan) is 0.0: a merge whose outputs held NaN measured max |Δ| 0."""
+    import torch
+
+    ref = [torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -1.0]])]
+    out = [torch.tensor([[1.0, 2.0]]), torch.tensor([[float("nan"), -1.0]])]
+    diff = equivalence.compare(ref, out)
+    assert diff["max_abs_diff"] != diff["max_abs_diff"]  # NaN
+    assert diff["max_rel_diff"] != diff["max_rel_diff"]
+    assert equivalence.compare(ref, ref)["max_abs_diff"] == 0.0
+
+
+def test_a_merge_with_nan_weights_fails_and_is_not_exported(tmp_path, sst2_dir, monkeypatch):
+    """Was 'passed', exit 0, and the broken model exported."""
+    import torch
+
+    run = make_run(tmp_path / "runs", sst2_dir)
+    real = equivalence.merge
+
+    def broken(model):
+        merged = real(model)
+        with torch.no_grad():
+            next(p for n, p in merged.named_parameters() if "q_proj" in n).fill_(float("nan"))
+        return merged
+
+    monkeypatch.setattr(equivalence, "merge", broken)
+    result = merge_run(run, dtype="fp32", bench=False, export=True, quiet=True)
+    assert result.status == "failed" and result.exit_code == 1, result.report["variants"]
+    assert not (run / "merge" / "model").exists()

@@ -53,13 +53,14 @@ def parse_tolerances(items: list[str] | None) -> dict[str, float]:
 
 
 def verdict(name: str, row: dict, bound: float, effect: float) -> str:
-    """One variant's status: reference (the unmerged bf16 adapter), uninformative (the LoRA
-    effect is below INFORMATIVE_FACTOR bounds), passed or failed."""
+    """One variant's status: reference (the unmerged bf16 adapter), failed (over its bound,
+    or NaN), uninformative (within it, but the LoRA effect is below INFORMATIVE_FACTOR
+    bounds, so dropping the adapter would pass too) or passed."""
     if "unmerged" in name:
         return "reference"  # the bf16 noise floor: no merge involved
-    if effect < INFORMATIVE_FACTOR * bound:
-        return "uninformative"
-    return "passed" if row["max_abs_diff"] <= bound else "failed"
+    if not row["max_abs_diff"] <= bound:  # first: a merge over its bound fails whatever the effect
+        return "failed"
+    return "passed" if effect >= INFORMATIVE_FACTOR * bound else "uninformative"
 
 
 def overall_status(rows: dict) -> str:

@@ -58,20 +58,21 @@ def forward_all(model: nn.Module, batches: list[dict], head: Head) -> list[torch
 
 
 def compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> dict:
-    """max |Δ|; max relative |Δ| (per example, over its largest |logit|); changed argmaxes."""
-    max_abs = max_rel = 0.0
+    """max |Δ|; max relative |Δ| (per example, over its largest |logit|); changed argmaxes.
+    A NaN anywhere makes the maxima NaN (torch's max keeps it; Python's max(0.0, nan) is 0.0)."""
+    abs_max, rel_max = [], []
     changed = total = 0
     for r, o in zip(ref, out, strict=True):
         d = (o - r).abs().flatten(1)
-        max_abs = max(max_abs, float(d.max()))
+        abs_max.append(d.max())
         scale = r.abs().flatten(1).amax(1).clamp_min(1e-12)
-        max_rel = max(max_rel, float((d.amax(1) / scale).max()))
+        rel_max.append((d.amax(1) / scale).max())
         flips = (o.argmax(-1) != r.argmax(-1)).reshape(len(r), -1).any(1)
         changed += int(flips.sum())
         total += len(r)
     return {
-        "max_abs_diff": max_abs,
-        "max_rel_diff": max_rel,
+        "max_abs_diff": float(torch.stack(abs_max).max()),
+        "max_rel_diff": float(torch.stack(rel_max).max()),
         "changed_predictions": changed / total,
     }
 
@@ -163,7 +164,7 @@ def check_equivalence(run: Loaded, dtype: str, tol: dict[str, float]) -> dict:
     ref_metrics = run.score(ref, ref_out)
     rows = {}
     native = native_bf16()
-    scale = max(float(o.abs().max()) for o in ref_out)
+    scale = float(torch.stack([o.abs().max() for o in ref_out]).max())
     adapter_error = None  # the unmerged bf16 adapter's error: the row before the bf16 merges
     for name, (dt, build) in variants(dtype, native).items():
         model = build(run.adapter_model())
