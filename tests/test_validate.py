@@ -431,3 +431,15 @@ def test_a_quantized_base_is_refused_with_where_to_check_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "model.quantization=int8 is not covered" in err and "loralab merge" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_residual_inits_pass_and_their_informative_check_measures_the_learned_update(tmp_path, init):  # fmt: skip
+    """PiSSA/OLoRA train on the residual W − s·B₀·A₀. The adapter is now saved as training saves
+    it (converted: pissa_niter_N redid its randomised SVD on reload and failed a healthy setup),
+    and switching the update off means A₀, B₀ put back (the pretrained W), not the residual: at
+    an lr too small to learn, the informative check passed on the top-r part of W."""
+    rc, checks = _run(tmp_path / "a", f"lora.init_lora_weights={init}")
+    assert rc == 0 and all(c["passed"] for c in checks.values()), _failed(checks)
+    rc, checks = _run(tmp_path / "b", f"lora.init_lora_weights={init}", "--lr", "1e-9", "--steps", "4")  # fmt: skip
+    assert rc == 1 and "adapter_is_informative" in _failed(checks), checks["adapter_is_informative"]

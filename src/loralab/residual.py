@@ -14,6 +14,8 @@ s·(B·A − B₀·A₀) = s·[B | −B₀]·[A; A₀], is saved instead: a plai
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,28 @@ def _reconstruction_error(peft_model: nn.Module, before: dict[str, torch.Tensor]
 def initial_adapter(model: nn.Module) -> InitialAdapter | None:
     """The recorded A₀/B₀ of a residual initialisation, or None (any other adapter)."""
     return getattr(model, ATTRIBUTE, None)
+
+
+@contextmanager
+def initial_factors(model: nn.Module) -> Iterator[None]:
+    """Every adapted layer's A, B set back to the recorded A₀, B₀ meanwhile: the model then
+    computes W_res + s·B₀·A₀ = the pretrained W (the trained heads kept)."""
+    snapshot = initial_adapter(model)
+    kept = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            for part in ("lora_A", "lora_B"):
+                initial = snapshot.state.get(f"{name}.{part}.weight")
+                if initial is not None:
+                    weight = getattr(module, part)["default"].weight
+                    kept.append((weight, weight.detach().clone()))
+                    weight.copy_(initial.to(weight))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, trained in kept:
+                weight.copy_(trained)
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import accounting, analysis
+from . import accounting, analysis, residual
 from .config import ExperimentConfig
 from .console import library_bars_off
 from .data import model_inputs
@@ -131,7 +131,7 @@ def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
 
 
 def save_adapter(model, path: Path) -> None:
-    model.save_pretrained(str(path))
+    residual.save_adapter(model, path)  # as training saves it: PiSSA/OLoRA converted
 
 
 def merge(model):
@@ -270,9 +270,15 @@ def run_checks(
         f"sha256 {before[:12]}… before, {after[:12]}… after",
     )
 
-    stats = [analysis.module_stats(f) for f in analysis.lora_factors(model, check_variant=False)]
+    # The update as `loralab analyze` reads it (PiSSA/OLoRA relative to the pretrained W, rank
+    # 2r; DoRA's dense ΔW): its effective rank is at most the factors' rank, or the dense one's.
+    factors = analysis.lora_factors(model)
+    stats = [analysis.module_stats(f) for f in factors]
     finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
-    in_range = all(0 < s["effective_rank"] <= cfg.lora.r + 1e-4 for s in stats)
+    caps = [min(f.delta.shape) if f.delta is not None else f.A.shape[0] for f in factors]
+    in_range = all(
+        0 < s["effective_rank"] <= cap + 1e-4 for s, cap in zip(stats, caps, strict=True)
+    )
     add("analysis_utilities_run", stats and finite and in_range,
         f"{len(stats)} modules, mean rank utilisation {sum(s['rank_utilisation'] for s in stats) / max(len(stats), 1):.3f}")  # fmt: skip
 

@@ -70,3 +70,13 @@ def test_short_name_drops_the_peft_prefix():
     assert an.short_name("base_model.model.model.layers.0.q_proj") == "model.layers.0.q_proj"
     assert an.short_name("base_model.x") == "x"
     assert an.short_name("x") == "x"
+
+
+def test_a_fresh_dora_adapter_has_no_update():
+    """At init DoRA's magnitude is ‖W‖ per row in fp32; the norm taken in fp64 made m/‖V‖ = 1 ±
+    6e-8 and a full-rank round-off ΔW (effective rank ~40 of 64), where plain LoRA's B = 0
+    gives 0."""
+    for f in an.lora_factors(_peft_model(use_dora=True)):
+        stats = an.module_stats(f)
+        assert f.delta is not None and not torch.any(f.delta)
+        assert stats["delta_fro_norm"] == 0.0 and stats["numerical_rank"] == 0

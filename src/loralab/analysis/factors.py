@@ -129,9 +129,13 @@ def dora_update(
     W: [out, in], A: [r, in], B: [out, r], magnitude: [out]. As PEFT computes it (its
     `get_weight_norm` takes the norm over the input dimension of the [out, in] weight).
     """
+    # The norm in the weights' fp32, as PEFT computed the initial magnitude (‖W‖ per row): taken
+    # in fp64, m/‖V‖ at init is 1 ± 6e-8, which left a full-rank round-off ΔW (effective rank
+    # ~40 of 64 where B = 0). The rest in fp64: V − W would cancel in fp32.
+    norm = torch.linalg.norm(W.float() + scaling * (B.float() @ A.float()), dim=1).double()
     W = W.double()
     V = W + scaling * (B.double() @ A.double())
-    scale = magnitude.detach().double() / torch.linalg.norm(V, dim=1)
+    scale = magnitude.detach().double() / norm
     return scale[:, None] * V - W
 
 

@@ -70,7 +70,10 @@ def plot_layers(path: Path, modules: dict, other: dict | None = None) -> Path:
         _layer_axis(
             ax, title + ("\n(dashed: the --compare run)" if other else ""), legend=ax is axes[0]
         )
-    axes[0].set_ylim(0, 1.05)
+    # DoRA's dense ΔW can use more than r directions: its utilisation may pass 1.
+    shown = [*modules.values(), *(other or {}).values()]
+    top = max((m["rank_utilisation"] for m in shown), default=1.0)
+    axes[0].set_ylim(0, max(1.05, 1.05 * top))
     fig.savefig(path, dpi=110)
     return path
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .. import precision, tracking
+from .. import precision, residual, tracking
 from ..analysis import base_weight
 from ..data import FEATURES_VERSION
 from ..heads import Head
@@ -32,9 +32,17 @@ def merge(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[None]:
-    """LoRA layers off, trained head kept: what the model computes without the LoRA update."""
+    """LoRA layers off, trained head kept: what the model computes without the LoRA update.
+
+    A model training a PiSSA/OLoRA init holds the residual W − s·B₀·A₀ as its base, so there
+    the layers keep running with A₀, B₀ put back: the pretrained W, not the residual.
+    """
     from peft.tuners.lora import LoraLayer
 
+    if residual.initial_adapter(model) is not None:
+        with residual.initial_factors(model):
+            yield
+        return
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     for m in layers:
         m.enable_adapters(False)
