@@ -96,3 +96,20 @@ def test_export_never_replaces_another_results_folders_studies(tmp_path, capsys)
     dest = tmp_path / "dest"  # an earlier export of these results is refreshed, as before
     assert main(["export", str(src), str(dest)]) == 0
     assert main(["export", str(src), str(dest)]) == 0
+
+
+def test_the_exported_report_groups_runs_as_report_does(tmp_path):
+    """Runs without sweep.json (the committed variants study's) take their groups from the
+    study storage: export's own report read them all as 'sweep' and lost the ablation table."""
+    from pathlib import Path
+
+    from loralab.study.export import export
+    from loralab.study.report import report
+
+    source = Path(__file__).parents[2] / "results" / "smollm2-variants"
+    assert any(not (r / "sweep.json").exists() for r in (source / "runs").iterdir())
+    done = export(source, tmp_path / "dest")
+    again = report(tmp_path / "dest", out=tmp_path / "again")
+    titles = [t.title for t in done.report.tables]
+    assert titles == [t.title for t in again.tables]
+    assert any(t.startswith("Ablation: variants") for t in titles), titles

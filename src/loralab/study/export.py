@@ -31,8 +31,7 @@ from ..rundir import (
     publish_modes,
     read_json,
 )
-from .records import load_runs
-from .report import stored_pending, write_report
+from .report import folder_runs, stored_pending, write_report
 from .storage import open_storage
 
 SMALL_FILES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, SWEEP_FILE)
@@ -91,7 +90,7 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
         _snapshot(src / STUDY_DB, out / STUDY_DB)
         done.storage = True
     if done.runs or (out / RUNS_DIR).is_dir():
-        records = load_runs(out)
+        records = folder_runs(out)  # the groups from the storage just copied, as `report`
         if records:
             source = f"run directories under {out}"
             done.report = write_report(records, out / REPORT_DIR, source, stored_pending(out))

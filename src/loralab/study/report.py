@@ -214,13 +214,19 @@ def report(results_dir: str | Path | None = None, studies: list[str] | None = No
         records = load_study_runs(studies, existing(url))
         source = f"studies {', '.join(studies)}"
     elif results_dir:
-        url = stored_url(results_dir, storage)  # names the groups of runs without sweep.json
-        records = load_runs(results_dir, stored_groups(url) if url else None)
+        records = folder_runs(results_dir, storage)
         source = f"run directories under {results_dir}"
     else:
         raise LoralabError("Give a results folder (loralab report results) or --study NAME.")
     out_dir = out or (Path(results_dir) / REPORT_DIR if results_dir else Path(REPORT_DIR))
     return write_report(records, out_dir, source, stored_pending(results_dir, storage))
+
+
+def folder_runs(results_dir: str | Path, storage: str | None = None) -> list:
+    """The finished runs under a results folder, grouped as the study storage beside it (or
+    `storage`) names the runs that have no sweep.json (older runs; else they read as sweep)."""
+    url = stored_url(results_dir, storage)
+    return load_runs(results_dir, stored_groups(url) if url else None)
 
 
 def stored_pending(results_dir: str | Path | None, storage: str | None = None) -> dict:
