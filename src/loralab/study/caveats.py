@@ -106,19 +106,27 @@ def lent_warnings(comps: list[Comparison]) -> list[str]:
 
 
 def diverged_warnings(cells: list[Cell]) -> list[str]:
-    """One warning per setting (a cell family: equal but for the lr) whose every run diverged:
-    it has no best lr, so no row in the tables, and a comparison it belonged to reads 'no
+    """One warning per setting (a cell family: equal but for the lr) whose every run diverged
+    or finished without the main metric: it has no best lr, so no row in the tables, and a comparison it belonged to reads 'no
     comparable full run' or is missing; the warning says why."""
     out = []
     for fam in families(cells):
-        if any(c.done for c in fam):
+        if any(c.scored for c in fam):
             continue
         c, n = fam[0], sum(len(c.runs) for c in fam)
         lrs = ", ".join(f"{x.lr:g}" for x in fam)
         name = f"{c.task} {c.method}" + (f" {c.variant}" if c.method == "lora" else "")
-        out.append(
-            f"{name} ({c.model}, {c.group}): every one of its {n} run{'s' * (n != 1)} diverged "
-            f"(lr {lrs}): it has no row in the tables. Lower learning rates (or a check of the "
-            "data and the model's precision) would give it one."
-        )
+        where = f"{name} ({c.model}, {c.group})"
+        if not any(c.done for c in fam):
+            out.append(
+                f"{where}: every one of its {n} run{'s' * (n != 1)} diverged (lr {lrs}): it has "
+                "no row in the tables. Lower learning rates (or a check of the data and the "
+                "model's precision) would give it one."
+            )
+        else:  # completed, but none recorded the metric the tables rank on
+            out.append(
+                f"{where}: none of its {n} run{'s' * (n != 1)} (lr {lrs}) recorded {c.metric}, the "
+                "task's main metric, so it has no row in the tables; its summaries' metrics "
+                "say what they did record."
+            )
     return out

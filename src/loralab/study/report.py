@@ -122,7 +122,9 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "the whole LoRA section, data fingerprint and caps, epochs/steps, max length, batch "
         "size, learning rate, precision). Mean ± sample standard deviation (ddof = 1) over "
         "seeds. For each identity the learning rate is the one with the best mean dev score of "
-        "the task's main metric (accuracy for GLUE, F1 for SQuAD v2); the dev set is also the "
+        "the task's main metric (accuracy for GLUE, F1 for SQuAD v2) on the seeds every rate "
+        "ran (the first seed, for a grid run on it; a diverged run or one without the metric "
+        "scores worst), so a rate's mean over all its seeds may trail another's; the dev set is also the "
         "reported set, as in the LoRA paper (GLUE test labels are not public). "
         f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )

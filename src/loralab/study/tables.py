@@ -21,6 +21,7 @@ from .aggregate import (
 )
 from .records import points_per_unit
 from .stats import seeds_to_settle, t_interval
+from .variants import is_number
 
 
 @dataclass
@@ -138,11 +139,22 @@ def _at(cell: Cell | None) -> str:
 
 def _both(comp: Comparison, key: str, scale: float = 1.0, fmt: str = ".0f") -> str:
     """'7.0 / 10.2 (0.69×)': LoRA's and full fine-tuning's mean of `key` (x scale), and their
-    ratio; a dash for a side that has no value."""
+    ratio; a dash for a side that has no value. Where one side lacks the value on some seeds
+    (runs from before it was recorded), the ratio is over the seeds both have, and says so:
+    each side's mean over its own runs would compare different seeds and code versions."""
     lora = comp.lora.avg(key) * scale
     full = comp.full.avg(key) * scale if comp.full else math.nan
     text = f"{_f(lora, fmt)} / {_f(full, fmt)}"
-    return text + (f" ({lora / full:.2f}×)" if full and not math.isnan(lora + full) else "")
+    if not full or math.isnan(lora + full):
+        return text
+    sides = [{r.get("seed"): r[key] for r in c.done if is_number(r.get(key))} for c in (comp.lora, comp.full)]  # fmt: skip
+    if all(len(side) == len(c.done) for side, c in zip(sides, (comp.lora, comp.full), strict=True)):
+        return text + f" ({lora / full:.2f}×)"
+    shared = sorted(set(sides[0]) & set(sides[1]), key=str)
+    if not shared or not sum(sides[1][s] for s in shared):
+        return text + " (no seed has both)"
+    ratio = sum(sides[0][s] for s in shared) / sum(sides[1][s] for s in shared)
+    return text + f" ({ratio:.2f}× on the {len(shared)} seed{'s' * (len(shared) != 1)} both have)"
 
 
 def _held_out(comp: Comparison) -> str:
@@ -176,7 +188,8 @@ def glance_table(comps: list[Comparison]) -> Table:
         "paired by seed. On the seeds whose scores picked a method's learning rate, its score is "
         "the best of its grid, which flatters it (the more, the larger its grid); the next column "
         "pairs only the other seeds (mean [95% CI], no interval for one seed). Time and memory: "
-        "means per run, LoRA / full fine-tuning (their ratio). The table above has every column.",
+        "means per run, LoRA / full fine-tuning (their ratio; over the seeds both recorded, where "
+        "older runs lack the figure on one side). The table above has every column.",
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 
 from ..config import LoraSettings as LoraConfig
@@ -23,7 +24,9 @@ LORA_DEFAULTS = {"dropout": 0.05, "target": "standard", "bias": "none", "use_rsl
 
 
 def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (not a bool): a NaN figure is no figure (one NaN seed would make a
+    mean NaN and drop its rate from the best-lr choice)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def slug(value) -> str:
