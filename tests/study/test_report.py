@@ -1283,3 +1283,18 @@ def test_a_run_without_the_main_metric_cannot_win_the_lr_and_a_setting_without_i
     assert [c.lr for c in cells if c.best and c.method == "lora"] == [1e-3]
     warnings = report(tmp_path).warnings
     assert any("full" in w and "recorded accuracy" in w for w in warnings), warnings
+
+
+def test_duplicates_keep_the_run_that_ran_last_even_after_a_copy(tmp_path):
+    """A git clone or copy resets the files' mtimes: the recorded first-step time decides, and
+    any recorded time beats an mtime (a run from before it was recorded is the older)."""
+    runs = {}
+    for name, started in (("late", 2_000_000.0), ("early", 1_000_000.0), ("unrecorded", None)):
+        runs[name] = write_run(tmp_path, name, 1, {"accuracy": 0.6})
+        summary = json.loads((runs[name] / "summary.json").read_text())
+        summary["first_step_at"] = started
+        (runs[name] / "summary.json").write_text(json.dumps(summary))
+    os.utime(runs["early"] / "summary.json", (3_000_000, 3_000_000))  # touched last
+    os.utime(runs["unrecorded"] / "summary.json", (4_000_000, 4_000_000))
+    records, warnings = deduplicate(load_runs(tmp_path))
+    assert [r["run_dir"] for r in records] == [str(runs["late"])] and len(warnings) == 2

@@ -392,7 +392,7 @@ def ablation_base(cell: Cell, cells: list[Cell]) -> Cell | None:
 
 
 def full_reference(cell: Cell, cells: list[Cell]) -> Cell | None:
-    """The best full fine-tuning cell comparable with `cell` in any non-ablation group."""
+    """The best full fine-tuning cell comparable with `cell` (ablations run LoRA alone: the sweep's)."""
     key = cell.counterpart[1]
     for c in cells:
         if c.best and c.method == "full" and c.counterpart[1] == key:

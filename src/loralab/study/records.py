@@ -167,7 +167,10 @@ def load_runs(results_dir: str | Path, stored: dict[str, list[str]] | None = Non
             summary = {**summary, "identity": derived_identity(config, summary)}
         rec = record_from_summary(summary)
         rec["run_dir"] = str(run_dir)
-        rec["time"] = path.stat().st_mtime
+        # When it ran, for `deduplicate`: the first step's time where recorded; else the file's
+        # mtime, which a copy or a git clone resets (so it ranks below any recorded time).
+        started = summary.get("first_step_at")
+        rec["time"], rec["time_recorded"] = (started, True) if is_number(started) else (path.stat().st_mtime, False)  # fmt: skip
         note = run_dir / SWEEP_FILE
         groups = tracking.read_json(note).get("groups") if note.is_file() else None
         groups = groups or (stored or {}).get(run_dir.name) or ["sweep"]
@@ -226,6 +229,11 @@ def stored_groups(storage: str) -> dict[str, list[str]]:
     return out
 
 
+def _when(r: dict) -> tuple:
+    """Newer sorts higher: a recorded time beats a file's mtime (a clone's checkout time)."""
+    return (r.get("time_recorded", True), r.get("time", 0))
+
+
 def deduplicate(records: list[dict]) -> tuple[list[dict], list[str]]:
     """One record per (group, identity, seed): the newest. Warnings name both run folders."""
     newest: dict[tuple, dict] = {}
@@ -236,7 +244,7 @@ def deduplicate(records: list[dict]) -> tuple[list[dict], list[str]]:
         if old is None:
             newest[key] = r
             continue
-        keep, drop = (r, old) if r.get("time", 0) >= old.get("time", 0) else (old, r)
+        keep, drop = (r, old) if _when(r) >= _when(old) else (old, r)
         newest[key] = keep
         warnings.append(
             f"{drop.get('run_dir') or 'a stored trial'} and {keep.get('run_dir') or 'a stored trial'} "
