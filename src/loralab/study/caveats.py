@@ -130,3 +130,24 @@ def diverged_warnings(cells: list[Cell]) -> list[str]:
                 "say what they did record."
             )
     return out
+
+
+def lost_seed_warnings(comps: list[Comparison]) -> list[str]:
+    """One warning per comparison whose method lost seeds at its chosen rate (diverged, or no
+    main metric): the paired interval and its verdict rest on the other seeds only, and a
+    method that fails on some seeds is worse than its mean says."""
+    out = []
+    for comp in comps:
+        for name, cell in (("LoRA", comp.lora), ("full fine-tuning", comp.full)):
+            if cell is None:
+                continue
+            scored = {r["seed"] for r in cell.scored}
+            lost = sorted({r["seed"] for r in cell.runs} - scored, key=str)
+            if lost:
+                seeds = ", ".join(map(str, lost))
+                out.append(
+                    f"{comp.task} ({comp.model}): {name} at its best lr ({cell.lr:g}) diverged or "
+                    f"scored no {cell.metric} on seed{'s' * (len(lost) > 1)} {seeds}; LoRA − full "
+                    "and its verdict stand on the other seeds alone, so read them with that loss."
+                )
+    return out

@@ -22,6 +22,7 @@ from .caveats import (
     diverged_warnings,
     hardware_warnings,
     lent_warnings,
+    lost_seed_warnings,
 )
 from .plots import make_figures
 from .records import (
@@ -103,6 +104,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     warnings += (
         grid_edge_warnings(cells, pending)
         + diverged_warnings(cells)
+        + lost_seed_warnings(comps)
         + allocator_warnings(comps)
         + lent_warnings(comps)
         + hardware_warnings(comps)
