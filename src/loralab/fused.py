@@ -178,8 +178,9 @@ def _computes_the_same(module: nn.Module) -> bool:
     """Whether the module's own forward and `_gated_forward` agree bit for bit on a small input.
 
     A family may keep the attribute names and add something (a scale, a dropout, another
-    activation inside); such a module keeps its own forward. Eval mode and a private generator:
-    no dropout fires and the global random stream is not touched.
+    activation inside); such a module keeps its own forward. Compared in eval and in training
+    mode (a dropout of the MLP's own fires only in training: Seed-OSS's residual dropout), each
+    side from the same seed inside a forked random state: the global stream is not touched.
     """
     weight = next((p for p in module.gate_proj.parameters() if p.is_floating_point()), None)
     width = getattr(module.gate_proj, "in_features", None)
@@ -188,10 +189,18 @@ def _computes_the_same(module: nn.Module) -> bool:
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(1, 3, width, generator=gen, device=weight.device).to(weight.dtype)
     was_training = module.training
-    module.eval()
+    devices = [weight.device] if weight.device.type == "cuda" else []
     try:
-        with torch.no_grad():
-            return torch.equal(type(module).forward(module, x), _gated_forward(module, x))
+        for training in (False, True):
+            module.train(training)
+            outs = []
+            for forward in (type(module).forward, _gated_forward):
+                with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)  # the same dropout masks for both, if they draw alike
+                    outs.append(forward(module, x))
+            if not torch.equal(*outs):
+                return False
+        return True
     except (RuntimeError, TypeError, ValueError):  # e.g. a forward that wants more arguments
         return False
     finally:
