@@ -49,6 +49,23 @@ def test_current_reads_the_memory_map():
     assert allocator.current("7f00-7f10 r-xp 0 08:01 1 /usr/lib/libc.so.6\n") == "system"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+def test_another_library_by_path_is_preloaded_and_named_by_its_file(tmp_path):
+    """A path to, e.g., mimalloc read as 'system': a process under glibc counted as already
+    running under it, so the library was never preloaded and the records said 'system'."""
+    lib = _libs(tmp_path, "libmimalloc.so.2")[0] / "libmimalloc.so.2"
+    assert allocator.choose(str(lib), []) == ("libmimalloc.so.2", lib)
+    glibc = "7f00-7f10 r-xp 0 08:01 1 /usr/lib/libc.so.6\n"
+    assert allocator.current(glibc, env={}) == "system"
+    cmd, new_env = allocator.restart_command(
+        "/venv/bin/loralab", ["train"], {allocator.ENV: str(lib)}
+    )
+    assert new_env["LD_PRELOAD"] == str(lib)
+    mapped = glibc + f"7f20-7f30 r-xp 0 08:01 2 {lib}\n"  # the restarted process's map
+    assert allocator.current(mapped, env=new_env) == "libmimalloc.so.2"
+    assert allocator.current(glibc, env=new_env) == "system"  # given, but not loaded
+
+
 def test_preload_env_puts_the_library_first_once():
     lib = Path("/x/libtcmalloc_minimal.so.4")
     env = allocator.preload_env({"LD_PRELOAD": "/y/libfoo.so /x/libtcmalloc_minimal.so.4"}, lib)
@@ -61,7 +78,7 @@ def test_preload_env_puts_the_library_first_once():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 def test_restart_command_only_for_the_loralab_command_and_only_once(tmp_path, monkeypatch):
     lib = _libs(tmp_path, "libtcmalloc_minimal.so.4")[0] / "libtcmalloc_minimal.so.4"
-    monkeypatch.setattr(allocator, "current", lambda maps=None: "system")
+    monkeypatch.setattr(allocator, "current", lambda maps=None, env=None: "system")
     env = {"LORALAB_ALLOCATOR": str(lib), "LD_PRELOAD": ""}
     cmd, new_env = allocator.restart_command("/venv/bin/loralab", ["train", "--quiet"], env)
     assert cmd == [sys.executable, "/venv/bin/loralab", "train", "--quiet"]

@@ -83,7 +83,10 @@ def choose(setting: str | None = None, dirs: list[Path] | None = None) -> tuple[
             "set one of those words, or the path of a malloc library (e.g. "
             "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)."
         )
-    return kind_of(str(path)), path
+    # Another library (mimalloc, a custom build) is named by its file: 'system' would read as
+    # glibc's, both in the records and in `restart_command`'s "already running under it".
+    kind = kind_of(str(path))
+    return (kind if kind != "system" else path.name), path
 
 
 def kind_of(text: str) -> str:
@@ -91,14 +94,24 @@ def kind_of(text: str) -> str:
     return next((name for name in LIBRARIES if name in text), "system")
 
 
-def current(maps: str | None = None) -> str:
-    """The allocator this process runs with (read from /proc/self/maps; 'system' elsewhere)."""
+def _maps() -> str | None:
+    try:
+        return Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+
+
+def current(maps: str | None = None, env: dict | None = None) -> str:
+    """The allocator this process runs with (read from /proc/self/maps; 'system' elsewhere): a
+    known one by name, a library given by path (`LOADED`) by its file name."""
+    maps = _maps() if maps is None else maps
     if maps is None:
-        try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:
-            return "system"
-    return kind_of(maps)
+        return "system"
+    kind = kind_of(maps)
+    given = (os.environ if env is None else env).get(LOADED)
+    if kind == "system" and given and (given in maps or str(Path(given).resolve()) in maps):
+        return Path(given).name
+    return kind
 
 
 def preload_env(env: dict, lib: Path) -> dict:
@@ -126,6 +139,6 @@ def restart_command(argv0: str, argv: list[str], env: dict | None = None):
         return None
     name, lib = choose(env.get(ENV, ""))
     # LOADED: a library that loads but does not show under its name in the map: no loop.
-    if lib is None or current() == name or env.get(LOADED) == str(lib):
+    if lib is None or current(env=env) == name or env.get(LOADED) == str(lib):
         return None
     return cmd, {**preload_env(env, lib), LOADED: str(lib)}
