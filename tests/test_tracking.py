@@ -297,3 +297,46 @@ def test_runs_of_one_name_starting_at_once_each_get_a_folder(tmp_path, monkeypat
     (tmp_path / "r").mkdir()  # another process's, made after this one looked
     assert create_run_dir(cfg) == tmp_path / "r-2"
     assert create_run_dir(cfg) == tmp_path / "r-3"
+
+
+def test_throughput_leaves_out_evaluations_and_saves(monkeypatch):
+    """The Trainer evaluates and saves after a log step: that time fell into the next interval's
+    step time and tokens/s (1.5 s and 67 tok/s below, for steps of 1 s and 100 tok/s)."""
+    from types import SimpleNamespace
+
+    from loralab import callbacks
+
+    clock = [100.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(time=lambda: clock[0]))
+    logged = []
+    tracker = SimpleNamespace(log=lambda record, step: logged.append(record))
+    tokens = TokenCounts()
+    cb = callbacks.TrackingCallback(tracker, 10**6, {}, None, tokens)
+    state = SimpleNamespace(global_step=0, epoch=0.0)
+    cb.on_train_begin(None, state, None, model=None)
+
+    def steps(n):  # steps of 1 s and 100 real tokens each
+        for _ in range(n):
+            clock[0] += 1.0
+            tokens.count(torch.ones(4, 25))
+            state.global_step += 1
+        cb.on_log(None, state, None, logs={"loss": 1.0})
+
+    steps(10)
+    clock[0] += 5.0  # an evaluation and a checkpoint, as the trainer counts them
+    tokens.paused_s += 5.0
+    steps(10)
+    eff = [r for r in logged if "training_efficiency/step_time_s" in r]
+    assert [r["training_efficiency/step_time_s"] for r in eff] == [1.0, 1.0]
+    assert [r["training_efficiency/tokens_per_s_real"] for r in eff] == [100.0, 100.0]
+
+
+def test_the_trainer_counts_evaluations_and_saves_as_paused(tmp_path, sst2_dir):
+    """With an evaluation and a checkpoint at every step, the summary's tokens/s is over the
+    steps' own time: the tokens over it give less than the training's wall time."""
+    cfg = _one_step(sst2_dir, tmp_path / "runs", "train.max_steps=3", "train.eval_steps=1",
+                    "train.save_steps=1", "data.max_eval_examples=64")  # fmt: skip
+    result = train(cfg, quiet=True)
+    summary = read_json(result.run_dir / "summary.json")
+    stepping = summary["tokens"]["real"] / summary["tokens_per_s"]["real"]
+    assert 0 < stepping < 0.9 * summary["train_time_s"], (stepping, summary["train_time_s"])

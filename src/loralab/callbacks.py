@@ -70,6 +70,9 @@ class TokenCounts:
         self.padded = 0
         self._real = 0
         self._pending = None  # real tokens of batches on a GPU, summed there and not yet read
+        # Seconds of training's wall time spent evaluating and saving checkpoints (the trainer
+        # adds them): throughput figures leave them out, so tokens/s is the steps' own.
+        self.paused_s = 0.0
 
     @property
     def real(self) -> int:
@@ -103,7 +106,7 @@ class TrackingCallback(TrainerCallback):
         self.efficiency = efficiency
         self.base_checksum = base_checksum
         self.console = console
-        self._last = (time.time(), 0, 0, 0)
+        self._last = (time.time(), 0, 0, 0, 0.0)
         self._efficiency_logged = False
 
     # -- periodic records ------------------------------------------------------------------
@@ -118,7 +121,7 @@ class TrackingCallback(TrainerCallback):
         return adapter_records(model) if self.base_checksum is not None else {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._last = (time.time(), state.global_step, *self._tokens())
+        self._last = (time.time(), state.global_step, *self._tokens(), self.tokens.paused_s)
         if state.global_step > 0:  # resumed: these were logged before the checkpoint, and kept
             return
         record = efficiency_records(self.efficiency)
@@ -147,10 +150,10 @@ class TrackingCallback(TrainerCallback):
         return self.tokens.real, self.tokens.padded
 
     def _efficiency_since_last(self, step: int) -> dict:
-        now, real, padded = time.time(), *self._tokens()
-        t0, step0, real0, padded0 = self._last
-        self._last = (now, step, real, padded)
-        dt = now - t0
+        now, real, padded, paused = time.time(), *self._tokens(), self.tokens.paused_s
+        t0, step0, real0, padded0, paused0 = self._last
+        self._last = (now, step, real, padded, paused)
+        dt = now - t0 - (paused - paused0)  # the steps' time: evaluations and saves left out
         if step <= step0 or dt <= 0:
             return {}
         peak = tracking.peak_memory_mb()
@@ -212,6 +215,7 @@ class LiveProgress(ProgressCallback):
         self.tokens = tokens
         self._t0 = time.time()
         self._tokens0 = 0
+        self._paused0 = 0.0
 
     def _tokens(self) -> int:
         return self.tokens.real
@@ -222,7 +226,7 @@ class LiveProgress(ProgressCallback):
         if state.is_world_process_zero:
             self.training_bar = tqdm(total=state.max_steps, desc="Training", dynamic_ncols=True)
         self.current_step = 0
-        self._t0, self._tokens0 = time.time(), self._tokens()
+        self._t0, self._tokens0, self._paused0 = time.time(), self._tokens(), self.tokens.paused_s
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         from tqdm.auto import tqdm
@@ -241,6 +245,6 @@ class LiveProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is None or not logs or "loss" not in logs:
             return  # eval records get their own line; the end-of-training record is the summary
-        elapsed = time.time() - self._t0
+        elapsed = time.time() - self._t0 - (self.tokens.paused_s - self._paused0)
         rate = (self._tokens() - self._tokens0) / elapsed if elapsed > 0 else None
         self.training_bar.set_postfix_str(live_line(logs, rate), refresh=True)

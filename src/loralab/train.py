@@ -287,7 +287,7 @@ class _Run:
             trainer.clock0 = (t0, time.process_time())
             trainer.setup_s = t0 - start
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
-            attempt_time = time.time() - t0
+            stepping = time.time() - t0 - self.tokens.paused_s  # evaluations and saves left out
             if compiled.get("compile"):  # inductor's cache now holds this model's kernels
                 remember(compiled["key"])
             # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one).
@@ -296,7 +296,7 @@ class _Run:
             train_time, summary["train_cpu_time_s"] = trainer.training_time()
             # Inside the try: a final evaluation that fails (or is killed) leaves a failed
             # summary beside the weights saved before it, not a folder that looks unfinished.
-            return self._finish(trainer, train_out, summary, checksum_before, start, train_time, attempt_time)  # fmt: skip
+            return self._finish(trainer, train_out, summary, checksum_before, start, train_time, stepping)  # fmt: skip
         except BaseException as e:
             if summary.get("status") == "completed" and (self.run_dir / rundir.SUMMARY_FILE).is_file():  # fmt: skip
                 raise  # the run's summary is written: what failed came after (tracking)
@@ -308,7 +308,7 @@ class _Run:
             self.tracker.finish(failed=True)
             raise
 
-    def _finish(self, trainer, train_out, summary, checksum_before, start, train_time, attempt_time):  # fmt: skip
+    def _finish(self, trainer, train_out, summary, checksum_before, start, train_time, stepping):  # fmt: skip
         cfg, model = self.cfg, self.built.model
         if distributed.is_main():  # first: an evaluation that fails must not take them along
             self._save_weights(trainer)
@@ -346,9 +346,9 @@ class _Run:
             eval_time_s=eval_time,
             # This attempt's tokens (a resumed run counts from its checkpoint) over its time.
             tokens={"real": int(real), "padded": int(padded)},
-            tokens_per_s={
-                "real": real / attempt_time if attempt_time else 0.0,
-                "padded": padded / attempt_time if attempt_time else 0.0,
+            tokens_per_s={  # over the steps' own time: the evaluations and saves between left out
+                "real": real / stepping if stepping > 0 else 0.0,
+                "padded": padded / stepping if stepping > 0 else 0.0,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
             first_step_at=trainer.first_step_at,  # Unix time: the end of start-up

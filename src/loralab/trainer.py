@@ -124,7 +124,9 @@ class LoralabTrainer(Trainer):
                  "train_time_s": wall, "train_cpu_time_s": cpu,
                  "setup_time_s": self.setup_before + self.setup_s, **self.run_facts},
             )  # fmt: skip
+        t0 = time.time()
         super()._save_checkpoint(model, trial)
+        self.tokens.paused_s += time.time() - t0  # not the steps' time (`TokenCounts.paused_s`)
 
     def training_time(self) -> tuple[float, float]:
         """(wall s, CPU s) of training so far over the whole run: the attempts before the
@@ -154,15 +156,20 @@ class LoralabTrainer(Trainer):
         return mean if math.isfinite(mean) else None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """The stock evaluation, or the head's own scoring (`own_eval`) logged the same way."""
-        if self.own_eval is None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.own_eval().items()}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(
-            self.args, self.state, self.control, metrics
-        )
-        return metrics
+        """The stock evaluation, or the head's own scoring (`own_eval`) logged the same way;
+        its time counts as paused training (`TokenCounts.paused_s`)."""
+        t0 = time.time()
+        try:
+            if self.own_eval is None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.own_eval().items()}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics
+            )
+            return metrics
+        finally:
+            self.tokens.paused_s += time.time() - t0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_fn is None:
