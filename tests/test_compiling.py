@@ -214,6 +214,13 @@ def test_the_warm_cache_key_follows_what_the_layers_graph_depends_on():
 
     base = key()
     assert key("train.seed=7", "train.lr=1e-3", "lora.alpha=32") == base  # same graph
-    for change in ("lora.r=16", "lora.target=all-linear", "lora.dropout=0", "train.method=full"):
+    for change in (
+        "lora.r=16",
+        "lora.target=all-linear",
+        "lora.dropout=0",
+        "train.method=full",
+        "lora.bias=lora_only",
+        "lora.extra.lora_bias=true",
+    ):
         assert key(change) != base, change
     assert key("train.method=full", "lora.r=16") == key("train.method=full")  # no adapters

@@ -44,7 +44,10 @@ def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features:
     """Whether to compile the model's layers (`loralab.compiling`), and why; with "key", what
     `compiling.remember` records once the run has compiled."""
     tr, lo = cfg.train, cfg.lora
-    shape = f"r{lo.r}|{lo.target}|dropout={lo.dropout > 0}|dora={lo.use_dora}|{cfg.model.head}"
+    # Everything that changes the adapted layers' graph (`lora.bias` trains base biases and keeps
+    # their layers in fp32; `lora.extra` may add a LoRA bias or skip layers).
+    shape = (f"r{lo.r}|{lo.target}|dropout={lo.dropout > 0}|dora={lo.use_dora}|bias={lo.bias}"
+             f"|extra={sorted(lo.extra.items())}|{cfg.model.head}")  # fmt: skip
     graph = shape if tr.method == "lora" else cfg.model.head  # what the layers' graph depends on
     key = compiling.signature(cfg.model.name, tr.method, tr.precision, attention_kernel, graph)
     steps = planned_steps(cfg, train_features)
