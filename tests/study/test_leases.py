@@ -62,3 +62,37 @@ def test_a_paused_workers_point_is_vouched_for_a_dead_ones_is_failed(tmp_path):
         con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-60 seconds')")
     fail_dead(st, study, locks)
     assert study.get_trials()[0].state == TrialState.FAIL
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+def test_a_point_is_judged_by_its_own_workers_heartbeat_too(tmp_path):
+    """A worker on another machine beats every 10 s; one here with --heartbeat 1 (grace 3 s)
+    failed its point between two beats, and the owner's training was killed."""
+    from loralab.study.leases import BEAT_AT, BEAT_EVERY, Lease
+
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=3)
+    study = optuna.create_study(storage=st, study_name="grid")
+    for point in ("slow", "gone"):
+        study.enqueue_trial({}, user_attrs={"point": point})
+    slow, gone = study.get_trials()
+    for t in (slow, gone):
+        assert st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+    lease = Lease(st, slow._trial_id, 10.0)  # beats now, then every 10 s
+    lease.stop()
+    st.set_trial_user_attr(gone._trial_id, BEAT_EVERY, 10.0)
+    st.set_trial_user_attr(gone._trial_id, BEAT_AT, 0.0)  # its worker's last beat: long ago
+    st.record_heartbeat(gone._trial_id)
+    with sqlite3.connect(tmp_path / "study.db") as con:  # 6 s since both beat, by the storage
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-6 seconds')")
+    fail_dead(st, study, tmp_path / "locks")
+    states = {t.user_attrs["point"]: t.state for t in study.get_trials() if t.number < 2}
+    assert states == {"slow": TrialState.RUNNING, "gone": TrialState.FAIL}
+    assert study.get_trials()[0].user_attrs[BEAT_EVERY] == 10.0
+
+
+def test_a_grace_not_longer_than_the_heartbeat_is_refused(tmp_path):
+    from loralab.errors import LoralabError
+
+    with pytest.raises(LoralabError, match="--grace 5 is not longer than --heartbeat 20"):
+        open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=20, grace=5)
+    assert not (tmp_path / "study.db").exists()

@@ -698,7 +698,7 @@ def test_a_dead_workers_point_is_claimed_before_fresh_ones(tmp_path, monkeypatch
 
     from loralab.study.worker import Worker
 
-    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=1)
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=2)
     study = optuna.create_study(storage=st, study_name="s")
     for key in ("a", "b", "c"):
         study.enqueue_trial({}, user_attrs={"point": key})
@@ -730,7 +730,7 @@ def test_a_point_enqueued_again_after_a_failure_keeps_the_retrys_priority(tmp_pa
     from loralab.study.storage import ensure_enqueued
     from loralab.study.worker import Worker
 
-    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=1)
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=2)
     study = optuna.create_study(storage=st, study_name="s")
     points = [{"key": k, "task": "sst2", "method": "lora"} for k in ("a", "b")]
     plan = SimpleNamespace(points=lambda: points)

@@ -11,6 +11,13 @@ import threading
 import time
 from pathlib import Path
 
+# Trial user attributes of a claim: its worker's heartbeat interval and its last beat (Unix
+# time, the worker's clock). Workers on other machines may run with another --heartbeat: each
+# judges a point by its owner's interval too (`fail_dead`), not by its own grace alone.
+BEAT_EVERY, BEAT_AT = "heartbeat_s", "beat_at"
+# A point is alive while its last beat is younger than this many of its owner's intervals.
+OWN_GRACE_BEATS = 3
+
 
 class Lease:
     """Heartbeats for a claimed trial; `lost` is set when someone else declared it dead."""
@@ -19,9 +26,14 @@ class Lease:
         self.storage, self.trial_id, self.interval = storage, trial_id, interval
         self.lost = threading.Event()
         self._stop = threading.Event()
-        storage.record_heartbeat(trial_id)
+        storage.set_trial_user_attr(trial_id, BEAT_EVERY, float(interval))
+        self._record()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
+
+    def _record(self) -> None:
+        self.storage.record_heartbeat(self.trial_id)
+        self.storage.set_trial_user_attr(self.trial_id, BEAT_AT, time.time())
 
     def _beat(self) -> None:
         from optuna.trial import TrialState
@@ -31,7 +43,7 @@ class Lease:
                 if self.storage.get_trial(self.trial_id).state != TrialState.RUNNING:
                     self.lost.set()
                     return
-                self.storage.record_heartbeat(self.trial_id)
+                self._record()
             except Exception:  # a database hiccup: the grace period covers a few missed beats
                 pass
 
@@ -98,13 +110,19 @@ def fail_dead(storage, study, locks: Path) -> None:
     together, another worker's check may come before the paused one's next beat, and would
     throw away all its work since its last checkpoint. A point whose lock
     (`locks`/<point>.lock) a process on this host still holds is alive, so its heartbeat is
-    renewed on its behalf first.
+    renewed on its behalf first; so is one whose own worker beat within OWN_GRACE_BEATS of its
+    interval (a worker elsewhere with a longer --heartbeat than this one's grace allows).
     """
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         point = t.user_attrs.get("point")
-        if point and lock_here(locks / f"{point}.lock") == "held":
+        every, at = t.user_attrs.get(BEAT_EVERY), t.user_attrs.get(BEAT_AT)
+        # Its owner's own beats: renewing the storage's heartbeat leaves BEAT_AT as it was, so
+        # a worker that died stops being vouched for once its own grace has passed.
+        beating = isinstance(every, float) and isinstance(at, float) and now - at < OWN_GRACE_BEATS * every  # fmt: skip
+        if beating or (point and lock_here(locks / f"{point}.lock") == "held"):
             storage.record_heartbeat(t._trial_id)
     fail_stale_trials(study)
