@@ -1081,3 +1081,34 @@ def test_tiny_study_workers_share_a_postgres_storage(pg_url, tmp_path, data_root
         assert p.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     keys = _expected_keys(res)
     _check_exactly_once(res, pg_url, prefix, keys)
+
+
+def test_a_finished_run_without_its_main_metric_is_final_and_scores_worst(tmp_path, data_root, capsys):  # fmt: skip
+    """A reused run folder whose summary lacks the main metric was stored as a failed 'reused'
+    attempt, never final: the grid never completed, every later run exited 1, while --status
+    chose a best lr. It is final now ('no-metric'), and its rate cannot win. A reused completed
+    run's leftover checkpoints are dropped."""
+    small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
+             "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": small}, methods=["lora"], lr={"lora": [1e-3, 3e-3]},
+                      seeds=[1, 2], ablations=None)  # fmt: skip
+    res = tmp_path / "res"
+    argv = ["study", str(spec), "--data-root", str(data_root), "--output-dir", str(res), *FAST]
+    assert main([*argv, "--workers", "1"]) == 0
+    summary_file = res / "runs" / "sst2-lora-tiny-llama-lr0.001-s1" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["metrics"].pop("accuracy")
+    summary_file.write_text(json.dumps(summary))
+    # A worker killed between a run's end and dropping its checkpoints left them: the reuse
+    # drops them now.
+    left = res / "runs" / "sst2-lora-tiny-llama-lr0.003-s1" / "checkpoints" / "checkpoint-2"
+    left.mkdir(parents=True)
+    again = [*argv, "--study", "again"]  # new studies: every point is a reused run folder
+    assert main([*again, "--workers", "1"]) == 0
+    assert not left.parent.exists()
+    capsys.readouterr()
+    assert main([*again, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "no metric    sst2-lora-tiny-llama-lr0.001-s1" in out, out
+    assert "best lr lora 0.003" in out and "sst2-lora-tiny-llama-lr0.003-s2" in out
+    assert (res / "runs" / "sst2-lora-tiny-llama-lr0.003-s2" / "summary.json").is_file()

@@ -27,7 +27,7 @@ from .reuse import FINISHED
 # A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
 # `--status` reads the last one.
 LENT_LOG = "loralab: spare cores: "
-FINAL = ("done", "diverged")  # the point states that need no more training
+FINAL = ("done", "diverged", "no metric")  # the point states that need no more training
 
 
 def finished_value(results: Path, key: str) -> float | None:

@@ -3,7 +3,7 @@ or interrupted point got, and an estimate of the training compute left. Reads th
 the run directories; creates and changes nothing.
 
 A point's state, from its Optuna trials (the most advanced one counts):
-  done / diverged   final (COMPLETE, or FAIL with outcome `diverged`)
+  done / diverged / no metric   final (COMPLETE, or FAIL with outcome `diverged` or `no-metric`)
   running           RUNNING: a worker holds it (`stale` when its lock on this host is free: the
                     worker died and the next worker's heartbeat check re-enqueues it)
   interrupted       WAITING after a failed attempt: the next worker claims it first and resumes
@@ -294,11 +294,11 @@ def _fill(ps: PointStatus, trials: list) -> None:
     from optuna.trial import TrialState
 
     rank = {"not enqueued": 0, "failed": 1, "waiting": 2, "interrupted": 3, "running": 4,
-            "diverged": 5, "done": 5}  # fmt: skip
+            "diverged": 5, "no metric": 5, "done": 5}  # fmt: skip
     for t in trials:
         outcome = t.user_attrs.get("outcome")
         if is_final(t):
-            s = "done" if t.state == TrialState.COMPLETE else "diverged"
+            s = "done" if t.state == TrialState.COMPLETE else "diverged" if outcome == "diverged" else "no metric"  # fmt: skip
         elif t.state == TrialState.RUNNING:
             s = "running"
         elif t.state == TrialState.WAITING:

@@ -269,12 +269,17 @@ def claim_order(trial) -> tuple[bool, int]:
     return (not is_retry(trial), trial.number)
 
 
+# Outcomes of a failed trial that are final all the same: re-running would repeat them (a
+# diverged run; a finished run without a finite main metric). Both score worst in the lr choice.
+FINAL_FAILURES = ("diverged", "no-metric")
+
+
 def is_final(trial) -> bool:
-    """A point that is done: completed, or diverged (re-running it would diverge again)."""
+    """A point that is done: completed, or diverged / finished without its main metric."""
     from optuna.trial import TrialState
 
     return trial.state == TrialState.COMPLETE or (
-        trial.state == TrialState.FAIL and trial.user_attrs.get("outcome") == "diverged"
+        trial.state == TrialState.FAIL and trial.user_attrs.get("outcome") in FINAL_FAILURES
     )
 
 

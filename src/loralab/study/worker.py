@@ -230,11 +230,11 @@ class Worker:
             if outcome in ("completed", "reused") and value is not None and math.isfinite(value):
                 self.storage.set_trial_state_values(tid, TrialState.COMPLETE, [value])
             else:
-                self.storage.set_trial_user_attr(
-                    tid,
-                    "outcome",
-                    "diverged" if (result or {}).get("status") == "diverged" else outcome,
-                )
+                if (result or {}).get("status") == "diverged":
+                    outcome = "diverged"
+                elif outcome in ("completed", "reused"):  # finished, without a finite value:
+                    outcome = "no-metric"  # final all the same (a rerun gives the same)
+                self.storage.set_trial_user_attr(tid, "outcome", outcome)
                 self.storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             pass  # declared dead meanwhile; the run directory holds the result for the retry
@@ -279,12 +279,14 @@ class Worker:
                 outcome = {0: "completed", 3: "diverged", 2: "error", None: "lost"}.get(
                     code, "crashed"
                 )
-            if outcome == "completed":
-                drop_checkpoints(run_dir)
             result = None
             summary = run_dir / SUMMARY_FILE
             if summary.is_file() and outcome not in ("lost", "crashed", "error"):
                 result = record_from_summary(tracking.read_json(summary))
+                # A reused run keeps none either: a worker killed between the run's end and
+                # this line left them behind (a diverged run keeps its own, to look into).
+                if outcome == "completed" or result.get("status") == "completed":
+                    drop_checkpoints(run_dir)
                 result.update(point=key, group=self.plan.group, study=self.study.study_name)
                 result["value"] = main_metric_value(result)
             if run_dir.is_dir():
