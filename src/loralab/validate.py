@@ -340,9 +340,10 @@ def share_target(counts: dict, target: str | list[str] = "standard") -> Target:
 def drop_targets(results_dir: str | Path, model: str) -> list[Target]:
     """LoRA − full ≥ −3 points for each comparison of `model` in a results folder's runs."""
     from .study.aggregate import DROP_TARGET_POINTS, aggregate
-    from .study.records import deduplicate, load_runs
+    from .study.records import deduplicate
+    from .study.report import folder_runs
 
-    records, _ = deduplicate(load_runs(results_dir))
+    records, _ = deduplicate(folder_runs(results_dir))  # grouped as the report groups them
     _, comps = aggregate(records)
     out = []
     for c in comps:

@@ -1112,3 +1112,37 @@ def test_a_finished_run_without_its_main_metric_is_final_and_scores_worst(tmp_pa
     assert "no metric    sst2-lora-tiny-llama-lr0.001-s1" in out, out
     assert "best lr lora 0.003" in out and "sst2-lora-tiny-llama-lr0.003-s2" in out
     assert (res / "runs" / "sst2-lora-tiny-llama-lr0.003-s2" / "summary.json").is_file()
+
+
+def test_the_same_grid_in_another_order_is_the_same_grid():
+    """A spec's rates or methods reordered were refused as 'a different grid'."""
+    plan = lambda **kw: make_plan(tasks="sst2", seeds="1", model={"name": "tiny-llama"}, **kw)  # noqa: E731
+    one = plan(methods="lora,full", lora_lr="1e-3,3e-3", full_lr="1e-5")
+    other = plan(methods="full,lora", lora_lr="3e-3,1e-3", full_lr="1e-5")
+    assert one.fingerprint() == other.fingerprint()
+    assert (
+        one.fingerprint() != plan(methods="lora,full", lora_lr="1e-3", full_lr="1e-5").fingerprint()
+    )
+
+
+def test_a_changed_spec_is_refused_before_any_point_trains(tmp_path, data_root, capsys):
+    """MRPC's seeds study was stored with seed 2; the spec adds seed 3. The refusal came when
+    the worker reached MRPC's seeds phase, after SST-2's points had trained."""
+    small = lambda d: {"data_dir": d, "max_steps": 2, "max_train_examples": 16,  # noqa: E731
+                       "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    tasks = {"sst2": small("glue/sst2"), "mrpc": small("glue/mrpc")}
+    first = _spec_file(tmp_path, name="t", tasks=tasks, methods=["lora"], lr={"lora": [1e-3]},
+                       seeds=[1, 2], ablations=None)  # fmt: skip
+    res = tmp_path / "res"
+    out = ["--data-root", str(data_root), "--output-dir", str(res), *FAST, "--workers", "1"]
+    assert main(["study", str(first), "--tasks", "mrpc", *out]) == 0
+    changed = {**tasks, "mrpc": {**tasks["mrpc"], "seeds": [1, 2, 3]}}
+    second = _spec_file(tmp_path, name="t", tasks=changed, methods=["lora"], lr={"lora": [1e-3]},
+                        seeds=[1, 2], ablations=None)  # fmt: skip
+    capsys.readouterr()
+    assert main(["study", str(second), *out[:-2], "--status"]) == 0  # says so beforehand
+    text = capsys.readouterr().out
+    assert "refused: stored with a different grid (seeds: [2] in the study, [2, 3] now)" in text
+    assert main(["study", str(second), *out]) == 2
+    assert "with a different grid (seeds: [2] in the study, [2, 3] now)" in capsys.readouterr().err
+    assert not any(r.name.startswith("sst2") for r in (res / "runs").iterdir())

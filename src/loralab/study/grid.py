@@ -94,10 +94,11 @@ class Plan:
         return out
 
     def fingerprint(self) -> str:
-        """Identifies the grid and the settings of every run (not the results folder)."""
+        """Identifies the grid and the settings of every run (not the results folder); the same
+        points listed in another order (a spec's rates or methods reordered) are the same grid."""
         data = {
             "v": PLAN_VERSION,
-            "points": self.points(),
+            "points": sorted(self.points(), key=lambda p: p["key"]),
             "base": self.base,
             "per_task": self.per_task,
         }

@@ -20,8 +20,7 @@ from .bar import PointsBar
 from .phases import Phase, StudySpec, best_so_far, grid_values, phases
 from .prechecks import check_points
 from .progress import FINAL
-from .records import load_runs
-from .report import stored_pending, write_report
+from .report import folder_runs, stored_pending, write_report
 from .spec import check_data, select_tasks, spec_configs
 from .status import status_with
 from .status_text import totals
@@ -108,7 +107,17 @@ class Runner:
         self.say(f"{name}: made before a method that diverged at every rate was left out: it keeps running {', '.join(lost)} at the smallest rate")  # fmt: skip
         return older
 
+    def check_stored(self) -> None:
+        """Check every phase whose study is stored already against the spec now, before any
+        point trains: a changed spec (a seed added to a task) was refused only when the worker
+        reached that phase, after hours of other points."""
+        stored = {s.study_name for s in self.storage.get_all_studies()}
+        for ph in self.phases:
+            if ph.study_name(self.prefix) in stored:
+                self.worker(ph)
+
     def run(self) -> list[str]:
+        self.check_stored()
         done, total = self._counts()
         self.bar = PointsBar(self.prefix, total, done, self.quiet)
         try:
@@ -241,7 +250,7 @@ def write_study_report(results: str | Path):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # workers finishing together take turns
-        records = load_runs(root)
+        records = folder_runs(root)  # runs without sweep.json grouped as study.db names them
         if not records:
             return None
         source = f"run directories under {root}"

@@ -31,7 +31,16 @@ from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
-from .storage import existing, is_final, is_retry, load_study, open_storage, stored_url
+from .storage import (
+    NoStoredGrid,
+    existing,
+    grid_difference,
+    is_final,
+    is_retry,
+    load_study,
+    open_storage,
+    stored_url,
+)  # fmt: skip
 
 
 @dataclass
@@ -79,6 +88,7 @@ class PhaseStatus:
     points: list[PointStatus] = field(default_factory=list)
     config: object = None  # one point's ExperimentConfig (its task's data, caps, schedule)
     waits_on: str = "the grid's best lr"  # what waits_for_grid waits for, in words
+    refused: str = ""  # stored with another grid than the spec's (what differs): `study` exits 2
 
 
 @dataclass
@@ -244,11 +254,22 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
                              best if chooses or not waits else None,
                              so_far if waits else None, waits_on=ph.waits_on)  # fmt: skip
+        if name in names and not waits and None not in (best or {}).values():
+            status.refused = _refusal(st, name, plan)
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         (out if ph.task in selected else others).append(status)
     if st is not None:
         _memory_waits([p for ph in out for p in ph.points], st)
     return StudyStatus(results, url, out, tracking.this_machine(), [p for ph in others for p in ph.points])  # fmt: skip
+
+
+def _refusal(st, name: str, plan) -> str:
+    """What differs between the stored study `name` and the spec's `plan` ('' when nothing):
+    what `loralab study` would refuse (exit 2) on reaching it."""
+    try:
+        return grid_difference(load_study(st, name)[1], plan) or ""
+    except NoStoredGrid:
+        return ""
 
 
 def _methods(best: dict | None, methods: list[str]) -> dict | None:

@@ -32,6 +32,9 @@ def render(status: StudyStatus) -> list[str]:
         elif ph.best:
             head += " · best lr " + _rates(ph.best)
         lines.append(head)
+        if ph.refused:
+            lines.append(f"  refused: stored with a different grid ({ph.refused}); `loralab study` "
+                         "exits 2 on it: give the spec a new `name`, or undo the change")  # fmt: skip
         width = max(len(p.key) for p in ph.points) if ph.points else 0
         for p in ph.points:
             left = status.left_of(p, costs) if p.state in ("running", "interrupted") else None

@@ -198,6 +198,15 @@ class NoStoredGrid(LoralabError):
     """A study without loralab's stored grid: another tool's, or a creator killed at once."""
 
 
+def grid_difference(stored: Plan, plan: Plan) -> str | None:
+    """None when `plan` continues the `stored` study's grid; else what differs, in words."""
+    plan = replace(plan, names_settings=stored.names_settings)  # a sweep's older keys kept
+    # A study made before sweeps stored absolute paths matches when its paths resolve the same.
+    if plan.fingerprint() in (stored.fingerprint(), stored.with_absolute_paths().fingerprint()):
+        return None
+    return describe_difference(stored, plan)
+
+
 def create_or_check(storage, name: str, plan: Plan):
     """Create the study with its grid enqueued; an existing one must hold the same grid."""
     optuna = _optuna()
@@ -217,14 +226,10 @@ def create_or_check(storage, name: str, plan: Plan):
             return study
         # A sweep stored before keys named LoRA settings beyond r, alpha and target keeps its keys.
         plan = replace(plan, names_settings=stored.names_settings)
-        # A study made before sweeps stored absolute paths matches when its paths resolve the same.
-        if plan.fingerprint() not in (
-            stored.fingerprint(),
-            stored.with_absolute_paths().fingerprint(),
-        ):
+        if (differs := grid_difference(stored, plan)) is not None:
             raise LoralabError(
                 f"Study '{name}' already exists in '{masked(storage.url)}' with a different grid "
-                f"({describe_difference(stored, plan)}). It was left untouched. Re-run with the "
+                f"({differs}). It was left untouched. Re-run with the "
                 "same options to continue it, or pick a new --study name (a study spec: a new "
                 "`name`); finished points in the same results folder are reused, not retrained."
             ) from None
