@@ -544,6 +544,13 @@ BAD_SPECS = [
         {"methods": ["full"], "lr": {"full": [1e-4]}},
         "'ablations[0].lr' is 'best' (the default), but the study has no LoRA grid",
     ),
+    # Were tracebacks (a list where a name goes; an integer task name).
+    ({"methods": [["lora"]]}, "'methods' must be a list of lora and/or full"),
+    ({"tasks": {5: {"data_dir": "glue/sst2"}}}, "'tasks.5' is not a task name"),
+    (
+        {"ablations": [{"lora.r": [4], "tasks": [["sst2"]]}]},
+        "'ablations[0].tasks' must be a non-empty list",
+    ),
 ]
 
 

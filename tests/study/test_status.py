@@ -530,3 +530,30 @@ def test_a_status_of_some_tasks_takes_machine_speeds_from_the_others_too(tmp_pat
         "mrpc"
     }
     assert status._costs()[("mrpc", "lora")] == pytest.approx(600.0)  # 200 s x (300 / 100)
+
+
+def test_sweep_status_gives_each_tasks_own_best_lr(tmp_path):
+    """A sweep over two tasks showed one best lr, from dev values averaged over both tasks (and
+    metric scales): SST-2's best is 1e-4, MRPC's 3e-4, and the pooled mean picked 3e-4."""
+    from optuna.trial import TrialState
+
+    from loralab.study.grid import make_plan
+    from loralab.study.status import sweep_status
+    from loralab.study.status_text import render
+    from loralab.study.storage import create_or_check, open_storage
+
+    res = tmp_path / "res"
+    res.mkdir()
+    plan = make_plan(tasks="sst2,mrpc", methods="lora", lora_lr="1e-4,3e-4", seeds="1",
+                     model={"name": "tiny-llama"}, results_dir=str(res))  # fmt: skip
+    st = open_storage(f"sqlite:///{res / 'study.db'}")
+    study = create_or_check(st, "sw", plan)
+    value = {("sst2", 1e-4): 0.90, ("sst2", 3e-4): 0.80, ("mrpc", 1e-4): 0.60, ("mrpc", 3e-4): 0.75}
+    points = {p["key"]: p for p in plan.points()}
+    for t in study.get_trials():
+        p = points[t.user_attrs["point"]]
+        st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [value[p["task"], p["lr"]]])
+    status = sweep_status("sw", None, str(res))
+    assert status.phases[0].best == {"sst2 lora": 1e-4, "mrpc lora": 3e-4}
+    assert "best lr sst2 lora 0.0001, mrpc lora 0.0003" in render(status)[0]

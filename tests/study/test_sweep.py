@@ -373,3 +373,18 @@ def test_a_finished_run_is_reused_from_another_data_location_only_with_the_same_
     changed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(other)))
     with pytest.raises(LoralabError, match="data.data_dir"):
         decide(run, changed)
+
+
+def test_a_folder_holding_only_a_half_written_config_trains(tmp_path):
+    """A run killed between making its folder and renaming config.yaml into place left only
+    the temporary file: the point was refused for good as 'not a loralab run directory'."""
+    from loralab.errors import LoralabError
+    from loralab.study.reuse import decide
+
+    run = tmp_path / "p"
+    run.mkdir()
+    (run / ".config.yaml.k2j3h4").write_text("model: {na")
+    assert decide(run, None) == "train"
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(LoralabError, match="is not a loralab run directory"):
+        decide(run, None)

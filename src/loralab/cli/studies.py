@@ -345,7 +345,9 @@ def cmd_study(args) -> int:
         out = run_study(
             spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args)
         )
-    codes = [p.wait() for p in siblings]
+        # Inside: a Ctrl-C or SIGTERM while waiting for the siblings stops them too (they hand
+        # their points back), instead of leaving them to die with this process.
+        codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
         print(f"report: {out.report.files[0]} (also .html, .csv)")

@@ -97,7 +97,9 @@ def decide(run_dir: Path, cfg) -> str:
     if not run_dir.exists():
         return "train"
     if not (run_dir / CONFIG_FILE).is_file():
-        if any(run_dir.iterdir()):
+        # A run killed while writing its config.yaml left only the half-written temporary file
+        # (`rundir.atomic_write`'s `.config.yaml.*`): nothing of a run, so the point trains.
+        if any(not f.name.startswith(f".{CONFIG_FILE}.") for f in run_dir.iterdir()):
             raise LoralabError(
                 f"'{run_dir}' exists and is not a loralab run directory; the sweep will not "
                 "touch it. Move it away or use another --output-dir."

@@ -114,6 +114,8 @@ def _join(root: str | None, value: str | None) -> str | None:
 
 
 def _task_config(path, name: str, entry, data_root: str | None) -> dict:
+    if not isinstance(name, str):
+        raise _err(path, f"tasks.{name}", "is not a task name: task names are words (sst2, mrpc, rte, squad_v2, or a task file's).")  # fmt: skip
     try:
         get_task(name)
     except LoralabError as e:
@@ -180,7 +182,7 @@ def _ablation(path, i: int, entry, spec_tasks: list[str], methods: list[str], se
         lr = _numbers(path, f"{where}.lr", lr if isinstance(lr, list) else [lr], float)
     tasks = entry.get("tasks")
     if tasks is not None:
-        if not isinstance(tasks, list) or not tasks or set(tasks) - set(spec_tasks):
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks) or set(tasks) - set(spec_tasks):  # fmt: skip
             raise _err(path, f"{where}.tasks", f"must be a non-empty list of the study's tasks ({', '.join(spec_tasks)}), got {tasks!r}.")  # fmt: skip
     # An axis with its own lr grid chooses rates as the spec does, unless it says otherwise.
     own = entry.get("lr_selection", selection)
@@ -214,7 +216,7 @@ def load_spec(path: str | Path, data_root: str | None = None) -> StudySpec:
     task_seed = {t: e.pop("seeds") for t, e in tasks.items() if isinstance(e, dict) and "seeds" in e}  # fmt: skip
     per_task = {t: _task_config(path, t, e, None if root is None else str(root)) for t, e in tasks.items()}  # fmt: skip
     methods = raw.get("methods", list(METHODS))
-    if not isinstance(methods, list) or not methods or set(methods) - set(METHODS) or len(set(methods)) != len(methods):  # fmt: skip
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods) or set(methods) - set(METHODS) or len(set(methods)) != len(methods):  # fmt: skip
         raise _err(path, "methods", f"must be a list of lora and/or full, got {methods!r}.")
     lr = raw.get("lr")
     if not isinstance(lr, dict) or set(lr) != set(methods):

@@ -19,7 +19,7 @@ The estimate: an unfinished point costs what a point of its task and method cost
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import tracking
@@ -302,8 +302,12 @@ def sweep_status(study_name: str, storage: str | None = None, results_dir: str |
     results = str(results_dir or plan.results_dir)
     kind = "ablation" if plan.kind == "ablation" else "grid"
     status = PhaseStatus(study_name, ",".join(plan.tasks), kind, True)
-    if kind == "grid":
-        status.best = best_lrs(study, plan)
+    if kind == "grid":  # per task: a sweep over several tasks has a best lr on each
+        per_task = {t: best_lrs(study, replace(plan, tasks=[t])) for t in plan.tasks}
+        if len(per_task) == 1:
+            status.best = next(iter(per_task.values()))
+        elif any(per_task.values()):
+            status.best = {f"{t} {m}": lr for t, b in per_task.items() for m, lr in (b or {}).items()}  # fmt: skip
     _plan_points(status, plan, study.get_trials(deepcopy=False), results)
     if tasks:
         status.points = [p for p in status.points if p.task in tasks]
