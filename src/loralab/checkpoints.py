@@ -106,6 +106,15 @@ def read_setup_time(ckpt: Path) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
+def read_tokens(ckpt: Path) -> tuple[int, int]:
+    """(real, padded) tokens trained on up to `ckpt`, over every process; (0, 0) for
+    checkpoints written without them."""
+    state = _state(ckpt)
+    real, padded = state.get("tokens_real"), state.get("tokens_padded")
+    ok = isinstance(real, int) and isinstance(padded, int)
+    return (real, padded) if ok else (0, 0)
+
+
 def run_facts(fingerprint: dict | None, processes: int) -> dict:
     """What each checkpoint records of how its run was trained, for `check_same_run`."""
     return {"data_fingerprint": fingerprint, "processes": processes}

@@ -344,9 +344,13 @@ class _Run:
             wall_time_s=trainer.earlier_wall() + time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
-            # This attempt's tokens (a resumed run counts from its checkpoint) over its time.
-            tokens={"real": int(real), "padded": int(padded)},
-            tokens_per_s={  # over the steps' own time: the evaluations and saves between left out
+            # The whole run's tokens (the earlier attempts' up to the checkpoint, then this one's);
+            # the rate is this attempt's, over its steps' own time (evaluations and saves left out).
+            tokens={
+                "real": trainer.tokens_before[0] + int(real),
+                "padded": trainer.tokens_before[1] + int(padded),
+            },  # fmt: skip
+            tokens_per_s={
                 "real": real / stepping if stepping > 0 else 0.0,
                 "padded": padded / stepping if stepping > 0 else 0.0,
             },

@@ -14,7 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import distributed, precision, rundir, tracking
 from .callbacks import TokenCounts
-from .checkpoints import read_setup_time, read_training_time
+from .checkpoints import read_setup_time, read_tokens, read_training_time
 from .config import ExperimentConfig
 from .errors import TrainingDiverged
 
@@ -67,6 +67,7 @@ class LoralabTrainer(Trainer):
         # attempts up to the checkpoint resumed from: a resumed run's wall time counts them all.
         self.setup_s = 0.0
         self.setup_before = 0.0
+        self.tokens_before = (0, 0)  # (real, padded) of the earlier attempts, every process
         # What a resume must find unchanged (`checkpoints.check_same_run`), in every checkpoint.
         self.run_facts: dict = {}
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
@@ -114,15 +115,19 @@ class LoralabTrainer(Trainer):
         # resume (trainer_state.json is written last) always has its loss sum.
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
-        # Each process summed its own batches' losses: the run's figure is their mean.
-        total = distributed.total([total])[0] / distributed.world_size()
+        # Each process summed its own batches' losses (the run's figure is their mean) and
+        # counted its own tokens (the run's are their sum).
+        total, real, padded = distributed.total([total, self.tokens.real, self.tokens.padded])
+        total /= distributed.world_size()
         wall, cpu = self.training_time()
         if distributed.is_main():
             tracking.write_json(
                 folder / rundir.LOSS_FILE,
                 {"global_step": self.state.global_step, "loss_sum": total,
                  "train_time_s": wall, "train_cpu_time_s": cpu,
-                 "setup_time_s": self.setup_before + self.setup_s, **self.run_facts},
+                 "setup_time_s": self.setup_before + self.setup_s,
+                 "tokens_real": self.tokens_before[0] + int(real),
+                 "tokens_padded": self.tokens_before[1] + int(padded), **self.run_facts},
             )  # fmt: skip
         t0 = time.time()
         super()._save_checkpoint(model, trial)
@@ -140,6 +145,7 @@ class LoralabTrainer(Trainer):
         without them (an older checkpoint) the figures cover this attempt only."""
         self.time_before = read_training_time(checkpoint) or (0.0, 0.0)
         self.setup_before = read_setup_time(checkpoint)
+        self.tokens_before = read_tokens(checkpoint)
 
     def earlier_wall(self) -> float:
         """Wall s of the attempts before this one, up to the checkpoint resumed from: their
