@@ -125,8 +125,9 @@ class TrainConfig:
     """Seed for initialisation, shuffling and dropout."""
     precision: Precision = "auto"
     """`fp32`; `bf16` (autocast; LoRA also stores the frozen base in bf16, adapters and head
-    fp32); `auto` = bf16 where the hardware multiplies bf16 natively (recent GPUs, CPUs with
-    AVX512-BF16/AMX), else fp32."""
+    fp32); `auto` = bf16 on GPUs that support it, fp32 on CPUs without bf16 instructions, and
+    on CPUs with AVX512-BF16/AMX whichever a ~1 s probe of model-shaped products times faster
+    (cached per machine; small models get fp32). `LORALAB_PRECISION` forces what `auto` picks."""
     save_steps: int = 100
     """Checkpoint every N optimiser steps (a killed run resumes from the last one)."""
     logging_steps: int = 10
@@ -137,9 +138,10 @@ class TrainConfig:
     """Recompute each layer's activations in the backward pass instead of keeping them all: the
     activation memory of a step falls to about one layer's, for ~30% more compute. Same results."""
     compile: bool | Literal["auto"] = "auto"
-    """Compile the layers with torch.compile (inductor): SmolLM2-135M steps 1.3-1.5× faster on 2
-    CPU cores after a ~40 s first compile (5-10 s cached). `auto`: runs of ≥ 600 optimiser steps,
-    or ≥ 100 once compiled here; not on GPUs, with checkpointing or a quantized base (README)."""
+    """Compile the layers with torch.compile (inductor): SmolLM2-135M's benchmark steps ran
+    1.39-1.46× faster on 2 CPU cores (the main command's 1.21×) after a ~40 s first compile
+    (~4 s from inductor's cache). `auto`: runs of ≥ 600 optimiser steps, or ≥ 100 once compiled
+    here; not on GPUs, with checkpointing or a quantized base (README)."""
 
 
 @dataclass

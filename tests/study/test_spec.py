@@ -491,12 +491,12 @@ BAD_SPECS = [
     ({"base": {"data": {"task": "rte"}}}, "'base.data.task' cannot be set in a study"),
     ({"methods": ["lora", "prefix"]}, "'methods' must be a list of lora and/or full"),
     ({"lr": {"lora": [1e-3]}}, "'lr' must give a learning-rate list for each method (lora, full)"),
-    ({"lr": {"lora": ["fast"], "full": [1e-4]}}, "'lr.lora' holds 'fast', which is not a float"),
+    ({"lr": {"lora": ["fast"], "full": [1e-4]}}, "'lr.lora' holds 'fast', which is not a number"),
     ({"lr": {"lora": [1e-3, 1e-3], "full": [1e-4]}}, "'lr.lora' repeats a value"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
     ({"tasks": {"sst2": {"seeds": 7}}}, "'tasks.sst2.seeds' must be a non-empty list"),
     ({"tasks": {"sst2": {"seeds": [1, 1]}}}, "'tasks.sst2.seeds' repeats a value"),
-    ({"tasks": {"sst2": {"seeds": [1.5]}}}, "'tasks.sst2.seeds' holds 1.5, which is not a int"),
+    ({"tasks": {"sst2": {"seeds": [1.5]}}}, "'tasks.sst2.seeds' holds 1.5, which is not an integer"),
     ({"tasks": {"sst2": {"lr": {"adam": [1e-3]}}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": [1e-3]}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": {"lora": []}}}}, "'tasks.sst2.lr.lora' must be a non-empty list"),
@@ -566,7 +566,7 @@ def test_cli_errors_exit_2_and_create_nothing(tmp_path, data_root, capsys):
     res = tmp_path / "res"
     bad = _spec_file(tmp_path, seeds=[1, "two"])
     assert main(["study", str(bad), "--output-dir", str(res)]) == 2
-    assert "'seeds' holds 'two', which is not a int" in capsys.readouterr().err
+    assert "'seeds' holds 'two', which is not an integer" in capsys.readouterr().err
     assert main(["study", str(TINY), "--data-root", str(tmp_path / "nowhere"), "--output-dir", str(res)]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "tasks.sst2.data_dir is '" in err and "does not exist" in err and "--data-root" in err

@@ -110,6 +110,11 @@ def test_bad_inputs_exit_2_and_leave_the_study_untouched(tmp_path, sst2_dir, cap
     assert "The grid is empty: no seeds" in capsys.readouterr().err
     assert main(_sweep_args(tmp_path, sst2_dir, "--methods", "lora,full", "--lora-lr", ",")) == 2
     assert "no lora learning rates" in capsys.readouterr().err
+    # A flag's bad value names the flag (a negative rate named train.lr; 1.5 'is not a int').
+    assert main(_sweep_args(tmp_path, sst2_dir, "--lora-lr=-1e-4")) == 2
+    assert "--lora-lr: '-1e-4' is not a positive learning rate" in capsys.readouterr().err
+    assert main(_sweep_args(tmp_path, sst2_dir, "--seeds", "1.5")) == 2
+    assert "--seeds: '1.5' is not an integer" in capsys.readouterr().err
     # Names a run would refuse are refused before the study exists, not point by point later.
     for bad, needle in [("lora.target=standrad", "Unknown LoRA target preset 'standrad'"),
                         ("--head=prompt", "model.head='prompt' is not a known head"),

@@ -91,10 +91,10 @@ def add_analyze(sub) -> None:
     )
     p.add_argument(
         "--probe",
-        type=int_at_least(1),
+        type=int_at_least(2),  # CKA compares examples: one is no set
         metavar="N",
-        help="first N dev examples for the representations (default: min(256, dev size, the "
-        "run's max_eval_examples))",
+        help="first N dev examples (at least 2) for the representations (default: min(256, dev "
+        "size, the run's max_eval_examples))",
     )
     p.add_argument(
         "--layer",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -232,9 +233,13 @@ def parse_list(text: str | None, kind: type, name: str) -> list | None:
         if not item:
             continue
         try:
-            out.append(kind(item))
+            value = kind(item)
         except ValueError:
-            raise LoralabError(f"{name}: '{item}' is not a {kind.__name__}.") from None
+            word = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise LoralabError(f"{name}: '{item}' is not {word}.") from None
+        if kind is float and not (math.isfinite(value) and value > 0):  # the learning rates
+            raise LoralabError(f"{name}: '{item}' is not a positive learning rate, e.g. 3e-4.")
+        out.append(value)
     return out
 
 

@@ -97,7 +97,7 @@ def _numbers(path, key: str, value, kind: type) -> list:
                 raise ValueError
             x = kind(v)  # YAML reads 1e-4 (no dot) as a string
         except (TypeError, ValueError):
-            raise _err(path, key, f"holds {v!r}, which is not a {kind.__name__}.") from None
+            raise _err(path, key, f"holds {v!r}, which is not {'an integer' if kind is int else 'a number'}.") from None  # fmt: skip
         if kind is float and not (math.isfinite(x) and x > 0):
             raise _err(path, key, f"holds {v!r}: learning rates must be positive.")
         out.append(x)
