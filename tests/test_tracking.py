@@ -340,3 +340,14 @@ def test_the_trainer_counts_evaluations_and_saves_as_paused(tmp_path, sst2_dir):
     summary = read_json(result.run_dir / "summary.json")
     stepping = summary["tokens"]["real"] / summary["tokens_per_s"]["real"]
     assert 0 < stepping < 0.9 * summary["train_time_s"], (stepping, summary["train_time_s"])
+
+
+def test_no_periodic_evaluation_on_the_last_step(tmp_path, sst2_dir):
+    """eval_steps dividing the run's length scored the final model twice (the periodic
+    evaluation, then the final one): now once, at the last step, by the final evaluation."""
+    cfg = _one_step(sst2_dir, tmp_path / "runs", "train.max_steps=4", "train.eval_steps=2",
+                    "data.max_eval_examples=16")  # fmt: skip
+    run = train(cfg, quiet=True).run_dir
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in records if "eval/accuracy" in r]
+    assert evals == [2, 4], evals

@@ -130,6 +130,10 @@ class TrackingCallback(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        # The run's final evaluation follows the last step: a periodic one there (eval_steps
+        # dividing the run's length) would score the same model twice.
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_evaluate = False
         if state.global_step % self.log_every == 0:
             self.tracker.log(
                 {**self._verification(model), **self._adapter(model)}, state.global_step

@@ -496,7 +496,10 @@ BAD_SPECS = [
     ({"seeds": []}, "'seeds' must be a non-empty list"),
     ({"tasks": {"sst2": {"seeds": 7}}}, "'tasks.sst2.seeds' must be a non-empty list"),
     ({"tasks": {"sst2": {"seeds": [1, 1]}}}, "'tasks.sst2.seeds' repeats a value"),
-    ({"tasks": {"sst2": {"seeds": [1.5]}}}, "'tasks.sst2.seeds' holds 1.5, which is not an integer"),
+    (
+        {"tasks": {"sst2": {"seeds": [1.5]}}},
+        "'tasks.sst2.seeds' holds 1.5, which is not an integer",
+    ),
     ({"tasks": {"sst2": {"lr": {"adam": [1e-3]}}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": [1e-3]}}}, "'tasks.sst2.lr' must map some of the methods"),
     ({"tasks": {"sst2": {"lr": {"lora": []}}}}, "'tasks.sst2.lr.lora' must be a non-empty list"),
