@@ -443,3 +443,45 @@ def test_residual_inits_pass_and_their_informative_check_measures_the_learned_up
     assert rc == 0 and all(c["passed"] for c in checks.values()), _failed(checks)
     rc, checks = _run(tmp_path / "b", f"lora.init_lora_weights={init}", "--lr", "1e-9", "--steps", "4")  # fmt: skip
     assert rc == 1 and "adapter_is_informative" in _failed(checks), checks["adapter_is_informative"]
+
+
+def test_an_init_the_analysis_does_not_cover_still_validates(tmp_path):
+    """EVA: the analysis refuses it (UnsupportedVariant, a ValueError), which ended validate in
+    a traceback once its analysis check read the update as `analyze` does."""
+    rc, checks = _run(tmp_path, "lora.init_lora_weights=eva")
+    assert rc == 0 and all(c["passed"] for c in checks.values()), _failed(checks)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_update_switched_off_is_the_pretrained_model_under_pissa(dora):
+    """`lora_disabled` on a model training a PiSSA init puts A₀, B₀ back (the base holds the
+    residual); with DoRA its initial magnitudes too (the trained ones were kept: 0.087 off)."""
+    from transformers import set_seed
+
+    from loralab.config import ExperimentConfig
+    from loralab.heads import head_for
+    from loralab.merge import lora_disabled
+    from loralab.models import is_causal, load_config, load_for_task, load_tokenizer
+    from loralab.tasks import get_task
+
+    cfg = ExperimentConfig()
+    cfg.model.name, cfg.lora.init_lora_weights, cfg.lora.use_dora = "tiny-llama", "pissa", dora
+    head = head_for(cfg, get_task(validate.PROBE_TASK))
+    tok = load_tokenizer("tiny-llama", progress=False)
+    tok.padding_side = "right"
+    head.prepare(tok)
+    set_seed(0)
+    base, heads = load_for_task(cfg.model, head, tok, progress=False)
+    batch = validate.probe_batch(head, tok, is_causal(load_config("tiny-llama")))
+    base.eval()
+    with torch.no_grad():
+        pretrained = base(**batch).logits.clone()
+    model = validate.wrap(cfg, base, heads).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # as if trained
+            p.mul_(1.5) if "lora_magnitude" in name else p.add_(0.01) if "lora_B" in name else None
+        trained = model(**batch).logits.clone()
+        with lora_disabled(model):
+            off = model(**batch).logits
+        assert torch.allclose(model(**batch).logits, trained)  # put back afterwards
+    assert (off - pretrained).abs().max() < 1e-5 < (trained - pretrained).abs().max()

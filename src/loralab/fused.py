@@ -189,7 +189,8 @@ def _computes_the_same(module: nn.Module) -> bool:
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(1, 3, width, generator=gen, device=weight.device).to(weight.dtype)
     was_training = module.training
-    devices = [weight.device] if weight.device.type == "cuda" else []
+    # manual_seed reseeds every CUDA device too, wherever the module is: fork all of them.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
         for training in (False, True):
             module.train(training)

@@ -72,10 +72,11 @@ def record(peft_model: nn.Module, init: str, before: dict[str, torch.Tensor]) ->
     """Keep A₀, B₀ on `peft_model` (attribute `ATTRIBUTE`); `before`: `pretrained_weights`."""
     from peft import get_peft_model_state_dict
 
+    # A₀, B₀, and DoRA's initial magnitudes (with them W_res + s·B₀·A₀ gives W back exactly).
     state = {
         k: v.detach().to("cpu", copy=True)
         for k, v in get_peft_model_state_dict(peft_model).items()
-        if ".lora_A." in k or ".lora_B." in k
+        if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")
     }
     with torch.no_grad():
         error = _reconstruction_error(peft_model, before)
@@ -108,14 +109,16 @@ def initial_adapter(model: nn.Module) -> InitialAdapter | None:
 
 @contextmanager
 def initial_factors(model: nn.Module) -> Iterator[None]:
-    """Every adapted layer's A, B set back to the recorded A₀, B₀ meanwhile: the model then
-    computes W_res + s·B₀·A₀ = the pretrained W (the trained heads kept)."""
+    """Every adapted layer's A, B (and DoRA magnitudes) set back to the recorded initial ones
+    meanwhile: the model then computes W_res + s·B₀·A₀ = the pretrained W (the trained heads
+    kept)."""
     snapshot = initial_adapter(model)
     kept = []
     with torch.no_grad():
         for name, module in model.named_modules():
-            for part in ("lora_A", "lora_B"):
-                initial = snapshot.state.get(f"{name}.{part}.weight")
+            for part, key in (("lora_A", f"{name}.lora_A.weight"), ("lora_B", f"{name}.lora_B.weight"),
+                              ("lora_magnitude_vector", f"{name}.lora_magnitude_vector")):  # fmt: skip
+                initial = snapshot.state.get(key)
                 if initial is not None:
                     weight = getattr(module, part)["default"].weight
                     kept.append((weight, weight.detach().clone()))

@@ -272,7 +272,11 @@ def run_checks(
 
     # The update as `loralab analyze` reads it (PiSSA/OLoRA relative to the pretrained W, rank
     # 2r; DoRA's dense ΔW): its effective rank is at most the factors' rank, or the dense one's.
-    factors = analysis.lora_factors(model)
+    # An init the analysis does not cover (EVA, CorDA): the stored factors, as they are.
+    try:
+        factors = analysis.lora_factors(model)
+    except analysis.UnsupportedVariant:
+        factors = analysis.lora_factors(model, check_variant=False)
     stats = [analysis.module_stats(f) for f in factors]
     finite = all(all(torch.isfinite(torch.tensor(v)) for v in s.values()) for s in stats)
     caps = [min(f.delta.shape) if f.delta is not None else f.A.shape[0] for f in factors]

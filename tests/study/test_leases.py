@@ -65,29 +65,44 @@ def test_a_paused_workers_point_is_vouched_for_a_dead_ones_is_failed(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
-def test_a_point_is_judged_by_its_own_workers_heartbeat_too(tmp_path):
+def test_a_point_is_judged_by_its_own_workers_heartbeat_too(tmp_path, monkeypatch):
     """A worker on another machine beats every 10 s; one here with --heartbeat 1 (grace 3 s)
-    failed its point between two beats, and the owner's training was killed."""
-    from loralab.study.leases import BEAT_AT, BEAT_EVERY, Lease
+    failed its point between two beats, and the owner's training was killed. The owner's beat
+    count is watched on the checker's own clock (another machine's may be hours off), so a
+    dead owner's point is failed once 3 of its intervals pass without a beat."""
+    from loralab.study import leases
+    from loralab.study.leases import BEATS, Lease
 
+    clock = [1000.0]
+    monkeypatch.setattr(leases.time, "monotonic", lambda: clock[0])
     st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=3)
     study = optuna.create_study(storage=st, study_name="grid")
-    for point in ("slow", "gone"):
+    for point in ("alive", "dies"):
         study.enqueue_trial({}, user_attrs={"point": point})
-    slow, gone = study.get_trials()
-    for t in (slow, gone):
+    alive, dies = study.get_trials()
+    owners = {}
+    for t in (alive, dies):
         assert st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
-    lease = Lease(st, slow._trial_id, 10.0)  # beats now, then every 10 s
-    lease.stop()
-    st.set_trial_user_attr(gone._trial_id, BEAT_EVERY, 10.0)
-    st.set_trial_user_attr(gone._trial_id, BEAT_AT, 0.0)  # its worker's last beat: long ago
-    st.record_heartbeat(gone._trial_id)
-    with sqlite3.connect(tmp_path / "study.db") as con:  # 6 s since both beat, by the storage
-        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-6 seconds')")
+        owners[t._trial_id] = Lease(st, t._trial_id, 10.0)  # beats now, then every 10 s
+        owners[t._trial_id].stop()
+
+    def silent_for(seconds):  # by the storage's heartbeats, and on the checker's clock
+        clock[0] += seconds
+        with sqlite3.connect(tmp_path / "study.db") as con:
+            con.execute(f"UPDATE trial_heartbeats SET heartbeat = datetime('now', '-{seconds} seconds')")  # fmt: skip
+
+    def states():
+        return {t.user_attrs["point"]: t.state for t in study.get_trials() if t.number < 2}
+
+    silent_for(6)  # past the checker's grace, within the owners' 3 x 10 s
     fail_dead(st, study, tmp_path / "locks")
-    states = {t.user_attrs["point"]: t.state for t in study.get_trials() if t.number < 2}
-    assert states == {"slow": TrialState.RUNNING, "gone": TrialState.FAIL}
-    assert study.get_trials()[0].user_attrs[BEAT_EVERY] == 10.0
+    assert states() == {"alive": TrialState.RUNNING, "dies": TrialState.RUNNING}
+    silent_for(20)
+    owners[alive._trial_id]._record()  # the live owner beats again; the other one is dead
+    silent_for(15)  # 35 s on the checker's clock since the dead one's last beat
+    fail_dead(st, study, tmp_path / "locks")
+    assert states() == {"alive": TrialState.RUNNING, "dies": TrialState.FAIL}
+    assert study.get_trials()[0].user_attrs[BEATS] == 2
 
 
 def test_a_grace_not_longer_than_the_heartbeat_is_refused(tmp_path):

@@ -1156,3 +1156,18 @@ def test_a_changed_spec_is_refused_before_any_point_trains(tmp_path, data_root, 
     assert main(["study", str(second), *out]) == 2
     assert "with a different grid (seeds: [2] in the study, [2, 3] now)" in capsys.readouterr().err
     assert not any(r.name.startswith("sst2") for r in (res / "runs").iterdir())
+
+
+def test_workers_made_by_the_stored_study_check_write_above_the_bar(tmp_path, data_root):
+    """check_stored makes the stored studies' workers before the progress bar exists: their
+    lines went straight to stderr under a live bar."""
+    spec = load_spec(_spec_file(tmp_path, ablations=None), str(data_root))
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    res = str(tmp_path / "res")
+    first = Runner(spec, st, "t", ["sst2"], res, 60, quiet=False)
+    first.worker(first.phases[0])  # the grid study is stored (a first run, a sibling)
+    again = Runner(spec, st, "t", ["sst2"], res, 60, quiet=False)  # a re-run, a second worker
+    seen = {}
+    again._run = lambda: seen.update({n: w.bar for n, w in again.workers.items()}) or []
+    again.run()
+    assert seen and all(bar is not None for bar in seen.values()), seen

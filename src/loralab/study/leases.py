@@ -11,12 +11,15 @@ import threading
 import time
 from pathlib import Path
 
-# Trial user attributes of a claim: its worker's heartbeat interval and its last beat (Unix
-# time, the worker's clock). Workers on other machines may run with another --heartbeat: each
-# judges a point by its owner's interval too (`fail_dead`), not by its own grace alone.
-BEAT_EVERY, BEAT_AT = "heartbeat_s", "beat_at"
-# A point is alive while its last beat is younger than this many of its owner's intervals.
+# Trial user attributes of a claim: its worker's heartbeat interval and a count of its beats.
+# Workers on other machines may run with another --heartbeat: each judges a point by its
+# owner's interval too (`fail_dead`), not by its own grace alone. A count, not a time: the
+# checker sees it change on its own clock, so machines' clocks need not agree.
+BEAT_EVERY, BEATS = "heartbeat_s", "beats"
+# A point is alive while its beat count changed within this many of its owner's intervals.
 OWN_GRACE_BEATS = 3
+# (storage URL, trial id) -> (beat count, when this process first saw that count: monotonic s).
+_SEEN: dict[tuple, tuple[int, float]] = {}
 
 
 class Lease:
@@ -27,13 +30,15 @@ class Lease:
         self.lost = threading.Event()
         self._stop = threading.Event()
         storage.set_trial_user_attr(trial_id, BEAT_EVERY, float(interval))
+        self.beats = 0
         self._record()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
 
     def _record(self) -> None:
         self.storage.record_heartbeat(self.trial_id)
-        self.storage.set_trial_user_attr(self.trial_id, BEAT_AT, time.time())
+        self.beats += 1
+        self.storage.set_trial_user_attr(self.trial_id, BEATS, self.beats)
 
     def _beat(self) -> None:
         from optuna.trial import TrialState
@@ -116,13 +121,24 @@ def fail_dead(storage, study, locks: Path) -> None:
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         point = t.user_attrs.get("point")
-        every, at = t.user_attrs.get(BEAT_EVERY), t.user_attrs.get(BEAT_AT)
-        # Its owner's own beats: renewing the storage's heartbeat leaves BEAT_AT as it was, so
-        # a worker that died stops being vouched for once its own grace has passed.
-        beating = isinstance(every, float) and isinstance(at, float) and now - at < OWN_GRACE_BEATS * every  # fmt: skip
-        if beating or (point and lock_here(locks / f"{point}.lock") == "held"):
+        if _beating(storage, t) or (point and lock_here(locks / f"{point}.lock") == "held"):
             storage.record_heartbeat(t._trial_id)
     fail_stale_trials(study)
+
+
+def _beating(storage, trial) -> bool:
+    """Whether the trial's own worker beat within OWN_GRACE_BEATS of its interval, as this
+    process has watched its count (a count first seen counts as a beat now). Renewing the
+    storage's heartbeat leaves the count as it was, so a dead worker's point is failed once its
+    own grace has passed."""
+    every, beats = trial.user_attrs.get(BEAT_EVERY), trial.user_attrs.get(BEATS)
+    if not isinstance(every, (int, float)) or not isinstance(beats, int):
+        return False  # claimed by a loralab from before the count: the storage's grace alone
+    key, now = (getattr(storage, "url", id(storage)), trial._trial_id), time.monotonic()
+    seen = _SEEN.get(key)
+    if seen is None or seen[0] != beats:
+        _SEEN[key] = (beats, now)
+        return True
+    return now - seen[1] < OWN_GRACE_BEATS * every

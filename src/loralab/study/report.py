@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -230,7 +231,12 @@ def folder_runs(results_dir: str | Path, storage: str | None = None) -> list:
     """The finished runs under a results folder, grouped as the study storage beside it (or
     `storage`) names the runs that have no sweep.json (older runs; else they read as sweep)."""
     url = stored_url(results_dir, storage)
-    return load_runs(results_dir, stored_groups(url) if url else None)
+    try:
+        groups = stored_groups(url) if url else None
+    except LoralabError as e:  # the runs are the results: report them, grouped by sweep.json
+        print(f"warning: {e} Runs without sweep.json are reported as the grid's.", file=sys.stderr)  # fmt: skip
+        groups = None
+    return load_runs(results_dir, groups)
 
 
 def stored_pending(results_dir: str | Path | None, storage: str | None = None) -> dict:

@@ -120,6 +120,8 @@ class Runner:
         self.check_stored()
         done, total = self._counts()
         self.bar = PointsBar(self.prefix, total, done, self.quiet)
+        for w in self.workers.values():  # made by check_stored: their lines go above it too
+            w.bar = self.bar
         try:
             return self._run()
         finally:
@@ -238,11 +240,11 @@ def run_study(
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-    rep = write_study_report(results)
+    rep = write_study_report(results, storage)
     return StudyOutcome(lines, runner.unfinished, rep)
 
 
-def write_study_report(results: str | Path):
+def write_study_report(results: str | Path, storage: str | None = None):
     """The report of every finished run under `results` (RESULTS/report), one writer at a time."""
     root = Path(results)
     lock = root / LOCKS_DIR / REPORT_LOCK
@@ -250,7 +252,7 @@ def write_study_report(results: str | Path):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # workers finishing together take turns
-        records = folder_runs(root)  # runs without sweep.json grouped as study.db names them
+        records = folder_runs(root, storage)  # runs without sweep.json: grouped as stored
         if not records:
             return None
         source = f"run directories under {root}"
