@@ -184,7 +184,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("merge-no-adapter", lambda c: ["merge", str(_without_adapter(c))], "no saved adapter"),
     ("merge-not-a-run", lambda c: ["merge", c.out("nothing")], "not a loralab run directory"),
     # analyze
-    ("analyze-probe-0", lambda c: ["analyze", str(c.run()), "--probe", "0"], "--probe: must be at least 1"),
+    ("analyze-probe-1", lambda c: ["analyze", str(c.run()), "--probe", "1"], "--probe: must be at least 2"),
     ("analyze-layer-neg", lambda c: ["analyze", str(c.run()), "--layer", "-1"], "--layer: must be at least 0"),
     ("analyze-truncated-adapter", lambda c: ["analyze", str(_damaged(c, "adapter/adapter_model.safetensors"))], "safetensors"),
     ("analyze-dev-tsv-not-utf8", lambda c: ["analyze", str(c.run()), "--data-dir", str(_non_utf8(c.data(), "dev.tsv"))], "not UTF-8"),

@@ -99,15 +99,19 @@ def test_export_never_replaces_another_results_folders_studies(tmp_path, capsys)
 
 
 def test_the_exported_report_groups_runs_as_report_does(tmp_path):
-    """Runs without sweep.json (the committed variants study's) take their groups from the
-    study storage: export's own report read them all as 'sweep' and lost the ablation table."""
+    """Runs without sweep.json (runs from before it, as the committed variants study's first
+    seed had) take their groups from the study storage: export's own report read them all as
+    'sweep' and lost the ablation table."""
+    import shutil
     from pathlib import Path
 
     from loralab.study.export import export
     from loralab.study.report import report
 
-    source = Path(__file__).parents[2] / "results" / "smollm2-variants"
-    assert any(not (r / "sweep.json").exists() for r in (source / "runs").iterdir())
+    source = tmp_path / "source"
+    shutil.copytree(Path(__file__).parents[2] / "results" / "smollm2-variants", source)
+    for note in (source / "runs").glob("*/sweep.json"):
+        note.unlink()
     done = export(source, tmp_path / "dest")
     again = report(tmp_path / "dest", out=tmp_path / "again")
     titles = [t.title for t in done.report.tables]
