@@ -300,3 +300,16 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
+
+
+class SilentTracker:
+    """What a process other than rank 0 logs to: nothing (rank 0 owns metrics.jsonl and W&B)."""
+
+    def log(self, record: dict, step: int | None = None) -> None:
+        return None
+
+    def summary(self, values: dict) -> None:
+        return None
+
+    def finish(self, failed: bool = False) -> None:
+        return None

@@ -195,7 +195,7 @@ class _Run:
             if cfg.tracking.wandb == "auto" and self.console is not None:
                 self.console.print(f"W&B: {self.tracker.wandb_mode} (tracking.wandb=auto)")
         else:
-            self.tracker = _SilentTracker()
+            self.tracker = tracking.SilentTracker()
         callbacks = [
             TrackingCallback(self.tracker, cfg.tracking.log_every, params, checksum, self.tokens,
                              self.console),
@@ -381,19 +381,6 @@ class _Run:
             else:
                 trainer.save_model(str(tmp))
             self.built.tokenizer.save_pretrained(str(tmp))
-
-
-class _SilentTracker:
-    """What a process other than rank 0 logs to: nothing (rank 0 owns metrics.jsonl and W&B)."""
-
-    def log(self, record: dict, step: int | None = None) -> None:
-        return None
-
-    def summary(self, values: dict) -> None:
-        return None
-
-    def finish(self, failed: bool = False) -> None:
-        return None
 
 
 def _fmt(metrics: dict) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..identity import short_fingerprint
 from .records import identity_hash, main_metric, points_per_unit, record_identity, without
-from .stats import mean_std, seeds_to_settle, t_interval
+from .stats import exact, mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
@@ -190,12 +190,12 @@ class Comparison:
         if math.isnan(base):
             base = self.full.reference("majority")
         means = [c.stat(c.metric)[0] for c in (self.lora, self.full)]
-        return not math.isnan(base) and all(_exact(k * (m - base)) <= UNINFORMATIVE_POINTS for m in means)  # fmt: skip
+        return not math.isnan(base) and all(exact(k * (m - base)) <= UNINFORMATIVE_POINTS for m in means)  # fmt: skip
 
     @property
     def drop_ok(self) -> bool | None:
         d = self.delta_points
-        return None if math.isnan(d) else _exact(d) >= -DROP_TARGET_POINTS
+        return None if math.isnan(d) else exact(d) >= -DROP_TARGET_POINTS
 
     @property
     def share_ok(self) -> bool | None:
@@ -246,13 +246,7 @@ class Comparison:
         _, lo, hi = self.interval
         if math.isnan(lo) or self.uninformative:
             return None
-        return _exact(lo) < -DROP_TARGET_POINTS < _exact(hi)
-
-
-def _exact(points: float) -> float:
-    """A figure in points without float noise, for comparing with a target: 100·(0.85 − 0.88)
-    is −3.0000000000000027, which read as a FAIL of the 3-point target."""
-    return round(points, 9)
+        return exact(lo) < -DROP_TARGET_POINTS < exact(hi)
 
 
 def paired(a: Cell, b: Cell) -> list[tuple]:
