@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sqlite3
+from pathlib import Path
 
 import optuna
 import pytest
@@ -111,3 +112,17 @@ def test_a_grace_not_longer_than_the_heartbeat_is_refused(tmp_path):
     with pytest.raises(LoralabError, match="--grace 5 is not longer than --heartbeat 20"):
         open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=20, grace=5)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_dry_run_checks_the_grace_too(tmp_path, capsys):
+    """Only a real run opened the storage and checked it: --dry-run said nothing."""
+    from loralab.cli import main
+
+    tiny = Path(__file__).parents[2] / "configs" / "studies" / "tiny.yaml"
+    argv = ["study", str(tiny), "--output-dir", str(tmp_path / "res"), "--dry-run"]
+    assert main([*argv, "--heartbeat", "20", "--grace", "10"]) == 2
+    assert "--grace 10 is not longer than --heartbeat 20" in capsys.readouterr().err
+    assert main(["sweep", "--tasks", "sst2", "--output-dir", str(tmp_path / "sw"), "--dry-run",
+                 "--heartbeat", "20", "--grace", "10"]) == 2  # fmt: skip
+    assert "--grace 10 is not longer than --heartbeat 20" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "sw").exists()

@@ -238,6 +238,9 @@ def _plan(args, kind: str = "sweep", ablation: str | None = None):
 
 
 def _storage_opts(args) -> dict:
+    from ..study.storage import check_grace
+
+    check_grace(args.heartbeat, args.grace)  # before a dry run too, which opens no storage
     return {
         "trust_remote_code": args.trust_remote_code,
         "heartbeat": args.heartbeat,
@@ -251,6 +254,7 @@ def _run_plan(args, plan) -> int:
     from ..study.grid import default_study_name
     from ..study.sweep import run_sweep
 
+    _storage_opts(args)  # its checks, for the dry run as for the real one
     if args.dry_run:
         for p in plan.points():
             print(p["key"])
@@ -324,6 +328,8 @@ def cmd_study(args) -> int:
     tasks = parse_list(args.tasks, str, "--tasks")
     if args.dry_run:
         from ..study.prechecks import check_points
+
+        _storage_opts(args)  # its checks, as the real run makes them
         from ..study.spec import check_data, select_tasks, spec_configs
 
         check_data(spec, select_tasks(spec, tasks))  # as the real run does, before its plan

@@ -74,15 +74,20 @@ def masked(url: str) -> str:
     return mask_secrets(url)
 
 
-def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
-                 max_retry: int = DEFAULT_MAX_RETRY):  # fmt: skip
-    """An RDB storage with heartbeats; a stale trial (its worker died) is re-enqueued."""
+def check_grace(heartbeat: int, grace: int | None) -> None:
+    """A grace period must outlast a heartbeat (also checked by `--dry-run`, which opens nothing)."""
     if grace is not None and grace <= heartbeat:
         raise LoralabError(
             f"--grace {grace} is not longer than --heartbeat {heartbeat}: a live point would be "
             "declared dead between two of its own beats, its training killed and retried. Give "
             f"a grace of a few heartbeats (the default is 3x: {3 * heartbeat} s), or leave it out."
         )
+
+
+def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
+                 max_retry: int = DEFAULT_MAX_RETRY):  # fmt: skip
+    """An RDB storage with heartbeats; a stale trial (its worker died) is re-enqueued."""
+    check_grace(heartbeat, grace)
     optuna = _optuna()
     from optuna.storages import RDBStorage
 
