@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import tracking
@@ -84,35 +85,29 @@ def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def read_loss_sum(ckpt: Path) -> float | None:
-    """The whole-run loss sum saved with `ckpt`; None for checkpoints written without it."""
-    value = _state(ckpt).get("loss_sum")
-    return float(value) if isinstance(value, (int, float)) else None
+@dataclass
+class Progress:
+    """What a checkpoint recorded of the run up to it; the defaults stand for what a checkpoint
+    from an older loralab lacks."""
+
+    loss_sum: float | None = None  # the whole-run sum of step losses
+    time: tuple[float, float] | None = None  # (wall s, CPU s) of training
+    setup_s: float = 0.0  # wall s outside training (start-up, zero-shot) of the attempts
+    tokens: tuple[int, int] = (0, 0)  # (real, padded) trained on, over every process
 
 
-def read_training_time(ckpt: Path) -> tuple[float, float] | None:
-    """(wall s, CPU s) of training up to `ckpt`; None for checkpoints written without them."""
+def read_progress(ckpt: Path) -> Progress:
+    """`Progress` from `ckpt`'s loralab state, read once."""
     state = _state(ckpt)
-    wall, cpu = state.get("train_time_s"), state.get("train_cpu_time_s")
-    if isinstance(wall, (int, float)) and isinstance(cpu, (int, float)):
-        return float(wall), float(cpu)
-    return None
-
-
-def read_setup_time(ckpt: Path) -> float:
-    """Wall s outside training (start-up, zero-shot) of the attempts up to `ckpt`; 0 for
-    checkpoints written without it."""
-    value = _state(ckpt).get("setup_time_s")
-    return float(value) if isinstance(value, (int, float)) else 0.0
-
-
-def read_tokens(ckpt: Path) -> tuple[int, int]:
-    """(real, padded) tokens trained on up to `ckpt`, over every process; (0, 0) for
-    checkpoints written without them."""
-    state = _state(ckpt)
+    num = lambda k: float(state[k]) if isinstance(state.get(k), (int, float)) else None  # noqa: E731
+    wall, cpu, setup = num("train_time_s"), num("train_cpu_time_s"), num("setup_time_s")
     real, padded = state.get("tokens_real"), state.get("tokens_padded")
-    ok = isinstance(real, int) and isinstance(padded, int)
-    return (real, padded) if ok else (0, 0)
+    return Progress(
+        loss_sum=num("loss_sum"),
+        time=(wall, cpu) if wall is not None and cpu is not None else None,
+        setup_s=setup or 0.0,
+        tokens=(real, padded) if isinstance(real, int) and isinstance(padded, int) else (0, 0),
+    )
 
 
 def run_facts(fingerprint: dict | None, processes: int) -> dict:

@@ -17,7 +17,7 @@ from transformers import set_seed
 from . import accounting, distributed, fused, kernels, precision, residual, rundir, tracking
 from .artefacts import finish_adapter
 from .callbacks import LiveProgress, TokenCounts, TrackingCallback
-from .checkpoints import continue_from, logged, read_loss_sum, run_facts
+from .checkpoints import continue_from, logged, run_facts
 from .compiling import compile_blocks, remember
 from .config import ExperimentConfig, validate
 from .console import library_bars_off
@@ -254,11 +254,7 @@ class _Run:
         trainer.run_facts = run_facts(self.splits.fingerprint, distributed.world_size())
         checkpoint = str(checkpoint) if checkpoint else None
         if checkpoint:
-            loss_sum = read_loss_sum(Path(checkpoint))
-            # A checkpoint from an older loralab has no loss sum: train_loss then covers the
-            # steps after the resume only (the Trainer's own figure).
-            trainer.loss_sum_start = loss_sum if loss_sum is not None else float("nan")
-            trainer.resume_clocks(Path(checkpoint))
+            trainer.resume_from(Path(checkpoint))
         self.extra = extra  # the callbacks: a core lender adds to the layout record
         summary = base_summary(
             cfg, self.run_dir, params, self.splits, model, self.task, process_layout(extra),

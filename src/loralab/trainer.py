@@ -14,7 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import distributed, precision, rundir, tracking
 from .callbacks import TokenCounts
-from .checkpoints import read_setup_time, read_tokens, read_training_time
+from .checkpoints import read_progress
 from .config import ExperimentConfig
 from .errors import TrainingDiverged
 
@@ -140,12 +140,15 @@ class LoralabTrainer(Trainer):
         return (self.time_before[0] + time.time() - self.clock0[0],
                 self.time_before[1] + time.process_time() - self.clock0[1])  # fmt: skip
 
-    def resume_clocks(self, checkpoint: Path) -> None:
-        """Take the earlier attempts' times from the checkpoint this attempt resumes from;
-        without them (an older checkpoint) the figures cover this attempt only."""
-        self.time_before = read_training_time(checkpoint) or (0.0, 0.0)
-        self.setup_before = read_setup_time(checkpoint)
-        self.tokens_before = read_tokens(checkpoint)
+    def resume_from(self, checkpoint: Path) -> None:
+        """Take the earlier attempts' loss sum, times and tokens from the checkpoint this attempt
+        resumes from. Without them (an older checkpoint) the figures cover this attempt only;
+        train_loss then is the Trainer's own (the steps after the resume)."""
+        before = read_progress(checkpoint)
+        self.loss_sum_start = before.loss_sum if before.loss_sum is not None else float("nan")
+        self.time_before = before.time or (0.0, 0.0)
+        self.setup_before = before.setup_s
+        self.tokens_before = before.tokens
 
     def earlier_wall(self) -> float:
         """Wall s of the attempts before this one, up to the checkpoint resumed from: their

@@ -2,8 +2,8 @@
 on dev, LoRA against full fine-tuning run for run.
 
 For each identity minus the learning rate, the learning rate with the best mean dev score of
-the task's main metric on the seeds every rate ran is chosen (the LoRA paper's protocol; the dev set is also the reported
-set, as GLUE test labels are not public). LoRA is compared with full fine-tuning run for run:
+the task's main metric on the seeds every rate ran is chosen (the LoRA paper's protocol; the
+dev set is also the reported set, as GLUE test labels are not public). LoRA is compared with full fine-tuning run for run:
 per seed run by both, the difference of the main metric; its mean and a 95% Student-t interval
 over seeds. A LoRA variant is its whole `lora` section (part of the identity), named by
 `variants.lora_slug`.

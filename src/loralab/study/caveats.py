@@ -107,8 +107,9 @@ def lent_warnings(comps: list[Comparison]) -> list[str]:
 
 def diverged_warnings(cells: list[Cell]) -> list[str]:
     """One warning per setting (a cell family: equal but for the lr) whose every run diverged
-    or finished without the main metric: it has no best lr, so no row in the tables, and a comparison it belonged to reads 'no
-    comparable full run' or is missing; the warning says why."""
+    or finished without the main metric: it has no best lr, so no row in the tables, and a
+    comparison it belonged to reads 'no comparable full run' or is missing; the warning says
+    why."""
     out = []
     for fam in families(cells):
         if any(c.scored for c in fam):

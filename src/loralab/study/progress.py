@@ -51,8 +51,7 @@ def finished_value(results: Path, key: str) -> float | None:
 def outside_training(summary: dict) -> tuple[float | None, float | None]:
     """(wall s before the first step, wall s of the final evaluation) of a finished run. The
     first is what its wall time leaves beside training and that evaluation, known only for a
-    run trained in one attempt (a resumed one's wall time counts its earlier attempts' training
-    but not their start-up)."""
+    run trained in one attempt (a resumed one's wall time holds every attempt's start-up)."""
     wall, train, final = (summary.get(k) for k in ("wall_time_s", "train_time_s", "eval_time_s"))
     if not all(isinstance(x, (int, float)) for x in (wall, train, final)):
         return None, final if isinstance(final, (int, float)) else None

@@ -285,7 +285,7 @@ class Worker:
                 result = record_from_summary(tracking.read_json(summary))
                 # A reused run keeps none either: a worker killed between the run's end and
                 # this line left them behind (a diverged run keeps its own, to look into).
-                if outcome == "completed" or result.get("status") == "completed":
+                if result.get("status") == "completed":
                     drop_checkpoints(run_dir)
                 result.update(point=key, group=self.plan.group, study=self.study.study_name)
                 result["value"] = main_metric_value(result)
