@@ -453,3 +453,6 @@ def test_a_failed_final_evaluation_keeps_the_weights_and_the_resume_finishes_it(
     done = json.loads((run / "summary.json").read_text())
     assert done["status"] == "completed" and done["steps"] == 4
     assert done["train_loss"] == pytest.approx(state["loss_sum"] / 4) and done["train_loss"] > 0
+    # Dated by the attempt that trained (was None: no step this attempt), which the report's
+    # deduplication and the study's estimates read.
+    assert done["first_step_at"] == state["first_step_at"] > 1.7e9

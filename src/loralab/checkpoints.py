@@ -94,6 +94,7 @@ class Progress:
     time: tuple[float, float] | None = None  # (wall s, CPU s) of training
     setup_s: float = 0.0  # wall s outside training (start-up, zero-shot) of the attempts
     tokens: tuple[int, int] = (0, 0)  # (real, padded) trained on, over every process
+    first_step_at: float | None = None  # Unix time the attempt that saved it began stepping
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -107,6 +108,7 @@ def read_progress(ckpt: Path) -> Progress:
         time=(wall, cpu) if wall is not None and cpu is not None else None,
         setup_s=setup or 0.0,
         tokens=(real, padded) if isinstance(real, int) and isinstance(padded, int) else (0, 0),
+        first_step_at=num("first_step_at"),
     )
 
 

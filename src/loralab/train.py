@@ -351,7 +351,7 @@ class _Run:
                 "padded": padded / stepping if stepping > 0 else 0.0,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
-            first_step_at=trainer.first_step_at,  # Unix time: the end of start-up
+            first_step_at=trainer.stepping_since(),  # Unix time: the end of start-up
             verification=verification,
             layout=process_layout(self.extra),  # again at the end: the idle cores lent meanwhile
         )

@@ -72,6 +72,7 @@ class LoralabTrainer(Trainer):
         self.run_facts: dict = {}
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
         self.first_step_at = None  # Unix time at which this process began its first step
+        self.first_step_before = None  # ... the attempt that saved the checkpoint resumed from
         # A head that scores the dev set with its own loop (generation, verbalizers) sets this:
         # the periodic evaluations (`train.eval_steps`) call it instead of the predict loop.
         self.own_eval: Callable[[], dict] | None = None
@@ -127,7 +128,8 @@ class LoralabTrainer(Trainer):
                  "train_time_s": wall, "train_cpu_time_s": cpu,
                  "setup_time_s": self.setup_before + self.setup_s,
                  "tokens_real": self.tokens_before[0] + int(real),
-                 "tokens_padded": self.tokens_before[1] + int(padded), **self.run_facts},
+                 "tokens_padded": self.tokens_before[1] + int(padded),
+                 "first_step_at": self.stepping_since(), **self.run_facts},
             )  # fmt: skip
         t0 = time.time()
         super()._save_checkpoint(model, trial)
@@ -149,6 +151,12 @@ class LoralabTrainer(Trainer):
         self.time_before = before.time or (0.0, 0.0)
         self.setup_before = before.setup_s
         self.tokens_before = before.tokens
+        self.first_step_before = before.first_step_at
+
+    def stepping_since(self) -> float | None:
+        """Unix time this attempt began its first step; with no step (resumed from the final
+        checkpoint) the saving attempt's, so that the run stays dated (`records` dedupes by it)."""
+        return self.first_step_at if self.first_step_at is not None else self.first_step_before
 
     def earlier_wall(self) -> float:
         """Wall s of the attempts before this one, up to the checkpoint resumed from: their
