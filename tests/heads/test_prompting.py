@@ -235,3 +235,60 @@ def test_zero_shot_scores_the_base_whatever_the_lora_init(tmp_path):
         ])  # fmt: skip
         scores[init] = train(cfg, quiet=True).summary["zero_shot"]
     assert scores["true"] == scores["false"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_over_long_pair_is_cut_inside_its_sentences_from_their_ends(tok, chat):
+    """Each sentence of an over-long pair keeps its start (the longer one loses most) and the
+    instruction stays whole. Cutting the rendered prompt in its middle joined the start of
+    sentence 2 to its end: a sentence the data never said."""
+    from datasets import Dataset
+
+    if chat:
+        tok.chat_template = CHAT
+    task = get_task("mrpc")
+    p = _prompting(task, tok)
+    a = " ".join(f"a{i}" for i in range(60))
+    b = " ".join(f"b{i}" for i in range(40))
+    raw = Dataset.from_dict({"text_a": [a], "text_b": [b], "label": [1]})
+    for split, budget in (("eval", 160), ("train", 160)):
+        feats = lm.featurize(task, raw, tok, budget, split, p)
+        ids = feats["input_ids"][0]
+        assert len(ids) <= budget
+        text = tok.decode(ids, skip_special_tokens=True)
+        assert "Do both sentences say the same thing? Answer yes or no:" in text
+        kept_a = text.split("Sentence 1: ", 1)[1].split("\nSentence 2: ", 1)[0]
+        kept_b = text.split("Sentence 2: ", 1)[1].split("\nDo both", 1)[0]
+        assert a.startswith(kept_a) and b.startswith(kept_b), (kept_a, kept_b)
+        assert kept_b.startswith("b0 b1") and "b39" not in kept_b  # cut, from its end
+        assert len(kept_a) < len(a) and len(kept_b) > 20  # the longer one cut first
+        if split == "train":  # the answer follows the prompt, whole
+            target = [t for t, y in zip(ids, feats["labels"][0], strict=True) if y != -100]
+            assert target and ids[-len(target) :] == target
+
+
+def test_an_over_long_squad_prompt_keeps_its_question(tok):
+    """SQuAD's context is the field cut: the question and the instruction stay (the old cut
+    kept 24 tokens of the end, the instruction alone)."""
+    from datasets import Dataset
+
+    task = get_task("squad_v2")
+    p = _prompting(task, tok)
+    context = " ".join(f"c{i}" for i in range(200))
+    raw = Dataset.from_dict({"id": ["q1"], "context": [context], "question": ["Who built the mill?"],
+                             "answers": [{"text": [], "answer_start": []}]})  # fmt: skip
+    ids = lm.featurize(task, raw, tok, 128, "eval", p)["input_ids"][0]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert len(ids) <= 128 and "Question: Who built the mill?\nAnswer with words" in text
+    assert text.split("Context: ", 1)[1].startswith("c0 c1 c2")
+
+
+def test_the_chat_template_text_is_in_the_feature_cache_key(tok):
+    """Two tokenizers with one tokenizer.json (a base and an instruct model) can differ in their
+    chat template alone: their prompts must not share cached features."""
+    task = get_task("sst2")
+    tok.chat_template = CHAT
+    one = _prompting(task, tok).key()
+    tok.chat_template = CHAT.replace("<|assistant|>", "<|assistant|>\n")
+    assert _prompting(task, tok).key() != one
+    assert _prompting(task, tok, "data.chat_template=false").key()[3] is None  # unused: no part

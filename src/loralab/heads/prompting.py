@@ -19,9 +19,12 @@ from ..config import DataConfig
 from ..errors import LoralabError
 
 UNANSWERABLE = "unanswerable"
-# Tokens kept from the end of a prompt that must be shortened: the instruction and the
-# assistant header of a chat template live there.
+# Tokens kept from the end of a prompt whose template alone is over budget: the instruction and
+# the assistant header of a chat template live there.
 _TAIL = 24
+# How an over-long prompt is shortened (`_fitted`), in the feature-cache key: features cut by
+# an earlier rule (the middle of the rendered prompt) are not reused.
+_FIT_RULE = "fields-from-their-end"
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,12 @@ class Prompting:
     template: str
     verbalizers: tuple[str, ...]  # one per label (GLUE); empty for generation tasks
     chat: bool
+    # The tokenizer's chat template when `chat`: in the cache key, as a base and an instruct
+    # model can share a tokenizer.json and differ only in it.
+    chat_template: str | None = None
 
     def key(self) -> list:
-        return [self.template, list(self.verbalizers), self.chat]
+        return [self.template, list(self.verbalizers), self.chat, self.chat_template, _FIT_RULE]
 
 
 def prompting_for(task, cfg: DataConfig, tokenizer) -> Prompting:
@@ -79,7 +85,7 @@ def prompting_for(task, cfg: DataConfig, tokenizer) -> Prompting:
                 f"Two labels of {task.name} share a verbalizer ({list(verbalizers)}): each label "
                 "needs its own word, or predictions cannot tell them apart."
             )
-    return Prompting(template, verbalizers, chat)
+    return Prompting(template, verbalizers, chat, tokenizer.chat_template if chat else None)
 
 
 def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
@@ -105,9 +111,28 @@ def _fit(prompt: list[int], budget: int) -> list[int]:
     return prompt[: budget - tail] + prompt[-tail:]
 
 
-def _render(task, p: Prompting, row: dict) -> str:
+def _fitted(task, p: Prompting, row: dict, tokenizer, budget: int) -> list[int]:
+    """The example's prompt ids within `budget` tokens. One over budget is shortened inside its
+    fields, the longest first, from its end: the template's words, each field's start and a
+    short field (the SQuAD question, a pair's shorter sentence) stay whole. Cutting the
+    rendered prompt in its middle joined the start of a pair's second sentence to its end (a
+    sentence the data never said) and dropped SQuAD questions."""
     values = {f: row[f].strip() for f in task.prompt_fields}
-    return p.template.format(**values)
+    ids = prompt_ids(tokenizer, p.template.format(**values), p.chat)
+    if len(ids) <= budget:
+        return ids
+    toks = {f: tokenizer(v, add_special_tokens=False)["input_ids"] for f, v in values.items()}
+    for _ in range(4):  # the cut text re-encoded can take a token or two more than its ids
+        for _ in range(len(ids) - budget):
+            longest = max(toks, key=lambda f: len(toks[f]))
+            if not toks[longest]:
+                return _fit(ids, budget)  # the template alone is over budget
+            toks[longest].pop()
+        values = {f: tokenizer.decode(t).strip() for f, t in toks.items()}
+        ids = prompt_ids(tokenizer, p.template.format(**values), p.chat)
+        if len(ids) <= budget:
+            return ids
+    return _fit(ids, budget)
 
 
 def featurize(task, raw, tokenizer, max_length: int, split: str, p: Prompting):
@@ -120,13 +145,12 @@ def featurize(task, raw, tokenizer, max_length: int, split: str, p: Prompting):
             out.pop("labels")
         rows = [dict(zip(batch, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
         for row in rows:
-            prompt = prompt_ids(tokenizer, _render(task, p, row), p.chat)
             if split == "eval":
-                ids, labels = _fit(prompt, max_length), None
+                ids, labels = _fitted(task, p, row, tokenizer, max_length), None
             else:
                 target = target_ids(tokenizer, _answer(task, p, row), p.chat) + eos
                 target = target[: max_length // 2]
-                ids = _fit(prompt, max_length - len(target)) + target
+                ids = _fitted(task, p, row, tokenizer, max_length - len(target)) + target
                 labels = [-100] * (len(ids) - len(target)) + target
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
