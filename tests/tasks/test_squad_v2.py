@@ -133,6 +133,34 @@ def test_offline_split_never_evaluates_on_the_dev_superset(tmp_path):
     assert len(TASK.load("eval", data_dir=str(tmp_path))) == 6
 
 
+def test_an_offline_training_file_evaluates_on_its_own_half(tmp_path, monkeypatch):
+    """data.train_file=train-offline.json without an evaluation file: the eval-offline.json
+    beside it (the dev split, the hub's or a folder's, holds its training questions); none
+    beside it is a user error, never the hub. Through the loader every command uses."""
+    from loralab.config import build_config
+    from loralab.data import eval_split
+    from loralab.models import load_tokenizer
+
+    full = _squad_doc()
+    train = _write(tmp_path / "a" / "train-offline.json", dict(full, data=full["data"][:1]))
+    _write(tmp_path / "a" / "eval-offline.json", dict(full, data=full["data"][1:]))
+    _write(tmp_path / "dev" / "dev-v2.0.json", full)
+    monkeypatch.setattr(TASK, "_load_hub", lambda split: pytest.fail(f"hub asked for {split}"))
+    tok = load_tokenizer("tiny-llama", progress=False)
+    for data_dir in ([], [f"data.data_dir={tmp_path / 'dev'}"]):
+        cfg = build_config(overrides=["data.task=squad_v2", f"data.train_file={train}", *data_dir])
+        raw, _ = eval_split(TASK, cfg.data, tok, causal=True, progress=False)
+        assert raw["id"] == ["c1", "c2"]
+    explicit = build_config(overrides=["data.task=squad_v2", f"data.train_file={train}",
+                                       f"data.eval_file={tmp_path / 'dev' / 'dev-v2.0.json'}"])  # fmt: skip
+    assert TASK.eval_file_for(explicit.data.train_file, explicit.data.eval_file).endswith(
+        "dev-v2.0.json"
+    )
+    (tmp_path / "a" / "eval-offline.json").unlink()
+    with pytest.raises(LoralabError, match="offline split's training half"):
+        eval_split(TASK, build_config(overrides=["data.task=squad_v2", f"data.train_file={train}"]).data, tok, causal=True)  # fmt: skip
+
+
 def _broken(edit) -> dict:
     doc = _squad_doc()
     edit(doc)

@@ -88,7 +88,8 @@ def _load_peft(cfg: ExperimentConfig, task, run_dir: Path):
 def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
     """The first n examples of the run's dev split (checked before any model is loaded)."""
     try:
-        raw = task.load("eval", data_dir or cfg.data.data_dir, eval_file or cfg.data.eval_file)
+        eval_file = eval_file or task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
+        raw = task.load("eval", data_dir or cfg.data.data_dir, eval_file)
     except LoralabError as e:
         raise LoralabError(
             f"{e} (The probe set is the run's dev split; point --data-dir/--eval-file at it.)"

@@ -74,7 +74,9 @@ def _same_data(run_dir: Path, cfg) -> bool:
     try:
         task = get_task(cfg.data.task)
         train = task.load("train", cfg.data.data_dir, cfg.data.train_file)
-        evals = task.load("eval", cfg.data.data_dir, cfg.data.eval_file)
+        evals = task.load(
+            "eval", cfg.data.data_dir, task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
+        )
     except (LoralabError, OSError):
         return False
     return recorded.get("train_sha256") == content_fingerprint(train) and recorded.get(

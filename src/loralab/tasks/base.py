@@ -67,6 +67,11 @@ class Task(ABC):
         with neither, the Hugging Face hub is used.
         """
 
+    def eval_file_for(self, train_file: str | None, eval_file: str | None) -> str | None:
+        """The evaluation file to load: `eval_file`, or one the task pairs with `train_file`
+        when none is given; None = the data folder's or the hub's dev split."""
+        return eval_file
+
     @abstractmethod
     def featurize(
         self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool

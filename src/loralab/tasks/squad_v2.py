@@ -84,6 +84,21 @@ class SquadV2Task(Task):
                     break
         return names
 
+    def eval_file_for(self, train_file: str | None, eval_file: str | None) -> str | None:
+        """`eval_file`; none given with `train-offline.json` as the training file, the
+        `eval-offline.json` beside it (as `_file_names` keeps the pair together in a folder)."""
+        if eval_file or not train_file or Path(train_file).name != "train-offline.json":
+            return eval_file
+        beside = Path(train_file).with_name("eval-offline.json")
+        if beside.is_file():
+            return str(beside)
+        raise LoralabError(
+            f"data.train_file '{train_file}' is the offline split's training half: its questions "
+            "come from SQuAD v2's dev set, which evaluation would use without an evaluation file "
+            "(the data folder's dev-v2.0.json or the hub's), so it would score questions the "
+            "model trained on. Put eval-offline.json beside it, or set data.eval_file to it."
+        )
+
     def _load_hub(self, split: Split):
         from datasets import load_dataset
 
