@@ -456,3 +456,9 @@ def test_a_failed_final_evaluation_keeps_the_weights_and_the_resume_finishes_it(
     # Dated by the attempt that trained (was None: no step this attempt), which the report's
     # deduplication and the study's estimates read.
     assert done["first_step_at"] == state["first_step_at"] > 1.7e9
+    assert done["tokens_per_s"] == {"real": None, "padded": None}  # no step: no rate (was 0.0)
+    # The closing records once: the attempt that trained logged them (they came again, with
+    # a 0.0002 s runtime, and the last step's checks twice).
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train/runtime", "verification/base_unchanged"):
+        assert [r["step"] for r in lines if key in r].count(4) == 1, key

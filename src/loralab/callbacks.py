@@ -108,6 +108,7 @@ class TrackingCallback(TrainerCallback):
         self.console = console
         self._last = (time.time(), 0, 0, 0, 0.0)
         self._efficiency_logged = False
+        self._begin_step = 0
 
     # -- periodic records ------------------------------------------------------------------
     def _verification(self, model) -> dict:
@@ -120,7 +121,18 @@ class TrackingCallback(TrainerCallback):
     def _adapter(self, model) -> dict:
         return adapter_records(model) if self.base_checksum is not None else {}
 
+    def _no_step(self, state) -> bool:
+        """Resumed from the final checkpoint: this attempt trained no step, and the attempt that
+        saved it logged the step's records and the closing figures (kept in metrics.jsonl)."""
+        return 0 < self._begin_step == state.global_step
+
+    def _log_checks(self, model, step: int) -> None:
+        record = {**self._verification(model), **self._adapter(model)}
+        if record:  # full fine-tuning has neither: no empty {time, step} line
+            self.tracker.log(record, step)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._begin_step = state.global_step
         self._last = (time.time(), state.global_step, *self._tokens(), self.tokens.paused_s)
         if state.global_step > 0:  # resumed: these were logged before the checkpoint, and kept
             return
@@ -135,15 +147,13 @@ class TrackingCallback(TrainerCallback):
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_evaluate = False
         if state.global_step % self.log_every == 0:
-            self.tracker.log(
-                {**self._verification(model), **self._adapter(model)}, state.global_step
-            )
+            self._log_checks(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._no_step(state):
+            return
         if state.global_step % self.log_every != 0:
-            self.tracker.log(
-                {**self._verification(model), **self._adapter(model)}, state.global_step
-            )
+            self._log_checks(model, state.global_step)
         if not self._efficiency_logged:  # a run shorter than logging_steps: one record at the end
             record = self._efficiency_since_last(state.global_step)
             if record:
@@ -170,7 +180,7 @@ class TrackingCallback(TrainerCallback):
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or ("train_runtime" in logs and self._no_step(state)):
             return
         record = {"epoch": round(state.epoch or 0.0, 4)}
         for k, v in logs.items():

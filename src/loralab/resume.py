@@ -49,6 +49,10 @@ def resume(
             )
             shutil.rmtree(run_dir / tracking.CHECKPOINT_DIR, ignore_errors=True)  # none usable
             trim_metrics(run_dir, None)  # from a checkpoint: `train` trims once it is checked
+            ids = run_dir / rundir.WANDB_ID_FILE
+            if ids.is_file():  # a fresh W&B run too: the old one holds the discarded steps
+                ids.unlink()
+                tracking.wandb_run_id(run_dir, resuming=False)
     distributed.init()
     distributed.barrier()
     return train(cfg, resume=run_dir, quiet=quiet, checkpoint=checkpoint, callbacks=callbacks)

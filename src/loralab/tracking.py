@@ -6,11 +6,12 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ExperimentConfig, dump_yaml, to_dict
+from .config import ExperimentConfig, dump_yaml, load_yaml, to_dict
 from .errors import LoralabError
 from .redact import mask_secrets, mask_tree
 
@@ -249,6 +250,9 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
 
 
+STEP_KEY = "train/global_step"  # W&B's x axis: the optimiser step (`Tracker.log`'s step)
+
+
 class Tracker:
     """Metrics go to the run directory's JSONL always, and to Weights & Biases when asked.
 
@@ -267,17 +271,44 @@ class Tracker:
         preflight(cfg)
         import wandb
 
-        with masked_argv():
-            self.wandb_run = wandb.init(
-                project=cfg.tracking.project,
-                name=self.run_dir.name,
-                id=wandb_run_id(self.run_dir, resuming),
-                dir=str(self.run_dir),
-                mode=mode,
-                config=mask_tree(to_dict(cfg)),
-                resume="allow" if resuming else None,
-                settings=wandb.Settings(silent=True, console="off"),
-            )
+        # The resolved config (lr, max_length, attention, compile as used), as config.yaml has it.
+        saved = self.run_dir / CONFIG_FILE
+        config = load_yaml(saved) if saved.is_file() else to_dict(cfg)
+        try:
+            with masked_argv():
+                self.wandb_run = wandb.init(
+                    project=cfg.tracking.project,
+                    name=self.run_dir.name,
+                    id=wandb_run_id(self.run_dir, resuming),
+                    dir=str(self.run_dir),
+                    mode=mode,
+                    config=mask_tree(config),
+                    resume="allow" if resuming else None,
+                    settings=wandb.Settings(silent=True, console="off"),
+                )
+        except Exception as e:  # no network, a rejected key, an unreachable server
+            why = mask_secrets((str(e).strip().splitlines() or [type(e).__name__])[0])
+            raise LoralabError(
+                f"Weights & Biases could not start a run (tracking.wandb={cfg.tracking.wandb}, "
+                f"mode {mode}): {why}. Nothing was trained. Use tracking.wandb=offline (and "
+                "`wandb sync` later) or tracking.wandb=disabled, or fix the connection or key."
+            ) from None
+        # The optimiser step is a metric of its own, the x axis of every chart: a resumed run
+        # logs the steps after its checkpoint again, which W&B's own step (it only increases)
+        # would drop.
+        self._mirror("define_metric", _step_axis)
+
+    def _mirror(self, what: str, fn) -> None:
+        """W&B is a mirror: its failure (a lost connection, its service killed) stops the
+        mirror with a warning, never the run."""
+        if self.wandb_run is None:
+            return
+        try:
+            fn(self.wandb_run)
+        except Exception as e:
+            self.wandb_run = None
+            print(f"loralab: warning: W&B stopped mirroring this run ({what}: {type(e).__name__}: "
+                  f"{e}); its metrics.jsonl and summary.json go on.", file=sys.stderr)  # fmt: skip
 
     def log(self, record: dict, step: int | None = None) -> None:
         """One record (flat keys like `train/loss`, `lora_rank/q/mean`) at an optimiser step."""
@@ -288,18 +319,26 @@ class Tracker:
                 for k, v in record.items()
                 if isinstance(v, (int, float, bool))
             }
-            self.wandb_run.log(data, step=step)
+            if step is not None:
+                data[STEP_KEY] = step
+            self._mirror("log", lambda run: run.log(data))
 
     def summary(self, values: dict) -> None:
-        if self.wandb_run is not None:
+        def put(run):
             for k, v in values.items():
                 if isinstance(v, (int, float, str, bool)):
-                    self.wandb_run.summary[k] = v
+                    run.summary[k] = v
+
+        self._mirror("summary", put)
 
     def finish(self, failed: bool = False) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=1 if failed else 0)
-            self.wandb_run = None
+        self._mirror("finish", lambda run: run.finish(exit_code=1 if failed else 0))
+        self.wandb_run = None
+
+
+def _step_axis(run) -> None:
+    run.define_metric(STEP_KEY)
+    run.define_metric("*", step_metric=STEP_KEY)
 
 
 class SilentTracker:

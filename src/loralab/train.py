@@ -283,7 +283,10 @@ class _Run:
             trainer.clock0 = (t0, time.process_time())
             trainer.setup_s = t0 - start
             train_out = trainer.train(resume_from_checkpoint=checkpoint)
-            stepping = time.time() - t0 - self.tokens.paused_s  # evaluations and saves left out
+            # The steps' own time: from the first step (not the Trainer's set-up), evaluations and
+            # saves left out; None when this attempt trained no step (resumed from the last one).
+            first = trainer.first_step_at
+            stepping = time.time() - first - self.tokens.paused_s if first is not None else None
             if compiled.get("compile"):  # inductor's cache now holds this model's kernels
                 remember(compiled["key"])
             # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one).
@@ -347,8 +350,8 @@ class _Run:
                 "padded": trainer.tokens_before[1] + int(padded),
             },  # fmt: skip
             tokens_per_s={
-                "real": real / stepping if stepping > 0 else 0.0,
-                "padded": padded / stepping if stepping > 0 else 0.0,
+                "real": real / stepping if stepping else None,
+                "padded": padded / stepping if stepping else None,
             },
             peak_memory_mb=tracking.peak_memory_mb(),
             first_step_at=trainer.stepping_since(),  # Unix time: the end of start-up
