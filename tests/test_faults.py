@@ -120,6 +120,37 @@ def _results_with_truncated_summary(c: Case) -> list[str]:
     return ["report", str(c.dir / "results")]
 
 
+def _resume_config_cut_at_a_line(c: Case) -> list[str]:
+    """config.yaml cut at a line boundary is still valid YAML: the defaults must not fill in."""
+    run = c.run(status="failed")
+    lines = (run / "config.yaml").read_text().splitlines(keepends=True)
+    (run / "config.yaml").write_text("".join(lines[: len(lines) // 2]))
+    return ["train", "--resume", str(run)]
+
+
+def _empty_config(c: Case) -> Path:
+    run = c.run()
+    (run / "config.yaml").write_text("")
+    return run
+
+
+def _results_folder(c: Case, name: str) -> Path:
+    """A sweep's results folder: runs/<point> (with its adapter), locks/ and a study.db."""
+    import sqlite3
+
+    root = c.dir / name
+    shutil.copytree(c.shared_run, root / "runs" / "point")
+    (root / "locks").mkdir()
+    sqlite3.connect(root / "study.db").execute("create table t (x)").connection.close()
+    return root
+
+
+def _export_damaged_study_db(c: Case) -> list[str]:
+    src = _results_folder(c, "res")
+    (src / "study.db").write_bytes((src / "study.db").read_bytes()[:100])
+    return ["export", str(src), c.out("dest")]
+
+
 # (id, argv builder, needle expected in the error paragraph)
 CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     # train: data, options, output locations, environment
@@ -141,6 +172,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-alpha-inf", lambda c: _train(c, "lora.alpha=inf"), "lora.alpha must be positive"),
     ("train-unknown-lora-init", lambda c: _train(c, "--data-dir", str(c.data()), "lora.init_lora_weights=foo"), "lora.init_lora_weights='foo' is not an initialisation this PEFT knows: use true"),
     ("train-config-missing", lambda c: _train(c, "--config", c.out("nope.yaml")), "does not exist"),
+    ("train-file-is-a-folder", lambda c: _train(c, "--train-file", str(c.data()), "--eval-file", str(c.data() / "dev.tsv")), "is a folder, not a file (use data.data_dir"),
     ("train-config-not-yaml", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: [unclosed"))), "not valid YAML"),
     ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),
     ("train-tsv-huge-field", lambda c: _train(c, "--data-dir", str(_huge_field(c.data()))), "not a GLUE TSV (field larger than field limit"),
@@ -227,6 +259,12 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
+    ("resume-config-cut-at-a-line", _resume_config_cut_at_a_line, "is incomplete (no "),
+    ("merge-config-empty", lambda c: ["merge", str(_empty_config(c))], "is incomplete (no model"),
+    ("merge-bench-seq-len-beyond-the-model", lambda c: ["merge", str(c.run()), "--bench-seq-len", "4096"], "max_position_embeddings 512"),
+    ("validate-out-is-a-run-summary", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.run() / "summary.json")], "is not a `loralab validate` report"),
+    ("export-damaged-study-db", _export_damaged_study_db, "study.db"),
+    ("export-into-another-results-folder", lambda c: ["export", str(_results_folder(c, "a")), str(_results_folder(c, "b"))], "is a results folder of its own"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),
     ("report-missing-results", lambda c: ["report", c.out("nothing")], "does not exist"),
     ("report-results-is-file", lambda c: ["report", str(c.file("f"))], "RESULTS_DIR '"),
@@ -424,3 +462,14 @@ def test_a_completed_points_checkpoints_go_unless_asked_to_keep(shared, tmp_path
     assert drop_checkpoints(run) and not (run / "checkpoints").exists()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()  # the weights stay
     assert not drop_checkpoints(run)  # nothing left to remove
+
+
+def test_report_of_results_with_a_damaged_study_db_warns_and_reports(shared, tmp_path, capsys):
+    """README: an unreadable study.db leaves the report grouped by sweep.json, with a warning
+    (the pending-learning-rate lookup read the storage again and failed with exit 2)."""
+    res = _results_folder(Case(tmp_path, *shared), "res")
+    (res / "study.db").write_bytes((res / "study.db").read_bytes()[:100])
+    assert main(["report", str(res)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: Cannot open the study storage" in err and "error" not in err
+    assert (res / "report" / "report.md").is_file()

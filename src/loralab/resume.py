@@ -7,9 +7,8 @@ from pathlib import Path
 
 from . import distributed, rundir, tracking
 from .checkpoints import newest_good_checkpoint, trim_metrics, warn
-from .config import from_dict, load_yaml
 from .errors import LoralabError
-from .runs import command_line_trust
+from .runs import command_line_trust, load_run_config
 from .train import RunResult, train
 
 
@@ -31,7 +30,7 @@ def resume(
     run_dir = tracking.open_run_dir(run_dir)
     lock = rundir.hold_run_lock(run_dir) if distributed.is_main() else None  # noqa: F841
     _check_not_finished(run_dir)
-    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    cfg = load_run_config(run_dir)
     cfg = command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
     checkpoint, skipped = newest_good_checkpoint(run_dir)
     warn(skipped)

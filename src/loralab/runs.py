@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,25 @@ from .errors import LoralabError
 from .heads import head_for
 from .models import load_for_task
 from .tasks import Task
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    """A run folder's config.yaml, checked to be whole: loralab writes every section with
+    run.name last, so an empty file or one cut at a line boundary (still valid YAML) is a user
+    error instead of a config silently filled with defaults (another model, data or schedule)."""
+    path = Path(run_dir) / tracking.CONFIG_FILE
+    data = load_yaml(path, "Run config")
+    sections = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    missing = [s for s in sections if not isinstance(data.get(s), dict) or not data[s]]
+    if not missing and "name" not in data["run"]:
+        missing = ["run.name"]
+    if missing:
+        raise LoralabError(
+            f"'{path}' is incomplete (no {', '.join(missing)}): it is truncated or was edited, "
+            "and the defaults would stand in for the run's own settings. Restore it from a copy "
+            "(every run's config.yaml holds all six sections, run.name last). Nothing was changed."
+        )
+    return from_dict(data)
 
 
 def command_line_trust(
@@ -58,7 +78,7 @@ def open_lora_run(
     """A finished LoRA run directory and its config; a full-FT run or a missing or damaged
     adapter is a user error. Remote code follows `trust_remote_code`, never the folder."""
     run_dir = tracking.open_run_dir(run_dir)
-    cfg = from_dict(load_yaml(run_dir / tracking.CONFIG_FILE))
+    cfg = load_run_config(run_dir)
     cfg = command_line_trust(cfg, trust_remote_code, run_dir / tracking.CONFIG_FILE)
     if cfg.train.method != "lora":
         raise LoralabError(

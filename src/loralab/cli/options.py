@@ -90,6 +90,23 @@ def check_out_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise LoralabError(f"{what} '{path}' is a folder; give a file path, e.g. validate.json.")
     check_writable(path.parent if str(path.parent) else Path("."), f"The folder of {what}")
+    if path.is_file() and path.stat().st_size and not _is_validate_report(path):
+        raise LoralabError(
+            f"{what} '{path}' already exists and is not a `loralab validate` report: writing the "
+            "report there would destroy it. Give a new file name, e.g. validate.json; nothing "
+            "was changed."
+        )
+
+
+def _is_validate_report(path: Path) -> bool:
+    """Whether `path` holds an earlier validate report (which a new one may replace)."""
+    import json
+
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"n_checks", "checks", "passed"} <= old.keys()
 
 
 def refuse_unused(overrides: list[str], used: tuple[str, ...], command: str) -> None:

@@ -67,6 +67,13 @@ def run_merge(run_dir: str | Path, options: MergeOptions | None = None) -> Merge
             run_dir, o.max_eval_examples, o.data_dir, o.eval_file, o.quiet, o.trust_remote_code
         )
         merge_dir = run.run_dir / MERGE_DIR
+        limit = getattr(run.reference.config, "max_position_embeddings", None)
+        if o.bench and isinstance(limit, int) and o.bench_seq_len > limit:
+            raise LoralabError(
+                f"--bench-seq-len {o.bench_seq_len} is longer than {run.cfg.model.name} takes "
+                f"(max_position_embeddings {limit}). Give --bench-seq-len {limit} or less "
+                "(default 128), or --no-benchmark; nothing was written."
+            )
         report = check_equivalence(run, o.dtype, o.all_tolerances())
         report["finished"] = False  # the verdict is kept even if the benchmark or export dies
         tracking.write_json(merge_dir / MERGE_FILE, report)

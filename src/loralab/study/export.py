@@ -21,8 +21,13 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
     CONFIG_FILE,
+    LOCKS_DIR,
+    LOGS_DIR,
     METRICS_FILE,
+    MODEL_DIR,
     REPORT_DIR,
     RUNS_DIR,
     STUDY_DB,
@@ -62,8 +67,12 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
             f"The export folder '{out}' lies inside the results folder '{src}': give a folder "
             "outside it (e.g. results/<name> in a repository)."
         )
-    if (src / STUDY_DB).is_file() and (out / STUDY_DB).is_file():
-        lost = sorted(_study_names(out / STUDY_DB) - _study_names(src / STUDY_DB))
+    _refuse_live_results(out)
+    # Read the source storage before anything is written: a damaged one fails here (exit 2),
+    # not after DEST/runs has been filled.
+    src_names = _study_names(src / STUDY_DB) if (src / STUDY_DB).is_file() else None
+    if src_names is not None and (out / STUDY_DB).is_file():
+        lost = sorted(_study_names(out / STUDY_DB) - src_names)
         if lost:  # `dest` is another results folder, not an earlier export of this one
             raise LoralabError(
                 f"'{out / STUDY_DB}' holds studies that '{src / STUDY_DB}' does not ({', '.join(lost)}): "
@@ -97,6 +106,23 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
     return done
 
 
+def _refuse_live_results(out: Path) -> None:
+    """An export holds no weights, checkpoints, locks or logs: a DEST that does is a results
+    folder of its own, whose study.db and run files the export would overwrite."""
+    runs = out / RUNS_DIR
+    weights = (ADAPTER_DIR, MODEL_DIR, CHECKPOINT_DIR)
+    live = [out / d for d in (LOCKS_DIR, LOGS_DIR) if (out / d).is_dir()]
+    if runs.is_dir():
+        live += [r for r in runs.iterdir() if r.is_dir() and any((r / w).exists() for w in weights)]
+    if live:
+        raise LoralabError(
+            f"'{out}' is a results folder of its own, not an export (it holds {live[0]}): "
+            "exporting would replace its study.db and the config.yaml/summary.json/metrics.jsonl "
+            "of its runs of the same name. Nothing was changed. Export into a new folder, or "
+            "into the one an earlier export made."
+        )
+
+
 def _study_names(db: Path) -> set[str]:
     return {s.study_name for s in open_storage(f"sqlite:///{db.resolve()}").get_all_studies()}
 
@@ -123,6 +149,11 @@ def _snapshot(db: Path, dst: Path) -> None:
         target = sqlite3.connect(tmp)
         try:
             source.backup(target)
+        except sqlite3.DatabaseError as e:  # damaged after the check above, or not SQLite
+            raise LoralabError(
+                f"'{db}' cannot be copied ({e}): it is damaged. Restore it, or export the runs "
+                "alone from a copy of the results folder without it."
+            ) from None
         finally:
             target.close()
             source.close()

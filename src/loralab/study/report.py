@@ -242,4 +242,7 @@ def folder_runs(results_dir: str | Path, storage: str | None = None) -> list:
 def stored_pending(results_dir: str | Path | None, storage: str | None = None) -> dict:
     """The learning rates the study storage (given, or RESULTS_DIR/study.db) has yet to run."""
     url = stored_url(results_dir, storage)
-    return pending_lrs(url) if url else {}
+    try:
+        return pending_lrs(url) if url else {}
+    except LoralabError:  # folder_runs already warned; the runs alone still make the report
+        return {}

@@ -103,7 +103,12 @@ def find_file(
     if file:
         p = Path(file)
         if not p.is_file():
-            raise LoralabError(f"The {split} file '{p}' for task '{task}' does not exist.")
+            state = (
+                "is a folder, not a file (use data.data_dir for a folder)"
+                if p.is_dir()
+                else "does not exist"
+            )
+            raise LoralabError(f"The {split} file '{p}' for task '{task}' {state}.")
         return p
     if not data_dir:
         return None
