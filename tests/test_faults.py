@@ -120,6 +120,14 @@ def _results_with_truncated_summary(c: Case) -> list[str]:
     return ["report", str(c.dir / "results")]
 
 
+def _results_with_a_summary_without_lr(c: Case) -> list[str]:
+    """Valid JSON that says completed, without the learning rate rows are keyed by."""
+    run = shutil.copytree(c.shared_run, c.dir / "results" / "runs" / "r")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "lr"}))
+    return ["report", str(c.dir / "results")]
+
+
 def _resume_config_cut_at_a_line(c: Case) -> list[str]:
     """config.yaml cut at a line boundary is still valid YAML: the defaults must not fill in."""
     run = c.run(status="failed")
@@ -259,6 +267,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),
     # report
     ("report-truncated-summary", _results_with_truncated_summary, "summary.json"),
+    ("report-summary-without-lr", _results_with_a_summary_without_lr, "says the run completed but has no lr"),
     ("resume-config-cut-at-a-line", _resume_config_cut_at_a_line, "is incomplete (no "),
     ("merge-config-empty", lambda c: ["merge", str(_empty_config(c))], "is incomplete (no model"),
     ("merge-bench-seq-len-beyond-the-model", lambda c: ["merge", str(c.run()), "--bench-seq-len", "4096"], "max_position_embeddings 512"),

@@ -301,7 +301,9 @@ class _Run:
                 raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            summary.update(status=status, error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
+            # SIGTERM is turned into Ctrl-C's KeyboardInterrupt (`cli.main`), which says nothing.
+            why = "interrupted (Ctrl-C or SIGTERM)" if type(e) is KeyboardInterrupt else f"{type(e).__name__}: {e}"  # fmt: skip
+            summary.update(status=status, error=why, wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
             if distributed.is_main():
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
             self.tracker.finish(failed=True)

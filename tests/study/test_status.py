@@ -301,6 +301,9 @@ def test_sweep_status_of_one_stored_study(tmp_path, spec, capsys):
     assert "give --study NAME" in capsys.readouterr().err
     assert main(["sweep", "status", "--study", name, "--output-dir", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # A task the study does not have is refused, as `sweep worker` does (was "0/0 done", 0).
+    assert main(["sweep", "status", "--study", name, "--output-dir", str(res), "--tasks", "mrpc"]) == 2  # fmt: skip
+    assert "--tasks mrpc: not in study" in capsys.readouterr().err
 
 
 def test_a_task_with_no_run_gets_a_rough_cost_from_its_training_text(tmp_path, spec):

@@ -31,6 +31,7 @@ from .variants import is_number
 
 RUN_FIELDS = ("status", "task", "method", "model", "head", "seed", "lr", "wall_time_s",
               "train_time_s", "train_cpu_time_s", "peak_memory_mb", "steps", "run_dir")  # fmt: skip
+REQUIRED = ("task", "method", "model", "seed", "lr")  # what a finished run's row is keyed by
 SHARE_FIELDS = ("trainable_share_pct", "trainable_share_without_head_pct", "lora_share_pct",
                 "total", "trainable")  # fmt: skip
 
@@ -162,6 +163,13 @@ def load_runs(results_dir: str | Path, stored: dict[str, list[str]] | None = Non
         summary = tracking.read_json(path)
         if summary.get("status") not in ("completed", "diverged"):
             continue  # running, killed or failed: no result yet
+        missing = [k for k in REQUIRED if summary.get(k) in (None, "")]
+        if missing:  # valid JSON, but edited or written by something else
+            raise LoralabError(
+                f"'{path}' says the run {summary['status']} but has no {', '.join(missing)}, "
+                "which the report groups runs by. Restore it from a copy, or move that run "
+                "folder out of the results folder; nothing was written."
+            )
         if not summary.get("identity"):
             config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
             summary = {**summary, "identity": derived_identity(config, summary)}

@@ -299,6 +299,11 @@ def sweep_status(study_name: str, storage: str | None = None, results_dir: str |
             "--storage URL, or --output-dir with the folder that holds study.db."
         )
     study, plan = load_study(st, study_name)
+    if unknown := sorted(set(tasks or []) - set(plan.tasks)):  # as `sweep worker` refuses them
+        raise LoralabError(
+            f"--tasks {','.join(unknown)}: not in study '{study_name}' (its tasks: "
+            f"{', '.join(plan.tasks)})."
+        )
     results = str(results_dir or plan.results_dir)
     kind = "ablation" if plan.kind == "ablation" else "grid"
     status = PhaseStatus(study_name, ",".join(plan.tasks), kind, True)
