@@ -195,6 +195,12 @@ def _infer(spec: TaskSpec, task: CustomTask) -> tuple[list[str], list[str]]:
     if missing:
         raise LoralabError(f"{where}: no column(s) {missing}; its columns are {columns}.")
     labels = spec.labels or names or sort_labels(values)
+    if spec.labels and len(labels) < 2:
+        raise LoralabError(
+            f"Task '{task.reference}': `labels` lists {len(labels)} label(s) {labels}; a "
+            "classification task needs at least two: list every value of the label column "
+            "(in the order of their ids), or drop `labels` to take them from the data."
+        )
     if len(labels) < 2:
         raise LoralabError(
             f"{where}: the label column '{spec.label}' holds {len(labels)} distinct value(s) "
