@@ -105,3 +105,26 @@ def test_a_study_left_without_its_grid_by_a_killed_creator_is_taken_by_the_next(
     with pytest.raises(LoralabError, match="was not made by loralab"):
         create_or_check(st, "foreign", plan)
     assert len(other.get_trials()) == 1 and storage_mod.STUDY_ATTR not in other.user_attrs
+
+
+def test_a_study_refused_for_a_foreign_run_folder_leaves_no_storage(tmp_path, capsys):
+    """A point's run folder that is no run of that point is refused before the study storage
+    is created (it was created, with the study and a claimed trial, then the point refused)."""
+    from pathlib import Path
+
+    from conftest import write_mrpc
+
+    write_sst2(tmp_path / "d" / "glue" / "sst2")
+    write_mrpc(tmp_path / "d" / "glue" / "mrpc")
+    spec = Path(__file__).parents[2] / "configs" / "studies" / "tiny.yaml"
+    argv = ["study", str(spec), "--data-root", str(tmp_path / "d"), "--output-dir", str(tmp_path / "res"), "--quiet"]  # fmt: skip
+    assert main([*argv, "--dry-run"]) == 0
+    first = next(x.strip() for x in capsys.readouterr().out.splitlines() if x.startswith("  "))
+    foreign = tmp_path / "res" / "runs" / first
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a loralab run directory" in err and first in err
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["runs"]  # no study.db
+    assert (foreign / "notes.txt").read_text() == "mine"

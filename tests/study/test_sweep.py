@@ -303,6 +303,11 @@ def test_sweep_then_ablation_reuses_runs_then_report(tmp_path, sst2_dir, capsys)
     err = capsys.readouterr().err
     assert "holds a run with other settings (train.max_steps: 6 there, 7 in this study)" in err
     assert _snapshot(res / "runs") == before
+    # Refused before the storage changed (the study and a claimed trial were left in it).
+    from loralab.study.storage import open_storage
+
+    names = {s.study_name for s in open_storage(f"sqlite:///{res / 'study.db'}").get_all_studies()}
+    assert "other" not in names and "sweep-sst2" in names
 
 
 def test_three_workers_share_a_postgres_study(pg_url, tmp_path):

@@ -3,6 +3,7 @@ checkpoint) or train afresh; and the run directory's note of who used it (sweep.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -71,17 +72,21 @@ def _same_data(run_dir: Path, cfg) -> bool:
         return False
     if not recorded.get("train_sha256"):
         return False
+    d = cfg.data
     try:
-        task = get_task(cfg.data.task)
-        train = task.load("train", cfg.data.data_dir, cfg.data.train_file)
-        evals = task.load(
-            "eval", cfg.data.data_dir, task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
-        )
+        have = _fingerprints(d.task, d.data_dir, d.train_file, d.eval_file)
     except (LoralabError, OSError):
         return False
-    return recorded.get("train_sha256") == content_fingerprint(train) and recorded.get(
-        "eval_sha256"
-    ) == content_fingerprint(evals)
+    return (recorded.get("train_sha256"), recorded.get("eval_sha256")) == have
+
+
+@functools.lru_cache(maxsize=16)  # a study checks every point's folder against the same data
+def _fingerprints(name: str, data_dir, train_file, eval_file) -> tuple[str, str]:
+    """(train, eval) content fingerprints of the data these settings load."""
+    task = get_task(name)
+    train = task.load("train", data_dir, train_file)
+    evals = task.load("eval", data_dir, task.eval_file_for(train_file, eval_file))
+    return content_fingerprint(train), content_fingerprint(evals)
 
 
 FINISHED = ("completed", "diverged")  # summary statuses of a run that trains no more

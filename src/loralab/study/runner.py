@@ -18,7 +18,7 @@ from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from .bar import PointsBar
 from .phases import Phase, StudySpec, best_so_far, grid_values, phases
-from .prechecks import check_points
+from .prechecks import check_points, check_run_folders
 from .progress import FINAL
 from .report import folder_runs, stored_pending, write_report
 from .spec import check_data, select_tasks, spec_configs
@@ -226,6 +226,8 @@ def run_study(
     check_data(spec, selected)
     check_points(spec_configs(spec, selected))
     results = str(output_dir or spec.output_dir)
+    known = [ph.plan(spec) for ph in phases(spec, selected) if ph.depends_on is None]
+    check_run_folders(known, results)
     st = open_storage(storage_url(storage, results), heartbeat, grace, max_retry)
     runner = Runner(
         spec, st, study or spec.name, tasks, results, heartbeat, quiet, trust_remote_code

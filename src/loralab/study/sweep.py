@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .grid import Plan, default_study_name, plan_trusts
+from .prechecks import check_run_folders
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
@@ -23,6 +24,7 @@ def run_sweep(plan: Plan, study_name: str | None = None, storage: str | None = N
     Returns the worker's report, or None with `create_only`.
     """
     name = study_name or default_study_name(plan)
+    check_run_folders([plan], plan.results_dir)
     st = open_storage(storage_url(storage, plan.results_dir), heartbeat, grace, max_retry)
     create_or_check(st, name, plan)
     if create_only:
