@@ -146,7 +146,7 @@ def cmd_models(args) -> int:
 
     from ..models import BUILTIN_MODELS, check_model_name, list_models, resolve
 
-    if args.fetch:
+    if args.fetch is not None:  # "" too: a mistake, not a request for the list
         if args.fetch not in BUILTIN_MODELS:
             check_model_name(args.fetch)  # "did you mean ...?"
             raise LoralabError(
