@@ -56,9 +56,10 @@ class GlueTask(Task):
             )
         except Exception as e:  # offline, hub down, renamed: the fix is the same for the user
             raise LoralabError(
-                f"Could not load {self.name} from the Hugging Face hub ({self.hub_path}/"
-                f"{self.hub_config}): {type(e).__name__}: {e}. Without hub access, set data.data_dir to a "
-                f"folder with the GLUE files (train.tsv, dev.tsv) of {self.name}."
+                f"Could not load {self.name}'s {split} split (no local file named for it) from "
+                f"the Hugging Face hub ({self.hub_path}/{self.hub_config}): {type(e).__name__}: "
+                f"{e}. Without hub access, set data.data_dir to a folder with the GLUE files "
+                f"(train.tsv, dev.tsv) of {self.name}, or data.{split}_file to its file."
             ) from None
         a, b = (self.hub_columns + ("",))[:2]
         return ds.map(
