@@ -210,7 +210,7 @@ def open_run_dir(path: str | Path) -> Path:
     if not (path / CONFIG_FILE).is_file():
         run = next((p for p in path.parents if (p / CONFIG_FILE).is_file()), None)
         if run is not None and path.exists():  # e.g. RUN/checkpoints/checkpoint-40
-            raise LoralabError(f"'{path}' is inside run directory '{run}': pass that folder (a resume picks its newest good checkpoint).")  # fmt: skip
+            raise LoralabError(f"'{path}' is inside run directory '{run}': pass that folder (merge and analyze read its adapter/, a resume picks its newest good checkpoint).")  # fmt: skip
         why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
         raise LoralabError(
             f"'{path}' is not a loralab run directory: it {why}. Pass the folder that `loralab "
