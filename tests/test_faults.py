@@ -198,6 +198,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("resume-no-checkpoints", _resume_no_checkpoints, "has no checkpoint"),
     ("resume-all-checkpoints-damaged", _resume_all_damaged, "all of its checkpoints are damaged"),
     ("resume-completed-run", lambda c: ["train", "--resume", str(c.run())], "already finished"),
+    ("train-output-dir-is-a-run", lambda c: _train(c, "--data-dir", str(c.data()), out=str(c.run())), "is a run folder (it holds config.yaml)"),
+    ("report-out-is-a-run", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.run())], "is a run folder (it holds config.yaml)"),
     ("merge-the-adapter-folder", lambda c: ["merge", str(c.run() / "adapter")], "merge and analyze read its adapter/"),
     ("resume-a-checkpoint-folder", lambda c: ["train", "--resume", str(c.file("r/checkpoints/checkpoint-5/x").parent)] if c.file("r/config.yaml", "model: {}\n") else [], "is inside run directory '"),
     ("resume-missing-run", lambda c: ["train", "--resume", c.out("gone")], "is not a loralab run directory: it does not exist"),

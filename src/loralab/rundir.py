@@ -204,6 +204,15 @@ def check_writable(
     return path
 
 
+def check_not_a_run(path: str | Path, what: str) -> None:
+    """Outputs are never written into a run folder: its files are that run's record."""
+    if (Path(path) / CONFIG_FILE).is_file():
+        raise LoralabError(
+            f"{what} '{path}' is a run folder (it holds {CONFIG_FILE}); writing there would mix "
+            f"other output into that run's files. Give another folder, e.g. '{Path(path).parent}'."
+        )
+
+
 def open_run_dir(path: str | Path) -> Path:
     """An existing run directory (to resume, merge or analyze)."""
     path = Path(path)

@@ -129,6 +129,8 @@ def train(
     # Before any slow work: the run folder must be creatable and writable.
     where = "The run folder" if resume else "run.output_dir"
     tracking.check_writable(resume or cfg.run.output_dir, where)
+    if not resume:  # a new run goes beside the others, not inside one
+        rundir.check_not_a_run(cfg.run.output_dir, "run.output_dir (--output-dir)")
     cfg = absolute_data_paths(cfg)
     start = time.time()
     task = get_task(cfg.data.task)

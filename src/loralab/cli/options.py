@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..hub import check_push, push_folder
-from ..rundir import check_writable
+from ..rundir import check_not_a_run, check_writable
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,6 +83,7 @@ def push(args, folder, what: str) -> None:
 
 def check_results_dir(path) -> None:
     check_writable(path, "--output-dir")
+    check_not_a_run(path, "--output-dir")
 
 
 def check_out_file(path: Path, what: str) -> None:

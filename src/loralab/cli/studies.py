@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..rundir import STUDY_DB, check_writable
+from ..rundir import STUDY_DB, check_not_a_run, check_writable
 from .options import add_trust, check_results_dir, int_at_least
 
 
@@ -377,6 +377,7 @@ def cmd_report(args) -> int:
     if args.out or args.results_dir:  # the report goes to --out, else into RESULTS_DIR
         where = "--out" if args.out else "RESULTS_DIR/report"
         check_writable(args.out or Path(args.results_dir) / "report", where)
+        check_not_a_run(args.out or Path(args.results_dir) / "report", where)
     rep = report(args.results_dir, args.study, args.storage, args.out)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
