@@ -268,6 +268,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
     ("study-dry-run-missing-data", lambda c: ["study", str(_spec(c)), "--data-root", c.out("nowhere"), "--dry-run"], "which does not exist"),
     ("study-workers-0", lambda c: ["study", str(_spec(c)), "--output-dir", c.out("results"), "--workers", "0"], "--workers"),
+    ("convert-a-folder", lambda c: ["convert", str(c.data()), c.out("model")], "is a folder; pass the path of a .gguf file"),
     ("convert-missing-gguf", lambda c: ["convert", c.out("nothing.gguf"), c.out("model")], "does not exist"),
     ("convert-not-gguf", lambda c: ["convert", str(c.file("x.gguf", "junk")), c.out("model")], "not a readable GGUF"),
     ("study-heartbeat-0", lambda c: ["study", str(_spec(c)), "--heartbeat", "0"], "--heartbeat: must be at least 1"),

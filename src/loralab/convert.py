@@ -123,7 +123,8 @@ def convert_gguf(gguf: str | Path, out: str | Path, progress: bool = True) -> Pa
     """Dequantise `gguf` into the new folder `out` (model, tokenizer, README.md, marker)."""
     gguf, out = Path(gguf).expanduser(), Path(out).expanduser()
     if not gguf.is_file():
-        raise LoralabError(f"GGUF file '{gguf}' does not exist; pass the path of a .gguf file.")
+        state = "is a folder" if gguf.is_dir() else "does not exist"
+        raise LoralabError(f"GGUF file '{gguf}' {state}; pass the path of a .gguf file.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         state = "is not empty" if out.is_dir() else "is a file"
         raise LoralabError(f"Output folder '{out}' {state}; choose a new folder.")
