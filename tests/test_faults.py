@@ -185,6 +185,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("train-config-section-scalar", lambda c: _train(c, "--config", str(c.file("c.yaml", "model: tiny-bert\ntrain: 3\n"))), "section 'model' must be a mapping of model.* keys"),
     ("train-tsv-huge-field", lambda c: _train(c, "--data-dir", str(_huge_field(c.data()))), "not a GLUE TSV (field larger than field limit"),
     ("train-file-without-eval-file", lambda c: _train(c, "--train-file", str(c.data() / "train.tsv")), "eval split"),
+    ("train-task-file-not-yaml", lambda c: _train(c, "--task", str(c.file("t.yaml", "format: csv\ntext: [a\n"))), "is not valid YAML: while parsing a flow sequence in"),
     ("models-fetch-empty", lambda c: ["models", "--fetch", ""], "--fetch takes a built-in model name"),
     ("train-own-task-one-label-listed", lambda c: _train(c, "--task", _csv_task(c) + "?labels=1"), "`labels` lists 1 label(s) ['1']"),
     ("train-own-task-and-data-dir", lambda c: _train(c, "--task", _csv_task(c), "--data-dir", str(c.data())), "replaces the data that task 'csv:"),

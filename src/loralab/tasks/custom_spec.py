@@ -120,16 +120,9 @@ def _split_list(value: str) -> list[str]:
 
 
 def _read_task_file(path: Path) -> tuple[TaskSpec, Path]:
-    import yaml
+    from ..config import load_yaml  # its errors: one paragraph (PyYAML's lines joined)
 
-    if not path.is_file():
-        raise LoralabError(f"Task file '{path}' does not exist.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LoralabError(f"Task file '{path}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise LoralabError(f"Task file '{path}' must hold a mapping of task keys.")
+    data = load_yaml(path, "Task file", "configs/tasks/sst2-matthews.yaml")
     return _spec(data, str(path)), path.parent
 
 
