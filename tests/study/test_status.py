@@ -560,3 +560,18 @@ def test_sweep_status_gives_each_tasks_own_best_lr(tmp_path):
     status = sweep_status("sw", None, str(res))
     assert status.phases[0].best == {"sst2 lora": 1e-4, "mrpc lora": 3e-4}
     assert "best lr sst2 lora 0.0001, mrpc lora 0.0003" in render(status)[0]
+
+
+def test_the_progress_line_counts_the_workers_started_here():
+    """Two workers started together: the first to print (a sibling not running yet) counts
+    two, not one (it gave one worker's wall time for the whole study)."""
+    from types import SimpleNamespace as P
+
+    from loralab.study.runner import idle_here
+
+    running = [P(state="running", worker="box:11"), P(state="running", worker="far:7"),
+               P(state="done", worker=None)]  # fmt: skip
+    assert idle_here([], 2, "box") == 2  # the sibling has not claimed a point yet
+    assert idle_here(running, 2, "box") == 1  # it runs one: the asking worker alone is idle
+    assert idle_here(running, 1, "box") == 1  # never fewer than the one asking
+    assert idle_here(running[1:], 3, "box") == 3  # another machine's workers are not ours

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
+from ..summary import ENV_WORKERS
 from .bar import PointsBar
 from .phases import Phase, StudySpec, best_so_far, grid_values, phases
 from .prechecks import check_points, check_run_folders
@@ -186,7 +188,8 @@ class Runner:
         if not self.quiet:
             st = self._status()
             self.bar.update(sum(p.state in FINAL for p in st.points))
-            self.say(totals(st, idle=1).replace("total:", "progress:", 1))  # this worker
+            line = totals(st, idle=idle_here(st.points, workers_here(), socket.gethostname()))
+            self.say(line.replace("total:", "progress:", 1))
 
     def summary(self) -> list[str]:
         lines, self.unfinished = [], []
@@ -204,6 +207,19 @@ class Runner:
             if w.report.unfinished:
                 self.unfinished.append(name)
         return lines
+
+
+def workers_here() -> int:
+    """How many workers `--workers` started on this machine (set in each one's environment)."""
+    return int(os.environ.get(ENV_WORKERS, "1") or 1)
+
+
+def idle_here(points: list, launched: int, host: str) -> int:
+    """Workers of this machine between points: the one asking (its point just finished) and
+    those of the `launched` not running one, such as siblings still starting (counted as
+    none, the first progress line gave the wall time of one worker for the whole study)."""
+    busy = {p.worker for p in points if p.state == "running" and (p.worker or "").startswith(f"{host}:")}  # fmt: skip
+    return max(1, launched - len(busy))
 
 
 def run_study(
