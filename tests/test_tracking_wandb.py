@@ -147,3 +147,18 @@ def test_throughput_counts_from_the_first_step(tmp_path, sst2_dir):
     summary = train(cfg, quiet=True, callbacks=[SlowStart()]).summary
     stepping = summary["tokens"]["real"] / summary["tokens_per_s"]["real"]
     assert 0 < stepping < 2.0, stepping  # three tiny steps, without the 2 s before them
+
+
+def test_the_final_evaluation_records_the_dev_loss(tmp_path, sst2_dir):
+    """SPEC §7's eval loss without periodic evaluations: the final one logs `eval/loss` (the
+    Trainer's prediction loop's, over the dev set) and the summary keeps it as `eval_loss`."""
+    import math
+
+    args = _args(sst2_dir, tmp_path, "train.max_steps=2")
+    assert main(["train", *[a for a in args if a != "tracking.wandb=offline"]]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert math.isfinite(summary["eval_loss"]) and 0.3 < summary["eval_loss"] < 3  # ~ln 2
+    assert "loss" not in summary["metrics"]  # the task metrics alone (the report reads them)
+    final = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in final if "eval/accuracy" in r]
+    assert final[-1]["eval/loss"] == summary["eval_loss"] and final[-1]["step"] == 2

@@ -237,9 +237,16 @@ class _Run:
         return trainer
 
     def evaluate(self, trainer) -> dict:
-        """The task metrics of the model as it is now."""
+        """The task metrics of the model as it is now; the dev loss, where the head's scoring
+        gives one (the Trainer's prediction loop with labels: classification), in `eval_loss`."""
         cfg, built, splits = self.cfg, self.built, self.splits
-        predict = lambda feats: trainer.predict(model_inputs(feats))  # noqa: E731
+        self.eval_loss = None
+
+        def predict(feats):
+            out = trainer.predict(model_inputs(feats))
+            self.eval_loss = (out.metrics or {}).get("test_loss")
+            return out
+
         device = next(built.model.parameters()).device
         with precision.autocast(precision.uses_bf16(cfg.train.precision), device):
             return self.head.evaluate(
@@ -303,8 +310,7 @@ class _Run:
                 raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            # SIGTERM is turned into Ctrl-C's KeyboardInterrupt (`cli.main`), which says nothing.
-            why = "interrupted (Ctrl-C or SIGTERM)" if type(e) is KeyboardInterrupt else f"{type(e).__name__}: {e}"  # fmt: skip
+            why = "interrupted (Ctrl-C or SIGTERM)" if type(e) is KeyboardInterrupt else f"{type(e).__name__}: {e}"  # SIGTERM raises it too (`cli.main`)  # fmt: skip
             summary.update(status=status, error=why, wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
             if distributed.is_main():
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
@@ -318,7 +324,8 @@ class _Run:
         t1 = time.time()
         metrics = self.evaluate(trainer)
         eval_time = time.time() - t1
-        self.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, trainer.state.global_step)
+        logged = {f"eval/{k}": v for k, v in metrics.items()} | ({"eval/loss": self.eval_loss} if self.eval_loss is not None else {})  # fmt: skip
+        self.tracker.log(logged, trainer.state.global_step)
         if self.console is not None:
             n = len(self.splits.eval_raw)
             self.console.print(f"[bold green]final eval[/] ({n} examples): {_fmt(metrics)}")
@@ -347,6 +354,7 @@ class _Run:
             wall_time_s=trainer.earlier_wall() + time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
+            eval_loss=self.eval_loss,  # the final evaluation's (classification); else null
             # The whole run's tokens (the earlier attempts' up to the checkpoint, then this one's);
             # the rate is this attempt's, over its steps' own time (evaluations and saves left out).
             tokens={
