@@ -28,3 +28,18 @@ def test_rank_utilisation_axis_reaches_dora_values_past_one(tmp_path, monkeypatc
     assert (tmp_path / "plain.png").is_file() and (tmp_path / "dora.png").is_file()
     assert made[0][1][0].get_ylim() == (0.0, 1.05)
     assert made[1][1][0].get_ylim()[1] >= 3.0
+
+
+def test_each_plot_names_its_model_and_caveat(tmp_path, monkeypatch):
+    """SPEC §2: SmolLM2's dequantised weights are said wherever results are shown; an analysis
+    PNG named neither the model nor that."""
+    from loralab.models.registry import caveat
+
+    made = []
+    real = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    plots.plot_layers(tmp_path / "s.png", _modules([0.4, 0.7]), model="smollm2-135m")
+    plots.plot_layers(tmp_path / "t.png", _modules([0.4, 0.7]), model="tiny-llama")
+    foot = [" ".join(fig.get_supxlabel().split()) for fig, _ in made]
+    assert foot[0] == caveat("smollm2-135m") and "dequantised" in foot[0]
+    assert foot[1] == "model: tiny-llama"  # no caveat: the model's name alone

@@ -216,9 +216,9 @@ def _write(run_dir: Path, data: dict, hidden: dict, other_modules: dict | None) 
     modules, comp = data["modules"], data["compare"]
     with atomic_dir(final) as tmp:
         files = [
-            plots.plot_spectra(tmp / "spectra.png", modules),
-            plots.plot_layers(tmp / "rank_utilisation.png", modules, other_modules),
-            plots.plot_cka(tmp / "cka.png", data["representations"]),
+            plots.plot_spectra(tmp / "spectra.png", modules, data["model"]),
+            plots.plot_layers(tmp / "rank_utilisation.png", modules, other_modules, data["model"]),
+            plots.plot_cka(tmp / "cka.png", data["representations"], data["model"]),
         ]
         if comp is not None:
             png = tmp / f"similarity_layer{comp['heatmap_layer']}.png"

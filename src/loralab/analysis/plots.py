@@ -8,6 +8,21 @@ from pathlib import Path
 from .modules import mean, module_role
 
 
+def _save(fig, path: Path, model: str | None) -> Path:
+    """Save `fig` footed with the model it shows and, for a built-in with one, its caveat
+    (SmolLM2: dequantised weights): a PNG copied out of analysis/ must still say what was
+    trained (the report's figures do the same, `study.plots.add_caveats`)."""
+    import textwrap
+
+    from ..models.registry import caveat
+
+    if model:
+        width = max(40, int(fig.get_size_inches()[0] * 14))  # ~14 characters per inch at 7 pt
+        fig.supxlabel(textwrap.fill(caveat(model) or f"model: {model}", width), fontsize=7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _figure(ncols: int, width: float = 4.4, height: float = 3.6):
     from matplotlib.figure import Figure
 
@@ -33,7 +48,7 @@ def _layer_axis(ax, title: str, legend: bool = True) -> None:
         ax.legend(fontsize=7)
 
 
-def plot_spectra(path: Path, modules: dict) -> Path:
+def plot_spectra(path: Path, modules: dict, model: str | None = None) -> Path:
     """Singular values of ΔW, one panel per module kind, one line per module (colour = layer)."""
     from matplotlib import colormaps
 
@@ -47,11 +62,12 @@ def plot_spectra(path: Path, modules: dict) -> Path:
                 colour = colormaps["viridis"]((m["layer"] or 0) / top)
                 ax.plot(range(1, len(sv) + 1), sv, marker=".", color=colour, lw=1)
         ax.set(title=f"σ_k(ΔW), {kind} (layer 0 purple .. {top} yellow)", xlabel="k", yscale="log")
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, model)
 
 
-def plot_layers(path: Path, modules: dict, other: dict | None = None) -> Path:
+def plot_layers(
+    path: Path, modules: dict, other: dict | None = None, model: str | None = None
+) -> Path:
     """Rank utilisation, stable rank / r and amplification per layer, a line per module role."""
     from matplotlib import colormaps
 
@@ -74,11 +90,10 @@ def plot_layers(path: Path, modules: dict, other: dict | None = None) -> Path:
     shown = [*modules.values(), *(other or {}).values()]
     top = max((m["rank_utilisation"] for m in shown), default=1.0)
     axes[0].set_ylim(0, max(1.05, 1.05 * top))
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, model)
 
 
-def plot_cka(path: Path, reps: dict) -> Path:
+def plot_cka(path: Path, reps: dict, model: str | None = None) -> Path:
     """Linear CKA and median paired cosine per layer, per pair of models and pooling."""
     fig, axes = _figure(2, width=6.0)
     for ax, key, title in (
@@ -92,8 +107,7 @@ def plot_cka(path: Path, reps: dict) -> Path:
                 ax.plot(range(len(values)), values, style, marker=".", label=label)
         _layer_axis(ax, title)
         ax.set(xlabel="hidden state index (0 = embeddings)")
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, model)
 
 
 def plot_similarity(path: Path, sim: dict, names: list[str], data: dict) -> Path:
@@ -124,5 +138,4 @@ def plot_similarity(path: Path, sim: dict, names: list[str], data: dict) -> Path
         ax.axhline(chance, color="grey", ls=":", label="random directions")
         _layer_axis(ax, f"φ(1, 1) of {what.split(':')[0]} per layer")
         ax.set_ylim(0, 1.02)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, data.get("model"))
