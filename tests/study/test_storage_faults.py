@@ -128,3 +128,29 @@ def test_a_study_refused_for_a_foreign_run_folder_leaves_no_storage(tmp_path, ca
     assert "exists and is not a loralab run directory" in err and first in err
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["runs"]  # no study.db
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_the_folder_precheck_reads_and_never_drops_a_checkpoint(tmp_path):
+    """A sibling worker may be writing a checkpoint in a point's folder while another `study`
+    process starts: the pre-check must not treat it as damaged and delete it (the claim's
+    `decide` does, under the point's lock)."""
+    from pathlib import Path
+
+    from conftest import write_mrpc
+
+    from loralab.config import dump_yaml
+    from loralab.study.phases import phases
+    from loralab.study.prechecks import check_run_folders
+    from loralab.study.spec import load_spec
+
+    write_sst2(tmp_path / "d" / "glue" / "sst2")
+    write_mrpc(tmp_path / "d" / "glue" / "mrpc")
+    spec = load_spec(Path(__file__).parents[2] / "configs" / "studies" / "tiny.yaml", str(tmp_path / "d"))  # fmt: skip
+    plan = phases(spec, ["sst2"])[0].plan(spec)
+    point, res = plan.points()[0], tmp_path / "res"
+    run = res / "runs" / point["key"]
+    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)  # being written: no state yet
+    (run / "checkpoints" / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"half")
+    (run / "config.yaml").write_text(dump_yaml(plan.config_for(point, str(res))))
+    check_run_folders([plan], str(res))
+    assert (run / "checkpoints" / "checkpoint-10" / "adapter_model.safetensors").is_file()

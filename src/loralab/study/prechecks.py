@@ -47,15 +47,15 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
 
 def check_run_folders(plans: list, results: str | Path) -> None:
     """Each point's run folder that exists already holds that point's run (to reuse or resume),
-    as the point's claim checks (`reuse.decide`): one with other settings, or a folder that is
-    no run, is refused here, before the study storage is created, so that the failed command
-    leaves the results folder as it was. `plans`: those whose points are known (not waiting
-    for a grid's best lr)."""
+    as the point's claim checks (`reuse.check_folder`, which only reads: workers may be training
+    in these folders): one with other settings, or a folder that is no run, is refused here,
+    before the study storage is created, so that the failed command leaves the results folder
+    as it was. `plans`: those whose points are known (not waiting for a grid's best lr)."""
     from ..rundir import RUNS_DIR
-    from .reuse import decide
+    from .reuse import check_folder
 
     for plan in plans:
         for p in plan.points():
             run_dir = Path(results) / RUNS_DIR / p["key"]
             if run_dir.exists():
-                decide(run_dir, plan.config_for(p, results))
+                check_folder(run_dir, plan.config_for(p, results))

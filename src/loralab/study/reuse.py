@@ -100,9 +100,23 @@ def finished(run_dir: Path) -> bool:
 
 
 def decide(run_dir: Path, cfg) -> str:
-    """reuse (finished), resume (has a checkpoint) or train (fresh)."""
-    if not run_dir.exists():
+    """reuse (finished), resume (has a checkpoint) or train (fresh). Called under the point's
+    lock: it drops checkpoints that fail the resume check (`_usable_checkpoints`)."""
+    if not check_folder(run_dir, cfg):
         return "train"
+    if finished(run_dir):
+        return "reuse"
+    if resume_broke(read_note(run_dir).get("attempts", [])):
+        return "train"
+    return "resume" if _usable_checkpoints(run_dir) else "train"
+
+
+def check_folder(run_dir: Path, cfg) -> bool:
+    """Whether `run_dir` holds a run (False: none yet, the point trains); a user error when it
+    is not this point's (another run's settings, or no run at all). Reads only: the study's
+    pre-check calls it without the point's lock, beside workers training in these folders."""
+    if not run_dir.exists():
+        return False
     if not (run_dir / CONFIG_FILE).is_file():
         # A run killed while writing its config.yaml left only the half-written temporary file
         # (`rundir.atomic_write`'s `.config.yaml.*`): nothing of a run, so the point trains.
@@ -111,26 +125,22 @@ def decide(run_dir: Path, cfg) -> str:
                 f"'{run_dir}' exists and is not a loralab run directory; the sweep will not "
                 "touch it. Move it away or use another --output-dir."
             )
-        return "train"
+        return False
     diff = _same_config(run_dir, cfg)
     if diff:
         raise LoralabError(
             f"Run directory '{run_dir}' holds a run with other settings ({diff}). Its results "
             "are kept: use another --output-dir for this study."
         )
-    if finished(run_dir):
-        if frozen := _kept_frozen(run_dir, cfg):
-            raise LoralabError(
-                f"Run directory '{run_dir}' holds a LoRA run from before loralab trained "
-                f"{cfg.model.name}'s {', '.join(frozen)} (shipped untrained; that run kept it "
-                "frozen), so it is not this study's point. Its results are kept: move that "
-                "model's LoRA run folders out of the results folder (or use another "
-                "--output-dir) and run the study again."
-            )
-        return "reuse"
-    if resume_broke(read_note(run_dir).get("attempts", [])):
-        return "train"
-    return "resume" if _usable_checkpoints(run_dir) else "train"
+    if finished(run_dir) and (frozen := _kept_frozen(run_dir, cfg)):
+        raise LoralabError(
+            f"Run directory '{run_dir}' holds a LoRA run from before loralab trained "
+            f"{cfg.model.name}'s {', '.join(frozen)} (shipped untrained; that run kept it "
+            "frozen), so it is not this study's point. Its results are kept: move that "
+            "model's LoRA run folders out of the results folder (or use another "
+            "--output-dir) and run the study again."
+        )
+    return True
 
 
 def _kept_frozen(run_dir: Path, cfg) -> list[str]:
