@@ -153,6 +153,17 @@ def _results_folder(c: Case, name: str) -> Path:
     return root
 
 
+def _export_into_another_results_folder(c: Case) -> list[str]:
+    """Two results folders whose runs share a name but not their settings (the same grid
+    with another train.max_steps): DEST's run files would be overwritten."""
+    src, dest = _results_folder(c, "a"), _results_folder(c, "b")
+    summary = dest / "runs" / "point" / "summary.json"
+    data = json.loads(summary.read_text())
+    data["identity"]["train"]["max_steps"] = 7
+    summary.write_text(json.dumps(data))
+    return ["export", str(src), str(dest)]
+
+
 def _export_damaged_study_db(c: Case) -> list[str]:
     src = _results_folder(c, "res")
     (src / "study.db").write_bytes((src / "study.db").read_bytes()[:100])
@@ -281,7 +292,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("merge-bench-seq-len-beyond-the-model", lambda c: ["merge", str(c.run()), "--bench-seq-len", "4096"], "max_position_embeddings 512"),
     ("validate-out-is-a-run-summary", lambda c: ["validate", "--model", "tiny-llama", "--out", str(c.run() / "summary.json")], "is not a `loralab validate` report"),
     ("export-damaged-study-db", _export_damaged_study_db, "study.db"),
-    ("export-into-another-results-folder", lambda c: ["export", str(_results_folder(c, "a")), str(_results_folder(c, "b"))], "is a results folder of its own"),
+    ("export-into-another-results-folder", _export_into_another_results_folder, "holds another run than"),
     ("report-out-is-file", lambda c: ["report", str(c.file("res/x").parent), "--out", str(c.file("f"))], "is a file"),
     ("report-missing-results", lambda c: ["report", c.out("nothing")], "does not exist"),
     ("report-results-is-file", lambda c: ["report", str(c.file("f"))], "RESULTS_DIR '"),
@@ -490,3 +501,16 @@ def test_report_of_results_with_a_damaged_study_db_warns_and_reports(shared, tmp
     err = capsys.readouterr().err
     assert "warning: Cannot open the study storage" in err and "error" not in err
     assert (res / "report" / "report.md").is_file()
+
+
+def test_a_re_export_into_a_folder_a_study_continued_in_is_taken(shared, tmp_path):
+    """The README's refresh: a study continued in DEST (locks/, adapters) and the workers'
+    results exported over it again; the same runs under the same names are no conflict."""
+    c = Case(tmp_path, *shared)
+    src, dest = _results_folder(c, "src"), _results_folder(c, "dest")
+    (dest / "logs").mkdir()
+    (dest / "runs" / "point" / "adapter").mkdir(exist_ok=True)
+    assert main(["export", str(src), str(dest)]) == 0
+    assert (dest / "report" / "report.md").is_file() and (
+        dest / "runs" / "point" / "adapter"
+    ).is_dir()

@@ -21,13 +21,8 @@ from pathlib import Path
 
 from ..errors import LoralabError
 from ..rundir import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
     CONFIG_FILE,
-    LOCKS_DIR,
-    LOGS_DIR,
     METRICS_FILE,
-    MODEL_DIR,
     REPORT_DIR,
     RUNS_DIR,
     STUDY_DB,
@@ -67,7 +62,7 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
             f"The export folder '{out}' lies inside the results folder '{src}': give a folder "
             "outside it (e.g. results/<name> in a repository)."
         )
-    _refuse_live_results(out)
+    _refuse_other_runs(src, out)
     # Read the source storage before anything is written: a damaged one fails here (exit 2),
     # not after DEST/runs has been filled.
     src_names = _study_names(src / STUDY_DB) if (src / STUDY_DB).is_file() else None
@@ -106,21 +101,26 @@ def export(results_dir: str | Path, dest: str | Path) -> Exported:
     return done
 
 
-def _refuse_live_results(out: Path) -> None:
-    """An export holds no weights, checkpoints, locks or logs: a DEST that does is a results
-    folder of its own, whose study.db and run files the export would overwrite."""
-    runs = out / RUNS_DIR
-    weights = (ADAPTER_DIR, MODEL_DIR, CHECKPOINT_DIR)
-    live = [out / d for d in (LOCKS_DIR, LOGS_DIR) if (out / d).is_dir()]
-    if runs.is_dir():
-        live += [r for r in runs.iterdir() if r.is_dir() and any((r / w).exists() for w in weights)]
-    if live:
-        raise LoralabError(
-            f"'{out}' is a results folder of its own, not an export (it holds {live[0]}): "
-            "exporting would replace its study.db and the config.yaml/summary.json/metrics.jsonl "
-            "of its runs of the same name. Nothing was changed. Export into a new folder, or "
-            "into the one an earlier export made."
-        )
+def _refuse_other_runs(src: Path, out: Path) -> None:
+    """A DEST run folder named like one of the source's finished runs must hold that run (an
+    earlier export of it, or the same point trained where a study continued): one with another
+    identity or seed is another results folder's run, whose files the export would overwrite."""
+    for theirs in sorted((out / RUNS_DIR).glob(f"*/{SUMMARY_FILE}")):
+        ours = src / RUNS_DIR / theirs.parent.name / SUMMARY_FILE
+        if not ours.is_file():
+            continue
+        try:
+            a, b = read_json(ours), read_json(theirs)
+        except LoralabError:
+            continue  # a damaged summary in DEST: replaced by the source's whole one
+        if a.get("status") in FINISHED and {"identity", "seed"} <= a.keys() & b.keys():
+            if (a["identity"], a["seed"]) != (b["identity"], b["seed"]):
+                raise LoralabError(
+                    f"'{theirs.parent}' holds another run than '{ours.parent}' (other settings "
+                    "under the same name): DEST is another results folder, and exporting would "
+                    "overwrite its run files and study.db. Nothing was changed. Export into a "
+                    "new folder, or into the one an earlier export of these results made."
+                )
 
 
 def _study_names(db: Path) -> set[str]:
