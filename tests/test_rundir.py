@@ -68,3 +68,16 @@ def test_atomic_write_is_readable_by_others(tmp_path, umask):
     path = tmp_path / "d" / "summary.json"
     rundir.atomic_write(path, "{}")
     assert path.read_text() == "{}" and _mode(path) == 0o644
+
+
+def test_a_folder_with_a_projects_own_config_yaml_is_no_run(tmp_path):
+    """Outputs are refused inside a run folder, not in any folder holding a config.yaml (a
+    project's own, `--config config.yaml --output-dir .`)."""
+    from loralab.errors import LoralabError
+    from loralab.rundir import check_not_a_run
+
+    (tmp_path / "config.yaml").write_text("model: {name: tiny-llama}\n")
+    check_not_a_run(tmp_path, "--output-dir")  # no run's files: accepted
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(LoralabError, match=f"e.g. '{tmp_path.parent}'"):
+        check_not_a_run(tmp_path, "--output-dir")

@@ -205,11 +205,16 @@ def check_writable(
 
 
 def check_not_a_run(path: str | Path, what: str) -> None:
-    """Outputs are never written into a run folder: its files are that run's record."""
-    if (Path(path) / CONFIG_FILE).is_file():
+    """Outputs are never written into a run folder: its files are that run's record. A run
+    folder: config.yaml with one of the files only a run has (a project's own config.yaml is
+    no run)."""
+    path = Path(path)
+    marks = (SUMMARY_FILE, METRICS_FILE, RUN_LOCK, CHECKPOINT_DIR)
+    if (path / CONFIG_FILE).is_file() and any((path / m).exists() for m in marks):
         raise LoralabError(
-            f"{what} '{path}' is a run folder (it holds {CONFIG_FILE}); writing there would mix "
-            f"other output into that run's files. Give another folder, e.g. '{Path(path).parent}'."
+            f"{what} '{path}' is a run folder (it holds {CONFIG_FILE} and the run's files); "
+            "writing there would mix other output into that run's record. Give another folder, "
+            f"e.g. '{path.resolve().parent}'."
         )
 
 
