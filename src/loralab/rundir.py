@@ -204,6 +204,16 @@ def check_writable(
     return path
 
 
+def discard_unstarted(path: Path) -> bool:
+    """Remove a run folder that holds nothing of a run yet (its config.yaml, the W&B id and
+    folder, the training lock): a start that failed there leaves no half-made folder behind.
+    Whether it was removed."""
+    if not {p.name for p in path.iterdir()} <= {CONFIG_FILE, WANDB_ID_FILE, RUN_LOCK, "wandb"}:
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
 def check_not_a_run(path: str | Path, what: str) -> None:
     """Outputs are never written into a run folder: its files are that run's record. A run
     folder: config.yaml with one of the files only a run has (a project's own config.yaml is

@@ -29,6 +29,7 @@ from .rundir import (  # noqa: F401
     WANDB_ID_FILE,
     atomic_write,
     check_writable,
+    discard_unstarted,
     jsonable,
     open_run_dir,
     read_json,
@@ -288,10 +289,13 @@ class Tracker:
                 )
         except Exception as e:  # no network, a rejected key, an unreachable server
             why = mask_secrets((str(e).strip().splitlines() or [type(e).__name__])[0])
+            gone = not resuming and discard_unstarted(self.run_dir)
+            fix = ("tracking.wandb=offline (and `wandb sync` later) or " if mode == "online" else "")  # fmt: skip
             raise LoralabError(
                 f"Weights & Biases could not start a run (tracking.wandb={cfg.tracking.wandb}, "
-                f"mode {mode}): {why}. Nothing was trained. Use tracking.wandb=offline (and "
-                "`wandb sync` later) or tracking.wandb=disabled, or fix the connection or key."
+                f"mode {mode}): {why}. Nothing was trained"
+                f"{' and the new run folder is removed' if gone else ''}. Use {fix}"
+                "tracking.wandb=disabled, or fix the connection, key or W&B installation."
             ) from None
         # The optimiser step is a metric of its own, the x axis of every chart: a resumed run
         # logs the steps after its checkpoint again, which W&B's own step (it only increases)
