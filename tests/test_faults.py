@@ -278,6 +278,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("study-empty-seeds", lambda c: ["study", str(c.file("s.yaml", "name: s\ntasks: {sst2: {}}\nlr: {lora: [1.0e-3]}\nmethods: [lora]\nseeds: []\n")), "--output-dir", c.out("results")], "must be a non-empty list, e.g. [42, 1337]"),
     ("study-spec-unknown-key", lambda c: ["study", str(_spec(c, "depth: 3\n")), "--output-dir", c.out("results")], "depth"),
     ("study-output-dir-is-file", lambda c: ["study", str(_spec(c)), "--output-dir", str(c.file("f"))], "is a file"),
+    ("study-offline-train-file-alone", lambda c: ["study", str(c.file("s.yaml", f"name: s\ntasks: {{squad_v2: {{train_file: {c.file('q/train-offline.json', '{}')}}}}}\nlr: {{lora: [1.0e-3], full: [1.0e-4]}}\nseeds: [1]\n")), "--output-dir", c.out("results")], "offline split's training half"),
     ("study-dry-run-missing-data", lambda c: ["study", str(_spec(c)), "--data-root", c.out("nowhere"), "--dry-run"], "which does not exist"),
     ("study-workers-0", lambda c: ["study", str(_spec(c)), "--output-dir", c.out("results"), "--workers", "0"], "--workers"),
     ("convert-a-folder", lambda c: ["convert", str(c.data()), c.out("model")], "is a folder; pass the path of a .gguf file"),

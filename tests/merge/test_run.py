@@ -166,6 +166,14 @@ def test_load_run_overrides_data_in_a_copy(tmp_path, sst2_dir):
     loaded = load_run(run, 4, data_dir=str(moved), quiet=True)
     assert loaded.cfg.data.data_dir == str(moved) and len(loaded.raw) == 4
     assert from_dict(load_yaml(run / "config.yaml")).data.data_dir == str(sst2_dir)
+    # A run with its own evaluation file: --data-dir alone takes that folder's dev split (the
+    # run's file was taken over it, the override silently ignored).
+    from conftest import write_sst2
+
+    other = write_sst2(tmp_path / "other", n_dev=6, seed=5)
+    own = make_run(tmp_path / "runs2", sst2_dir, overrides=[f"data.eval_file={sst2_dir / 'dev.tsv'}"])  # fmt: skip
+    loaded = load_run(own, 0, data_dir=str(other), quiet=True)
+    assert loaded.cfg.data.eval_file is None and len(loaded.raw) == 6
 
 
 def test_an_earlier_merges_files_are_named_as_such(tmp_path):

@@ -88,7 +88,8 @@ def _load_peft(cfg: ExperimentConfig, task, run_dir: Path):
 def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
     """The first n examples of the run's dev split (checked before any model is loaded)."""
     try:
-        eval_file = eval_file or task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
+        if not (eval_file or data_dir):  # --data-dir alone: that folder's dev split
+            eval_file = task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
         raw = task.load("eval", data_dir or cfg.data.data_dir, eval_file)
     except LoralabError as e:
         raise LoralabError(

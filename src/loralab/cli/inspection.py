@@ -37,7 +37,10 @@ def add_merge(sub) -> None:
         default=256,
         help="dev examples checked (0 = all; default 256)",
     )
-    p.add_argument("--data-dir", help="task data folder, if not the one in the run's config")
+    p.add_argument(
+        "--data-dir",
+        help="task data folder whose dev split replaces the run's (alone: over its eval file too)",
+    )
     p.add_argument(
         "--eval-file", help="explicit evaluation file, if not the one in the run's config"
     )
@@ -102,7 +105,10 @@ def add_analyze(sub) -> None:
         metavar="L",
         help="layer for the similarity heat-maps (default: the middle one)",
     )
-    p.add_argument("--data-dir", help="task data folder, if not the one in the run's config")
+    p.add_argument(
+        "--data-dir",
+        help="task data folder whose dev split replaces the run's (alone: over its eval file too)",
+    )
     p.add_argument(
         "--eval-file", help="explicit evaluation file, if not the one in the run's config"
     )

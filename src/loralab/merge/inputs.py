@@ -88,10 +88,14 @@ def load_run(
     """
     run_dir, cfg = open_lora_run(run_dir, "merge", trust_remote_code)
     if data_dir or eval_file:
+        # --data-dir alone: that folder's dev split (the run's own evaluation file, or the one
+        # paired with its training file, would be taken over it).
+        alone = data_dir and not eval_file
         data = replace(
             cfg.data,
             data_dir=data_dir or cfg.data.data_dir,
-            eval_file=eval_file or cfg.data.eval_file,
+            eval_file=None if alone else eval_file or cfg.data.eval_file,
+            train_file=None if alone else cfg.data.train_file,
         )
         cfg = replace(cfg, data=data)
     task = get_task(cfg.data.task)

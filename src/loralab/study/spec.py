@@ -279,6 +279,8 @@ def check_data(spec: StudySpec, tasks: list[str]) -> None:
                     "joined onto data_root when the spec has one). Run from the folder the spec "
                     "expects, or give --data-root."
                 )
+        task = data.get("task") or t  # the evaluation file paired with the training file
+        get_task(task).eval_file_for(data.get("train_file"), data.get("eval_file"))
 
 
 def with_lr_placeholder(key: str) -> str:
