@@ -292,3 +292,18 @@ def test_the_chat_template_text_is_in_the_feature_cache_key(tok):
     tok.chat_template = CHAT.replace("<|assistant|>", "<|assistant|>\n")
     assert _prompting(task, tok).key() != one
     assert _prompting(task, tok, "data.chat_template=false").key()[3] is None  # unused: no part
+
+
+def test_a_cut_inside_a_character_leaves_no_replacement_mark(tok):
+    """Byte-level tokens: cutting a field inside a multi-byte character decoded to U+FFFD."""
+    from datasets import Dataset
+
+    task = get_task("squad_v2")
+    p = _prompting(task, tok)
+    context = "東京 " * 80  # 3-byte characters, a token per byte in the tiny tokenizer
+    raw = Dataset.from_dict({"id": ["q"], "context": [context], "question": ["Where?"],
+                             "answers": [{"text": [], "answer_start": []}]})  # fmt: skip
+    for budget in range(100, 106):  # each of the three byte offsets in a character
+        ids = lm.featurize(task, raw, tok, budget, "eval", p)["input_ids"][0]
+        text = tok.decode(ids, skip_special_tokens=True)
+        assert len(ids) <= budget and "\ufffd" not in text and "Question: Where?" in text

@@ -128,7 +128,8 @@ def _fitted(task, p: Prompting, row: dict, tokenizer, budget: int) -> list[int]:
             if not toks[longest]:
                 return _fit(ids, budget)  # the template alone is over budget
             toks[longest].pop()
-        values = {f: tokenizer.decode(t).strip() for f, t in toks.items()}
+        # A cut inside a multi-byte character (byte-level BPE) decodes to U+FFFD: not data.
+        values = {f: tokenizer.decode(t).rstrip("\ufffd").strip() for f, t in toks.items()}
         ids = prompt_ids(tokenizer, p.template.format(**values), p.chat)
         if len(ids) <= budget:
             return ids
