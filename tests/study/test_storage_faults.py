@@ -140,7 +140,7 @@ def test_the_folder_precheck_reads_and_never_drops_a_checkpoint(tmp_path):
 
     from loralab.config import dump_yaml
     from loralab.study.phases import phases
-    from loralab.study.prechecks import check_run_folders
+    from loralab.study.reuse import check_run_folders
     from loralab.study.spec import load_spec
 
     write_sst2(tmp_path / "d" / "glue" / "sst2")

@@ -8,8 +8,6 @@ targets and initialisation the way `train` does, on a weightless skeleton, befor
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..config import ExperimentConfig
 
 
@@ -43,19 +41,3 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
         head.check_model(configs[name], name)  # every method: the head must fit the model
         if cfg.train.method == "lora":
             check_targets(cfg.lora, configs[name], head.auto_class())
-
-
-def check_run_folders(plans: list, results: str | Path) -> None:
-    """Each point's run folder that exists already holds that point's run (to reuse or resume),
-    as the point's claim checks (`reuse.check_folder`, which only reads: workers may be training
-    in these folders): one with other settings, or a folder that is no run, is refused here,
-    before the study storage is created, so that the failed command leaves the results folder
-    as it was. `plans`: those whose points are known (not waiting for a grid's best lr)."""
-    from ..rundir import RUNS_DIR
-    from .reuse import check_folder
-
-    for plan in plans:
-        for p in plan.points():
-            run_dir = Path(results) / RUNS_DIR / p["key"]
-            if run_dir.exists():
-                check_folder(run_dir, plan.config_for(p, results))

@@ -14,7 +14,7 @@ from ..checkpoints import checkpoint_problem, checkpoints
 from ..config import from_dict, load_yaml, to_dict
 from ..data import content_fingerprint
 from ..errors import LoralabError
-from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, SWEEP_FILE
+from ..rundir import CHECKPOINT_DIR, CONFIG_FILE, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from ..tasks import get_task
 from .grid import flatten
 
@@ -202,3 +202,16 @@ def drop_checkpoints(run_dir: Path) -> bool:
         return False
     shutil.rmtree(folder, ignore_errors=True)
     return True
+
+
+def check_run_folders(plans: list, results: str | Path) -> None:
+    """Each point's run folder that exists already holds that point's run (to reuse or resume),
+    as the point's claim checks (`check_folder`, which only reads: workers may be training
+    in these folders): one with other settings, or a folder that is no run, is refused here,
+    before the study storage is created, so that the failed command leaves the results folder
+    as it was. `plans`: those whose points are known (not waiting for a grid's best lr)."""
+    for plan in plans:
+        for p in plan.points():
+            run_dir = Path(results) / RUNS_DIR / p["key"]
+            if run_dir.exists():
+                check_folder(run_dir, plan.config_for(p, results))

@@ -20,9 +20,10 @@ from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from ..summary import ENV_WORKERS
 from .bar import PointsBar
 from .phases import Phase, StudySpec, best_so_far, grid_values, phases
-from .prechecks import check_points, check_run_folders
+from .prechecks import check_points
 from .progress import FINAL
 from .report import folder_runs, stored_pending, write_report
+from .reuse import check_run_folders
 from .spec import check_data, select_tasks, spec_configs
 from .status import status_with
 from .status_text import totals

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .grid import Plan, default_study_name, plan_trusts
-from .prechecks import check_run_folders
+from .reuse import check_run_folders
 from .storage import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_RETRY,
