@@ -147,7 +147,7 @@ def eval_split(
     carry little padding; metrics don't depend on order (QA joins features to examples by id).
     """
     if raw is None:
-        raw = task.load("eval", cfg.data_dir, task.eval_file_for(cfg.train_file, cfg.eval_file))
+        raw = task.load_dev(cfg.data_dir, cfg.train_file, cfg.eval_file)
     if limit and limit < len(raw):
         raw = raw.select(range(limit))
     max_length = task_max_length(task, cfg)
@@ -201,7 +201,7 @@ def load_splits(
     """Load, cap and tokenise both splits. The training cap takes the first N after a seeded shuffle."""
     max_length = task_max_length(task, cfg)
     train_raw = task.load("train", cfg.data_dir, cfg.train_file)
-    eval_all = task.load("eval", cfg.data_dir, task.eval_file_for(cfg.train_file, cfg.eval_file))
+    eval_all = task.load_dev(cfg.data_dir, cfg.train_file, cfg.eval_file)
     fingerprint = {
         "train_sha256": content_fingerprint(train_raw),
         "eval_sha256": content_fingerprint(eval_all),

@@ -85,7 +85,7 @@ def _fingerprints(name: str, data_dir, train_file, eval_file) -> tuple[str, str]
     """(train, eval) content fingerprints of the data these settings load."""
     task = get_task(name)
     train = task.load("train", data_dir, train_file)
-    evals = task.load("eval", data_dir, task.eval_file_for(train_file, eval_file))
+    evals = task.load_dev(data_dir, train_file, eval_file)
     return content_fingerprint(train), content_fingerprint(evals)
 
 

@@ -72,6 +72,10 @@ class Task(ABC):
         when none is given; None = the data folder's or the hub's dev split."""
         return eval_file
 
+    def load_dev(self, data_dir: str | None, train_file: str | None, eval_file: str | None):
+        """The dev split these data settings name (`load("eval")` of `eval_file_for`'s file)."""
+        return self.load("eval", data_dir, self.eval_file_for(train_file, eval_file))
+
     @abstractmethod
     def featurize(
         self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool
