@@ -394,7 +394,7 @@ def test_probe_judges_the_smoothed_curve(monkeypatch, curve, passes):
 
     seen = {}
 
-    def fixed(model, batch, steps, lr):
+    def fixed(model, batch, steps, lr, head):
         seen.update(steps=steps, lr=lr)
         return list(curve)
 

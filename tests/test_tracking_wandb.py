@@ -17,11 +17,13 @@ from loralab.train import train
 
 
 class FakeRun:
-    """What `wandb.init` returns, recording the calls; `.log` raises from call `fail_at` on."""
+    """What `wandb.init` returns, recording the calls; `.log` raises from call `fail_at` on,
+    and `.finish` too unless `finish_works`."""
 
-    def __init__(self, fail_at: int | None = None, **init):
-        self.init, self.fail_at = init, fail_at
+    def __init__(self, fail_at: int | None = None, finish_works: bool = False, **init):
+        self.init, self.fail_at, self.finish_works = init, fail_at, finish_works
         self.logged, self.axes, self.summary, self.finished = [], [], {}, []
+        self.finish_calls = []
 
     def define_metric(self, name, step_metric=None, **kw):
         self.axes.append((name, step_metric))
@@ -32,7 +34,8 @@ class FakeRun:
         self.logged.append((dict(data), step))
 
     def finish(self, exit_code=0):
-        if self.fail_at is not None:
+        self.finish_calls.append(exit_code)
+        if self.fail_at is not None and not self.finish_works:
             raise ConnectionResetError("Connection lost")
         self.finished.append(exit_code)
 
@@ -45,7 +48,7 @@ def fake_wandb(monkeypatch):
     runs, opts = [], {}
 
     def init(**kw):
-        runs.append(FakeRun(opts.get("fail_at"), **kw))
+        runs.append(FakeRun(opts.get("fail_at"), opts.get("finish_works", False), **kw))
         return runs[-1]
 
     monkeypatch.setattr(wandb, "init", init)
@@ -82,10 +85,21 @@ def test_a_mirror_that_fails_mid_run_stops_alone(tmp_path, sst2_dir, fake_wandb,
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
     assert len(runs[-1].logged) == 2  # nothing sent after the failure
+    assert runs[-1].finish_calls == [1]  # told it failed, once: the service was gone
     err = capsys.readouterr().err
     assert err.count("W&B stopped mirroring this run") == 1 and "Connection lost" in err
     steps = [json.loads(x).get("step") for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
     assert 6 in steps  # the run's own log went on to the end
+
+
+def test_a_mirror_that_fails_marks_its_wandb_run_failed(tmp_path, sst2_dir, fake_wandb, capsys):
+    runs, opts = fake_wandb
+    opts.update(fail_at=1, finish_works=True)  # a log refused (e.g. a value W&B rejects)
+    assert main(["train", *_args(sst2_dir, tmp_path, "train.max_steps=4", "train.logging_steps=1")]) == 0  # fmt: skip
+    # Finished at once with a failure code, and never again by the run's own end: W&B's exit
+    # hook would have closed it as a success.
+    assert runs[-1].finished == [1] and len(runs[-1].logged) == 1
+    assert capsys.readouterr().err.count("W&B stopped mirroring this run") == 1
 
 
 def test_the_step_is_a_metric_and_the_config_the_resolved_one(tmp_path, sst2_dir, fake_wandb):

@@ -149,8 +149,8 @@ def test_tiny_bert_extended_preset(tmp_path):
 def test_base_weight_left_trainable_is_caught(tmp_path, monkeypatch):
     real = validate.wrap
 
-    def leaky(cfg, model, heads):
-        peft_model = real(cfg, model, heads)
+    def leaky(cfg, model, heads, head):
+        peft_model = real(cfg, model, heads, head)
         next(
             p for n, p in peft_model.named_parameters() if "q_proj.base_layer.weight" in n
         ).requires_grad_(True)
@@ -167,8 +167,8 @@ def test_base_weight_left_trainable_is_caught(tmp_path, monkeypatch):
 def test_base_weight_changed_during_training_is_caught(tmp_path, monkeypatch):
     real = validate.train_steps
 
-    def tampering(model, batch, steps, lr):
-        losses = real(model, batch, steps, lr)
+    def tampering(model, batch, steps, lr, head):
+        losses = real(model, batch, steps, lr, head)
         with torch.no_grad():
             next(p for n, p in model.named_parameters() if "v_proj.base_layer.weight" in n)[
                 0, 0
@@ -270,12 +270,13 @@ def test_lm_probe_batch_labels_only_the_verbalizer(tmp_path):
 
     tok = load_tokenizer("tiny-llama")
     cfg = build_config(overrides=["model.name=tiny-llama", "model.head=lm"])
-    head = head_for(cfg, get_task(validate.PROBE_TASK))
+    head = head_for(cfg, get_task("sst2"))
     head.prepare(tok)
     batch = validate.probe_batch(head, tok, causal=True)
     p = head.prompting
-    for ids, labels, mask, (_, y) in zip(
-        batch["input_ids"], batch["labels"], batch["attention_mask"], validate.PROBE, strict=True
+    rows = head.task.probe_rows()
+    for ids, labels, mask, y in zip(
+        batch["input_ids"], batch["labels"], batch["attention_mask"], rows["label"], strict=True
     ):
         target = prompting.target_ids(tok, p.verbalizers[y], p.chat) + [tok.eos_token_id]
         n = int(mask.sum())
@@ -302,8 +303,8 @@ def _failed(checks):
 def test_target_module_left_unwrapped_is_caught(tmp_path, monkeypatch):
     real = validate.wrap
 
-    def skipping(cfg, model, heads):
-        peft_model = real(cfg, model, heads)
+    def skipping(cfg, model, heads, head):
+        peft_model = real(cfg, model, heads, head)
         name, layer = next((n, m) for n, m in peft_model.named_modules() if hasattr(m, "lora_A"))
         parent, _, child = name.rpartition(".")
         setattr(peft_model.get_submodule(parent), child, layer.base_layer)  # one target missed
@@ -321,8 +322,8 @@ def test_target_module_left_unwrapped_is_caught(tmp_path, monkeypatch):
 def test_gradient_not_reaching_a_lora_b_is_caught(tmp_path, monkeypatch):
     real = validate.wrap
 
-    def cut(cfg, model, heads):
-        peft_model = real(cfg, model, heads)
+    def cut(cfg, model, heads, head):
+        peft_model = real(cfg, model, heads, head)
         lora_b = next(m for n, m in peft_model.named_modules() if n.endswith("lora_B.default"))
 
         def detach_once(module, args, output):
@@ -341,8 +342,8 @@ def test_gradient_not_reaching_a_lora_b_is_caught(tmp_path, monkeypatch):
 def test_dead_adapter_module_is_caught_by_the_analysis(tmp_path, monkeypatch):
     real = validate.train_steps
 
-    def killing(model, batch, steps, lr):
-        losses = real(model, batch, steps, lr)
+    def killing(model, batch, steps, lr, head):
+        losses = real(model, batch, steps, lr, head)
         with torch.no_grad():  # one module's update ΔW = B·A is zero: effective rank 0
             next(p for n, p in model.named_parameters() if ".lora_B." in n).zero_()
         return losses
@@ -356,10 +357,10 @@ def test_dead_adapter_module_is_caught_by_the_analysis(tmp_path, monkeypatch):
 def test_adapter_that_barely_moves_is_caught(tmp_path, monkeypatch):
     real = validate.train_steps
 
-    def timid(model, batch, steps, lr):
+    def timid(model, batch, steps, lr, head):
         trainable = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().clone() for p in trainable]
-        losses = real(model, batch, steps, lr)
+        losses = real(model, batch, steps, lr, head)
         with torch.no_grad():  # keep a trace of the training: same directions, 1e-7 the size
             for p, p0 in zip(trainable, before, strict=True):
                 p.copy_(p0 + 1e-7 * (p - p0))
@@ -466,7 +467,7 @@ def test_the_update_switched_off_is_the_pretrained_model_under_pissa(dora):
 
     cfg = ExperimentConfig()
     cfg.model.name, cfg.lora.init_lora_weights, cfg.lora.use_dora = "tiny-llama", "pissa", dora
-    head = head_for(cfg, get_task(validate.PROBE_TASK))
+    head = head_for(cfg, get_task("sst2"))
     tok = load_tokenizer("tiny-llama", progress=False)
     tok.padding_side = "right"
     head.prepare(tok)
@@ -476,7 +477,7 @@ def test_the_update_switched_off_is_the_pretrained_model_under_pissa(dora):
     base.eval()
     with torch.no_grad():
         pretrained = base(**batch).logits.clone()
-    model = validate.wrap(cfg, base, heads).eval()
+    model = validate.wrap(cfg, base, heads, head).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():  # as if trained
             p.mul_(1.5) if "lora_magnitude" in name else p.add_(0.01) if "lora_B" in name else None

@@ -310,7 +310,12 @@ class Tracker:
         try:
             fn(self.wandb_run)
         except Exception as e:
-            self.wandb_run = None
+            run, self.wandb_run = self.wandb_run, None
+            if what != "finish":  # marked failed now, where W&B can still hear it: its exit hook
+                try:  # would otherwise close the run as a success, its charts cut short
+                    run.finish(exit_code=1)
+                except Exception:  # noqa: BLE001 - the service is gone: nothing more to tell it
+                    pass
             print(f"loralab: warning: W&B stopped mirroring this run ({what}: {type(e).__name__}: "
                   f"{e}); its metrics.jsonl and summary.json go on.", file=sys.stderr)  # fmt: skip
 

@@ -41,18 +41,6 @@ from .models import (
 from .study.aggregate import SHARE_TARGET_PCT
 from .tasks import get_task
 
-# Sentences with labels: enough to overfit a few steps, no dataset needed.
-PROBE = [
-    ("a wonderful, moving film", 1),
-    ("dull and far too long", 0),
-    ("the best acting this year", 1),
-    ("a tedious mess", 0),
-    ("charming from start to end", 1),
-    ("i want those two hours back", 0),
-    ("clever and funny", 1),
-    ("flat, lifeless and boring", 0),
-]
-PROBE_TASK = "sst2"  # the probe is SST-2-shaped: two labels, one sentence
 # Targets are reported, never bent: the exit status follows them only with --strict. The 0.3%
 # comes from the source study's GPT-2 small (294,912 of 124,734,720 weights = 0.24% at r = 8 on
 # c_attn); other models land elsewhere (SmolLM2-135M at r = 8 on q/v: 0.341%, missed).
@@ -111,23 +99,28 @@ class Validation:
 
 
 # -- the steps a test may break on purpose ------------------------------------------------------
-def wrap(cfg: ExperimentConfig, model, heads: list[str]):
-    task_type = head_for(cfg, get_task(PROBE_TASK)).peft_task_type()
-    return apply_lora(cfg.lora, model, heads, task_type=task_type)
+def wrap(cfg: ExperimentConfig, model, heads: list[str], head: Head):
+    return apply_lora(cfg.lora, model, heads, task_type=head.peft_task_type())
 
 
-def train_steps(model, batch: dict, steps: int, lr: float) -> list[float]:
+def train_steps(model, batch: dict, steps: int, lr: float, head: Head) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.eval()  # dropout off: the curve shows the optimisation, not dropout noise
     losses = []
     for _ in range(steps):
-        loss = model(**batch).loss
+        loss = training_loss(model, batch, head)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses
+
+
+def training_loss(model, batch: dict, head: Head) -> torch.Tensor:
+    """The loss training would use: the head's own, else the model's from its targets."""
+    loss = head.loss(model, batch)
+    return model(**batch).loss if loss is None else loss
 
 
 def save_adapter(model, path: Path) -> None:
@@ -139,28 +132,24 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------
-def probe_batch(head: Head, tok, causal: bool) -> dict:
-    """The probe sentences as one training batch of `head` (prepared for `tok`), labels
-    included: class labels, or (prompted LM) -100 everywhere but on the verbalizer tokens."""
-    from datasets import Dataset
-
-    rows = Dataset.from_dict(
-        {
-            "text_a": [t for t, _ in PROBE],
-            "text_b": [""] * len(PROBE),
-            "label": [y for _, y in PROBE],
-        }
-    )
+def probe_batch(head: Head, tok, causal: bool, max_length: int | None = None) -> dict:
+    """The task's probe examples (`Task.probe_rows`) as one training batch of `head`
+    (prepared for `tok`), targets included: class labels, answer spans, or (prompted LM) -100
+    everywhere but on the answer's tokens. `max_length`: default the task's."""
+    rows = head.task.probe_rows()
+    max_length = max_length or head.task.default_max_length
     with library_bars_off():
-        feats = model_inputs(head.featurize(rows, tok, 128, "train", causal))
+        feats = model_inputs(head.featurize(rows, tok, max_length, "train", causal))
     feats = feats.remove_columns([c for c in ("length",) if c in feats.column_names])
     return dict(head.collator(tok)([feats[i] for i in range(len(feats))]))
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
+def _logits(model, batch: dict, head: Head) -> torch.Tensor:
+    """What merge equivalence compares (the head's logits: [b, labels], [b, 2, seq] for spans,
+    [b, vocab] after each prompt)."""
     model.eval()
     with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        return head.logits(model(**batch), batch).float()
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -200,7 +189,7 @@ def run_checks(
     check_init(cfg.lora)  # before the model is fetched or converted
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
-    head = head_for(cfg, get_task(PROBE_TASK))
+    head = head_for(cfg, get_task(cfg.data.task))
     trust = cfg.model.trust_remote_code
     config = load_config(cfg.model.name, trust)
     head.check_model(config, cfg.model.name)
@@ -211,7 +200,7 @@ def run_checks(
     head.prepare(tok)
     load = lambda: load_for_task(cfg.model, head, tok)  # noqa: E731
     base, heads = load()
-    batch = probe_batch(head, tok, is_causal(config))
+    batch = probe_batch(head, tok, is_causal(config), cfg.data.max_length)
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike
@@ -225,7 +214,7 @@ def run_checks(
     checks: list[Check] = []
     add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
 
-    model = wrap(cfg, base, heads)
+    model = wrap(cfg, base, heads, head)
     factors = analysis.lora_factors(model, check_variant=False)
     add("peft_wrapping_applied", isinstance(model, PeftModel) and factors,
         f"{type(model).__name__} with {len(factors)} LoRA layers")  # fmt: skip
@@ -246,18 +235,18 @@ def run_checks(
 
     before = accounting.checksum(accounting.base_parameters(model))
     model.train()
-    out = model(**batch)
-    out.loss.backward()
-    grads_ok = torch.isfinite(out.loss) and all(
+    loss = training_loss(model, batch, head)
+    loss.backward()
+    grads_ok = torch.isfinite(loss) and all(
         f is not None for f in [p.grad for n, p in model.named_parameters() if ".lora_B." in n]
     )
     model.zero_grad()
     add(
         "forward_backward_runs",
         grads_ok,
-        f"loss {out.loss.item():.4f}, gradients reach every lora_B",
+        f"loss {loss.item():.4f}, gradients reach every lora_B",
     )
-    losses = train_steps(model, batch, steps, lr)
+    losses = train_steps(model, batch, steps, lr, head)
     window = min(PROBE_WINDOW, steps // 2)  # --steps below 10: halves
     first, last = smoothed_drop(losses, window)
     checks.append(Check("training_lowers_loss", last < first,
@@ -286,11 +275,11 @@ def run_checks(
     add("analysis_utilities_run", stats and finite and in_range,
         f"{len(stats)} modules, mean rank utilisation {sum(s['rank_utilisation'] for s in stats) / max(len(stats), 1):.3f}")  # fmt: skip
 
-    adapted = _logits(model, batch)
+    adapted = _logits(model, batch, head)
     # The rule `loralab merge` applies (merge.equivalence_bound): relative to the logits.
     bound = equivalence_bound("fp32", tolerance, adapted.abs().max().item())
     with lora_disabled(model):  # the trained head kept: the LoRA update's own effect
-        effect = _max_diff(adapted, _logits(model, batch))[0]
+        effect = _max_diff(adapted, _logits(model, batch, head))[0]
     add("adapter_is_informative", effect >= EVIDENCE_FACTOR * bound,
         f"the LoRA update moves logits by up to {effect:.2e} (head kept), ≥ {EVIDENCE_FACTOR:g}× "
         f"the merge bound {bound:.2g}: a merge that lost it would fail")  # fmt: skip
@@ -299,7 +288,7 @@ def run_checks(
         save_adapter(model, Path(tmp) / "adapter")
         fresh, _ = load()
         reloaded = PeftModel.from_pretrained(fresh, Path(tmp) / "adapter")
-        d, _ = _max_diff(_logits(reloaded, batch), adapted)
+        d, _ = _max_diff(_logits(reloaded, batch, head), adapted)
         add(
             "save_load_same_outputs",
             d <= 1e-6,
@@ -307,7 +296,7 @@ def run_checks(
         )
 
         merged = merge(copy.deepcopy(model))
-        merged_logits = _logits(merged, batch)
+        merged_logits = _logits(merged, batch, head)
         d, rel = _max_diff(merged_logits, adapted)
         add("merge_equivalence", d <= bound,
             f"max |Δlogit| {d:.2e} (rel {rel:.2e}) merged vs adapter, bound {bound:.2g} "
@@ -318,7 +307,7 @@ def run_checks(
         exported, untrained = load_model(
             str(Path(tmp) / "merged"), head.auto_class(), trust, progress=False
         )
-        d, _ = _max_diff(_logits(exported, batch), merged_logits)
+        d, _ = _max_diff(_logits(exported, batch, head), merged_logits)
         plain = not untrained and not any("lora" in n for n, _ in exported.named_parameters())
         add("merged_export_loads", plain and d <= 1e-6,
             f"plain {type(exported).__name__}, max |Δlogit| {d:.2e} vs merged in memory")  # fmt: skip
@@ -379,6 +368,8 @@ def as_json(result: Validation, cfg: ExperimentConfig, strict: bool = False) -> 
     return {
         "model": cfg.model.name,
         "model_source": canonical(cfg.model.name),
+        "task": cfg.data.task,
+        "head": cfg.model.head,
         "passed": result.passed,
         "n_checks": len(checks),
         "n_failed": sum(not c.passed for c in checks),

@@ -33,6 +33,9 @@ class ToyTask(Task):
         texts = [f"the film was {WORDS[y][i % 3]}" for i, y in enumerate(labels)]
         return Dataset.from_dict({"text_a": texts, "text_b": [""] * n, "label": labels})
 
+    def probe_rows(self):
+        return self.load("train").select(range(8))
+
     def featurize(self, raw, tokenizer, max_length, doc_stride, split, causal):
         def encode(batch):
             enc = tokenizer(batch["text_a"], truncation=True, max_length=max_length)
@@ -108,3 +111,20 @@ def test_a_registered_task_and_head_train_end_to_end(tmp_path):
     assert result.summary["majority_baseline"] == {}  # the toy task defines none
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert result.summary["verification"]["base_unchanged"] is True
+
+
+def test_validate_checks_a_registered_task_and_head_with_the_heads_loss(tmp_path):
+    import json
+
+    from loralab import cli
+
+    register_task(ToyTask())
+    register_head(BrierHead)
+    calls = BrierHead.loss_calls
+    out = tmp_path / "v.json"
+    argv = ["validate", "--model", "tiny-llama", "--out", str(out), "--steps", "6"]
+    assert cli.main([*argv, "data.task=toy-sentiment", "model.head=brier"]) == 0
+    report = json.loads(out.read_text())
+    assert report["passed"] and (report["task"], report["head"]) == ("toy-sentiment", "brier")
+    # The probe's forward/backward check and its 6 steps trained with the head's loss.
+    assert BrierHead.loss_calls - calls == 7

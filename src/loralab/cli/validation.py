@@ -9,6 +9,12 @@ from ..errors import LoralabError
 from ..rundir import write_json
 from .options import check_out_file, int_at_least, positive_float, refuse_unused
 
+# What the probe reads of a config; the data files, training schedule and the rest it would ignore.
+USED = (
+    "model.", "lora.", "train.seed=", "train.lr=", "data.task=", "data.max_length=",
+    "data.doc_stride=", "data.prompt=", "data.verbalizers=", "data.chat_template=",
+)  # fmt: skip
+
 
 def add_validate(sub) -> None:
     p = sub.add_parser(
@@ -30,8 +36,9 @@ def add_validate(sub) -> None:
     )
     p.add_argument(
         "--config",
-        help="YAML config file: its model, lora, train.seed and train.lr are used (the probe has "
-        "its own data and steps)",
+        help="YAML config file: its model, lora, task (data.task with its max_length, doc_stride "
+        "and prompt settings), train.seed and train.lr are used (the probe has its own examples "
+        "and steps)",
     )
     p.add_argument("--out", default="validate.json", help="where to write the JSON report")
     p.add_argument(
@@ -65,7 +72,7 @@ def cmd_validate(args) -> int:
     from ..models import caveat, precheck
     from ..validate import as_json, drop_targets, run_checks
 
-    refuse_unused(args.overrides, ("model.", "lora.", "train.seed=", "train.lr="), "validate")
+    refuse_unused(args.overrides, USED, "validate")
     cfg = build_config(args.config, args.overrides, model={"name": args.model})
     precheck(cfg.model.name)  # a typo: "did you mean", not the hub's retries and a traceback
     check_out_file(Path(args.out), "--out")
@@ -81,7 +88,10 @@ def cmd_validate(args) -> int:
     result.targets += drops
     report = as_json(result, cfg, strict=args.strict)
     write_json(Path(args.out), report)
-    title = f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target})"
+    title = (
+        f"loralab validate: {cfg.model.name} (LoRA r={cfg.lora.r}, {cfg.lora.target}) on "
+        f"{cfg.data.task} probe examples, {cfg.model.head} head"
+    )
     if note := caveat(cfg.model.name):
         title += f"\n({note})"
     table = Table(title=f"{title}\ninvariants (they set the exit status)")

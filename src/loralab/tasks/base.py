@@ -94,6 +94,15 @@ class Task(ABC):
         """Question answering: the task's metrics from {example id: answer text} (any head)."""
         raise NotImplementedError(f"{self.name} is not a question-answering task")
 
+    def probe_rows(self):
+        """A handful of hand-built examples in this task's canonical columns, as a
+        `datasets.Dataset`: what `loralab validate` trains its probe on (no data files)."""
+        raise LoralabError(
+            f"Task '{self.name}' gives no probe examples, so `loralab validate` cannot check it: "
+            "define `probe_rows()` on the task (a few examples in its canonical columns; see "
+            "loralab/tasks/probes.py), or validate on a built-in task (data.task=sst2)."
+        )
+
     def majority_baseline(self, raw) -> dict[str, float]:
         """The metrics of the trivial answer on `raw` (most frequent label, or "no answer"),
         in the units of `score`: the floor a fine-tuned model has to beat. {} if undefined."""

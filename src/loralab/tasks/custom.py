@@ -116,9 +116,7 @@ class CustomTask(GlueTask):
                     f"'{self.name}' reads the columns {wanted}."
                 )
             cols["text_a"].append(str(row[self.text_columns[0]]))
-            cols["text_b"].append(
-                str(row[self.text_columns[1]]) if len(self.text_columns) > 1 else ""
-            )
+            cols["text_b"].append(str(row[self.text_columns[1]]) if self.pair else "")
             if not str(row[self.spec.label]).strip():
                 raise LoralabError(
                     f"{path}, line {lineno}: the label (column '{self.spec.label}') is empty; "

@@ -12,6 +12,7 @@ import numpy as np
 from .. import metrics
 from ..errors import LoralabError
 from ..hub import require_dataset
+from . import probes
 from .base import Split, Task, find_file
 
 _FILE_NAMES = {"train": ["train.tsv"], "eval": ["dev.tsv"]}
@@ -32,6 +33,16 @@ class GlueTask(Task):
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def probe_rows(self):
+        from datasets import Dataset
+
+        return Dataset.from_dict(probes.classification_rows(self.num_labels, self.pair))
+
+    @property
+    def pair(self) -> bool:
+        """Whether an example is two texts (`text_b` filled)."""
+        return len(self.text_columns) > 1
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, split: Split, data_dir: str | None = None, file: str | None = None):
@@ -145,7 +156,7 @@ class GlueTask(Task):
     def featurize(
         self, raw, tokenizer, max_length: int, doc_stride: int, split: Split, causal: bool
     ):
-        pair = len(self.text_columns) > 1
+        pair = self.pair
 
         def encode(batch):
             # GLUE sentences often end in a space; a decoder classifier reads the last token,

@@ -20,6 +20,7 @@ import numpy as np
 from .. import metrics
 from ..errors import LoralabError
 from ..hub import require_dataset
+from . import probes
 from .base import Split, Task, find_file
 from .qa_answers import postprocess_qa, qa_candidates  # noqa: F401 (postprocess_qa: public here)
 from .squad_json import RAW_COLUMNS, read_squad_json
@@ -57,6 +58,11 @@ class SquadV2Task(Task):
     primary_metric: str = "f1"
     n_best: int = 20
     max_answer_len: int = 30
+
+    def probe_rows(self):
+        from datasets import Dataset
+
+        return Dataset.from_dict(probes.qa_rows(), features=qa_features())
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, split: Split, data_dir: str | None = None, file: str | None = None):
