@@ -43,12 +43,13 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def decide(setting: bool | str, steps: int, key: str, untested: str | None = None) -> dict:
+def decide(setting: bool | str, steps: int, key: str, eager: str | None = None) -> dict:
     """{"compile": bool, "reason"} for a run of `steps` optimiser steps.
 
     `setting`: `train.compile` (True, False or "auto"); `key`: what makes a compile reusable
-    (see `signature`); `untested`: a setting compiled layers are not tested with (auto then
-    stays eager). Auto compiles long runs, and shorter ones once this machine has compiled the
+    (see `signature`); `eager`: why `auto` stays eager for this run whatever its length (a
+    setting compiled layers are not tested with, or where they were measured not to pay). Auto
+    compiles long runs, and shorter ones once this machine has compiled the
     same model before (inductor's cache then holds the kernels).
     """
     if setting is not None and setting != "auto":
@@ -61,8 +62,8 @@ def decide(setting: bool | str, steps: int, key: str, untested: str | None = Non
         return {"compile": bool(setting), "reason": "set in the config"}
     if compiler() is None:
         return {"compile": False, "reason": "no C++ compiler for inductor (g++ or $CXX)"}
-    if untested:
-        return {"compile": False, "reason": f"{untested} (not tested compiled)"}
+    if eager:
+        return {"compile": False, "reason": eager}
     warm = compiled_before(key)
     need = MIN_STEPS_WARM if warm else MIN_STEPS_COLD
     cached = "compiled before on this machine" if warm else "not compiled before here"
