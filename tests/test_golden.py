@@ -5,10 +5,11 @@ deterministic figure (dev metrics, loss, parameter counts, the adapter's SHA-256
 analysis.json) with `tests/golden/golden.json`, which holds one set per CPU kind (AMX, AVX-512
 without AMX, other: each has its own fp32 kernels, whose sums round differently and so train a
 slightly different adapter). The runs use one thread and fp32, so on a kind with its own set the
-figures are bit-for-bit identical; a kind without one is compared with another kind's set at
-1e-4 relative (1e-5 absolute), without the adapter hash. That cross-kind check is loose for
-figures that divide by a small number (merge's `max_rel_diff` moved by 0.5% between an AMX Xeon
-and an AVX-512 EPYC), hence the sets per kind.
+figures are bit-for-bit identical; a kind without one (so far "other": AVX2-only CPUs, whose
+generations may not round alike) is compared with the recorded kinds, without the adapter hash:
+each figure within 1e-4 relative (1e-5 absolute) of the range the recorded kinds span. Some
+figures move more than 1e-4 between kinds (merge's `logit_scale`, a maximum over positions, by
+0.5% between an AMX Xeon and an AVX-512 EPYC), so a new kind may differ by that much too.
 
 Re-record only for an intended change of behaviour: `LORALAB_GOLDEN_WRITE=1 pytest
 tests/test_golden.py` replaces every kind's set with this machine's (run it again with
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -144,6 +144,7 @@ def test_golden(tmp_path, name, one_thread_fp32):
     same_kind = kind in sets
     want = sets[kind] if same_kind else sets[sorted(sets)[0]]
     rel, floor = (1e-6, 1e-9) if same_kind else (1e-4, 1e-5)
+    compared = [want] if same_kind else list(sets.values())
     if same_kind:
         assert got["adapter_sha256"] == want["adapter_sha256"]
     # A set recorded before a figure was compared names it as not recorded yet (re-record it
@@ -152,7 +153,10 @@ def test_golden(tmp_path, name, one_thread_fp32):
     for part in ("summary", "merge", "analysis"):
         expected = sorted({*want[part], *unrecorded.get(part, ())})
         assert sorted(got[part]) == expected, f"{part}: the set of figures changed"
-        for key, value in want[part].items():
-            assert math.isclose(got[part][key], value, rel_tol=rel, abs_tol=floor), (
-                f"{name} {part} {key}: {got[part][key]!r} != golden {value!r}"
+        for key in want[part]:
+            values = [s[part][key] for s in compared if key in s[part]]
+            lo, hi = min(values), max(values)
+            slack = max(rel * max(abs(lo), abs(hi)), floor)
+            assert lo - slack <= got[part][key] <= hi + slack, (
+                f"{name} {part} {key}: {got[part][key]!r} != golden {values!r} ({kind} CPU)"
             )

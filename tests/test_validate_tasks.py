@@ -118,7 +118,7 @@ def test_probe_rows_cover_every_label_with_distinct_texts():
     assert sum(not a["text"] for a in qa["answers"]) == 2  # unanswerable ones too
 
 
-def test_a_task_without_probe_examples_is_a_user_error(tmp_path, capsys):
+def test_a_task_without_probe_examples_is_a_user_error(tmp_path, capsys, monkeypatch):
     class Bare(Task):
         kind = "classification"
 
@@ -132,6 +132,11 @@ def test_a_task_without_probe_examples_is_a_user_error(tmp_path, capsys):
             return {}
 
     register_task(Bare(name="bare-probe"))
+
+    def no_load(*a, **kw):
+        raise AssertionError("refused only after the model loaded")
+
+    monkeypatch.setattr(validate, "load_for_task", no_load)
     rc, report = _validate(tmp_path, "tiny-llama", "data.task=bare-probe")
     assert rc == 2 and report is None
     err = capsys.readouterr().err
@@ -143,3 +148,40 @@ def test_data_files_are_refused_as_the_probe_would_ignore_them(tmp_path, capsys)
     assert rc == 2 and report is None
     err = capsys.readouterr().err
     assert "data.data_dir=/somewhere cannot be honoured" in err and "data.task" in err
+
+
+def test_the_tasks_data_settings_reach_the_probe(tmp_path, monkeypatch):
+    seen = []
+    real = validate.probe_batch
+
+    def spy(head, tok, causal, max_length=None, rows=None):
+        batch = real(head, tok, causal, max_length, rows)
+        seen.append((tok, batch))
+        return batch
+
+    monkeypatch.setattr(validate, "probe_batch", spy)
+    rc, _ = _validate(tmp_path, "tiny-llama", "data.max_length=16")
+    (_, batch), *_ = seen
+    # The byte-level probe sentences run to ~30 tokens: cut at 16 as training would cut them.
+    assert rc == 0 and batch["input_ids"].shape[1] == 16
+    seen.clear()
+    prompt = "Is this review kind? {text_a}\nVerdict:"
+    overrides = ["model.head=lm", f"data.prompt={prompt}", 'data.verbalizers=[" harsh", " kind"]']
+    assert _validate(tmp_path, "tiny-llama", *overrides, "data.chat_template=false")[0] == 0
+    (tok, batch), *_ = seen
+    text = tok.decode(batch["input_ids"][1][batch["attention_mask"][1].bool()])
+    assert "Is this review kind? a wonderful, moving film\nVerdict: kind" in text
+
+
+@pytest.mark.parametrize(
+    "model, override, says",
+    [
+        ("tiny-llama", "data.prompt={text_a}", "model.head=lm"),
+        ("tiny-llama", "data.chat_template=false", "model.head=lm"),
+        ("tiny-bert", "data.max_length=4096", "positions"),
+    ],
+)
+def test_settings_train_would_refuse_are_refused(tmp_path, capsys, model, override, says):
+    rc, report = _validate(tmp_path, model, override)
+    assert rc == 2 and report is None
+    assert says in capsys.readouterr().err

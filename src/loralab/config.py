@@ -140,8 +140,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"
     """Compile the layers with torch.compile (inductor): SmolLM2-135M's benchmark steps ran
     1.39-1.46× faster on 2 CPU cores (the main command's 1.21×) after a ~40 s first compile
-    (~4 s from inductor's cache). `auto`: runs of ≥ 600 optimiser steps, or ≥ 100 once compiled
-    here; not on GPUs, with checkpointing or a quantized base (README)."""
+    (~4 s from inductor's cache), in bf16. `auto`: bf16 runs of ≥ 600 optimiser steps, or ≥ 100
+    once compiled here; not in fp32 on a CPU (measured no faster), not on GPUs, with
+    checkpointing or a quantized base (README)."""
 
 
 @dataclass

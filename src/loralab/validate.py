@@ -18,9 +18,9 @@ import torch
 from . import accounting, analysis, residual
 from .config import ExperimentConfig
 from .console import library_bars_off
-from .data import model_inputs
+from .data import check_max_length, model_inputs
 from .errors import LoralabError
-from .heads import Head, head_for
+from .heads import Head, check_config, head_for
 from .lora import (
     adapted_modules,
     apply_lora,
@@ -132,11 +132,11 @@ def merge(model):
 
 
 # -----------------------------------------------------------------------------------------------
-def probe_batch(head: Head, tok, causal: bool, max_length: int | None = None) -> dict:
-    """The task's probe examples (`Task.probe_rows`) as one training batch of `head`
-    (prepared for `tok`), targets included: class labels, answer spans, or (prompted LM) -100
-    everywhere but on the answer's tokens. `max_length`: default the task's."""
-    rows = head.task.probe_rows()
+def probe_batch(head: Head, tok, causal: bool, max_length: int | None = None, rows=None) -> dict:
+    """The task's probe examples (`rows`, default `Task.probe_rows()`) as one training batch of
+    `head` (prepared for `tok`), targets included: class labels, answer spans, or (prompted LM)
+    -100 everywhere but on the answer's tokens. `max_length`: default the task's."""
+    rows = head.task.probe_rows() if rows is None else rows
     max_length = max_length or head.task.default_max_length
     with library_bars_off():
         feats = model_inputs(head.featurize(rows, tok, max_length, "train", causal))
@@ -189,10 +189,13 @@ def run_checks(
     check_init(cfg.lora)  # before the model is fetched or converted
     lr = lr or cfg.train.lr or PROBE_LR
     tolerance = tolerance or DEFAULT_TOLERANCES["fp32"]
+    check_config(cfg)  # prompt settings the head would ignore: refused, as train refuses them
     head = head_for(cfg, get_task(cfg.data.task))
+    rows = head.task.probe_rows()  # a task without probe examples: said before any download
     trust = cfg.model.trust_remote_code
     config = load_config(cfg.model.name, trust)
     head.check_model(config, cfg.model.name)
+    check_max_length(head.task, cfg.data, config, cfg.model.name)
     check_targets(cfg.lora, config, head.auto_class(), trust)  # before any weights load
     set_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=trust)
@@ -200,7 +203,7 @@ def run_checks(
     head.prepare(tok)
     load = lambda: load_for_task(cfg.model, head, tok)  # noqa: E731
     base, heads = load()
-    batch = probe_batch(head, tok, is_causal(config), cfg.data.max_length)
+    batch = probe_batch(head, tok, is_causal(config), cfg.data.max_length, rows)
     keys = resolve_targets(cfg.lora, base, exclude=heads)
     expected = adapted_modules(base, keys, exclude=heads)
     shapes = {x.name: x for x in linear_layers(base)}  # Linear and GPT-2's Conv1D alike

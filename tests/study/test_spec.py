@@ -619,7 +619,12 @@ def test_overrides_a_command_cannot_honour_exit_2(tmp_path, capsys, argv, messag
 
 def test_validate_refuses_overrides_it_would_ignore(tmp_path, capsys):
     out = tmp_path / "v.json"
-    for item in ("train.epochs=2", "data.task=mrpc", "run.output_dir=x"):
+    for item in (
+        "train.epochs=2",
+        "data.data_dir=x",
+        "data.max_train_examples=8",
+        "run.output_dir=x",
+    ):
         assert main(["validate", "--model", "tiny-llama", "--out", str(out), item]) == 2
         err = capsys.readouterr().err
         assert f"{item} cannot be honoured: `loralab validate` uses only model.*, lora.*, train.seed, train.lr" in err  # fmt: skip
