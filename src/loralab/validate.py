@@ -146,7 +146,7 @@ def probe_batch(head: Head, tok, causal: bool, max_length: int | None = None, ro
 
 def _logits(model, batch: dict, head: Head) -> torch.Tensor:
     """What merge equivalence compares (the head's logits: [b, labels], [b, 2, seq] for spans,
-    [b, vocab] after each prompt)."""
+    [b, vocab] at each row's last position for the prompted LM)."""
     model.eval()
     with torch.no_grad():
         return head.logits(model(**batch), batch).float()
