@@ -157,3 +157,27 @@ def test_a_failing_gpu_configuration_comes_back_as_an_error_row(monkeypatch):
     assert bench._run_child(spec, must=False) == {**spec, "error": ["BackendCompilerFailed: x"]}
     with pytest.raises(SystemExit, match="configuration D \\(lora\\) failed"):
         bench._run_child(spec)
+
+
+@pytest.mark.parametrize("forced, compiled", [("fp32", False), ("bf16", True)])
+def test_d_compiles_only_in_bf16_where_auto_would(tmp_path, monkeypatch, forced, compiled):
+    """D is loralab's fastest setting: compiled layers paid in bf16 and measured no faster in
+    fp32, so D compiles only where `auto` precision picks bf16."""
+    import loralab.train
+
+    bench = load("train_throughput", monkeypatch)
+    monkeypatch.setenv("LORALAB_PRECISION", forced)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def captured(cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(loralab.train, "train", captured)
+    spec = {"config": "D", "method": "lora", "examples": 8, "steps": 1, "warmup": 1}
+    with pytest.raises(Stop):
+        bench._loralab(spec, str(tmp_path), tmp_path)
+    assert seen["cfg"].train.compile is compiled and seen["cfg"].lora.dropout == 0.0
