@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import rundir
 from .cache import cache_dir
@@ -134,6 +134,21 @@ def cached_features(
     except OSError:
         pass
     return load_from_disk(str(path)) if path.is_dir() else feats
+
+
+def dev_settings(data: DataConfig, data_dir: str | None, eval_file: str | None) -> DataConfig:
+    """A run's data settings with a dev split given on the command line (merge, analyze):
+    `eval_file` over the run's; `data_dir` alone names that folder's dev split, so the run's own
+    evaluation file, or the one paired with its training file, is not taken over it."""
+    if not (data_dir or eval_file):
+        return data
+    alone = data_dir and not eval_file
+    return replace(
+        data,
+        data_dir=data_dir or data.data_dir,
+        eval_file=None if alone else eval_file or data.eval_file,
+        train_file=None if alone else data.train_file,
+    )
 
 
 def eval_split(

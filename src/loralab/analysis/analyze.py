@@ -15,7 +15,7 @@ import torch
 
 from .. import tracking
 from ..config import ExperimentConfig
-from ..data import eval_split, pad_batches
+from ..data import dev_settings, eval_split, pad_batches
 from ..errors import LoralabError
 from ..heads import head_for
 from ..models import canonical, is_causal, load_tokenizer
@@ -88,9 +88,8 @@ def _load_peft(cfg: ExperimentConfig, task, run_dir: Path):
 def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
     """The first n examples of the run's dev split (checked before any model is loaded)."""
     try:
-        if not (eval_file or data_dir):  # --data-dir alone: that folder's dev split
-            eval_file = task.eval_file_for(cfg.data.train_file, cfg.data.eval_file)
-        raw = task.load("eval", data_dir or cfg.data.data_dir, eval_file)
+        data = dev_settings(cfg.data, data_dir, eval_file)
+        raw = task.load_dev(data.data_dir, data.train_file, data.eval_file)
     except LoralabError as e:
         raise LoralabError(
             f"{e} (The probe set is the run's dev split; point --data-dir/--eval-file at it.)"

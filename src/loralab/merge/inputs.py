@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..config import ExperimentConfig
 from ..console import known_warnings_silenced
-from ..data import eval_split, pad_batches
+from ..data import dev_settings, eval_split, pad_batches
 from ..heads import Head, head_for
 from ..models import is_causal, load_tokenizer
 from ..quantization import dequantize_
@@ -87,17 +87,7 @@ def load_run(
     relative path) in a copy of its config.
     """
     run_dir, cfg = open_lora_run(run_dir, "merge", trust_remote_code)
-    if data_dir or eval_file:
-        # --data-dir alone: that folder's dev split (the run's own evaluation file, or the one
-        # paired with its training file, would be taken over it).
-        alone = data_dir and not eval_file
-        data = replace(
-            cfg.data,
-            data_dir=data_dir or cfg.data.data_dir,
-            eval_file=None if alone else eval_file or cfg.data.eval_file,
-            train_file=None if alone else cfg.data.train_file,
-        )
-        cfg = replace(cfg, data=data)
+    cfg = replace(cfg, data=dev_settings(cfg.data, data_dir, eval_file))
     task = get_task(cfg.data.task)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, progress=not quiet)
     tokenizer.padding_side = "right"  # as in training (QA positions are absolute)
