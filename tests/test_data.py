@@ -105,3 +105,39 @@ def test_a_new_max_length_tokenises_anew(tmp_path, monkeypatch):
     for split in (short.train, short.eval):
         assert max(map(len, split["input_ids"])) <= 16
     assert short.max_length == 16
+
+
+def test_a_capped_dev_set_is_spread_over_the_split(tmp_path):
+    """SQuAD-like dev data comes article by article: a cap of 6 of 24 rows takes every 4th, so
+    every article is evaluated, not only the first; the identity records the spread."""
+    from dataclasses import replace
+
+    from loralab.data import spread
+    from loralab.identity import identity
+
+    folder = tmp_path / "ordered-sst2"
+    folder.mkdir()
+    rows = [f"article {i // 6} sentence {i}\t{i % 2}" for i in range(24)]  # 4 "articles"
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    cfg = build_config(
+        overrides=["model.name=tiny-llama", f"data.data_dir={folder}", "data.max_eval_examples=6"]
+    )
+    tok = load_tokenizer("tiny-llama")
+    tok.padding_side = "right"
+    splits = load_splits(get_task("sst2"), cfg.data, tok, seed=7, causal=True)
+    texts = list(splits.eval_raw["text_a"])
+    assert texts == [f"article {i // 6} sentence {i}" for i in (0, 4, 8, 12, 16, 20)]
+    assert {t.split()[1] for t in texts} == {"0", "1", "2", "3"}
+    assert len(splits.eval) == 6
+    assert identity(cfg, splits, "fp32")["data"]["eval_subset"] == "spread"
+    # Uncapped (or capped at the split's size or more): every row, and no subset recorded.
+    capped_at_all = replace(cfg.data, max_eval_examples=24)
+    whole = load_splits(get_task("sst2"), capped_at_all, tok, seed=7, causal=True)
+    assert len(whole.eval_raw) == 24
+    assert "eval_subset" not in identity(cfg, whole, "fp32")["data"]
+    assert spread(list(range(10)), None) == list(range(10))
+    assert [spread(splits.eval_raw, n).num_rows for n in (1, 5, 6, 7)] == [1, 5, 6, 6]
+    assert spread(whole.eval_raw, 3)["text_a"] == [
+        f"article {i // 6} sentence {i}" for i in (0, 8, 16)
+    ]

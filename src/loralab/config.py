@@ -88,7 +88,7 @@ class DataConfig:
     max_train_examples: int | None = None
     """Cap on training examples (first N after a seeded shuffle); None = all."""
     max_eval_examples: int | None = None
-    """Cap on evaluation examples (first N); None = the full dev set."""
+    """Cap on evaluation examples (N spread evenly over the dev set); None = the full dev set."""
     group_by_length: bool = True
     """Batch examples of similar length together (much less padding than random order)."""
     prompt: str | None = None

@@ -155,22 +155,31 @@ def eval_split(
     task: Task, cfg: DataConfig, tokenizer, causal: bool, head=None, limit: int | None = None,
     sort: bool = True, raw=None, progress: bool = True,
 ):  # fmt: skip
-    """The dev examples (the first `limit`, if given) and their features through the feature
-    cache, sorted by length unless `sort` is False (then in example order).
+    """The dev examples (`limit` of them spread over the split, if given: `spread`) and their
+    features through the feature cache, sorted by length unless `sort` is False (then in example
+    order).
 
     `raw`: the whole dev split when the caller has loaded it already. Length-sorted batches
     carry little padding; metrics don't depend on order (QA joins features to examples by id).
     """
     if raw is None:
         raw = task.load_dev(cfg.data_dir, cfg.train_file, cfg.eval_file)
-    if limit and limit < len(raw):
-        raw = raw.select(range(limit))
+    raw = spread(raw, limit)
     max_length = task_max_length(task, cfg)
     feats = cached_features(task, raw, tokenizer, cfg, "eval", causal, max_length, head, progress)
     if sort:
         with known_warnings_silenced():
             feats = feats.sort("length")
     return raw, feats
+
+
+def spread(rows, n: int | None):
+    """`n` of `rows` spread evenly over them (every len/n-th, in order); all of them when `n` is
+    None or not below len. A capped dev set so samples the whole split: SQuAD v2's dev questions
+    come article by article, and its first 1,000 are 4 of 35 articles."""
+    if not n or n >= len(rows):
+        return rows
+    return rows.select([i * len(rows) // n for i in range(n)])
 
 
 def task_max_length(task: Task, cfg: DataConfig) -> int:

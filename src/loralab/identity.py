@@ -57,6 +57,11 @@ def identity(
     d["train"]["precision"] = precision
     d["data"]["max_length"] = splits.max_length
     d["data"]["fingerprint"] = splits.fingerprint
+    evaluated = getattr(splits, "eval_raw", None)  # None: rebuilt from an old summary (first N)
+    if evaluated is not None and len(evaluated) < (splits.fingerprint or {}).get("eval_rows", 0):
+        # a capped dev set is spread over the split (`data.spread`); capped runs from before
+        # took its first N, so the two never pool
+        d["data"]["eval_subset"] = "spread"
     if splits.fingerprint:  # the rows stand for the files: where they lie does not count
         d["data"]["task"] = without_path(cfg.data.task)
     if retrained and cfg.train.method == "lora":  # full fine-tuning trains them anyway

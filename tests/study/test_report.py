@@ -533,6 +533,21 @@ def test_runs_differing_in_identity_never_pool(tmp_path):
     assert {c.head for c in cells} == {"classifier", "lm"}
 
 
+def test_a_dev_cap_spread_over_the_split_never_pools_with_one_that_took_the_first_rows(tmp_path):
+    """Runs capped at 20 of the 50 dev rows before `data.spread` evaluated on the first 20; the
+    report keeps them apart from spread ones and says which took the first rows."""
+    write_run(tmp_path, "first", 1, {"accuracy": 0.60}, caps=(None, 20))
+    spread = write_run(tmp_path, "spread", 1, {"accuracy": 0.70}, caps=(None, 20))
+    summary = json.loads((spread / "summary.json").read_text())
+    summary["identity"]["data"]["eval_subset"] = "spread"
+    (spread / "summary.json").write_text(json.dumps(summary))
+    write_run(tmp_path, "whole", 1, {"accuracy": 0.80}, caps=(None, 50))  # the cap takes every row
+    cells, _ = aggregate(load_runs(tmp_path))
+    assert sorted(c.data for c in cells) == [
+        "abababab/efefefef eval≤20", "abababab/efefefef eval≤20 (first)", "abababab/efefefef eval≤50"
+    ]  # fmt: skip
+
+
 def test_duplicate_identity_and_seed_counts_once_and_warns(tmp_path, capsys):
     old = write_run(tmp_path, "first", 1, {"accuracy": 0.60})
     new = write_run(tmp_path, "again", 1, {"accuracy": 0.70})

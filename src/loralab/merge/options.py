@@ -19,7 +19,7 @@ class MergeOptions:
     tolerances: dict[str, float] | None = None
     """Relative tolerance per dtype (see `bounds`); missing ones take DEFAULT_TOLERANCES."""
     max_eval_examples: int | None = 256
-    """The first N dev examples; None = all the run evaluated on."""
+    """N dev examples spread over the split (`data.spread`); None = all the run evaluated on."""
     out: str | Path | None = None
     """Export folder; None = RUN/merge/model."""
     export: bool = True
