@@ -6,7 +6,9 @@ run tokenises, the second loads the saved features. Each run is one optimiser st
 launch to the start of its first optimiser step (`first_step_at` in the run's summary.json).
 
 Usage: python benchmarks/startup.py --data-dir ../shared/data/glue/sst2 [--examples 4000]
-Prints JSON: per run the start-up seconds and whether tokenisation ran, and cached/cold.
+Prints JSON: per run the start-up seconds and whether tokenisation ran, and cached/cold; and
+the seconds a fresh interpreter takes to import loralab.train (torch, transformers, PEFT,
+datasets), the floor under the start-up, and the cached start-up beyond it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ def one_run(data_dir: str, examples: int, out: Path, features: Path, model: str)
 one_run.seen = set()
 
 
+def import_seconds(module: str = "loralab.train", env: dict | None = None) -> float:
+    """Seconds a fresh interpreter takes to import `module` (loralab.train: torch, transformers,
+    PEFT and datasets, the floor under any start-up loralab itself can cut)."""
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"importing {module} failed")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", required=True)
@@ -73,12 +86,16 @@ def main(argv=None) -> int:
         data_dir = str(Path(args.data_dir).resolve())
         cold = one_run(data_dir, args.examples, out, cache, args.model)
         warm = one_run(data_dir, args.examples, out, cache, args.model)
+        imports = import_seconds()
     report = {
         "model": args.model,
         "train_examples": args.examples,
         "cold": cold,
         "cached": warm,
         "startup_saved_s": cold["startup_s"] - warm["startup_s"],
+        # what the cached start-up spends beyond importing its libraries
+        "imports_s": imports,
+        "cached_beyond_imports_s": warm["startup_s"] - imports,
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -181,3 +181,17 @@ def test_d_compiles_only_in_bf16_where_auto_would(tmp_path, monkeypatch, forced,
     with pytest.raises(Stop):
         bench._loralab(spec, str(tmp_path), tmp_path)
     assert seen["cfg"].train.compile is compiled and seen["cfg"].lora.dropout == 0.0
+
+
+def test_startup_times_a_fresh_import_of_the_module_it_is_given(tmp_path, monkeypatch):
+    """The import floor is timed in a new interpreter: a module that sleeps 0.3 s on import
+    takes at least that, and a failing import stops the benchmark instead of timing nothing."""
+    import os
+
+    startup = load("startup", monkeypatch)
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.3)\n")
+    (tmp_path / "broken_import.py").write_text("raise ImportError('no')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    assert 0.3 <= startup.import_seconds("slow_to_import", env) < 5
+    with pytest.raises(SystemExit, match="importing broken_import failed"):
+        startup.import_seconds("broken_import", env)
