@@ -15,7 +15,7 @@ import torch
 
 from .. import tracking
 from ..config import ExperimentConfig
-from ..data import dev_settings, eval_split, pad_batches, spread
+from ..data import dev_settings, eval_split, pad_batches
 from ..errors import LoralabError
 from ..heads import head_for
 from ..models import canonical, is_causal, load_tokenizer
@@ -86,7 +86,7 @@ def _load_peft(cfg: ExperimentConfig, task, run_dir: Path):
 
 
 def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
-    """n examples spread over the run's dev split (`data.spread`; checked before any model loads)."""
+    """The first n examples of the run's dev split (checked before any model is loaded)."""
     try:
         data = dev_settings(cfg.data, data_dir, eval_file)
         raw = task.load_dev(data.data_dir, data.train_file, data.eval_file)
@@ -98,10 +98,10 @@ def _probe_examples(cfg: ExperimentConfig, task, n: int, data_dir, eval_file):
         n = min(DEFAULT_PROBE, len(raw), cfg.data.max_eval_examples or len(raw))
     if n < 2 or n > len(raw):
         raise LoralabError(
-            f"--probe {n} is out of range: the probe set takes N examples spread over the dev "
+            f"--probe {n} is out of range: the probe set takes the first N examples of the dev "
             f"split, which has {len(raw)}; use 2 <= N <= {len(raw)}."
         )
-    return spread(raw, n)
+    return raw.select(range(n))
 
 
 def probe_batches(cfg: ExperimentConfig, task, raw, tokenizer, causal: bool, batch_size=32):

@@ -153,7 +153,7 @@ def representations(probe: int, pairs: dict, causal: bool, hidden_file: str) -> 
     return {
         "probe": probe,
         "features": n_probe,
-        "split": "eval (N examples spread over the dev set)",
+        "split": "eval (first N examples of the dev set)",
         "hidden_states_per_model": n_layers,
         "pooling": {
             "mean": "mean over real tokens",

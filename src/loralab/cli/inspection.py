@@ -96,8 +96,8 @@ def add_analyze(sub) -> None:
         "--probe",
         type=int_at_least(2),  # CKA compares examples: one is no set
         metavar="N",
-        help="N dev examples, spread over the split (at least 2), for the representations "
-        "(default: min(256, dev size, the run's max_eval_examples))",
+        help="first N dev examples (at least 2) for the representations (default: min(256, dev "
+        "size, the run's max_eval_examples))",
     )
     p.add_argument(
         "--layer",
