@@ -121,9 +121,9 @@ class Cell:
         text = short_fingerprint(fp) if fp else "unknown (old run)" if self.identity else "—"
         caps = [f"{s}≤{d[k]}" for s, k in (("train", "max_train_examples"),
                                            ("eval", "max_eval_examples")) if d.get(k)]  # fmt: skip
-        first = fp and not d.get("eval_subset") and (d.get("max_eval_examples") or 0) > 0
-        if first and d["max_eval_examples"] < fp.get("eval_rows", 0):  # capped before `spread`
-            caps[-1] += " (first)"
+        cap = d.get("max_eval_examples")
+        if cap and fp and not d.get("eval_subset") and cap < fp.get("eval_rows", 0):
+            caps[-1] += " (first)"  # capped before `data.spread`: the dev set's first rows
         return " ".join([text, *caps]) if caps else f"{text} uncapped" if fp else text
 
     @property
