@@ -28,7 +28,7 @@ WandbMode = Literal["disabled", "offline", "online", "auto"]
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"
-    """Built-in name (see `loralab models`), a hub id or a local folder."""
+    """Built-in name (see `loralab models`), a hub id, a local folder or a .gguf file."""
     head: str = "classifier"
     """`classifier`: sequence-classification / span-extraction head; `lm`: the causal LM itself
     (prompted); or a head you registered with `loralab.heads.register_head`."""
@@ -110,7 +110,8 @@ class TrainConfig:
     max_steps: int = -1
     """Stop after this many optimiser steps (overrides epochs); -1: train for `epochs`."""
     batch_size: int = 16
-    """Examples per optimiser step and device (same for both methods)."""
+    """Examples per forward pass and process (the same for both methods); an optimiser step
+    sees batch_size × grad_accum of them per process."""
     grad_accum: int = 1
     """Gradient accumulation steps."""
     eval_batch_size: int = 64
