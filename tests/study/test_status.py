@@ -320,7 +320,7 @@ def test_a_task_with_no_run_gets_a_rough_cost_from_its_training_text(tmp_path, s
     status = study_status(spec, str(res))
     configs = {ph.task: ph.config for ph in status.phases}
     sst2, mrpc = (training_chars(configs[t]) for t in ("sst2", "mrpc"))
-    costs = status._costs()
+    costs = status.costs()
     assert costs["mrpc", "lora"] == pytest.approx(100.0 / sst2 * mrpc)  # lora: 100 s on sst2
     assert costs["mrpc", "full"] == pytest.approx(300.0 / sst2 * mrpc)
     assert status.rough() == {("mrpc", "lora"), ("mrpc", "full")}
@@ -491,7 +491,7 @@ def test_the_estimate_counts_other_machines_points_at_this_ones_speed(tmp_path, 
     ran = {p.key: p.machine for p in status.points if p.machine}
     assert ran["sst2-full-tiny-llama-lr0.0001-s1"] == "Other[avx2]"
     # Here ran sst2 LoRA 3x slower than Other did (300 against 100): full's 200 s count 600.
-    assert status._costs() == {("sst2", "lora"): pytest.approx(300.0), ("sst2", "full"): pytest.approx(600.0)}  # fmt: skip
+    assert status.costs() == {("sst2", "lora"): pytest.approx(300.0), ("sst2", "full"): pytest.approx(600.0)}  # fmt: skip
 
 
 def test_a_point_running_on_another_host_is_not_costed_at_this_machines_speed():
@@ -532,7 +532,7 @@ def test_a_status_of_some_tasks_takes_machine_speeds_from_the_others_too(tmp_pat
     assert {ph.task for ph in status.phases} == {"mrpc"} and {p.task for p in status.points} == {
         "mrpc"
     }
-    assert status._costs()[("mrpc", "lora")] == pytest.approx(600.0)  # 200 s x (300 / 100)
+    assert status.costs()[("mrpc", "lora")] == pytest.approx(600.0)  # 200 s x (300 / 100)
 
 
 def test_sweep_status_gives_each_tasks_own_best_lr(tmp_path):

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.commands[args.command].error(unrecognized(extra, parser.commands[args.command]))
-    args._argv = argv  # `study --workers N` starts siblings with the same arguments
+    args.argv = argv  # `study --workers N` starts siblings with the same arguments
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "quiet", False):

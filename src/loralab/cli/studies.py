@@ -346,7 +346,7 @@ def cmd_study(args) -> int:
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
     workers, threads = layout.choose(args.workers)
-    siblings = layout.spawn_siblings(args._argv, workers, threads) if workers > 1 else []
+    siblings = layout.spawn_siblings(args.argv, workers, threads) if workers > 1 else []
     with layout.stopping_siblings(siblings):
         out = run_study(
             spec, args.output_dir, args.storage, tasks, args.study, **_storage_opts(args)

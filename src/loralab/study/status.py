@@ -108,7 +108,7 @@ class StudyStatus:
     def points(self) -> list[PointStatus]:
         return [p for ph in self.phases for p in ph.points]
 
-    def _costs(self) -> dict[tuple[str, str], float]:
+    def costs(self) -> dict[tuple[str, str], float]:
         """Training CPU s of one point per (task, method) (`estimate.point_costs`)."""
         return self._cost_tiers()[0]
 
@@ -138,7 +138,7 @@ class StudyStatus:
             return 0.0
         if p.state == "running" and p.worker and p.worker.rsplit(":", 1)[0] != socket.gethostname():
             costs = self._cost_tiers()[2]
-        cost = (costs if costs is not None else self._costs()).get((p.task, p.method))
+        cost = (costs if costs is not None else self.costs()).get((p.task, p.method))
         if cost is None:
             return None
         held = p.progress if p.state == "running" else p.resumes_at
@@ -148,7 +148,7 @@ class StudyStatus:
         """(CPU s spent on finished points, CPU s left for the estimable unfinished ones, how
         many unfinished points have no cost for their task and method yet)."""
         spent = sum(p.cpu_s for p in self.points if p.finished and p.cpu_s is not None)
-        costs = self._costs()
+        costs = self.costs()
         lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
         return spent, sum(x for x in lefts if x is not None), lefts.count(None)
 
@@ -158,7 +158,7 @@ class StudyStatus:
         when it frees (interrupted ones first; failed ones are left), at the wall s per
         training CPU s of the newest finished points, plus their start-up (a point started
         anew) and final evaluation (`estimate.overheads`). None: no worker."""
-        costs, busy, queued = self._costs(), {}, []
+        costs, busy, queued = self.costs(), {}, []
         known = self.points + [p for p in self.others if p.finished]
         ratio, extra = wall_per_cpu(known, self.here), overheads(known, self.here)
         pending = (p for p in self.points if not p.finished and p.state != "failed")

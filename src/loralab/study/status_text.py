@@ -18,7 +18,7 @@ def _ago(s: float) -> str:
 
 def render(status: StudyStatus) -> list[str]:
     """Text lines: per phase a header and its points, then the totals."""
-    lines, costs = [], status._costs()
+    lines, costs = [], status.costs()
     if status.storage is None:
         lines.append(f"no study storage in {status.results_dir} yet: nothing has run")
     for ph in status.phases:
