@@ -222,7 +222,9 @@ def test_a_point_that_would_not_fit_in_memory_says_so_and_nothing_changes(tmp_pa
     by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}
     waiting = by[keys["full", 3e-4]]
     assert waiting.state == "interrupted"
-    assert waiting.detail.startswith("waits for memory: it needs 1.0 GB, 1 point(s) running here")
+    assert waiting.detail.startswith(
+        "a free worker here would hold it back for memory: it needs 1.0 GB, 1 point(s) running here"
+    )
     assert (res / "study.db").stat().st_mtime_ns == mtime  # stale, yet looking fails nothing
     monkeypatch.setenv("LORALAB_MEMORY_BUDGET_MB", "1800")  # room for both: nothing to say
     by = {p.key: p for p in study_status(spec, str(res), tasks=["sst2"]).points}

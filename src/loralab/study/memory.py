@@ -141,10 +141,14 @@ def fits(need: float | None, reserved: list[float | None], budget: float | None)
 
 
 def describe(
-    need: float | None, reserved: list[float | None], budget: float, predicted: bool = False
+    need: float | None,
+    reserved: list[float | None],
+    budget: float,
+    predicted: bool = False,
+    lead: str = "waits for memory",
 ) -> str:
     """Why a point waits, for the worker's log (`predicted`: `need` comes from the other
-    method's runs of its task)."""
+    method's runs of its task; `lead` opens the sentence)."""
     gb = lambda mb: f"{mb / 1024:.1f} GB"  # noqa: E731
     need_s = gb(need) if need is not None else "an unknown amount (no finished run like it yet)"
     if predicted and need is not None:
@@ -154,7 +158,7 @@ def describe(
     if len(known) < len(reserved):
         parts.append(f"{len(reserved) - len(known)} of unknown size")
     held = f"{len(reserved)} point(s) running here ({', '.join(parts)})"
-    return (f"waits for memory: it needs {need_s}, {held}, budget {gb(budget)} "
+    return (f"{lead}: it needs {need_s}, {held}, budget {gb(budget)} "
             f"({BUDGET_ENV} sets it; 0 turns the check off)")  # fmt: skip
 
 
@@ -199,13 +203,16 @@ def _studies(storage) -> list:
     return [loaded[name] for name in names]
 
 
-def why_waits(task, method, peaks: dict, reserved: list, budget: float | None) -> str | None:
+def why_waits(
+    task, method, peaks: dict, reserved: list, budget: float | None, lead: str = "waits for memory"
+) -> str | None:
     """Why a point of (task, method) may not start beside the running points' `reserved` MB
-    (`describe`'s sentence), or None when it may."""
+    (`describe`'s sentence, opened by `lead`), or None when it may."""
     need = reservation({"task": task, "method": method}, peaks)
     if fits(need, reserved, budget):
         return None
-    return describe(need, reserved, budget, (task, method) in getattr(peaks, "predicted", ()))
+    predicted = (task, method) in getattr(peaks, "predicted", ())
+    return describe(need, reserved, budget, predicted, lead)
 
 
 def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:

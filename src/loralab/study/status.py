@@ -278,14 +278,17 @@ def _methods(best: dict | None, methods: list[str]) -> dict | None:
 
 def _memory_waits(points: list[PointStatus], st) -> None:
     """Say why a waiting point would not start on this host now: its predicted peak does not
-    fit beside the running points' (what a worker here checks, `memory.py`)."""
+    fit beside the running points' (what a worker here checks, `memory.py`). Phrased as what a
+    free worker would do: where every worker is busy, the point waits its turn anyway, and
+    `--status` cannot see idle workers."""
     budget = memory.budget_mb()
     waiting = [p for p in points if p.state in ("waiting", "interrupted") and not p.reusable]
     if budget is None or not waiting:
         return
     peaks, reserved = memory.state(st)  # no locks: fails nothing
     for p in waiting:
-        p.detail = memory.why_waits(p.task, p.method, peaks, reserved, budget) or p.detail
+        lead = "a free worker here would hold it back for memory"
+        p.detail = memory.why_waits(p.task, p.method, peaks, reserved, budget, lead) or p.detail
 
 
 def sweep_status(study_name: str, storage: str | None = None, results_dir: str | None = None,
