@@ -1322,3 +1322,31 @@ def test_a_method_that_lost_seeds_at_its_rate_is_warned_about(tmp_path):
     warnings = report(write_runs(tmp_path)).warnings
     (lost,) = [w for w in warnings if "stand on the other seeds" in w]
     assert lost.startswith("mrpc (tiny-llama): LoRA at its best lr (0.0003)") and "seed 3;" in lost
+
+
+def test_dev_loss_shows_where_runs_recorded_it_and_only_there(tmp_path):
+    """Runs at the majority baseline are told apart by their dev loss: the per-task table
+    carries it (mean ± std over the seeds that recorded it), report.csv its mean; a task whose
+    runs predate the figure gets no column."""
+    majority = {"accuracy": 0.5}
+    losses = {("lora", 1): 3.0, ("lora", 2): 3.2, ("full", 1): 2.0, ("full", 2): None}
+    for (method, seed), loss in losses.items():
+        run = write_run(tmp_path / "runs", f"{method}{seed}", seed, {"accuracy": 0.5},
+                        majority=majority, method=method, lr=1e-4)  # fmt: skip
+        summary = json.loads((run / "summary.json").read_text())
+        if loss is not None:  # full's seed 2 is an older run, from before the figure
+            summary["eval_loss"] = loss
+        (run / "summary.json").write_text(json.dumps(summary))
+    write_run(tmp_path / "runs", "old", 1, {"accuracy": 0.8}, task="rte", majority=majority)
+    report(tmp_path, out=tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    sst2 = md[md.index("## sst2: every metric") :].split("\n## ")[0]
+    assert "| dev loss |" in sst2.splitlines()[2]
+    assert "| 3.100 ± 0.141 |" in sst2  # LoRA: mean and sample std of 3.0 and 3.2
+    assert "| 2.000 (1 seed) (1 seeds) |" not in sst2 and "| 2.000 (1 seed) |" in sst2
+    rte = md[md.index("## rte: every metric") :].split("\n## ")[0]
+    assert "dev loss" not in rte  # no run of the task recorded it: no column of dashes
+    rows = _rows(tmp_path / "out" / "report.csv")
+    assert float(_row(rows, "sweep", "sst2", "lora", 1e-4, 8)["eval_loss"]) == pytest.approx(3.1)
+    assert float(_row(rows, "sweep", "sst2", "full", 1e-4)["eval_loss"]) == 2.0
+    assert _row(rows, "sweep", "rte", "lora", 3e-4, 8)["eval_loss"] == "nan"

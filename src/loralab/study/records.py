@@ -30,7 +30,8 @@ from .storage import STUDY_ATTR, is_final, load_study, open_storage
 from .variants import is_number
 
 RUN_FIELDS = ("status", "task", "method", "model", "head", "seed", "lr", "wall_time_s",
-              "train_time_s", "train_cpu_time_s", "peak_memory_mb", "steps", "run_dir")  # fmt: skip
+              "train_time_s", "train_cpu_time_s", "peak_memory_mb", "steps", "run_dir",
+              "eval_loss")  # fmt: skip
 REQUIRED = ("task", "method", "model", "seed", "lr")  # what a finished run's row is keyed by
 SHARE_FIELDS = ("trainable_share_pct", "trainable_share_without_head_pct", "lora_share_pct",
                 "total", "trainable")  # fmt: skip

@@ -20,7 +20,7 @@ from .aggregate import (
     paired_diffs,
 )
 from .records import points_per_unit
-from .stats import seeds_to_settle, t_interval
+from .stats import mean_std, seeds_to_settle, t_interval
 from .variants import is_number
 
 
@@ -46,6 +46,19 @@ def _f(x: float, fmt: str = ".1f") -> str:
 
 def _points(cell: Cell, value: float) -> str:
     return _f(points_per_unit(cell.task) * value, ".2f")
+
+
+def _loss(cell: Cell) -> str:
+    """The final dev loss, mean ± std over the seeds that recorded it ('—' for none): the one
+    figure that still tells runs apart when every one of them sits at the majority baseline."""
+    vals = [r["eval_loss"] for r in cell.done if is_number(r.get("eval_loss"))]
+    if not vals:
+        return "—"
+    mean, std = mean_std(vals)
+    spread = f" ± {std:.3f}" if len(vals) > 1 else ""
+    n = len(vals)
+    seeds = f" ({n} seed{'s' * (n > 1)})" if n == 1 or n < len(cell.scored) else ""
+    return f"{mean:.3f}{spread}{seeds}"
 
 
 def _share_verdict(ok: bool | None, share: float) -> str:
@@ -233,11 +246,18 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         metrics = sorted(
             {m for c in group for m in c.metrics}, key=lambda m: (m != group[0].metric, m)
         )
+        # Dev loss only where some run recorded it (summaries before 2026-12-05 lack it).
+        loss = any(_loss(c) != "—" for c in group)
         out.append(Table(
             f"{task}: every metric at the best learning rate",
-            ["group", "head", "model", "method", "LoRA", "data", "lr", "seeds", *metrics],
+            ["group", "head", "model", "method", "LoRA", "data", "lr", "seeds", *metrics,
+             *(["dev loss"] if loss else [])],
             [[c.group, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
-              *[_pm(c, m) for m in metrics]] for c in group],
+              *[_pm(c, m) for m in metrics], *([_loss(c)] if loss else [])] for c in group],
+            "Dev loss: the final evaluation's, mean ± std over the seeds that recorded it (the "
+            "head's own loss on the dev set; older runs lack it). Where every run sits at the "
+            "majority baseline, it still shows which method has begun to learn."
+            if loss else "",
         ))  # fmt: skip
     out.append(Table(
         "Learning-rate grid (main metric)",
@@ -331,7 +351,7 @@ def csv_rows(cells: list[Cell], comps: list[Comparison]) -> list[dict]:
             mean, std = c.stat(m)
             row[f"{m}_mean"], row[f"{m}_std"] = mean, std
         for k in ("trainable_share_pct", "trainable_share_without_head_pct", "wall_time_s",
-                  "train_cpu_time_s", "peak_memory_mb"):  # fmt: skip
+                  "train_cpu_time_s", "peak_memory_mb", "eval_loss"):  # fmt: skip
             row[k] = c.avg(k)
         row["lr_chosen_on_seeds"] = " ".join(str(s) for s in sorted(c.chose_lr_on, key=str))
         base = ablation_base(c, cells) if is_ablation(c.group) and c.best else None
