@@ -15,10 +15,12 @@ import pytest
 from optuna.trial import TrialState
 
 from loralab.cli import main
+from loralab.rundir import METRICS_FILE
 from loralab.study import plots
-from loralab.study.aggregate import ablation_base, aggregate, full_reference, grid_edge_warnings
+from loralab.study.aggregate import ablation_base, aggregate, full_reference
 from loralab.study.grid import make_plan
-from loralab.study.phases import best_so_far
+from loralab.study.grid_edges import grid_edge_warnings
+from loralab.study.phases import Values, best_so_far
 from loralab.study.records import (
     deduplicate,
     load_runs,
@@ -27,7 +29,7 @@ from loralab.study.records import (
     stored_groups,
 )
 from loralab.study.report import report
-from loralab.study.stats import mean_std, t_interval, t_quantile
+from loralab.study.stats import best_rate, mean_std, t_interval, t_quantile
 from loralab.study.storage import create_or_check, open_storage
 from loralab.study.variants import lora_slug
 
@@ -449,6 +451,60 @@ def test_a_grid_that_scored_the_same_everywhere_is_not_called_under_tuned(tmp_pa
     cells, _ = aggregate(load_runs(tmp_path / "edge"))
     (warned,) = grid_edge_warnings(cells)
     assert "the best learning rate, 0.0001, is the lowest of its grid" in warned
+
+
+def _with_loss(run, loss):
+    summary = json.loads((run / "summary.json").read_text())
+    summary["eval_loss"] = loss
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_rates_tied_on_the_metric_are_told_apart_by_their_dev_loss(tmp_path):
+    """Every rate at the baseline (SQuAD v2 on a small budget) but with falling dev losses: the
+    loss chooses, in the report and in the study alike; one rate without a recorded loss (an
+    older run) leaves the tie to the smaller rate, as before the loss was recorded."""
+    losses = {1e-4: 3.8, 3e-4: 3.5, 1e-3: 3.1}
+    for i, (lr, loss) in enumerate(losses.items()):
+        for seed in (1, 2):
+            _with_loss(write_run(tmp_path / "loss", f"r{i}s{seed}", seed, {"accuracy": 0.5}, lr=lr),
+                       loss + seed / 100)  # fmt: skip
+    cells, _ = aggregate(load_runs(tmp_path / "loss"))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-3 and best.chosen_by_loss and best.chose_lr_on == {1, 2}
+    (warned,) = grid_edge_warnings(cells)
+    assert (
+        "scored the same (accuracy 50.00 points); the lowest final dev loss chose 0.001" in warned
+    )
+    assert "It is the highest of its grid" in warned
+    # The study's own choice from the same points: values and losses as its trials store them.
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,3e-4,1e-3", seeds="1,2",
+                     results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip
+    values = Values({p["key"]: 0.5 for p in plan.points()})
+    values.losses = {p["key"]: losses[p["lr"]] + p["seed"] / 100 for p in plan.points()}
+    assert best_so_far(plan, values) == {"lora": 1e-3}
+    # A better score still beats a lower loss: the loss only breaks ties.
+    values[next(p["key"] for p in plan.points() if p["lr"] == 1e-4)] = 0.51
+    assert best_so_far(plan, values) == {"lora": 1e-4}
+    # A tied rate without a loss: the smaller rate, in both.
+    values = Values({p["key"]: 0.5 for p in plan.points()})
+    values.losses = {p["key"]: losses[p["lr"]] for p in plan.points() if p["lr"] != 1e-4}
+    assert best_so_far(plan, values) == {"lora": 1e-4}
+    summary = json.loads((tmp_path / "loss" / "r0s1" / "summary.json").read_text())
+    del summary["eval_loss"]
+    (tmp_path / "loss" / "r0s1" / "summary.json").write_text(json.dumps(summary))
+    cells, _ = aggregate(load_runs(tmp_path / "loss"))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-4 and not best.chosen_by_loss
+    (warned,) = grid_edge_warnings(cells)
+    assert "so the grid chose none; its other seeds run at the smallest, 0.0001" in warned
+
+
+def test_best_rate_rule():
+    assert best_rate([(0.5, 1e-4, 3.0), (0.5, 3e-4, 2.0), (0.4, 1e-3, 1.0)]) == (3e-4, True)
+    assert best_rate([(0.5, 3e-4, 2.0), (0.5, 1e-4, 2.0)]) == (1e-4, True)  # equal: smaller
+    assert best_rate([(0.5, 3e-4, 2.0), (0.5, 1e-4, None)]) == (1e-4, False)
+    assert best_rate([(0.6, 3e-4, 9.0), (0.5, 1e-4, 1.0)]) == (3e-4, False)
+    assert best_rate([(-math.inf, 1e-3, None), (-math.inf, 1e-4, None)]) == (1e-4, False)
 
 
 def test_best_lr_and_comparison_objects(tmp_path):
@@ -1350,3 +1406,28 @@ def test_dev_loss_shows_where_runs_recorded_it_and_only_there(tmp_path):
     assert float(_row(rows, "sweep", "sst2", "lora", 1e-4, 8)["eval_loss"]) == pytest.approx(3.1)
     assert float(_row(rows, "sweep", "sst2", "full", 1e-4)["eval_loss"]) == 2.0
     assert _row(rows, "sweep", "rte", "lora", 3e-4, 8)["eval_loss"] == "nan"
+
+
+def test_dev_loss_curves_figure_where_runs_logged_the_loss(tmp_path):
+    majority = {"accuracy": 0.5}
+    for method, losses in (("lora", [3.3, 3.0]), ("full", [2.9, 2.0])):
+        run = write_run(tmp_path / "runs", method, 1, {"accuracy": 0.5}, majority=majority,
+                        method=method, lr=1e-4)  # fmt: skip
+        lines = [
+            {"step": s, "eval/accuracy": 0.5, "eval/loss": v}
+            for s, v in zip((5, 10), losses, strict=True)
+        ]
+        (run / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _, comps = aggregate(load_runs(tmp_path))
+    (ax,) = plots.learning_curves(comps, loss=True).axes
+    assert ax.get_ylabel() == "dev loss"
+    got = sorted(list(ln.get_ydata()) for ln in ax.lines)
+    assert got == [[2.9, 2.0], [3.3, 3.0]]  # raw losses, one line per run; no baseline line
+    report(tmp_path, out=tmp_path / "out")
+    assert (tmp_path / "out" / "figures" / "dev_loss_curves.png").is_file()
+    assert "Dev loss vs training step" in (tmp_path / "out" / "report.md").read_text()
+    # Runs that logged no loss (older ones) get no such figure.
+    for run in (tmp_path / "runs").iterdir():
+        (run / METRICS_FILE).write_text(json.dumps({"step": 5, "eval/accuracy": 0.5}) + "\n")
+    _, comps = aggregate(load_runs(tmp_path))
+    assert plots.learning_curves(comps, loss=True) is None

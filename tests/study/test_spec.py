@@ -672,12 +672,15 @@ def _expected_keys(res: Path) -> set[str]:
     for task in ("sst2", "mrpc"):
         best = {}
         for method, lrs in (("lora", ["0.001", "0.003"]), ("full", ["0.0001", "0.0003"])):
-            acc = {}
+            acc, loss = {}, {}
             for lr in lrs:
                 key = f"{task}-{method}-tiny-llama-lr{lr}-s1"
-                acc[lr] = json.loads((res / "runs" / key / "summary.json").read_text())["metrics"]["accuracy"]  # fmt: skip
+                summary = json.loads((res / "runs" / key / "summary.json").read_text())
+                acc[lr], loss[lr] = summary["metrics"]["accuracy"], summary["eval_loss"]
                 keys.add(key)
-            best[method] = lrs[1] if acc[lrs[1]] > acc[lrs[0]] else lrs[0]  # ties: the first
+            # Ties (tiny models at the baseline): the lower dev loss, then the first.
+            rank = {lr: (-acc[lr], loss[lr], i) for i, lr in enumerate(lrs)}
+            best[method] = min(lrs, key=rank.get)
             keys.add(f"{task}-{method}-tiny-llama-lr{best[method]}-s2")
         keys.add(f"{task}-lora-tiny-llama-lr{best['lora']}-s1-r4-a8")
     return keys
@@ -826,11 +829,12 @@ def test_a_study_runs_an_axis_on_its_own_lr_grid_and_reports_each_value_at_its_b
         rows = [r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha"]
     assert sorted((r["alpha"], float(r["lr"])) for r in rows) == [
         ("16.0", 1e-3), ("16.0", 3e-3), ("64.0", 1e-3), ("64.0", 3e-3)]  # fmt: skip
-    for alpha in ("16.0", "64.0"):  # one best rate per value, the higher score (ties: the lower)
+    for alpha in ("16.0", "64.0"):  # one best rate per value: the higher score (ties: the lower
+        # dev loss, then the lower rate)
         mine = sorted((r for r in rows if r["alpha"] == alpha), key=lambda r: float(r["lr"]))
         assert [r["best_lr"] for r in mine].count("True") == 1
-        scores = [float(r["accuracy_mean"]) for r in mine]
-        assert mine[scores.index(max(scores))]["best_lr"] == "True"
+        rank = [(-float(r["accuracy_mean"]), float(r["eval_loss"]), i) for i, r in enumerate(mine)]
+        assert mine[min(rank)[2]]["best_lr"] == "True"
 
 
 def test_a_study_runs_an_axis_grid_on_its_first_seed_then_each_value_at_its_best(tmp_path, data_root):  # fmt: skip
@@ -847,9 +851,10 @@ def test_a_study_runs_an_axis_grid_on_its_first_seed_then_each_value_at_its_best
     assert main([*argv, *FAST]) == 0
     with open(res / "report" / "runs.csv") as fh:
         runs = {(r["seed"], r["lr"], r["run_dir"].endswith("-a64")): r for r in csv.DictReader(fh) if r["group"] == "ablation-alpha"}  # fmt: skip
-    score = {k: float(r["metric_accuracy"]) for k, r in runs.items()}
-    seed1 = {a64: max((1e-3, 3e-3), key=lambda lr: (score[("1", f"{lr:g}", a64)], -lr)) for a64 in (False, True)}  # fmt: skip
-    # Seed 2: one run per value, at its own seed-1 winner (ties: the lower rate).
+    rank = {k: (float(r["metric_accuracy"]), -float(r["eval_loss"])) for k, r in runs.items()}
+    seed1 = {a64: max((1e-3, 3e-3), key=lambda lr: (*rank[("1", f"{lr:g}", a64)], -lr)) for a64 in (False, True)}  # fmt: skip
+    # Seed 2: one run per value, at its own seed-1 winner (ties: the lower dev loss, then the
+    # lower rate).
     assert sorted(k for k in runs if k[0] == "2") == sorted(("2", f"{seed1[a]:g}", a) for a in (False, True))  # fmt: skip
     names = sorted(r.name for r in (res / "runs").iterdir())
     assert len(names) == 6 and f"sst2-lora-tiny-llama-lr{seed1[True]:g}-s2-a64" in names

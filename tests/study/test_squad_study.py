@@ -45,7 +45,8 @@ def test_squad_v2_study_runs_its_phases_and_reports_f1_in_points(tmp_path):
     assert {s["status"] for s in summaries.values()} == {"completed"}
     assert all({"exact", "f1", "HasAns_f1", "NoAns_f1"} <= set(s["metrics"]) for s in summaries.values())  # fmt: skip
     lora_s1 = {r: s["metrics"]["f1"] for r, s in summaries.items() if "-lora-" in r and r.endswith("-s1")}  # fmt: skip
-    best = max(sorted(lora_s1), key=lambda r: lora_s1[r])  # ties: the smaller lr (sorted first)
+    # Ties (every point at the no-answer prior): the lower dev loss, then the smaller lr.
+    best = max(sorted(lora_s1), key=lambda r: (lora_s1[r], -summaries[r]["eval_loss"]))
     assert best.replace("-s1", "-s2") in runs
 
     rep = report(res)

@@ -361,6 +361,27 @@ def test_a_grid_finished_only_in_run_folders_names_the_dependent_points(tmp_path
     assert render(status)[-1].startswith("total: 0/6 points done (+5 to be reused")
 
 
+def test_a_tie_in_run_folders_is_broken_by_their_dev_loss_as_a_worker_would(tmp_path, spec):
+    """A grid finished only in run folders, LoRA's two rates tied on accuracy: their summaries'
+    dev losses choose, as the trials a worker would record from them do; without the losses,
+    the smaller rate."""
+    res = tmp_path / "res"
+    grid = phases(spec, ["sst2"])[0].plan(spec, None, str(res))
+    loss = {1e-3: 0.5, 3e-3: 0.4, 1e-4: 0.6, 3e-4: 0.7}
+    for p in grid.points():
+        run = res / "runs" / p["key"]
+        run.mkdir(parents=True)
+        summary = {"status": "completed", "task": "sst2", "metrics": {"accuracy": 0.8},
+                   "train_cpu_time_s": 60.0, "eval_loss": loss[p["lr"]]}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+    assert study_status(spec, str(res), tasks=["sst2"]).phases[0].best == {"lora": 3e-3, "full": 1e-4}  # fmt: skip
+    for p in grid.points():
+        summary = json.loads((res / "runs" / p["key"] / "summary.json").read_text())
+        del summary["eval_loss"]
+        (res / "runs" / p["key"] / "summary.json").write_text(json.dumps(summary))
+    assert study_status(spec, str(res), tasks=["sst2"]).phases[0].best == {"lora": 1e-3, "full": 1e-4}  # fmt: skip
+
+
 def test_an_unfinished_grid_counts_the_dependent_points_at_its_best_lr_so_far(tmp_path, spec):
     """A grid extended by an lr that has not run yet: the dependent points wait, but the best
     lr among the finished ones tells which of their finished run folders would be reused, and

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..identity import short_fingerprint
 from .records import identity_hash, main_metric, points_per_unit, record_identity, without
-from .stats import exact, mean_std, seeds_to_settle, t_interval
+from .stats import best_rate, exact, mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
@@ -35,6 +35,8 @@ class Cell:
     best: bool = False
     # Seeds whose scores chose this cell's learning rate among 2+ (empty: no choice was made).
     chose_lr_on: frozenset = frozenset()
+    # Tied with another rate on the main metric, chosen by the lower dev loss (`stats.best_rate`).
+    chosen_by_loss: bool = False
 
     @property
     def first(self) -> dict:
@@ -264,20 +266,20 @@ def paired_diffs(a: Cell, b: Cell) -> list[float]:
     return [k * (x - y) for _, x, y in paired(a, b)]
 
 
-def _shared_seeds(cells: list[Cell]) -> frozenset:
+def shared_seeds(cells: list[Cell]) -> frozenset:
     """The seeds every cell has run to the end, completed or diverged (empty when they share
     none): a run that diverged took part in the choice, as it does in the study's."""
     return frozenset(set.intersection(*({r["seed"] for r in c.runs} for c in cells)))
 
 
-def _selection_score(cells: list[Cell]):
+def selection_score(cells: list[Cell]):
     """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
 
     With a grid on the first seed and the other seeds at the winner, comparing means over all
     seeds would set the winner's three seeds against the others' one: only the shared seed(s)
     compare like with like, and that is also what the study chose on.
     """
-    shared = _shared_seeds(cells)
+    shared = shared_seeds(cells)
 
     def score(c: Cell) -> float:
         vals = []
@@ -291,6 +293,13 @@ def _selection_score(cells: list[Cell]):
         return sum(vals) / len(vals) if vals else c.stat(c.metric)[0]
 
     return score
+
+
+def _dev_loss(c: Cell, seeds: frozenset) -> float | None:
+    """The mean final dev loss of `c`'s completed runs on `seeds` (all of them when empty);
+    None where one lacks it (runs before 2026-12-05, heads that give none)."""
+    vals = [r.get("eval_loss") for r in c.done if not seeds or r["seed"] in seeds]
+    return sum(vals) / len(vals) if vals and all(is_number(v) for v in vals) else None
 
 
 def families(cells: list[Cell]) -> list[list[Cell]]:
@@ -310,63 +319,18 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     ordered = sorted(cells.values(), key=_order)
     for fam in families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
-        if scored:  # ties go to the smaller learning rate (cells are sorted by lr)
-            winner = max(scored, key=_selection_score(scored))
-            winner.best = True
+        if scored:  # ties: the lower dev loss where recorded, else the smaller lr
+            score, shared = selection_score(scored), shared_seeds(scored)
+            lr, by_loss = best_rate([(score(c), c.lr, _dev_loss(c, shared)) for c in scored])
+            winner = next(c for c in scored if c.lr == lr)
+            winner.best, winner.chosen_by_loss = True, by_loss
             if len(scored) > 1:  # with no seed in common, every seed took part
-                winner.chose_lr_on = _shared_seeds(scored) or frozenset(
-                    r["seed"] for c in scored for r in c.done
-                )
+                winner.chose_lr_on = shared or frozenset(r["seed"] for c in scored for r in c.done)
     best = [c for c in ordered if c.best]
     fulls = {c.counterpart: c for c in best if c.method == "full"}
     comps = [Comparison(c, fulls.get(c.counterpart)) for c in best
              if c.method == "lora" and not is_ablation(c.group)]  # fmt: skip
     return ordered, comps
-
-
-def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[str]:
-    """One warning per chosen learning rate that is the highest or lowest of its grid (2+ values)
-    and beats every other rate of it: the optimum may lie beyond it, so that method may be
-    under-tuned against the other. A best tied by another rate lies on a plateau that reaches
-    into the grid: no warning; a grid where every rate scored the same gets its own (the grid
-    chose nothing, e.g. every run at the majority baseline).
-
-    `pending`: (task, method) -> learning rates a stored study still has to run. A grid with one
-    of them missing is not complete yet (its edge may move): no warning for it until it is."""
-    out = []
-    for fam in families(cells):
-        lrs = sorted({c.lr for c in fam})
-        best = next((c for c in fam if c.best), None)
-        if best is None or len(lrs) < 2:
-            continue
-        if set((pending or {}).get((best.task, best.method), ())) - set(lrs):
-            continue
-        scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
-        score = _selection_score(scored)
-        others = [score(c) for c in scored if c is not best]
-        grid = ", ".join(f"{lr:g}" for lr in lrs)
-        where = f"{best.task} {best.method} ({best.model}, {best.group})"
-        if is_ablation(best.group):  # an axis with its own grid: one family per setting
-            where = f"{best.task} {best.method} {best.variant} ({best.model}, {best.group})"
-        if len(scored) == len(lrs) and all(v == score(best) for v in others):
-            value = f"{best.metric} {points_per_unit(best.task) * score(best):.2f} points"
-            out.append(
-                f"{where}: every learning rate of its grid ({grid}) scored the same ({value}), "
-                f"so the grid chose none; its other seeds run at the smallest, {best.lr:g}. A "
-                f"wider grid cannot tell rates apart that all end at the same score: compare it "
-                f"with the majority baseline."
-            )
-            continue
-        if lrs[0] < best.lr < lrs[-1] or any(v >= score(best) for v in others):
-            continue
-        side = "highest" if best.lr == lrs[-1] else "lowest"
-        out.append(
-            f"{where}: the best learning rate, {best.lr:g}, is the {side} of its grid ({grid}). "
-            f"A learning rate beyond it may score better, so this method may be under-tuned: "
-            f"add one to the grid (in a study spec, under a new `name`: the finished points are "
-            f"reused, only the new ones train)."
-        )
-    return out
 
 
 def is_ablation(group: str) -> bool:

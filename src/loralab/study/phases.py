@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
+from .stats import best_rate
 from .storage import is_final
-from .variants import variant_slug
+from .variants import is_number, variant_slug
 
 
 @dataclass
@@ -250,20 +251,33 @@ def phases(spec: StudySpec, tasks: list[str] | None = None) -> list[Phase]:
 
 def best_lrs(study, plan: Plan) -> dict[str, float] | None:
     """Each method's lr with the best mean dev value over the grid seeds; None until every
-    grid point is final. A diverged point counts as the worst value; ties go to the smaller lr
-    (as in the report's choice, whatever order the spec lists them in)."""
+    grid point is final. A diverged point counts as the worst value; ties go to the lower final
+    dev loss where every tied lr recorded one, else to the smaller lr (as in the report's
+    choice, whatever order the spec lists them in)."""
     return best_of(plan, grid_values(study, plan))
 
 
-def grid_values(study, plan: Plan) -> dict[str, float | None]:
+class Values(dict):
+    """Point key -> dev value (`grid_values`); `losses`: point key -> the final dev loss its
+    trial recorded, where it did (what breaks a tie on the value, `stats.best_rate`)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.losses: dict[str, float] = {}
+
+
+def grid_values(study, plan: Plan) -> Values:
     """Point key -> the dev value of its final trial (-inf: diverged or no value); None: not
-    final (or no trial)."""
-    values: dict[str, float | None] = {p["key"]: None for p in plan.points()}
+    final (or no trial). Its `losses` hold the trials' final dev losses."""
+    values = Values({p["key"]: None for p in plan.points()})
     for t in study.get_trials(deepcopy=False) if study is not None else []:
         key = t.user_attrs.get("point")
         if key in values and is_final(t):
             v = t.values[0] if t.values else None
             values[key] = v if v is not None and math.isfinite(v) else -math.inf
+            loss = (t.user_attrs.get("result") or {}).get("eval_loss")
+            if is_number(loss):
+                values.losses[key] = float(loss)
     return values
 
 
@@ -277,14 +291,17 @@ def best_of(plan: Plan, values: dict[str, float | None]) -> dict[str, float] | N
 def best_so_far(plan: Plan, values: dict[str, float | None]) -> dict[str, float] | None:
     """Each method's best lr among the lrs whose grid points are all final (`best_of` once
     the grid is complete); None while some method has no such lr."""
-    best = {}
+    best, losses = {}, getattr(values, "losses", {})
     for m in plan.methods:
         scores = []
         for lr in plan.lrs[m]:
-            vals = [values[p["key"]] for p in plan.points() if p["method"] == m and p["lr"] == lr]
+            keys = [p["key"] for p in plan.points() if p["method"] == m and p["lr"] == lr]
+            vals = [values[k] for k in keys]
             if None not in vals:
-                scores.append((sum(vals) / len(vals), lr))
+                loss = [losses.get(k) for k in keys]
+                mean_loss = None if None in loss else sum(loss) / len(loss)
+                scores.append((sum(vals) / len(vals), lr, mean_loss))
         if not scores:
             return None
-        best[m] = max(scores, key=lambda s: (s[0], -s[1]))[1]  # ties: the smaller lr
+        best[m] = best_rate(scores)[0]  # ties: the lower dev loss, else the smaller lr
     return best

@@ -43,7 +43,19 @@ def _legend_outside(fig, axes) -> None:
             seen.setdefault(label, handle)
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", fontsize=8,
-                   ncols=min(3, len(seen)), frameon=False)  # fmt: skip
+                   ncols=_columns(list(seen), fig.get_size_inches()[0]), frameon=False)  # fmt: skip
+
+
+def _columns(labels: list[str], width_in: float) -> int:
+    """The most legend columns (up to 3) whose labels fit the figure's width: a one-panel
+    figure's long labels side by side would be cut at its edges. Legends fill column by column;
+    a column is as wide as its longest label (~0.065 in a character at 8 pt) plus the marker."""
+    for n in range(min(3, len(labels)), 1, -1):
+        rows = math.ceil(len(labels) / n)
+        cols = [labels[i : i + rows] for i in range(0, len(labels), rows)]
+        if sum(0.065 * max(map(len, c)) + 0.5 for c in cols) <= width_in:
+            return n
+    return 1
 
 
 def _ms(cell) -> tuple[float, float]:
@@ -134,16 +146,18 @@ def _curve(run: dict, metric: str) -> tuple[list, list]:
     return steps, [points[s] for s in steps]
 
 
-def learning_curves(comps):
-    """Figure: eval metric vs training step, LoRA vs full, a panel per comparison; None if no data."""
+def learning_curves(comps, loss: bool = False):
+    """Figure: eval metric (`loss`: the dev loss) vs training step, LoRA vs full, a panel per
+    comparison with such a curve; None if no data. The loss curve tells runs apart where every
+    one of them sits at the majority baseline (SQuAD v2 on a CPU budget)."""
     panels = []
     for c in comps:
         lines = []
         for cell in (c.lora, c.full):
             for run in cell.done if cell else []:
-                steps, values = _curve(run, cell.metric)
+                steps, values = _curve(run, "loss" if loss else cell.metric)
                 if steps:
-                    lines.append((cell, steps, [_points(cell, v) for v in values]))
+                    lines.append((cell, steps, values if loss else [_points(cell, v) for v in values]))  # fmt: skip
         if lines:
             panels.append((c, lines))
     if not panels:
@@ -153,11 +167,11 @@ def learning_curves(comps):
         for cell, steps, values in lines:
             ax.plot(steps, values, marker="o", ms=3, lw=1.2, alpha=0.8, color=COLORS[cell.method],
                     label=f"{NAMES[cell.method]} (lr {cell.lr:g}), one line per seed")  # fmt: skip
-        base = c.lora.reference("majority")
+        base = math.nan if loss else c.lora.reference("majority")
         if not math.isnan(base):
             ax.axhline(_points(c.lora, base), color="#cf222e", ls=":", label="majority baseline")
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"dev {c.lora.metric} (points)")
+        ax.set_ylabel("dev loss" if loss else f"dev {c.lora.metric} (points)")
         ax.set_title(f"{task_label(c.task)} · {c.head} · {c.model}\n{c.lora.variant}", fontsize=9)
     _legend_outside(fig, axes)
     return fig
@@ -322,6 +336,7 @@ def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
             ("LoRA vs full fine-tuning", "lora_vs_full.png", lora_vs_full_figure(comps), shown),
             ("LoRA − full fine-tuning, paired by seed", "paired_differences.png", paired_differences(comps), shown),
             ("Learning curves: dev metric vs training step", "learning_curves.png", learning_curves(comps), shown),
+            ("Dev loss vs training step", "dev_loss_curves.png", learning_curves(comps, loss=True), shown),
         ]  # fmt: skip
     best = [c for c in cells if c.best and c.lora]
     for group in sorted({c.group for c in best if is_ablation(c.group)}):

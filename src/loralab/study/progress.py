@@ -48,6 +48,16 @@ def finished_value(results: Path, key: str) -> float | None:
     return float(value) if ok else -math.inf
 
 
+def finished_loss(results: Path, key: str) -> float | None:
+    """The final dev loss of the finished run folder RUNS_DIR/`key`, where it recorded one
+    (what a worker reusing it would store beside `finished_value`)."""
+    try:
+        loss = json.loads((results / RUNS_DIR / key / SUMMARY_FILE).read_text()).get("eval_loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+
+
 def outside_training(summary: dict) -> tuple[float | None, float | None]:
     """(wall s before the first step, wall s of the final evaluation) of a finished run. The
     first is what its wall time leaves beside training and that evaluation, known only for a

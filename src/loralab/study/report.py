@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import LoralabError
 from ..models.registry import BUILTIN_MODELS
 from ..rundir import FIGURES_DIR, REPORT_DIR, REPORT_FILES, atomic_write
-from .aggregate import Comparison, aggregate, grid_edge_warnings
+from .aggregate import Comparison, aggregate
 from .caveats import (
     ablation_hardware_warnings,
     allocator_warnings,
@@ -25,6 +25,7 @@ from .caveats import (
     lent_warnings,
     lost_seed_warnings,
 )
+from .grid_edges import grid_edge_warnings
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -127,7 +128,9 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "seeds. For each identity the learning rate is the one with the best mean dev score of "
         "the task's main metric (accuracy for GLUE, F1 for SQuAD v2) on the seeds every rate "
         "ran (the first seed, for a grid run on it; a diverged run or one without the metric "
-        "scores worst), so a rate's mean over all its seeds may trail another's; the dev set is also the "
+        "scores worst; among rates tied on it, the lower final dev loss where each of them "
+        "recorded one, else the smaller rate), so a rate's mean over all its seeds may trail "
+        "another's; the dev set is also the "
         "reported set, as in the LoRA paper (GLUE test labels are not public). "
         f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )

@@ -20,6 +20,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def best_rate(scores: list[tuple[float, float, float | None]]) -> tuple[float, bool]:
+    """The learning rate of the best (score, lr, mean dev loss or None) and whether the dev
+    loss chose it. The highest score wins; among rates tied on it, the lowest dev loss where
+    every tied rate recorded one (the dev set's own objective still tells rates apart when all
+    of them end at the majority baseline, as SQuAD v2 does on a small budget), else the
+    smallest rate."""
+    top = max(x[0] for x in scores)
+    tied = sorted((x for x in scores if x[0] == top), key=lambda x: x[1])
+    if len(tied) > 1 and all(x[2] is not None for x in tied):
+        return min(tied, key=lambda x: (x[2], x[1]))[1], True
+    return tied[0][1], False
+
+
 def t_central_probability(t: float, df: int) -> float:
     """P(|T| ≤ t) for Student's t with `df` (integer ≥ 1) degrees of freedom."""
     theta = math.atan(abs(t) / math.sqrt(df))

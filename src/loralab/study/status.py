@@ -28,7 +28,7 @@ from ..rundir import STUDY_DB
 from . import memory
 from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, phases
-from .progress import FINAL, finished_value, read_run
+from .progress import FINAL, finished_loss, finished_value, read_run
 from .records import main_metric
 from .spec import select_tasks, with_lr_placeholder
 from .storage import (
@@ -236,7 +236,10 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             grid_plan = chooser.plan(spec, None, results)
             values = grid_values(trials_of(grid_name)[0] if grid_name in names else None, grid_plan)
             for key, v in values.items():
-                values[key] = finished_value(Path(results), key) if v is None else v
+                if v is None:  # a finished folder a worker would reuse: its value and loss
+                    values[key] = finished_value(Path(results), key)
+                    if (loss := finished_loss(Path(results), key)) is not None:
+                        values.losses[key] = loss
             bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False))  # fmt: skip
         return bests[grid_name]
 
