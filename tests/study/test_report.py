@@ -1406,6 +1406,12 @@ def test_dev_loss_shows_where_runs_recorded_it_and_only_there(tmp_path):
     assert float(_row(rows, "sweep", "sst2", "lora", 1e-4, 8)["eval_loss"]) == pytest.approx(3.1)
     assert float(_row(rows, "sweep", "sst2", "full", 1e-4)["eval_loss"]) == 2.0
     assert _row(rows, "sweep", "rte", "lora", 3e-4, 8)["eval_loss"] == "nan"
+    # Both methods at the baseline: the verdict gives their dev losses once every run has one.
+    (comp,) = [c for c in aggregate(load_runs(tmp_path))[1] if c.task == "sst2"]
+    assert comp.uninformative and "dev loss" not in comp.verdict  # full's seed 2 has none
+    _with_loss(tmp_path / "runs" / "full2", 2.2)
+    (comp,) = [c for c in aggregate(load_runs(tmp_path))[1] if c.task == "sst2"]
+    assert comp.verdict.endswith("; final dev loss LoRA 3.10 / full 2.10")
 
 
 def test_dev_loss_curves_figure_where_runs_logged_the_loss(tmp_path):

@@ -221,8 +221,11 @@ class Comparison:
             return "n/a: no seed run by both methods"
         mean, lo, hi = self.interval
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
-        if self.uninformative:
-            return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}"
+        if self.uninformative:  # the dev loss may still tell the methods apart
+            losses = [_dev_loss(c, frozenset()) for c in (self.lora, self.full)]
+            by_loss = ("; final dev loss LoRA {:.2f} / full {:.2f}".format(*losses)
+                       if None not in losses else "")  # fmt: skip
+            return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}{by_loss}"
         if not self.unsettled:
             return f"{'PASS' if self.drop_ok else 'FAIL'}: {mean:+.2f}{ci}"
         n = self.seeds_to_settle
