@@ -131,6 +131,11 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert "on h1:7; 50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
     assert "checkpoint at 25%; 2 threads (idle cores lent)" in text
     assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
+    assert "accuracy 0.8000; training CPU" in text  # no dev loss in that summary: none shown
+    summary_file = res / "runs" / keys["lora", 1e-3] / "summary.json"
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "eval_loss": 0.4}))
+    text = "\n".join(render(study_status(spec, str(res), tasks=["sst2"])))
+    assert "accuracy 0.8000, dev loss 0.400; training CPU" in text
 
     # A worker holding the point's lock is alive: not stale.
     fd = os.open(lock, os.O_RDWR)

@@ -81,6 +81,8 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
         ps.wall_s = summary.get("train_time_s")
+        loss = summary.get("eval_loss")
+        ps.loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
         ps.setup_s, ps.eval_s = outside_training(summary)
         ps.machine = machine_name(summary.get("hardware") or {})
         start = summary.get("first_step_at")

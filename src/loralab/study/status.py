@@ -55,6 +55,7 @@ class PointStatus:
     metric: str  # the task's main metric
     value: float | None = None  # its dev value (done)
     cpu_s: float | None = None  # training CPU seconds (done, from summary.json)
+    loss: float | None = None  # the final dev loss (done, from summary.json, where recorded)
     wall_s: float | None = None  # training wall seconds (done, from summary.json)
     setup_s: float | None = None  # wall s before the first step (done in one attempt)
     eval_s: float | None = None  # wall s of the final evaluation (done)

@@ -82,7 +82,7 @@ def totals(status: StudyStatus, idle: int = 0) -> str:
 def _point_detail(p: PointStatus) -> str:
     bits = []
     if p.value is not None:
-        bits.append(f"{p.metric} {p.value:.4f}")
+        bits.append(f"{p.metric} {p.value:.4f}" + (f", dev loss {p.loss:.3f}" if p.loss is not None else ""))  # fmt: skip
     if p.cpu_s is not None:
         bits.append(f"training CPU {_hours(p.cpu_s)}")
     if p.worker:
