@@ -27,7 +27,7 @@ def _study(tmp_path, keys):
     for key in keys:
         study.enqueue_trial({}, user_attrs={"point": key, "task": "sst2", "method": "lora"})
     return SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=print,
-                           points={}, results_dir=tmp_path)  # fmt: skip
+                           points={}, said_waits=set(), results_dir=tmp_path)  # fmt: skip
 
 
 def test_a_claim_waits_for_the_hosts_claim_lock(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_two_workers_claiming_at_once_do_not_both_take_a_point_that_fits_once(tm
     both_looked = threading.Barrier(2)
     workers = [SimpleNamespace(storage=_Paused(open_storage(url, heartbeat=60, grace=120), both_looked),
                                study_id=study._study_id, tasks=None, say=lambda _: None,
-                               points={}, results_dir=tmp_path) for _ in range(2)]  # fmt: skip
+                               points={}, said_waits=set(), results_dir=tmp_path) for _ in range(2)]  # fmt: skip
     got = []
 
     def take(w):

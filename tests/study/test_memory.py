@@ -88,7 +88,7 @@ def test_a_predicted_point_waits_for_memory_and_says_it_was_predicted():
     peaks = memory.predict({("sst2", "lora"): 2000, ("sst2", "full"): 3000,
                             ("squad_v2", "lora"): 8000})  # fmt: skip
     said: list[str] = []
-    worker = SimpleNamespace(say=said.append, points={})
+    worker = SimpleNamespace(say=said.append, points={}, said_waits=set())
     attrs = {"point": "squad-full", "task": "squad_v2", "method": "full"}
     running = [memory.MARGIN * 8000]  # a SQuAD v2 LoRA point runs here
     # Full is predicted at 1.5 x 8,000 = 12,000 MB, plus the margin: 13,800 + 9,200 > 20,000.
@@ -134,7 +134,7 @@ def test_a_worker_skips_a_point_that_would_not_fit_and_takes_one_that_does(tmp_p
     small = study.get_trials()[2]
     st.set_trial_user_attr(small._trial_id, "method", None)
     points = {"small": {"method": "lora"}}
-    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append,
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append, said_waits=set(),
                              points=points, results_dir=tmp_path)  # fmt: skip
     monkeypatch.setenv(memory.BUDGET_ENV, "16000")
     # 1.15 x 9,000 MB runs; the other SQuAD point would need as much again: only SST-2 fits.
@@ -165,7 +165,7 @@ def test_a_point_whose_run_folder_is_finished_is_claimed_without_waiting_for_mem
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"status": status}))
     said: list[str] = []
-    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append,
+    worker = SimpleNamespace(storage=st, study_id=study._study_id, tasks=None, say=said.append, said_waits=set(),
                              points={}, results_dir=tmp_path)  # fmt: skip
     monkeypatch.setenv(memory.BUDGET_ENV, "1000")  # nothing unknown fits beside the running one
     claimed = Worker._claim(worker)

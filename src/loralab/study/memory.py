@@ -217,14 +217,13 @@ def why_waits(
 
 def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:
     """Whether the waiting point with these trial user attrs must wait for memory; the worker
-    says why, once per point."""
-    point = getattr(worker, "points", {}).get(attrs["point"], {})  # the worker's own plan
+    (a `worker.Worker`: its plan's `points`, `say`, `said_waits`) says why, once per point."""
+    point = worker.points.get(attrs["point"], {})  # the worker's own plan
     method = attrs.get("method") or point.get("method")
     why = why_waits(attrs.get("task"), method, peaks, reserved, budget)
     if why is None:
         return False
-    said = worker.__dict__.setdefault("_memory_waits", set())
-    if attrs["point"] not in said and hasattr(worker, "say"):
-        said.add(attrs["point"])
+    if attrs["point"] not in worker.said_waits:
+        worker.said_waits.add(attrs["point"])
         worker.say(f"{attrs['point']} {why}")
     return True

@@ -97,6 +97,7 @@ class Worker:
         self.poll = max(1.0, min(5.0, float(heartbeat)))
         self.quiet = quiet
         self.points = {p["key"]: p for p in self.plan.points()}
+        self.said_waits: set[str] = set()  # points this worker has said wait for memory
         self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "tasks": self.tasks}
         methods = mp.get_all_start_methods()
         self.ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
