@@ -72,17 +72,11 @@ def identity(
 
 
 def without_path(task: str) -> str:
-    """A file task's reference without where its files lie ("csv:/data/m1?label=y" ->
-    "csv:m1?label=y"): the fingerprint stands for the rows, so the same files in two folders
-    pool. The options (labels, metric, columns) stay. Built-in and hub tasks, and task files
-    (whose other keys the path stands for), are themselves."""
-    from .tasks.custom_spec import FORMATS, short_name
+    """A task reference without where its files lie (`tasks.custom_spec.without_folder`): the
+    fingerprint stands for the rows, so the same files in two folders pool."""
+    from .tasks.custom_spec import without_folder
 
-    kind, _, rest = task.partition(":")
-    if kind not in FORMATS:
-        return task
-    _, q, query = rest.partition("?")
-    return f"{kind}:{short_name(task)}{q}{query}"
+    return without_folder(task)
 
 
 def short_fingerprint(fp: dict | str) -> str:

@@ -75,6 +75,17 @@ def absolute_ref(ref: str) -> str:
     return ref
 
 
+def without_folder(ref: str) -> str:
+    """A file task's reference without its folder ("csv:/data/m1?label=y" -> "csv:m1?label=y"),
+    its options (labels, metric, columns) kept. Built-in and hub tasks, and task files (whose
+    other keys the path stands for), are themselves."""
+    kind, _, rest = ref.partition(":")
+    if kind not in FORMATS:
+        return ref
+    _, q, query = rest.partition("?")
+    return f"{kind}:{short_name(ref)}{q}{query}"
+
+
 def short_name(ref: str) -> str:
     """File-system-safe short name of a task reference (for run folders and caches)."""
     try:
