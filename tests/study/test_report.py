@@ -1425,8 +1425,11 @@ def test_dev_loss_curves_figure_where_runs_logged_the_loss(tmp_path):
         ]
         (run / METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
     _, comps = aggregate(load_runs(tmp_path))
-    (ax,) = plots.learning_curves(comps, loss=True).axes
-    assert ax.get_ylabel() == "dev loss"
+    fig = plots.learning_curves(comps, loss=True)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "dev loss" and ax.get_title().endswith("lr LoRA 0.0001, full 0.0001")
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}  # rates live in the titles
+    assert labels == {"LoRA, one line per seed", "full fine-tuning, one line per seed"}
     got = sorted(list(ln.get_ydata()) for ln in ax.lines)
     assert got == [[2.9, 2.0], [3.3, 3.0]]  # raw losses, one line per run; no baseline line
     report(tmp_path, out=tmp_path / "out")

@@ -166,13 +166,15 @@ def learning_curves(comps, loss: bool = False):
     for ax, (c, lines) in zip(axes, panels, strict=True):
         for cell, steps, values in lines:
             ax.plot(steps, values, marker="o", ms=3, lw=1.2, alpha=0.8, color=COLORS[cell.method],
-                    label=f"{NAMES[cell.method]} (lr {cell.lr:g}), one line per seed")  # fmt: skip
+                    label=f"{NAMES[cell.method]}, one line per seed")  # fmt: skip
         base = math.nan if loss else c.lora.reference("majority")
         if not math.isnan(base):
             ax.axhline(_points(c.lora, base), color="#cf222e", ls=":", label="majority baseline")
         ax.set_xlabel("training step")
         ax.set_ylabel("dev loss" if loss else f"dev {c.lora.metric} (points)")
-        ax.set_title(f"{task_label(c.task)} · {c.head} · {c.model}\n{c.lora.variant}", fontsize=9)
+        # Each panel's own rates: one legend for the figure cannot name them per task.
+        rates = f"lr LoRA {c.lora.lr:g}" + (f", full {c.full.lr:g}" if c.full else "")
+        ax.set_title(f"{task_label(c.task)} · {c.head} · {c.model}\n{c.lora.variant} · {rates}", fontsize=9)  # fmt: skip
     _legend_outside(fig, axes)
     return fig
 
