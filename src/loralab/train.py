@@ -238,7 +238,8 @@ class _Run:
 
     def evaluate(self, trainer) -> dict:
         """The task metrics of the model as it is now; the dev loss, where the head's scoring
-        gives one (the Trainer's prediction loop with labels: classification), in `eval_loss`."""
+        gives one (the Trainer's prediction loop with labels: the classifier and span heads), in
+        `eval_loss`."""
         cfg, built, splits = self.cfg, self.built, self.splits
         self.eval_loss = None
 
@@ -354,7 +355,7 @@ class _Run:
             wall_time_s=trainer.earlier_wall() + time.time() - start,
             train_time_s=train_time,
             eval_time_s=eval_time,
-            eval_loss=self.eval_loss,  # the final evaluation's (classification); else null
+            eval_loss=self.eval_loss,  # the final evaluation's (classifier, span head); else null
             # The whole run's tokens (the earlier attempts' up to the checkpoint, then this one's);
             # the rate is this attempt's, over its steps' own time (evaluations and saves left out).
             tokens={

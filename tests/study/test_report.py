@@ -20,7 +20,7 @@ from loralab.study import plots
 from loralab.study.aggregate import ablation_base, aggregate, full_reference
 from loralab.study.grid import make_plan
 from loralab.study.grid_edges import grid_edge_warnings
-from loralab.study.phases import Values, best_so_far
+from loralab.study.phases import Values, best_so_far, grid_values
 from loralab.study.records import (
     deduplicate,
     load_runs,
@@ -499,9 +499,61 @@ def test_rates_tied_on_the_metric_are_told_apart_by_their_dev_loss(tmp_path):
     assert "so the grid chose none; its other seeds run at the smallest, 0.0001" in warned
 
 
+def test_a_tie_where_a_rate_diverged_on_a_seed_goes_to_the_smaller_rate(tmp_path):
+    """Both rates diverged on seed 2 (both score worst): a loss from seed 1 alone does not break
+    the tie, in the report as in the study, whose diverged trials have no loss."""
+    for lr, loss in ((1e-4, 3.5), (1e-3, 3.0)):
+        _with_loss(write_run(tmp_path, f"{lr:g}-s1", 1, {"accuracy": 0.5}, lr=lr), loss)
+        write_run(tmp_path, f"{lr:g}-s2", 2, {}, lr=lr, status="diverged")
+    cells, _ = aggregate(load_runs(tmp_path))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-4 and not best.chosen_by_loss
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,1e-3", seeds="1,2",
+                     results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip
+    values = Values({p["key"]: 0.5 if p["seed"] == 1 else -math.inf for p in plan.points()})
+    values.losses = {p["key"]: {1e-4: 3.5, 1e-3: 3.0}[p["lr"]] for p in plan.points() if p["seed"] == 1}  # fmt: skip
+    assert best_so_far(plan, values) == {"lora": 1e-4}
+
+
+def test_grid_values_read_losses_from_trials_else_from_their_run_folders(tmp_path):
+    """A trial recorded before results carried `eval_loss` takes it from its run folder's
+    summary, as the report does; a plain dict of values has none (the old rule)."""
+    import optuna
+
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,1e-3", seeds="1",
+                     results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = create_or_check(st, "s", plan)
+    new, old = sorted(plan.points(), key=lambda p: p["lr"])
+    run = tmp_path / "res" / "runs" / old["key"]
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "eval_loss": 2.5}))
+    results = {new["key"]: {"eval_loss": 3.0, "run_dir": "nowhere"},
+               old["key"]: {"run_dir": str(run)}}  # fmt: skip
+    for t in study.get_trials():
+        key = t.user_attrs["point"]
+        st.set_trial_user_attr(t._trial_id, "result", results[key])
+        st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [0.5])
+    values = grid_values(optuna.load_study(study_name="s", storage=st), plan)
+    assert values == {new["key"]: 0.5, old["key"]: 0.5}
+    assert values.losses == {new["key"]: 3.0, old["key"]: 2.5}
+    assert best_so_far(plan, values) == {"lora": 1e-3}  # the folder's loss is the lower
+    assert best_so_far(plan, dict(values)) == {"lora": 1e-4}
+
+
+def test_legend_columns_split_as_matplotlib_does():
+    """Matplotlib gives a short column's spare label to the first columns (4 labels in 3
+    columns: 2, 1, 1); the widths are estimated on that split."""
+    labels = ["x" * 40, "y", "z", "w"]  # 3 columns: 3.1 + 0.565 + 0.565 in
+    assert plots.legend_columns(labels, 4.3) == 3
+    assert plots.legend_columns(labels, 4.2) == 2  # 2 columns: 3.1 + 0.565 in
+    assert plots.legend_columns(labels, 3.0) == 1
+
+
 def test_best_rate_rule():
     assert best_rate([(0.5, 1e-4, 3.0), (0.5, 3e-4, 2.0), (0.4, 1e-3, 1.0)]) == (3e-4, True)
-    assert best_rate([(0.5, 3e-4, 2.0), (0.5, 1e-4, 2.0)]) == (1e-4, True)  # equal: smaller
+    assert best_rate([(0.5, 3e-4, 2.0), (0.5, 1e-4, 2.0)]) == (1e-4, False)  # equal: the rate
     assert best_rate([(0.5, 3e-4, 2.0), (0.5, 1e-4, None)]) == (1e-4, False)
     assert best_rate([(0.6, 3e-4, 9.0), (0.5, 1e-4, 1.0)]) == (3e-4, False)
     assert best_rate([(-math.inf, 1e-3, None), (-math.inf, 1e-4, None)]) == (1e-4, False)
@@ -1399,7 +1451,7 @@ def test_dev_loss_shows_where_runs_recorded_it_and_only_there(tmp_path):
     sst2 = md[md.index("## sst2: every metric") :].split("\n## ")[0]
     assert "| dev loss |" in sst2.splitlines()[2]
     assert "| 3.100 ± 0.141 |" in sst2  # LoRA: mean and sample std of 3.0 and 3.2
-    assert "| 2.000 (1 seed) (1 seeds) |" not in sst2 and "| 2.000 (1 seed) |" in sst2
+    assert "| 2.000 (1 seed) |" in sst2
     rte = md[md.index("## rte: every metric") :].split("\n## ")[0]
     assert "dev loss" not in rte  # no run of the task recorded it: no column of dashes
     rows = _rows(tmp_path / "out" / "report.csv")

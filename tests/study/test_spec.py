@@ -922,6 +922,38 @@ def test_a_seeds_study_stored_before_lost_rates_were_left_out_goes_on_as_it_bega
     assert other._made_before_lost_rates(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
 
 
+def test_a_seeds_study_stored_before_loss_ties_goes_on_at_the_rates_it_chose(tmp_path, data_root):  # fmt: skip
+    """Both LoRA rates tied on accuracy; the dev loss now prefers 3e-3, but the seeds study was
+    stored when ties went to the smaller rate (1e-3): it goes on with the stored plan instead
+    of refusing to continue. Another stored plan altogether is still refused."""
+    from types import SimpleNamespace
+
+    from loralab.study.phases import Values
+    from loralab.study.storage import create_or_check
+
+    spec = load_spec(TINY, str(data_root))
+    grid, seeds, *_ = phases(spec)
+    res = str(tmp_path / "res")
+    grid_plan = grid.plan(spec, None, res)
+    keys = {(p["method"], p["lr"]): p["key"] for p in grid_plan.points()}
+    values = Values({keys[m, lr]: 0.7 for m, lr in keys})
+    values.losses = {keys[m, lr]: 1.0 / lr for m, lr in keys}  # the higher rate, the lower loss
+    best = grid.bests(grid_plan, values)
+    assert best == {"lora": 3e-3, "full": 3e-4}
+    assert grid.bests(grid_plan, dict(values)) == {"lora": 1e-3, "full": 1e-4}
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, {"lora": 1e-3, "full": 1e-4}, res))
+    said = []
+    runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
+    runner.say = said.append
+    kept = runner._made_before_loss_ties(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
+    assert kept is not None and sorted(p["lr"] for p in kept.points()) == [1e-4, 1e-3]
+    assert "made before ties on the main metric went to the lower dev loss" in said[0]
+    create_or_check(st, "u-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
+    other = Runner(spec, st, "u", ["sst2"], res, 60, True)
+    assert other._made_before_loss_ties(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
+
+
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
     small = {"data_dir": "glue/sst2", "max_steps": 2, "max_train_examples": 16,
              "max_eval_examples": 8, "max_length": 32}  # fmt: skip

@@ -15,7 +15,14 @@ import math
 from dataclasses import dataclass, field
 
 from ..identity import short_fingerprint
-from .records import identity_hash, main_metric, points_per_unit, record_identity, without
+from .records import (
+    final_loss,
+    identity_hash,
+    main_metric,
+    points_per_unit,
+    record_identity,
+    without,
+)
 from .stats import best_rate, exact, mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
 
@@ -299,10 +306,12 @@ def selection_score(cells: list[Cell]):
 
 
 def _dev_loss(c: Cell, seeds: frozenset) -> float | None:
-    """The mean final dev loss of `c`'s completed runs on `seeds` (all of them when empty);
-    None where one lacks it (runs before 2026-12-05, heads that give none)."""
-    vals = [r.get("eval_loss") for r in c.done if not seeds or r["seed"] in seeds]
-    return sum(vals) / len(vals) if vals and all(is_number(v) for v in vals) else None
+    """The mean final dev loss of `c`'s runs on `seeds` (all of them when empty); None where
+    one diverged or lacks it (runs before 2026-12-05, heads that give none), as for the study's
+    own choice (`phases.best_so_far`)."""
+    runs = [r for r in c.runs if not seeds or r["seed"] in seeds]
+    vals = [final_loss(r) if r["status"] == "completed" else None for r in runs]
+    return None if not vals or None in vals else sum(vals) / len(vals)
 
 
 def families(cells: list[Cell]) -> list[list[Cell]]:

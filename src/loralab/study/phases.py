@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
+from .records import summary_loss
 from .stats import best_rate
 from .storage import is_final
 from .variants import is_number, variant_slug
@@ -259,7 +260,9 @@ def best_lrs(study, plan: Plan) -> dict[str, float] | None:
 
 class Values(dict):
     """Point key -> dev value (`grid_values`); `losses`: point key -> the final dev loss its
-    trial recorded, where it did (what breaks a tie on the value, `stats.best_rate`)."""
+    trial recorded (else its run folder's summary), where there is one: what breaks a tie on
+    the value (`stats.best_rate`). A plain dict of values has no losses: ties then go to the
+    smaller lr, the rule studies were stored under before the losses counted."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -275,8 +278,9 @@ def grid_values(study, plan: Plan) -> Values:
         if key in values and is_final(t):
             v = t.values[0] if t.values else None
             values[key] = v if v is not None and math.isfinite(v) else -math.inf
-            loss = (t.user_attrs.get("result") or {}).get("eval_loss")
-            if is_number(loss):
+            result = t.user_attrs.get("result") or {}
+            loss = result["eval_loss"] if "eval_loss" in result else summary_loss(result.get("run_dir"))  # fmt: skip
+            if is_number(loss) and math.isfinite(loss):
                 values.losses[key] = float(loss)
     return values
 

@@ -43,16 +43,17 @@ def _legend_outside(fig, axes) -> None:
             seen.setdefault(label, handle)
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", fontsize=8,
-                   ncols=_columns(list(seen), fig.get_size_inches()[0]), frameon=False)  # fmt: skip
+                   ncols=legend_columns(list(seen), fig.get_size_inches()[0]), frameon=False)  # fmt: skip
 
 
-def _columns(labels: list[str], width_in: float) -> int:
+def legend_columns(labels: list[str], width_in: float) -> int:
     """The most legend columns (up to 3) whose labels fit the figure's width: a one-panel
     figure's long labels side by side would be cut at its edges. Legends fill column by column;
     a column is as wide as its longest label (~0.065 in a character at 8 pt) plus the marker."""
     for n in range(min(3, len(labels)), 1, -1):
-        rows = math.ceil(len(labels) / n)
-        cols = [labels[i : i + rows] for i in range(0, len(labels), rows)]
+        sizes = [len(labels) // n + (i < len(labels) % n) for i in range(n)]  # as matplotlib
+        starts = [sum(sizes[:i]) for i in range(n)]
+        cols = [labels[a : a + k] for a, k in zip(starts, sizes, strict=True)]
         if sum(0.065 * max(map(len, c)) + 0.5 for c in cols) <= width_in:
             return n
     return 1

@@ -21,7 +21,7 @@ from ..rundir import (
 )
 from ..tracking import machine_name
 from .leases import lock_here
-from .records import main_metric_value, record_from_summary
+from .records import final_loss, main_metric_value, record_from_summary
 from .reuse import FINISHED
 
 # A point's log line when its run is lent idle cores or gives them back (study.spare_cores);
@@ -48,16 +48,6 @@ def finished_value(results: Path, key: str) -> float | None:
     return float(value) if ok else -math.inf
 
 
-def finished_loss(results: Path, key: str) -> float | None:
-    """The final dev loss of the finished run folder RUNS_DIR/`key`, where it recorded one
-    (what a worker reusing it would store beside `finished_value`)."""
-    try:
-        loss = json.loads((results / RUNS_DIR / key / SUMMARY_FILE).read_text()).get("eval_loss")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
-
-
 def outside_training(summary: dict) -> tuple[float | None, float | None]:
     """(wall s before the first step, wall s of the final evaluation) of a finished run. The
     first is what its wall time leaves beside training and that evaluation, known only for a
@@ -81,8 +71,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
     if ps.state in FINAL or summary.get("status") in FINISHED:  # a finished folder is reused
         ps.cpu_s = summary.get("train_cpu_time_s")
         ps.wall_s = summary.get("train_time_s")
-        loss = summary.get("eval_loss")
-        ps.loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        ps.loss = final_loss(summary)
         ps.setup_s, ps.eval_s = outside_training(summary)
         ps.machine = machine_name(summary.get("hardware") or {})
         start = summary.get("first_step_at")

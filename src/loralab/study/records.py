@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,6 +54,22 @@ def record_from_summary(summary: dict) -> dict:
     rec["identity"] = pooled_identity(summary.get("identity"))
     rec["data_known"] = bool((summary.get("identity") or {}).get("data", {}).get("fingerprint"))
     return rec
+
+
+def final_loss(summary: dict) -> float | None:
+    """A run summary's final dev loss, where it recorded a finite one (from 2026-12-05 on)."""
+    loss = summary.get("eval_loss")
+    return float(loss) if is_number(loss) and math.isfinite(loss) else None
+
+
+def summary_loss(run_dir: str | Path | None) -> float | None:
+    """`final_loss` of the summary in `run_dir`; None without one. Trials recorded before their
+    result carried `eval_loss` (0317c0b) take it from here, so the study, its status and the
+    report break ties on the same losses."""
+    try:
+        return final_loss(json.loads((Path(run_dir) / SUMMARY_FILE).read_text()))
+    except (TypeError, OSError, ValueError, AttributeError):
+        return None
 
 
 def _numbers(d) -> dict:
@@ -196,7 +213,10 @@ def load_study_runs(study_names: list[str], storage: str) -> list[dict]:
         for t in study.get_trials(deepcopy=False):
             if is_final(t) and t.user_attrs.get("result"):
                 done = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
-                out.append({"time": done, **t.user_attrs["result"], "group": plan.group})
+                rec = {"time": done, **t.user_attrs["result"], "group": plan.group}
+                if "eval_loss" not in rec:  # recorded before results carried it
+                    rec["eval_loss"] = summary_loss(rec.get("run_dir"))
+                out.append(rec)
     return out
 
 

@@ -85,7 +85,7 @@ class Runner:
         try:
             create_or_check(self.storage, name, plan)
         except LoralabError as e:
-            older = self._made_before_lost_rates(ph, best, d, values, name)
+            older = self._made_before_lost_rates(ph, best, d, values, name) or self._made_before_loss_ties(ph, best, d, values, name)  # fmt: skip
             if older is None:
                 raise self._refusal(ph, name, plan, e) from None
             plan = older
@@ -108,6 +108,23 @@ class Runner:
             return None
         lost = [m for m, lr in best.items() if lr is None]
         self.say(f"{name}: made before a method that diverged at every rate was left out: it keeps running {', '.join(lost)} at the smallest rate")  # fmt: skip
+        return older
+
+    def _made_before_loss_ties(self, ph: Phase, best: dict | None, d, values, name: str):
+        """The plan of a study stored before ties on the main metric went to the lower dev
+        loss (they went to the smaller rate), when that is the stored one: it goes on as it
+        began. None otherwise."""
+        if d is None:
+            return None
+        before = ph.depends_on.bests(d.plan, dict(values))  # a plain dict: no losses
+        if before is None or before == best:
+            return None
+        older = ph.plan(self.spec, before, self.results_dir)
+        try:
+            create_or_check(self.storage, name, older)
+        except LoralabError:
+            return None
+        self.say(f"{name}: made before ties on the main metric went to the lower dev loss: it keeps the rates it chose then, {before}")  # fmt: skip
         return older
 
     def check_stored(self) -> None:

@@ -22,14 +22,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def best_rate(scores: list[tuple[float, float, float | None]]) -> tuple[float, bool]:
     """The learning rate of the best (score, lr, mean dev loss or None) and whether the dev
-    loss chose it. The highest score wins; among rates tied on it, the lowest dev loss where
-    every tied rate recorded one (the dev set's own objective still tells rates apart when all
-    of them end at the majority baseline, as SQuAD v2 does on a small budget), else the
-    smallest rate."""
+    loss alone chose it. The highest score wins; among rates tied on it, the lowest dev loss
+    where every tied rate recorded one (the dev set's own objective still tells rates apart
+    when all of them end at the majority baseline, as SQuAD v2 does on a small budget), then
+    the smallest rate."""
     top = max(x[0] for x in scores)
     tied = sorted((x for x in scores if x[0] == top), key=lambda x: x[1])
     if len(tied) > 1 and all(x[2] is not None for x in tied):
-        return min(tied, key=lambda x: (x[2], x[1]))[1], True
+        best = min(tied, key=lambda x: (x[2], x[1]))
+        return best[1], sum(x[2] == best[2] for x in tied) == 1
     return tied[0][1], False
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from .. import tracking
 from ..errors import LoralabError
-from ..rundir import STUDY_DB
+from ..rundir import RUNS_DIR, STUDY_DB
 from . import memory
 from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, phases
-from .progress import FINAL, finished_loss, finished_value, read_run
-from .records import main_metric
+from .progress import FINAL, finished_value, read_run
+from .records import main_metric, summary_loss
 from .spec import select_tasks, with_lr_placeholder
 from .storage import (
     NoStoredGrid,
@@ -239,7 +239,7 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             for key, v in values.items():
                 if v is None:  # a finished folder a worker would reuse: its value and loss
                     values[key] = finished_value(Path(results), key)
-                    if (loss := finished_loss(Path(results), key)) is not None:
+                    if (loss := summary_loss(Path(results) / RUNS_DIR / key)) is not None:
                         values.losses[key] = loss
             bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False))  # fmt: skip
         return bests[grid_name]
