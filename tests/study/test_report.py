@@ -476,6 +476,8 @@ def test_rates_tied_on_the_metric_are_told_apart_by_their_dev_loss(tmp_path):
         "scored the same (accuracy 50.00 points); the lowest final dev loss chose 0.001" in warned
     )
     assert "It is the highest of its grid" in warned
+    report(tmp_path / "loss", out=tmp_path / "out")
+    assert "| 0.001 | 2 | 50.00 ± 0.00 | ✓ (tie: lower dev loss) |" in (tmp_path / "out" / "report.md").read_text()  # fmt: skip
     # The study's own choice from the same points: values and losses as its trials store them.
     plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-4,3e-4,1e-3", seeds="1,2",
                      results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip

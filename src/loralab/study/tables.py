@@ -263,9 +263,11 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         "Learning-rate grid (main metric)",
         ["group", "task", "head", "model", "method", "LoRA", "data", "lr", "seeds", "main metric", "best"],
         [[c.group, c.task, c.head, c.model, c.method, c.variant, c.data, f"{c.lr:g}", _n(c),
-          _pm(c, c.metric), "✓" if c.best else ""] for c in cells],
+          _pm(c, c.metric), ("✓ (tie: lower dev loss)" if c.chosen_by_loss else "✓") if c.best else ""]
+         for c in cells],
         "group: `sweep` for the learning-rate grid and the seeds run at its best rates, "
-        "`ablation-<axis>` for an ablation's runs.",
+        "`ablation-<axis>` for an ablation's runs. A best rate tied with another on the main "
+        "metric is chosen by the lower final dev loss where every tied rate recorded one.",
     ))  # fmt: skip
     for group in sorted({c.group for c in best if is_ablation(c.group)}):
         # An axis with its own lr grid picks each setting's rate; one without keeps the base's
