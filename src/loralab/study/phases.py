@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
-from .records import summary_loss
+from .records import final_loss, summary_loss
 from .stats import best_rate
 from .storage import is_final
-from .variants import is_number, variant_slug
+from .variants import variant_slug
 
 
 @dataclass
@@ -279,9 +279,9 @@ def grid_values(study, plan: Plan) -> Values:
             v = t.values[0] if t.values else None
             values[key] = v if v is not None and math.isfinite(v) else -math.inf
             result = t.user_attrs.get("result") or {}
-            loss = result["eval_loss"] if "eval_loss" in result else summary_loss(result.get("run_dir"))  # fmt: skip
-            if is_number(loss) and math.isfinite(loss):
-                values.losses[key] = float(loss)
+            loss = final_loss(result) if "eval_loss" in result else summary_loss(result.get("run_dir"))  # fmt: skip
+            if loss is not None:
+                values.losses[key] = loss
     return values
 
 

@@ -101,10 +101,8 @@ class Runner:
         the stored one: it goes on as it began. None otherwise."""
         if d is None or ph.depends_on.kind != "grid" or None not in (best or {}).values():
             return None
-        older = ph.plan(self.spec, best_so_far(d.plan, values), self.results_dir)
-        try:
-            create_or_check(self.storage, name, older)
-        except LoralabError:
+        older = self._stored_as(ph, best_so_far(d.plan, values), name)
+        if older is None:
             return None
         lost = [m for m, lr in best.items() if lr is None]
         self.say(f"{name}: made before a method that diverged at every rate was left out: it keeps running {', '.join(lost)} at the smallest rate")  # fmt: skip
@@ -119,12 +117,20 @@ class Runner:
         before = ph.depends_on.bests(d.plan, dict(values))  # a plain dict: no losses
         if before is None or before == best:
             return None
-        older = ph.plan(self.spec, before, self.results_dir)
+        older = self._stored_as(ph, before, name)
+        if older is None:
+            return None
+        self.say(f"{name}: made before ties on the main metric went to the lower dev loss: it keeps the rates it chose then, {before}")  # fmt: skip
+        return older
+
+    def _stored_as(self, ph: Phase, best: dict | None, name: str):
+        """The phase's plan at an earlier rule's choice `best`, when that is the plan stored
+        under `name`; None otherwise."""
+        older = ph.plan(self.spec, best, self.results_dir)
         try:
             create_or_check(self.storage, name, older)
         except LoralabError:
             return None
-        self.say(f"{name}: made before ties on the main metric went to the lower dev loss: it keeps the rates it chose then, {before}")  # fmt: skip
         return older
 
     def check_stored(self) -> None:

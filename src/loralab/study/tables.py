@@ -19,7 +19,7 @@ from .aggregate import (
     is_ablation,
     paired_diffs,
 )
-from .records import points_per_unit
+from .records import final_loss, points_per_unit
 from .stats import mean_std, seeds_to_settle, t_interval
 from .variants import is_number
 
@@ -51,7 +51,7 @@ def _points(cell: Cell, value: float) -> str:
 def _loss(cell: Cell) -> str:
     """The final dev loss, mean ± std over the seeds that recorded it ('—' for none): the one
     figure that still tells runs apart when every one of them sits at the majority baseline."""
-    vals = [r["eval_loss"] for r in cell.done if is_number(r.get("eval_loss"))]
+    vals = [x for r in cell.done if (x := final_loss(r)) is not None]
     if not vals:
         return "—"
     mean, std = mean_std(vals)
