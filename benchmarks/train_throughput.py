@@ -7,7 +7,7 @@ Configurations (each for LoRA and full fine-tuning, SmolLM2-135M, SST-2, batch 1
   C  loralab defaults (`loralab train`: length-grouped batches, precision auto)
   D  loralab's fastest setting: C without LoRA dropout, and in bf16 (where the hardware has it)
      with compiled layers (train.compile=true; its first step compiles, the warm-up steps hide
-     it); in fp32 eager, since compiled layers measured no faster there (README)
+     it); in fp32 eager, since compiled layers measured no faster there (docs/benchmarks.md)
 
 C0, C and D run under the heap allocator `loralab` itself chooses (loralab.allocator: tcmalloc or
 jemalloc where installed), A and B under the system's, as a plain script would; each row names its

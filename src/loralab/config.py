@@ -74,7 +74,7 @@ class LoraSettings:
 class DataConfig:
     task: str = "sst2"
     """Task: sst2, mrpc, rte, squad_v2, or your own data: csv:PATH, tsv:PATH, jsonl:PATH,
-    hub:ORG/NAME (options after `?`) or a task YAML file (README: "Bring your own data")."""
+    hub:ORG/NAME (options after `?`) or a task YAML file (docs/tasks.md: "Bring your own data")."""
     data_dir: str | None = None
     """Folder with the task's files in their original names/formats; None = the Hugging Face hub."""
     train_file: str | None = None
@@ -143,7 +143,7 @@ class TrainConfig:
     1.39-1.46× faster on 2 CPU cores (the main command's 1.21×) after a ~40 s first compile
     (~4 s from inductor's cache), in bf16. `auto`: bf16 runs of ≥ 600 optimiser steps, or ≥ 100
     once compiled here; not in fp32 on a CPU (measured no faster), not on GPUs, with
-    checkpointing or a quantized base (README)."""
+    checkpointing or a quantized base (docs/configuration.md)."""
 
 
 @dataclass

@@ -63,6 +63,6 @@ def choose_compile(cfg: ExperimentConfig, attention_kernel: str, train_features:
     elif not precision.uses_bf16(tr.precision):
         # The measured gains were bf16's (AMX Xeon 1.46x): inductor fuses the casts and
         # element-wise work around the products. In fp32 on an AVX2-only EPYC, the CPUs `auto`
-        # trains in fp32 on, compiled steps ran 1.01x eager's after their compile (README).
+        # trains in fp32 on, compiled steps ran 1.01x eager's after their compile (docs/configuration.md).
         eager = "fp32 on a CPU (compiled layers measured no faster than eager there)"
     return {**compiling.decide(tr.compile, steps, key, eager), "key": key}

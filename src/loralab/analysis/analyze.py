@@ -3,7 +3,7 @@
 Loads run directories, the probe set and the models; the numbers come from the pure functions
 of `loralab.analysis`, the JSON parts from `sections`, the figures from `plots`. Writes
 `analysis/` in the run directory: analysis.json, PNG plots and the probe set's hidden states
-(safetensors). The JSON schema is documented in the README.
+(safetensors). The JSON schema is documented in docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def get_task(name: str) -> Task:
     raise LoralabError(
         f"Unknown task '{name}'. Known tasks: {', '.join(tasks)}; or your own data as "
         "csv:PATH, tsv:PATH, jsonl:PATH (a folder with train/dev files, or the training file), "
-        "hub:ORG/NAME, or a task YAML file (see the README, 'Bring your own data')."
+        "hub:ORG/NAME, or a task YAML file (docs/tasks.md, 'Bring your own data')."
     )
 
 
