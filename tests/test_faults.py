@@ -128,6 +128,12 @@ def _results_with_a_summary_without_lr(c: Case) -> list[str]:
     return ["report", str(c.dir / "results")]
 
 
+def _study_alone_where_report_is_a_file(c: Case) -> list[str]:
+    """`report --study` without RESULTS_DIR writes ./report: a file there is refused first."""
+    c.file("report")  # the case runs in c.dir
+    return ["report", "--study", "s", "--storage", f"sqlite:///{c.dir / 'study.db'}"]
+
+
 def _resume_config_cut_at_a_line(c: Case) -> list[str]:
     """config.yaml cut at a line boundary is still valid YAML: the defaults must not fill in."""
     run = c.run(status="failed")
@@ -298,6 +304,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("report-missing-results", lambda c: ["report", c.out("nothing")], "does not exist"),
     ("report-results-is-file", lambda c: ["report", str(c.file("f"))], "RESULTS_DIR '"),
     ("report-nothing-given", lambda c: ["report"], "Give a results folder"),
+    ("report-study-alone-report-is-a-file", _study_alone_where_report_is_a_file, "./report '"),
 ]  # fmt: skip
 
 

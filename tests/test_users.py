@@ -267,6 +267,21 @@ def test_misspelt_model_fails_within_2s_with_a_suggestion(tmp_path):
     assert elapsed < 2.0, elapsed
 
 
+def test_misspelt_model_in_a_config_or_override_fails_before_torch_loads(tmp_path):
+    """A model named by --config or model.name=... is checked as early as --model's: the
+    suggestion comes before the training code (and torch) is imported."""
+    (tmp_path / "c.yaml").write_text("model:\n  name: tiny-lama\n")
+    for given in (["--config", str(tmp_path / "c.yaml")], ["model.name=tiny-lama"]):
+        argv = ["train", "--task", "sst2", "--output-dir", str(tmp_path), *given]
+        code = (
+            "import sys; from loralab.cli import main; "
+            f"rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert "did you mean tiny-llama?" in r.stderr, r.stderr
+        assert r.stdout.split() == ["2", "False"], (given, r.stdout)
+
+
 def test_misspelt_local_folder_and_uncached_hub_id_fail_at_once(tmp_path, monkeypatch, capsys):
     from loralab import hub
 

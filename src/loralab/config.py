@@ -162,7 +162,7 @@ class RunConfig:
     output_dir: str = "runs"
     """Folder under which each run gets its own subfolder."""
     name: str | None = None
-    """Run folder name; None = task-method-model-seed-timestamp."""
+    """Run folder name; None = task-method-model-sSEED-YYYYMMDD-HHMMSS."""
 
 
 @dataclass

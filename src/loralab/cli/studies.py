@@ -182,7 +182,9 @@ def add_report(sub) -> None:
         "--study", action="append", help="read these studies' stored results (repeatable)"
     )
     p.add_argument("--storage", help="Optuna storage URL (default: RESULTS_DIR/study.db)")
-    p.add_argument("--out", help="output folder (default: RESULTS_DIR/report)")
+    p.add_argument(
+        "--out", help="output folder (default: RESULTS_DIR/report; ./report with --study alone)"
+    )
 
 
 def add_export(sub) -> None:
@@ -374,10 +376,12 @@ def cmd_report(args) -> int:
             f"RESULTS_DIR '{args.results_dir}' {state}: give the results folder of a sweep or "
             "study (the one holding runs/), or --study NAME with --storage URL."
         )
-    if args.out or args.results_dir:  # the report goes to --out, else into RESULTS_DIR
-        where = "--out" if args.out else "RESULTS_DIR/report"
-        check_writable(args.out or Path(args.results_dir) / "report", where)
-        check_not_a_run(args.out or Path(args.results_dir) / "report", where)
+    if args.out or args.results_dir or args.study:
+        # The report goes to --out, else into RESULTS_DIR, else (--study alone) into ./report.
+        where = "--out" if args.out else "RESULTS_DIR/report" if args.results_dir else "./report"
+        out = Path(args.out or (Path(args.results_dir or ".") / "report"))
+        check_writable(out, where)
+        check_not_a_run(out, where)
     rep = report(args.results_dir, args.study, args.storage, args.out)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -73,10 +73,6 @@ def cmd_train(args) -> int:
     if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
         precheck(args.model)
     check_push_flags(args)
-    from .. import distributed
-    from ..resume import resume
-    from ..train import train
-
     if args.resume:
         given = [
             f"--{k.replace('_', '-')}"
@@ -89,6 +85,8 @@ def cmd_train(args) -> int:
                 f"--resume continues a run with the config it was started with; drop {given} "
                 "(or start a new run without --resume)."
             )
+        from ..resume import resume
+
         result = resume(
             args.resume,
             quiet=args.quiet,
@@ -117,6 +115,8 @@ def cmd_train(args) -> int:
             train={"method": args.method},
             run={"output_dir": args.output_dir},
         )
+        if not args.model:  # named by --config or an override: checked as early as --model
+            precheck(cfg.model.name)
         lora_keys = [o.split("=", 1)[0] for o in args.overrides if o.startswith("lora.")]
         if cfg.train.method == "full" and lora_keys:
             raise LoralabError(
@@ -124,7 +124,11 @@ def cmd_train(args) -> int:
                 "every weight and builds no adapter, so lora.* settings would be ignored. Drop "
                 "them, or train with --method lora."
             )
+        from ..train import train
+
         result = train(cfg, quiet=args.quiet)
+    from .. import distributed
+
     if not distributed.is_main():  # under torchrun: rank 0 reports and pushes
         return 0
     shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
