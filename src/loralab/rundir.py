@@ -57,7 +57,7 @@ LOGS_DIR = "logs"
 REPORT_DIR = "report"
 REPORT_LOCK = "report.lock"  # in LOCKS_DIR
 FIGURES_DIR = "figures"  # in REPORT_DIR
-REPORT_FILES = ("report.md", "report.html", "report.csv", "runs.csv")
+REPORT_FILES = ("report.md", "report.html", "report.csv", "runs.csv", "report.tex")
 
 
 def _umask() -> int:

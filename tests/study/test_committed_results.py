@@ -33,7 +33,7 @@ def test_committed_report_regenerates_unchanged(tmp_path, monkeypatch, name):
     assert _without_source_line((fresh / "report.md").read_text()) == _without_source_line(
         (committed / "report.md").read_text()
     )
-    for table in ("report.csv", "runs.csv"):
+    for table in ("report.csv", "runs.csv", "report.tex"):
         assert (fresh / table).read_text() == (committed / table).read_text(), table
 
 

@@ -1,5 +1,5 @@
-"""The study report's files: report.md, report.html (figures embedded), report.csv, runs.csv and
-figures/*.png, from run directories or from studies' stored trials (`loralab report`)."""
+"""The study report's files: report.md, report.html (figures embedded), report.csv, runs.csv,
+report.tex and figures/*.png, from run directories or from studies' stored trials (`loralab report`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .caveats import (
     lost_seed_warnings,
 )
 from .grid_edges import grid_edge_warnings
+from .latex import latex_report
 from .plots import make_figures
 from .records import (
     RUN_FIELDS,
@@ -94,7 +95,8 @@ MD_TITLE = "# loralab study report"
 
 def write_report(records: list[dict], out_dir: str | Path, source: str,
                  pending: dict | None = None) -> Report:  # fmt: skip
-    """report.md, report.html (figures embedded), report.csv, runs.csv and figures/*.png;
+    """report.md, report.html (figures embedded), report.csv, runs.csv, report.tex and
+    figures/*.png;
     `pending` (records.pending_lrs) holds back grid-edge warnings for grids still running."""
     if not records:
         raise LoralabError(
@@ -145,11 +147,12 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{escape(title)}</figcaption></figure>"
         for title, p in figures
     ]  # fmt: skip
-    files = [out / name for name in REPORT_FILES]  # md, html, csv, runs.csv
+    files = [out / name for name in REPORT_FILES]  # md, html, csv, runs.csv, tex
     atomic_write(files[0], "\n".join(md))
     atomic_write(files[1], f"<!doctype html><html><head><meta charset='utf-8'><title>loralab report</title><style>{STYLE}</style></head><body>{''.join(html)}</body></html>\n")  # fmt: skip
     _write_csv(files[2], csv_rows(cells, comps))
     _write_csv(files[3], [_flat_run(r) for r in records])
+    atomic_write(files[4], latex_report(tabs, source))
     return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
 
 
