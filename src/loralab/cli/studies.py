@@ -171,7 +171,7 @@ def _workers(text: str) -> str:
 def add_report(sub) -> None:
     p = sub.add_parser(
         "report",
-        help="Tables, plots, Markdown/HTML/CSV from a results folder or a study.",
+        help="Tables, plots, Markdown/HTML/CSV/LaTeX from a results folder or a study.",
         description="Per task and method: mean ± std over seeds at the best learning rate, "
         "LoRA − full, trainable share, time, memory, pass/fail against the targets; ablations; plots.",
     )
