@@ -212,7 +212,7 @@ def cmd_export(args) -> int:
         text += f"; {STUDY_DB} copied"
     print(text)
     if done.report is not None:
-        print(f"report: {done.report.files[0]} (also .html, .csv)")
+        print(f"report: {done.report.files[0]} (also .html, .csv, .tex)")
     return 0
 
 
@@ -358,7 +358,7 @@ def cmd_study(args) -> int:
         codes = [p.wait() for p in siblings]
     print("\n".join(out.lines))
     if out.report is not None:
-        print(f"report: {out.report.files[0]} (also .html, .csv)")
+        print(f"report: {out.report.files[0]} (also .html, .csv, .tex)")
     return 1 if out.unfinished or any(codes) else 0
 
 
@@ -387,7 +387,7 @@ def cmd_report(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     main_table = rep.tables[0]
     shown = [main_table.headers.index(h) for h in CONSOLE_COLUMNS]
-    table = Table(title=main_table.title, caption="All columns: report.md/.html/.csv")
+    table = Table(title=main_table.title, caption="All columns: report.md/.html/.csv/.tex")
     for i in shown:
         table.add_column(main_table.headers[i], overflow="fold")
     for row in main_table.rows:
@@ -396,5 +396,5 @@ def cmd_report(args) -> int:
     col = main_table.headers.index("model")  # each model's caveat, as train prints it
     for note in filter(None, map(caveat, sorted({r[col] for r in main_table.rows}))):
         print(f"({note})")
-    print(f"report: {rep.files[0]}, {rep.files[1]}, {rep.files[2]}")
+    print(f"report: {rep.files[0]} (also .html, .csv, .tex; runs.csv, figures/)")
     return 0
