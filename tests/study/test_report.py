@@ -459,6 +459,30 @@ def _with_loss(run, loss):
     (run / "summary.json").write_text(json.dumps(summary))
 
 
+def test_an_ablation_table_shows_the_dev_loss_where_runs_recorded_it(tmp_path):
+    """Settings tied on the metric (SQuAD v2 at the prior) still differ in dev loss: the
+    ablation table shows it, as the per-task tables do; without losses it has no such column."""
+    for name, r, group, seed, loss in (("b1", 8, "sweep", 1, 3.0), ("b2", 8, "sweep", 2, 2.8),
+                                       ("a1", 4, "ablation-rank", 1, 2.2), ("a2", 4, "ablation-rank", 2, 2.4)):  # fmt: skip
+        run = write_run(tmp_path / "runs", name, seed, {"accuracy": 0.5}, group=group,
+                        lora={"r": r, "alpha": 2.0 * r})  # fmt: skip
+        _with_loss(run, loss)
+        if group == "sweep":
+            (run / "sweep.json").write_text(json.dumps({"groups": ["sweep", "ablation-rank"]}))
+    rep = report(tmp_path, out=tmp_path / "out")
+    (table,) = [t for t in rep.tables if t.title.startswith("Ablation: rank")]
+    col = table.headers.index("dev loss")
+    assert table.headers[col - 1] == "main metric"
+    by_variant = {row[3]: row[col] for row in table.rows}
+    assert by_variant == {"r=8 α=16": "2.900 ± 0.141", "r=4 α=8": "2.300 ± 0.141"}
+    assert "Dev loss: the final evaluation's" in table.note
+    for run in (tmp_path / "runs").iterdir():  # the same runs without losses: no column
+        _with_loss(run, None)
+    rep = report(tmp_path, out=tmp_path / "out2")
+    (table,) = [t for t in rep.tables if t.title.startswith("Ablation: rank")]
+    assert "dev loss" not in table.headers and "Dev loss" not in table.note
+
+
 def test_rates_tied_on_the_metric_are_told_apart_by_their_dev_loss(tmp_path):
     """Every rate at the baseline (SQuAD v2 on a small budget) but with falling dev losses: the
     loss chooses, in the report and in the study alike; one rate without a recorded loss (an

@@ -276,10 +276,13 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         # Chosen on the first seed alone (`grid_on_first_seed`): the other seeds are free of it.
         on_first = any(c.chose_lr_on and c.chose_lr_on != {r["seed"] for r in c.done} for c in best if c.group == group)  # fmt: skip
         rows = []
-        for c in (c for c in best if c.group == group and c.lora):
+        settings = [c for c in best if c.group == group and c.lora]
+        loss = any(_loss(c) != "—" for c in settings)  # as in the per-task tables
+        for c in settings:
             ref = full_reference(c, cells)
             rows.append([c.task, c.head, c.model, c.variant, c.data, f"{c.lr:g}", _n(c),
-                         f"{c.metric}: {_pm(c, c.metric)}", _minus_base(c, ablation_base(c, cells)),
+                         f"{c.metric}: {_pm(c, c.metric)}", *([_loss(c)] if loss else []),
+                         _minus_base(c, ablation_base(c, cells)),
                          _pm(ref, ref.metric) if ref else "—", _minus(c, ref),
                          _f(c.avg("trainable_share_without_head_pct"), ".3f"),
                          _f(c.avg("wall_time_s")), _f(c.avg("train_cpu_time_s"), ".0f"),
@@ -287,6 +290,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         out.append(Table(
             f"Ablation: {group.removeprefix('ablation-')} (best learning rate per setting)",
             ["task", "head", "model", "LoRA", "data", "best lr", "seeds", "main metric",
+             *(["dev loss"] if loss else []),
              "− base, paired by seed (mean [95% CI])", "full fine-tuning",
              "− full, paired by seed (mean [95% CI])",
              "trainable % (without head)", "wall time (s)", "training CPU (s)",
@@ -299,6 +303,7 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
             "same mean and spread of the differences (a plug-in estimate; "
             f"'>{SETTLE_MOST}': the two are as good as tied). Full fine-tuning: its best learning rate, "
             "all its seeds; − full: this setting minus it on the seeds both ran, likewise. "
+            + ("Dev loss: the final evaluation's, as in the per-task tables. " if loss else "")
             + (
                 "Best lr: each setting's own, from the axis's lr grid, chosen on the seeds "
                 + (
