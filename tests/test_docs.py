@@ -12,19 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCED = re.compile(r"^```.*?^```", re.M | re.S)  # fenced code blocks
 
 
 def prose(text: str) -> str:
     """`text` without fenced code blocks and inline code spans (links there are not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", "", FENCED.sub("", text))
 
 
 def anchors(text: str) -> set[str]:
     """The anchors GitHub gives `text`'s headings: lower case, punctuation but '-' and '_'
     dropped, spaces to '-', a repeated one suffixed -1, -2, ..."""
     out: set[str] = set()
-    for line in re.sub(r"^```.*?^```", "", text, flags=re.M | re.S).splitlines():
+    for line in FENCED.sub("", text).splitlines():
         m = re.match(r"^#{1,6} (.+?)\s*$", line)
         if not m:
             continue

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoralabError
-from ..rundir import STUDY_DB, check_not_a_run, check_writable
+from ..rundir import REPORT_DIR, STUDY_DB, check_not_a_run, check_writable
 from .options import add_trust, check_results_dir, int_at_least
 
 
@@ -379,7 +379,7 @@ def cmd_report(args) -> int:
     if args.out or args.results_dir or args.study:
         # The report goes to --out, else into RESULTS_DIR, else (--study alone) into ./report.
         where = "--out" if args.out else "RESULTS_DIR/report" if args.results_dir else "./report"
-        out = Path(args.out or (Path(args.results_dir or ".") / "report"))
+        out = Path(args.out or (Path(args.results_dir or ".") / REPORT_DIR))
         check_writable(out, where)
         check_not_a_run(out, where)
     rep = report(args.results_dir, args.study, args.storage, args.out)

@@ -3,6 +3,8 @@ functions of the same `Table`s that report.md and report.html show."""
 
 from __future__ import annotations
 
+import textwrap
+
 from .tables import Table
 
 # LaTeX's special characters, and the non-ASCII symbols the tables use, in text mode.
@@ -70,12 +72,7 @@ def _header(text: str, wraps: bool) -> str:
     characters (a nested tabular), so the header does not widen its column."""
     if wraps or len(text) <= SHORT:
         return escape(text)
-    lines: list[str] = []
-    for word in text.split():
-        if lines and len(lines[-1]) + 1 + len(word) <= SHORT:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
+    lines = textwrap.wrap(text, SHORT, break_long_words=False, break_on_hyphens=False)
     return r"\begin{tabular}[b]{@{}l@{}}" + r" \\ ".join(map(escape, lines)) + r"\end{tabular}"
 
 
