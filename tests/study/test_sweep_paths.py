@@ -67,3 +67,25 @@ def test_a_point_whose_data_is_gone_stops_the_worker_with_exit_2_naming_its_log(
     log = next((tmp_path / "res" / "logs").glob("*.log"))
     assert f"(the point's log: {log})" in err
     assert len(list((tmp_path / "res" / "logs").glob("*.log"))) == 1  # stopped at the first point
+
+
+def test_a_study_stored_with_absolute_paths_matches_the_same_folders_given_relative(
+    tmp_path, monkeypatch
+):
+    # A study run with `--data-root /abs/data`, continued (or asked for --status) from the
+    # folder where the spec's relative data_root names the same data.
+    from dataclasses import replace
+
+    from loralab.study.storage import grid_difference
+
+    for d in ("data", "other"):
+        write_sst2(tmp_path / d, n_train=16, n_dev=8)
+    monkeypatch.chdir(tmp_path)
+    kw = dict(model={"name": "tiny-llama"}, methods="lora", seeds="1", results_dir="res")
+    stored = make_plan(data={"data_dir": str(tmp_path / "data")}, **kw)
+    relative = make_plan(data={"data_dir": "data"}, **kw)
+    data = relative.base["data"]
+    as_typed = replace(relative, base={**relative.base, "data": {**data, "data_dir": "data"}})
+    assert grid_difference(stored, as_typed) is None
+    elsewhere = replace(relative, base={**relative.base, "data": {**data, "data_dir": "other"}})
+    assert "data_dir" in (grid_difference(stored, elsewhere) or "")

@@ -206,8 +206,12 @@ class NoStoredGrid(LoralabError):
 def grid_difference(stored: Plan, plan: Plan) -> str | None:
     """None when `plan` continues the `stored` study's grid; else what differs, in words."""
     plan = replace(plan, names_settings=stored.names_settings)  # a sweep's older keys kept
-    # A study made before sweeps stored absolute paths matches when its paths resolve the same.
-    if plan.fingerprint() in (stored.fingerprint(), stored.with_absolute_paths().fingerprint()):
+    # Paths are compared resolved against the current folder: a study stored with relative
+    # paths (an older sweep, a spec's data_root) or absolute ones (`--data-root /abs`) matches a
+    # command that names the same folders the other way.
+    if plan.fingerprint() == stored.fingerprint():
+        return None
+    if plan.with_absolute_paths().fingerprint() == stored.with_absolute_paths().fingerprint():
         return None
     return describe_difference(stored, plan)
 
