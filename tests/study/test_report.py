@@ -525,6 +525,63 @@ def test_rates_tied_on_the_metric_are_told_apart_by_their_dev_loss(tmp_path):
     assert "so the grid chose none; its other seeds run at the smallest, 0.0001" in warned
 
 
+def test_rates_within_a_point_of_the_majority_baseline_tie_and_the_dev_loss_chooses(tmp_path):
+    """minilm-squad's all-linear grid: 1e-3 a little under the baseline (a model starting to
+    answer, its first answers mostly wrong) with the lower dev loss, 3e-3 at it. Both show
+    nothing learned, so they tie and the loss chooses 1e-3, in the report and in the study
+    alike; a rate more than a point above the baseline still wins on the metric."""
+
+    def grid(root, scores):
+        for i, (lr, (acc, loss)) in enumerate(scores.items()):
+            run = write_run(root, f"r{i}", 1, {"accuracy": acc}, majority={"accuracy": 0.5}, lr=lr)
+            _with_loss(run, loss)
+        return aggregate(load_runs(root))[0]
+
+    cells = grid(tmp_path / "near", {1e-3: (0.499, 2.20), 3e-3: (0.5, 2.84)})
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-3 and best.chosen_by_loss
+    (warned,) = grid_edge_warnings(cells)
+    assert (
+        "every learning rate of its grid (0.001, 0.003) scored within 1 point of the majority "
+        "baseline (accuracy 49.90 to 50.00 points against its 50.00), which shows nothing "
+        "learned: they count as tied; the lowest final dev loss chose 0.001" in warned
+    )
+    assert "It is the lowest of its grid" in warned  # the side the loss points to
+    cells = grid(tmp_path / "learned", {1e-3: (0.499, 2.20), 3e-3: (0.511, 2.84)})
+    assert [c.lr for c in cells if c.best] == [3e-3]
+    # The study's own choice from the same points, as its trials store them.
+    plan = make_plan(tasks="sst2", methods="lora", lora_lr="1e-3,3e-3", seeds="1",
+                     results_dir=str(tmp_path / "res"), model={"name": "tiny-llama"})  # fmt: skip
+    keys = {p["lr"]: p["key"] for p in plan.points()}
+    values = Values({keys[1e-3]: 0.499, keys[3e-3]: 0.5})
+    values.losses = {keys[1e-3]: 2.20, keys[3e-3]: 2.84}
+    values.baselines = {k: 0.5 for k in keys.values()}
+    assert best_so_far(plan, values) == {"lora": 1e-3}
+    assert best_so_far(plan, values.without_baselines()) == {"lora": 3e-3}  # the rule before
+    values[keys[3e-3]] = 0.511
+    assert best_so_far(plan, values) == {"lora": 3e-3}
+
+
+def test_the_report_compares_where_the_other_seeds_ran_and_says_the_rule_now_differs(tmp_path):
+    """A study that ran its other seeds at 1e-4 under an older rule (its seed-1 score higher by
+    one example); the rule now ties the two rates near the baseline and picks 1e-3 by its dev
+    loss. The tables stay at 1e-4, where the seeds are, and a warning names both rates."""
+    for name, lr, seed, acc, loss in (("a1", 1e-4, 1, 0.5, 3.0), ("a2", 1e-4, 2, 0.52, 2.9),
+                                      ("b1", 1e-3, 1, 0.499, 2.0)):  # fmt: skip
+        run = write_run(tmp_path, name, seed, {"accuracy": acc}, majority={"accuracy": 0.5}, lr=lr)
+        _with_loss(run, loss)
+    cells, _ = aggregate(load_runs(tmp_path))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-4 and best.rule_lr == 1e-3 and not best.chosen_by_loss
+    (warned,) = grid_edge_warnings(cells)
+    assert "the other seeds ran at 0.0001, the rate chosen when they were run; the learning-rate rule now chooses 0.001" in warned  # fmt: skip
+    # Once 1e-3 has run the other seed too, the rule's choice is where the seeds are.
+    _with_loss(write_run(tmp_path, "b2", 2, {"accuracy": 0.53}, majority={"accuracy": 0.5}, lr=1e-3), 1.9)  # fmt: skip
+    cells, _ = aggregate(load_runs(tmp_path))
+    (best,) = [c for c in cells if c.best]
+    assert best.lr == 1e-3 and best.rule_lr is None
+
+
 def test_a_tie_where_a_rate_diverged_on_a_seed_goes_to_the_smaller_rate(tmp_path):
     """Both rates diverged on seed 2 (both score worst): a loss from seed 1 alone does not break
     the tie, in the report as in the study, whose diverged trials have no loss."""

@@ -946,12 +946,43 @@ def test_a_seeds_study_stored_before_loss_ties_goes_on_at_the_rates_it_chose(tmp
     said = []
     runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
     runner.say = said.append
-    kept = runner._made_before_loss_ties(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
+    kept = runner._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
     assert kept is not None and sorted(p["lr"] for p in kept.points()) == [1e-4, 1e-3]
     assert "made before ties on the main metric went to the lower dev loss" in said[0]
     create_or_check(st, "u-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
     other = Runner(spec, st, "u", ["sst2"], res, 60, True)
-    assert other._made_before_loss_ties(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
+    assert other._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
+
+
+def test_a_seeds_study_stored_before_baseline_ties_goes_on_at_the_rates_it_chose(tmp_path, data_root):  # fmt: skip
+    """LoRA's rates both within a point of the majority baseline: they now tie and the dev loss
+    picks 1e-3, but the seeds study was stored when 3e-3's higher score (by one example) won:
+    it goes on with the stored plan, saying why."""
+    from types import SimpleNamespace
+
+    from loralab.study.phases import Values
+    from loralab.study.storage import create_or_check
+
+    spec = load_spec(TINY, str(data_root))
+    grid, seeds, *_ = phases(spec)
+    res = str(tmp_path / "res")
+    grid_plan = grid.plan(spec, None, res)
+    keys = {(p["method"], p["lr"]): p["key"] for p in grid_plan.points()}
+    scores = {1e-3: 0.499, 3e-3: 0.5, 1e-4: 0.7, 3e-4: 0.7}
+    values = Values({keys[m, lr]: scores[lr] for m, lr in keys})
+    values.losses = {keys[m, lr]: 1000 * lr for m, lr in keys}  # the lower rate, the lower loss
+    values.baselines = {key: 0.5 for key in keys.values()}
+    best = grid.bests(grid_plan, values)
+    assert best == {"lora": 1e-3, "full": 1e-4}
+    assert grid.bests(grid_plan, values.without_baselines()) == {"lora": 3e-3, "full": 1e-4}
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
+    said = []
+    runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
+    runner.say = said.append
+    kept = runner._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
+    assert kept is not None and sorted(p["lr"] for p in kept.points()) == [1e-4, 3e-3]
+    assert "made before scores within a point of the majority baseline counted as tied" in said[0]
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):

@@ -23,12 +23,18 @@ from .records import (
     record_identity,
     without,
 )
-from .stats import best_rate, exact, mean_std, seeds_to_settle, t_interval
+from .stats import (
+    UNINFORMATIVE_POINTS,
+    best_rate,
+    exact,
+    mean_std,
+    seeds_to_settle,
+    t_interval,
+)
 from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
 SHARE_TARGET_PCT = 0.3  # ... with at most 0.3% of the weights trainable (adapters, no head)
-UNINFORMATIVE_POINTS = 1.0  # neither method this far above the majority baseline: nothing learned
 SETTLE_MOST = 50  # an unsettled verdict's projection stops here (more says: a tie with the target)
 
 
@@ -44,6 +50,8 @@ class Cell:
     chose_lr_on: frozenset = frozenset()
     # Tied with another rate on the main metric, chosen by the lower dev loss (`stats.best_rate`).
     chosen_by_loss: bool = False
+    # Best because its other seeds ran here: the rate the rule now would choose (`aggregate`).
+    rule_lr: float | None = None
 
     @property
     def first(self) -> dict:
@@ -282,6 +290,15 @@ def shared_seeds(cells: list[Cell]) -> frozenset:
     return frozenset(set.intersection(*({r["seed"] for r in c.runs} for c in cells)))
 
 
+def selection_rows(cells: list[Cell]) -> tuple[list[tuple], float]:
+    """What a family's choice of rate compares (`stats.best_rate`): (score on the shared seeds,
+    lr, mean dev loss on them or None) per cell, in order, and the majority baseline (NaN)."""
+    score, shared = selection_score(cells), shared_seeds(cells)
+    refs = [b for c in cells if not math.isnan(b := c.reference("majority"))]
+    baseline = sum(refs) / len(refs) if refs else math.nan
+    return [(score(c), c.lr, _dev_loss(c, shared)) for c in cells], baseline
+
+
 def selection_score(cells: list[Cell]):
     """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
 
@@ -333,8 +350,15 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
         if scored:  # ties: the lower dev loss where recorded, else the smaller lr
             score, shared = selection_score(scored), shared_seeds(scored)
-            lr, by_loss = best_rate([(score(c), c.lr, _dev_loss(c, shared)) for c in scored])
+            rows, baseline = selection_rows(scored)
+            lr, by_loss = best_rate(rows, baseline, points_per_unit(scored[0].task))
             winner = next(c for c in scored if c.lr == lr)
+            seeded = [c for c in scored if {r["seed"] for r in c.runs} - shared]
+            if seeded and winner not in seeded:
+                # The study ran the other seeds at a rate chosen under an older rule (or before
+                # the grid grew): compare there, where the seeds are; the report says so.
+                winner = ran_seeds_at(seeded, score)
+                winner.rule_lr, by_loss = lr, False
             winner.best, winner.chosen_by_loss = True, by_loss
             if len(scored) > 1:  # with no seed in common, every seed took part
                 winner.chose_lr_on = shared or frozenset(r["seed"] for c in scored for r in c.done)
@@ -343,6 +367,12 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     comps = [Comparison(c, fulls.get(c.counterpart)) for c in best
              if c.method == "lora" and not is_ablation(c.group)]  # fmt: skip
     return ordered, comps
+
+
+def ran_seeds_at(seeded: list[Cell], score) -> Cell:
+    """Of the cells that ran seeds beyond the ones all rates share, the one with most seeds
+    (then the best score on the shared seeds): where the study ran its other seeds."""
+    return max(seeded, key=lambda c: (len({r["seed"] for r in c.runs}), score(c), -c.lr))
 
 
 def is_ablation(group: str) -> bool:

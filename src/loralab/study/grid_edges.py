@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-from .aggregate import Cell, families, is_ablation, selection_score
+from .aggregate import Cell, families, is_ablation, selection_rows
 from .records import points_per_unit
+from .stats import UNINFORMATIVE_POINTS, effective_scores
 
 
 def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[str]:
@@ -27,17 +28,22 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
         if set((pending or {}).get((best.task, best.method), ())) - set(lrs):
             continue
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
-        score = selection_score(scored)
-        others = [score(c) for c in scored if c is not best]
+        rows, baseline = selection_rows(scored)  # as the choice compared them
+        eff = effective_scores(rows, baseline, points_per_unit(best.task))
+        score = {id(c): x[0] for c, x in zip(scored, eff, strict=True)}
+        others = [score[id(c)] for c in scored if c is not best]
+        mine = score[id(best)]
         grid = ", ".join(f"{lr:g}" for lr in lrs)
         where = f"{best.task} {best.method} ({best.model}, {best.group})"
         if is_ablation(best.group):  # an axis with its own grid: one family per setting
             where = f"{best.task} {best.method} {best.variant} ({best.model}, {best.group})"
-        if len(scored) == len(lrs) and all(v == score(best) for v in others):
-            value = f"{best.metric} {points_per_unit(best.task) * score(best):.2f} points"
-            out.append(_all_tied(where, lrs, value, best))
+        if best.rule_lr is not None:
+            out.append(_seeded_elsewhere(where, best))
             continue
-        if lrs[0] < best.lr < lrs[-1] or any(v >= score(best) for v in others):
+        if len(scored) == len(lrs) and all(v == mine for v in others):
+            out.append(_all_tied(where, lrs, _tie(scored, best), best))
+            continue
+        if lrs[0] < best.lr < lrs[-1] or any(v >= mine for v in others):
             continue
         side = "highest" if best.lr == lrs[-1] else "lowest"
         out.append(
@@ -49,11 +55,25 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
     return out
 
 
-def _all_tied(where: str, lrs: list[float], value: str, best: Cell) -> str:
-    """The warning for a grid (`lrs`, sorted) whose every rate scored the same on the main
-    metric: the rate it runs the other seeds at, and why."""
+def _tie(scored: list[Cell], best: Cell) -> str:
+    """How a grid's rates tied: on the same score, or all near the majority baseline."""
+    k, (rows, baseline) = points_per_unit(best.task), selection_rows(scored)
+    values = sorted({k * x[0] for x in rows})
+    if len(values) == 1:
+        return f"scored the same ({best.metric} {values[0]:.2f} points)"
+    base = k * baseline
+    return (
+        f"scored within {UNINFORMATIVE_POINTS:g} point of the majority baseline ({best.metric} "
+        f"{values[0]:.2f} to {values[-1]:.2f} points against its {base:.2f}), which shows nothing "
+        "learned: they count as tied"
+    )
+
+
+def _all_tied(where: str, lrs: list[float], tie: str, best: Cell) -> str:
+    """The warning for a grid (`lrs`, sorted) whose every rate tied on the main metric
+    (`_tie` says how): the rate it runs the other seeds at, and why."""
     grid = ", ".join(f"{lr:g}" for lr in lrs)
-    same = f"{where}: every learning rate of its grid ({grid}) scored the same ({value})"
+    same = f"{where}: every learning rate of its grid ({grid}) {tie}"
     if not best.chosen_by_loss:
         return (
             f"{same}, so the grid chose none; its other seeds run at the smallest, {best.lr:g}. A "
@@ -71,4 +91,15 @@ def _all_tied(where: str, lrs: list[float], value: str, best: Cell) -> str:
         f"{same}; the lowest final dev loss chose {best.lr:g} (its other seeds run there): the "
         f"metric does not tell these rates apart yet, the loss does.{beyond} Compare the "
         f"scores with the majority baseline."
+    )
+
+
+def _seeded_elsewhere(where: str, best: Cell) -> str:
+    """The warning for a best rate kept because the other seeds ran there (`aggregate`)."""
+    return (
+        f"{where}: the other seeds ran at {best.lr:g}, the rate chosen when they were run; the "
+        f"learning-rate rule now chooses {best.rule_lr:g} (see the note on how rates are "
+        f"chosen), which has no other seeds, so the tables compare at {best.lr:g}. To compare "
+        f"at {best.rule_lr:g}, run the study again under a new `name`: the finished points are "
+        f"reused, and its other seeds run there."
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
-from .records import final_loss, summary_loss
+from .records import final_loss, majority_value, points_per_unit, summary_baseline, summary_loss
 from .stats import best_rate
 from .storage import is_final
 from .variants import variant_slug
@@ -261,12 +261,21 @@ def best_lrs(study, plan: Plan) -> dict[str, float] | None:
 class Values(dict):
     """Point key -> dev value (`grid_values`); `losses`: point key -> the final dev loss its
     trial recorded (else its run folder's summary), where there is one: what breaks a tie on
-    the value (`stats.best_rate`). A plain dict of values has no losses: ties then go to the
-    smaller lr, the rule studies were stored under before the losses counted."""
+    the value (`stats.best_rate`); `baselines`: point key -> the majority baseline's value on
+    its dev set, where recorded: values within `UNINFORMATIVE_POINTS` of it tie
+    (`stats.at_baseline`). Older rules, for studies stored under them: without baselines,
+    only equal values tie (before 2026-12-06); a plain dict has no losses either, and ties go
+    to the smaller lr (before 2026-12-05)."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.losses: dict[str, float] = {}
+        self.baselines: dict[str, float] = {}
+
+    def without_baselines(self) -> Values:
+        older = Values(self)
+        older.losses = dict(self.losses)
+        return older
 
 
 def grid_values(study, plan: Plan) -> Values:
@@ -282,6 +291,9 @@ def grid_values(study, plan: Plan) -> Values:
             loss = final_loss(result) if "eval_loss" in result else summary_loss(result.get("run_dir"))  # fmt: skip
             if loss is not None:
                 values.losses[key] = loss
+            base = majority_value(result) if "majority" in result else summary_baseline(result.get("run_dir"))  # fmt: skip
+            if base is not None:
+                values.baselines[key] = base
     return values
 
 
@@ -296,6 +308,10 @@ def best_so_far(plan: Plan, values: dict[str, float | None]) -> dict[str, float]
     """Each method's best lr among the lrs whose grid points are all final (`best_of` once
     the grid is complete); None while some method has no such lr."""
     best, losses = {}, getattr(values, "losses", {})
+    recorded = getattr(values, "baselines", {})
+    bases = [recorded[p["key"]] for p in plan.points() if p["key"] in recorded]
+    baseline = sum(bases) / len(bases) if bases else math.nan  # one task, one dev set
+    per_unit = points_per_unit(plan.tasks[0]) if len(plan.tasks) == 1 else math.nan
     for m in plan.methods:
         scores = []
         for lr in plan.lrs[m]:
@@ -307,5 +323,5 @@ def best_so_far(plan: Plan, values: dict[str, float | None]) -> dict[str, float]
                 scores.append((sum(vals) / len(vals), lr, mean_loss))
         if not scores:
             return None
-        best[m] = best_rate(scores)[0]  # ties: the lower dev loss, else the smaller lr
+        best[m] = best_rate(scores, baseline, per_unit)[0]  # ties: the lower loss, else smaller lr
     return best

@@ -72,6 +72,21 @@ def summary_loss(run_dir: str | Path | None) -> float | None:
         return None
 
 
+def majority_value(rec: dict) -> float | None:
+    """The majority baseline's main metric in a record (`record_from_summary`), where it has one."""
+    value = (rec.get("majority") or {}).get(main_metric(rec.get("task", "")))
+    return float(value) if is_number(value) else None
+
+
+def summary_baseline(run_dir: str | Path | None) -> float | None:
+    """`majority_value` of the summary in `run_dir`; None without one (as `summary_loss`)."""
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+        return majority_value(record_from_summary(summary))
+    except (TypeError, OSError, ValueError, AttributeError, KeyError):
+        return None
+
+
 def _numbers(d) -> dict:
     return {k: v for k, v in (d or {}).items() if is_number(v)}
 

@@ -19,7 +19,7 @@ from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from ..summary import ENV_WORKERS
 from .bar import PointsBar
-from .phases import Phase, StudySpec, best_so_far, grid_values, phases
+from .phases import Phase, StudySpec, Values, best_so_far, grid_values, phases
 from .prechecks import check_points
 from .progress import FINAL
 from .report import folder_runs, stored_pending, write_report
@@ -85,7 +85,7 @@ class Runner:
         try:
             create_or_check(self.storage, name, plan)
         except LoralabError as e:
-            older = self._made_before_lost_rates(ph, best, d, values, name) or self._made_before_loss_ties(ph, best, d, values, name)  # fmt: skip
+            older = self._made_before_lost_rates(ph, best, d, values, name) or self._made_under_older_rules(ph, best, d, values, name)  # fmt: skip
             if older is None:
                 raise self._refusal(ph, name, plan, e) from None
             plan = older
@@ -108,20 +108,26 @@ class Runner:
         self.say(f"{name}: made before a method that diverged at every rate was left out: it keeps running {', '.join(lost)} at the smallest rate")  # fmt: skip
         return older
 
-    def _made_before_loss_ties(self, ph: Phase, best: dict | None, d, values, name: str):
-        """The plan of a study stored before ties on the main metric went to the lower dev
-        loss (they went to the smaller rate), when that is the stored one: it goes on as it
-        began. None otherwise."""
+    def _made_under_older_rules(self, ph: Phase, best: dict | None, d, values, name: str):
+        """The plan of a study stored under an earlier rule for choosing rates, when that is the
+        stored one: it goes on as it began. None otherwise. The rules, newest first: scores near
+        the majority baseline tie (`stats.at_baseline`); before, only equal scores tied, and
+        ties went to the lower dev loss; before that, to the smaller rate."""
         if d is None:
             return None
-        before = ph.depends_on.bests(d.plan, dict(values))  # a plain dict: no losses
-        if before is None or before == best:
-            return None
-        older = self._stored_as(ph, before, name)
-        if older is None:
-            return None
-        self.say(f"{name}: made before ties on the main metric went to the lower dev loss: it keeps the rates it chose then, {before}")  # fmt: skip
-        return older
+        rules = (
+            (values.without_baselines(), "scores within a point of the majority baseline counted as tied"),  # fmt: skip
+            (dict(values), "ties on the main metric went to the lower dev loss"),  # no losses
+        ) if isinstance(values, Values) else ()  # fmt: skip
+        for older_values, change in rules:
+            before = ph.depends_on.bests(d.plan, older_values)
+            if before is None or before == best:
+                continue
+            older = self._stored_as(ph, before, name)
+            if older is not None:
+                self.say(f"{name}: made before {change}: it keeps the rates it chose then, {before}")  # fmt: skip
+                return older
+        return None
 
     def _stored_as(self, ph: Phase, best: dict | None, name: str):
         """The phase's plan at an earlier rule's choice `best`, when that is the plan stored

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+UNINFORMATIVE_POINTS = 1.0  # no more than this above the majority baseline: nothing learned
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1); std is NaN for a single value."""
@@ -20,12 +22,42 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def best_rate(scores: list[tuple[float, float, float | None]]) -> tuple[float, bool]:
+def at_baseline(score: float, baseline: float, points_per_unit: float) -> float:
+    """`score` for choosing a learning rate: `baseline` (the majority baseline's value, NaN when
+    unknown) where it lies within `UNINFORMATIVE_POINTS` of it, either side. Such scores show
+    nothing learned yet: F1 43.10 and 43.20 against SQuAD v2's 43.20 differ by a few first
+    answers, mostly wrong, of a model starting to answer. So they tie, and the dev loss decides
+    (`best_rate`). A score further below stays below: F1 7 on SQuAD v2 (answering nearly
+    everything, wrongly) is worse than abstaining. A diverged score (-inf) stays worst."""
+    if math.isfinite(score) and not math.isnan(baseline):
+        if abs(exact(points_per_unit * (score - baseline))) <= UNINFORMATIVE_POINTS:
+            return baseline
+    return score
+
+
+def effective_scores(
+    scores: list[tuple[float, float, float | None]], baseline: float, points_per_unit: float
+) -> list[tuple[float, float, float | None]]:
+    """`scores` (score, lr, dev loss or None) as the choice compares them: those near the
+    baseline lifted to it (`at_baseline`) where every one of them recorded a dev loss to decide
+    between them; else as they are (a tie the loss cannot break would only move an arbitrary
+    choice to the smallest rate)."""
+    lifted = [(at_baseline(x[0], baseline, points_per_unit), *x[1:]) for x in scores]
+    near = [x for x, y in zip(scores, lifted, strict=True) if y[0] == baseline]
+    return lifted if all(x[2] is not None for x in near) else list(scores)
+
+
+def best_rate(
+    scores: list[tuple[float, float, float | None]],
+    baseline: float = math.nan,
+    points_per_unit: float = 100.0,
+) -> tuple[float, bool]:
     """The learning rate of the best (score, lr, mean dev loss or None) and whether the dev
-    loss alone chose it. The highest score wins; among rates tied on it, the lowest dev loss
-    where every tied rate recorded one (the dev set's own objective still tells rates apart
-    when all of them end at the majority baseline, as SQuAD v2 does on a small budget), then
-    the smallest rate."""
+    loss alone chose it. The highest score wins, scores near the majority `baseline` counting
+    as tied (`effective_scores`); among tied rates, the lowest dev loss where every tied rate
+    recorded one (the dev set's own objective still tells rates apart when all of them end at
+    the majority baseline, as SQuAD v2 does on a small budget), then the smallest rate."""
+    scores = effective_scores(scores, baseline, points_per_unit)
     top = max(x[0] for x in scores)
     tied = sorted((x for x in scores if x[0] == top), key=lambda x: x[1])
     if len(tied) > 1 and all(x[2] is not None for x in tied):

@@ -29,7 +29,7 @@ from . import memory
 from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, phases
 from .progress import FINAL, finished_value, read_run
-from .records import main_metric, summary_loss
+from .records import main_metric, summary_baseline, summary_loss
 from .spec import select_tasks, with_lr_placeholder
 from .storage import (
     NoStoredGrid,
@@ -241,6 +241,8 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
                     values[key] = finished_value(Path(results), key)
                     if (loss := summary_loss(Path(results) / RUNS_DIR / key)) is not None:
                         values.losses[key] = loss
+                    if (base := summary_baseline(Path(results) / RUNS_DIR / key)) is not None:
+                        values.baselines[key] = base
             bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False))  # fmt: skip
         return bests[grid_name]
 

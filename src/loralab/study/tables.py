@@ -10,7 +10,6 @@ from .aggregate import (
     DROP_TARGET_POINTS,
     SETTLE_MOST,
     SHARE_TARGET_PCT,
-    UNINFORMATIVE_POINTS,
     Cell,
     Comparison,
     ablation_base,
@@ -20,7 +19,7 @@ from .aggregate import (
     paired_diffs,
 )
 from .records import final_loss, points_per_unit
-from .stats import mean_std, seeds_to_settle, t_interval
+from .stats import UNINFORMATIVE_POINTS, mean_std, seeds_to_settle, t_interval
 from .variants import is_number
 
 
