@@ -84,7 +84,19 @@ def test_the_report_writes_every_table_to_report_tex(tmp_path):
         line[3:] for line in md.splitlines() if line.startswith("## ") and line != "## Figures"
     ]
     assert tex.count(r"\begin{table*}") == len(rep.tables) == len(titles)
-    assert [escape(t) for t in titles] == re.findall(r"\\caption\{(.*)\}\\label", tex)
+    assert [escape(t) for t in titles] == re.findall(r"\\caption\{(.*)\}\\label\{tab:", tex)
+    # Every figure of report.md as a figure* float of its vector PDF, written beside the PNG.
+    figures = re.findall(r"^!\[(.*)\]\(figures/(.*)\.png\)$", md, flags=re.M)
+    assert len(figures) >= 3 and tex.count(r"\begin{figure*}") == len(figures)
+    for i, (title, name) in enumerate(figures, 1):
+        assert (
+            f"{{figures/{name}.pdf}}\n\\caption{{{escape(title)}}}\\label{{fig:loralab-{i}}}" in tex
+        )
+        pdf = tmp_path / "out" / "figures" / f"{name}.pdf"
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf in rep.files
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "figures").glob("*.pdf")}
+    report(tmp_path, out=tmp_path / "out")  # the same runs again: the same PDFs, byte for byte
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "out" / "figures").glob("*.pdf")}
     # The main table's LoRA row for SST-2, cell by cell as report.md has it.
     main = rep.tables[0]
     row = next(r for r in main.rows if r[0] == "sst2" and r[3] == "lora" and r[7] == "0.0003")
@@ -99,6 +111,7 @@ def test_report_tex_compiles_and_fits_the_page(tmp_path):
     report(tmp_path, out=tmp_path / "out")
     (tmp_path / "doc.tex").write_text(
         "\\documentclass{article}\\usepackage{booktabs,array,graphicx,amssymb}\n"
+        "\\graphicspath{{out/}}\n"  # as report.tex's preamble says, for a paper elsewhere
         "\\begin{document}\\input{out/report.tex}\\end{document}\n"
     )
     r = subprocess.run(

@@ -40,10 +40,12 @@ ESCAPES = {
 }
 
 PREAMBLE = (
-    "% loralab study report: every table of report.md as a LaTeX float.\n"
+    "% loralab study report: every table and figure of report.md as a LaTeX float.\n"
     "% Needs \\usepackage{booktabs}, \\usepackage{array}, \\usepackage{graphicx} and\n"
     "% \\usepackage{amssymb} (for \\checkmark). Long cells wrap; a table wider than the line is\n"
     "% scaled down to it (the main table, 19 columns, reads best on a landscape page).\n"
+    "% Figures are the vector PDFs in figures/, named relative to this folder: from a paper\n"
+    "% elsewhere, add \\graphicspath{{path/to/report/}}.\n"
 )
 SHORT = 12  # characters: a column whose cells are all this short keeps them on one line
 CAP = 24  # a long column's width grows with its longest cell up to this many characters
@@ -101,8 +103,21 @@ def latex_table(t: Table, label: str) -> str:
     return "\n".join(lines + [r"\end{table*}"]) + "\n"
 
 
-def latex_report(tables: list[Table], source: str) -> str:
-    """report.tex: the preamble comment, then each table with a label from its position
-    (tab:loralab-1, tab:loralab-2, ...; the caption says which is which)."""
+def latex_figure(title: str, path: str, label: str) -> str:
+    """One figure* float of the report's figure at `path` (relative to the report folder),
+    as wide as the line and at most half a page high."""
+    return "\n".join([
+        r"\begin{figure*}[ht]",
+        r"\centering",
+        rf"\includegraphics[width=\linewidth,height=0.5\textheight,keepaspectratio]{{{path}}}",
+        rf"\caption{{{escape(title)}}}\label{{fig:{label}}}",
+        r"\end{figure*}",
+    ]) + "\n"  # fmt: skip
+
+
+def latex_report(tables: list[Table], source: str, figures: list[tuple[str, str]] = ()) -> str:
+    """report.tex: the preamble comment, then each table and each (title, path) figure with a
+    label from its position (tab:loralab-1, ..., fig:loralab-1, ...; captions say which)."""
     body = [latex_table(t, f"loralab-{i}") for i, t in enumerate(tables, 1)]
+    body += [latex_figure(title, path, f"loralab-{i}") for i, (title, path) in enumerate(figures, 1)]  # fmt: skip
     return PREAMBLE + f"% Source: {' '.join(source.split())}.\n\n" + "\n".join(body)

@@ -331,7 +331,7 @@ def add_caveats(fig, models: set[str]) -> None:
 
 
 def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
-    """(title, path) of every figure the data allow."""
+    """(title, PNG path) of every figure the data allow; each also written as PDF beside it."""
     figures = []  # (title, file name, figure or None, the models it shows)
     if comps:
         shown = {c.model for c in comps}
@@ -355,5 +355,8 @@ def make_figures(cells, comps, folder: Path) -> list[tuple[str, Path]]:
         if fig is not None:
             add_caveats(fig, models)
             fig.savefig(folder / name, dpi=110)
+            # The same figure as vector graphics for a paper (report.tex includes it), without a
+            # creation date: a report regenerated from the same runs is byte-identical.
+            fig.savefig((folder / name).with_suffix(".pdf"), metadata={"CreationDate": None})
             out.append((title, folder / name))
     return out

@@ -1,5 +1,5 @@
 """The study report's files: report.md, report.html (figures embedded), report.csv, runs.csv,
-report.tex and figures/*.png, from run directories or from studies' stored trials (`loralab report`)."""
+report.tex and figures/*.png (*.pdf for report.tex), from run directories or from studies' stored trials (`loralab report`)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ MD_TITLE = "# loralab study report"
 def write_report(records: list[dict], out_dir: str | Path, source: str,
                  pending: dict | None = None) -> Report:  # fmt: skip
     """report.md, report.html (figures embedded), report.csv, runs.csv, report.tex and
-    figures/*.png;
+    figures/*.png (and *.pdf, for report.tex);
     `pending` (records.pending_lrs) holds back grid-edge warnings for grids still running."""
     if not records:
         raise LoralabError(
@@ -153,8 +153,9 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     atomic_write(files[1], f"<!doctype html><html><head><meta charset='utf-8'><title>loralab report</title><style>{STYLE}</style></head><body>{''.join(html)}</body></html>\n")  # fmt: skip
     _write_csv(files[2], csv_rows(cells, comps))
     _write_csv(files[3], [_flat_run(r) for r in records])
-    atomic_write(files[4], latex_report(tabs, source))
-    return Report(out, files + [p for _, p in figures], tabs, comps, warnings)
+    pdfs = [(title, p.with_suffix(".pdf")) for title, p in figures]
+    atomic_write(files[4], latex_report(tabs, source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
+    return Report(out, files + [p for _, p in figures] + [p for _, p in pdfs], tabs, comps, warnings)  # fmt: skip
 
 
 def check_not_foreign(out: Path) -> None:
