@@ -922,67 +922,55 @@ def test_a_seeds_study_stored_before_lost_rates_were_left_out_goes_on_as_it_bega
     assert other._made_before_lost_rates(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
 
 
-def test_a_seeds_study_stored_before_loss_ties_goes_on_at_the_rates_it_chose(tmp_path, data_root):  # fmt: skip
-    """Both LoRA rates tied on accuracy; the dev loss now prefers 3e-3, but the seeds study was
-    stored when ties went to the smaller rate (1e-3): it goes on with the stored plan instead
-    of refusing to continue. Another stored plan altogether is still refused."""
+# An earlier rule for choosing rates: (grid scores by lr, dev loss by lr, majority baseline or
+# None, what the rule chooses now, what it chose then, what the runner says).
+OLDER_RULES = {
+    # Both LoRA rates tied on accuracy: the loss now prefers 3e-3; ties went to the smaller rate.
+    "smaller-rate ties": ({1e-3: 0.7, 3e-3: 0.7, 1e-4: 0.7, 3e-4: 0.7}, lambda lr: 1.0 / lr, None,
+                          {"lora": 3e-3, "full": 3e-4}, {"lora": 1e-3, "full": 1e-4},
+                          "made before ties on the main metric went to the lower dev loss"),
+    # Both LoRA rates within a point of the baseline: they now tie and the loss picks 1e-3;
+    # 3e-3's higher score (by one example) won.
+    "exact ties": ({1e-3: 0.499, 3e-3: 0.5, 1e-4: 0.7, 3e-4: 0.7}, lambda lr: 1000 * lr, 0.5,
+                   {"lora": 1e-3, "full": 1e-4}, {"lora": 3e-3, "full": 1e-4},
+                   "made before scores within a point of the majority baseline counted as tied"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", OLDER_RULES)
+def test_a_seeds_study_stored_under_an_older_rule_goes_on_at_the_rates_it_chose(tmp_path, data_root, rule):  # fmt: skip
+    """The seeds study was stored when an older rule chose the grid's rates: it goes on with
+    the stored plan, saying why, instead of refusing to continue. Another stored plan
+    altogether is still refused."""
     from types import SimpleNamespace
 
     from loralab.study.phases import Values
     from loralab.study.storage import create_or_check
 
+    scores, loss, baseline, now, then, said_why = OLDER_RULES[rule]
     spec = load_spec(TINY, str(data_root))
     grid, seeds, *_ = phases(spec)
     res = str(tmp_path / "res")
     grid_plan = grid.plan(spec, None, res)
     keys = {(p["method"], p["lr"]): p["key"] for p in grid_plan.points()}
-    values = Values({keys[m, lr]: 0.7 for m, lr in keys})
-    values.losses = {keys[m, lr]: 1.0 / lr for m, lr in keys}  # the higher rate, the lower loss
-    best = grid.bests(grid_plan, values)
-    assert best == {"lora": 3e-3, "full": 3e-4}
-    assert grid.bests(grid_plan, dict(values)) == {"lora": 1e-3, "full": 1e-4}
-    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, {"lora": 1e-3, "full": 1e-4}, res))
-    said = []
-    runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
-    runner.say = said.append
-    kept = runner._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
-    assert kept is not None and sorted(p["lr"] for p in kept.points()) == [1e-4, 1e-3]
-    assert "made before ties on the main metric went to the lower dev loss" in said[0]
-    create_or_check(st, "u-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
-    other = Runner(spec, st, "u", ["sst2"], res, 60, True)
-    assert other._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "u-sst2-seeds") is None  # fmt: skip
-
-
-def test_a_seeds_study_stored_before_baseline_ties_goes_on_at_the_rates_it_chose(tmp_path, data_root):  # fmt: skip
-    """LoRA's rates both within a point of the majority baseline: they now tie and the dev loss
-    picks 1e-3, but the seeds study was stored when 3e-3's higher score (by one example) won:
-    it goes on with the stored plan, saying why."""
-    from types import SimpleNamespace
-
-    from loralab.study.phases import Values
-    from loralab.study.storage import create_or_check
-
-    spec = load_spec(TINY, str(data_root))
-    grid, seeds, *_ = phases(spec)
-    res = str(tmp_path / "res")
-    grid_plan = grid.plan(spec, None, res)
-    keys = {(p["method"], p["lr"]): p["key"] for p in grid_plan.points()}
-    scores = {1e-3: 0.499, 3e-3: 0.5, 1e-4: 0.7, 3e-4: 0.7}
     values = Values({keys[m, lr]: scores[lr] for m, lr in keys})
-    values.losses = {keys[m, lr]: 1000 * lr for m, lr in keys}  # the lower rate, the lower loss
-    values.baselines = {key: 0.5 for key in keys.values()}
-    best = grid.bests(grid_plan, values)
-    assert best == {"lora": 1e-3, "full": 1e-4}
-    assert grid.bests(grid_plan, values.without_baselines()) == {"lora": 3e-3, "full": 1e-4}
+    values.losses = {keys[m, lr]: loss(lr) for m, lr in keys}
+    values.baselines = {key: baseline for key in keys.values()} if baseline else {}
+    assert grid.bests(grid_plan, values) == now
     st = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, {"lora": 3e-3, "full": 1e-4}, res))
+    create_or_check(st, "t-sst2-seeds", seeds.plan(spec, then, res))
     said = []
     runner = Runner(spec, st, "t", ["sst2"], res, 60, True)
     runner.say = said.append
-    kept = runner._made_under_older_rules(seeds, best, SimpleNamespace(plan=grid_plan), values, "t-sst2-seeds")  # fmt: skip
-    assert kept is not None and sorted(p["lr"] for p in kept.points()) == [1e-4, 3e-3]
-    assert "made before scores within a point of the majority baseline counted as tied" in said[0]
+    grid_done = SimpleNamespace(plan=grid_plan)
+    kept = runner._made_under_older_rules(seeds, now, grid_done, values, "t-sst2-seeds")
+    assert kept is not None and sorted(p["lr"] for p in kept.points()) == sorted(then.values())
+    assert said_why in said[0]
+    create_or_check(
+        st, "u-sst2-seeds", seeds.plan(spec, {"lora": 1e-3, "full": 3e-4}, res)
+    )  # neither
+    other = Runner(spec, st, "u", ["sst2"], res, 60, True)
+    assert other._made_under_older_rules(seeds, now, grid_done, values, "u-sst2-seeds") is None
 
 
 def test_remote_code_only_from_the_command_line(tmp_path, data_root, capsys):
