@@ -30,7 +30,7 @@ def spec(tmp_path):
 
 
 def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=None, max_steps=40,
-             checkpoint_cpu_s=None):  # fmt: skip
+             checkpoint_cpu_s=None, checkpoint_wall_s=None):  # fmt: skip
     run = res / "runs" / key
     run.mkdir(parents=True)
     if cpu_s is not None:
@@ -44,7 +44,8 @@ def _run_dir(res: Path, key: str, *, cpu_s=None, logged_step=None, checkpoint=No
         ck.mkdir(parents=True)
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": checkpoint, "max_steps": max_steps}))  # fmt: skip
         if checkpoint_cpu_s is not None:
-            (ck / "loralab_state.json").write_text(json.dumps({"loss_sum": 1.0, "train_cpu_time_s": checkpoint_cpu_s}))  # fmt: skip
+            times = {"train_cpu_time_s": checkpoint_cpu_s, "train_time_s": checkpoint_wall_s}
+            (ck / "loralab_state.json").write_text(json.dumps({"loss_sum": 1.0, **times}))
         (run / "checkpoints" / "checkpoint-99").mkdir()  # being saved: no state yet, skipped
 
 
@@ -145,6 +146,29 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
         assert {p.key: p for p in held.points}[keys["lora", 3e-3]].detail == ""
     finally:
         os.close(fd)
+
+
+def test_a_study_with_no_finished_point_yet_paces_its_wall_time_by_the_checkpoints(tmp_path, spec):  # fmt: skip
+    """A long first point (SQuAD v2: hours): before any point finishes, the wall time left
+    comes from the running point's checkpoint, 300 wall s for 200 training CPU s."""
+    res = tmp_path / "res"
+    st = open_storage(storage_url(None, res))
+    ph = phases(spec, ["sst2"])[0]
+    plan = ph.plan(spec, None, str(res))
+    study = create_or_check(st, ph.study_name(spec.name), plan)
+    key = next(p["key"] for p in plan.points() if p["method"] == "lora")
+    trial = next(t for t in study.get_trials() if t.user_attrs["point"] == key)
+    st.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
+    st.set_trial_user_attr(trial._trial_id, "worker", {"host": "h1", "pid": 7})
+    _run_dir(res, key, logged_step=20, checkpoint=20, checkpoint_cpu_s=200.0, checkpoint_wall_s=300.0)  # fmt: skip
+    lock = res / "locks" / f"{key}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+    status = _with_live_worker(spec, res, lock)
+    # 400 CPU s a LoRA point (200 at half way): 200 left here, then 400 for the other rate and
+    # 400 for the seeds' LoRA point; full fine-tuning has no cost yet. At 1.5 wall s per CPU s.
+    assert status.wall_left() == (pytest.approx(1500.0), 1)
+    assert "(~25 min of wall time for the worker running now)" in render(status)[-1]
 
 
 def _with_live_worker(spec, res, lock):

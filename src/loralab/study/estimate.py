@@ -79,10 +79,14 @@ def wall_per_cpu(points, here: str | None = None) -> float | None:
     it ran any; `points` as for `point_costs`, plus `wall_s`), summed before dividing so that
     a point weighs by its length (a short one paused for an hour does not dominate): above 1
     where workers shared cores, below 1 for points that trained on several threads. None: no
-    finished point timed."""
+    finished point timed. A study with none yet goes by its unfinished points' checkpoints
+    (`resumes_wall_s`, `resumes_cpu_s`: a long first point's pace so far)."""
     timed = [(p.started_at, (p.wall_s, p.cpu_s), p.machine) for p in points
              if p.finished and p.cpu_s and getattr(p, "wall_s", None)]  # fmt: skip
-    pairs = newest_here(timed, here)
+    pairs = newest_here(timed, here) or [
+        (w, c) for p in points if not p.finished
+        and (w := getattr(p, "resumes_wall_s", None)) and (c := getattr(p, "resumes_cpu_s", None))
+    ]  # fmt: skip
     return sum(w for w, _ in pairs) / sum(c for _, c in pairs) if pairs else None
 
 

@@ -93,7 +93,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         except (OSError, ValueError):
             continue
         max_steps, ckpt_step = state.get("max_steps") or max_steps, state.get("global_step")
-        ps.resumes_cpu_s = _checkpoint_cpu(c)
+        ps.resumes_wall_s, ps.resumes_cpu_s = _checkpoint_times(c)
         break
     if ckpt_step is not None and max_steps and max_steps > 0:
         ps.resumes_at = ckpt_step / max_steps
@@ -111,13 +111,15 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         ps.detail = "stale: no worker on this host holds it; the next worker retries it"
 
 
-def _checkpoint_cpu(ckpt: Path) -> float | None:
-    """Training CPU s up to `ckpt` (recorded by loralab since 2026-12-02; None before)."""
+def _checkpoint_times(ckpt: Path) -> tuple[float | None, float | None]:
+    """Training (wall, CPU) s up to `ckpt` (recorded by loralab since 2026-12-02; None before)."""
     try:
-        value = json.loads((ckpt / LOSS_FILE).read_text()).get("train_cpu_time_s")
+        state = json.loads((ckpt / LOSS_FILE).read_text())
+        values = [state.get("train_time_s"), state.get("train_cpu_time_s")]
     except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+        return None, None
+    wall, cpu = (float(v) if isinstance(v, (int, float)) else None for v in values)
+    return wall, cpu
 
 
 def _tail(path: Path, size: int = 65536) -> list[str]:

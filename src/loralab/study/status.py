@@ -64,6 +64,7 @@ class PointStatus:
     progress: float | None = None  # share of training logged so far (0..1)
     resumes_at: float | None = None  # share held by the last checkpoint (0..1)
     resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
+    resumes_wall_s: float | None = None  # ... and training wall seconds
     logged_ago_s: float | None = None  # seconds since the run last logged
     lent_threads: int | None = None  # running on idle cores lent to it: its threads now
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
