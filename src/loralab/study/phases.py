@@ -262,8 +262,8 @@ class Values(dict):
     """Point key -> dev value (`grid_values`); `losses`: point key -> the final dev loss its
     trial recorded (else its run folder's summary), where there is one: what breaks a tie on
     the value (`stats.best_rate`); `baselines`: point key -> the majority baseline's value on
-    its dev set, where recorded: values within `UNINFORMATIVE_POINTS` of it tie
-    (`stats.at_baseline`). Older rules, for studies stored under them: without baselines,
+    its dev set, where recorded: values within `UNINFORMATIVE_POINTS` of it tie where each
+    has a loss (`stats.effective_scores`). Older rules, for studies stored under them: without baselines,
     only equal values tie (before 2026-12-06); a plain dict has no losses either, and ties go
     to the smaller lr (before 2026-12-05)."""
 
