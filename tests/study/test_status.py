@@ -171,6 +171,26 @@ def test_a_study_with_no_finished_point_yet_paces_its_wall_time_by_the_checkpoin
     assert "(~25 min of wall time for the worker running now)" in render(status)[-1]
 
 
+def test_a_running_point_shows_its_newest_dev_evaluation(tmp_path, spec):
+    """A long point evaluates every few hundred steps: the status shows the newest result,
+    found however many training lines (here ~200 KB of them) were logged after it."""
+    res = tmp_path / "res"
+    keys, _ = _grid(spec, res)
+    metrics = res / "runs" / keys["lora", 3e-3] / "metrics.jsonl"
+    evals = [{"time": 1, "step": s, "epoch": 0.1, "eval/loss": loss, "eval/accuracy": acc}
+             for s, loss, acc in ((5, 0.693, 0.5), (10, 0.5, 0.75))]  # fmt: skip
+    pad = {"time": 2, "step": 11, "epoch": 0.2, "train/loss": 1.0, "stats": "x" * 2000}
+    lines = [json.dumps(r) for r in [*evals, *[pad] * 100]]
+    metrics.write_text("\n".join(lines) + "\n" + metrics.read_text())
+    status = study_status(spec, str(res), tasks=["sst2"])
+    running = {p.key: p for p in status.points}[keys["lora", 3e-3]]
+    assert running.last_eval == {"step": 10, "value": 0.75, "loss": 0.5}
+    line = next(x for x in render(status) if keys["lora", 3e-3] in x)
+    assert "accuracy 0.7500, dev loss 0.500 at step 10" in line
+    # Before the first evaluation: nothing shown.
+    assert {p.key: p for p in status.points}[keys["full", 3e-4]].last_eval is None
+
+
 def _with_live_worker(spec, res, lock):
     """The status while a live worker holds the running point's lock (not stale)."""
     fd = os.open(lock, os.O_RDWR)

@@ -97,6 +97,7 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         break
     if ckpt_step is not None and max_steps and max_steps > 0:
         ps.resumes_at = ckpt_step / max_steps
+    ps.last_eval = _last_eval(run / METRICS_FILE, ps.metric)
     last = _last_logged(run / METRICS_FILE)
     if last:
         if max_steps and max_steps > 0 and "step" in last:
@@ -142,6 +143,30 @@ def lent_threads(log: Path) -> int | None:
         if line.startswith(LENT_LOG):
             threads, why = line[len(LENT_LOG) :].split(" ", 1)
             return int(threads) if "lent" in why and threads.isdigit() else None
+    return None
+
+
+def _last_eval(path: Path, metric: str) -> dict | None:
+    """The newest dev evaluation during training in metrics.jsonl: {step, value (the main
+    `metric`, or None), loss (or None)}; None before the first. The whole file is read: between
+    two evaluations of a long run lie more lines than a tail holds."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if '"eval/' not in line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # the line being written
+        if not isinstance(row, dict) or "step" not in row:
+            continue
+        value, loss = (row.get(k) for k in (f"eval/{metric}", "eval/loss"))
+        value, loss = (float(v) if isinstance(v, (int, float)) else None for v in (value, loss))
+        if value is not None or loss is not None:
+            return {"step": row["step"], "value": value, "loss": loss}
     return None
 
 

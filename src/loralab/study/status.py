@@ -66,6 +66,7 @@ class PointStatus:
     resumes_cpu_s: float | None = None  # training CPU seconds up to that checkpoint
     resumes_wall_s: float | None = None  # ... and training wall seconds
     logged_ago_s: float | None = None  # seconds since the run last logged
+    last_eval: dict | None = None  # an unfinished run's newest dev evaluation: step, value, loss
     lent_threads: int | None = None  # running on idle cores lent to it: its threads now
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
     worker: str | None = None  # host:pid of the worker running it

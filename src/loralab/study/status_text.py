@@ -92,6 +92,10 @@ def _point_detail(p: PointStatus) -> str:
             bits.append(f"{p.progress:.0%} logged" + (f" {_ago(p.logged_ago_s)} ago" if p.logged_ago_s is not None else ""))  # fmt: skip
         if p.resumes_at is not None:
             bits.append(f"checkpoint at {p.resumes_at:.0%}")
+        if ev := p.last_eval:
+            dev = [f"{p.metric} {ev['value']:.4f}" if ev["value"] is not None else "",
+                   f"dev loss {ev['loss']:.3f}" if ev["loss"] is not None else ""]  # fmt: skip
+            bits.append(f"{', '.join(d for d in dev if d)} at step {ev['step']}")
         if p.lent_threads:
             bits.append(f"{p.lent_threads} threads (idle cores lent)")
     if p.detail:
