@@ -122,8 +122,9 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert interrupted.resumes_cpu_s == 225.0 and running.resumes_cpu_s is None  # not recorded
     seeds = [p for p in status.points if p.phase.endswith("-seeds")]
     assert [p.state for p in seeds] == ["not enqueued"] * 2 and status.phases[1].waits_for_grid
-    # left: lora running at 50% (100 x 0.5), full resumes at 75% (300 x 0.25), seeds 100 + 300
-    assert status.estimate() == (pytest.approx(400.0), pytest.approx(525.0), 0)
+    # spent: 100 + 300 finished, 225 up to the interrupted point's checkpoint; left: lora
+    # running at 50% (100 x 0.5), full resumes at 75% (300 x 0.25), seeds 100 + 300
+    assert status.estimate() == (pytest.approx(625.0), pytest.approx(525.0), 0)
     assert (res / "study.db").stat().st_mtime_ns == mtime  # looking changes nothing
     text = "\n".join(render(status))
     assert status.left_of(running) == pytest.approx(50.0)  # lora: 100 s, 50% logged
@@ -131,7 +132,7 @@ def test_states_progress_stale_worker_and_estimate(tmp_path, spec):
     assert "checkpoint at 75%; ~1 min of training CPU left" in text
     assert "on h1:7; 50% logged" in text and "checkpoint at 75%" in text and "2/4 done" in text
     assert "checkpoint at 25%; 2 threads (idle cores lent)" in text
-    assert "training CPU time 7 min spent, ~9 min left for 4 points" in text
+    assert "training CPU time 10 min spent, ~9 min left for 4 points" in text
     assert "accuracy 0.8000; training CPU" in text  # no dev loss in that summary: none shown
     summary_file = res / "runs" / keys["lora", 1e-3] / "summary.json"
     summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "eval_loss": 0.4}))

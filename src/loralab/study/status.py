@@ -148,9 +148,11 @@ class StudyStatus:
         return cost * (1.0 - min(1.0, held or 0.0))
 
     def estimate(self) -> tuple[float, float, int]:
-        """(CPU s spent on finished points, CPU s left for the estimable unfinished ones, how
-        many unfinished points have no cost for their task and method yet)."""
+        """(CPU s spent on finished points and on unfinished ones up to their last checkpoints,
+        CPU s left for the estimable unfinished ones, how many unfinished points have no cost
+        for their task and method yet)."""
         spent = sum(p.cpu_s for p in self.points if p.finished and p.cpu_s is not None)
+        spent += sum(p.resumes_cpu_s or 0.0 for p in self.points if not p.finished)
         costs = self.costs()
         lefts = [self.left_of(p, costs) for p in self.points if not p.finished]
         return spent, sum(x for x in lefts if x is not None), lefts.count(None)
