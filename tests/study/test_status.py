@@ -326,6 +326,38 @@ def test_complete_grid_names_the_dependent_points(tmp_path, spec):
     )
 
 
+@pytest.mark.parametrize("stored", ["older rule", "other"])
+def test_a_seeds_study_stored_under_an_older_rule_is_not_called_refused(tmp_path, spec, stored):
+    """LoRA's two rates lie within a point of the majority baseline: the rule now ties them
+    and the dev loss picks 1e-3; the seeds study was stored when 3e-3's higher score won. A
+    worker goes on with the stored plan (`Runner`), so the status shows that plan, not a
+    refusal; a stored plan no rule chose is still refused."""
+    res = tmp_path / "res"
+    st = open_storage(storage_url(None, res))
+    grid_ph, seeds_ph = phases(spec, ["sst2"])[:2]
+    grid_plan = grid_ph.plan(spec, None, str(res))
+    study = create_or_check(st, grid_ph.study_name(spec.name), grid_plan)
+    scores = {("lora", 1e-3): (0.499, 2.0), ("lora", 3e-3): (0.5, 3.0),
+              ("full", 1e-4): (0.7, 1.0), ("full", 3e-4): (0.6, 1.0)}  # fmt: skip
+    for t in study.get_trials():
+        point = next(p for p in grid_plan.points() if p["key"] == t.user_attrs["point"])
+        value, loss = scores[point["method"], point["lr"]]
+        result = {"task": "sst2", "eval_loss": loss, "majority": {"accuracy": 0.5}}
+        st.set_trial_user_attr(t._trial_id, "result", result)
+        st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        st.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [value])
+    then = {"lora": 3e-3, "full": 1e-4} if stored == "older rule" else {"lora": 3e-3, "full": 3e-4}
+    create_or_check(st, seeds_ph.study_name(spec.name), seeds_ph.plan(spec, then, str(res)))
+    grid, seeds = study_status(spec, str(res), tasks=["sst2"]).phases[:2]
+    assert grid.best == {"lora": 1e-3, "full": 1e-4}  # the rule now
+    if stored == "older rule":
+        assert seeds.refused == "" and seeds.best == then
+        assert [p.key for p in seeds.points] == ["sst2-lora-tiny-llama-lr0.003-s2",
+                                                 "sst2-full-tiny-llama-lr0.0001-s2"]  # fmt: skip
+    else:
+        assert "lrs" in seeds.refused
+
+
 def test_cli_status_exit_0_and_excludes_dry_run(tmp_path, capsys):
     path = _spec_file(tmp_path, ablations=None)
     res = tmp_path / "res"

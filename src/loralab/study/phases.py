@@ -278,6 +278,20 @@ class Values(dict):
         return older
 
 
+def older_rules(values: dict) -> list[tuple[dict, str]]:
+    """`values` as earlier rules for choosing rates saw them, newest first, each with what
+    changed since: a study stored under one goes on at the rates it chose then."""
+    if not isinstance(values, Values):
+        return []
+    return [
+        (
+            values.without_baselines(),
+            "scores within a point of the majority baseline counted as tied",
+        ),  # fmt: skip
+        (dict(values), "ties on the main metric went to the lower dev loss"),  # no losses either
+    ]
+
+
 def grid_values(study, plan: Plan) -> Values:
     """Point key -> the dev value of its final trial (-inf: diverged or no value); None: not
     final (or no trial). Its `losses` hold the trials' final dev losses."""

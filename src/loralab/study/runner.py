@@ -19,7 +19,7 @@ from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, REPORT_DIR, REPORT_LOCK
 from ..summary import ENV_WORKERS
 from .bar import PointsBar
-from .phases import Phase, StudySpec, Values, best_so_far, grid_values, phases
+from .phases import Phase, StudySpec, best_so_far, grid_values, older_rules, phases
 from .prechecks import check_points
 from .progress import FINAL
 from .report import folder_runs, stored_pending, write_report
@@ -110,16 +110,10 @@ class Runner:
 
     def _made_under_older_rules(self, ph: Phase, best: dict | None, d, values, name: str):
         """The plan of a study stored under an earlier rule for choosing rates, when that is the
-        stored one: it goes on as it began. None otherwise. The rules, newest first: scores near
-        the majority baseline tie (`stats.at_baseline`); before, only equal scores tied, and
-        ties went to the lower dev loss; before that, to the smaller rate."""
+        stored one: it goes on as it began. None otherwise (`phases.older_rules`)."""
         if d is None:
             return None
-        rules = (
-            (values.without_baselines(), "scores within a point of the majority baseline counted as tied"),  # fmt: skip
-            (dict(values), "ties on the main metric went to the lower dev loss"),  # no losses
-        ) if isinstance(values, Values) else ()  # fmt: skip
-        for older_values, change in rules:
+        for older_values, change in older_rules(values):
             before = ph.depends_on.bests(d.plan, older_values)
             if before is None or before == best:
                 continue

@@ -27,7 +27,7 @@ from ..errors import LoralabError
 from ..rundir import RUNS_DIR, STUDY_DB
 from . import memory
 from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
-from .phases import Phase, StudySpec, best_lrs, grid_values, phases
+from .phases import Phase, StudySpec, best_lrs, grid_values, older_rules, phases
 from .progress import FINAL, finished_value, read_run
 from .records import main_metric, summary_baseline, summary_loss
 from .spec import select_tasks, with_lr_placeholder
@@ -231,11 +231,11 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             studies[name] = (study, study.get_trials(deepcopy=False))
         return studies[name]
 
-    def chosen(chooser: Phase) -> tuple[dict | None, dict | None]:
+    def chosen(chooser: Phase) -> tuple[dict | None, dict | None, list[dict]]:
         """(What a grid phase chose (`Phase.bests`), else None; the best so far among its
-        finished lrs) from its stored results, else its finished run folders (a grid extended
-        under a new name reuses them): the lr a worker will pick, so the points it will reuse
-        show."""
+        finished lrs; what earlier rules chose, `phases.older_rules`) from its stored results,
+        else its finished run folders (a grid extended under a new name reuses them): the lr a
+        worker will pick, so the points it will reuse show."""
         grid_name = chooser.study_name(prefix)
         if grid_name not in bests:
             grid_plan = chooser.plan(spec, None, results)
@@ -247,7 +247,8 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
                         values.losses[key] = loss
                     if (base := summary_baseline(Path(results) / RUNS_DIR / key)) is not None:
                         values.baselines[key] = base
-            bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False))  # fmt: skip
+            older = [b for v, _ in older_rules(values) if (b := chooser.bests(grid_plan, v))]
+            bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False), older)  # fmt: skip
         return bests[grid_name]
 
     bests: dict[str, tuple] = {}  # per grid: the phases that wait on it share one
@@ -256,16 +257,23 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
         name = ph.study_name(prefix)
         chooses = ph.chooses
         dep = ph.depends_on
-        best, so_far = chosen(dep) if dep else chosen(ph) if chooses else (None, None)
+        best, so_far, older = chosen(dep) if dep else chosen(ph) if chooses else (None, None, [])
         waits = dep is not None and best is None
         plan = ph.plan(spec, best or (so_far if waits else None), results)
-        if dep is not None and dep.kind == "grid":  # an ablation shows LoRA's rate alone
-            best, so_far = (_methods(x, plan.methods) for x in (best, so_far))
+        methods = plan.methods if dep is not None and dep.kind == "grid" else None
+        refused = ""
+        if name in names and not waits and None not in (_methods(best, methods) or {}).values():
+            refused = _refusal(st, name, plan)
+            for before in older if refused and dep is not None else []:
+                alt = ph.plan(spec, before, results)
+                if before != best and not _refusal(st, name, alt):  # stored under that rule:
+                    plan, best, refused = alt, before, ""  # a worker goes on with it
+                    break
+        best, so_far = _methods(best, methods), _methods(so_far, methods)
         status = PhaseStatus(name, ph.task, ph.kind, name in names, waits,
                              best if chooses or not waits else None,
                              so_far if waits else None, waits_on=ph.waits_on)  # fmt: skip
-        if name in names and not waits and None not in (best or {}).values():
-            status.refused = _refusal(st, name, plan)
+        status.refused = refused
         _plan_points(status, plan, trials_of(name)[1] if name in names else [], results)
         (out if ph.task in selected else others).append(status)
     if st is not None:
@@ -282,8 +290,11 @@ def _refusal(st, name: str, plan) -> str:
         return ""
 
 
-def _methods(best: dict | None, methods: list[str]) -> dict | None:
-    return None if best is None else {m: lr for m, lr in best.items() if m in methods}
+def _methods(best: dict | None, methods: list[str] | None) -> dict | None:
+    """`best` with only `methods` (None: all): an ablation shows LoRA's rate alone."""
+    if best is None or methods is None:
+        return best
+    return {m: lr for m, lr in best.items() if m in methods}
 
 
 def _memory_waits(points: list[PointStatus], st) -> None:
