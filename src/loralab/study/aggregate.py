@@ -1,5 +1,5 @@
 """Cells and comparisons: records of one identity pooled over seeds, the learning rate chosen
-on dev, LoRA against full fine-tuning run for run.
+on dev (`choice`), LoRA against full fine-tuning run for run.
 
 For each identity minus the learning rate, the learning rate with the best mean dev score of
 the task's main metric on the seeds every rate ran is chosen (the LoRA paper's protocol; the
@@ -15,22 +15,15 @@ import math
 from dataclasses import dataclass, field
 
 from ..identity import short_fingerprint
+from .choice import choose_rate, dev_loss
 from .records import (
-    final_loss,
     identity_hash,
     main_metric,
     points_per_unit,
     record_identity,
     without,
 )
-from .stats import (
-    UNINFORMATIVE_POINTS,
-    best_rate,
-    exact,
-    mean_std,
-    seeds_to_settle,
-    t_interval,
-)
+from .stats import UNINFORMATIVE_POINTS, exact, mean_std, seeds_to_settle, t_interval
 from .variants import is_number, lora_slug
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
@@ -237,7 +230,7 @@ class Comparison:
         mean, lo, hi = self.interval
         ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else " (1 seed, no interval)"
         if self.uninformative:  # the dev loss may still tell the methods apart
-            losses = [_dev_loss(c, frozenset()) for c in (self.lora, self.full)]
+            losses = [dev_loss(c, frozenset()) for c in (self.lora, self.full)]
             by_loss = ("; final dev loss LoRA {:.2f} / full {:.2f}".format(*losses)
                        if None not in losses else "")  # fmt: skip
             return f"uninformative (neither > {UNINFORMATIVE_POINTS:g} pt above majority): {mean:+.2f}{ci}{by_loss}"
@@ -284,53 +277,6 @@ def paired_diffs(a: Cell, b: Cell) -> list[float]:
     return [k * (x - y) for _, x, y in paired(a, b)]
 
 
-def shared_seeds(cells: list[Cell]) -> frozenset:
-    """The seeds every cell has run to the end, completed or diverged (empty when they share
-    none): a run that diverged took part in the choice, as it does in the study's."""
-    return frozenset(set.intersection(*({r["seed"] for r in c.runs} for c in cells)))
-
-
-def selection_rows(cells: list[Cell]) -> tuple[list[tuple], float]:
-    """What a family's choice of rate compares (`stats.best_rate`): (score on the shared seeds,
-    lr, mean dev loss on them or None) per cell, in order, and the majority baseline (NaN)."""
-    score, shared = selection_score(cells), shared_seeds(cells)
-    refs = [b for c in cells if not math.isnan(b := c.reference("majority"))]
-    baseline = sum(refs) / len(refs) if refs else math.nan
-    return [(score(c), c.lr, _dev_loss(c, shared)) for c in cells], baseline
-
-
-def selection_score(cells: list[Cell]):
-    """Score learning rates on the seeds every one of them has (the LoRA paper's choice on dev).
-
-    With a grid on the first seed and the other seeds at the winner, comparing means over all
-    seeds would set the winner's three seeds against the others' one: only the shared seed(s)
-    compare like with like, and that is also what the study chose on.
-    """
-    shared = shared_seeds(cells)
-
-    def score(c: Cell) -> float:
-        vals = []
-        for r in c.runs:
-            if r["seed"] not in shared:
-                continue
-            # Diverged, or finished without the main metric: its rate cannot win, as in the
-            # study's own choice (`best_so_far`, `phases.grid_values`).
-            value = (r.get("metrics") or {}).get(c.metric) if r["status"] == "completed" else None
-            vals.append(value if is_number(value) else -math.inf)
-        return sum(vals) / len(vals) if vals else c.stat(c.metric)[0]
-
-    return score
-
-
-def _dev_loss(c: Cell, seeds: frozenset) -> float | None:
-    """The mean final dev loss of `c`'s runs on `seeds` (all of them when empty); None where
-    one diverged or lacks it (runs before 2026-12-05, heads that give none), as for the study's
-    own choice (`phases.best_so_far`)."""
-    runs = [r for r in c.runs if not seeds or r["seed"] in seeds]
-    vals = [final_loss(r) if r["status"] == "completed" else None for r in runs]
-    return None if not vals or None in vals else sum(vals) / len(vals)
-
-
 def families(cells: list[Cell]) -> list[list[Cell]]:
     """The cells grouped by `Cell.family` (equal but for the learning rate), in their order."""
     families: dict[tuple, list[Cell]] = {}
@@ -348,31 +294,13 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     ordered = sorted(cells.values(), key=_order)
     for fam in families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
-        if scored:  # ties: the lower dev loss where recorded, else the smaller lr
-            score, shared = selection_score(scored), shared_seeds(scored)
-            rows, baseline = selection_rows(scored)
-            lr, by_loss = best_rate(rows, baseline, points_per_unit(scored[0].task))
-            winner = next(c for c in scored if c.lr == lr)
-            seeded = [c for c in scored if {r["seed"] for r in c.runs} - shared]
-            if seeded and winner not in seeded:
-                # The study ran the other seeds at a rate chosen under an older rule (or before
-                # the grid grew): compare there, where the seeds are; the report says so.
-                winner = ran_seeds_at(seeded, score)
-                winner.rule_lr, by_loss = lr, False
-            winner.best, winner.chosen_by_loss = True, by_loss
-            if len(scored) > 1:  # with no seed in common, every seed took part
-                winner.chose_lr_on = shared or frozenset(r["seed"] for c in scored for r in c.done)
+        if scored:
+            choose_rate(scored)
     best = [c for c in ordered if c.best]
     fulls = {c.counterpart: c for c in best if c.method == "full"}
     comps = [Comparison(c, fulls.get(c.counterpart)) for c in best
              if c.method == "lora" and not is_ablation(c.group)]  # fmt: skip
     return ordered, comps
-
-
-def ran_seeds_at(seeded: list[Cell], score) -> Cell:
-    """Of the cells that ran seeds beyond the ones all rates share, the one with most seeds
-    (then the best score on the shared seeds): where the study ran its other seeds."""
-    return max(seeded, key=lambda c: (len({r["seed"] for r in c.runs}), score(c), -c.lr))
 
 
 def is_ablation(group: str) -> bool:

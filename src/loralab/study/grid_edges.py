@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from .aggregate import Cell, families, is_ablation, selection_rows
+from .aggregate import Cell, families, is_ablation
+from .choice import selection_rows
 from .records import points_per_unit
 from .stats import UNINFORMATIVE_POINTS, effective_scores
 
