@@ -173,7 +173,9 @@ def add_report(sub) -> None:
         "report",
         help="Tables, plots, Markdown/HTML/CSV/LaTeX from a results folder or a study.",
         description="Per task and method: mean ± std over seeds at the best learning rate, "
-        "LoRA − full, trainable share, time, memory, pass/fail against the targets; ablations; plots.",
+        "LoRA − full, trainable share, time, memory, pass/fail against the targets; ablations; plots. "
+        "Writes report.md, report.html (figures embedded), report.csv, runs.csv, report.tex "
+        "(tables and figures as LaTeX floats) and figures/ (PNG, and PDF for the LaTeX).",
     )
     p.add_argument(
         "results_dir", nargs="?", metavar="RESULTS_DIR", help="folder of run directories"
