@@ -172,17 +172,13 @@ def add_report(sub) -> None:
     p = sub.add_parser(
         "report",
         help="Tables, plots, Markdown/HTML/CSV/LaTeX from a results folder or a study.",
-        description="Per task and method: mean ± std over seeds at the best learning rate, "
-        "LoRA − full, trainable share, time, memory, pass/fail against the targets; ablations; plots. "
-        "Writes report.md, report.html (figures embedded), report.csv, runs.csv, report.tex "
-        "(tables and figures as LaTeX floats) and figures/ (PNG, and PDF for the LaTeX).",
+        description="Per task and method: mean ± std over seeds at the best learning rate, LoRA − "
+        "full, trainable share, time, memory, pass/fail against the targets; ablations; plots. Writes "
+        "report.md/.html/.csv, runs.csv, report.tex (tables and figures as LaTeX floats) and "
+        "figures/ (PNG, and PDF for the LaTeX).",
     )
-    p.add_argument(
-        "results_dir", nargs="?", metavar="RESULTS_DIR", help="folder of run directories"
-    )
-    p.add_argument(
-        "--study", action="append", help="read these studies' stored results (repeatable)"
-    )
+    p.add_argument("results_dir", nargs="?", metavar="RESULTS_DIR", help="folder of run directories")  # fmt: skip
+    p.add_argument("--study", action="append", help="read these studies' stored results (repeatable)")  # fmt: skip
     p.add_argument("--storage", help="Optuna storage URL (default: RESULTS_DIR/study.db)")
     p.add_argument(
         "--out", help="output folder (default: RESULTS_DIR/report; ./report with --study alone)"
