@@ -15,25 +15,26 @@ from .variants import is_number
 def choose_rate(scored: list) -> None:
     """Mark the best of `scored` (cells with a score, one family): `best`, `chosen_by_loss`,
     `chose_lr_on`, and `rule_lr` where the other seeds ran at another rate than the rule's."""
-    score, shared = selection_score(scored), shared_seeds(scored)
     rows, baseline = selection_rows(scored)
+    shared = shared_seeds(scored)
     lr, by_loss = best_rate(rows, baseline, points_per_unit(scored[0].task))
     winner = next(c for c in scored if c.lr == lr)
     seeded = [c for c in scored if {r["seed"] for r in c.runs} - shared]
     if seeded and winner not in seeded:
         # The study ran the other seeds at a rate chosen under an older rule (or before the
         # grid grew): compare there, where the seeds are; the report says so (`grid_edges`).
-        winner = ran_seeds_at(seeded, score)
+        winner = ran_seeds_at(seeded, {r[1]: r[0] for r in rows})
         winner.rule_lr, by_loss = lr, False
     winner.best, winner.chosen_by_loss = True, by_loss
     if len(scored) > 1:  # with no seed in common, every seed took part
         winner.chose_lr_on = shared or frozenset(r["seed"] for c in scored for r in c.done)
 
 
-def ran_seeds_at(seeded: list, score):
+def ran_seeds_at(seeded: list, scores: dict[float, float]):
     """Of the cells that ran seeds beyond the ones all rates share, the one with most seeds
-    (then the best score on the shared seeds): where the study ran its other seeds."""
-    return max(seeded, key=lambda c: (len({r["seed"] for r in c.runs}), score(c), -c.lr))
+    (then the best score on the shared seeds, `scores`: lr -> score): where the study ran its
+    other seeds."""
+    return max(seeded, key=lambda c: (len({r["seed"] for r in c.runs}), scores[c.lr], -c.lr))
 
 
 def shared_seeds(cells: list) -> frozenset:

@@ -42,7 +42,7 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
             out.append(_seeded_elsewhere(where, best))
             continue
         if len(scored) == len(lrs) and all(v == mine for v in others):
-            out.append(_all_tied(where, lrs, _tie(scored, best), best))
+            out.append(_all_tied(where, lrs, _tie(rows, baseline, best), best))
             continue
         if lrs[0] < best.lr < lrs[-1] or any(v >= mine for v in others):
             continue
@@ -56,9 +56,10 @@ def grid_edge_warnings(cells: list[Cell], pending: dict | None = None) -> list[s
     return out
 
 
-def _tie(scored: list[Cell], best: Cell) -> str:
-    """How a grid's rates tied: on the same score, or all near the majority baseline."""
-    k, (rows, baseline) = points_per_unit(best.task), selection_rows(scored)
+def _tie(rows: list[tuple], baseline: float, best: Cell) -> str:
+    """How a grid's rates tied (`rows` and `baseline`: `choice.selection_rows`): on the same
+    score, or all near the majority baseline."""
+    k = points_per_unit(best.task)
     values = sorted({k * x[0] for x in rows})
     if len(values) == 1:
         return f"scored the same ({best.metric} {values[0]:.2f} points)"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import from_dict, merge_dicts, to_dict
 from .grid import Plan
-from .records import final_loss, majority_value, points_per_unit, summary_baseline, summary_loss
+from .records import points_per_unit, tie_inputs
 from .stats import best_rate
 from .storage import is_final
 from .variants import variant_slug
@@ -302,10 +302,9 @@ def grid_values(study, plan: Plan) -> Values:
             v = t.values[0] if t.values else None
             values[key] = v if v is not None and math.isfinite(v) else -math.inf
             result = t.user_attrs.get("result") or {}
-            loss = final_loss(result) if "eval_loss" in result else summary_loss(result.get("run_dir"))  # fmt: skip
+            loss, base = tie_inputs(result, result.get("run_dir"))
             if loss is not None:
                 values.losses[key] = loss
-            base = majority_value(result) if "majority" in result else summary_baseline(result.get("run_dir"))  # fmt: skip
             if base is not None:
                 values.baselines[key] = base
     return values

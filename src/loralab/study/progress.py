@@ -97,8 +97,13 @@ def read_run(ps, results: Path, key: str, cfg) -> None:
         break
     if ckpt_step is not None and max_steps and max_steps > 0:
         ps.resumes_at = ckpt_step / max_steps
-    ps.last_eval = _last_eval(run / METRICS_FILE, ps.metric)
-    last = _last_logged(run / METRICS_FILE)
+    # Read whole: between two evaluations of a long run lie more lines than a tail holds.
+    try:
+        lines = (run / METRICS_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    ps.last_eval = _last_eval(lines, ps.metric)
+    last = _last_logged(lines)
     if last:
         if max_steps and max_steps > 0 and "step" in last:
             ps.progress = min(1.0, last["step"] / max_steps)
@@ -146,14 +151,9 @@ def lent_threads(log: Path) -> int | None:
     return None
 
 
-def _last_eval(path: Path, metric: str) -> dict | None:
-    """The newest dev evaluation during training in metrics.jsonl: {step, value (the main
-    `metric`, or None), loss (or None)}; None before the first. The whole file is read: between
-    two evaluations of a long run lie more lines than a tail holds."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
+def _last_eval(lines: list[str], metric: str) -> dict | None:
+    """The newest dev evaluation during training in metrics.jsonl's `lines`: {step, value (the
+    main `metric`, or None), loss (or None)}; None before the first."""
     for line in reversed(lines):
         if '"eval/' not in line:
             continue
@@ -170,9 +170,10 @@ def _last_eval(path: Path, metric: str) -> dict | None:
     return None
 
 
-def _last_logged(path: Path) -> dict | None:
-    """The last training log line with a step (metrics.jsonl is appended line by line)."""
-    for line in reversed(_tail(path)):
+def _last_logged(lines: list[str]) -> dict | None:
+    """The last training log line with a step in metrics.jsonl's `lines` (appended line by
+    line: the last may be cut)."""
+    for line in reversed(lines):
         try:
             row = json.loads(line)
         except ValueError:

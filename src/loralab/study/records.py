@@ -78,13 +78,20 @@ def majority_value(rec: dict) -> float | None:
     return float(value) if is_number(value) else None
 
 
-def summary_baseline(run_dir: str | Path | None) -> float | None:
-    """`majority_value` of the summary in `run_dir`; None without one (as `summary_loss`)."""
-    try:
-        summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
-        return majority_value(record_from_summary(summary))
-    except (TypeError, OSError, ValueError, AttributeError, KeyError):
-        return None
+def tie_inputs(result: dict, run_dir: str | Path | None) -> tuple[float | None, float | None]:
+    """(final dev loss, majority baseline's main metric) of a point, what its rate's choice
+    weighs besides the score: from its trial's `result` where it carries them, else from the
+    summary in `run_dir`, read once (trials recorded before results carried them)."""
+    summary = {}
+    if "eval_loss" not in result or "majority" not in result:
+        try:
+            summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+        except (TypeError, OSError, ValueError):
+            pass
+    summary = summary if isinstance(summary, dict) else {}
+    loss = final_loss(result if "eval_loss" in result else summary)
+    as_record = {"task": summary.get("task", ""), "majority": summary.get("majority_baseline")}
+    return loss, majority_value(result if "majority" in result else as_record)
 
 
 def _numbers(d) -> dict:

@@ -29,7 +29,7 @@ from . import memory
 from .estimate import makespan, overheads, point_costs, training_chars, wall_per_cpu
 from .phases import Phase, StudySpec, best_lrs, grid_values, older_rules, phases
 from .progress import FINAL, finished_value, read_run
-from .records import main_metric, summary_baseline, summary_loss
+from .records import main_metric, tie_inputs
 from .spec import select_tasks, with_lr_placeholder
 from .storage import (
     NoStoredGrid,
@@ -243,9 +243,10 @@ def status_with(spec: StudySpec, results: str, st, url: str | None = None,
             for key, v in values.items():
                 if v is None:  # a finished folder a worker would reuse: its value and loss
                     values[key] = finished_value(Path(results), key)
-                    if (loss := summary_loss(Path(results) / RUNS_DIR / key)) is not None:
+                    loss, base = tie_inputs({}, Path(results) / RUNS_DIR / key)
+                    if loss is not None:
                         values.losses[key] = loss
-                    if (base := summary_baseline(Path(results) / RUNS_DIR / key)) is not None:
+                    if base is not None:
                         values.baselines[key] = base
             older = [b for v, _ in older_rules(values) if (b := chooser.bests(grid_plan, v))]
             bests[grid_name] = (chooser.bests(grid_plan, values), chooser.bests(grid_plan, values, complete=False), older)  # fmt: skip
