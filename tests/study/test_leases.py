@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -63,6 +65,45 @@ def test_a_paused_workers_point_is_vouched_for_a_dead_ones_is_failed(tmp_path):
         con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-60 seconds')")
     fail_dead(st, study, locks)
     assert study.get_trials()[0].state == TrialState.FAIL
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API
+def test_a_point_whose_worker_here_is_gone_is_retried_without_waiting_out_the_grace(tmp_path):
+    """A study restarted after a crash sat idle for the grace (minutes by default) before it
+    resumed its points. Proof of death on this host: the lock's note names this attempt, the
+    lock is free and the noted process is gone. Anything less waits for the heartbeats."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=600)  # grace: 30 min
+    study = optuna.create_study(storage=st, study_name="grid")
+    notes = {  # point -> its lock's note ({trial} is the point's own trial number)
+        "dead": {"host": here, "pid": gone.pid},
+        "alive": {"host": here, "pid": os.getpid()},  # released its lock, records its result
+        "older": {"host": here, "pid": gone.pid, "trial": 99},  # an earlier attempt's note
+        "held": {"host": here, "pid": gone.pid},  # a process here holds the lock
+        "elsewhere": {"host": "another-host", "pid": gone.pid},
+    }
+    for point in notes:
+        study.enqueue_trial({}, user_attrs={"point": point})
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    for t in study.get_trials():
+        st.record_heartbeat(t._trial_id)
+        assert st.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+        note = {"trial": t.number, **notes[t.user_attrs["point"]]}
+        (locks / f"{t.user_attrs['point']}.lock").write_text(json.dumps(note))
+    fd = os.open(locks / "held.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fail_dead(st, study, locks)
+    finally:
+        os.close(fd)
+    states = {t.user_attrs["point"]: t.state for t in study.get_trials() if t.number < 5}
+    assert states == {"dead": TrialState.FAIL, **{p: TrialState.RUNNING for p in list(notes)[1:]}}
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["point"] for t in retry] == ["dead"]
+    assert retry[0].system_attrs["retry_history"] == [0]
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API

@@ -106,6 +106,28 @@ def lock_here(lock: Path) -> str | None:
         os.close(fd)
 
 
+def died_here(lock: Path, number: int) -> bool:
+    """Whether the worker that noted trial `number` in the point lock `lock` ran on this host
+    and is gone: nobody holds the lock and its process no longer exists. Its point need not
+    wait out the heartbeat grace. A note from an earlier attempt, a live process (a worker
+    between releasing the lock and recording its result) or another host's note proves
+    nothing."""
+    try:
+        note = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    pid = note.get("pid")
+    if note.get("trial") != number or not isinstance(pid, int) or lock_here(lock) != "free":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    return False
+
+
 def fail_dead(storage, study, locks: Path) -> None:
     """Fail (and so re-enqueue) the study's points whose worker died: Optuna's
     `fail_stale_trials`, after vouching for the live workers of this host.
@@ -116,16 +138,38 @@ def fail_dead(storage, study, locks: Path) -> None:
     throw away all its work since its last checkpoint. A point whose lock
     (`locks`/<point>.lock) a process on this host still holds is alive, so its heartbeat is
     renewed on its behalf first; so is one whose own worker beat within OWN_GRACE_BEATS of its
-    interval (a worker elsewhere with a longer --heartbeat than this one's grace allows).
+    interval (a worker elsewhere with a longer --heartbeat than this one's grace allows). A
+    point whose worker on this host has died (`died_here`) is failed at once: a study
+    restarted after a crash or a reboot resumes it without waiting out the grace.
     """
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    dead = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         point = t.user_attrs.get("point")
-        if _beating(storage, t) or (point and lock_here(locks / f"{point}.lock") == "held"):
+        lock = locks / f"{point}.lock" if point else None
+        if lock is not None and died_here(lock, t.number):
+            dead.append(t._trial_id)
+        elif _beating(storage, t) or (lock is not None and lock_here(lock) == "held"):
             storage.record_heartbeat(t._trial_id)
+    for tid in dead:
+        fail_now(storage, study, tid)
     fail_stale_trials(study)
+
+
+def fail_now(storage, study, trial_id: int) -> None:
+    """Fail a RUNNING trial and re-enqueue its point through the storage's retry callback, as
+    Optuna's `fail_stale_trials` does for a late heartbeat."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            if storage.failed_trial_callback is not None:  # the name in every Optuna since 4
+                storage.failed_trial_callback(study, storage.get_trial(trial_id))
+    except UpdateFinishedTrialError:
+        pass  # another worker failed it first
 
 
 def _beating(storage, trial) -> bool:

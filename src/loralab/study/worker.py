@@ -33,7 +33,7 @@ from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from .bar import PointsBar
 from .claims import claim
-from .leases import Lease, PointLock, fail_dead
+from .leases import Lease, PointLock, fail_dead, fail_now
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, drop_checkpoints, read_note
 from .storage import (
@@ -242,12 +242,9 @@ class Worker:
 
     def _give_back(self, tid: int) -> None:
         """Interrupted: fail the trial and re-enqueue its point, so the next run resumes it."""
-        from optuna.trial import TrialState
-
         try:
             self.storage.set_trial_user_attr(tid, "outcome", "interrupted")
-            if self.storage.set_trial_state_values(tid, TrialState.FAIL):
-                self.storage.failed_trial_callback(self.study, self.storage.get_trial(tid))
+            fail_now(self.storage, self.study, tid)
         except Exception:
             pass  # the heartbeat timeout will do the same
 
