@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import KILLER, built_once, write_sst2
+from transformers import TrainerCallback
 
 from loralab.cli import main
 
@@ -207,7 +210,6 @@ def test_a_resume_on_other_data_or_processes_is_refused(killed, tmp_path, capsys
 def test_sigterm_to_loralab_train_leaves_a_failed_summary_and_its_checkpoints(tmp_path):
     """`kill PID` stops a training like Ctrl-C: exit 130, the checkpoints kept, and a summary
     saying why it stopped (a folder without one looked unfinished: still training, or lost)."""
-    import signal
     import time
 
     from conftest import start_cli
@@ -223,8 +225,55 @@ def test_sigterm_to_loralab_train_leaves_a_failed_summary_and_its_checkpoints(tm
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130, (tmp_path / "log.txt").read_text()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["error"] == "interrupted (Ctrl-C or SIGTERM)"
-    assert list(run.glob("checkpoints/checkpoint-*/adapter_model.safetensors"))
+    # It stopped at the end of the step under way, with a checkpoint there (`loralab.stopping`).
+    assert summary["status"] == "failed", summary
+    stopped = re.fullmatch(r"interrupted \(Ctrl-C or SIGTERM\): stopped at step (\d+) with a "
+                           r"checkpoint there; `loralab train --resume (.+)` continues", summary["error"])  # fmt: skip
+    assert stopped and Path(stopped[2]) == run, summary["error"]
+    ckpt = run / "checkpoints" / f"checkpoint-{stopped[1]}"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (
+        ckpt / "trainer_state.json"
+    ).is_file()
+    assert (
+        f"loralab: interrupted; {summary['error'].split(': ', 1)[1]}"
+        in (tmp_path / "log.txt").read_text()
+    )
+
+
+class _SigtermAt(TrainerCallback):
+    """Sends this process SIGTERM at the end of one step, as `kill PID` would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.long
+def test_sigterm_between_checkpoints_saves_one_where_it_stops_and_resumes_bit_identical(tmp_path, uninterrupted):  # fmt: skip
+    """Stopping lost up to save_steps steps (a day's work on a long run); now the step under
+    way ends, a checkpoint is saved there, and the resume equals an uninterrupted run."""
+    from loralab.config import build_config
+    from loralab.stopping import Stopped
+    from loralab.train import train
+
+    data = write_sst2(tmp_path / "sst2")
+    cfg = build_config(overrides=[*COMMON, f"data.data_dir={data}", f"run.output_dir={tmp_path}"])
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="stopped at step 7"):  # signalled after step 6's own check
+        train(cfg, quiet=True, callbacks=[_SigtermAt(6)])
+    run = tmp_path / "r"
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-7",
+    ]
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run's own is gone again
+    assert _train("--resume", str(run), "--quiet") == 0
+    summary = _assert_same_result(run, uninterrupted)
+    assert summary["resumed_from"].endswith("checkpoint-7")
 
 
 def test_a_damaged_per_process_rng_state_marks_the_checkpoint_damaged(killed):

@@ -95,6 +95,9 @@ class Progress:
     setup_s: float = 0.0  # wall s outside training (start-up, zero-shot) of the attempts
     tokens: tuple[int, int] = (0, 0)  # (real, padded) trained on, over every process
     first_step_at: float | None = None  # Unix time the attempt that saved it began stepping
+    # (loss summed since the last logged step, that step): the log window open at the save,
+    # which the next logged loss averages over, as it would have without the stop.
+    pending: tuple[float, int] | None = None
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -103,12 +106,14 @@ def read_progress(ckpt: Path) -> Progress:
     num = lambda k: float(state[k]) if isinstance(state.get(k), (int, float)) else None  # noqa: E731
     wall, cpu, setup = num("train_time_s"), num("train_cpu_time_s"), num("setup_time_s")
     real, padded = state.get("tokens_real"), state.get("tokens_padded")
+    pending, last = num("pending_loss"), state.get("last_logged_step")
     return Progress(
         loss_sum=num("loss_sum"),
         time=(wall, cpu) if wall is not None and cpu is not None else None,
         setup_s=setup or 0.0,
         tokens=(real, padded) if isinstance(real, int) and isinstance(padded, int) else (0, 0),
         first_step_at=num("first_step_at"),
+        pending=(pending, last) if pending is not None and isinstance(last, int) else None,
     )
 
 

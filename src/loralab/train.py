@@ -27,6 +27,7 @@ from .heads import Head, head_for
 from .lora import apply_lora, check_init, check_targets
 from .models import is_causal, load_config, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
+from .stopping import GracefulStop
 from .summary import base_summary, process_layout, resolved_config
 from .tasks import Task, absolute_ref, get_task
 from .trainer import LoralabTrainer, training_args
@@ -79,10 +80,7 @@ def build_model(
     if compile_layers:  # inductor fuses these ops itself (and the fused ones would split its graph)
         fused_ops = {"compiled_blocks": compile_blocks(model)}
     elif fused.enabled():  # the same numbers with less memory kept for the backward pass
-        fused_ops = {
-            "gated_mlps": fused.fuse_gated_mlps(model),
-            "dropouts": fused.compact_dropouts(model),
-        }
+        fused_ops = {"gated_mlps": fused.fuse_gated_mlps(model), "dropouts": fused.compact_dropouts(model)}  # fmt: skip
     return BuiltModel(model, tokenizer, heads, causal, fused_ops)
 
 
@@ -188,7 +186,7 @@ class _Run:
                  resuming: bool, console, quiet: bool):  # fmt: skip
         self.cfg, self.task, self.head, self.built, self.splits = cfg, task, head, built, splits
         self.run_dir, self.resuming, self.console, self.quiet = run_dir, resuming, console, quiet
-        self.tokens = TokenCounts()
+        self.tokens, self.stop = TokenCounts(), GracefulStop(run_dir)
 
     def _trainer(self, params: dict, checksum: str | None, extra: list):
         cfg, splits, tokenizer = self.cfg, self.splits, self.built.tokenizer
@@ -201,6 +199,7 @@ class _Run:
         callbacks = [
             TrackingCallback(self.tracker, cfg.tracking.log_every, params, checksum, self.tokens,
                              self.console),
+            self.stop,
             *extra,
         ]  # fmt: skip
         trainer = LoralabTrainer(
@@ -292,7 +291,8 @@ class _Run:
             t0 = time.time()
             trainer.clock0 = (t0, time.process_time())
             trainer.setup_s = t0 - start
-            train_out = trainer.train(resume_from_checkpoint=checkpoint)
+            with self.stop:  # a Ctrl-C or SIGTERM stops at a step, with a checkpoint there
+                train_out = trainer.train(resume_from_checkpoint=checkpoint)
             # The steps' own time: from the first step (not the Trainer's set-up), evaluations and
             # saves left out; None when this attempt trained no step (resumed from the last one).
             first = trainer.first_step_at
@@ -311,7 +311,7 @@ class _Run:
                 raise  # the run's summary is written: what failed came after (tracking)
             # Keep what was saved; say in the summary why the run stopped.
             status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            why = "interrupted (Ctrl-C or SIGTERM)" if type(e) is KeyboardInterrupt else f"{type(e).__name__}: {e}"  # SIGTERM raises it too (`cli.main`)  # fmt: skip
+            why = f"interrupted (Ctrl-C or SIGTERM){f': {e}' * bool(str(e))}" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"  # SIGTERM raises it too (`cli.main`)  # fmt: skip
             summary.update(status=status, error=why, wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
             if distributed.is_main():
                 tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)

@@ -73,6 +73,7 @@ class LoralabTrainer(Trainer):
         self._flop_weights = None  # (input name, non-embedding weight count), counted once
         self.first_step_at = None  # Unix time at which this process began its first step
         self.first_step_before = None  # ... the attempt that saved the checkpoint resumed from
+        self.pending_before = None  # the resumed checkpoint's open log window (`Progress.pending`)
         # A head that scores the dev set with its own loop (generation, verbalizers) sets this:
         # the periodic evaluations (`train.eval_steps`) call it instead of the predict loop.
         self.own_eval: Callable[[], dict] | None = None
@@ -118,8 +119,9 @@ class LoralabTrainer(Trainer):
         total = float(self.loss_sum) if self.loss_sum is not None else self.loss_sum_start
         # Each process summed its own batches' losses (the run's figure is their mean) and
         # counted its own tokens (the run's are their sum).
-        total, real, padded = distributed.total([total, self.tokens.real, self.tokens.padded])
-        total /= distributed.world_size()
+        pending = float(self._tr_loss) if hasattr(self, "_tr_loss") else 0.0  # since the last log
+        total, real, padded, pending = distributed.total([total, self.tokens.real, self.tokens.padded, pending])  # fmt: skip
+        total, pending = total / distributed.world_size(), pending / distributed.world_size()
         wall, cpu = self.training_time()
         if distributed.is_main():
             tracking.write_json(
@@ -129,7 +131,8 @@ class LoralabTrainer(Trainer):
                  "setup_time_s": self.setup_before + self.setup_s,
                  "tokens_real": self.tokens_before[0] + int(real),
                  "tokens_padded": self.tokens_before[1] + int(padded),
-                 "first_step_at": self.stepping_since(), **self.run_facts},
+                 "first_step_at": self.stepping_since(), "pending_loss": pending,
+                 "last_logged_step": getattr(self, "_globalstep_last_logged", self.state.global_step), **self.run_facts},
             )  # fmt: skip
         t0 = time.time()
         super()._save_checkpoint(model, trial)
@@ -152,6 +155,7 @@ class LoralabTrainer(Trainer):
         self.setup_before = before.setup_s
         self.tokens_before = before.tokens
         self.first_step_before = before.first_step_at
+        self.pending_before = before.pending
 
     def stepping_since(self) -> float | None:
         """Unix time this attempt began its first step; with no step (resumed from the final
@@ -224,6 +228,10 @@ class LoralabTrainer(Trainer):
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
             return None
+        if self.pending_before is not None:  # resumed between two logged steps: the Trainer
+            loss, step = self.pending_before  # would average the next log over fewer steps
+            self._tr_loss += loss
+            self._globalstep_last_logged, self.pending_before = step, None
         return super()._run_epoch(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

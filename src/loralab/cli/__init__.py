@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         # The library names config keys; the user of this command reads its flags too.
         print(f"loralab: error: {with_flags(str(e), flags_of(args))}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("loralab: interrupted; checkpoints and finished files are kept.", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run says where it stopped (`stopping`)
+        print(f"loralab: interrupted; {str(e) or 'checkpoints and finished files are kept.'}", file=sys.stderr)  # fmt: skip
         return 130
     except BrokenPipeError:
         # The reader went away (`loralab study --dry-run | head`): stop quietly, as a pipeline

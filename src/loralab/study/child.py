@@ -49,6 +49,9 @@ def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> N
         print(f"loralab: error: {e}")
         Path(err).write_text(str(e))
         code = 2
+    except KeyboardInterrupt as e:  # the worker stopped: `stopping` saved a checkpoint first
+        print(f"loralab: interrupted; {str(e) or 'stopped at once'}")
+        code = 130
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -1,0 +1,77 @@
+"""Stopping a run without losing its work: the first Ctrl-C or SIGTERM during training finishes
+the step under way, saves a checkpoint there and stops, so that `--resume` (or a study's next
+worker) continues from that step rather than from the last periodic checkpoint, up to
+`train.save_steps` steps back. A second Ctrl-C stops at once; a second SIGTERM changes nothing
+(whoever sent it follows up with SIGKILL when tired of waiting: a study's worker gives its
+training child 30 s). Before the first step and after the last (evaluations) a signal stops at
+once, as everywhere else.
+
+The run then stops as one killed right after that checkpoint would: no closing records, the
+summary `failed` with the reason, the resume bit-identical to an uninterrupted run.
+
+One process only: under data parallelism the processes would have to agree on the step to
+stop at (a collective every step); there a signal stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from . import distributed
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"stopped at step {step} with a checkpoint there; `loralab train "
+                         f"--resume {run_dir}` continues")  # fmt: skip
+        self.step = step
+
+
+class GracefulStop(TrainerCallback):
+    """Around `Trainer.train` (`with stop: trainer.train()`): the first SIGINT/SIGTERM saves a
+    checkpoint at the end of the current step, then raises `Stopped`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.requested = False
+        self.step: int | None = None  # the step whose checkpoint ends the run
+        self._old: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        self.requested, self.step = False, None
+        if threading.current_thread() is threading.main_thread() and distributed.world_size() == 1:
+            self._old = {s: signal.signal(s, self.handle) for s in _SIGNALS}
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+        if kind is None and self.requested:  # it came after the last step: stop all the same
+            raise KeyboardInterrupt
+
+    def handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            print("loralab: stopping after this step, with a checkpoint there (Ctrl-C again "
+                  "stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested and self.step is None:
+            self.step = state.global_step
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.step is not None and state.global_step == self.step:
+            raise Stopped(self.step, self.run_dir)
