@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1104,6 +1105,13 @@ def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
     assert "interrupted" in text and "leaked semaphore" not in text, text[-2000:]
     status = study_status(load_spec(TINY, str(data_root)), str(res))
     assert {p.key: p.state for p in status.points}[key] == "interrupted"
+    # The child ended the step under way and saved a checkpoint there for the retry to resume.
+    error = json.loads((res / "runs" / key / "summary.json").read_text())["error"]
+    step = re.search(r"stopped at step (\d+) with a checkpoint there", error)
+    assert step, error
+    assert (
+        res / "runs" / key / "checkpoints" / f"checkpoint-{step[1]}" / "trainer_state.json"
+    ).is_file()
 
 
 def test_a_grid_extended_under_a_new_name_trains_only_the_new_points(tmp_path, data_root, capsys):
