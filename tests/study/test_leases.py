@@ -84,8 +84,9 @@ def test_a_point_whose_worker_here_is_gone_is_retried_without_waiting_out_the_gr
         "held": {"host": here, "pid": gone.pid},  # a process here holds the lock
         "elsewhere": {"host": "another-host", "pid": gone.pid},
     }
-    for point in notes:
-        study.enqueue_trial({}, user_attrs={"point": point})
+    for point in notes:  # the first carries what an earlier attempt recorded of itself
+        attempt = {"outcome": "interrupted", "worker": {"host": "gone"}} if point == "dead" else {}
+        study.enqueue_trial({}, user_attrs={"point": point, "task": "sst2", **attempt})
     locks = tmp_path / "locks"
     locks.mkdir()
     for t in study.get_trials():
@@ -104,6 +105,10 @@ def test_a_point_whose_worker_here_is_gone_is_retried_without_waiting_out_the_gr
     retry = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs["point"] for t in retry] == ["dead"]
     assert retry[0].system_attrs["retry_history"] == [0]
+    assert retry[0].user_attrs == {
+        "point": "dead",
+        "task": "sst2",
+    }  # the point's, not the attempt's
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # heartbeat API

@@ -8,6 +8,7 @@ trials enqueued in WAITING state, which `worker.py` claims and runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.util
 import inspect
@@ -21,6 +22,7 @@ from ..errors import LoralabError
 from ..redact import mask_secrets
 from ..rundir import STUDY_DB
 from .grid import Plan, flatten
+from .leases import BEAT_EVERY, BEATS
 
 STUDY_ATTR = "loralab"
 DEFAULT_HEARTBEAT = 20  # seconds between a worker's heartbeats
@@ -84,6 +86,23 @@ def check_grace(heartbeat: int, grace: int | None) -> None:
         )
 
 
+# What an attempt records of itself: Optuna's retry copies every user attribute of the failed
+# trial, and a retry then started out "interrupted", claimed by the dead worker's host.
+ATTEMPT_ATTRS = ("outcome", "worker", BEATS, BEAT_EVERY, "result", "duplicate_of")
+
+
+def _fresh(retry_cls):
+    """`retry_cls` whose retries carry the point's attributes, none of the attempt's."""
+
+    class FreshRetry(retry_cls):
+        def __call__(self, study, trial):
+            trial = copy.copy(trial)
+            trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}  # fmt: skip
+            super().__call__(study, trial)
+
+    return FreshRetry
+
+
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None = None,
                  max_retry: int = DEFAULT_MAX_RETRY):  # fmt: skip
     """An RDB storage with heartbeats; a stale trial (its worker died) is re-enqueued."""
@@ -92,7 +111,7 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, grace: int | None
     from optuna.storages import RDBStorage
 
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    retry_cls = retry_cls or optuna.storages.RetryFailedTrialCallback  # optuna < 4.9
+    retry_cls = _fresh(retry_cls or optuna.storages.RetryFailedTrialCallback)  # optuna < 4.9
     params = inspect.signature(RDBStorage).parameters
     cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"  # fmt: skip
     url = with_driver(url)
