@@ -49,6 +49,11 @@ from .storage import (
 )
 
 
+# The training child's exit status -> the attempt's outcome (None: the point was lost to
+# another worker; any other status, or a signal, is a crash).
+CHILD_OUTCOMES = {0: "completed", 3: "diverged", 2: "error", 130: "interrupted", None: "lost"}
+
+
 @dataclass
 class WorkerReport:
     study: str
@@ -274,12 +279,10 @@ class Worker:
                     f"{key}: {'resuming' if action == 'resume' else 'training'} (trial {trial.number})"
                 )
                 code, error = self._spawn(action, cfg, run_dir, lease, lock, trial.number)
-                outcome = {0: "completed", 3: "diverged", 2: "error", None: "lost"}.get(
-                    code, "crashed"
-                )
+                outcome = CHILD_OUTCOMES.get(code, "crashed")
             result = None
             summary = run_dir / SUMMARY_FILE
-            if summary.is_file() and outcome not in ("lost", "crashed", "error"):
+            if summary.is_file() and outcome not in ("lost", "crashed", "error", "interrupted"):
                 result = record_from_summary(tracking.read_json(summary))
                 # A reused run keeps none either: a worker killed between the run's end and
                 # this line left them behind (a diverged run keeps its own, to look into).
