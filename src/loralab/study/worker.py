@@ -48,7 +48,6 @@ from .storage import (
     storage_url,
 )
 
-
 # The training child's exit status -> the attempt's outcome (None: the point was lost to
 # another worker; any other status, or a signal, is a crash).
 CHILD_OUTCOMES = {0: "completed", 3: "diverged", 2: "error", 130: "interrupted", None: "lost"}
