@@ -251,6 +251,39 @@ class _SigtermAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _SigtermInEval(TrainerCallback):
+    """SIGTERM while the periodic evaluation of one step scores its batches."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.step = None
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.long
+def test_sigterm_during_an_evaluation_stops_at_the_step_it_scored(tmp_path):
+    from loralab.config import build_config
+    from loralab.stopping import Stopped
+    from loralab.train import train
+
+    data = write_sst2(tmp_path / "sst2")
+    cfg = build_config(overrides=[*COMMON, "train.eval_steps=4", "train.save_steps=3",
+                                  f"data.data_dir={data}", f"run.output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(Stopped, match="stopped at step 4"):  # not after one more step
+        train(cfg, quiet=True, callbacks=[_SigtermInEval(4)])
+    run = tmp_path / "r"
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    assert [s for s, _ in _logged(run, "eval/accuracy")] == [4]  # the evaluation finished, logged
+    assert _train("--resume", str(run), "--quiet") == 0
+    assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8, 12, 16]
+
+
 @pytest.mark.long
 def test_sigterm_between_checkpoints_saves_one_where_it_stops_and_resumes_bit_identical(tmp_path, uninterrupted):  # fmt: skip
     """Stopping lost up to save_steps steps (a day's work on a long run); now the step under

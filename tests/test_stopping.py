@@ -20,7 +20,7 @@ def test_the_first_signal_asks_for_a_checkpoint_at_the_steps_end_then_stops(tmp_
             stop.on_step_end(None, state, control)
             assert not control.should_save  # no signal yet: the step's own plan
             stop.handle(signal.SIGTERM, None)
-            assert "stopping after this step" in capsys.readouterr().err
+            assert "stopping at the end of this step" in capsys.readouterr().err
             stop.handle(signal.SIGTERM, None)  # again: its sender waits, then SIGKILLs
             state.global_step = 4
             stop.on_step_end(None, state, control)
@@ -46,3 +46,15 @@ def test_a_signal_after_the_last_step_still_stops_the_run(tmp_path):
             stop.handle(signal.SIGTERM, None)
     with stop:  # no signal: nothing happens
         pass
+
+
+def test_a_signal_during_an_evaluation_stops_at_the_step_it_scored(tmp_path):
+    stop = GracefulStop(tmp_path)
+    state, control = TrainerState(global_step=8), TrainerControl()
+    with pytest.raises(Stopped, match="stopped at step 8"):
+        with stop:
+            stop.on_step_end(None, state, control)  # step 8 ends; its evaluation begins
+            stop.handle(signal.SIGINT, None)
+            stop.on_evaluate(None, state, control)  # the evaluation is logged: save step 8
+            assert control.should_save
+            stop.on_save(None, state, control)

@@ -1,7 +1,7 @@
 """Stopping a run without losing its work: the first Ctrl-C or SIGTERM during training finishes
-the step under way, saves a checkpoint there and stops, so that `--resume` (or a study's next
-worker) continues from that step rather than from the last periodic checkpoint, up to
-`train.save_steps` steps back. A second Ctrl-C stops at once; a second SIGTERM changes nothing
+the step under way (or the periodic evaluation under way), saves a checkpoint there and stops,
+so that `--resume` (or a study's next worker) continues from that step rather than from the
+last periodic checkpoint, up to `train.save_steps` steps back. A second Ctrl-C stops at once; a second SIGTERM changes nothing
 (whoever sent it follows up with SIGKILL when tired of waiting: a study's worker gives its
 training child 30 s). Before the first step and after the last (evaluations) a signal stops at
 once, as everywhere else.
@@ -62,8 +62,8 @@ class GracefulStop(TrainerCallback):
     def handle(self, signum, frame) -> None:
         if not self.requested:
             self.requested = True
-            print("loralab: stopping after this step, with a checkpoint there (Ctrl-C again "
-                  "stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+            print("loralab: stopping at the end of this step (or of the evaluation under way), "
+                  "with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
@@ -71,6 +71,11 @@ class GracefulStop(TrainerCallback):
         if self.requested and self.step is None:
             self.step = state.global_step
             control.should_save = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # A signal during a periodic evaluation (minutes on SQuAD): stop at the step it scored,
+        # saved right after it is logged, rather than after one more step.
+        self.on_step_end(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         if self.step is not None and state.global_step == self.step:
