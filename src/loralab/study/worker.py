@@ -51,6 +51,7 @@ from .storage import (
 # The training child's exit status -> the attempt's outcome (None: the point was lost to
 # another worker; any other status, or a signal, is a crash).
 CHILD_OUTCOMES = {0: "completed", 3: "diverged", 2: "error", 130: "interrupted", None: "lost"}
+CHILD_STOP_S = 30  # how long a stopped worker waits for its training child before SIGKILL
 
 
 @dataclass
@@ -314,8 +315,11 @@ class Worker:
                     proc.join()
                     return None, None
         except BaseException:
-            proc.terminate()
-            proc.join(30)
+            proc.terminate()  # `loralab.stopping`: it ends its step and saves a checkpoint there
+            self.say(
+                f"{run_dir.name}: stopping; up to {CHILD_STOP_S} s for a checkpoint at its step"
+            )
+            proc.join(CHILD_STOP_S)
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
