@@ -62,8 +62,9 @@ class GracefulStop(TrainerCallback):
     def handle(self, signum, frame) -> None:
         if not self.requested:
             self.requested = True
-            print("loralab: stopping at the end of this step (or of the evaluation under way), "
-                  "with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+            below_bar = "\n" if sys.stderr.isatty() else ""  # the progress bar has no newline
+            print(f"{below_bar}loralab: stopping at the end of this step (or of the evaluation under "
+                  "way), with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
 
