@@ -1006,10 +1006,12 @@ def test_tiny_study_split_over_two_workers_killed_and_resumed(tmp_path, data_roo
     while not process_gone(info["child_pid"]) and time.time() < deadline:
         time.sleep(0.1)
     assert process_gone(info["child_pid"]), "the training child outlived its killed worker"
-    # `--status` meanwhile: the killed point is still RUNNING in the storage, its worker gone.
+    # `--status` meanwhile: the killed point is still RUNNING in the storage, its worker gone,
+    # unless worker b (same host) has already seen it die and handed it back.
     status = study_status(load_spec(TINY, str(data_root)), str(res), tasks=["sst2"])
     killed = {p.key: p for p in status.points}[killed_run.name]
-    assert killed.state == "running" and killed.detail.startswith("stale"), killed
+    stale = killed.state == "running" and killed.detail.startswith("stale")
+    assert stale or killed.state == "interrupted", killed
     assert 0 < killed.resumes_at <= 0.5
 
     again = start_cli(["study", *common, "--tasks", "sst2"], tmp_path / "a2.log")
@@ -1077,10 +1079,14 @@ def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
     """`kill -TERM -- -PGID` (how a script stops a background study: such a job ignores
     SIGINT) stops the worker and its training child within seconds: exit 130, the point handed
     back for the next worker, no leaked-semaphore warning from the stopped child's bars."""
+    long = {"data_dir": "glue/sst2", "max_steps": 100000, "max_train_examples": 64,
+            "max_eval_examples": 8, "max_length": 32}  # fmt: skip
+    spec = _spec_file(tmp_path, tasks={"sst2": long}, methods=["lora"], lr={"lora": [1e-3]},
+                      seeds=[1], ablations=None)  # fmt: skip
     res = tmp_path / "res"
     log = tmp_path / "study.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loralab.cli", "study", str(TINY), "--data-root", str(data_root),
+        [sys.executable, "-m", "loralab.cli", "study", str(spec), "--data-root", str(data_root),
          "--output-dir", str(res), "--workers", "1"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -1103,9 +1109,9 @@ def test_sigterm_to_a_study_hands_its_point_back_cleanly(tmp_path, data_root):
     assert proc.wait(timeout=60) == 130
     text = log.read_text()
     assert "interrupted" in text and "leaked semaphore" not in text, text[-2000:]
-    status = study_status(load_spec(TINY, str(data_root)), str(res))
+    status = study_status(load_spec(spec, str(data_root)), str(res))
     assert {p.key: p.state for p in status.points}[key] == "interrupted"
-    # The child ended the step under way and saved a checkpoint there for the retry to resume.
+    # The child (stopped mid-training: the run is 100,000 steps long) ended the step under way and saved a checkpoint there for the retry to resume.
     error = json.loads((res / "runs" / key / "summary.json").read_text())["error"]
     step = re.search(r"stopped at step (\d+) with a checkpoint there", error)
     assert step, error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -23,6 +24,9 @@ from . import spare_cores
 def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> None:
     """In the child: train (or resume) one point, output to its log; exit 0/2/3/1."""
     _die_with_parent()
+    # As `loralab train`: a SIGTERM outside the training steps (start-up, evaluations) stops it
+    # like Ctrl-C, leaving a `failed` summary; during them `loralab.stopping` saves first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
