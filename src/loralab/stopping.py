@@ -1,10 +1,11 @@
 """Stopping a run without losing its work: the first Ctrl-C or SIGTERM during training finishes
 the step under way (or the periodic evaluation under way), saves a checkpoint there and stops,
 so that `--resume` (or a study's next worker) continues from that step rather than from the
-last periodic checkpoint, up to `train.save_steps` steps back. A second Ctrl-C stops at once; a second SIGTERM changes nothing
-(whoever sent it follows up with SIGKILL when tired of waiting: a study's worker gives its
-training child 30 s). Before the first step and after the last (evaluations) a signal stops at
-once, as everywhere else.
+last periodic checkpoint, up to `train.save_steps` steps back. A second Ctrl-C stops at once;
+a second SIGTERM changes nothing (whoever sent it follows up with SIGKILL when tired of
+waiting: a study's worker gives its training child 30 s). Before the first step and after the
+last (evaluations) a signal stops at once, as everywhere else; a SIGTERM after it cannot cut the
+failed summary short.
 
 The run then stops as one killed right after that checkpoint would: no closing records, the
 summary `failed` with the reason, the resume bit-identical to an uninterrupted run.
@@ -37,17 +38,21 @@ class Stopped(KeyboardInterrupt):
 
 
 class GracefulStop(TrainerCallback):
-    """Around `Trainer.train` (`with stop: trainer.train()`): the first SIGINT/SIGTERM saves a
-    checkpoint at the end of the current step, then raises `Stopped`."""
+    """Around a run (`with stop:` over its start-up, training, evaluation and summary): the
+    first SIGINT/SIGTERM during the training steps saves a checkpoint at the end of the current
+    step, then raises `Stopped`; outside them it raises KeyboardInterrupt at once. Once a stop
+    is under way a further SIGTERM is ignored, so that it cannot cut the failed summary short
+    (a study's worker sends one when it is stopped itself)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.requested = False
+        self.training = False  # between the Trainer's first step and its end
         self.step: int | None = None  # the step whose checkpoint ends the run
         self._old: dict = {}
 
     def __enter__(self) -> GracefulStop:
-        self.requested, self.step = False, None
+        self.requested, self.training, self.step = False, False, None
         if threading.current_thread() is threading.main_thread() and distributed.world_size() == 1:
             self._old = {s: signal.signal(s, self.handle) for s in _SIGNALS}
         return self
@@ -56,17 +61,21 @@ class GracefulStop(TrainerCallback):
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old = {}
-        if kind is None and self.requested:  # it came after the last step: stop all the same
-            raise KeyboardInterrupt
 
     def handle(self, signum, frame) -> None:
-        if not self.requested:
-            self.requested = True
-            below_bar = "\n" if sys.stderr.isatty() else ""  # the progress bar has no newline
-            print(f"{below_bar}loralab: stopping at the end of this step (or of the evaluation under "
-                  "way), with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
-        elif signum == signal.SIGINT:
+        if self.requested:  # stopping already: a second Ctrl-C means now, a SIGTERM waits
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        if not self.training:  # start-up or an evaluation outside the steps: stop at once
             raise KeyboardInterrupt
+        below_bar = "\n" if sys.stderr.isatty() else ""  # the progress bar has no newline
+        print(f"{below_bar}loralab: stopping at the end of this step (or of the evaluation under "
+              "way), with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested and self.step is None:
@@ -80,4 +89,10 @@ class GracefulStop(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.step is not None and state.global_step == self.step:
+            self.training = False
             raise Stopped(self.step, self.run_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+        if self.requested:  # it came after the last step's end: stop all the same
+            raise KeyboardInterrupt

@@ -276,47 +276,47 @@ class _Run:
         summary["compile"] = {k: v for k, v in compiled.items() if k != "key"}
         summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
-        try:  # from here on, a failure leaves a failed summary
-            if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
-                summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
-            elif self.head.reports_zero_shot():
-                # The untrained model's score: the reference line fine-tuning must beat. A LoRA
-                # init with B != 0 (init_lora_weights=false) is no identity: it is left out.
-                off = cfg.train.method == "lora" and cfg.lora.init_lora_weights is False
-                with model.disable_adapter() if off else nullcontext():
-                    summary["zero_shot"] = self.evaluate(trainer)
-                self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)  # fmt: skip
-                if self.console is not None:
-                    self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
-            t0 = time.time()
-            trainer.clock0 = (t0, time.process_time())
-            trainer.setup_s = t0 - start
-            with self.stop:  # a Ctrl-C or SIGTERM stops at a step, with a checkpoint there
+        with self.stop:  # a Ctrl-C or SIGTERM during the steps stops at one, with a checkpoint
+            try:  # from here on, a failure leaves a failed summary
+                if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
+                    summary["zero_shot"] = logged(self.run_dir, "zero_shot/")
+                elif self.head.reports_zero_shot():
+                    # The untrained model's score: the reference line fine-tuning must beat. A LoRA
+                    # init with B != 0 (init_lora_weights=false) is no identity: it is left out.
+                    off = cfg.train.method == "lora" and cfg.lora.init_lora_weights is False
+                    with model.disable_adapter() if off else nullcontext():
+                        summary["zero_shot"] = self.evaluate(trainer)
+                    self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)  # fmt: skip
+                    if self.console is not None:
+                        self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
+                t0 = time.time()
+                trainer.clock0 = (t0, time.process_time())
+                trainer.setup_s = t0 - start
                 train_out = trainer.train(resume_from_checkpoint=checkpoint)
-            # The steps' own time: from the first step (not the Trainer's set-up), evaluations and
-            # saves left out; None when this attempt trained no step (resumed from the last one).
-            first = trainer.first_step_at
-            stepping = time.time() - first - self.tokens.paused_s if first is not None else None
-            if compiled.get("compile"):  # inductor's cache now holds this model's kernels
-                remember(compiled["key"])
-            # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one).
-            # The CPU time, unlike the wall time, is blind to pauses and to other processes'
-            # load: CPU seconds over all of this process's threads.
-            train_time, summary["train_cpu_time_s"] = trainer.training_time()
-            # Inside the try: a final evaluation that fails (or is killed) leaves a failed
-            # summary beside the weights saved before it, not a folder that looks unfinished.
-            return self._finish(trainer, train_out, summary, checksum_before, start, train_time, stepping)  # fmt: skip
-        except BaseException as e:
-            if summary.get("status") == "completed" and (self.run_dir / rundir.SUMMARY_FILE).is_file():  # fmt: skip
-                raise  # the run's summary is written: what failed came after (tracking)
-            # Keep what was saved; say in the summary why the run stopped.
-            status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
-            why = f"interrupted (Ctrl-C or SIGTERM){f': {e}' * bool(str(e))}" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"  # SIGTERM raises it too (`cli.main`)  # fmt: skip
-            summary.update(status=status, error=why, wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
-            if distributed.is_main():
-                tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
-            self.tracker.finish(failed=True)
-            raise
+                # The steps' own time: from the first step (not the Trainer's set-up), evaluations
+                # and saves left out; None when this attempt trained no step (resumed at the end).
+                first = trainer.first_step_at
+                stepping = time.time() - first - self.tokens.paused_s if first is not None else None
+                if compiled.get("compile"):  # inductor's cache now holds this model's kernels
+                    remember(compiled["key"])
+                # Whole-run figures (the attempts up to the checkpoint resumed from, plus this one).
+                # The CPU time, unlike the wall time, is blind to pauses and to other processes'
+                # load: CPU seconds over all of this process's threads.
+                train_time, summary["train_cpu_time_s"] = trainer.training_time()
+                # Inside the try: a final evaluation that fails (or is killed) leaves a failed
+                # summary beside the weights saved before it, not a folder that looks unfinished.
+                return self._finish(trainer, train_out, summary, checksum_before, start, train_time, stepping)  # fmt: skip
+            except BaseException as e:
+                if summary.get("status") == "completed" and (self.run_dir / rundir.SUMMARY_FILE).is_file():  # fmt: skip
+                    raise  # the run's summary is written: what failed came after (tracking)
+                # Keep what was saved; say in the summary why the run stopped.
+                status = "diverged" if isinstance(e, TrainingDiverged) else "failed"
+                why = f"interrupted (Ctrl-C or SIGTERM){f': {e}' * bool(str(e))}" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"  # SIGTERM raises it too (`cli.main`)  # fmt: skip
+                summary.update(status=status, error=why, wall_time_s=time.time() - start + trainer.earlier_wall())  # fmt: skip
+                if distributed.is_main():
+                    tracking.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
+                self.tracker.finish(failed=True)
+                raise
 
     def _finish(self, trainer, train_out, summary, checksum_before, start, train_time, stepping):  # fmt: skip
         cfg, model = self.cfg, self.built.model

@@ -54,6 +54,7 @@ def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> N
         Path(err).write_text(str(e))
         code = 2
     except KeyboardInterrupt as e:  # the worker stopped: `stopping` saved a checkpoint first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker's own SIGTERM may follow
         print(f"loralab: interrupted; {str(e) or 'stopped at once'}")
         code = 130
     except BaseException:
