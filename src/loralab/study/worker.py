@@ -319,8 +319,13 @@ class Worker:
             self.say(
                 f"{run_dir.name}: stopping; up to {CHILD_STOP_S} s for a checkpoint at its step"
             )
+            end = time.monotonic() + CHILD_STOP_S
             proc.join(CHILD_STOP_S)
-            if proc.exitcode is None:
+            # `kill -- -PGID` ends the fork server too, and join then returns at once (exit
+            # 255) with the child still saving: wait for the child itself.
+            while _running(proc.pid) and time.monotonic() < end:
+                time.sleep(0.1)
+            if _running(proc.pid):
                 proc.kill()
                 proc.join()
             raise
@@ -342,6 +347,20 @@ class Worker:
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  **({"exitcode": exitcode} if exitcode is not None else {})})  # fmt: skip
         tracking.write_json(run_dir / SWEEP_FILE, note)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (not gone, not a zombie awaiting its reaper)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def _killed_by(code: int | None) -> str:
