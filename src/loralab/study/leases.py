@@ -88,44 +88,53 @@ def lock_here(lock: Path) -> str | None:
     suspended worker still does), 'free' when its note names this host but nobody holds it (the
     kernel dropped a dead worker's lock); None when it is missing or another host's (a flock
     says nothing about another host's workers)."""
+    return _lock_state(lock)[0]
+
+
+def _lock_state(lock: Path) -> tuple[str | None, dict]:
+    """(`lock_here`'s answer, the lock's note), from one read of the note."""
     try:
         note = json.loads(lock.read_text() or "{}")
         fd = os.open(lock, os.O_RDONLY)
     except (OSError, ValueError):
-        return None
+        return None, {}
     try:
         if note.get("host") != socket.gethostname():
-            return None
+            return None, note
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return "held"
+            return "held", note
         fcntl.flock(fd, fcntl.LOCK_UN)
-        return "free"
+        return "free", note
     finally:
         os.close(fd)
 
 
-def died_here(lock: Path, number: int) -> bool:
-    """Whether the worker that noted trial `number` in the point lock `lock` ran on this host
-    and is gone: nobody holds the lock and its process no longer exists. Its point need not
-    wait out the heartbeat grace. A note from an earlier attempt, a live process (a worker
-    between releasing the lock and recording its result) or another host's note proves
-    nothing."""
-    try:
-        note = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        return False
+def _died_here(state: str | None, note: dict, number: int) -> bool:
+    """Whether the worker that noted trial `number` in a point lock (`_lock_state`'s `state`
+    and `note`) ran on this host and is gone: nobody holds the lock and its process no longer
+    runs. Its point need not wait out the heartbeat grace. A note from an earlier attempt, a
+    live process (a worker between releasing the lock and recording its result) or another
+    host's note proves nothing."""
     pid = note.get("pid")
-    if note.get("trial") != number or not isinstance(pid, int) or lock_here(lock) != "free":
-        return False
+    return state == "free" and note.get("trial") == number and isinstance(pid, int) and not running(pid)  # fmt: skip
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (not gone, not a zombie awaiting its reaper)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another user's live process
         return True
-    except PermissionError:
-        return False  # another user's live process
-    return False
 
 
 def fail_dead(storage, study, locks: Path) -> None:
@@ -139,7 +148,7 @@ def fail_dead(storage, study, locks: Path) -> None:
     (`locks`/<point>.lock) a process on this host still holds is alive, so its heartbeat is
     renewed on its behalf first; so is one whose own worker beat within OWN_GRACE_BEATS of its
     interval (a worker elsewhere with a longer --heartbeat than this one's grace allows). A
-    point whose worker on this host has died (`died_here`) is failed at once: a study
+    point whose worker on this host has died (`_died_here`) is failed at once: a study
     restarted after a crash or a reboot resumes it without waiting out the grace.
     """
     from optuna.storages import fail_stale_trials
@@ -148,10 +157,10 @@ def fail_dead(storage, study, locks: Path) -> None:
     dead = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         point = t.user_attrs.get("point")
-        lock = locks / f"{point}.lock" if point else None
-        if lock is not None and died_here(lock, t.number):
+        state, note = _lock_state(locks / f"{point}.lock") if point else (None, {})
+        if _died_here(state, note, t.number):
             dead.append(t._trial_id)
-        elif _beating(storage, t) or (lock is not None and lock_here(lock) == "held"):
+        elif _beating(storage, t) or state == "held":
             storage.record_heartbeat(t._trial_id)
     for tid in dead:
         fail_now(storage, study, tid)

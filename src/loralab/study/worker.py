@@ -33,7 +33,7 @@ from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
 from .bar import PointsBar
 from .claims import claim
-from .leases import Lease, PointLock, fail_dead, fail_now
+from .leases import Lease, PointLock, fail_dead, fail_now, running
 from .records import main_metric_value, record_from_summary
 from .reuse import decide, drop_checkpoints, read_note
 from .storage import (
@@ -323,9 +323,9 @@ class Worker:
             proc.join(CHILD_STOP_S)
             # `kill -- -PGID` ends the fork server too, and join then returns at once (exit
             # 255) with the child still saving: wait for the child itself.
-            while _running(proc.pid) and time.monotonic() < end:
+            while running(proc.pid) and time.monotonic() < end:
                 time.sleep(0.1)
-            if _running(proc.pid):
+            if running(proc.pid):
                 proc.kill()
                 proc.join()
             raise
@@ -347,20 +347,6 @@ class Worker:
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                  **({"exitcode": exitcode} if exitcode is not None else {})})  # fmt: skip
         tracking.write_json(run_dir / SWEEP_FILE, note)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` still runs (not gone, not a zombie awaiting its reaper)."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 def _killed_by(code: int | None) -> str:
