@@ -64,6 +64,27 @@ def test_study_with_two_workers_shares_points_and_records_the_layout(tmp_path):
         assert all(0 <= s["layout"]["lent_share"] <= 1 for s in summaries)
 
 
+def test_built_in_models_are_fetched_once_before_the_workers_start(tmp_path, monkeypatch):
+    from loralab.cli import main
+    from loralab.models.registry import builtin_dir, is_cached
+    from loralab.study import runner
+
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))  # tiny-llama not built yet
+    write_sst2(tmp_path / "data" / "glue" / "sst2")
+    seen = []
+
+    def spawn(argv, workers, threads):  # what the second worker would find
+        seen.append(is_cached(builtin_dir("tiny-llama")))
+        return []
+
+    monkeypatch.setattr(layout, "spawn_siblings", spawn)
+    monkeypatch.setattr(runner, "run_study", lambda *a, **k: runner.StudyOutcome([], []))
+    argv = ["study", str(SPEC), "--data-root", str(tmp_path / "data"), "--tasks", "sst2",
+            "--output-dir", str(tmp_path / "res"), "--workers", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == [True]
+
+
 def test_workers_are_pinned_round_robin_to_the_visible_gpus():
     assert layout.gpu_for_workers(3, visible="2,5") == ["2", "5", "2"]
     assert layout.gpu_for_workers(2, visible=None, count=4) == ["0", "1"]

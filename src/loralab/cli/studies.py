@@ -321,17 +321,14 @@ def cmd_ablate(args) -> int:
 def cmd_study(args) -> int:
     from ..study import layout
     from ..study.grid import parse_list
+    from ..study.prechecks import check_points, fetch_models
     from ..study.runner import run_study
-    from ..study.spec import dry_run, load_spec
+    from ..study.spec import check_data, dry_run, load_spec, select_tasks, spec_configs
 
     spec = load_spec(args.spec, args.data_root)
     tasks = parse_list(args.tasks, str, "--tasks")
     if args.dry_run:
-        from ..study.prechecks import check_points
-
         _storage_opts(args)  # its checks, as the real run makes them
-        from ..study.spec import check_data, select_tasks, spec_configs
-
         check_data(spec, select_tasks(spec, tasks))  # as the real run does, before its plan
         check_points(spec_configs(spec, select_tasks(spec, tasks)))
         lines = dry_run(spec, tasks, args.study or spec.name)
@@ -345,6 +342,8 @@ def cmd_study(args) -> int:
         print("\n".join(render(st)))
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
+    check_data(spec, select_tasks(spec, tasks))  # before a download it would make useless
+    fetch_models(spec_configs(spec, select_tasks(spec, tasks)))  # once, before any worker
     workers, threads = layout.choose(args.workers)
     siblings = layout.spawn_siblings(args.argv, workers, threads) if workers > 1 else []
     with layout.stopping_siblings(siblings):

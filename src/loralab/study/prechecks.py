@@ -41,3 +41,13 @@ def check_points(cfgs: list[ExperimentConfig]) -> None:
         head.check_model(configs[name], name)  # every method: the head must fit the model
         if cfg.train.method == "lora":
             check_targets(cfg.lora, configs[name], head.auto_class())
+
+
+def fetch_models(cfgs: list[ExperimentConfig]) -> None:
+    """Build or fetch each built-in model (and convert each .gguf file) the points use, here and
+    once: workers started together would otherwise each download and convert it at the same
+    moment (the build is atomic, so that only wastes time and memory)."""
+    from ..models.build import resolve
+
+    for name in sorted({cfg.model.name for cfg in cfgs}):
+        resolve(name)  # a hub id comes back as it is: its points download it
