@@ -264,14 +264,19 @@ class _SigtermInEval(TrainerCallback):
 
 
 @pytest.mark.long
-def test_sigterm_during_an_evaluation_stops_at_the_step_it_scored(tmp_path):
+def test_sigterm_during_an_evaluation_cuts_it_and_the_resume_runs_it_first(tmp_path):
+    """A periodic evaluation can outlast a study worker's 30 s wait (minutes on SQuAD): a stop
+    cuts it at its next batch and saves the step it was scoring, owing it; the resume runs it
+    first, and the run ends as an uninterrupted one, records included."""
     from loralab.config import build_config
     from loralab.stopping import Stopped
     from loralab.train import train
 
     data = write_sst2(tmp_path / "sst2")
-    cfg = build_config(overrides=[*COMMON, "train.eval_steps=4", "train.save_steps=3",
-                                  f"data.data_dir={data}", f"run.output_dir={tmp_path}"])  # fmt: skip
+    common = [*COMMON, "train.eval_steps=4", "train.save_steps=3", "train.eval_batch_size=4",
+              f"data.data_dir={data}"]  # fmt: skip
+    assert _train("--quiet", *common, f"run.output_dir={tmp_path / 'ref'}") == 0
+    cfg = build_config(overrides=[*common, f"run.output_dir={tmp_path}"])
     with pytest.raises(Stopped, match="stopped at step 4"):  # not after one more step
         train(cfg, quiet=True, callbacks=[_SigtermInEval(4)])
     run = tmp_path / "r"
@@ -279,8 +284,12 @@ def test_sigterm_during_an_evaluation_stops_at_the_step_it_scored(tmp_path):
         "checkpoint-3",
         "checkpoint-4",
     ]
-    assert [s for s, _ in _logged(run, "eval/accuracy")] == [4]  # the evaluation finished, logged
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "loralab_state.json").read_text())
+    assert state["eval_owed"] == 4
+    assert _logged(run, "eval/accuracy") == []  # cut short: nothing half-scored was logged
     assert _train("--resume", str(run), "--quiet") == 0
+    _assert_same_result(run, tmp_path / "ref" / "r")
+    assert _logged(run, "eval/accuracy") == _logged(tmp_path / "ref" / "r", "eval/accuracy")
     assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8, 12, 16]
 
 

@@ -98,6 +98,7 @@ class Progress:
     # (loss summed since the last logged step, that step): the log window open at the save,
     # which the next logged loss averages over, as it would have without the stop.
     pending: tuple[float, int] | None = None
+    eval_owed: int | None = None  # the step whose periodic evaluation a stop cut short
 
 
 def read_progress(ckpt: Path) -> Progress:
@@ -114,6 +115,7 @@ def read_progress(ckpt: Path) -> Progress:
         tokens=(real, padded) if isinstance(real, int) and isinstance(padded, int) else (0, 0),
         first_step_at=num("first_step_at"),
         pending=(pending, last) if pending is not None and isinstance(last, int) else None,
+        eval_owed=state.get("eval_owed") if isinstance(state.get("eval_owed"), int) else None,
     )
 
 

@@ -1,7 +1,10 @@
 """Stopping a run without losing its work: the first Ctrl-C or SIGTERM during training finishes
-the step under way (or the periodic evaluation under way), saves a checkpoint there and stops,
-so that `--resume` (or a study's next worker) continues from that step rather than from the
-last periodic checkpoint, up to `train.save_steps` steps back. A second Ctrl-C stops at once;
+the step under way, saves a checkpoint there and stops, so that `--resume` (or a study's next
+worker) continues from that step rather than from the last periodic checkpoint, up to
+`train.save_steps` steps back. A periodic evaluation under way (minutes on SQuAD on a CPU,
+longer than a study's worker waits) is cut short at its next batch instead: the checkpoint of
+the step it was scoring owes it (`eval_owed`), and the resume runs it first, so the run's
+records come out as an uninterrupted run's. A second Ctrl-C stops at once;
 a second SIGTERM changes nothing (whoever sent it follows up with SIGKILL when tired of
 waiting: a study's worker gives its training child 30 s). Before the first step and after the
 last (evaluations) a signal stops at once, as everywhere else; a SIGTERM after it cannot cut the
@@ -35,6 +38,10 @@ class Stopped(KeyboardInterrupt):
         super().__init__(f"stopped at step {step} with a checkpoint there; `loralab train "
                          f"--resume {run_dir}` continues")  # fmt: skip
         self.step = step
+
+
+class EvaluationCut(Exception):
+    """A stop came during a periodic evaluation: the trainer saves the step it was scoring."""
 
 
 class GracefulStop(TrainerCallback):
@@ -71,8 +78,9 @@ class GracefulStop(TrainerCallback):
         if not self.training:  # start-up or an evaluation outside the steps: stop at once
             raise KeyboardInterrupt
         below_bar = "\n" if sys.stderr.isatty() else ""  # the progress bar has no newline
-        print(f"{below_bar}loralab: stopping at the end of this step (or of the evaluation under "
-              "way), with a checkpoint there (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"{below_bar}loralab: stopping at the end of this step, with a checkpoint there (an "
+              "evaluation under way runs again on resume; Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -82,9 +90,16 @@ class GracefulStop(TrainerCallback):
             self.step = state.global_step
             control.should_save = True
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # A signal during a periodic evaluation: stop at the step it is scoring, at once (its
+        # trainer saves that step owing the evaluation), rather than after the whole evaluation.
+        if self.requested and self.training and self.step is None:
+            self.step = state.global_step
+            raise EvaluationCut
+
     def on_evaluate(self, args, state, control, **kwargs):
-        # A signal during a periodic evaluation (minutes on SQuAD): stop at the step it scored,
-        # saved right after it is logged, rather than after one more step.
+        # An evaluation with its own loop (a head's generation) ran to its end: stop at the
+        # step it scored, saved right after it is logged, rather than after one more step.
         self.on_step_end(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):

@@ -17,6 +17,7 @@ from .callbacks import TokenCounts
 from .checkpoints import read_progress
 from .config import ExperimentConfig
 from .errors import TrainingDiverged
+from .stopping import EvaluationCut
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -74,6 +75,7 @@ class LoralabTrainer(Trainer):
         self.first_step_at = None  # Unix time at which this process began its first step
         self.first_step_before = None  # ... the attempt that saved the checkpoint resumed from
         self.pending_before = None  # the resumed checkpoint's open log window (`Progress.pending`)
+        self.eval_owed = None  # the step of the periodic evaluation a stop cut short
         # A head that scores the dev set with its own loop (generation, verbalizers) sets this:
         # the periodic evaluations (`train.eval_steps`) call it instead of the predict loop.
         self.own_eval: Callable[[], dict] | None = None
@@ -132,7 +134,8 @@ class LoralabTrainer(Trainer):
                  "tokens_real": self.tokens_before[0] + int(real),
                  "tokens_padded": self.tokens_before[1] + int(padded),
                  "first_step_at": self.stepping_since(), "pending_loss": pending,
-                 "last_logged_step": getattr(self, "_globalstep_last_logged", self.state.global_step), **self.run_facts},
+                 "last_logged_step": getattr(self, "_globalstep_last_logged", self.state.global_step),
+                 "eval_owed": self.eval_owed, **self.run_facts},
             )  # fmt: skip
         t0 = time.time()
         super()._save_checkpoint(model, trial)
@@ -156,6 +159,7 @@ class LoralabTrainer(Trainer):
         self.tokens_before = before.tokens
         self.first_step_before = before.first_step_at
         self.pending_before = before.pending
+        self.eval_owed = before.eval_owed
 
     def stepping_since(self) -> float | None:
         """Unix time this attempt began its first step; with no step (resumed from the final
@@ -189,6 +193,11 @@ class LoralabTrainer(Trainer):
                 self.args, self.state, self.control, metrics
             )
             return metrics
+        except EvaluationCut:  # stopped while scoring: this step is saved owing the evaluation
+            self.eval_owed = self.state.global_step
+            self._save_checkpoint(self.model, trial=None)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            raise  # `GracefulStop.on_save` has raised `Stopped` before this
         finally:
             self.tokens.paused_s += time.time() - t0
 
@@ -223,6 +232,10 @@ class LoralabTrainer(Trainer):
         super().log(logs, start_time)
 
     def _run_epoch(self, *args, **kwargs):
+        if self.eval_owed is not None:  # resumed from a stop that cut this step's evaluation
+            if self.eval_owed == self.state.global_step:
+                self.evaluate()
+            self.eval_owed = None
         # Resumed from the last checkpoint (the final evaluation died): the stock loop would
         # train one step past max_steps in an epoch it resumes mid-way, checking only after it.
         if 0 < self.state.max_steps <= self.state.global_step:
