@@ -293,6 +293,51 @@ def test_sigterm_during_an_evaluation_cuts_it_and_the_resume_runs_it_first(tmp_p
     assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8, 12, 16]
 
 
+class _ArmAt(TrainerCallback):
+    """Arms `armed` at the end of one step (its periodic evaluation follows)."""
+
+    def __init__(self, step: int, armed: list):
+        self.step, self.armed = step, armed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.armed.append(True)
+
+
+@pytest.mark.long
+def test_sigterm_during_a_heads_own_evaluation_loop_cuts_it_too(tmp_path, monkeypatch):
+    """The LM head scores its verbalizers in a loop of its own, outside the Trainer's."""
+    from loralab.config import build_config
+    from loralab.heads import prompting
+    from loralab.stopping import Stopped
+    from loralab.train import train
+
+    data = write_sst2(tmp_path / "sst2")
+    common = [*COMMON, "model.head=lm", "train.epochs=1", "train.eval_steps=4",
+              "train.save_steps=3", "train.eval_batch_size=4", f"data.data_dir={data}"]  # fmt: skip
+    assert _train("--quiet", *common, f"run.output_dir={tmp_path / 'ref'}") == 0
+    armed, scored = [], prompting.target_log_probs
+
+    def scoring(*args, **kwargs):  # SIGTERM at the first batch of step 4's evaluation
+        if armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return scored(*args, **kwargs)
+
+    monkeypatch.setattr(prompting, "target_log_probs", scoring)
+    cfg = build_config(overrides=[*common, f"run.output_dir={tmp_path}"])
+    with pytest.raises(Stopped, match="stopped at step 4"):
+        train(cfg, quiet=True, callbacks=[_ArmAt(4, armed)])
+    run = tmp_path / "r"
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "loralab_state.json").read_text())
+    assert state["eval_owed"] == 4
+    assert _logged(run, "eval/accuracy") == []
+    monkeypatch.undo()
+    assert _train("--resume", str(run), "--quiet") == 0
+    assert _logged(run, "eval/accuracy") == _logged(tmp_path / "ref" / "r", "eval/accuracy")
+    assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8]
+
+
 @pytest.mark.long
 def test_sigterm_between_checkpoints_saves_one_where_it_stops_and_resumes_bit_identical(tmp_path, uninterrupted):  # fmt: skip
     """Stopping lost up to save_steps steps (a day's work on a long run); now the step under

@@ -44,6 +44,17 @@ class EvaluationCut(Exception):
     """A stop came during a periodic evaluation: the trainer saves the step it was scoring."""
 
 
+_active: GracefulStop | None = None  # the run's while its `with` is open (signals are per process)
+
+
+def poll() -> None:
+    """Raise `EvaluationCut` where a stop came during a periodic evaluation; called by every
+    batch of the evaluation loops of heads' own (verbalizers, generation), as the Trainer's
+    prediction loop calls `on_prediction_step`."""
+    if _active is not None and _active.last_step is not None:
+        _active.cut(_active.last_step)
+
+
 class GracefulStop(TrainerCallback):
     """Around a run (`with stop:` over its start-up, training, evaluation and summary): the
     first SIGINT/SIGTERM during the training steps saves a checkpoint at the end of the current
@@ -56,18 +67,24 @@ class GracefulStop(TrainerCallback):
         self.requested = False
         self.training = False  # between the Trainer's first step and its end
         self.step: int | None = None  # the step whose checkpoint ends the run
+        self.last_step: int | None = None  # the last step ended (what an evaluation scores)
         self._old: dict = {}
 
     def __enter__(self) -> GracefulStop:
-        self.requested, self.training, self.step = False, False, None
+        global _active
+        self.requested, self.training, self.step, self.last_step = False, False, None, None
         if threading.current_thread() is threading.main_thread() and distributed.world_size() == 1:
             self._old = {s: signal.signal(s, self.handle) for s in _SIGNALS}
+            _active = self
         return self
 
     def __exit__(self, kind, value, tb) -> None:
+        global _active
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old = {}
+        if _active is self:
+            _active = None
 
     def handle(self, signum, frame) -> None:
         if self.requested:  # stopping already: a second Ctrl-C means now, a SIGTERM waits
@@ -86,20 +103,25 @@ class GracefulStop(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.last_step = state.global_step
         if self.requested and self.step is None:
             self.step = state.global_step
             control.should_save = True
 
-    def on_prediction_step(self, args, state, control, **kwargs):
-        # A signal during a periodic evaluation: stop at the step it is scoring, at once (its
-        # trainer saves that step owing the evaluation), rather than after the whole evaluation.
+    def cut(self, step: int) -> None:
+        """Raise `EvaluationCut` where a signal came during a periodic evaluation of `step`: the
+        run stops there at once (its trainer saves the step owing the evaluation) rather than
+        after the whole evaluation."""
         if self.requested and self.training and self.step is None:
-            self.step = state.global_step
+            self.step = step
             raise EvaluationCut
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.cut(state.global_step)
+
     def on_evaluate(self, args, state, control, **kwargs):
-        # An evaluation with its own loop (a head's generation) ran to its end: stop at the
-        # step it scored, saved right after it is logged, rather than after one more step.
+        # An evaluation that ended before the stop could cut it: stop at the step it scored,
+        # saved right after it is logged, rather than after one more step.
         self.on_step_end(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import stopping
 from ..config import DataConfig
 from ..errors import LoralabError
 
@@ -250,6 +251,7 @@ def score_verbalizers(
     for idx in tqdm(
         list(_batches(len(prompts), per_batch)), desc="Scoring verbalizers", disable=not progress
     ):
+        stopping.poll()  # a stop during a periodic evaluation cuts it here
         seqs, labels = [], []
         for i in idx:
             for c in cands:
@@ -278,6 +280,7 @@ def generate_answers(
     for idx in tqdm(
         list(_batches(len(prompts), batch_size)), desc="Generating answers", disable=not progress
     ):
+        stopping.poll()
         ids, mask = _pad([prompts[i] for i in idx], tokenizer.pad_token_id, left=True)
         gen = model.generate(
             input_ids=ids.to(device),
