@@ -251,6 +251,17 @@ class _SigtermAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _SigtermDuring(TrainerCallback):
+    """Sends this process SIGTERM as one step begins (it lands during that step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _SigtermInEval(TrainerCallback):
     """SIGTERM while the periodic evaluation of one step scores its batches."""
 
@@ -290,6 +301,24 @@ def test_sigterm_during_an_evaluation_cuts_it_and_the_resume_runs_it_first(tmp_p
     assert _train("--resume", str(run), "--quiet") == 0
     _assert_same_result(run, tmp_path / "ref" / "r")
     assert _logged(run, "eval/accuracy") == _logged(tmp_path / "ref" / "r", "eval/accuracy")
+    assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8, 12, 16]
+
+
+@pytest.mark.long
+def test_sigterm_in_the_step_before_an_evaluation_does_not_wait_for_it(tmp_path):
+    from loralab.config import build_config
+    from loralab.stopping import Stopped
+    from loralab.train import train
+
+    data = write_sst2(tmp_path / "sst2")
+    cfg = build_config(overrides=[*COMMON, "train.eval_steps=4", "train.eval_batch_size=4",
+                                  f"data.data_dir={data}", f"run.output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(Stopped, match="stopped at step 4"):
+        train(cfg, quiet=True, callbacks=[_SigtermDuring(4)])
+    run = tmp_path / "r"
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "loralab_state.json").read_text())
+    assert state["eval_owed"] == 4 and _logged(run, "eval/accuracy") == []
+    assert _train("--resume", str(run), "--quiet") == 0
     assert [s for s, _ in _logged(run, "eval/accuracy")] == [4, 8, 12, 16]
 
 

@@ -109,10 +109,10 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
 
     def cut(self, step: int) -> None:
-        """Raise `EvaluationCut` where a signal came during a periodic evaluation of `step`: the
-        run stops there at once (its trainer saves the step owing the evaluation) rather than
-        after the whole evaluation."""
-        if self.requested and self.training and self.step is None:
+        """Raise `EvaluationCut` where a signal came during a periodic evaluation of `step`, or
+        during the step it follows: the run stops there at once (its trainer saves the step
+        owing the evaluation) rather than after the whole evaluation."""
+        if self.requested and self.training and self.step in (None, step):
             self.step = step
             raise EvaluationCut
 
