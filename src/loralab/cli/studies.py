@@ -327,10 +327,11 @@ def cmd_study(args) -> int:
 
     spec = load_spec(args.spec, args.data_root)
     tasks = parse_list(args.tasks, str, "--tasks")
+    selected = select_tasks(spec, tasks)
     if args.dry_run:
         _storage_opts(args)  # its checks, as the real run makes them
-        check_data(spec, select_tasks(spec, tasks))  # as the real run does, before its plan
-        check_points(spec_configs(spec, select_tasks(spec, tasks)))
+        check_data(spec, selected)  # as the real run does, before its plan
+        check_points(spec_configs(spec, selected))
         lines = dry_run(spec, tasks, args.study or spec.name)
         print("\n".join(lines))
         return 0
@@ -342,8 +343,8 @@ def cmd_study(args) -> int:
         print("\n".join(render(st)))
         return 0
     check_results_dir(args.output_dir or spec.output_dir)
-    check_data(spec, select_tasks(spec, tasks))  # before a download it would make useless
-    fetch_models(spec_configs(spec, select_tasks(spec, tasks)))  # once, before any worker
+    check_data(spec, selected)  # before a download it would make useless
+    fetch_models(spec_configs(spec, selected))  # once, before any worker
     workers, threads = layout.choose(args.workers)
     siblings = layout.spawn_siblings(args.argv, workers, threads) if workers > 1 else []
     with layout.stopping_siblings(siblings):
