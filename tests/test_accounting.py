@@ -169,3 +169,37 @@ def test_efficiency_records_are_flat_scalars():
     assert records["efficiency/total"] == counts["total"]
     assert records["efficiency/by_module/q/lora"] == counts["by_module"]["q"]["lora"]
     assert all(isinstance(v, (int, float)) for v in records.values())
+
+
+def test_checksum_is_four_runs_hashed_apart_whatever_the_threads():
+    """The documented construction, worked out here: the tensors in name order cut into four
+    runs of about equal bytes, each run's SHA-256 over name, dtype and bytes, then one SHA-256
+    over the four digests. The threads hashing the runs do not change it; any byte does."""
+    import hashlib
+
+    import torch
+
+    from loralab import quantization
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"w{i}": torch.randn(64, 32, generator=g).to(torch.bfloat16) for i in range(8)}
+    runs = [[f"w{2 * r}", f"w{2 * r + 1}"] for r in range(4)]  # 8 equal tensors: 2 a run
+    digests = []
+    for run in runs:
+        h = hashlib.sha256()
+        for name in run:
+            h.update(name.encode() + b"torch.bfloat16" + tensors[name].view(torch.uint8).numpy().tobytes())  # fmt: skip
+        digests.append(h.digest())
+    expected = hashlib.sha256(b"".join(digests)).hexdigest()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            assert quantization.checksum(dict(reversed(tensors.items()))) == expected
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("w0", "w7"):  # the first run's first tensor, the last run's last
+        changed = dict(tensors)
+        changed[name] = tensors[name].clone()
+        changed[name].view(torch.uint8).view(-1)[5] ^= 1
+        assert quantization.checksum(changed) != expected

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 
+import pytest
 from tokenizers.processors import TemplateProcessing
 
+from loralab import data
 from loralab.config import build_config
 from loralab.data import _tokenizer_fingerprint, load_splits
 from loralab.models import cache_dir, load_tokenizer
@@ -40,6 +44,43 @@ def test_fingerprint_follows_what_changes_token_ids():
     )
     assert _tokenizer_fingerprint(post) != base
     assert _tokenizer_fingerprint(load_tokenizer("tiny-llama")) == base  # no state leaked
+
+
+def _reference_fingerprint(tok) -> str:
+    """The fingerprint as the cache keys were always made: the normalised backend state, then
+    the special tokens and the padding side (truncation_side stays at "right" here)."""
+    state = json.loads(tok.backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    h = hashlib.sha256(json.dumps(state, sort_keys=True).encode())
+    h.update(repr(sorted(tok.special_tokens_map.items())).encode())
+    h.update(tok.padding_side.encode())
+    return h.hexdigest()[:16]
+
+
+def test_fingerprint_is_kept_on_disk_with_the_same_value(monkeypatch):
+    tok = load_tokenizer("tiny-llama")
+    first = _tokenizer_fingerprint(tok)
+    assert first == _reference_fingerprint(tok)  # keeping it changes no existing cache key
+    # one entry per backend state: a per-call truncation left on it keys another, same value
+    kept = [f for f in (cache_dir() / "fingerprints").iterdir() if f.read_text() == first]
+    assert kept
+
+    def no_normalising(raw):
+        raise AssertionError("the fingerprint was computed again instead of read")
+
+    monkeypatch.setattr(data, "_hash_of_state", no_normalising)
+    assert _tokenizer_fingerprint(load_tokenizer("tiny-llama")) == first  # a new process's load
+    other = load_tokenizer("tiny-llama")
+    other.add_tokens([f"zz{uuid.uuid4().hex}"])  # another tokenizer: another entry, computed
+    with pytest.raises(AssertionError, match="computed again"):
+        _tokenizer_fingerprint(other)
+    monkeypatch.undo()
+
+    for f in kept:  # damaged: computed again, and the file repaired
+        f.write_text("not a fingerprint")
+    assert _tokenizer_fingerprint(load_tokenizer("tiny-llama")) == first
+    assert first in {f.read_text() for f in kept}
 
 
 def test_second_run_reuses_both_splits(sst2_dir, monkeypatch):

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.commands[args.command].error(unrecognized(extra, parser.commands[args.command]))
     args.argv = argv  # `study --workers N` starts siblings with the same arguments
+    args.entry = entry
     # Loading reports ("newly initialized: score") are recorded in the summary instead.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if getattr(args, "quiet", False):

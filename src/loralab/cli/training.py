@@ -67,6 +67,15 @@ def add_convert(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _settle(args) -> None:
+    """Once the command line is checked: the training stack imported and out of the collector's
+    way (`loralab.startup`), where this process is the command's own and trains once."""
+    if getattr(args, "entry", False):
+        from ..startup import freeze_imports
+
+        freeze_imports()
+
+
 def cmd_train(args) -> int:
     from ..models import precheck
 
@@ -85,6 +94,7 @@ def cmd_train(args) -> int:
                 f"--resume continues a run with the config it was started with; drop {given} "
                 "(or start a new run without --resume)."
             )
+        _settle(args)
         from ..resume import resume
 
         result = resume(
@@ -124,6 +134,7 @@ def cmd_train(args) -> int:
                 "every weight and builds no adapter, so lora.* settings would be ignored. Drop "
                 "them, or train with --method lora."
             )
+        _settle(args)
         from ..train import train
 
         result = train(cfg, quiet=args.quiet)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import from_dict
 from ..errors import LoralabError, TrainingDiverged
 from ..resume import resume
+from ..startup import freeze_imports
 from ..train import train
 from . import spare_cores
 
@@ -24,6 +25,7 @@ from . import spare_cores
 def child_main(action: str, config: dict, run_dir: str, log: str, err: str) -> None:
     """In the child: train (or resume) one point, output to its log; exit 0/2/3/1."""
     _die_with_parent()
+    freeze_imports()  # the server imported the training stack; this process trains once
     # As `loralab train`: a SIGTERM outside the training steps (start-up, evaluations) stops it
     # like Ctrl-C, leaving a `failed` summary; during them `loralab.stopping` saves first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
