@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -203,3 +204,97 @@ def _age_heartbeat(db, trial_id: int) -> None:
     with sqlite3.connect(db) as con:
         con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 day') "
                     "WHERE trial_id = ?", (trial_id,))  # fmt: skip
+
+
+# -- this machine's record of finished points' peaks, by configuration --------------------------
+
+
+def test_the_machine_record_fills_what_the_storage_has_not_measured(monkeypatch):
+    monkeypatch.setattr(memory, "MACHINE_FILE", "study-peaks-unit.json")  # this test's alone
+    monkeypatch.setattr(memory, "_local", lambda key: f"{key} here")
+    attrs = {"task": "squad_v2", "method": "full", "memory_key": "k1"}
+    assert memory.recorded() == {}
+    memory.remember(attrs, {"peak_memory_mb": 9000.0})
+    memory.remember(attrs, {"peak_memory_mb": 8000.0})  # a smaller peak keeps the larger one
+    memory.remember({**attrs, "memory_key": None}, {"peak_memory_mb": 5.0})  # no key: nothing
+    memory.remember({**attrs, "memory_key": "k2"}, {"status": "failed"})  # no peak: nothing
+    machine = memory.recorded()
+    assert machine == {"k1 here": 9000.0}
+    # Nothing in the storage: the record's peak, and the sentence says where it comes from.
+    assert memory.reservation(attrs, memory.Peaks(), machine) == memory.MARGIN * 9000
+    assert memory.reservation({**attrs, "memory_key": "other"}, memory.Peaks(), machine) is None
+    # A peak the storage measured for the task and method comes first ...
+    measured = memory.predict({("squad_v2", "full"): 12000, ("squad_v2", "lora"): 8000})
+    assert memory.reservation(attrs, measured, machine) == memory.MARGIN * 12000
+    # ... and the record before a prediction from the other method.
+    predicted = memory.predict({("sst2", "lora"): 2000, ("sst2", "full"): 3000,
+                                ("squad_v2", "lora"): 8000})  # fmt: skip
+    assert predicted["squad_v2", "full"] == 12000
+    assert memory.reservation(attrs, predicted, machine) == memory.MARGIN * 9000
+    predicted.machine = machine
+    why = memory.why_waits(attrs, predicted, [memory.MARGIN * 8000], 15000)
+    assert "10.1 GB (as its configuration peaked in an earlier study on this machine)" in why
+
+
+def test_the_record_is_kept_apart_per_cpu_allocator_and_torch(monkeypatch):
+    import torch
+
+    from loralab import probecache
+
+    monkeypatch.setattr(probecache, "machine", lambda: "Xeon[amx_bf16]")
+    here = memory._local("k")
+    assert here == f"k Xeon[amx_bf16] {memory.allocator.current()} torch {torch.__version__}"
+    monkeypatch.setattr(probecache, "machine", lambda: "EPYC[avx2]")
+    assert memory._local("k") != here
+
+
+def test_a_setting_s_points_share_a_memory_key_that_other_settings_do_not(tmp_path):
+    from loralab.config import build_config
+    from loralab.study.grid import memory_key
+
+    base = ["model.name=tiny-llama", "data.task=sst2", "train.batch_size=8"]
+    key = memory_key(build_config(overrides=[*base, "train.lr=1e-3", "train.seed=1"]))
+    # Another rate, seed, run folder or tracking: the same peak.
+    same = [*base, "train.lr=3e-3", "train.seed=2", f"run.output_dir={tmp_path}", "run.name=x",
+            "tracking.wandb=offline", "tracking.log_every=7"]  # fmt: skip
+    assert memory_key(build_config(overrides=same)) == key
+    for other in ("train.batch_size=16", "lora.r=16", "data.max_length=64", "train.method=full",
+                  "model.name=tiny-bert"):  # fmt: skip
+        assert memory_key(build_config(overrides=[*base, other])) != key, other
+
+
+def test_a_study_s_finished_points_leave_their_peaks_for_the_next_study(tmp_path, monkeypatch):
+    import yaml
+    from conftest import write_sst2
+
+    from loralab.cli import main
+
+    monkeypatch.setattr(memory, "MACHINE_FILE", "study-peaks-e2e.json")  # this test's alone
+    data = tmp_path / "data"
+    write_sst2(data / "glue" / "sst2")
+    spec = yaml.safe_load((Path(__file__).parents[2] / "configs/studies/tiny.yaml").read_text())
+    spec.update(lr={"lora": [1.0e-3], "full": [1.0e-4]}, seeds=[1], ablations=[])
+    spec["base"]["train"]["max_steps"] = 10
+    spec_file = tmp_path / "two-points.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    args = ["study", str(spec_file), "--data-root", str(data), "--tasks", "sst2", "--quiet"]
+    assert main([*args, "--output-dir", str(tmp_path / "first")]) == 0
+    st = open_storage(f"sqlite:///{tmp_path / 'first' / 'study.db'}", heartbeat=60, grace=120)
+    (study,) = [optuna.load_study(study_name=s.study_name, storage=st) for s in st.get_all_studies()]  # fmt: skip
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    machine = memory.recorded()
+    assert len(done) == 2 and len(machine) == 2
+    for t in done:
+        peak = t.user_attrs["result"]["peak_memory_mb"]
+        assert machine[memory._local(t.user_attrs["memory_key"])] == peak > 0
+    # The same points planned for a new study (another folder and storage, nothing measured
+    # there yet) carry the same keys: they reserve what they peaked at here, not all the budget.
+    from loralab.study.grid import memory_key
+    from loralab.study.phases import phases
+    from loralab.study.spec import load_spec
+
+    loaded = load_spec(spec_file, str(data))
+    (grid,) = [ph for ph in phases(loaded, ["sst2"]) if ph.study_name("x").endswith("grid")]
+    plan = grid.plan(loaded, None, str(tmp_path / "second"))
+    keys = {memory_key(plan.config_for(p)) for p in plan.points()}
+    assert keys == {t.user_attrs["memory_key"] for t in done}

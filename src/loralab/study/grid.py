@@ -380,3 +380,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def memory_key(cfg) -> str:
+    """What a point's peak depends on, hashed: its whole config (an `ExperimentConfig`) but the
+    learning rate, the seed and where it writes, in which a study's points of one setting
+    differ; data paths as given (another copy of the data is another key, a safe miss)."""
+    d = to_dict(cfg)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("lr", "seed")}
+    d = {k: v for k, v in d.items() if k not in ("run", "tracking")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -13,7 +13,12 @@ finished points of the other method only, that method's peak stands in (`predict
 no more than full fine-tuning of the same batches, and full fine-tuning needs LoRA's peak times
 the largest full/LoRA ratio among tasks with both (1.4-1.7 for SmolLM2-135M; SQuAD v2 full
 fine-tuning predicted at 15.0 GB from LoRA's 8.7 peaked at 12.9). A point with nothing to
-predict it from reserves the whole budget. A worker claims a waiting point only when that
+predict it from reserves the whole budget, unless this machine has run its configuration
+before: a finished point's peak is also kept in `$LORALAB_CACHE/study-peaks.json`, by its config
+without the learning rate, seed and output paths (`grid.memory_key`), with this machine's CPU, heap
+allocator and torch version, so a new study's first points start side by side where an earlier
+study measured them (a measured peak of the storage's own comes first, then this record, then
+a prediction from the other method). A worker claims a waiting point only when that
 point's reservation fits in the budget beside the reservations of the points running on this
 host; when nothing runs here, any point starts. Budget: `LORALAB_MEMORY_BUDGET_MB`, else 90% of
 the machine's RAM or of a container's memory limit; `LORALAB_MEMORY_BUDGET_MB=0` turns the
@@ -28,13 +33,14 @@ import socket
 import weakref
 from pathlib import Path
 
-from .. import allocator
+from .. import allocator, probecache
 from ..errors import LoralabError
 from .leases import fail_dead
 from .storage import is_final
 
 BUDGET_ENV = "LORALAB_MEMORY_BUDGET_MB"
 MARGIN = 1.15  # peaks of one task and method vary between runs (e.g. 9.9 vs 10.2 GB on RTE)
+MACHINE_FILE = "study-peaks.json"  # in $LORALAB_CACHE: this machine's finished points' peaks
 
 
 def budget_mb() -> float | None:
@@ -91,6 +97,7 @@ class Peaks(dict):
     inferred from the other method rather than measured."""
 
     predicted: frozenset = frozenset()
+    machine: dict = {}  # this machine's record by configuration (`recorded`)
 
 
 def predict(peaks: dict[tuple[str, str], float]) -> Peaks:
@@ -117,11 +124,53 @@ def predict(peaks: dict[tuple[str, str], float]) -> Peaks:
     return out
 
 
-def reservation(attrs: dict, peaks: dict[tuple[str, str], float]) -> float | None:
-    """The MB a point with these trial user attrs (task, method) reserves; None: unknown (also
-    for a trial enqueued before points carried their method)."""
-    peak = peaks.get((attrs.get("task"), attrs.get("method")))
+def _peak(attrs: dict, peaks: dict, machine: dict | None) -> tuple[float | None, str | None]:
+    """(peak MB, where from) of a point with these trial user attrs (task, method, memory_key):
+    its task and method's measured peak in the storage ("measured"), else this machine's record
+    of its configuration ("machine": `recorded()`), else the other method's prediction
+    ("predicted"); (None, None): unknown (also for a trial enqueued before points carried their
+    method)."""
+    key = (attrs.get("task"), attrs.get("method"))
+    predicted = key in getattr(peaks, "predicted", ())
+    if key in peaks and not predicted:
+        return peaks[key], "measured"
+    local = (machine or {}).get(_local(attrs["memory_key"])) if attrs.get("memory_key") else None
+    if local is not None:
+        return local, "machine"
+    return (peaks[key], "predicted") if predicted else (None, None)
+
+
+def reservation(attrs: dict, peaks: dict, machine: dict | None = None) -> float | None:
+    """The MB a point with these trial user attrs reserves (`_peak` with the margin); None:
+    unknown, i.e. all of the budget."""
+    peak, _ = _peak(attrs, peaks, machine)
     return None if peak is None else MARGIN * peak
+
+
+def _local(key: str) -> str:
+    """`key` on this machine: the CPU, the heap allocator and torch move a peak too."""
+    import torch
+
+    return f"{key} {probecache.machine()} {allocator.current()} torch {torch.__version__}"
+
+
+def recorded() -> dict[str, float]:
+    """This machine's record: `_local(memory_key)` -> the largest peak MB measured."""
+    return {k: v["peak_mb"] for k, v in probecache.read(MACHINE_FILE).items()
+            if isinstance(v, dict) and isinstance(v.get("peak_mb"), (int, float))}  # fmt: skip
+
+
+def remember(attrs: dict, result: dict | None) -> None:
+    """Keep a finished point's measured peak in this machine's record (where its trial carries
+    a `memory_key`, and the point ran on this host); a failed write only loses the hint."""
+    peak = (result or {}).get("peak_memory_mb")
+    if not attrs.get("memory_key") or not isinstance(peak, (int, float)) or peak <= 0:
+        return
+    key = _local(attrs["memory_key"])
+    before = recorded().get(key, 0.0)
+    if peak > before:
+        probecache.store(MACHINE_FILE, key, {"peak_mb": float(peak), "task": attrs.get("task"),
+                                             "method": attrs.get("method")})  # fmt: skip
 
 
 def on_this_host(attrs: dict) -> bool:
@@ -144,15 +193,17 @@ def describe(
     need: float | None,
     reserved: list[float | None],
     budget: float,
-    predicted: bool = False,
+    source: str | None = None,
     lead: str = "waits for memory",
 ) -> str:
-    """Why a point waits, for the worker's log (`predicted`: `need` comes from the other
-    method's runs of its task; `lead` opens the sentence)."""
+    """Why a point waits, for the worker's log (`source`: where `need` comes from, `_peak`;
+    `lead` opens the sentence)."""
     gb = lambda mb: f"{mb / 1024:.1f} GB"  # noqa: E731
     need_s = gb(need) if need is not None else "an unknown amount (no finished run like it yet)"
-    if predicted and need is not None:
+    if source == "predicted" and need is not None:
         need_s += " (predicted from its task's runs of the other method)"
+    elif source == "machine" and need is not None:
+        need_s += " (as its configuration peaked in an earlier study on this machine)"
     known = [r for r in reserved if r is not None]
     parts = [f"{len(known)} holding {gb(sum(known))}"] if known else []
     if len(known) < len(reserved):
@@ -175,12 +226,13 @@ def state(storage, locks: Path | None = None) -> tuple[dict, list]:
             fail_dead(storage, study, locks)
         trials += study.get_trials(deepcopy=False)
     peaks = predict(history((t for t in trials if is_final(t)), allocator.current()))
+    peaks.machine = recorded()
     running = [
         t.user_attrs
         for t in trials
         if t.state == TrialState.RUNNING and "point" in t.user_attrs and on_this_host(t.user_attrs)
     ]  # fmt: skip
-    return peaks, [reservation(a, peaks) for a in running]
+    return peaks, [reservation(a, peaks, peaks.machine) for a in running]
 
 
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # storage -> {name: Study}
@@ -204,15 +256,15 @@ def _studies(storage) -> list:
 
 
 def why_waits(
-    task, method, peaks: dict, reserved: list, budget: float | None, lead: str = "waits for memory"
+    attrs: dict, peaks: dict, reserved: list, budget: float | None, lead: str = "waits for memory"
 ) -> str | None:
-    """Why a point of (task, method) may not start beside the running points' `reserved` MB
-    (`describe`'s sentence, opened by `lead`), or None when it may."""
-    need = reservation({"task": task, "method": method}, peaks)
+    """Why a point with these trial user attrs (task, method, memory_key) may not start beside
+    the running points' `reserved` MB (`describe`'s sentence, opened by `lead`), or None."""
+    need = reservation(attrs, peaks, getattr(peaks, "machine", {}))
     if fits(need, reserved, budget):
         return None
-    predicted = (task, method) in getattr(peaks, "predicted", ())
-    return describe(need, reserved, budget, predicted, lead)
+    _, source = _peak(attrs, peaks, getattr(peaks, "machine", {}))
+    return describe(need, reserved, budget, source, lead)
 
 
 def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None) -> bool:
@@ -220,7 +272,7 @@ def waits(worker, attrs: dict, peaks: dict, reserved: list, budget: float | None
     (a `worker.Worker`: its plan's `points`, `say`, `said_waits`) says why, once per point."""
     point = worker.points.get(attrs["point"], {})  # the worker's own plan
     method = attrs.get("method") or point.get("method")
-    why = why_waits(attrs.get("task"), method, peaks, reserved, budget)
+    why = why_waits({**attrs, "method": method}, peaks, reserved, budget)
     if why is None:
         return False
     if attrs["point"] not in worker.said_waits:

@@ -70,6 +70,7 @@ class PointStatus:
     lent_threads: int | None = None  # running on idle cores lent to it: its threads now
     detail: str = ""  # outcome of a failed attempt, stale worker, ...
     worker: str | None = None  # host:pid of the worker running it
+    memory_key: str | None = None  # its configuration for this machine's peaks (`memory.py`)
     reusable: bool = False  # not final, but its run folder holds a finished run (reused)
 
     @property
@@ -310,7 +311,8 @@ def _memory_waits(points: list[PointStatus], st) -> None:
     peaks, reserved = memory.state(st)  # no locks: fails nothing
     for p in waiting:
         lead = "a free worker here would hold it back for memory"
-        p.detail = memory.why_waits(p.task, p.method, peaks, reserved, budget, lead) or p.detail
+        attrs = {"task": p.task, "method": p.method, "memory_key": p.memory_key}
+        p.detail = memory.why_waits(attrs, peaks, reserved, budget, lead) or p.detail
 
 
 def sweep_status(study_name: str, storage: str | None = None, results_dir: str | None = None,
@@ -366,5 +368,6 @@ def _fill(ps: PointStatus, trials: list) -> None:
             ps.state = s
             ps.value = t.values[0] if s == "done" and t.values else None
             ps.detail = f"last attempt: {outcome}" if s == "failed" and outcome else ""
+            ps.memory_key = t.user_attrs.get("memory_key") or ps.memory_key
             who = t.user_attrs.get("worker") or {}
             ps.worker = f"{who.get('host')}:{who.get('pid')}" if s == "running" and who else None

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import LoralabError
 from ..redact import mask_secrets
 from ..rundir import STUDY_DB
-from .grid import Plan, flatten
+from .grid import Plan, flatten, memory_key
 from .leases import BEAT_EVERY, BEATS
 
 STUDY_ATTR = "loralab"
@@ -280,7 +280,8 @@ def ensure_enqueued(study, plan: Plan, tasks: list[str] | None = None) -> int:
     n = 0
     for p in plan.points():
         if p["key"] not in covered and (not tasks or p["task"] in tasks):
-            attrs = {"point": p["key"], "task": p["task"], "method": p["method"]}
+            attrs = {"point": p["key"], "task": p["task"], "method": p["method"],
+                     "memory_key": memory_key(plan.config_for(p))}  # fmt: skip
             if p["key"] in failed:
                 attrs["retry_of"] = failed[p["key"]]
             study.enqueue_trial({}, user_attrs=attrs)

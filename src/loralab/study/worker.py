@@ -31,6 +31,7 @@ from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from . import memory
 from .bar import PointsBar
 from .claims import claim
 from .leases import Lease, PointLock, fail_dead, fail_now, running
@@ -214,6 +215,8 @@ class Worker:
                 raise
             self.report.handled[key] = outcome
             self._finish(tid, outcome, result)
+            if outcome == "completed":  # trained here: a measured peak for later studies here
+                memory.remember(trial.user_attrs, result)
             if error:
                 raise LoralabError(f"Point {key} failed: {error}")
         except KeyboardInterrupt:
