@@ -9,6 +9,7 @@ import re
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from . import rundir
 from .cache import cache_dir
@@ -62,7 +63,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     hash as it is, its normalised form (`_hash_of_state`) ~0.4 s to build, at every run's start."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = [repr(sorted(tokenizer.special_tokens_map.items())), tokenizer.padding_side]
-    # Which end a too-long text loses (the backend's truncation state is dropped below); the
+    # Which end a too-long text loses (`_hash_of_state` drops the backend's truncation); the
     # default adds nothing, so that caches made before it counted stay valid.
     side = getattr(tokenizer, "truncation_side", "right")
     if side != "right":
@@ -83,13 +84,17 @@ def _tokenizer_fingerprint(tokenizer) -> str:
         path.parent.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
             f.write(fingerprint)
-        os.replace(f.name, path)
+        try:
+            os.replace(f.name, path)
+        finally:
+            Path(f.name).unlink(missing_ok=True)
     except OSError:
         pass
     return fingerprint
 
 
 def _fingerprint(h: hashlib._Hash, settings: list[str]) -> str:
+    """`h` (fed the vocabulary or backend state) fed the settings too: 16 hex digits."""
     for value in settings:
         h.update(value.encode())
     return h.hexdigest()[:16]
