@@ -316,6 +316,19 @@ def test_an_axis_over_tasks_with_their_own_base_rates_keeps_the_bases(tmp_path):
     assert "from the axis's lr grid" not in section
 
 
+def test_an_axis_at_a_rate_of_its_own_says_so(tmp_path):
+    """`lr: 3.0e-3` on an axis that leaves its base out (minilm-squad-3ep's q/v point): the
+    setting ran at the axis's one rate, not at the grid's best (1e-3), and the caption says so."""
+    write_run(tmp_path / "runs", "grid", 1, {"accuracy": 0.8}, lr=1e-3, lora={"target": "all-linear"})  # fmt: skip
+    write_run(tmp_path / "runs", "qv", 1, {"accuracy": 0.7}, lr=3e-3, group="ablation-target",
+              lora={"target": "standard"})  # fmt: skip
+    report(tmp_path, out=tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md[md.index("## Ablation: target") :]
+    assert "Best lr: the one rate the axis gives (its `lr:`)" in section
+    assert "keeps LoRA's" not in section
+
+
 def test_an_axis_grid_on_the_first_seed_is_scored_on_every_seed(tmp_path):
     """`grid_on_first_seed` on an axis: seed 1 ran both rates, seed 2 each value at its best
     only; the best is chosen on seed 1 and scored on both, and the caption says so."""

@@ -276,6 +276,9 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
         on_first = any(c.chose_lr_on and c.chose_lr_on != {r["seed"] for r in c.done} for c in best if c.group == group)  # fmt: skip
         rows = []
         settings = [c for c in best if c.group == group and c.lora]
+        # One rate given by the axis (`lr: 3.0e-3`) rather than the grid's best for the base.
+        grid_lr = {c.counterpart[1]: c.lr for c in best if c.lora and not is_ablation(c.group)}
+        kept = all(grid_lr.get(c.counterpart[1]) == c.lr for c in settings)
         loss = any(_loss(c) != "—" for c in settings)  # as in the per-task tables
         for c in settings:
             ref = full_reference(c, cells)
@@ -314,6 +317,9 @@ def tables(cells: list[Cell], comps: list[Comparison]) -> list[Table]:
                 )
                 if own_lr
                 else "Best lr: the ablation keeps LoRA's, tuned for the base."
+                if kept
+                else "Best lr: the one rate the axis gives (its `lr:`), not the grid's best for "
+                "the study's own LoRA settings."
             ),
         ))  # fmt: skip
     return out
