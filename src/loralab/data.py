@@ -284,6 +284,14 @@ def pad_batches(features, tokenizer, batch_size: int) -> list[dict]:
     ]  # fmt: skip
 
 
+def lengths(features) -> list[int] | None:
+    """The features' `length` column as a list, None without one. Through Arrow: indexing it
+    (`features["length"]`) formats it row by row, ~75 ms for 4,000 features at each run's start."""
+    if "length" not in getattr(features, "column_names", ()):
+        return None
+    return features.with_format("arrow")["length"].to_pylist()
+
+
 def model_inputs(features):
     """Only the columns a model's forward takes (plus `length` for length-grouped sampling)."""
     keep = [c for c in (*MODEL_COLUMNS, "length") if c in features.column_names]

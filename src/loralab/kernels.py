@@ -10,7 +10,7 @@ import torch
 
 from . import attention, compiling, distributed, precision
 from .config import ExperimentConfig
-from .data import Splits, batches_per_epoch
+from .data import Splits, batches_per_epoch, lengths
 
 
 def resolve_precision(cfg: ExperimentConfig, model_config) -> tuple[ExperimentConfig, dict]:
@@ -24,8 +24,8 @@ def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dic
     """The attention kernel for this run: set in the config, or measured at the median length."""
     if cfg.model.attention != "auto":
         return {"implementation": cfg.model.attention, "reason": "set in the config"}
-    lengths = sorted(splits.train["length"]) if "length" in splits.train.column_names else [128]
-    median = lengths[len(lengths) // 2] if lengths else 128
+    known = sorted(lengths(splits.train) or [128])
+    median = known[len(known) // 2] if known else 128
     shape = attention.attention_shape(model_config, cfg.train.batch_size, median)
     dtype = torch.bfloat16 if precision.uses_bf16(cfg.train.precision) else torch.float32
     return attention.decide(shape, dtype)

@@ -16,6 +16,7 @@ from . import distributed, precision, rundir, tracking
 from .callbacks import TokenCounts
 from .checkpoints import read_progress
 from .config import ExperimentConfig
+from .data import lengths
 from .errors import TrainingDiverged
 from .stopping import EvaluationCut
 
@@ -104,14 +105,20 @@ class LoralabTrainer(Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
+        # Grouped by the global batch: under data parallelism each process then takes its slice
+        # of the very batches a single process with the same global batch would see.
+        world = self.args.world_size
+        if self.args.train_sampling_strategy == "group_by_length":
+            # The features' own `length` column (len(input_ids)), read through Arrow: the
+            # Trainer's copy has lost it with the unused columns and would take every feature's
+            # input_ids row by row instead (0.15 s for 4,000 features at each run's start).
+            known = lengths(self.train_dataset)
+            if known is not None and len(known) == len(train_dataset or self.train_dataset):
+                batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+                return SeededLengthGroupedSampler(batch * world, known, self.args.seed)
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
-            # Grouped by the global batch: under data parallelism each process then takes its
-            # slice of the very batches a single process with the same global batch would see.
-            world = self.args.world_size
-            return SeededLengthGroupedSampler(
-                sampler.batch_size * world, sampler.lengths, self.args.seed
-            )
+            return SeededLengthGroupedSampler(sampler.batch_size * world, sampler.lengths, self.args.seed)  # fmt: skip
         return sampler
 
     def _save_checkpoint(self, model, trial):
