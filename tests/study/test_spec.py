@@ -752,7 +752,10 @@ def test_a_point_enqueued_again_after_a_failure_keeps_the_retrys_priority(tmp_pa
     st = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1, grace=2)
     study = optuna.create_study(storage=st, study_name="s")
     points = [{"key": k, "task": "sst2", "method": "lora"} for k in ("a", "b")]
-    plan = SimpleNamespace(points=lambda: points)
+    from loralab.config import build_config
+
+    config = build_config(overrides=["model.name=tiny-llama"])  # what the points' key hashes
+    plan = SimpleNamespace(points=lambda: points, config_for=lambda p: config)
     assert ensure_enqueued(study, plan) == 2
     a = study.get_trials()[0]
     assert st.set_trial_state_values(a._trial_id, TrialState.RUNNING)

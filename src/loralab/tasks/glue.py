@@ -119,7 +119,11 @@ class GlueTask(Task):
                     f"{path}, line 1: header {header} lacks column(s) {missing}; a GLUE {self.name} "
                     f"file has the columns {list(wanted)}."
                 )
-            idx = [header.index(c) for c in wanted]
+            ia, ib, il = header.index(wanted[0]), None, header.index(wanted[-1])
+            if len(self.text_columns) > 1:
+                ib = header.index(wanted[1])
+            text_a, text_b, labels = cols["text_a"], cols["text_b"], cols["label"]
+            known: dict[str, int] = {}  # raw label -> index: a task has a few (SST-2: 67k rows)
             for lineno, row in enumerate(reader, start=2):
                 if not row:
                     continue
@@ -128,10 +132,12 @@ class GlueTask(Task):
                         f"{path}, line {lineno}: expected {len(header)} tab-separated fields "
                         f"({', '.join(header)}), found {len(row)}. Is the file truncated or not tab-separated?"
                     )
-                texts = [row[i] for i in idx[:-1]]
-                cols["text_a"].append(texts[0])
-                cols["text_b"].append(texts[1] if len(texts) > 1 else "")
-                cols["label"].append(self._label(row[idx[-1]], path, lineno))
+                text_a.append(row[ia])
+                text_b.append(row[ib] if ib is not None else "")
+                label = known.get(row[il])
+                if label is None:
+                    label = known[row[il]] = self._label(row[il], path, lineno)
+                labels.append(label)
         if not cols["label"]:
             raise LoralabError(f"{path} has a header but no examples.")
         return cols
