@@ -327,6 +327,20 @@ def test_an_axis_at_a_rate_of_its_own_says_so(tmp_path):
     section = md[md.index("## Ablation: target") :]
     assert "Best lr: the one rate the axis gives (its `lr:`)" in section
     assert "keeps LoRA's" not in section
+    # Two targets in one report: the q/v row names its default target beside all-linear's.
+    assert "| r=8 α=16 standard |" in section and "| r=8 α=16 all-linear |" in md
+
+
+def test_the_default_target_is_named_only_beside_another(tmp_path):
+    from loralab.study.variants import lora_slug, several_targets
+
+    qv, every = {"r": 8, "alpha": 16, "target": "standard"}, {"r": 8, "alpha": 16, "target": "all-linear"}  # fmt: skip
+    assert several_targets([qv, None, every]) and not several_targets([qv, None, dict(qv)])
+    assert lora_slug(qv) == "r=8 α=16" and lora_slug(qv, name_target=True) == "r=8 α=16 standard"
+    write_run(tmp_path / "runs", "qv", 1, {"accuracy": 0.7}, lora=qv)
+    report(tmp_path, out=tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| r=8 α=16 |" in md and "α=16 standard" not in md  # one target: named as before
 
 
 def test_an_axis_grid_on_the_first_seed_is_scored_on_every_seed(tmp_path):

@@ -24,7 +24,7 @@ from .records import (
     without,
 )
 from .stats import UNINFORMATIVE_POINTS, exact, mean_std, seeds_to_settle, t_interval
-from .variants import is_number, lora_slug
+from .variants import is_number, lora_slug, several_targets
 
 DROP_TARGET_POINTS = 3.0  # LoRA may lose at most 3 points of the main metric to full fine-tuning
 SHARE_TARGET_PCT = 0.3  # ... with at most 0.3% of the weights trainable (adapters, no head)
@@ -45,6 +45,8 @@ class Cell:
     chosen_by_loss: bool = False
     # Best because its other seeds ran here: the rate the rule now would choose (`aggregate`).
     rule_lr: float | None = None
+    # The report's runs adapt different layers: the readable name says the target (`aggregate`).
+    name_target: bool = False
 
     @property
     def first(self) -> dict:
@@ -69,7 +71,12 @@ class Cell:
     @property
     def variant(self) -> str:
         """The LoRA section's readable name, plus the base's storage when it was quantized."""
-        name = lora_slug(self.lora)
+        return self.named(self.name_target)
+
+    def named(self, name_target: bool) -> str:
+        """`variant`, with the target named at its default too or not (the order of rows keeps
+        to the names without it, whatever the report's targets)."""
+        name = lora_slug(self.lora, name_target)
         return name if self.quantization == "none" else f"{name} {self.quantization} base"
 
     @property
@@ -291,6 +298,9 @@ def aggregate(records: list[dict]) -> tuple[list[Cell], list[Comparison]]:
     for r in records:
         key = (r["group"], record_identity(r))
         cells.setdefault(key, Cell(*key)).runs.append(r)
+    name_target = several_targets(r.get("lora") for r in records)
+    for c in cells.values():
+        c.name_target = name_target
     ordered = sorted(cells.values(), key=_order)
     for fam in families(ordered):
         scored = [c for c in fam if not math.isnan(c.stat(c.metric)[0])]
@@ -309,7 +319,7 @@ def is_ablation(group: str) -> bool:
 
 def _order(c: Cell) -> tuple:
     return (is_ablation(c.group), c.group, c.task, c.model, c.head, c.data, c.method != "lora",
-            c.lora.get("r", 0) if c.lora else 0, c.variant, c.lr)  # fmt: skip
+            c.lora.get("r", 0) if c.lora else 0, c.named(False), c.lr)  # fmt: skip
 
 
 def ablation_base(cell: Cell, cells: list[Cell]) -> Cell | None:

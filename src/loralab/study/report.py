@@ -40,7 +40,7 @@ from .records import (
 )
 from .storage import existing, stored_url
 from .tables import Table, csv_rows, tables
-from .variants import lora_slug
+from .variants import lora_slug, several_targets
 
 
 @dataclass
@@ -153,7 +153,8 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     atomic_write(files[0], "\n".join(md))
     atomic_write(files[1], f"<!doctype html><html><head><meta charset='utf-8'><title>loralab report</title><style>{STYLE}</style></head><body>{''.join(html)}</body></html>\n")  # fmt: skip
     _write_csv(files[2], csv_rows(cells, comps))
-    _write_csv(files[3], [_flat_run(r) for r in records])
+    name_target = several_targets(r.get("lora") for r in records)
+    _write_csv(files[3], [_flat_run(r, name_target) for r in records])
     pdfs = [(title, p.with_suffix(".pdf")) for title, p in figures]
     atomic_write(files[4], latex_report(tabs, source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
     return Report(out, files + [p for _, p in figures] + [p for _, p in pdfs], tabs, comps, warnings)  # fmt: skip
@@ -198,9 +199,9 @@ def _models_line(records: list[dict]) -> str:
     return f" Model{'s' if len(known) > 1 else ''}: {'; '.join(known)}." if known else ""
 
 
-def _flat_run(r: dict) -> dict:
+def _flat_run(r: dict, name_target: bool = False) -> dict:
     row = {"group": r["group"], "identity": record_identity(r), **{k: r.get(k) for k in RUN_FIELDS}}
-    row["lora"] = lora_slug(r.get("lora")) if r.get("lora") else ""
+    row["lora"] = lora_slug(r.get("lora"), name_target) if r.get("lora") else ""
     row["allocator"] = r.get("allocator") or ""  # peak memory depends on it
     row["lent_share"] = r.get("lent_share")  # wall time depends on it
     row["hardware"] = r.get("hardware") or ""  # and on this

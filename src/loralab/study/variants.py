@@ -69,13 +69,14 @@ def legacy_suffix(lora: dict) -> str:
     return f"-r{lora['r']}-a{slug(float(lora['alpha']))}-{slug(lora['target'])}"
 
 
-def slug_parts(lora: dict) -> dict[str, str]:
+def slug_parts(lora: dict, name_target: bool = False) -> dict[str, str]:
     """Setting -> its words in the readable name: r and α always, the rest where they differ
-    from `LORA_DEFAULTS`, e.g. {'r': 'r=8', 'alpha': 'α=16', 'use_dora': 'dora'}."""
+    from `LORA_DEFAULTS`, e.g. {'r': 'r=8', 'alpha': 'α=16', 'use_dora': 'dora'}; the target
+    also at its default with `name_target` (a report whose runs adapt different layers)."""
     parts = {"r": f"r={lora.get('r')}", "alpha": f"α={float(lora.get('alpha') or 0):g}"}
     for key, default in LORA_DEFAULTS.items():
         value = lora.get(key, default)
-        if value == default:
+        if value == default and not (key == "target" and name_target):
             continue
         if key == "target":
             parts[key] = "+".join(value) if isinstance(value, list) else str(value)
@@ -93,11 +94,20 @@ def slug_parts(lora: dict) -> dict[str, str]:
     return parts
 
 
-def lora_slug(lora: dict | None) -> str:
-    """The LoRA section as a short name: r and α, then whatever differs from the defaults."""
+def lora_slug(lora: dict | None, name_target: bool = False) -> str:
+    """The LoRA section as a short name: r and α, then whatever differs from the defaults (and
+    the target at its default too with `name_target`)."""
     if not lora:
         return "—"
-    return " ".join(slug_parts(lora).values())
+    return " ".join(slug_parts(lora, name_target).values())
+
+
+def several_targets(loras) -> bool:
+    """Whether these LoRA sections (None: full fine-tuning) adapt different layers: then every
+    readable name says its target, `standard` included, as a q/v row beside `all-linear` would
+    otherwise read as if it had none."""
+    targets = {json.dumps(lo.get("target", LORA_DEFAULTS["target"])) for lo in loras if lo}
+    return len(targets) > 1
 
 
 def variant_label(lora: dict | None, keys) -> str:
