@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from . import rundir
 from .cache import cache_dir
@@ -81,13 +78,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
         pass
     fingerprint = _fingerprint(_hash_of_state(raw), settings)
     try:  # best effort: without it the next run computes the same value again
-        path.parent.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
-            f.write(fingerprint)
-        try:
-            os.replace(f.name, path)
-        finally:
-            Path(f.name).unlink(missing_ok=True)
+        rundir.atomic_write(path, fingerprint)
     except OSError:
         pass
     return fingerprint

@@ -25,7 +25,7 @@ def choose_attention(cfg: ExperimentConfig, model_config, splits: Splits) -> dic
     if cfg.model.attention != "auto":
         return {"implementation": cfg.model.attention, "reason": "set in the config"}
     known = sorted(lengths(splits.train) or [128])
-    median = known[len(known) // 2] if known else 128
+    median = known[len(known) // 2]
     shape = attention.attention_shape(model_config, cfg.train.batch_size, median)
     dtype = torch.bfloat16 if precision.uses_bf16(cfg.train.precision) else torch.float32
     return attention.decide(shape, dtype)

@@ -260,10 +260,10 @@ def why_waits(
 ) -> str | None:
     """Why a point with these trial user attrs (task, method, memory_key) may not start beside
     the running points' `reserved` MB (`describe`'s sentence, opened by `lead`), or None."""
-    need = reservation(attrs, peaks, getattr(peaks, "machine", {}))
+    peak, source = _peak(attrs, peaks, getattr(peaks, "machine", {}))
+    need = None if peak is None else MARGIN * peak
     if fits(need, reserved, budget):
         return None
-    _, source = _peak(attrs, peaks, getattr(peaks, "machine", {}))
     return describe(need, reserved, budget, source, lead)
 
 

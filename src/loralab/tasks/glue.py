@@ -119,9 +119,8 @@ class GlueTask(Task):
                     f"{path}, line 1: header {header} lacks column(s) {missing}; a GLUE {self.name} "
                     f"file has the columns {list(wanted)}."
                 )
-            ia, ib, il = header.index(wanted[0]), None, header.index(wanted[-1])
-            if len(self.text_columns) > 1:
-                ib = header.index(wanted[1])
+            ia, il = header.index(wanted[0]), header.index(wanted[-1])
+            ib = header.index(wanted[1]) if self.pair else None
             text_a, text_b, labels = cols["text_a"], cols["text_b"], cols["label"]
             known: dict[str, int] = {}  # raw label -> index: a task has a few (SST-2: 67k rows)
             for lineno, row in enumerate(reader, start=2):
