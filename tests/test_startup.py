@@ -36,3 +36,20 @@ def test_a_call_from_python_freezes_nothing(tmp_path, sst2_dir):
     before = gc.get_freeze_count()
     assert main(_train_args(sst2_dir, tmp_path / "runs")) == 0
     assert gc.get_freeze_count() == before
+
+
+def test_the_imports_run_without_the_collector():
+    # In a fresh interpreter: the training stack's import starts no automatic collection (it
+    # started ~1,100, seven of them full, before), and the collector is back on afterwards.
+    code = (
+        "import gc; from loralab.startup import freeze_imports; "
+        "before = [s['collections'] for s in gc.get_stats()]; frozen = freeze_imports(); "
+        "after = [s['collections'] for s in gc.get_stats()]; "
+        "print(after[2] - before[2], after[1] - before[1], gc.isenabled(), frozen)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    full, middle, enabled, frozen = r.stdout.strip().splitlines()[-1].split()
+    assert (full, middle, enabled) == ("0", "0", "True")
+    assert int(frozen) > 100_000
