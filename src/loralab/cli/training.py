@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import build_config
+from ..config import build_config, dump_yaml
 from ..errors import LoralabError
 from ..rundir import ADAPTER_DIR, MODEL_DIR
 from .options import add_push, add_trust, check_push_flags, int_at_least, push
@@ -45,6 +45,13 @@ def add_train(sub) -> None:
     )
     add_trust(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or live lines")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config the run would start with (defaults, --config, flags and "
+        "overrides merged, its values checked) as YAML, and exit; checks that need the model or "
+        "the data come when it trains",
+    )
     add_push(p, "the adapter (LoRA) or the model (full)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=3e-4")
 
@@ -79,9 +86,14 @@ def _settle(args) -> None:
 def cmd_train(args) -> int:
     from ..models import precheck
 
-    if args.model:  # a typo or an unreachable hub fails here, before the slow imports below
-        precheck(args.model)
+    if args.model and not args.print_config:  # a typo or an unreachable hub fails here, before
+        precheck(args.model)  # the slow imports below
     check_push_flags(args)
+    if args.resume and args.print_config:
+        raise LoralabError(
+            f"--print-config shows the config a new run would start with; a run's own is in "
+            f"{args.resume}/config.yaml (drop --print-config to resume it)."
+        )
     if args.resume:
         given = [
             f"--{k.replace('_', '-')}"
@@ -125,8 +137,8 @@ def cmd_train(args) -> int:
             train={"method": args.method},
             run={"output_dir": args.output_dir},
         )
-        if not args.model:  # named by --config or an override: checked as early as --model
-            precheck(cfg.model.name)
+        if not args.model and not args.print_config:  # named by --config or an override:
+            precheck(cfg.model.name)  # checked as early as --model
         lora_keys = [o.split("=", 1)[0] for o in args.overrides if o.startswith("lora.")]
         if cfg.train.method == "full" and lora_keys:
             raise LoralabError(
@@ -134,6 +146,9 @@ def cmd_train(args) -> int:
                 "every weight and builds no adapter, so lora.* settings would be ignored. Drop "
                 "them, or train with --method lora."
             )
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
         _settle(args)
         from ..train import train
 
