@@ -193,5 +193,10 @@ def test_startup_times_a_fresh_import_of_the_module_it_is_given(tmp_path, monkey
     (tmp_path / "broken_import.py").write_text("raise ImportError('no')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     assert 0.3 <= startup.import_seconds("slow_to_import", env) < 5
+    # Paused as the command pauses it: the module sees the collector off.
+    (tmp_path / "says_gc.py").write_text("import gc\nassert not gc.isenabled()\n")
+    assert startup.import_seconds("says_gc", env, paused=True) < 5
+    with pytest.raises(SystemExit, match="importing says_gc failed"):
+        startup.import_seconds("says_gc", env)
     with pytest.raises(SystemExit, match="importing broken_import failed"):
         startup.import_seconds("broken_import", env)
