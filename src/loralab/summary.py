@@ -100,3 +100,55 @@ def resolved_config(cfg: ExperimentConfig, max_length: int, attention: str | Non
     if attention in ("sdpa", "eager") and model.attention == "auto":
         model = replace(model, attention=attention)
     return replace(cfg, model=model, train=train_cfg, data=replace(cfg.data, max_length=max_length))
+
+
+def metrics_text(metrics: dict) -> str:
+    """`accuracy=0.8532, f1=0.8711`: a run's float metrics as its console lines show them."""
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def headline(summary: dict, steps: int) -> list[str]:
+    """The two lines a run prints before its first step, from its starting summary: what
+    trains, and what was chosen for it and why (`auto` decides by measurement, so a reader sees
+    it before the run, not only in summary.json afterwards). E.g.
+    `run: sst2 · lora r=8 α=16 standard · smollm2-135m · 461,952 of 134,976,960 weights trained
+    (0.342%) · 3,668 train / 408 dev examples · 250 steps` and `chose: bf16 (measured: 2.0× fp32)
+    · eager attention (measured: 1.8× sdpa) · layers not compiled: 250 steps < 600 · 1 thread,
+    2 cores`."""
+    lora, p, ex = summary.get("lora"), summary["params"], summary["examples"]
+    method = summary["method"]
+    if lora:
+        target = lora["target"]
+        method += f" r={lora['r']} α={float(lora['alpha']):g} {'+'.join(target) if isinstance(target, list) else target}"  # fmt: skip
+    what = [summary["task"], method, summary["model"],
+            f"{p['trainable']:,} of {p['total']:,} weights trained ({p['trainable_share_pct']:.3g}%)",
+            f"{ex['train']:,} train / {ex['eval']:,} dev examples", f"{steps:,} steps"]  # fmt: skip
+    prec = summary.get("precision_decision") or {}
+    att = summary.get("attention") or {}
+    comp = summary.get("compile") or {}
+    layout = summary.get("layout") or {}
+    threads = layout.get("threads", 1)
+    how = [
+        _chosen(summary["precision"], "", prec, rival={"bf16": "fp32", "fp32": "bf16"}),
+        _chosen(
+            att.get("implementation", "default"),
+            " attention",
+            att,
+            rival={"eager": "sdpa", "sdpa": "eager"},
+        ),  # fmt: skip
+        ("compiled layers" if comp.get("compile") else "layers not compiled")
+        + (f": {comp['reason']}" if comp.get("reason") else ""),
+        f"{threads} thread{'s' * (threads != 1)}, {layout.get('cores', '?')} cores"
+        + (f", {layout['workers']} workers side by side" if layout.get("workers", 1) > 1 else ""),
+    ]
+    return ["run: " + " · ".join(what), "chose: " + " · ".join(how)]
+
+
+def _chosen(name: str, noun: str, decision: dict, rival: dict) -> str:
+    """`bf16 (measured: 2.0× fp32)` where the decision's probe timed `name` against its rival
+    (probe keys `<name>_s`), else `name (reason)`; `noun` follows the name."""
+    probe, reason, other = decision.get("probe") or {}, decision.get("reason"), rival.get(name)
+    ours, theirs = probe.get(f"{name}_s"), probe.get(f"{other}_s")
+    if reason == "measured" and ours and theirs:
+        return f"{name}{noun} (measured: {theirs / ours:.1f}× {other})"
+    return f"{name}{noun} ({reason})" if reason else f"{name}{noun}"

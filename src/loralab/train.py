@@ -28,7 +28,7 @@ from .lora import apply_lora, check_init, check_targets
 from .models import is_causal, load_config, load_for_task, load_tokenizer, resolve
 from .quantization import check as check_quantization
 from .stopping import GracefulStop
-from .summary import base_summary, process_layout, resolved_config
+from .summary import base_summary, headline, metrics_text, process_layout, resolved_config
 from .tasks import Task, absolute_ref, get_task
 from .trainer import LoralabTrainer, training_args
 
@@ -276,6 +276,8 @@ class _Run:
         summary["compile"] = {k: v for k, v in compiled.items() if k != "key"}
         summary["fused_ops"] = self.built.fused
         summary["new_modules"] = self.built.heads  # freshly initialised (trained in full) heads
+        if self.console is not None and distributed.is_main():  # what trains, and what was chosen
+            self.console.print("\n".join(headline(summary, kernels.planned_steps(cfg, len(self.splits.train)))), markup=False, highlight=False, soft_wrap=True)  # fmt: skip
         with self.stop:  # a Ctrl-C or SIGTERM during the steps stops at one, with a checkpoint
             try:  # from here on, a failure leaves a failed summary
                 if self.head.reports_zero_shot() and checkpoint is not None:  # measured at step 0
@@ -288,7 +290,9 @@ class _Run:
                         summary["zero_shot"] = self.evaluate(trainer)
                     self.tracker.log({f"zero_shot/{k}": v for k, v in summary["zero_shot"].items()}, 0)  # fmt: skip
                     if self.console is not None:
-                        self.console.print(f"[bold]zero-shot[/]: {_fmt(summary['zero_shot'])}")
+                        self.console.print(
+                            f"[bold]zero-shot[/]: {metrics_text(summary['zero_shot'])}"
+                        )
                 t0 = time.time()
                 trainer.clock0 = (t0, time.process_time())
                 trainer.setup_s = t0 - start
@@ -329,7 +333,7 @@ class _Run:
         self.tracker.log(logged, trainer.state.global_step)
         if self.console is not None:
             n = len(self.splits.eval_raw)
-            self.console.print(f"[bold green]final eval[/] ({n} examples): {_fmt(metrics)}")
+            self.console.print(f"[bold green]final eval[/] ({n} examples): {metrics_text(metrics)}")
         # Every process trained on its share of the batches: the run's figures are the sums.
         real, padded, loss, summary["train_cpu_time_s"] = distributed.total(
             [self.tokens.real, self.tokens.padded, trainer.whole_run_loss() or float("nan"), summary["train_cpu_time_s"]]
@@ -393,7 +397,3 @@ class _Run:
             else:
                 trainer.save_model(str(tmp))
             self.built.tokenizer.save_pretrained(str(tmp))
-
-
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -157,8 +157,9 @@ def cmd_train(args) -> int:
 
     if not distributed.is_main():  # under torchrun: rank 0 reports and pushes
         return 0
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-    print(f"{result.run_dir}: {shown}")
+    from ..summary import metrics_text
+
+    print(f"{result.run_dir}: {metrics_text(result.metrics)}")
     from ..models import caveat
 
     if note := caveat(result.summary.get("model") or ""):

@@ -31,6 +31,7 @@ from .. import tracking
 from ..config import to_dict
 from ..errors import LoralabError
 from ..rundir import LOCKS_DIR, LOGS_DIR, RUNS_DIR, SUMMARY_FILE, SWEEP_FILE
+from ..summary import metrics_text
 from . import memory
 from .bar import PointsBar
 from .claims import claim
@@ -367,7 +368,7 @@ def _killed_by(code: int | None) -> str:
 def _fmt_metrics(result: dict | None) -> str:
     if not result or not result.get("metrics"):
         return ""
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float))
+    shown = metrics_text(result["metrics"])
     return f" ({shown})" if shown else ""
 
 
