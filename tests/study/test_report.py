@@ -1602,3 +1602,26 @@ def test_dev_loss_curves_figure_where_runs_logged_the_loss(tmp_path):
         (run / METRICS_FILE).write_text(json.dumps({"step": 5, "eval/accuracy": 0.5}) + "\n")
     _, comps = aggregate(load_runs(tmp_path))
     assert plots.learning_curves(comps, loss=True) is None
+
+
+def test_the_report_shows_the_answer_first(tmp_path):
+    """report.md, .html and .tex: the at-a-glance verdicts, then the warnings, then the main
+    table; the report's table list (the console's first table) keeps the main table first."""
+    for method, lr in (("lora", 3e-4), ("full", 3e-5)):
+        for seed in (1, 2):
+            write_run(tmp_path, f"{method}{seed}", seed, {"accuracy": 0.8}, method=method, lr=lr)
+    mixed = tmp_path / "full2" / "summary.json"
+    mixed.write_text(json.dumps({**json.loads(mixed.read_text()), "layout": {"allocator": "tcmalloc"}}))  # fmt: skip
+    rep = report(tmp_path)
+    assert rep.tables[0].title.startswith("LoRA vs full fine-tuning (one row")
+    out = tmp_path / "report"
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for text, glance, warning, table in (
+        (md, "## At a glance", "> **Warning:**", "## LoRA vs full fine-tuning (one row"),
+        (html, "<h2>At a glance", "<p class='warn'>", "<h2>LoRA vs full fine-tuning (one row"),
+    ):
+        assert text.index(glance) < text.index(warning) < text.index(table)
+    tex = (out / "report.tex").read_text()
+    assert tex.index("At a glance") < tex.index("LoRA vs full fine-tuning (one row")
+    assert "<div class='wide'><table>" in html and ".wide{overflow-x:auto}" in html

@@ -39,7 +39,7 @@ from .records import (
     stored_groups,
 )
 from .storage import existing, stored_url
-from .tables import Table, csv_rows, tables
+from .tables import Table, csv_rows, reading_order, tables
 from .variants import lora_slug, several_targets
 
 
@@ -75,13 +75,14 @@ def _html_table(t: Table) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in t.headers)
     body = "".join("<tr>" + "".join(_html_cell(x) for x in r) + "</tr>" for r in t.rows)
     note = f"<p class='note'>{escape(t.note)}</p>" if t.note else ""
-    return f"<h2>{escape(t.title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+    # A table wider than the page scrolls on its own, not the page with it.
+    return f"<h2>{escape(t.title)}</h2><div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}"
 
 
 STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;"
     "margin:1em 0;font-size:13px}td,th{border:1px solid #bbb;padding:3px 6px;text-align:left;"
-    "vertical-align:top}th{background:#eee}.note{color:#555;max-width:1100px}"
+    "vertical-align:top}th{background:#eee}.note{color:#555;max-width:1100px}.wide{overflow-x:auto}"
     "img{max-width:100%;max-height:760px}figure{margin:1em 0}"
     "figcaption{color:#555;font-style:italic}.badge{display:inline-block;padding:1px 7px;border-radius:4px;"
     "font-weight:bold;color:#fff;margin-right:4px}.pass{background:#1a7f37}"
@@ -138,12 +139,14 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         "reported set, as in the LoRA paper (GLUE test labels are not public). "
         f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )
+    # The answer first (the at-a-glance verdicts), then its caveats, then the tables behind it.
+    glance, *rest = reading_order(tabs)
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
-    md = [MD_TITLE, "", intro, *warn_md] + [_md_table(t) for t in tabs]
+    md = [MD_TITLE, "", intro, _md_table(glance), *warn_md] + [_md_table(t) for t in rest]
     md += ["## Figures", ""] + [f"![{title}]({FIGURES_DIR}/{p.name})\n" for title, p in figures]
-    html = [f"<h1>loralab study report</h1><p>{escape(intro)}</p>"]
+    html = [f"<h1>loralab study report</h1><p>{escape(intro)}</p>", _html_table(glance)]
     html += [f"<p class='warn'>Warning: {escape(w)}</p>" for w in warnings]
-    html += [_html_table(t) for t in tabs] + ["<h2>Figures</h2>"]
+    html += [_html_table(t) for t in rest] + ["<h2>Figures</h2>"]
     html += [
         f"<figure><img alt='{escape(title)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{escape(title)}</figcaption></figure>"
@@ -156,7 +159,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     name_target = several_targets(r.get("lora") for r in records)
     _write_csv(files[3], [_flat_run(r, name_target) for r in records])
     pdfs = [(title, p.with_suffix(".pdf")) for title, p in figures]
-    atomic_write(files[4], latex_report(tabs, source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
+    atomic_write(files[4], latex_report(reading_order(tabs), source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
     return Report(out, files + [p for _, p in figures] + [p for _, p in pdfs], tabs, comps, warnings)  # fmt: skip
 
 

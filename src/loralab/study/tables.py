@@ -182,6 +182,15 @@ def _held_out(comp: Comparison) -> str:
     return f"{mean:+.2f}{ci} (seed{'s' * (len(diffs) > 1)} {seeds})"
 
 
+GLANCE_TITLE = "At a glance: LoRA vs full fine-tuning per task"
+
+
+def reading_order(tabs: list[Table]) -> list[Table]:
+    """The order a report shows `tables`' tables in: the at-a-glance verdicts (the answer a
+    reader came for) first, then the rest as listed, the full comparison table next."""
+    return sorted(tabs, key=lambda t: t.title != GLANCE_TITLE)
+
+
 def glance_table(comps: list[Comparison]) -> Table:
     """One row per task and model: the two methods at their best lr and the paired verdict."""
     rows = [[c.task, c.model, c.head, c.lora.metric, _points(c.lora, c.lora.reference("majority")),
@@ -190,7 +199,7 @@ def glance_table(comps: list[Comparison]) -> Table:
              _both(c, "train_cpu_time_s", 1 / 60, ".1f"), _both(c, "wall_time_s", 1 / 60, ".1f"),
              _both(c, "peak_memory_mb")] for c in comps]  # fmt: skip
     return Table(
-        "At a glance: LoRA vs full fine-tuning per task",
+        GLANCE_TITLE,
         ["task", "model", "head", "metric", "majority baseline", "LoRA", "full fine-tuning",
          "LoRA − full (mean [95% CI])", "LoRA − full, seeds that did not pick the lr",
          "trainable % (without head)",
@@ -202,7 +211,7 @@ def glance_table(comps: list[Comparison]) -> Table:
         "the best of its grid, which flatters it (the more, the larger its grid); the next column "
         "pairs only the other seeds (mean [95% CI], no interval for one seed). Time and memory: "
         "means per run, LoRA / full fine-tuning (their ratio; over the seeds both recorded, where "
-        "older runs lack the figure on one side). The table above has every column.",
+        "older runs lack the figure on one side). The next table has every column.",
     )  # fmt: skip
 
 
