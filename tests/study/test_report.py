@@ -1625,3 +1625,19 @@ def test_the_report_shows_the_answer_first(tmp_path):
     tex = (out / "report.tex").read_text()
     assert tex.index("At a glance") < tex.index("LoRA vs full fine-tuning (one row")
     assert "<div class='wide'><table>" in html and ".wide{overflow-x:auto}" in html
+
+
+def test_at_a_glance_names_the_lora_setting_where_a_task_has_several(tmp_path):
+    """Two LoRA settings of one task and model (e.g. a quantized base beside the plain one) make
+    two glance rows: each LoRA cell says which; a task with one setting reads as before."""
+    for r, acc in ((4, 0.80), (8, 0.84)):
+        write_run(tmp_path, f"sst2-r{r}", 1, {"accuracy": acc}, lora={"r": r, "alpha": 2.0 * r})
+    write_run(tmp_path, "sst2-full", 1, {"accuracy": 0.85}, method="full", lr=3e-5)
+    write_run(tmp_path, "rte-lora", 1, {"accuracy": 0.60}, task="rte")
+    rep = report(tmp_path)
+    (glance,) = [t for t in rep.tables if t.title.startswith("At a glance")]
+    col = glance.headers.index("LoRA")
+    cells = sorted(row[col] for row in glance.rows if row[0] == "sst2")
+    assert cells == ["r=4 α=8: 80.00 (lr 0.0003, 1 seed)", "r=8 α=16: 84.00 (lr 0.0003, 1 seed)"]
+    (rte,) = [row[col] for row in glance.rows if row[0] == "rte"]
+    assert rte == "60.00 (lr 0.0003, 1 seed)"

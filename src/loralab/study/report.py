@@ -39,7 +39,7 @@ from .records import (
     stored_groups,
 )
 from .storage import existing, stored_url
-from .tables import Table, csv_rows, reading_order, tables
+from .tables import GLANCE_TITLE, Table, csv_rows, tables
 from .variants import lora_slug, several_targets
 
 
@@ -57,6 +57,12 @@ def _md_table(t: Table) -> str:
     lines = [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |",
              "|" + "---|" * len(t.headers)] + ["| " + " | ".join(r) + " |" for r in esc]  # fmt: skip
     return "\n".join(lines + ([f"\n{t.note}"] if t.note else [])) + "\n"
+
+
+def reading_order(tabs: list[Table]) -> list[Table]:
+    """The order a report shows `tables`' tables in: the at-a-glance verdicts (the answer a
+    reader came for) first, then the rest as listed, the full comparison table next."""
+    return sorted(tabs, key=lambda t: t.title != GLANCE_TITLE)
 
 
 BADGES = {"PASS": "pass", "FAIL": "fail", "uninformative": "uninf", "n/a": "na"}

@@ -4,6 +4,7 @@ grid, one table per ablation, and the rows of report.csv."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from .aggregate import (
@@ -185,16 +186,18 @@ def _held_out(comp: Comparison) -> str:
 GLANCE_TITLE = "At a glance: LoRA vs full fine-tuning per task"
 
 
-def reading_order(tabs: list[Table]) -> list[Table]:
-    """The order a report shows `tables`' tables in: the at-a-glance verdicts (the answer a
-    reader came for) first, then the rest as listed, the full comparison table next."""
-    return sorted(tabs, key=lambda t: t.title != GLANCE_TITLE)
-
-
 def glance_table(comps: list[Comparison]) -> Table:
-    """One row per task and model: the two methods at their best lr and the paired verdict."""
+    """One row per task and model: the two methods at their best lr and the paired verdict.
+    Where a task and model have several LoRA settings (variants, a quantized base), each row's
+    LoRA cell names its setting, as the main table's LoRA column does."""
+    seen = Counter((c.task, c.model, c.head) for c in comps)
+
+    def lora(c: Comparison) -> str:
+        at = _at(c.lora)
+        return f"{c.lora.variant}: {at}" if seen[(c.task, c.model, c.head)] > 1 else at
+
     rows = [[c.task, c.model, c.head, c.lora.metric, _points(c.lora, c.lora.reference("majority")),
-             _at(c.lora), _at(c.full), c.verdict, _held_out(c),
+             lora(c), _at(c.full), c.verdict, _held_out(c),
              _f(c.lora.avg("trainable_share_without_head_pct"), ".3f"),
              _both(c, "train_cpu_time_s", 1 / 60, ".1f"), _both(c, "wall_time_s", 1 / 60, ".1f"),
              _both(c, "peak_memory_mb")] for c in comps]  # fmt: skip
