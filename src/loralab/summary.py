@@ -127,15 +127,10 @@ def headline(summary: dict, steps: int) -> list[str]:
     att = summary.get("attention") or {}
     comp = summary.get("compile") or {}
     layout = summary.get("layout") or {}
-    threads = layout.get("threads", 1)
+    threads, kernel = layout.get("threads", 1), att.get("implementation", "default")
     how = [
         _chosen(summary["precision"], "", prec, rival={"bf16": "fp32", "fp32": "bf16"}),
-        _chosen(
-            att.get("implementation", "default"),
-            " attention",
-            att,
-            rival={"eager": "sdpa", "sdpa": "eager"},
-        ),  # fmt: skip
+        _chosen(kernel, " attention", att, rival={"eager": "sdpa", "sdpa": "eager"}),
         ("compiled layers" if comp.get("compile") else "layers not compiled")
         + (f": {comp['reason']}" if comp.get("reason") else ""),
         f"{threads} thread{'s' * (threads != 1)}, {layout.get('cores', '?')} cores"

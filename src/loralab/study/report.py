@@ -146,7 +146,8 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
         f"{_hardware_line(list(machines.values()))}{_models_line(records)}\n"
     )
     # The answer first (the at-a-glance verdicts), then its caveats, then the tables behind it.
-    glance, *rest = reading_order(tabs)
+    shown = reading_order(tabs)
+    glance, *rest = shown
     warn_md = [f"> **Warning:** {w}\n" for w in warnings]
     md = [MD_TITLE, "", intro, _md_table(glance), *warn_md] + [_md_table(t) for t in rest]
     md += ["## Figures", ""] + [f"![{title}]({FIGURES_DIR}/{p.name})\n" for title, p in figures]
@@ -165,7 +166,7 @@ def write_report(records: list[dict], out_dir: str | Path, source: str,
     name_target = several_targets(r.get("lora") for r in records)
     _write_csv(files[3], [_flat_run(r, name_target) for r in records])
     pdfs = [(title, p.with_suffix(".pdf")) for title, p in figures]
-    atomic_write(files[4], latex_report(reading_order(tabs), source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
+    atomic_write(files[4], latex_report(shown, source, [(t, f"{FIGURES_DIR}/{p.name}") for t, p in pdfs]))  # fmt: skip
     return Report(out, files + [p for _, p in figures] + [p for _, p in pdfs], tabs, comps, warnings)  # fmt: skip
 
 
